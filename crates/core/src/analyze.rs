@@ -1,0 +1,578 @@
+//! The request analyzer: from a request's body and headers to a [`RequestProfile`], or to an error
+//! that names the field or header at fault and what is allowed.
+//!
+//! It runs once per request, before routing. The body is parsed once here; the router forwards the
+//! original bytes untouched, so fields it does not know pass through.
+
+use crate::profile::OutputSource;
+use crate::prompt::{estimate_tokens_from_len, fnv1a, prefix_block_hashes};
+use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
+use serde_json::Value;
+
+/// Names and defaults the analyzer needs (part of the router's one config).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnalyzerConfig {
+    /// Header carrying the priority (1 high, 2 default, 3 low).
+    pub priority_header: String,
+    /// Header carrying the expected output length in tokens.
+    pub expected_output_len_header: String,
+    /// Header carrying the TTFT deadline in milliseconds.
+    pub sla_header: String,
+    /// Session key: looked up as a header, then as a top-level body field of the same name.
+    pub session_key: String,
+    /// Prefix blocks hashed at most (bounds the work per request; 256 blocks = 4,096 tokens).
+    pub max_prefix_blocks: usize,
+    /// Nominal prefill speed used by the phase rule, tokens per ms.
+    pub nominal_prefill_tokens_per_ms: f64,
+    /// Nominal decode time per output token used by the phase rule, ms (the ITL target).
+    pub nominal_itl_ms: f64,
+}
+
+impl Default for AnalyzerConfig {
+    fn default() -> Self {
+        AnalyzerConfig {
+            priority_header: "x-request-priority".into(),
+            expected_output_len_header: "x-expected-output-tokens".into(),
+            sla_header: "x-sla-target-ms".into(),
+            session_key: "x-session-id".into(),
+            max_prefix_blocks: 256,
+            nominal_prefill_tokens_per_ms: 8.0,
+            nominal_itl_ms: 50.0,
+        }
+    }
+}
+
+/// Largest accepted `x-expected-output-tokens`.
+pub const MAX_EXPECTED_OUTPUT: u32 = 1 << 20;
+/// Largest accepted `x-sla-target-ms` (one hour).
+pub const MAX_SLA_MS: u32 = 3_600_000;
+
+/// A client error found by the analyzer: which parameter, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadRequest {
+    /// The body field or header at fault (OpenAI's `param`).
+    pub param: Option<String>,
+    pub message: String,
+}
+
+impl BadRequest {
+    fn new(param: &str, message: impl Into<String>) -> Self {
+        BadRequest {
+            param: Some(param.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BadRequest {}
+
+/// What the analyzer needs to know about the route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub kind: ApiKind,
+    /// Whether the body must name a `model` (true for chat, completions and embeddings).
+    pub model_required: bool,
+}
+
+/// Analyzes a request. `header` looks a header up by lower-case name; `learned_output` gives the
+/// router's running estimate of output length for a model, used when the request says nothing.
+pub fn analyze<'h>(
+    route: Route,
+    body: &[u8],
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+    config: &AnalyzerConfig,
+    learned_output: impl FnOnce(&str) -> u32,
+) -> Result<RequestProfile, BadRequest> {
+    let json: Value = if body.is_empty() && !route.model_required {
+        Value::Object(Default::default())
+    } else {
+        serde_json::from_slice(body).map_err(|e| BadRequest {
+            param: None,
+            message: format!("request body is not valid JSON: {e}"),
+        })?
+    };
+    let Value::Object(obj) = &json else {
+        return Err(BadRequest {
+            param: None,
+            message: "request body must be a JSON object".into(),
+        });
+    };
+
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        None | Some(Value::Null) if !route.model_required => String::new(),
+        None | Some(Value::Null) => {
+            return Err(BadRequest::new("model", "'model' is required"));
+        }
+        Some(_) => {
+            return Err(BadRequest::new(
+                "model",
+                "'model' must be a non-empty string",
+            ));
+        }
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(BadRequest::new("stream", "'stream' must be a boolean")),
+    };
+    let max_tokens = optional_count(obj.get("max_tokens"), "max_tokens")?.or(optional_count(
+        obj.get("max_completion_tokens"),
+        "max_completion_tokens",
+    )?);
+
+    let mut prompt = PromptText::default();
+    match route.kind {
+        ApiKind::Chat => match obj.get("messages") {
+            Some(Value::Array(messages)) => {
+                for (i, m) in messages.iter().enumerate() {
+                    prompt.add_message(m, i)?;
+                }
+            }
+            Some(_) => return Err(BadRequest::new("messages", "'messages' must be an array")),
+            None if route.model_required => {
+                return Err(BadRequest::new("messages", "'messages' is required"))
+            }
+            None => {}
+        },
+        _ => {
+            for field in ["prompt", "input", "text", "query", "documents"] {
+                if let Some(v) = obj.get(field) {
+                    prompt.add_prompt(v, field)?;
+                }
+            }
+        }
+    }
+
+    let priority = match header(&config.priority_header) {
+        None => Priority::DEFAULT,
+        Some(raw) => header_int(raw)
+            .and_then(|n| u8::try_from(n).ok())
+            .and_then(Priority::new)
+            .ok_or_else(|| {
+                BadRequest::new(
+                    &config.priority_header,
+                    format!(
+                        "invalid header {}: '{}'; expected 1 (high), 2 (default) or 3 (low)",
+                        config.priority_header,
+                        String::from_utf8_lossy(raw)
+                    ),
+                )
+            })?,
+    };
+    let header_count = |name: &str, max: u32, what: &str| -> Result<Option<u32>, BadRequest> {
+        match header(name) {
+            None => Ok(None),
+            Some(raw) => match header_int(raw) {
+                Some(n) if n >= 1 && n <= max as u64 => Ok(Some(n as u32)),
+                _ => Err(BadRequest::new(
+                    name,
+                    format!(
+                        "invalid header {name}: '{}'; expected {what}, an integer from 1 to {max}",
+                        String::from_utf8_lossy(raw)
+                    ),
+                )),
+            },
+        }
+    };
+    let expected_header = header_count(
+        &config.expected_output_len_header,
+        MAX_EXPECTED_OUTPUT,
+        "the expected output length in tokens",
+    )?;
+    let sla_ttft_ms = header_count(
+        &config.sla_header,
+        MAX_SLA_MS,
+        "the time-to-first-token deadline in milliseconds",
+    )?;
+
+    let (expected_output_tokens, output_source) = match (expected_header, max_tokens) {
+        (Some(n), _) => (n, OutputSource::Header),
+        (None, Some(m)) if route.kind != ApiKind::Embedding => (
+            m.min(MAX_EXPECTED_OUTPUT as u64) as u32,
+            OutputSource::MaxTokens,
+        ),
+        _ if route.kind == ApiKind::Embedding => (0, OutputSource::MaxTokens),
+        _ => (learned_output(&model), OutputSource::Learned),
+    };
+
+    let session_key = header(&config.session_key)
+        .map(|v| fnv1a(1, v))
+        .or_else(|| match obj.get(&config.session_key) {
+            Some(Value::String(s)) => Some(fnv1a(1, s.as_bytes())),
+            Some(Value::Number(n)) => Some(fnv1a(1, n.to_string().as_bytes())),
+            _ => None,
+        });
+
+    let stage = match obj.get("kv_transfer_params") {
+        Some(Value::Object(p)) if p.get("do_remote_prefill") == Some(&Value::Bool(true)) => {
+            Stage::Decode
+        }
+        _ => Stage::Whole,
+    };
+
+    let prompt_tokens = prompt.tokens();
+    let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
+    let decode_ms = expected_output_tokens as f64 * config.nominal_itl_ms;
+    let phase = if stage == Stage::Whole && prefill_ms >= decode_ms {
+        Phase::PrefillDominant
+    } else {
+        Phase::DecodeDominant
+    };
+    let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
+    let request_hash = fnv1a(prompt_tokens as u64, prompt.text.as_bytes()) ^ fnv1a(0, body);
+
+    Ok(RequestProfile {
+        model,
+        kind: route.kind,
+        stream,
+        prompt_tokens,
+        expected_output_tokens,
+        output_source,
+        priority,
+        sla_ttft_ms,
+        session_key,
+        prefix_hashes,
+        phase,
+        stage,
+        request_hash,
+    })
+}
+
+/// An unsigned integer from a header value (ASCII digits, surrounding spaces allowed).
+fn header_int(raw: &[u8]) -> Option<u64> {
+    std::str::from_utf8(raw).ok()?.trim().parse().ok()
+}
+
+fn optional_count(v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequest> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+            BadRequest::new(
+                field,
+                format!("'{field}' must be a non-negative integer, got {n}"),
+            )
+        }),
+        Some(other) => Err(BadRequest::new(
+            field,
+            format!(
+                "'{field}' must be a non-negative integer, got {}",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The prompt as one text (for prefix hashes) plus tokens given as ids.
+#[derive(Default)]
+struct PromptText {
+    text: String,
+    token_ids: u64,
+}
+
+impl PromptText {
+    fn tokens(&self) -> u32 {
+        let ids = self.token_ids.min(u32::MAX as u64) as u32;
+        estimate_tokens_from_len(self.text.len()).saturating_add(ids)
+    }
+
+    /// Chat messages are joined as `role: content\n`, the rule the simulated engine also uses.
+    fn add_message(&mut self, message: &Value, i: usize) -> Result<(), BadRequest> {
+        let Value::Object(m) = message else {
+            return Err(BadRequest::new(
+                "messages",
+                format!("messages[{i}] must be an object with 'role' and 'content'"),
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) => r.as_str(),
+            _ => {
+                return Err(BadRequest::new(
+                    "messages",
+                    format!("messages[{i}].role must be a string"),
+                ))
+            }
+        };
+        self.text.push_str(role);
+        self.text.push_str(": ");
+        match m.get("content") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => self.text.push_str(s),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    if let Some(Value::String(t)) = part.get("text") {
+                        self.text.push_str(t);
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(BadRequest::new(
+                    "messages",
+                    format!("messages[{i}].content must be a string or an array of parts"),
+                ))
+            }
+        }
+        self.text.push('\n');
+        Ok(())
+    }
+
+    /// `prompt`/`input`: a string, an array of strings, token ids, or arrays of token ids.
+    fn add_prompt(&mut self, v: &Value, field: &str) -> Result<(), BadRequest> {
+        let bad = || {
+            BadRequest::new(
+                field,
+                format!("'{field}' must be a string, an array of strings, or token ids"),
+            )
+        };
+        match v {
+            Value::String(s) => self.text.push_str(s),
+            Value::Array(items) => {
+                for item in items {
+                    match item {
+                        Value::String(s) => self.text.push_str(s),
+                        Value::Number(_) => self.token_ids += 1,
+                        Value::Array(ids) => self.token_ids += ids.len() as u64,
+                        Value::Object(_) if field == "input" => {
+                            // Responses API items: count their text content.
+                            self.text.push_str(&item.to_string());
+                        }
+                        _ => return Err(bad()),
+                    }
+                }
+            }
+            Value::Null => {}
+            _ => return Err(bad()),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHAT: Route = Route {
+        kind: ApiKind::Chat,
+        model_required: true,
+    };
+    const COMPLETION: Route = Route {
+        kind: ApiKind::Completion,
+        model_required: true,
+    };
+
+    fn run(
+        route: Route,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<RequestProfile, BadRequest> {
+        let headers: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        analyze(
+            route,
+            body.as_bytes(),
+            |name| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_slice())
+            },
+            &AnalyzerConfig::default(),
+            |_| 200,
+        )
+    }
+
+    #[test]
+    fn chat_profile_from_body_and_headers() {
+        let body = r#"{"model":"m","stream":true,"max_tokens":64,
+            "messages":[{"role":"system","content":"abcd"},{"role":"user","content":[{"type":"text","text":"efgh"}]}]}"#;
+        let p = run(
+            CHAT,
+            body,
+            &[
+                ("x-request-priority", "1"),
+                ("x-sla-target-ms", "250"),
+                ("x-session-id", "s1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.model, "m");
+        assert!(p.stream);
+        // "system: abcd\nuser: efgh\n" = 24 bytes = 6 tokens.
+        assert_eq!(p.prompt_tokens, 6);
+        assert_eq!(
+            (p.expected_output_tokens, p.output_source),
+            (64, OutputSource::MaxTokens)
+        );
+        assert_eq!(p.priority, Priority::HIGH);
+        assert_eq!(p.sla_ttft_ms, Some(250));
+        assert!(p.session_key.is_some());
+        assert_eq!(p.phase, Phase::DecodeDominant);
+        assert_eq!(p.stage, Stage::Whole);
+    }
+
+    #[test]
+    fn expected_output_header_then_max_tokens_then_learned() {
+        let p = run(
+            COMPLETION,
+            r#"{"model":"m","prompt":"x","max_tokens":9}"#,
+            &[("x-expected-output-tokens", "33")],
+        )
+        .unwrap();
+        assert_eq!(
+            (p.expected_output_tokens, p.output_source),
+            (33, OutputSource::Header)
+        );
+        let p = run(
+            COMPLETION,
+            r#"{"model":"m","prompt":"x","max_completion_tokens":9}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.expected_output_tokens, 9);
+        let p = run(COMPLETION, r#"{"model":"m","prompt":[1,2,3]}"#, &[]).unwrap();
+        assert_eq!(
+            (p.expected_output_tokens, p.output_source),
+            (200, OutputSource::Learned)
+        );
+        assert_eq!(p.prompt_tokens, 3, "token ids count one each");
+    }
+
+    #[test]
+    fn phase_rule_compares_prefill_and_decode_time() {
+        // 8,000 tokens at 8 tok/ms = 1,000 ms of prefill vs 5 × 50 ms of decode.
+        let long = "a".repeat(32_000);
+        let body = format!(r#"{{"model":"m","prompt":"{long}","max_tokens":5}}"#);
+        let p = run(COMPLETION, &body, &[]).unwrap();
+        assert_eq!(p.prompt_tokens, 8_000);
+        assert_eq!(p.phase, Phase::PrefillDominant);
+        assert_eq!(p.prefix_hashes.len(), 256, "capped at max_prefix_blocks");
+        let body = format!(r#"{{"model":"m","prompt":"{long}","max_tokens":500}}"#);
+        assert_eq!(
+            run(COMPLETION, &body, &[]).unwrap().phase,
+            Phase::DecodeDominant
+        );
+    }
+
+    #[test]
+    fn remote_prefill_is_a_decode_stage() {
+        let p = run(
+            COMPLETION,
+            r#"{"model":"m","prompt":"hi","kv_transfer_params":{"do_remote_prefill":true}}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.stage, Stage::Decode);
+    }
+
+    #[test]
+    fn errors_name_the_field_or_header() {
+        let cases: &[(&str, &[(&str, &str)], Option<&str>, &str)] = &[
+            ("{not json", &[], None, "not valid JSON"),
+            ("[1]", &[], None, "JSON object"),
+            (
+                r#"{"prompt":"x"}"#,
+                &[],
+                Some("model"),
+                "'model' is required",
+            ),
+            (
+                r#"{"model":3,"prompt":"x"}"#,
+                &[],
+                Some("model"),
+                "non-empty string",
+            ),
+            (
+                r#"{"model":"m","max_tokens":"ten"}"#,
+                &[],
+                Some("max_tokens"),
+                "got a string",
+            ),
+            (
+                r#"{"model":"m","max_tokens":-1}"#,
+                &[],
+                Some("max_tokens"),
+                "got -1",
+            ),
+            (
+                r#"{"model":"m","stream":"yes"}"#,
+                &[],
+                Some("stream"),
+                "boolean",
+            ),
+            (
+                r#"{"model":"m","prompt":{}}"#,
+                &[],
+                Some("prompt"),
+                "token ids",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-request-priority", "0")],
+                Some("x-request-priority"),
+                "expected 1 (high)",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-request-priority", "4")],
+                Some("x-request-priority"),
+                "'4'",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-request-priority", "abc")],
+                Some("x-request-priority"),
+                "'abc'",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-sla-target-ms", "-5")],
+                Some("x-sla-target-ms"),
+                "deadline",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-expected-output-tokens", "0")],
+                Some("x-expected-output-tokens"),
+                "from 1",
+            ),
+        ];
+        for (body, headers, param, needle) in cases {
+            let err = run(COMPLETION, body, headers).unwrap_err();
+            assert_eq!(err.param.as_deref(), *param, "{body} {headers:?}");
+            assert!(err.message.contains(needle), "{body}: {}", err.message);
+        }
+        let err = run(CHAT, r#"{"model":"m","messages":[{"content":"x"}]}"#, &[]).unwrap_err();
+        assert!(err.message.contains("messages[0].role"), "{}", err.message);
+    }
+
+    #[test]
+    fn optional_model_on_other_routes() {
+        let route = Route {
+            kind: ApiKind::Other,
+            model_required: false,
+        };
+        let p = run(route, "", &[]).unwrap();
+        assert_eq!(p.model, "");
+        let p = run(route, r#"{"prompt":"hello"}"#, &[]).unwrap();
+        assert_eq!(p.prompt_tokens, 2);
+    }
+}

@@ -1,0 +1,79 @@
+//! The prompt as the router and the simulated engine both see it: a deterministic token estimate and
+//! chained prefix-block hashes.
+//!
+//! Without a tokenizer the router estimates tokens from bytes; the simulated engine uses the very same
+//! rule as its "tokenizer", so the router's prefix index and the engine's prefix cache agree on block
+//! boundaries. The rule, documented for users: **one token per [`BYTES_PER_TOKEN`] bytes of UTF-8,
+//! rounded up**, and a prefix block is [`BLOCK_TOKENS`] tokens (vLLM's default block size), i.e.
+//! `BLOCK_TOKENS * BYTES_PER_TOKEN` bytes. English text averages close to four bytes per token with
+//! Llama-3-class tokenizers.
+
+/// Bytes of UTF-8 counted as one token.
+pub const BYTES_PER_TOKEN: usize = 4;
+/// Tokens in one KV / prefix-cache block (vLLM's default block size).
+pub const BLOCK_TOKENS: usize = 16;
+/// Bytes of prompt text that make one prefix block.
+pub const BLOCK_BYTES: usize = BLOCK_TOKENS * BYTES_PER_TOKEN;
+
+/// Estimated token count of `text`: `ceil(len / BYTES_PER_TOKEN)`.
+pub fn estimate_tokens(text: &str) -> u32 {
+    estimate_tokens_from_len(text.len())
+}
+
+/// Estimated token count of a text of `len` bytes.
+pub fn estimate_tokens_from_len(len: usize) -> u32 {
+    len.div_ceil(BYTES_PER_TOKEN).min(u32::MAX as usize) as u32
+}
+
+/// FNV-1a, 64 bit: tiny, stable across platforms and releases (unlike `std`'s SipHash keys), and
+/// good enough to name prompt blocks and endpoints.
+pub fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    let mut hash = seed ^ 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Chained hashes of the *full* blocks of `text`, at most `max_blocks` of them: block `i`'s hash
+/// covers every byte before its end, so equal hashes mean equal prefixes (as vLLM's prefix cache
+/// chains block hashes). A trailing partial block is not hashed, as vLLM does not cache it.
+pub fn prefix_block_hashes(text: &[u8], max_blocks: usize) -> Vec<u64> {
+    let blocks = (text.len() / BLOCK_BYTES).min(max_blocks);
+    let mut out = Vec::with_capacity(blocks);
+    let mut chained = 0u64;
+    for block in text.chunks_exact(BLOCK_BYTES).take(blocks) {
+        chained = fnv1a(chained, block);
+        out.push(chained);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_estimate_rounds_up() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("a"), 1);
+        assert_eq!(estimate_tokens("abcd"), 1);
+        assert_eq!(estimate_tokens("abcde"), 2);
+    }
+
+    #[test]
+    fn block_hashes_chain_over_prefixes() {
+        let a = "x".repeat(BLOCK_BYTES * 3 + 5);
+        let mut b = "x".repeat(BLOCK_BYTES * 2);
+        b.push_str(&"y".repeat(BLOCK_BYTES));
+        let ha = prefix_block_hashes(a.as_bytes(), 64);
+        let hb = prefix_block_hashes(b.as_bytes(), 64);
+        assert_eq!(ha.len(), 3, "partial block not hashed");
+        assert_eq!(ha[..2], hb[..2]);
+        assert_ne!(ha[2], hb[2]);
+        // Same block content at a different position hashes differently (chained).
+        assert_ne!(ha[0], ha[1]);
+        assert_eq!(prefix_block_hashes(a.as_bytes(), 1).len(), 1);
+    }
+}

@@ -1,0 +1,568 @@
+//! The HTTP face: vLLM's routes over the real-time model, with fault injection.
+
+use crate::args::{EngineArgs, Role};
+use crate::driver::{Driver, Ticket};
+use crate::faults::{FaultDraw, Faults, FaultsUpdate};
+use crate::metrics;
+use crate::openai::{
+    draw_output_len, full_response, parse_request, token_text, Api, ApiError, ChunkFormat,
+    KvStage, ParsedRequest,
+};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use qoe_core::prompt::BLOCK_TOKENS;
+use qoe_sim::rng::mix64;
+use qoe_sim::{Engine, Scheduling, SimRequest, SubmitError};
+use serde_json::{json, Value};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Longest a hung request is held before its connection is closed (a bound, so hung requests
+/// cannot pile up forever; far beyond any client timeout).
+const HANG_LIMIT: Duration = Duration::from_secs(600);
+
+/// Shared state of one engine server.
+pub(crate) struct App {
+    args: EngineArgs,
+    pub driver: Arc<Driver>,
+    faults: Mutex<Faults>,
+    /// Arrival counter: request ids and the fault draw's index.
+    next_request: AtomicU64,
+    /// The last `/metrics` text, returned while `freeze_metrics` is on.
+    metrics_snapshot: Mutex<Option<String>>,
+    shutdown: watch::Receiver<bool>,
+    started: u64,
+    engine_id: String,
+    port: u16,
+    max_model_len: u32,
+    kv_blocks: u32,
+    scheduling: Scheduling,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl App {
+    pub fn new(args: EngineArgs, port: u16, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+        args.validate()?;
+        let cfg = args.engine_config()?;
+        let faults = args.faults();
+        let (max_model_len, kv_blocks, scheduling) = (cfg.max_model_len, cfg.kv_blocks(), cfg.scheduling);
+        let speed = cfg.speed / faults.slowdown;
+        let mut engine = Engine::new(cfg)?;
+        engine.set_speed(speed);
+        let engine_id = args
+            .engine_id
+            .clone()
+            .unwrap_or_else(|| format!("sim-{}-{port}", args.host));
+        Ok(Self {
+            driver: Arc::new(Driver::new(engine)),
+            faults: Mutex::new(faults),
+            next_request: AtomicU64::new(0),
+            metrics_snapshot: Mutex::new(None),
+            shutdown,
+            started: unix_now(),
+            engine_id,
+            port,
+            max_model_len,
+            kv_blocks,
+            scheduling,
+            args,
+        })
+    }
+
+    fn model_name(&self) -> &str {
+        &self.args.models[0]
+    }
+}
+
+/// All routes.
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/load", get(load))
+        .route("/version", get(|| async { Json(json!({"version": concat!("qoe-sim-", env!("CARGO_PKG_VERSION"))})) }))
+        .route("/tokenize", post(tokenize))
+        .route("/metrics", get(metrics_handler))
+        .route("/admin/config", get(get_config).post(set_config))
+        .route("/admin/stats", get(admin_stats))
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
+        .with_state(app)
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    generate(app, Api::Completions, body).await
+}
+
+async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    generate(app, Api::Chat, body).await
+}
+
+/// Everything decided about a request before it enters the model.
+struct Plan {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    finish: &'static str,
+    text_seed: u64,
+    include_usage: bool,
+    faults: FaultDraw,
+}
+
+async fn generate(app: Arc<App>, api: Api, body: Bytes) -> Response {
+    let n = app.next_request.fetch_add(1, Ordering::Relaxed);
+    let draw = lock(&app.faults).draw(app.args.seed, n);
+    if draw.hang {
+        return hang(&app).await;
+    }
+    if let Some(status) = draw.error {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return ApiError::new(status, format!("injected fault: request {n} fails with {}", status.as_u16()))
+            .into_response();
+    }
+    let max_prefix_blocks = app.max_model_len as usize / BLOCK_TOKENS + 1;
+    let p = match parse_request(api, &body, max_prefix_blocks) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match admit(&app, api, n, p, draw) {
+        Ok((plan, ticket, kv_params, stream)) => {
+            if stream {
+                stream_response(app, plan, ticket)
+            } else {
+                full(app, plan, ticket, kv_params).await
+            }
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Validates a parsed request against this engine and submits it to the model.
+fn admit(
+    app: &Arc<App>,
+    api: Api,
+    n: u64,
+    p: ParsedRequest,
+    faults: FaultDraw,
+) -> Result<(Plan, Ticket, Option<Value>, bool), ApiError> {
+    if !app.args.models.contains(&p.model) {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "The model `{}` does not exist. Served models: {}.",
+                p.model,
+                app.args.models.join(", ")
+            ),
+            param: Some("model".into()),
+        });
+    }
+    if p.priority != 0 && app.scheduling != Scheduling::Priority {
+        // vLLM's answer: the field only means something with `--scheduling-policy priority`.
+        return Err(ApiError::bad_request(
+            format!("Got priority {} but Priority scheduling is not enabled.", p.priority),
+            Some("priority"),
+        ));
+    }
+    match (&p.kv, app.args.role) {
+        (KvStage::Prefill, Role::Decode) => {
+            return Err(ApiError::bad_request(
+                "this engine has role decode: it cannot serve kv_transfer_params.do_remote_decode",
+                Some("kv_transfer_params"),
+            ))
+        }
+        (KvStage::Decode { .. }, Role::Prefill) => {
+            return Err(ApiError::bad_request(
+                "this engine has role prefill: it cannot serve kv_transfer_params.do_remote_prefill",
+                Some("kv_transfer_params"),
+            ))
+        }
+        _ => {}
+    }
+    let max_len = app.max_model_len;
+    let what = if api == Api::Chat { "messages" } else { "prompt" };
+    let max_tokens = p.max_tokens.unwrap_or(max_len.saturating_sub(p.prompt_tokens));
+    let total = p.prompt_tokens as u64 + max_tokens as u64;
+    if total > max_len as u64 || max_tokens == 0 {
+        return Err(ApiError::bad_request(
+            format!(
+                "This model's maximum context length is {max_len} tokens. However, you requested {total} tokens ({} in the {what}, {max_tokens} in the completion). Please reduce the length of the {what} or completion.",
+                p.prompt_tokens
+            ),
+            None,
+        ));
+    }
+    let seed = mix64(app.args.seed ^ p.request_hash ^ p.seed.map(mix64).unwrap_or(0));
+    let (output_tokens, eos) = if p.ignore_eos {
+        (max_tokens, false)
+    } else {
+        draw_output_len(seed, app.args.output_len_median, app.args.output_len_sigma, max_tokens)
+    };
+    let kv_params = (p.kv == KvStage::Prefill).then(|| {
+        // Opaque block ids for the decode engine, which only counts them: one per prompt block,
+        // laid out where this engine's allocator would plausibly have put them.
+        let blocks = p.prompt_tokens.div_ceil(BLOCK_TOKENS as u32) as u64;
+        let base = mix64(n) % app.kv_blocks.max(1) as u64;
+        let ids: Vec<u64> = (0..blocks).map(|b| (base + b) % app.kv_blocks as u64).collect();
+        json!({
+            "do_remote_prefill": true,
+            "do_remote_decode": false,
+            "remote_engine_id": app.engine_id,
+            "remote_block_ids": ids,
+            "remote_host": app.args.host,
+            "remote_port": app.port,
+            "tp_size": 1,
+        })
+    });
+    let sim = SimRequest {
+        id: n,
+        prompt_tokens: p.prompt_tokens,
+        prefix_hashes: p.prefix_hashes,
+        output_tokens,
+        stops_at_eos: eos,
+        priority: p.priority,
+        skip_prefill: matches!(p.kv, KvStage::Decode { .. }),
+    };
+    let ticket = app.driver.submit(sim).map_err(|e| match e {
+        SubmitError::QueueFull { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the engine is overloaded: {e}"),
+        ),
+        other => ApiError::bad_request(other.to_string(), None),
+    })?;
+    let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
+    let plan = Plan {
+        api,
+        id: format!("{prefix}-{:016x}{n:016x}", mix64(app.args.seed ^ app.started)),
+        created: unix_now(),
+        model: p.model,
+        prompt_tokens: p.prompt_tokens,
+        output_tokens,
+        finish: if eos { "stop" } else { "length" },
+        text_seed: seed,
+        include_usage: p.include_usage,
+        faults,
+    };
+    Ok((plan, ticket, kv_params, p.stream))
+}
+
+/// Never answers (until shutdown or [`HANG_LIMIT`]), then drops the connection.
+async fn hang(app: &App) -> Response {
+    let mut shutdown = app.shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(HANG_LIMIT) => {}
+        _ = shutdown.changed() => {}
+    }
+    broken_body(StatusCode::OK)
+}
+
+/// A response whose body fails at once: the connection is closed without a complete answer.
+fn broken_body(status: StatusCode) -> Response {
+    let stream = futures_util::stream::once(async {
+        Err::<Bytes, io::Error>(io::Error::new(io::ErrorKind::ConnectionAborted, "injected crash"))
+    });
+    (status, Body::from_stream(stream)).into_response()
+}
+
+/// Waits until `ticket` has produced `target` tokens (or finished); false on shutdown.
+async fn wait_for(ticket: &Ticket, target: u32, shutdown: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        let (fin, produced) = ticket.progress();
+        if fin || produced >= target {
+            return true;
+        }
+        tokio::select! {
+            _ = ticket.delivery().notify.notified() => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
+}
+
+/// A non-streaming answer: wait for every token, then one JSON body.
+async fn full(app: Arc<App>, plan: Plan, ticket: Ticket, kv_params: Option<Value>) -> Response {
+    let mut shutdown = app.shutdown.clone();
+    let target = if plan.faults.crash {
+        plan.output_tokens / 2
+    } else {
+        plan.output_tokens
+    };
+    if !wait_for(&ticket, target, &mut shutdown).await {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down").into_response();
+    }
+    if plan.faults.crash {
+        return broken_body(StatusCode::OK);
+    }
+    if let Some(ms) = plan.faults.stall_ms {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    let (_, produced) = ticket.progress();
+    let text: String = (0..produced).map(|i| token_text(plan.text_seed, i)).collect();
+    let body = full_response(
+        plan.api,
+        &plan.id,
+        plan.created,
+        &plan.model,
+        text,
+        plan.finish,
+        plan.prompt_tokens,
+        produced,
+        kv_params,
+    );
+    drop(ticket);
+    Json(body).into_response()
+}
+
+/// State of one SSE stream; dropping it (client gone) drops the ticket, which aborts the request.
+struct SseState {
+    plan: Plan,
+    ticket: Ticket,
+    fmt: ChunkFormat,
+    sent: u32,
+    stall_at: Option<u32>,
+    crash_at: Option<u32>,
+    shutdown: watch::Receiver<bool>,
+    done: bool,
+}
+
+impl SseState {
+    /// The next body frame: every token produced since the last one, in one write.
+    async fn next_frame(&mut self) -> Option<Result<Bytes, io::Error>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let (_, produced) = self.ticket.progress();
+            let mut upto = produced.min(self.plan.output_tokens);
+            if let Some(c) = self.crash_at {
+                upto = upto.min(c);
+            }
+            if let Some(s) = self.stall_at {
+                upto = upto.min(s);
+            }
+            if upto > self.sent {
+                return Some(Ok(self.render(upto)));
+            }
+            if self.crash_at == Some(self.sent) {
+                self.done = true;
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "injected crash",
+                )));
+            }
+            if self.stall_at == Some(self.sent) {
+                self.stall_at = None;
+                let ms = self.plan.faults.stall_ms.unwrap_or(0);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                    _ = self.shutdown.changed() => return self.end_by_shutdown(),
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.ticket.delivery().notify.notified() => {}
+                _ = self.shutdown.changed() => return self.end_by_shutdown(),
+            }
+        }
+    }
+
+    fn end_by_shutdown(&mut self) -> Option<Result<Bytes, io::Error>> {
+        self.done = true;
+        Some(Err(io::Error::other("engine shutting down")))
+    }
+
+    fn render(&mut self, upto: u32) -> Bytes {
+        let mut out = String::with_capacity(((upto - self.sent) as usize + 2) * 200);
+        if self.sent == 0 {
+            self.fmt.role(&mut out);
+        }
+        let last = self.plan.output_tokens;
+        for i in self.sent..upto {
+            let finish = (i + 1 == last).then_some(self.plan.finish);
+            self.fmt.token(&mut out, token_text(self.plan.text_seed, i), finish);
+        }
+        self.sent = upto;
+        if upto == last {
+            if self.plan.include_usage {
+                self.fmt.usage(&mut out, self.plan.prompt_tokens, last);
+            }
+            ChunkFormat::done(&mut out);
+            self.done = true;
+        }
+        Bytes::from(out)
+    }
+}
+
+fn stream_response(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
+    let half = plan.output_tokens / 2;
+    let state = SseState {
+        fmt: ChunkFormat::new(plan.api, &plan.id, plan.created, &plan.model),
+        stall_at: plan.faults.stall_ms.map(|_| half.max(1).min(plan.output_tokens)),
+        crash_at: plan.faults.crash.then_some(half),
+        shutdown: app.shutdown.clone(),
+        sent: 0,
+        done: false,
+        plan,
+        ticket,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        st.next_frame().await.map(|frame| (frame, st))
+    });
+    let mut resp = Body::from_stream(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let root = app.model_name();
+    let data: Vec<Value> = app
+        .args
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m,
+                "object": "model",
+                "created": app.started,
+                "owned_by": "vllm",
+                "root": root,
+                "parent": null,
+                "max_model_len": app.max_model_len,
+                "permission": [{
+                    "id": format!("modelperm-{m}"),
+                    "object": "model_permission",
+                    "created": app.started,
+                    "allow_create_engine": false,
+                    "allow_sampling": true,
+                    "allow_logprobs": true,
+                    "allow_search_indices": false,
+                    "allow_view": true,
+                    "allow_fine_tuning": false,
+                    "organization": "*",
+                    "group": null,
+                    "is_blocking": false,
+                }],
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// vLLM's `/load`: requests in the engine (running + waiting).
+async fn load(State(app): State<Arc<App>>) -> Json<Value> {
+    let s = app.driver.stats();
+    Json(json!({"server_load": s.running + s.waiting}))
+}
+
+/// `/tokenize` with the shared prompt rule. The ids are placeholders (the rule has no vocabulary):
+/// a deterministic id per token position and prompt, so only `count` carries meaning.
+async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let has_messages = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .is_some_and(|v| v.get("messages").is_some());
+    let api = if has_messages { Api::Chat } else { Api::Completions };
+    // /tokenize does not require a model; default to the served one for the shared parser.
+    let body = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(mut o)) => {
+            o.entry("model")
+                .or_insert_with(|| Value::String(app.model_name().to_string()));
+            Bytes::from(serde_json::to_vec(&o).unwrap_or_default())
+        }
+        _ => body,
+    };
+    match parse_request(api, &body, 0) {
+        Ok(p) => {
+            let tokens: Vec<u64> = (0..p.prompt_tokens as u64)
+                .map(|i| mix64(p.request_hash.wrapping_add(i)) % 128_000)
+                .collect();
+            Json(json!({
+                "count": p.prompt_tokens,
+                "max_model_len": app.max_model_len,
+                "tokens": tokens,
+                "token_strs": null,
+            }))
+            .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
+    let frozen = lock(&app.faults).freeze_metrics;
+    let mut snapshot = lock(&app.metrics_snapshot);
+    let text = match (&*snapshot, frozen) {
+        (Some(text), true) => text.clone(),
+        _ => {
+            let text = metrics::render(&app.driver.stats(), app.model_name(), app.args.v0_metrics);
+            *snapshot = Some(text.clone());
+            text
+        }
+    };
+    drop(snapshot);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+fn config_view(app: &App) -> Value {
+    let mut v = serde_json::to_value(&*lock(&app.faults)).unwrap_or(Value::Null);
+    if let Value::Object(o) = &mut v {
+        o.insert("role".into(), json!(app.args.role));
+    }
+    v
+}
+
+async fn get_config(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(config_view(&app))
+}
+
+async fn set_config(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let update: FaultsUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => return ApiError::bad_request(format!("invalid fault config: {e}"), None).into_response(),
+    };
+    let slowdown = {
+        let mut f = lock(&app.faults);
+        if let Err(e) = f.apply(&update) {
+            return ApiError::bad_request(e, None).into_response();
+        }
+        f.slowdown
+    };
+    app.driver.set_speed(app.args.speed / slowdown);
+    Json(config_view(&app)).into_response()
+}
+
+async fn admin_stats(State(app): State<Arc<App>>) -> Json<Value> {
+    let s = app.driver.stats();
+    Json(json!({
+        "loop": app.driver.loop_stats(),
+        "running": s.running,
+        "waiting": s.waiting,
+        "kv_usage": s.kv_usage(),
+        "preemptions": s.preemptions,
+        "generation_tokens": s.generation_tokens,
+        "submitted": s.submitted,
+    }))
+}

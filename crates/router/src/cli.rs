@@ -1,0 +1,103 @@
+//! The command line: one binary, one subcommand per job, each with its own options struct.
+
+use crate::config::{LogFormat, RouterConfig};
+use crate::demo::{banner, run_demo, DemoArgs};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qoe-router",
+    version,
+    about = "A QoE-aware router for fleets of LLM inference engines"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the router in front of a fleet of OpenAI-compatible engines.
+    Serve(Box<RouterConfig>),
+    /// Run a simulated vLLM-compatible engine on a port.
+    Engine(Box<qoe_engine::EngineArgs>),
+    /// Run a local simulated fleet (fast and slow engines) with the router in front.
+    Demo(DemoArgs),
+}
+
+/// Sets up logging: `format` text or JSON, `filter` in tracing's env-filter syntax.
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn subcommand_matches<'a>(matches: &'a ArgMatches, name: &str) -> &'a ArgMatches {
+    matches
+        .subcommand_matches(name)
+        .expect("clap matched this subcommand")
+}
+
+/// Runs the command line `args` to completion.
+pub async fn run<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Command::Serve(config) => {
+            let config = config.with_file(subcommand_matches(&matches, "serve"))?;
+            init_logging(config.log_format, &config.log_level);
+            config.validate()?;
+            let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port)
+                })?;
+            crate::serve(config, listener, shutdown_signal()).await
+        }
+        Command::Engine(args) => {
+            init_logging(LogFormat::Text, "info");
+            qoe_engine::run(*args).await
+        }
+        Command::Demo(demo) => {
+            init_logging(LogFormat::Text, &demo.log_level);
+            let model = demo.model.clone();
+            run_demo(demo, shutdown_signal(), |router, engines| {
+                println!("{}", banner(router, engines, &model));
+            })
+            .await
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The router's one configuration struct, with one set of defaults, fed by flags, environment
+//! variables and a config file (TOML), in that order of precedence.
+//!
+//! The defaults live only in the clap attributes below. A config file uses the same names as the
+//! flags (`routing_logic` or `routing-logic`); a key given there replaces the default but not a flag
+//! or environment variable the user set. Unknown keys are errors that name the key. The file's
+//! `[[backends]]` tables list endpoints and are re-read live (see [`crate::discovery`]); other keys
+//! are read at start.
+
+use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
+use qoe_core::analyze::AnalyzerConfig;
+use qoe_core::{PolicyConfig, PolicyKind, StatsConfig, MICROS_PER_MS};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How endpoints are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscoveryKind {
+    /// `--static-backends` (and `[[backends]]` in the config file, re-read live).
+    Static,
+}
+
+/// `qoe-router serve`: every option of the router.
+#[derive(Clone, Debug, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Config file (TOML) with these same keys and `[[backends]]` tables; re-read on change or SIGHUP.
+    #[arg(long, env = "QOE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on.
+    #[arg(long, env = "QOE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "QOE_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// How endpoints are discovered.
+    #[arg(long, env = "QOE_SERVICE_DISCOVERY", value_enum, default_value_t = DiscoveryKind::Static)]
+    pub service_discovery: DiscoveryKind,
+    /// Comma-separated endpoint base URLs, e.g. `http://127.0.0.1:8100,http://127.0.0.1:8101`.
+    #[arg(long, env = "QOE_STATIC_BACKENDS", value_delimiter = ',')]
+    pub static_backends: Vec<String>,
+    /// Comma-separated models, one per backend (or one for all); detected from each endpoint's
+    /// `/v1/models` when omitted.
+    #[arg(long, env = "QOE_STATIC_MODELS", value_delimiter = ',')]
+    pub static_models: Vec<String>,
+
+    /// Routing policy: roundrobin, random, least-loaded, power-of-two, session, prefix-aware.
+    #[arg(long, env = "QOE_ROUTING_LOGIC", default_value = "roundrobin")]
+    pub routing_logic: String,
+    /// Seed for the policies' random choices.
+    #[arg(long, env = "QOE_SEED", default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// Session key for `session` routing: a header name, else a top-level body field of that name.
+    #[arg(long, env = "QOE_SESSION_KEY", default_value = "x-session-id")]
+    pub session_key: String,
+    /// Session affinity load bound factor (consistent hashing with bounded load).
+    #[arg(long, env = "QOE_SESSION_LOAD_FACTOR", default_value_t = 1.25)]
+    pub session_load_factor: f64,
+    /// Prefix-aware: prefix index capacity in prompt blocks.
+    #[arg(long, env = "QOE_PREFIX_INDEX_BLOCKS", default_value_t = 200_000)]
+    pub prefix_index_blocks: usize,
+    /// Prefix-aware: leave the matched endpoint when it has this many more requests in flight than
+    /// the least-loaded one.
+    #[arg(long, env = "QOE_PREFIX_BALANCE_MARGIN", default_value_t = 8)]
+    pub prefix_balance_margin: u32,
+
+    /// Header carrying the request priority (1 high, 2 default, 3 low).
+    #[arg(
+        long,
+        env = "QOE_PRIORITY_HEADER",
+        default_value = "x-request-priority"
+    )]
+    pub priority_header: String,
+    /// Header carrying the expected output length in tokens.
+    #[arg(
+        long,
+        env = "QOE_EXPECTED_OUTPUT_LEN_HEADER",
+        default_value = "x-expected-output-tokens"
+    )]
+    pub expected_output_len_header: String,
+    /// Header carrying the TTFT deadline in milliseconds.
+    #[arg(long, env = "QOE_SLA_HEADER", default_value = "x-sla-target-ms")]
+    pub sla_header: String,
+    /// TTFT target, ms (used when a request has no SLA header).
+    #[arg(long, env = "QOE_TARGET_TTFT", default_value_t = 300)]
+    pub target_ttft: u64,
+    /// Inter-token latency target, ms.
+    #[arg(long, env = "QOE_TARGET_ITL", default_value_t = 50)]
+    pub target_itl: u64,
+    /// Token delivery rate a reader needs, tokens/s.
+    #[arg(long, env = "QOE_OPTIMAL_THROUGHPUT", default_value_t = 30.0)]
+    pub optimal_throughput: f64,
+    /// Output length assumed for a model before any request of it finished (tokens).
+    #[arg(long, env = "QOE_DEFAULT_OUTPUT_TOKENS", default_value_t = 256)]
+    pub default_output_tokens: u32,
+
+    /// Seconds between scrapes of every endpoint's `/metrics` (and `/v1/models` when detecting).
+    #[arg(long, env = "QOE_ENGINE_STATS_INTERVAL", default_value_t = 1.0)]
+    pub engine_stats_interval: f64,
+    /// Seconds between active health checks (`/health`).
+    #[arg(long, env = "QOE_HEALTH_CHECK_INTERVAL", default_value_t = 2.0)]
+    pub health_check_interval: f64,
+    /// Consecutive failed health checks that mark an endpoint unhealthy.
+    #[arg(long, env = "QOE_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    pub unhealthy_threshold: u32,
+    /// Consecutive passed health checks that mark it healthy again.
+    #[arg(long, env = "QOE_HEALTHY_THRESHOLD", default_value_t = 1)]
+    pub healthy_threshold: u32,
+    /// Seconds of router-observed request statistics kept (sliding window).
+    #[arg(long, env = "QOE_REQUEST_STATS_WINDOW", default_value_t = 60.0)]
+    pub request_stats_window: f64,
+
+    /// Largest request body accepted, bytes.
+    #[arg(long, env = "QOE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Other endpoints tried when connecting fails (before any byte reached the client).
+    #[arg(long, env = "QOE_MAX_RETRIES", default_value_t = 2)]
+    pub max_retries: u32,
+    /// Connect timeout toward an endpoint, ms.
+    #[arg(long, env = "QOE_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub connect_timeout_ms: u64,
+    /// Time allowed for an endpoint's response headers, ms.
+    #[arg(long, env = "QOE_FIRST_BYTE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence allowed inside a streamed response body, ms.
+    #[arg(long, env = "QOE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// Idle upstream keep-alive connections kept per endpoint.
+    #[arg(long, env = "QOE_POOL_MAX_IDLE_PER_HOST", default_value_t = 256)]
+    pub pool_max_idle_per_host: usize,
+
+    /// Log format.
+    #[arg(long, env = "QOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `qoe_router=debug`.
+    #[arg(long, env = "QOE_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Parses a standalone `RouterConfig` (for tests and embedding): `args` as on the command line.
+#[derive(Parser, Debug)]
+#[command(name = "qoe-router-serve")]
+struct Standalone {
+    #[command(flatten)]
+    config: RouterConfig,
+}
+
+impl Default for RouterConfig {
+    /// The defaults, exactly as the flags define them.
+    fn default() -> Self {
+        Self::from_args(["qoe-router-serve"]).expect("the defaults parse")
+    }
+}
+
+impl RouterConfig {
+    /// Parses `args` (with the program name first), then overlays the config file it names, if any.
+    pub fn from_args<I, T>(args: I) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Standalone::command().try_get_matches_from(args)?;
+        let config = Standalone::from_arg_matches(&matches)?.config;
+        config.with_file(&matches)
+    }
+
+    /// Overlays the config file's keys onto the options the user left at their defaults.
+    pub fn with_file(self, matches: &ArgMatches) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file = ConfigFile::read(&path)?;
+        let mut merged = serde_json::to_value(&self)?;
+        let fields = merged
+            .as_object_mut()
+            .expect("a struct serializes to an object");
+        for (key, value) in file.settings {
+            let key = key.replace('-', "_");
+            if !fields.contains_key(&key) {
+                anyhow::bail!(
+                    "{}: unknown key '{key}'; keys are the flag names of `qoe-router serve --help`",
+                    path.display()
+                );
+            }
+            let from_user = matches!(
+                matches.value_source(&key),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            if !from_user {
+                fields.insert(key, serde_json::to_value(value)?);
+            }
+        }
+        let mut merged: RouterConfig = serde_json::from_value(merged)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        merged.config = Some(path);
+        Ok(merged)
+    }
+
+    /// Checks values that clap cannot, with messages naming the option.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        PolicyKind::parse(&self.routing_logic)
+            .map_err(|e| anyhow::anyhow!("--routing-logic: {e}"))?;
+        let positive = [
+            ("--engine-stats-interval", self.engine_stats_interval),
+            ("--health-check-interval", self.health_check_interval),
+            ("--request-stats-window", self.request_stats_window),
+            ("--optimal-throughput", self.optimal_throughput),
+        ];
+        for (flag, v) in positive {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "{flag} must be a positive number, got {v}"
+            );
+        }
+        anyhow::ensure!(
+            self.session_load_factor >= 1.0,
+            "--session-load-factor must be at least 1.0, got {}",
+            self.session_load_factor
+        );
+        if self.static_models.len() > 1 {
+            anyhow::ensure!(
+                self.static_models.len() == self.static_backends.len(),
+                "--static-models lists {} models for {} backends; give one per backend, or one for all",
+                self.static_models.len(),
+                self.static_backends.len()
+            );
+        }
+        for url in &self.static_backends {
+            crate::discovery::validate_url(url)
+                .map_err(|e| anyhow::anyhow!("--static-backends: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn policy_kind(&self) -> PolicyKind {
+        PolicyKind::parse(&self.routing_logic).expect("validated")
+    }
+
+    pub fn policy_config(&self) -> PolicyConfig {
+        PolicyConfig {
+            seed: self.seed,
+            session_load_factor: self.session_load_factor,
+            prefix_index_blocks: self.prefix_index_blocks,
+            prefix_balance_margin: self.prefix_balance_margin,
+        }
+    }
+
+    pub fn analyzer_config(&self) -> AnalyzerConfig {
+        AnalyzerConfig {
+            priority_header: self.priority_header.to_ascii_lowercase(),
+            expected_output_len_header: self.expected_output_len_header.to_ascii_lowercase(),
+            sla_header: self.sla_header.to_ascii_lowercase(),
+            session_key: self.session_key.to_ascii_lowercase(),
+            nominal_itl_ms: self.target_itl as f64,
+            ..AnalyzerConfig::default()
+        }
+    }
+
+    pub fn stats_config(&self) -> StatsConfig {
+        StatsConfig {
+            window: (self.request_stats_window * 1e6) as u64,
+            ..StatsConfig::default()
+        }
+    }
+
+    pub fn engine_stats_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.engine_stats_interval)
+    }
+
+    pub fn health_check_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.health_check_interval)
+    }
+
+    pub fn target_ttft_micros(&self) -> u64 {
+        self.target_ttft * MICROS_PER_MS
+    }
+}
+
+/// One endpoint in the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendEntry {
+    pub url: String,
+    /// Models served; detected from `/v1/models` when empty.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// `both` (default), `prefill` or `decode`.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// The config file: settings (flag names) plus `[[backends]]`.
+#[derive(Debug, Default)]
+pub struct ConfigFile {
+    pub settings: toml::Table,
+    pub backends: Vec<BackendEntry>,
+}
+
+impl ConfigFile {
+    pub fn read(path: &Path) -> anyhow::Result<ConfigFile> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
+        let mut settings: toml::Table = text.parse()?;
+        let backends = match settings.remove("backends") {
+            None => Vec::new(),
+            Some(v) => v
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("[[backends]]: {e}"))?,
+        };
+        Ok(ConfigFile { settings, backends })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_flags() {
+        let c = RouterConfig::default();
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.routing_logic, "roundrobin");
+        assert_eq!(c.target_ttft, 300);
+        assert_eq!(c.target_itl, 50);
+        assert_eq!(c.optimal_throughput, 30.0);
+        assert_eq!(c.priority_header, "x-request-priority");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn file_fills_defaults_but_flags_win() {
+        let dir = std::env::temp_dir().join(format!("qoe-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        std::fs::write(
+            &path,
+            "routing-logic = \"least-loaded\"\nport = 9001\ntarget_ttft = 200\n\n[[backends]]\nurl = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = RouterConfig::from_args(["x", "--config", p, "--port", "9100"]).unwrap();
+        assert_eq!(c.routing_logic, "least-loaded");
+        assert_eq!(c.target_ttft, 200);
+        assert_eq!(c.port, 9100, "the flag wins over the file");
+
+        std::fs::write(&path, "rooting_logic = \"x\"\n").unwrap();
+        let err = RouterConfig::from_args(["x", "--config", p])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key 'rooting_logic'"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_option() {
+        let c = RouterConfig::from_args(["x", "--routing-logic", "best"]).unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--routing-logic"));
+        let c = RouterConfig::from_args([
+            "x",
+            "--static-backends",
+            "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+            "--static-models",
+            "a,b",
+        ])
+        .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--static-models"));
+    }
+}

@@ -1,0 +1,478 @@
+//! The endpoint table: one place for everything the router knows about each endpoint.
+//!
+//! The table is an immutable `Arc<Table>` swapped whole when discovery changes the set, so a request
+//! reads a consistent snapshot without holding a lock while it runs; endpoints that survive a reload
+//! are the same `Arc<Endpoint>` (their counters and in-flight requests carry on), removed ones live
+//! until their last request lets go. Per-endpoint state is lock-light: load counters are atomics,
+//! statistics sit behind small mutexes held for a few hundred nanoseconds.
+
+use crate::discovery::BackendSpec;
+use qoe_core::prompt::fnv1a;
+use qoe_core::{
+    Availability, BreakerState, EndpointView, EngineMetrics, Load, Micros, RequestOutcome,
+    RequestStats, Role, StatsConfig,
+};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// The router's monotonic clock, in the brain's units.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock(Instant::now())
+    }
+
+    /// Microseconds since the router started (at least 1, so "0" never means "now").
+    pub fn now(&self) -> Micros {
+        self.0.elapsed().as_micros() as Micros + 1
+    }
+
+    pub fn at(&self, instant: Instant) -> Micros {
+        instant.saturating_duration_since(self.0).as_micros() as Micros + 1
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Requests in flight on an endpoint, counted by the router for every policy alike.
+#[derive(Debug, Default)]
+pub struct LoadCounters {
+    in_prefill: AtomicU32,
+    in_decode: AtomicU32,
+    prefill_tokens: AtomicU64,
+    pending_output_tokens: AtomicU64,
+}
+
+impl LoadCounters {
+    pub fn snapshot(&self) -> Load {
+        Load {
+            in_prefill: self.in_prefill.load(Ordering::Relaxed),
+            in_decode: self.in_decode.load(Ordering::Relaxed),
+            prefill_tokens: self.prefill_tokens.load(Ordering::Relaxed),
+            pending_output_tokens: self.pending_output_tokens.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Engine metrics as last scraped.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EngineSample {
+    pub metrics: EngineMetrics,
+    pub at: Micros,
+}
+
+/// Health-check state with hysteresis.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HealthState {
+    pub healthy: bool,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+    /// Times of the last few up/down transitions (bounded).
+    #[serde(skip)]
+    transitions: [Micros; 8],
+    #[serde(skip)]
+    transition_count: usize,
+    pub last_check: Option<Micros>,
+    pub last_error: Option<String>,
+}
+
+impl HealthState {
+    fn new() -> Self {
+        HealthState {
+            healthy: true,
+            ..Default::default()
+        }
+    }
+
+    /// Health transitions within `window` before `now`.
+    pub fn flaps(&self, now: Micros, window: Micros) -> u32 {
+        let n = self.transition_count.min(self.transitions.len());
+        self.transitions[..n]
+            .iter()
+            .filter(|&&t| now.saturating_sub(t) <= window)
+            .count() as u32
+    }
+
+    fn set_healthy(&mut self, healthy: bool, now: Micros) {
+        if self.healthy != healthy {
+            self.healthy = healthy;
+            let slot = self.transition_count % self.transitions.len();
+            self.transitions[slot] = now;
+            self.transition_count += 1;
+        }
+    }
+}
+
+/// One endpoint and everything known about it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub url: String,
+    /// Stable hash of the URL (see [`EndpointView::key`]).
+    pub key: u64,
+    pub role: Role,
+    static_models: Vec<String>,
+    detected_models: RwLock<Vec<String>>,
+    /// The model objects of the endpoint's last `/v1/models` answer, served again merged.
+    model_cards: RwLock<Vec<serde_json::Value>>,
+    pub load: LoadCounters,
+    stats: Mutex<RequestStats>,
+    engine: Mutex<Option<EngineSample>>,
+    health: Mutex<HealthState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Endpoint {
+    pub fn new(spec: &BackendSpec, stats: StatsConfig) -> Self {
+        Endpoint {
+            url: spec.url.clone(),
+            key: fnv1a(0, spec.url.as_bytes()),
+            role: spec.role,
+            static_models: spec.models.clone(),
+            detected_models: RwLock::new(Vec::new()),
+            model_cards: RwLock::new(Vec::new()),
+            load: LoadCounters::default(),
+            stats: Mutex::new(RequestStats::new(stats)),
+            engine: Mutex::new(None),
+            health: Mutex::new(HealthState::new()),
+        }
+    }
+
+    /// Whether the models come from `/v1/models` rather than configuration.
+    pub fn detects_models(&self) -> bool {
+        self.static_models.is_empty()
+    }
+
+    /// The models this endpoint serves (configured, else detected).
+    pub fn models(&self) -> Vec<String> {
+        if self.static_models.is_empty() {
+            self.detected_models
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        } else {
+            self.static_models.clone()
+        }
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        if self.static_models.is_empty() {
+            let detected = self
+                .detected_models
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            detected.iter().any(|m| m == model)
+        } else {
+            self.static_models.iter().any(|m| m == model)
+        }
+    }
+
+    /// Stores what `/v1/models` answered: its model objects, and their ids as the served models
+    /// (used when no models were configured).
+    pub fn set_model_cards(&self, cards: Vec<serde_json::Value>) {
+        let ids = cards
+            .iter()
+            .filter_map(|c| c.get("id")?.as_str().map(str::to_string))
+            .collect();
+        *self
+            .detected_models
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = ids;
+        *self.model_cards.write().unwrap_or_else(|e| e.into_inner()) = cards;
+    }
+
+    /// The model objects to list in the merged `/v1/models`: the endpoint's own, else minimal
+    /// ones built from the configured names.
+    pub fn model_cards(&self) -> Vec<serde_json::Value> {
+        let cards = self.model_cards.read().unwrap_or_else(|e| e.into_inner());
+        let models = self.models();
+        models
+            .iter()
+            .map(|id| {
+                cards
+                    .iter()
+                    .find(|c| c.get("id").and_then(|v| v.as_str()) == Some(id))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "vllm", "root": id, "parent": null})
+                    })
+            })
+            .collect()
+    }
+
+    pub fn set_engine_metrics(&self, metrics: EngineMetrics, at: Micros) {
+        *lock(&self.engine) = Some(EngineSample { metrics, at });
+    }
+
+    pub fn engine_sample(&self) -> Option<EngineSample> {
+        *lock(&self.engine)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        lock(&self.health).healthy
+    }
+
+    pub fn health(&self) -> HealthState {
+        lock(&self.health).clone()
+    }
+
+    /// Records a health-check result; thresholds give hysteresis.
+    pub fn record_health(
+        &self,
+        result: Result<(), String>,
+        now: Micros,
+        unhealthy_after: u32,
+        healthy_after: u32,
+    ) {
+        let mut h = lock(&self.health);
+        h.last_check = Some(now);
+        match result {
+            Ok(()) => {
+                h.consecutive_failures = 0;
+                h.consecutive_successes += 1;
+                if h.consecutive_successes >= healthy_after.max(1) {
+                    h.set_healthy(true, now);
+                }
+            }
+            Err(e) => {
+                h.consecutive_successes = 0;
+                h.consecutive_failures += 1;
+                h.last_error = Some(e);
+                if h.consecutive_failures >= unhealthy_after.max(1) {
+                    h.set_healthy(false, now);
+                }
+            }
+        }
+    }
+
+    pub fn with_stats<R>(&self, f: impl FnOnce(&mut RequestStats) -> R) -> R {
+        f(&mut lock(&self.stats))
+    }
+
+    /// The endpoint as a policy sees it at `now`.
+    pub fn view(&self, id: u32, now: Micros, flap_window: Micros) -> EndpointView {
+        let engine = self.engine_sample();
+        let health = lock(&self.health);
+        EndpointView {
+            id: qoe_core::EndpointId(id),
+            key: self.key,
+            role: self.role,
+            load: self.load.snapshot(),
+            observed: lock(&self.stats).snapshot(now),
+            engine: engine.map(|s| s.metrics),
+            engine_at: engine.map(|s| s.at),
+            availability: Availability {
+                healthy: health.healthy,
+                breaker: BreakerState::Closed,
+                flaps: health.flaps(now, flap_window),
+            },
+        }
+    }
+}
+
+/// A consistent snapshot of the endpoint set.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// The live endpoint set.
+#[derive(Debug)]
+pub struct Registry {
+    table: RwLock<Arc<Table>>,
+    stats_config: StatsConfig,
+}
+
+impl Registry {
+    pub fn new(stats_config: StatsConfig) -> Self {
+        Registry {
+            table: RwLock::new(Arc::new(Table::default())),
+            stats_config,
+        }
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the endpoint set; endpoints whose URL and settings stay keep their state.
+    pub fn apply(&self, specs: &[BackendSpec]) {
+        let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let old = guard.clone();
+        let endpoints = specs
+            .iter()
+            .map(|spec| {
+                old.endpoints
+                    .iter()
+                    .find(|e| {
+                        e.url == spec.url && e.static_models == spec.models && e.role == spec.role
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(spec, self.stats_config)))
+            })
+            .collect();
+        *guard = Arc::new(Table { endpoints });
+    }
+}
+
+/// Holds an endpoint's load counters for one request: in prefill until the first token, then in
+/// decode; released when dropped, whatever way the request ends (tied to the response body).
+#[derive(Debug)]
+pub struct LoadGuard {
+    endpoint: Arc<Endpoint>,
+    prompt_tokens: u64,
+    pending_output: u64,
+    decoding: bool,
+}
+
+impl LoadGuard {
+    pub fn new(endpoint: Arc<Endpoint>, prompt_tokens: u32, expected_output: u32) -> Self {
+        let load = &endpoint.load;
+        load.in_prefill.fetch_add(1, Ordering::Relaxed);
+        load.prefill_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        load.pending_output_tokens
+            .fetch_add(expected_output as u64, Ordering::Relaxed);
+        LoadGuard {
+            endpoint,
+            prompt_tokens: prompt_tokens as u64,
+            pending_output: expected_output as u64,
+            decoding: false,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// Moves the request from prefill to decode (idempotent).
+    pub fn first_token(&mut self) {
+        if !self.decoding {
+            self.decoding = true;
+            let load = &self.endpoint.load;
+            load.in_prefill.fetch_sub(1, Ordering::Relaxed);
+            load.prefill_tokens
+                .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
+            load.in_decode.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `tokens` delivered against the expected output still pending.
+    pub fn tokens(&mut self, tokens: u32) {
+        let done = (tokens as u64).min(self.pending_output);
+        if done > 0 {
+            self.pending_output -= done;
+            self.endpoint
+                .load
+                .pending_output_tokens
+                .fetch_sub(done, Ordering::Relaxed);
+        }
+    }
+
+    /// Records the request's outcome in the endpoint's statistics.
+    pub fn record(&self, outcome: &RequestOutcome, now: Micros) {
+        self.endpoint.with_stats(|s| s.record_outcome(outcome, now));
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        let load = &self.endpoint.load;
+        if self.decoding {
+            load.in_decode.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            load.in_prefill.fetch_sub(1, Ordering::Relaxed);
+            load.prefill_tokens
+                .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
+        }
+        load.pending_output_tokens
+            .fetch_sub(self.pending_output, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> BackendSpec {
+        BackendSpec {
+            url: url.into(),
+            models: vec!["m".into()],
+            role: Role::Both,
+        }
+    }
+
+    #[test]
+    fn load_guard_moves_and_releases() {
+        let e = Arc::new(Endpoint::new(
+            &spec("http://127.0.0.1:1"),
+            StatsConfig::default(),
+        ));
+        let mut g = LoadGuard::new(e.clone(), 100, 10);
+        assert_eq!(e.load.snapshot().in_prefill, 1);
+        assert_eq!(e.load.snapshot().prefill_tokens, 100);
+        g.first_token();
+        g.first_token();
+        g.tokens(4);
+        let l = e.load.snapshot();
+        assert_eq!(
+            (
+                l.in_prefill,
+                l.in_decode,
+                l.prefill_tokens,
+                l.pending_output_tokens
+            ),
+            (0, 1, 0, 6)
+        );
+        drop(g);
+        assert_eq!(e.load.snapshot(), Load::default());
+        let g = LoadGuard::new(e.clone(), 7, 3);
+        drop(g);
+        assert_eq!(
+            e.load.snapshot(),
+            Load::default(),
+            "released from prefill too"
+        );
+    }
+
+    #[test]
+    fn reload_keeps_surviving_endpoints() {
+        let r = Registry::new(StatsConfig::default());
+        r.apply(&[spec("http://a:1"), spec("http://b:1")]);
+        let before = r.table();
+        let guard = LoadGuard::new(before.endpoints[1].clone(), 1, 1);
+        r.apply(&[spec("http://b:1"), spec("http://c:1")]);
+        let after = r.table();
+        assert_eq!(after.endpoints.len(), 2);
+        assert!(Arc::ptr_eq(&before.endpoints[1], &after.endpoints[0]));
+        assert_eq!(
+            after.endpoints[0].load.snapshot().in_prefill,
+            1,
+            "in-flight carried over"
+        );
+        drop(guard);
+    }
+
+    #[test]
+    fn health_hysteresis_and_flaps() {
+        let e = Endpoint::new(&spec("http://a:1"), StatsConfig::default());
+        e.record_health(Err("x".into()), 10, 2, 1);
+        assert!(e.is_healthy(), "one failure is below the threshold");
+        e.record_health(Err("x".into()), 20, 2, 1);
+        assert!(!e.is_healthy());
+        e.record_health(Ok(()), 30, 2, 1);
+        assert!(e.is_healthy());
+        assert_eq!(e.health().flaps(30, 100), 2);
+        assert_eq!(e.health().flaps(1_000, 100), 0);
+    }
+}

@@ -1,0 +1,276 @@
+//! The router's own Prometheus metrics (`/metrics`).
+//!
+//! Counters and histograms are updated on the request path; per-endpoint gauges (load, smoothed
+//! latencies, scraped engine signals and their age) are refreshed from the endpoint table when
+//! `/metrics` is read, so the hot path pays nothing for them. Label sets are bounded: endpoints that
+//! leave the table are removed from every family.
+
+use crate::endpoints::Table;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use qoe_core::Micros;
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub code: u16,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub endpoint: String,
+    pub kind: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn itl_histogram() -> Histogram {
+    // 0.5 ms .. ~4 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// All of the router's metrics.
+pub struct RouterMetrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub rejected: Family<CodeLabel, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub retries: Counter,
+    pub ttft: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    pub itl: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    pub e2e: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    pub output_tokens: Family<EndpointLabel, Counter>,
+    gauges: Vec<(&'static str, Family<EndpointLabel, FGauge>)>,
+    known: Mutex<HashSet<String>>,
+}
+
+/// Per-endpoint gauges: name suffix and help.
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "in_prefill_requests",
+        "Requests sent to the endpoint with no token back yet",
+    ),
+    (
+        "in_decoding_requests",
+        "Requests streaming tokens from the endpoint",
+    ),
+    (
+        "in_prefill_tokens",
+        "Prompt tokens of requests still in prefill",
+    ),
+    ("healthy", "1 when the endpoint passes health checks"),
+    (
+        "ttft_seconds",
+        "Smoothed router-observed time to first token",
+    ),
+    (
+        "avg_itl_seconds",
+        "Smoothed router-observed inter-token latency",
+    ),
+    (
+        "error_rate",
+        "Share of failed requests over the stats window",
+    ),
+    ("qps", "Requests finished per second over the stats window"),
+    (
+        "engine_running_requests",
+        "Scraped: requests running in the engine",
+    ),
+    (
+        "engine_waiting_requests",
+        "Scraped: requests waiting in the engine",
+    ),
+    ("engine_kv_cache_usage", "Scraped: KV cache usage, 0..1"),
+    (
+        "engine_prefix_cache_hit_rate",
+        "Scraped: prefix cache hit rate, 0..1",
+    ),
+    (
+        "engine_metrics_age_seconds",
+        "Age of the last successful scrape",
+    ),
+];
+
+impl RouterMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("qoe_router");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests proxied, by endpoint, final status and routing reason",
+            requests.clone(),
+        );
+        let rejected = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "rejected_requests",
+            "Requests the router answered itself with an error, by status",
+            rejected.clone(),
+        );
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "upstream_failures",
+            "Upstream failures by endpoint and kind (connect, timeout, stream)",
+            failures.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Requests re-sent to another endpoint after a connect failure",
+            retries.clone(),
+        );
+        let ttft = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "time_to_first_token_seconds",
+            "Router-observed time to first token",
+            ttft.clone(),
+        );
+        let itl = Family::new_with_constructor(itl_histogram as fn() -> Histogram);
+        registry.register(
+            "inter_token_latency_seconds",
+            "Router-observed gap between streamed chunks, per token",
+            itl.clone(),
+        );
+        let e2e = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "e2e_request_latency_seconds",
+            "Router-observed request latency, first byte in to last byte out",
+            e2e.clone(),
+        );
+        let output_tokens = Family::<EndpointLabel, Counter>::default();
+        registry.register(
+            "output_tokens",
+            "Output tokens counted on responses",
+            output_tokens.clone(),
+        );
+        let gauges = GAUGES
+            .iter()
+            .map(|(name, help)| {
+                let family = Family::<EndpointLabel, FGauge>::default();
+                registry.register(*name, *help, family.clone());
+                (*name, family)
+            })
+            .collect();
+        RouterMetrics {
+            registry,
+            requests,
+            rejected,
+            failures,
+            retries,
+            ttft,
+            itl,
+            e2e,
+            output_tokens,
+            gauges,
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn gauge(&self, name: &str, endpoint: &str, value: Option<f64>) {
+        let family = &self
+            .gauges
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("gauge is declared")
+            .1;
+        let label = EndpointLabel {
+            endpoint: endpoint.to_string(),
+        };
+        match value {
+            Some(v) if v.is_finite() => {
+                family.get_or_create(&label).set(v);
+            }
+            _ => {
+                family.remove(&label);
+            }
+        }
+    }
+
+    /// Refreshes the per-endpoint gauges from `table` and drops the labels of endpoints that left.
+    pub fn refresh(&self, table: &Table, now: Micros) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let current: HashSet<String> = table.endpoints.iter().map(|e| e.url.clone()).collect();
+        for gone in known.difference(&current) {
+            let label = EndpointLabel {
+                endpoint: gone.clone(),
+            };
+            for (_, family) in &self.gauges {
+                family.remove(&label);
+            }
+            self.ttft.remove(&label);
+            self.itl.remove(&label);
+            self.e2e.remove(&label);
+            self.output_tokens.remove(&label);
+            for kind in ["connect", "timeout", "stream", "status"] {
+                self.failures.remove(&FailureLabels {
+                    endpoint: gone.clone(),
+                    kind: kind.into(),
+                });
+            }
+        }
+        *known = current;
+        drop(known);
+        for (i, e) in table.endpoints.iter().enumerate() {
+            let v = e.view(i as u32, now, 60_000_000);
+            let url = e.url.as_str();
+            let engine = v.engine.unwrap_or_default();
+            self.gauge("in_prefill_requests", url, Some(v.load.in_prefill as f64));
+            self.gauge("in_decoding_requests", url, Some(v.load.in_decode as f64));
+            self.gauge("in_prefill_tokens", url, Some(v.load.prefill_tokens as f64));
+            self.gauge("healthy", url, Some(v.availability.healthy as u8 as f64));
+            self.gauge("ttft_seconds", url, v.observed.ttft_ms.map(|x| x / 1e3));
+            self.gauge("avg_itl_seconds", url, v.observed.itl_ms.map(|x| x / 1e3));
+            self.gauge("error_rate", url, Some(v.observed.error_rate));
+            self.gauge("qps", url, Some(v.observed.qps));
+            self.gauge("engine_running_requests", url, engine.running);
+            self.gauge("engine_waiting_requests", url, engine.waiting);
+            self.gauge("engine_kv_cache_usage", url, engine.kv_usage);
+            self.gauge(
+                "engine_prefix_cache_hit_rate",
+                url,
+                crate::scrape::hit_rate(&engine),
+            );
+            self.gauge(
+                "engine_metrics_age_seconds",
+                url,
+                v.engine_age(now).map(|a| a as f64 / 1e6),
+            );
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,398 @@
+//! The observer: a response body wrapper that forwards every frame the moment it arrives and, on
+//! the way, timestamps it, counts tokens, and keeps the endpoint's load and statistics current.
+//!
+//! It is where "measure what the user feels" happens: TTFT is the first chunk that carries a token,
+//! ITL the gap between token-carrying chunks divided by the tokens they carry. The request's load
+//! counters are released when this body ends or is dropped (client gone), never at header time.
+//! When the client disconnects, dropping this body drops the upstream body, which closes the
+//! upstream connection: vLLM aborts the request and frees its KV.
+
+use crate::endpoints::{Clock, LoadGuard};
+use crate::errors::ApiError;
+use crate::metrics::{EndpointLabel, FailureLabels, RequestLabels};
+use crate::state::AppState;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body::{Body, Frame, SizeHint};
+use qoe_core::sse::{SseConfig, SseEvent, SseParser};
+use qoe_core::{Micros, Priority, RequestOutcome};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Sleep;
+
+/// Tail of a non-streamed JSON response kept to read its `usage`.
+const USAGE_TAIL_BYTES: usize = 2048;
+
+/// What the observer knows about the request it watches.
+pub struct RequestContext {
+    pub request_id: String,
+    pub model: String,
+    pub priority: Priority,
+    pub reason: &'static str,
+    pub prompt_tokens: u32,
+    pub status: StatusCode,
+    pub started: Micros,
+    pub sent: Micros,
+    pub streaming: bool,
+}
+
+enum Mode {
+    Sse(Box<SseParser>),
+    Json(Vec<u8>),
+}
+
+/// How the response ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Complete,
+    ClientGone,
+    UpstreamBroken,
+    IdleTimeout,
+}
+
+pub struct ObservedBody<B> {
+    inner: Pin<Box<B>>,
+    state: Arc<AppState>,
+    guard: Option<LoadGuard>,
+    ctx: RequestContext,
+    mode: Mode,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    first_token_at: Option<Micros>,
+    last_token_at: Option<Micros>,
+    tokens: u32,
+    usage_tokens: Option<u32>,
+    upstream_error: bool,
+    ended: Option<End>,
+}
+
+impl<B> ObservedBody<B> {
+    pub fn new(inner: B, state: Arc<AppState>, guard: LoadGuard, ctx: RequestContext) -> Self {
+        let idle = state.idle_timeout;
+        let mode = if ctx.streaming {
+            Mode::Sse(Box::new(SseParser::new(SseConfig::default())))
+        } else {
+            Mode::Json(Vec::new())
+        };
+        ObservedBody {
+            inner: Box::pin(inner),
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            idle,
+            state,
+            guard: Some(guard),
+            ctx,
+            mode,
+            first_token_at: None,
+            last_token_at: None,
+            tokens: 0,
+            usage_tokens: None,
+            upstream_error: false,
+            ended: None,
+        }
+    }
+
+    fn clock(&self) -> Clock {
+        self.state.clock
+    }
+
+    fn on_data(&mut self, data: &Bytes) {
+        let now = self.clock().now();
+        match &mut self.mode {
+            Mode::Sse(parser) => {
+                let mut tokens = 0u32;
+                let mut usage = None;
+                let mut error = false;
+                parser.feed(data, |event| match event {
+                    SseEvent::Tokens { count, usage: u } => {
+                        tokens += count;
+                        usage = u.and_then(|u| u.completion_tokens).or(usage);
+                    }
+                    SseEvent::Usage(u) => usage = u.completion_tokens.or(usage),
+                    SseEvent::Error => error = true,
+                    _ => {}
+                });
+                if error {
+                    self.upstream_error = true;
+                }
+                if let Some(u) = usage {
+                    self.usage_tokens = Some(u.min(u32::MAX as u64) as u32);
+                }
+                if tokens > 0 {
+                    self.on_tokens(tokens, now);
+                }
+            }
+            Mode::Json(tail) => {
+                tail.extend_from_slice(data);
+                if tail.len() > USAGE_TAIL_BYTES {
+                    tail.drain(..tail.len() - USAGE_TAIL_BYTES);
+                }
+            }
+        }
+    }
+
+    fn on_tokens(&mut self, tokens: u32, now: Micros) {
+        let endpoint = self.guard.as_ref().map(|g| g.endpoint().clone());
+        let Some(endpoint) = endpoint else { return };
+        let label = EndpointLabel {
+            endpoint: endpoint.url.clone(),
+        };
+        match self.last_token_at {
+            None => {
+                let ttft = now.saturating_sub(self.ctx.sent);
+                self.first_token_at = Some(now);
+                endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
+                self.state
+                    .metrics
+                    .ttft
+                    .get_or_create(&label)
+                    .observe(ttft as f64 / 1e6);
+                if let Some(g) = self.guard.as_mut() {
+                    g.first_token();
+                }
+            }
+            Some(last) => {
+                let gap = now.saturating_sub(last);
+                endpoint.with_stats(|s| s.record_itl(gap, tokens));
+                let per_token = gap as f64 / 1e6 / tokens as f64;
+                let h = self.state.metrics.itl.get_or_create(&label);
+                for _ in 0..tokens.min(64) {
+                    h.observe(per_token);
+                }
+            }
+        }
+        self.last_token_at = Some(now);
+        self.tokens += tokens;
+        if let Some(g) = self.guard.as_mut() {
+            g.tokens(tokens);
+        }
+    }
+
+    /// Records the outcome once, whatever way the body ends.
+    fn finish(&mut self, end: End) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.ended = Some(end);
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let now = self.clock().now();
+        let endpoint = guard.endpoint().clone();
+        if let Mode::Json(tail) = &self.mode {
+            self.usage_tokens = usage_completion_tokens(tail);
+        }
+        let output_tokens = self.usage_tokens.unwrap_or(self.tokens);
+        let status = self.ctx.status;
+        let failed = matches!(end, End::UpstreamBroken | End::IdleTimeout)
+            || status.is_server_error()
+            || self.upstream_error;
+        let e2e = now.saturating_sub(self.ctx.started);
+        // A client that leaves says nothing about the endpoint: no outcome recorded for it.
+        if end != End::ClientGone {
+            guard.record(
+                &RequestOutcome {
+                    prompt_tokens: self.ctx.prompt_tokens,
+                    output_tokens,
+                    ttft: self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent)),
+                    decode_time: match (self.first_token_at, self.last_token_at) {
+                        (Some(a), Some(b)) => b.saturating_sub(a),
+                        _ => 0,
+                    },
+                    e2e,
+                    failed,
+                    timed_out: end == End::IdleTimeout,
+                },
+                now,
+            );
+            if !failed && status.is_success() && output_tokens > 0 {
+                self.state
+                    .learned_output
+                    .record(&self.ctx.model, output_tokens);
+            }
+        }
+        drop(guard);
+        let label = EndpointLabel {
+            endpoint: endpoint.url.clone(),
+        };
+        self.state
+            .metrics
+            .e2e
+            .get_or_create(&label)
+            .observe(e2e as f64 / 1e6);
+        self.state
+            .metrics
+            .output_tokens
+            .get_or_create(&label)
+            .inc_by(output_tokens as u64);
+        let code = match end {
+            End::Complete | End::ClientGone => status.as_u16(),
+            End::IdleTimeout => 504,
+            End::UpstreamBroken => 502,
+        };
+        self.state
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.url.clone(),
+                code,
+                reason: self.ctx.reason.to_string(),
+            })
+            .inc();
+        let failure_kind = match end {
+            End::IdleTimeout => Some("timeout"),
+            End::UpstreamBroken => Some("stream"),
+            _ if status.is_server_error() => Some("status"),
+            _ => None,
+        };
+        if let Some(kind) = failure_kind {
+            self.state
+                .metrics
+                .failures
+                .get_or_create(&FailureLabels {
+                    endpoint: endpoint.url.clone(),
+                    kind: kind.into(),
+                })
+                .inc();
+        }
+        let outcome = match end {
+            End::Complete => "complete",
+            End::ClientGone => "client_closed",
+            End::UpstreamBroken => "upstream_broken",
+            End::IdleTimeout => "idle_timeout",
+        };
+        tracing::info!(
+            request_id = %self.ctx.request_id,
+            model = %self.ctx.model,
+            endpoint = %endpoint.url,
+            reason = self.ctx.reason,
+            priority = self.ctx.priority.level(),
+            status = code,
+            outcome,
+            ttft_ms = self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent) as f64 / 1e3),
+            tokens = output_tokens,
+            duration_ms = e2e as f64 / 1e3,
+            "request"
+        );
+    }
+
+    /// The frame that tells a client its stream broke (SSE) — or nothing for a JSON body, whose
+    /// truncation the client's parser reports.
+    fn error_frame(&self, message: &str, status: StatusCode) -> Option<Frame<Bytes>> {
+        match self.mode {
+            Mode::Sse(_) => Some(Frame::data(ApiError::new(status, message).sse_event())),
+            Mode::Json(_) => None,
+        }
+    }
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended.is_some() {
+            return Poll::Ready(None);
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.on_data(data);
+                }
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.idle_timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let message = format!("the endpoint broke the response off: {e}");
+                tracing::warn!(request_id = %this.ctx.request_id, "{message}");
+                let frame = this.error_frame(&message, StatusCode::BAD_GATEWAY);
+                this.finish(End::UpstreamBroken);
+                match frame {
+                    Some(f) => Poll::Ready(Some(Ok(f))),
+                    None => Poll::Ready(Some(Err(std::io::Error::other(message)))),
+                }
+            }
+            Poll::Ready(None) => {
+                this.finish(End::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.idle_timer.as_mut().poll(cx).is_ready() {
+                    let message = format!(
+                        "the endpoint sent nothing for {} ms (idle timeout)",
+                        this.idle.as_millis()
+                    );
+                    let frame = this.error_frame(&message, StatusCode::GATEWAY_TIMEOUT);
+                    this.finish(End::IdleTimeout);
+                    return match frame {
+                        Some(f) => Poll::Ready(Some(Ok(f))),
+                        None => Poll::Ready(Some(Err(std::io::Error::other(message)))),
+                    };
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended.is_some() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.mode {
+            // The error event we may add makes the upstream length a lower bound only.
+            Mode::Sse(_) => SizeHint::default(),
+            Mode::Json(_) => self.inner.size_hint(),
+        }
+    }
+}
+
+impl<B> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        if self.ended.is_none() {
+            self.finish(End::ClientGone);
+        }
+    }
+}
+
+use std::future::Future;
+
+/// `usage.completion_tokens` from the tail of a JSON response.
+fn usage_completion_tokens(tail: &[u8]) -> Option<u32> {
+    const KEY: &[u8] = b"\"completion_tokens\":";
+    let pos = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let digits = tail[pos + KEY.len()..]
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_digit())
+        .fold(None, |acc: Option<u32>, &b| {
+            Some(
+                acc.unwrap_or(0)
+                    .saturating_mul(10)
+                    .saturating_add((b - b'0') as u32),
+            )
+        });
+    digits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_completion_tokens;
+
+    #[test]
+    fn usage_from_json_tail() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens": 7}}"#;
+        assert_eq!(usage_completion_tokens(body), Some(7));
+        assert_eq!(usage_completion_tokens(b"{}"), None);
+    }
+}

@@ -1,0 +1,427 @@
+//! The proxy path: analyze the request once, choose among the endpoints that serve its model, send
+//! it on a pooled connection, and hand the response back through the observer.
+//!
+//! A connect failure means no byte was sent, so the request goes to another endpoint (up to
+//! `--max-retries`); anything later is the client's to see: upstream statuses and bodies pass
+//! through untouched.
+
+use crate::endpoints::{Endpoint, LoadGuard};
+use crate::errors::ApiError;
+use crate::metrics::{CodeLabel, FailureLabels};
+use crate::observe::{ObservedBody, RequestContext};
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body_util::Full;
+use qoe_core::analyze::{analyze, Route};
+use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub static X_QOE_ENDPOINT: HeaderName = HeaderName::from_static("x-qoe-endpoint");
+pub static X_QOE_REASON: HeaderName = HeaderName::from_static("x-qoe-reason");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Health transitions counted over this window for the reliability signal.
+pub const FLAP_WINDOW: Micros = 300_000_000;
+
+/// The route a path belongs to, or `None` for paths the router does not proxy.
+pub fn route_of(path: &str) -> Option<Route> {
+    let (kind, model_required) = match path {
+        "/v1/chat/completions" => (ApiKind::Chat, true),
+        "/v1/completions" => (ApiKind::Completion, true),
+        "/v1/embeddings" => (ApiKind::Embedding, true),
+        p if p.starts_with("/v1/") || p.starts_with("/v2/") => (ApiKind::Other, false),
+        "/tokenize" | "/detokenize" | "/pooling" | "/classify" | "/score" | "/rerank"
+        | "/invocations" | "/version" => (ApiKind::Other, false),
+        _ => return None,
+    };
+    Some(Route {
+        kind,
+        model_required,
+    })
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `host` and `content-length` which the client
+/// recomputes: not forwarded upstream.
+const NOT_FORWARDED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    NOT_FORWARDED.contains(&name.as_str())
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        if !v.is_empty() && v.len() <= 256 {
+            return v.clone();
+        }
+    }
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let salt = std::process::id() as u64
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0));
+    let id = format!("qoe-{:016x}", qoe_core::policy::mix64(salt.wrapping_add(n)));
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+/// Answers an error the router produced itself, counting and logging it.
+fn reject(state: &AppState, error: ApiError, request_id: &HeaderValue) -> Response {
+    state
+        .metrics
+        .rejected
+        .get_or_create(&CodeLabel {
+            code: error.status.as_u16(),
+        })
+        .inc();
+    tracing::info!(
+        request_id = %String::from_utf8_lossy(request_id.as_bytes()),
+        status = error.status.as_u16(),
+        error = %error.message,
+        "request rejected"
+    );
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    response
+}
+
+/// Every proxied route lands here.
+pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let started = state.clock.now();
+    let (parts, body) = request.into_parts();
+    let request_id = request_id(&parts.headers);
+    let Some(route) = route_of(parts.uri.path()) else {
+        let error = ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no route for {} {}", parts.method, parts.uri.path()),
+        );
+        return reject(&state, error, &request_id);
+    };
+    let limit = state.config.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds the limit of {limit} bytes (--max-body-bytes)"),
+        )
+    };
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+        if len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .is_some_and(|n| n > limit)
+        {
+            return reject(&state, too_large(), &request_id);
+        }
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let is_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let error = if is_limit {
+                too_large()
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {e}"))
+            };
+            return reject(&state, error, &request_id);
+        }
+    };
+    let profile = analyze(
+        route,
+        &body,
+        |name| parts.headers.get(name).map(|v| v.as_bytes()),
+        &state.analyzer,
+        |model| state.learned_output.estimate(model),
+    );
+    let profile = match profile {
+        Ok(p) => p,
+        Err(e) => return reject(&state, e.into(), &request_id),
+    };
+    dispatch(state, parts, body, profile, request_id, started).await
+}
+
+/// Endpoints serving the model, and whether any exists at all (healthy or not).
+fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiError> {
+    let table = state.registry.table();
+    let serving: Vec<_> = table
+        .endpoints
+        .iter()
+        .filter(|e| model.is_empty() || e.serves(model))
+        .cloned()
+        .collect();
+    if serving.is_empty() {
+        if table.endpoints.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no endpoints are configured",
+            ));
+        }
+        let mut models: Vec<String> = table.endpoints.iter().flat_map(|e| e.models()).collect();
+        models.sort();
+        models.dedup();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the model '{model}' does not exist; available models: {}",
+                if models.is_empty() {
+                    "none detected yet".to_string()
+                } else {
+                    models.join(", ")
+                }
+            ),
+        )
+        .with_param(Some("model".into())));
+    }
+    let healthy: Vec<_> = serving.into_iter().filter(|e| e.is_healthy()).collect();
+    if healthy.is_empty() {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy endpoint serves the model '{model}'"),
+        );
+        e.retry_after = Some(1);
+        return Err(e);
+    }
+    Ok(healthy)
+}
+
+enum SendError {
+    Connect(String),
+    Timeout,
+    Other(String),
+}
+
+async fn send(
+    state: &AppState,
+    endpoint: &Endpoint,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    request_id: &HeaderValue,
+) -> Result<Response<hyper::body::Incoming>, SendError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = format!("{}{}", endpoint.url, path);
+    let mut builder = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(uri);
+    let headers = builder.headers_mut().expect("fresh builder");
+    for (name, value) in &parts.headers {
+        if !is_hop_by_hop(name) && name != X_REQUEST_ID {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    let request = builder
+        .body(Full::new(body.clone()))
+        .map_err(|e| SendError::Other(e.to_string()))?;
+    match tokio::time::timeout(state.first_byte_timeout, state.client.request(request)).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(format!("{e:?}"))),
+        Ok(Err(e)) => Err(SendError::Other(format!("{e:?}"))),
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+async fn dispatch(
+    state: Arc<AppState>,
+    parts: http::request::Parts,
+    body: Bytes,
+    profile: RequestProfile,
+    request_id: HeaderValue,
+    started: Micros,
+) -> Response {
+    let mut pool = match candidates(&state, &profile.model) {
+        Ok(c) => c,
+        Err(e) => return reject(&state, e, &request_id),
+    };
+    let mut views: Vec<EndpointView> = Vec::with_capacity(pool.len());
+    let mut attempt = 0u32;
+    loop {
+        let now = state.clock.now();
+        views.clear();
+        views.extend(
+            pool.iter()
+                .enumerate()
+                .map(|(i, e)| e.view(i as u32, now, FLAP_WINDOW)),
+        );
+        let Some(decision) = state.policy.pick(&profile, &views, now) else {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no endpoint could take the request for '{}'", profile.model),
+            );
+            e.retry_after = Some(1);
+            return reject(&state, e, &request_id);
+        };
+        let endpoint = pool[decision.index].clone();
+        let guard = LoadGuard::new(
+            endpoint.clone(),
+            profile.prompt_tokens,
+            profile.expected_output_tokens,
+        );
+        let sent = state.clock.now();
+        match send(&state, &endpoint, &parts, &body, &request_id).await {
+            Ok(response) => {
+                let ctx = RequestContext {
+                    request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                    model: profile.model.clone(),
+                    priority: profile.priority,
+                    reason: decision.reason.as_str(),
+                    prompt_tokens: profile.prompt_tokens,
+                    status: response.status(),
+                    started,
+                    sent,
+                    streaming: is_event_stream(response.headers()),
+                };
+                return respond(state.clone(), response, guard, ctx, &endpoint, &request_id);
+            }
+            Err(SendError::Connect(e)) if attempt < state.config.max_retries && pool.len() > 1 => {
+                fail(&state, guard, &endpoint, "connect", started, &e);
+                state.metrics.retries.inc();
+                pool.remove(decision.index);
+                attempt += 1;
+            }
+            Err(err) => {
+                let (kind, error) = match err {
+                    SendError::Timeout => (
+                        "timeout",
+                        ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "the endpoint did not answer within {} ms (--first-byte-timeout-ms)",
+                                state.first_byte_timeout.as_millis()
+                            ),
+                        ),
+                    ),
+                    SendError::Connect(e) => (
+                        "connect",
+                        ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            format!("could not connect to any endpoint serving '{}': {e}", profile.model),
+                        ),
+                    ),
+                    SendError::Other(e) => (
+                        "status",
+                        ApiError::new(StatusCode::BAD_GATEWAY, format!("the endpoint failed: {e}")),
+                    ),
+                };
+                fail(&state, guard, &endpoint, kind, started, &error.message);
+                let mut response = reject(&state, error, &request_id);
+                add_routing_headers(response.headers_mut(), &endpoint, decision.reason.as_str());
+                return response;
+            }
+        }
+    }
+}
+
+fn fail(
+    state: &AppState,
+    guard: LoadGuard,
+    endpoint: &Endpoint,
+    kind: &str,
+    started: Micros,
+    why: &str,
+) {
+    let now = state.clock.now();
+    guard.record(
+        &RequestOutcome {
+            prompt_tokens: 0,
+            output_tokens: 0,
+            ttft: None,
+            decode_time: 0,
+            e2e: now.saturating_sub(started),
+            failed: true,
+            timed_out: kind == "timeout",
+        },
+        now,
+    );
+    state
+        .metrics
+        .failures
+        .get_or_create(&FailureLabels {
+            endpoint: endpoint.url.clone(),
+            kind: kind.into(),
+        })
+        .inc();
+    tracing::warn!(endpoint = %endpoint.url, kind, "upstream failure: {why}");
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+fn add_routing_headers(headers: &mut HeaderMap, endpoint: &Endpoint, reason: &'static str) {
+    if let Ok(v) = HeaderValue::from_str(&endpoint.url) {
+        headers.insert(X_QOE_ENDPOINT.clone(), v);
+    }
+    headers.insert(X_QOE_REASON.clone(), HeaderValue::from_static(reason));
+}
+
+fn respond(
+    state: Arc<AppState>,
+    response: Response<hyper::body::Incoming>,
+    guard: LoadGuard,
+    ctx: RequestContext,
+    endpoint: &Endpoint,
+    request_id: &HeaderValue,
+) -> Response {
+    let reason = ctx.reason;
+    let (mut parts, upstream) = response.into_parts();
+    // Hop-by-hop headers stay on their hop; the length is the body's own (kept as is).
+    for name in &NOT_FORWARDED[..9] {
+        parts.headers.remove(*name);
+    }
+    add_routing_headers(&mut parts.headers, endpoint, reason);
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    let body = ObservedBody::new(upstream, state, guard, ctx);
+    Response::from_parts(parts, Body::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            route_of("/v1/chat/completions").unwrap().kind,
+            ApiKind::Chat
+        );
+        assert!(route_of("/v1/embeddings").unwrap().model_required);
+        assert!(!route_of("/tokenize").unwrap().model_required);
+        assert!(!route_of("/v1/responses").unwrap().model_required);
+        assert!(route_of("/admin").is_none());
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_created() {
+        let mut h = HeaderMap::new();
+        let a = request_id(&h);
+        let b = request_id(&h);
+        assert_ne!(a, b);
+        h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&h), "abc");
+    }
+}

@@ -1,0 +1,123 @@
+//! Background loops that keep the endpoint table informed: engine `/metrics` scraping (with model
+//! detection from `/v1/models`) and active `/health` checks.
+//!
+//! Every endpoint is polled concurrently, each request with a timeout no longer than its interval,
+//! so one stuck engine delays nothing else. Scraped values are stamped with the time they were
+//! read; policies see their age.
+
+use crate::endpoints::{Clock, Endpoint, Registry};
+use crate::upstream::{get, UpstreamClient};
+use qoe_core::EngineMetrics;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The prefix-cache hit rate an engine reports, or the one its cumulative counters imply.
+pub fn hit_rate(m: &EngineMetrics) -> Option<f64> {
+    m.prefix_hit_rate
+        .or(match (m.prefix_hits, m.prefix_queries) {
+            (Some(h), Some(q)) if q > 0.0 => Some((h / q).clamp(0.0, 1.0)),
+            _ => None,
+        })
+}
+
+/// Scrapes one endpoint's `/metrics` into its state; the hit rate is computed over the interval
+/// since the previous scrape when the engine only exports counters.
+pub async fn scrape_once(
+    client: &UpstreamClient,
+    endpoint: &Endpoint,
+    clock: &Clock,
+    timeout: Duration,
+) {
+    match get(client, &format!("{}/metrics", endpoint.url), timeout).await {
+        Ok(body) => {
+            let text = String::from_utf8_lossy(&body);
+            let mut metrics = qoe_core::engine_metrics::parse_engine_metrics(&text, None);
+            if metrics.prefix_hit_rate.is_none() {
+                if let (Some(prev), Some(h), Some(q)) = (
+                    endpoint.engine_sample().map(|s| s.metrics),
+                    metrics.prefix_hits,
+                    metrics.prefix_queries,
+                ) {
+                    let dq = q - prev.prefix_queries.unwrap_or(0.0);
+                    let dh = h - prev.prefix_hits.unwrap_or(0.0);
+                    metrics.prefix_hit_rate = if dq > 0.0 && dh >= 0.0 {
+                        Some((dh / dq).clamp(0.0, 1.0))
+                    } else {
+                        hit_rate(&prev)
+                    };
+                }
+            }
+            endpoint.set_engine_metrics(metrics, clock.now());
+        }
+        Err(e) => tracing::debug!(endpoint = %endpoint.url, "metrics scrape failed: {e}"),
+    }
+    refresh_models(client, endpoint, timeout).await;
+}
+
+/// Reads the endpoint's `/v1/models` (its model list when none was configured, and the model
+/// objects the merged `/v1/models` serves).
+pub async fn refresh_models(client: &UpstreamClient, endpoint: &Endpoint, timeout: Duration) {
+    match get(client, &format!("{}/v1/models", endpoint.url), timeout).await {
+        Ok(body) => match parse_model_cards(&body) {
+            Some(cards) => endpoint.set_model_cards(cards),
+            None => {
+                tracing::warn!(endpoint = %endpoint.url, "/v1/models answered without a model list")
+            }
+        },
+        Err(e) => tracing::debug!(endpoint = %endpoint.url, "model list failed: {e}"),
+    }
+}
+
+/// The model objects of an OpenAI `/v1/models` response.
+pub fn parse_model_cards(body: &[u8]) -> Option<Vec<serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let cards = v.get("data")?.as_array()?.clone();
+    Some(
+        cards
+            .into_iter()
+            .filter(|m| m.get("id").is_some_and(|id| id.is_string()))
+            .collect(),
+    )
+}
+
+/// One `/health` check.
+pub async fn check_health_once(
+    client: &UpstreamClient,
+    endpoint: &Endpoint,
+    clock: &Clock,
+    timeout: Duration,
+    unhealthy_after: u32,
+    healthy_after: u32,
+) {
+    let result = get(client, &format!("{}/health", endpoint.url), timeout)
+        .await
+        .map(|_| ());
+    if let Err(e) = &result {
+        if endpoint.is_healthy() {
+            tracing::warn!(endpoint = %endpoint.url, "health check failed: {e}");
+        }
+    }
+    endpoint.record_health(result, clock.now(), unhealthy_after, healthy_after);
+}
+
+/// Runs `each` on every endpoint of the current table, concurrently, every `interval`.
+pub fn spawn_loop<F, Fut>(
+    registry: Arc<Registry>,
+    interval: Duration,
+    each: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Arc<Endpoint>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let table = registry.table();
+            let rounds: Vec<_> = table.endpoints.iter().cloned().map(&each).collect();
+            futures_util::future::join_all(rounds).await;
+        }
+    })
+}

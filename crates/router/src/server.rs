@@ -1,0 +1,235 @@
+//! The router's HTTP face: its own endpoints (`/health`, `/metrics`, `/engines`, the merged
+//! `/v1/models`) and the proxy for everything else, plus start-up and graceful shutdown.
+
+use crate::config::RouterConfig;
+use crate::discovery::{Discovery, StaticDiscovery};
+use crate::endpoints::{Clock, Registry};
+use crate::metrics::RouterMetrics;
+use crate::proxy::{proxy, FLAP_WINDOW};
+use crate::scrape;
+use crate::state::{AppState, LearnedOutput};
+use crate::upstream;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use axum::Json;
+use http::{header, HeaderValue};
+use qoe_core::build_policy;
+use serde_json::json;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Builds the router's state from a validated config. The endpoint table starts empty; [`serve`]
+/// fills it from discovery.
+pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
+    config.validate()?;
+    let client = upstream::client(
+        Duration::from_millis(config.connect_timeout_ms),
+        config.pool_max_idle_per_host,
+    );
+    Ok(Arc::new(AppState {
+        analyzer: config.analyzer_config(),
+        registry: Arc::new(Registry::new(config.stats_config())),
+        policy: build_policy(config.policy_kind(), &config.policy_config()),
+        client,
+        metrics: RouterMetrics::new(),
+        clock: Clock::new(),
+        learned_output: LearnedOutput::new(config.default_output_tokens),
+        first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        config,
+    }))
+}
+
+/// The axum application over `state`.
+pub fn app(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/engines", get(engines))
+        .route("/v1/models", get(models))
+        .fallback(proxy)
+        .with_state(state)
+}
+
+/// Runs the router on `listener` until `shutdown` completes, then drains in-flight requests.
+pub async fn serve(
+    config: RouterConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = build_state(config)?;
+    serve_state(state, listener, shutdown).await
+}
+
+/// As [`serve`], with a state built by [`build_state`] (for embedding).
+pub async fn serve_state(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = &state.config;
+    let mut discovery: Box<dyn Discovery> = Box::new(StaticDiscovery::new(config));
+    let initial = discovery.initial()?;
+    if initial.is_empty() {
+        tracing::warn!(
+            "no endpoints configured yet: add --static-backends or [[backends]] in --config"
+        );
+    }
+    state.registry.apply(&initial);
+    let (tx, mut rx) = watch::channel(initial);
+    let mut tasks = vec![discovery.run(tx)];
+
+    // Model lists first, so requests can be routed as soon as we listen.
+    let timeout = config.engine_stats_interval().min(Duration::from_secs(5));
+    let first_round: Vec<_> = state
+        .registry
+        .table()
+        .endpoints
+        .iter()
+        .map(|e| {
+            let (state, e) = (state.clone(), e.clone());
+            async move { scrape::scrape_once(&state.client, &e, &state.clock, timeout).await }
+        })
+        .collect();
+    futures_util::future::join_all(first_round).await;
+
+    let reload_state = state.clone();
+    tasks.push(tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let specs = rx.borrow_and_update().clone();
+            reload_state.registry.apply(&specs);
+            let table = reload_state.registry.table();
+            for e in table
+                .endpoints
+                .iter()
+                .filter(|e| e.engine_sample().is_none())
+            {
+                scrape::refresh_models(&reload_state.client, e, timeout).await;
+            }
+            tracing::info!(endpoints = table.endpoints.len(), "endpoint set applied");
+        }
+    }));
+    let s = state.clone();
+    tasks.push(scrape::spawn_loop(
+        state.registry.clone(),
+        config.engine_stats_interval(),
+        move |e| {
+            let s = s.clone();
+            async move { scrape::scrape_once(&s.client, &e, &s.clock, timeout).await }
+        },
+    ));
+    let s = state.clone();
+    let health_timeout = config.health_check_interval().min(Duration::from_secs(5));
+    tasks.push(scrape::spawn_loop(
+        state.registry.clone(),
+        config.health_check_interval(),
+        move |e| {
+            let s = s.clone();
+            async move {
+                let c = &s.config;
+                scrape::check_health_once(
+                    &s.client,
+                    &e,
+                    &s.clock,
+                    health_timeout,
+                    c.unhealthy_threshold,
+                    c.healthy_threshold,
+                )
+                .await
+            }
+        },
+    ));
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, policy = state.policy.name(), "qoe-router listening");
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+    });
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    for t in tasks {
+        t.abort();
+    }
+    result.map_err(Into::into)
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let table = state.registry.table();
+    let healthy = table.endpoints.iter().filter(|e| e.is_healthy()).count();
+    Json(json!({"status": "ok", "endpoints": table.endpoints.len(), "healthy_endpoints": healthy}))
+        .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state
+        .metrics
+        .refresh(&state.registry.table(), state.clock.now());
+    let mut response = state.metrics.encode().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Every endpoint's state, each signal with its age.
+async fn engines(State(state): State<Arc<AppState>>) -> Response {
+    let now = state.clock.now();
+    let table = state.registry.table();
+    let endpoints: Vec<_> = table
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let view = e.view(i as u32, now, FLAP_WINDOW);
+            let health = e.health();
+            let age_s = |at: Option<u64>| at.map(|t| now.saturating_sub(t) as f64 / 1e6);
+            json!({
+                "url": e.url,
+                "models": e.models(),
+                "role": e.role,
+                "healthy": health.healthy,
+                "health": {
+                    "consecutive_failures": health.consecutive_failures,
+                    "last_check_age_s": age_s(health.last_check),
+                    "last_error": health.last_error,
+                    "flaps": view.availability.flaps,
+                },
+                "breaker": view.availability.breaker,
+                "load": view.load,
+                "observed": view.observed,
+                "observed_last_failure_age_s": age_s(view.observed.last_failure),
+                "engine_metrics": view.engine,
+                "engine_metrics_age_s": age_s(view.engine_at),
+                "prefix_cache_hit_rate": view.engine.as_ref().and_then(scrape::hit_rate),
+            })
+        })
+        .collect();
+    Json(json!({
+        "policy": state.policy.name(),
+        "endpoints": endpoints,
+    }))
+    .into_response()
+}
+
+/// `/v1/models` merged across healthy endpoints (each model once).
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let table = state.registry.table();
+    let mut data: Vec<serde_json::Value> = Vec::new();
+    for e in table.endpoints.iter().filter(|e| e.is_healthy()) {
+        for card in e.model_cards() {
+            if !data.iter().any(|c| c.get("id") == card.get("id")) {
+                data.push(card);
+            }
+        }
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}

@@ -1,0 +1,60 @@
+//! Shared router state: built once at start, read by every request.
+
+use crate::config::RouterConfig;
+use crate::endpoints::{Clock, Registry};
+use crate::metrics::RouterMetrics;
+use crate::upstream::UpstreamClient;
+use qoe_core::analyze::AnalyzerConfig;
+use qoe_core::RoutingPolicy;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct AppState {
+    pub config: RouterConfig,
+    pub analyzer: AnalyzerConfig,
+    pub registry: Arc<Registry>,
+    pub policy: Box<dyn RoutingPolicy>,
+    pub client: UpstreamClient,
+    pub metrics: RouterMetrics,
+    pub clock: Clock,
+    pub learned_output: LearnedOutput,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Running estimate of output length per model, for requests that give neither the header nor
+/// `max_tokens`. Bounded: at most [`LearnedOutput::MAX_MODELS`] models are remembered (only models
+/// some endpoint serves ever reach it).
+#[derive(Debug)]
+pub struct LearnedOutput {
+    default: u32,
+    by_model: Mutex<HashMap<String, f64>>,
+}
+
+impl LearnedOutput {
+    pub const MAX_MODELS: usize = 1024;
+    const ALPHA: f64 = 0.05;
+
+    pub fn new(default: u32) -> Self {
+        LearnedOutput {
+            default,
+            by_model: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn estimate(&self, model: &str) -> u32 {
+        let map = self.by_model.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(model)
+            .map_or(self.default, |v| v.round().max(1.0) as u32)
+    }
+
+    pub fn record(&self, model: &str, output_tokens: u32) {
+        let mut map = self.by_model.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = map.get_mut(model) {
+            *v += Self::ALPHA * (output_tokens as f64 - *v);
+        } else if map.len() < Self::MAX_MODELS {
+            map.insert(model.to_string(), output_tokens as f64);
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Test support: a scriptable mock engine, a router on an ephemeral port, and a tiny HTTP client.
+//! Everything listens on 127.0.0.1 only.
+#![allow(dead_code)]
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// What a mock engine saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A stream the test drives chunk by chunk.
+pub struct Scripted {
+    pub chunks: mpsc::Sender<Bytes>,
+}
+
+#[derive(Default)]
+pub struct MockState {
+    pub models: Vec<String>,
+    pub seen: Mutex<Vec<Seen>>,
+    /// When set, the next completion request streams what the test sends on this channel.
+    pub scripted: Mutex<Option<oneshot::Sender<Scripted>>>,
+    /// Status and body to answer every completion with, instead of streaming.
+    pub fixed: Mutex<Option<(u16, String)>>,
+    pub healthy: Mutex<bool>,
+    pub metrics: Mutex<String>,
+}
+
+pub struct Mock {
+    pub url: String,
+    pub state: Arc<MockState>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Mock {
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Arms the next completion request to stream chunks the test sends.
+    pub fn script_next(&self) -> oneshot::Receiver<Scripted> {
+        let (tx, rx) = oneshot::channel();
+        *self.state.scripted.lock().unwrap() = Some(tx);
+        rx
+    }
+}
+
+/// The chunks a mock engine streams for a normal streaming request: vLLM's completion format.
+pub fn sse_chunks(n: usize) -> Vec<String> {
+    let mut out: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "data: {{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"text\":\"t{i} \",\"logprobs\":null,\"finish_reason\":{}}}]}}\n\n",
+                if i + 1 == n { "\"length\"" } else { "null" }
+            )
+        })
+        .collect();
+    out.push("data: [DONE]\n\n".into());
+    out
+}
+
+async fn mock_handler(State(state): State<Arc<MockState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let path = parts.uri.path().to_string();
+    state.seen.lock().unwrap().push(Seen {
+        path: path.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    match path.as_str() {
+        "/health" => {
+            if *state.healthy.lock().unwrap() {
+                "ok".into_response()
+            } else {
+                (http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response()
+            }
+        }
+        "/metrics" => state.metrics.lock().unwrap().clone().into_response(),
+        "/v1/models" => {
+            let data: Vec<_> = state
+                .models
+                .iter()
+                .map(|m| serde_json::json!({"id": m, "object": "model", "max_model_len": 4096}))
+                .collect();
+            axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+        }
+        _ => {
+            if let Some((status, body)) = state.fixed.lock().unwrap().clone() {
+                return (http::StatusCode::from_u16(status).unwrap(), body).into_response();
+            }
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let streaming = json
+                .get("stream")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            if !streaming {
+                return axum::Json(serde_json::json!({
+                    "id": "cmpl-1", "object": "text_completion", "model": json["model"],
+                    "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 3, "total_tokens": 8, "completion_tokens": 5}
+                }))
+                .into_response();
+            }
+            let scripted = state.scripted.lock().unwrap().take();
+            let (tx, rx) = mpsc::channel::<Bytes>(16);
+            match scripted {
+                Some(handoff) => {
+                    let _ = handoff.send(Scripted { chunks: tx });
+                }
+                None => {
+                    tokio::spawn(async move {
+                        for c in sse_chunks(4) {
+                            if tx.send(Bytes::from(c)).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+    }
+}
+
+/// Starts a mock engine serving `models`.
+pub async fn mock(models: &[&str]) -> Mock {
+    let state = Arc::new(MockState {
+        models: models.iter().map(|s| s.to_string()).collect(),
+        healthy: Mutex::new(true),
+        ..Default::default()
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .fallback(mock_handler)
+        .with_state(state.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Mock { url, state, task }
+}
+
+/// A router under test.
+pub struct TestRouter {
+    pub url: String,
+    pub shutdown: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// Starts a router with `args` (flags as on the command line, without the program name).
+pub async fn router(args: &[&str]) -> TestRouter {
+    let mut argv = vec!["qoe-router", "--host", "127.0.0.1", "--port", "0"];
+    argv.extend_from_slice(args);
+    let config = qoe_router::RouterConfig::from_args(argv).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(qoe_router::serve(config, listener, async {
+        let _ = rx.await;
+    }));
+    // Ready when /health answers.
+    let c = client();
+    for _ in 0..200 {
+        if get(&c, &format!("{url}/health")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    TestRouter {
+        url,
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+pub async fn get(c: &TestClient, url: &str) -> Result<Answer, String> {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(c, req).await
+}
+
+pub async fn post(c: &TestClient, url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = http::Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(
+        c,
+        req.body(Full::new(Bytes::from(body.to_string()))).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn send(c: &TestClient, req: http::Request<Full<Bytes>>) -> Result<Answer, String> {
+    let fut = async {
+        let resp = c.request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Answer {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// A completion request body for `model`.
+pub fn completion(model: &str, prompt: &str, stream: bool) -> String {
+    serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 4, "stream": stream})
+        .to_string()
+}
+
+/// Waits (bounded) until `cond` holds.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

@@ -1,0 +1,557 @@
+//! The router as a proxy, over real sockets: streaming, routing, errors, reload.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use std::collections::HashSet;
+use std::time::Duration;
+
+fn backends(mocks: &[&Mock]) -> String {
+    mocks
+        .iter()
+        .map(|m| m.url.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test]
+async fn streams_byte_exact_and_forwards_the_first_event_before_the_second_exists() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let script = engine.script_next();
+    let req = http::Request::post(format!("{}/v1/completions", r.url))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", "hello", true))))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-qoe-endpoint"], engine.url.as_str());
+    assert_eq!(response.headers()["x-qoe-reason"], "roundrobin");
+    let mut body = response.into_body();
+    let scripted = script.await.unwrap();
+    let chunks = sse_chunks(3);
+    // Only the first event exists; it must reach the client now.
+    scripted
+        .chunks
+        .send(Bytes::from(chunks[0].clone()))
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first event forwarded while the engine holds the rest")
+        .unwrap()
+        .unwrap();
+    received.extend_from_slice(first.data_ref().unwrap());
+    assert_eq!(received, chunks[0].as_bytes());
+    for c in &chunks[1..] {
+        scripted.chunks.send(Bytes::from(c.clone())).await.unwrap();
+    }
+    drop(scripted);
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap()
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(
+        String::from_utf8(received).unwrap(),
+        chunks.concat(),
+        "byte for byte"
+    );
+}
+
+#[tokio::test]
+async fn roundrobin_cycles_and_headers_are_set() {
+    let (a, b, c3) = (mock(&["m"]).await, mock(&["m"]).await, mock(&["m"]).await);
+    let r = router(&["--static-backends", &backends(&[&a, &b, &c3])]).await;
+    let c = client();
+    let mut order = Vec::new();
+    for i in 0..6 {
+        let id = format!("req-{i}");
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", "x", false),
+            &[("x-request-id", &id)],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+        assert_eq!(ans.header("x-qoe-reason"), "roundrobin");
+        assert_eq!(ans.header("x-request-id"), id, "kept");
+        order.push(ans.header("x-qoe-endpoint"));
+    }
+    assert_eq!(order[0..3], order[3..6]);
+    assert_eq!(order.iter().collect::<HashSet<_>>().len(), 3);
+    // The id was forwarded to the engine; a request without one gets a fresh one.
+    assert!(a.requests().iter().any(|s| s
+        .headers
+        .get("x-request-id")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("req-"))));
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert!(ans.header("x-request-id").starts_with("qoe-"));
+}
+
+#[tokio::test]
+async fn least_loaded_avoids_the_endpoint_holding_a_stream() {
+    let (a, b) = (mock(&["m"]).await, mock(&["m"]).await);
+    let r = router(&[
+        "--static-backends",
+        &backends(&[&a, &b]),
+        "--routing-logic",
+        "least-loaded",
+    ])
+    .await;
+    let c = client();
+    // Hold a stream open on whichever endpoint takes it (the scripts stay armed while held).
+    let _scripts = (a.script_next(), b.script_next());
+    let req = http::Request::post(format!("{}/v1/completions", r.url))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", "x", true))))
+        .unwrap();
+    let held = c.request(req).await.unwrap();
+    let busy = held.headers()["x-qoe-endpoint"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..5 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", "x", false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.header("x-qoe-reason"), "least-loaded");
+        assert_ne!(
+            ans.header("x-qoe-endpoint"),
+            busy,
+            "went to the endpoint with a request in flight"
+        );
+    }
+    drop(held);
+}
+
+#[tokio::test]
+async fn session_and_prefix_policies_keep_affinity() {
+    let (a, b, c3) = (mock(&["m"]).await, mock(&["m"]).await, mock(&["m"]).await);
+    let fleet = backends(&[&a, &b, &c3]);
+    let c = client();
+    let r = router(&["--static-backends", &fleet, "--routing-logic", "session"]).await;
+    for s in ["alice", "bob", "carol"] {
+        let first = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", "x", false),
+            &[("x-session-id", s)],
+        )
+        .await;
+        assert_eq!(first.header("x-qoe-reason"), "session-hit");
+        for _ in 0..3 {
+            let again = post(
+                &c,
+                &format!("{}/v1/completions", r.url),
+                &completion("m", "y", false),
+                &[("x-session-id", s)],
+            )
+            .await;
+            assert_eq!(
+                again.header("x-qoe-endpoint"),
+                first.header("x-qoe-endpoint")
+            );
+        }
+    }
+    let no_key = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(no_key.header("x-qoe-reason"), "session-no-key");
+    drop(r);
+
+    let r = router(&[
+        "--static-backends",
+        &fleet,
+        "--routing-logic",
+        "prefix-aware",
+    ])
+    .await;
+    let system = "You are a careful assistant who answers briefly. ".repeat(20);
+    let first = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", &format!("{system}Q1"), false),
+        &[],
+    )
+    .await;
+    assert_eq!(first.header("x-qoe-reason"), "prefix-miss");
+    for q in ["Q2", "Q3", "Q4"] {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", &format!("{system}{q}"), false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.header("x-qoe-reason"), "prefix-hit");
+        assert_eq!(ans.header("x-qoe-endpoint"), first.header("x-qoe-endpoint"));
+    }
+}
+
+#[tokio::test]
+async fn random_and_power_of_two_use_every_endpoint() {
+    let (a, b, c3) = (mock(&["m"]).await, mock(&["m"]).await, mock(&["m"]).await);
+    let fleet = backends(&[&a, &b, &c3]);
+    let c = client();
+    for policy in ["random", "power-of-two"] {
+        let r = router(&["--static-backends", &fleet, "--routing-logic", policy]).await;
+        let mut seen = HashSet::new();
+        for _ in 0..60 {
+            let ans = post(
+                &c,
+                &format!("{}/v1/completions", r.url),
+                &completion("m", "x", false),
+                &[],
+            )
+            .await;
+            assert_eq!(ans.header("x-qoe-reason"), policy);
+            seen.insert(ans.header("x-qoe-endpoint"));
+        }
+        assert_eq!(seen.len(), 3, "{policy} used {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn models_filter_candidates_merge_and_unknown_is_404() {
+    let (a, b) = (
+        mock(&["llama", "shared"]).await,
+        mock(&["qwen", "shared"]).await,
+    );
+    let r = router(&["--static-backends", &backends(&[&a, &b])]).await;
+    let c = client();
+    for _ in 0..4 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("qwen", "x", false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+        assert_eq!(ans.header("x-qoe-endpoint"), b.url);
+    }
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("gpt-9", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 404);
+    let err = &ans.json()["error"];
+    assert_eq!(err["param"], "model");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("gpt-9") && msg.contains("llama") && msg.contains("qwen"),
+        "{msg}"
+    );
+
+    let models = get(&c, &format!("{}/v1/models", r.url))
+        .await
+        .unwrap()
+        .json();
+    let mut ids: Vec<_> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["llama", "qwen", "shared"], "each model once");
+    assert_eq!(
+        models["data"][0]["max_model_len"], 4096,
+        "the engine's own model card"
+    );
+}
+
+#[tokio::test]
+async fn connect_failure_retries_another_endpoint() {
+    let good = mock(&["m"]).await;
+    // A port with nothing listening.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let r = router(&[
+        "--static-backends",
+        &format!("{dead},{}", good.url),
+        "--static-models",
+        "m",
+    ])
+    .await;
+    let c = client();
+    for _ in 0..6 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", "x", false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+        assert_eq!(ans.header("x-qoe-endpoint"), good.url);
+    }
+    let metrics = String::from_utf8(
+        get(&c, &format!("{}/metrics", r.url))
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let retries: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("qoe_router_retries_total"))
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retries >= 3.0, "{retries}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_openai_errors_with_the_right_status() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--max-body-bytes", "1000"]).await;
+    let c = client();
+    let url = format!("{}/v1/chat/completions", r.url);
+    let cases: &[(&str, &[(&str, &str)], u16, Option<&str>)] = &[
+        ("{oops", &[], 400, None),
+        (r#"{"messages":[]}"#, &[], 400, Some("model")),
+        (
+            r#"{"model":"m","messages":[],"max_tokens":"ten"}"#,
+            &[],
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            r#"{"model":"m","messages":[]}"#,
+            &[("x-request-priority", "7")],
+            400,
+            Some("x-request-priority"),
+        ),
+        (
+            r#"{"model":"m","messages":[]}"#,
+            &[("x-sla-target-ms", "soon")],
+            400,
+            Some("x-sla-target-ms"),
+        ),
+        (
+            r#"{"model":"m","messages":[]}"#,
+            &[("x-expected-output-tokens", "-3")],
+            400,
+            Some("x-expected-output-tokens"),
+        ),
+    ];
+    for (body, headers, status, param) in cases {
+        let ans = post(&c, &url, body, headers).await;
+        assert_eq!(ans.status, *status, "{body}");
+        let err = &ans.json()["error"];
+        assert_eq!(err["type"], "invalid_request_error");
+        assert_eq!(err["param"].as_str(), *param, "{body}");
+        assert!(!err["message"].as_str().unwrap().is_empty());
+    }
+    let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "a".repeat(2000));
+    let ans = post(&c, &format!("{}/v1/completions", r.url), &big, &[]).await;
+    assert_eq!(ans.status, 413);
+    assert!(ans.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-body-bytes"));
+    assert!(
+        engine
+            .requests()
+            .iter()
+            .all(|s| !s.path.contains("completions")),
+        "nothing bad reached the engine"
+    );
+
+    // Upstream errors pass through with their bodies.
+    *engine.state.fixed.lock().unwrap() =
+        Some((500, r#"{"error":{"message":"engine exploded"}}"#.into()));
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 500);
+    assert!(String::from_utf8_lossy(&ans.body).contains("engine exploded"));
+    *engine.state.fixed.lock().unwrap() =
+        Some((400, r#"{"error":{"message":"context too long"}}"#.into()));
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 400);
+    assert!(String::from_utf8_lossy(&ans.body).contains("context too long"));
+}
+
+#[tokio::test]
+async fn unhealthy_fleet_answers_503_and_recovers() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--health-check-interval",
+        "0.05",
+        "--unhealthy-threshold",
+        "1",
+    ])
+    .await;
+    let c = client();
+    *engine.state.healthy.lock().unwrap() = false;
+    let url = format!("{}/v1/completions", r.url);
+    let mut last = 0;
+    for _ in 0..300 {
+        last = post(&c, &url, &completion("m", "x", false), &[])
+            .await
+            .status;
+        if last == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(last, 503);
+    let ans = post(&c, &url, &completion("m", "x", false), &[]).await;
+    assert_eq!(ans.json()["error"]["type"], "service_unavailable_error");
+    assert_eq!(ans.header("retry-after"), "1");
+    *engine.state.healthy.lock().unwrap() = true;
+    for _ in 0..300 {
+        last = post(&c, &url, &completion("m", "x", false), &[])
+            .await
+            .status;
+        if last == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(last, 200);
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let script = engine.script_next();
+    let req = http::Request::post(format!("{}/v1/completions", r.url))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", "x", true))))
+        .unwrap();
+    let response = c.request(req).await.unwrap();
+    let scripted = script.await.unwrap();
+    scripted
+        .chunks
+        .send(Bytes::from(sse_chunks(2)[0].clone()))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    drop(c);
+    // The engine's stream is dropped: its sender sees the receiver closed.
+    tokio::time::timeout(Duration::from_secs(10), scripted.chunks.closed())
+        .await
+        .expect("upstream request cancelled after the client left");
+    // And the router released its load accounting.
+    let c = client();
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    let load = &engines["endpoints"][0]["load"];
+    assert_eq!(
+        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn config_file_reload_changes_endpoints_live() {
+    let (a, b) = (mock(&["m"]).await, mock(&["m"]).await);
+    let dir = std::env::temp_dir().join(format!("qoe-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    let write = |urls: &[&str]| {
+        let mut text = String::from("routing_logic = \"roundrobin\"\n");
+        for u in urls {
+            text.push_str(&format!("[[backends]]\nurl = \"{u}\"\nmodels = [\"m\"]\n"));
+        }
+        // Same-second rewrites must still be seen: write a new file and rename over.
+        let tmp = dir.join("router.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    write(&[&a.url]);
+    let r = router(&["--config", path.to_str().unwrap()]).await;
+    let c = client();
+    // An in-flight stream on `a` survives a's removal.
+    let script = a.script_next();
+    let req = http::Request::post(format!("{}/v1/completions", r.url))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", "x", true))))
+        .unwrap();
+    let response = c.request(req).await.unwrap();
+    let scripted = script.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write(&[&b.url]);
+    let mut moved = false;
+    for _ in 0..300 {
+        let e = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        if e["endpoints"][0]["url"] == b.url.as_str() {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved, "endpoint set reloaded");
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.header("x-qoe-endpoint"), b.url);
+    for chunk in sse_chunks(2) {
+        scripted.chunks.send(Bytes::from(chunk)).await.unwrap();
+    }
+    drop(scripted);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8(body.to_vec()).unwrap(),
+        sse_chunks(2).concat(),
+        "in-flight request unharmed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, Rust tests, and end-to-end tests with the official
+# OpenAI Python client (installed into a local venv, .venv/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== end-to-end (openai client)"
+cargo build --locked --bin qoe-router
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+QOE_ROUTER_BIN="$PWD/target/debug/qoe-router" .venv/bin/python -m pytest -q tests/e2e

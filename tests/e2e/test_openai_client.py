@@ -1,0 +1,78 @@
+"""The official OpenAI Python client, through the router, against simulated vLLM engines."""
+
+import openai
+import pytest
+from openai import OpenAI
+
+
+@pytest.fixture
+def client(fleet):
+    return OpenAI(base_url=fleet["router"] + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_models_are_merged(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["sim-llama"]
+
+
+def test_chat_non_streaming(client):
+    r = client.chat.completions.create(
+        model="sim-llama",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.usage.completion_tokens == 7
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_with_usage(client):
+    stream = client.chat.completions.create(
+        model="sim-llama",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+        extra_headers={"x-request-priority": "1", "x-sla-target-ms": "500"},
+    )
+    text, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                text.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert len(text) == 12
+    assert usage.completion_tokens == 12
+    assert finish == "length"
+
+
+def test_completions_both_ways(client):
+    r = client.completions.create(model="sim-llama", prompt="Once upon a time", max_tokens=5, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5 and r.choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="sim-llama", prompt="Once upon a time", max_tokens=5, stream=True, extra_body={"ignore_eos": True}) if c.choices]
+    assert len(pieces) == 5
+
+
+def test_errors_surface_as_openai_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert "sim-llama" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="sim-llama", messages=[{"role": "user", "content": "x"}],
+            extra_headers={"x-request-priority": "9"})
+    assert "x-request-priority" in str(e.value)
+
+
+def test_router_headers_visible_to_the_client(client, fleet):
+    raw = client.chat.completions.with_raw_response.create(
+        model="sim-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert raw.headers["x-qoe-endpoint"] in fleet["engines"]
+    assert raw.headers["x-qoe-reason"] == "least-loaded"
+    assert raw.headers["x-request-id"]
