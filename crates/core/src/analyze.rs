@@ -5,7 +5,7 @@
 //! original bytes untouched, so fields it does not know pass through.
 
 use crate::profile::OutputSource;
-use crate::prompt::{estimate_tokens_from_len, fnv1a, prefix_block_hashes};
+use crate::prompt::{estimate_tokens_from_len, hash_bytes, prefix_block_hashes};
 use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
 use serde_json::Value;
 
@@ -203,10 +203,10 @@ pub fn analyze<'h>(
     };
 
     let session_key = header(&config.session_key)
-        .map(|v| fnv1a(1, v))
+        .map(|v| hash_bytes(1, v))
         .or_else(|| match obj.get(&config.session_key) {
-            Some(Value::String(s)) => Some(fnv1a(1, s.as_bytes())),
-            Some(Value::Number(n)) => Some(fnv1a(1, n.to_string().as_bytes())),
+            Some(Value::String(s)) => Some(hash_bytes(1, s.as_bytes())),
+            Some(Value::Number(n)) => Some(hash_bytes(1, n.to_string().as_bytes())),
             _ => None,
         });
 
@@ -226,7 +226,7 @@ pub fn analyze<'h>(
         Phase::DecodeDominant
     };
     let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
-    let request_hash = fnv1a(prompt_tokens as u64, prompt.text.as_bytes()) ^ fnv1a(0, body);
+    let request_hash = hash_bytes(0, body);
 
     Ok(RequestProfile {
         model,
@@ -485,7 +485,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field_or_header() {
-        let cases: &[(&str, &[(&str, &str)], Option<&str>, &str)] = &[
+        // (body, headers, the `param` the error names, a phrase of its message)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>, &'a str);
+        let cases: &[Case] = &[
             ("{not json", &[], None, "not valid JSON"),
             ("[1]", &[], None, "JSON object"),
             (

@@ -295,7 +295,7 @@ impl PartialEq<&str> for LabelValue<'_> {
 }
 
 impl PartialEq for LabelValue<'_> {
-    /// Compares decoded values (`a\x` and `a\x` are equal; so are `\"` and `\"`).
+    /// Compares decoded values: `a\x` and `a\\x` are equal (both decode to `a\x`).
     fn eq(&self, other: &Self) -> bool {
         self.raw == other.raw || self.chars().eq(other.chars())
     }
@@ -395,8 +395,9 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// Lines rejected so far (sample lines skipped by a [`Parser::next_sample_where`] filter are
-    /// not validated, so not counted).
+    /// Lines rejected so far. The sample paths ([`Parser::next_sample`], iteration,
+    /// [`Parser::next_sample_where`]) do not validate `#` lines, nor sample lines their filter
+    /// skipped, so those are not counted there; [`Parser::next_entry`] validates every line.
     pub fn malformed(&self) -> usize {
         self.malformed
     }
@@ -1057,6 +1058,10 @@ mod tests {
         // A value ending in an escaped backslash.
         let s = one(r#"m{a="x\\"} 1"#);
         assert_eq!(s.label("a").unwrap(), "x\\");
+        // An unknown escape decodes to itself, so it equals the escaped backslash spelling.
+        let s = one(r#"m{a="a\x",b="a\\x"} 1"#);
+        assert_eq!(s.label("a").unwrap(), s.label("b").unwrap());
+        assert_eq!(s.label("a").unwrap(), "a\\x");
     }
 
     #[test]

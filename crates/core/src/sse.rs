@@ -658,6 +658,11 @@ mod tests {
             [tok(2)]
         );
         assert_eq!(ev(r#"{"choices":null}"#), [SseEvent::Other]);
+        // include_usage without continuous stats: intermediate chunks carry `"usage": null`.
+        assert_eq!(
+            ev(r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}"#),
+            [tok(1)]
+        );
     }
 
     #[test]

@@ -18,6 +18,16 @@ pub enum Role {
     Both,
 }
 
+impl From<Role> for qoe_core::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Prefill => qoe_core::Role::Prefill,
+            Role::Decode => qoe_core::Role::Decode,
+            Role::Both => qoe_core::Role::Both,
+        }
+    }
+}
+
 /// Options of a simulated vLLM engine.
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
@@ -108,7 +118,10 @@ pub struct EngineArgs {
 fn parse_profile(s: &str) -> Result<String, String> {
     match Profile::by_name(s) {
         Some(p) => Ok(p.name),
-        None => Err(format!("unknown profile `{s}`; known: {}", PROFILE_NAMES.join(", "))),
+        None => Err(format!(
+            "unknown profile `{s}`; known: {}",
+            PROFILE_NAMES.join(", ")
+        )),
     }
 }
 
@@ -198,5 +211,87 @@ impl EngineArgs {
         self.faults().validate().map_err(anyhow::Error::msg)?;
         self.engine_config()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    #[test]
+    fn flags_parse_like_vllm() {
+        let cli = Cli::try_parse_from([
+            "engine",
+            "--port",
+            "9000",
+            "--model",
+            "a,b",
+            "--profile",
+            "tiny",
+            "--scheduling-policy",
+            "priority",
+            "--role",
+            "prefill",
+            "--max-num-seqs",
+            "8",
+            "--kv-capacity-tokens",
+            "4096",
+            "--error-rate",
+            "0.5",
+            "--v0-metrics",
+        ])
+        .unwrap();
+        let a = cli.engine;
+        assert_eq!(a.models, ["a", "b"]);
+        assert_eq!(a.role, Role::Prefill);
+        assert!(a.v0_metrics);
+        a.validate().unwrap();
+        let cfg = a.engine_config().unwrap();
+        assert_eq!(cfg.scheduling, Scheduling::Priority);
+        assert_eq!((cfg.max_num_seqs, cfg.kv_capacity_tokens), (8, 4096));
+        assert_eq!(cfg.max_model_len, Profile::tiny().max_model_len);
+        assert_eq!(a.faults().error_rate, 0.5);
+    }
+
+    #[test]
+    fn defaults_match_the_default_struct_and_bad_values_are_refused() {
+        let parsed = Cli::try_parse_from(["engine"]).unwrap().engine;
+        let d = EngineArgs::default();
+        assert_eq!(
+            (
+                parsed.port,
+                parsed.models.clone(),
+                parsed.profile.clone(),
+                parsed.max_num_seqs
+            ),
+            (d.port, d.models.clone(), d.profile.clone(), d.max_num_seqs)
+        );
+        assert_eq!(parsed.faults(), d.faults());
+        assert!(Cli::try_parse_from(["engine", "--profile", "b200"]).is_err());
+        assert!(Cli::try_parse_from(["engine", "--scheduling-policy", "lifo"]).is_err());
+        let bad = EngineArgs {
+            crash_rate: 2.0,
+            ..EngineArgs::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("crash_rate"));
+        let bad = EngineArgs {
+            max_num_seqs: 4096,
+            ..EngineArgs::default()
+        };
+        assert!(
+            bad.validate().is_err(),
+            "max_num_batched_tokens < max_num_seqs"
+        );
     }
 }

@@ -55,6 +55,8 @@ pub struct LoopStats {
     pub resyncs: u64,
     /// Total virtual time lost to those resets, µs.
     pub behind_micros: u64,
+    /// Largest lag of virtual time behind the wall clock seen at the start of an iteration, µs.
+    pub max_lag_micros: u64,
     /// Tokens handed to requests.
     pub tokens_delivered: u64,
 }
@@ -66,6 +68,7 @@ pub(crate) struct Driver {
     iterations: AtomicU64,
     resyncs: AtomicU64,
     behind: AtomicU64,
+    max_lag: AtomicU64,
     delivered: AtomicU64,
 }
 
@@ -81,6 +84,7 @@ impl Driver {
             iterations: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             behind: AtomicU64::new(0),
+            max_lag: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
         }
     }
@@ -135,6 +139,7 @@ impl Driver {
             iterations: self.iterations.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             behind_micros: self.behind.load(Ordering::Relaxed),
+            max_lag_micros: self.max_lag.load(Ordering::Relaxed),
             tokens_delivered: self.delivered.load(Ordering::Relaxed),
         }
     }
@@ -157,6 +162,10 @@ impl Driver {
                 continue;
             }
             let wall = self.now();
+            if let Some(v) = vnow {
+                self.max_lag
+                    .fetch_max(wall.saturating_sub(v), Ordering::Relaxed);
+            }
             let t = match vnow {
                 None => wall,
                 Some(v) if wall > v + MAX_LAG => {
@@ -170,7 +179,8 @@ impl Driver {
             self.iterations.fetch_add(1, Ordering::Relaxed);
             let end = t + dur;
             if end > self.now() {
-                let deadline = tokio::time::Instant::from_std(self.epoch + Duration::from_micros(end));
+                let deadline =
+                    tokio::time::Instant::from_std(self.epoch + Duration::from_micros(end));
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => {}
                     _ = shutdown.changed() => return,

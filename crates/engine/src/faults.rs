@@ -88,7 +88,10 @@ impl Faults {
             return Err(format!("stall_ms must be at most {MAX_STALL_MS}"));
         }
         if !(self.slowdown.is_finite() && self.slowdown > 0.0 && self.slowdown <= 1000.0) {
-            return Err(format!("slowdown must be in (0, 1000], got {}", self.slowdown));
+            return Err(format!(
+                "slowdown must be in (0, 1000], got {}",
+                self.slowdown
+            ));
         }
         Ok(())
     }
@@ -174,7 +177,9 @@ mod tests {
             crash_rate: 1.0,
             ..Default::default()
         };
-        let errors = (0..10_000).filter(|&n| f.draw(9, n).error.is_some()).count();
+        let errors = (0..10_000)
+            .filter(|&n| f.draw(9, n).error.is_some())
+            .count();
         assert!((2_700..3_300).contains(&errors), "{errors}");
         assert!((0..100).all(|n| f.draw(9, n).crash && !f.draw(9, n).hang));
         assert_eq!(f.draw(9, 5), f.draw(9, 5));

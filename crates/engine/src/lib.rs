@@ -58,16 +58,26 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    // If the model loop dies (a bug), every request would wait forever: stop serving instead.
+    let (loop_done_tx, loop_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let watched_loop = tokio::spawn(async move {
+        let result = engine_loop.await;
+        let _ = loop_done_tx.send(());
+        result
+    });
     let signal = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = loop_done_rx => {}
+        }
         let _ = stop_tx.send(true);
     };
     let served = axum::serve(listener, server::router(app))
         .with_graceful_shutdown(signal)
         .await;
-    let _ = engine_loop.await;
+    let looped = watched_loop.await?;
     served?;
-    Ok(())
+    looped.map_err(|e| anyhow::anyhow!("the engine model loop failed: {e}"))
 }
 
 /// Binds `--host:--port` and serves until Ctrl-C.

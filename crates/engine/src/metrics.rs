@@ -56,8 +56,18 @@ impl Writer {
                 num(count as f64)
             );
         }
-        let _ = writeln!(self.out, "{name}_count{{{}}} {}", self.labels, num(h.count() as f64));
-        let _ = writeln!(self.out, "{name}_sum{{{}}} {}", self.labels, num(h.sum_seconds()));
+        let _ = writeln!(
+            self.out,
+            "{name}_count{{{}}} {}",
+            self.labels,
+            num(h.count() as f64)
+        );
+        let _ = writeln!(
+            self.out,
+            "{name}_sum{{{}}} {}",
+            self.labels,
+            num(h.sum_seconds())
+        );
     }
 }
 
@@ -221,7 +231,9 @@ mod tests {
         assert!(text.contains(
             "vllm:time_to_first_token_seconds_bucket{engine=\"0\",le=\"+Inf\",model_name=\"m\"} 5.0"
         ));
-        assert!(text.contains("vllm:inter_token_latency_seconds_count{engine=\"0\",model_name=\"m\"} 45.0"));
+        assert!(text.contains(
+            "vllm:inter_token_latency_seconds_count{engine=\"0\",model_name=\"m\"} 45.0"
+        ));
         assert!(text.contains("vllm:generation_tokens_total{engine=\"0\",model_name=\"m\"} 50.0"));
         assert!(text.contains("# TYPE vllm:prefix_cache_hits_total counter"));
         assert!(!text.contains("gpu_cache_usage_perc"));
@@ -236,5 +248,61 @@ mod tests {
         let m = qoe_core::engine_metrics::parse_engine_metrics(&text, Some("sim-llama"));
         assert_eq!(m.running, Some(0.0));
         assert_eq!(m.waiting, Some(0.0));
+    }
+}
+
+#[cfg(test)]
+mod parity {
+    use super::*;
+    use qoe_core::engine_metrics::parse_engine_metrics_detailed;
+    use qoe_core::EngineMetrics;
+
+    /// Which fields a parse found (values differ; presence must not).
+    fn presence(m: &EngineMetrics) -> [bool; 13] {
+        [
+            m.running.is_some(),
+            m.waiting.is_some(),
+            m.kv_usage.is_some(),
+            m.prefix_queries.is_some(),
+            m.prefix_hits.is_some(),
+            m.prefix_hit_rate.is_some(),
+            m.preemptions.is_some(),
+            m.prompt_tokens.is_some(),
+            m.generation_tokens.is_some(),
+            m.ttft_sum.is_some(),
+            m.ttft_count.is_some(),
+            m.itl_sum.is_some(),
+            m.itl_count.is_some(),
+        ]
+    }
+
+    /// The router's parser finds in this engine's `/metrics` exactly what it finds in a real vLLM
+    /// 0.32's (the sample in the shared reference folder, when present).
+    #[test]
+    fn same_fields_as_the_real_vllm_sample() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/reference/vllm-0.32-metrics-under-load.txt"
+        );
+        let Ok(real) = std::fs::read_to_string(path) else {
+            eprintln!("skipped: {path} not found");
+            return;
+        };
+        let real = parse_engine_metrics_detailed(&real, Some("tiny-llama"));
+        let mut e =
+            qoe_sim::Engine::new(qoe_sim::EngineConfig::for_profile(qoe_sim::Profile::tiny()))
+                .unwrap();
+        e.submit(qoe_sim::SimRequest::new(1, 64, 4), 0).unwrap();
+        let (mut now, mut ev) = (0, Vec::new());
+        while e.has_work() {
+            now += e.step(now, &mut ev);
+        }
+        let ours = parse_engine_metrics_detailed(
+            &render(e.stats(), "tiny-llama", false),
+            Some("tiny-llama"),
+        );
+        assert_eq!(ours.flavour, real.flavour);
+        assert_eq!(presence(&ours.metrics), presence(&real.metrics));
+        assert_eq!(ours.malformed, 0);
     }
 }

@@ -137,10 +137,17 @@ pub(crate) fn parse_request(
         .as_object()
         .ok_or_else(|| ApiError::bad_request("request body must be a JSON object", None))?;
     if api == Api::Completions && obj.get("prompt").is_none_or(Value::is_null) {
-        return Err(ApiError::bad_request("'prompt' is required", Some("prompt")));
+        return Err(ApiError::bad_request(
+            "'prompt' is required",
+            Some("prompt"),
+        ));
     }
     if profile.prompt_tokens == 0 {
-        let field = if api == Api::Chat { "messages" } else { "prompt" };
+        let field = if api == Api::Chat {
+            "messages"
+        } else {
+            "prompt"
+        };
         return Err(ApiError::bad_request("the prompt is empty", Some(field)));
     }
 
@@ -224,7 +231,11 @@ fn count(obj: &serde_json::Map<String, Value>, field: &str) -> Result<Option<u64
     }
 }
 
-fn boolean(obj: &serde_json::Map<String, Value>, field: &str, name: &str) -> Result<bool, ApiError> {
+fn boolean(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    name: &str,
+) -> Result<bool, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -243,10 +254,15 @@ fn kv_stage(p: &serde_json::Map<String, Value>) -> Result<KvStage, ApiError> {
         (true, false) => Ok(KvStage::Prefill),
         (false, true) => {
             // A decode stage must say where the KV comes from, as a prefill engine returned it.
-            let missing: Vec<&str> = ["remote_engine_id", "remote_block_ids", "remote_host", "remote_port"]
-                .into_iter()
-                .filter(|k| p.get(*k).is_none_or(Value::is_null))
-                .collect();
+            let missing: Vec<&str> = [
+                "remote_engine_id",
+                "remote_block_ids",
+                "remote_host",
+                "remote_port",
+            ]
+            .into_iter()
+            .filter(|k| p.get(*k).is_none_or(Value::is_null))
+            .collect();
             if !missing.is_empty() {
                 return Err(ApiError::bad_request(
                     format!(
@@ -497,24 +513,42 @@ mod tests {
         let body = br#"{"model":"m","prompt":"abcdefgh","max_tokens":5,"stream":true,
             "stream_options":{"include_usage":true},"ignore_eos":true,"priority":-2,"seed":3}"#;
         let p = parse_request(Api::Completions, body, 512).unwrap();
-        assert_eq!((p.prompt_tokens, p.max_tokens, p.priority), (2, Some(5), -2));
+        assert_eq!(
+            (p.prompt_tokens, p.max_tokens, p.priority),
+            (2, Some(5), -2)
+        );
         assert!(p.stream && p.include_usage && p.ignore_eos);
         assert_eq!(p.seed, Some(3));
         let chat = br#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
         // "user: hello\n" is 12 bytes: 3 tokens.
-        assert_eq!(parse_request(Api::Chat, chat, 512).unwrap().prompt_tokens, 3);
+        assert_eq!(
+            parse_request(Api::Chat, chat, 512).unwrap().prompt_tokens,
+            3
+        );
     }
 
     #[test]
     fn parse_rejects_bad_types() {
         for (body, param) in [
-            (&br#"{"model":"m","prompt":"x","max_tokens":"5"}"#[..], "max_tokens"),
-            (br#"{"model":"m","prompt":"x","ignore_eos":1}"#, "ignore_eos"),
+            (
+                &br#"{"model":"m","prompt":"x","max_tokens":"5"}"#[..],
+                "max_tokens",
+            ),
+            (
+                br#"{"model":"m","prompt":"x","ignore_eos":1}"#,
+                "ignore_eos",
+            ),
             (br#"{"model":"m","prompt":"x","priority":1.5}"#, "priority"),
             (br#"{"model":"m","prompt":"x","n":2}"#, "n"),
-            (br#"{"model":"m","prompt":"x","max_tokens":0}"#, "max_tokens"),
+            (
+                br#"{"model":"m","prompt":"x","max_tokens":0}"#,
+                "max_tokens",
+            ),
             (br#"{"model":"m"}"#, "prompt"),
-            (br#"{"model":"m","prompt":"x","kv_transfer_params":{"do_remote_prefill":true}}"#, "kv_transfer_params"),
+            (
+                br#"{"model":"m","prompt":"x","kv_transfer_params":{"do_remote_prefill":true}}"#,
+                "kv_transfer_params",
+            ),
         ] {
             let e = parse_request(Api::Completions, body, 512).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);

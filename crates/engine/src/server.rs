@@ -1,12 +1,21 @@
 //! The HTTP face: vLLM's routes over the real-time model, with fault injection.
+//!
+//! A generation request goes through, in order: the fault draw (hang, injected error: a broken
+//! engine fails before it looks at the request), parsing and type checks (400), the model name
+//! (404), engine-specific checks (priority without priority scheduling, a disaggregated stage sent
+//! to the wrong role, context length: 400), the output-length draw, and submission to the model
+//! (503 when its queue is full). From then on a [`Ticket`] owned by the response follows the
+//! request: an SSE body renders whatever tokens are new each time it is woken, a non-streaming
+//! handler waits for the last one. Either way, dropping the response early aborts the request in
+//! the model.
 
 use crate::args::{EngineArgs, Role};
 use crate::driver::{Driver, Ticket};
 use crate::faults::{FaultDraw, Faults, FaultsUpdate};
 use crate::metrics;
 use crate::openai::{
-    draw_output_len, full_response, parse_request, token_text, Api, ApiError, ChunkFormat,
-    KvStage, ParsedRequest,
+    draw_output_len, full_response, parse_request, token_text, Api, ApiError, ChunkFormat, KvStage,
+    ParsedRequest,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -27,6 +36,9 @@ use tokio::sync::watch;
 /// Longest a hung request is held before its connection is closed (a bound, so hung requests
 /// cannot pile up forever; far beyond any client timeout).
 const HANG_LIMIT: Duration = Duration::from_secs(600);
+
+/// Pause between the last chunk and an injected crash, so that chunk leaves the socket first.
+const CRASH_FLUSH: Duration = Duration::from_millis(20);
 
 /// Shared state of one engine server.
 pub(crate) struct App {
@@ -58,11 +70,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl App {
-    pub fn new(args: EngineArgs, port: u16, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+    pub fn new(
+        args: EngineArgs,
+        port: u16,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
         args.validate()?;
         let cfg = args.engine_config()?;
         let faults = args.faults();
-        let (max_model_len, kv_blocks, scheduling) = (cfg.max_model_len, cfg.kv_blocks(), cfg.scheduling);
+        let (max_model_len, kv_blocks, scheduling) =
+            (cfg.max_model_len, cfg.kv_blocks(), cfg.scheduling);
         let speed = cfg.speed / faults.slowdown;
         let mut engine = Engine::new(cfg)?;
         engine.set_speed(speed);
@@ -99,7 +116,12 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/load", get(load))
-        .route("/version", get(|| async { Json(json!({"version": concat!("qoe-sim-", env!("CARGO_PKG_VERSION"))})) }))
+        .route(
+            "/version",
+            get(|| async {
+                Json(json!({"version": concat!("qoe-sim-", env!("CARGO_PKG_VERSION"))}))
+            }),
+        )
         .route("/tokenize", post(tokenize))
         .route("/metrics", get(metrics_handler))
         .route("/admin/config", get(get_config).post(set_config))
@@ -127,6 +149,9 @@ struct Plan {
     finish: &'static str,
     text_seed: u64,
     include_usage: bool,
+    stream: bool,
+    /// Returned to the router after a prefill stage (`do_remote_decode`).
+    kv_transfer_params: Option<Value>,
     faults: FaultDraw,
 }
 
@@ -138,8 +163,11 @@ async fn generate(app: Arc<App>, api: Api, body: Bytes) -> Response {
     }
     if let Some(status) = draw.error {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return ApiError::new(status, format!("injected fault: request {n} fails with {}", status.as_u16()))
-            .into_response();
+        return ApiError::new(
+            status,
+            format!("injected fault: request {n} fails with {}", status.as_u16()),
+        )
+        .into_response();
     }
     let max_prefix_blocks = app.max_model_len as usize / BLOCK_TOKENS + 1;
     let p = match parse_request(api, &body, max_prefix_blocks) {
@@ -147,13 +175,8 @@ async fn generate(app: Arc<App>, api: Api, body: Bytes) -> Response {
         Err(e) => return e.into_response(),
     };
     match admit(&app, api, n, p, draw) {
-        Ok((plan, ticket, kv_params, stream)) => {
-            if stream {
-                stream_response(app, plan, ticket)
-            } else {
-                full(app, plan, ticket, kv_params).await
-            }
-        }
+        Ok((plan, ticket)) if plan.stream => stream_response(app, plan, ticket),
+        Ok((plan, ticket)) => full(app, plan, ticket).await,
         Err(e) => e.into_response(),
     }
 }
@@ -165,7 +188,7 @@ fn admit(
     n: u64,
     p: ParsedRequest,
     faults: FaultDraw,
-) -> Result<(Plan, Ticket, Option<Value>, bool), ApiError> {
+) -> Result<(Plan, Ticket), ApiError> {
     if !app.args.models.contains(&p.model) {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -180,7 +203,10 @@ fn admit(
     if p.priority != 0 && app.scheduling != Scheduling::Priority {
         // vLLM's answer: the field only means something with `--scheduling-policy priority`.
         return Err(ApiError::bad_request(
-            format!("Got priority {} but Priority scheduling is not enabled.", p.priority),
+            format!(
+                "Got priority {} but Priority scheduling is not enabled.",
+                p.priority
+            ),
             Some("priority"),
         ));
     }
@@ -191,17 +217,21 @@ fn admit(
                 Some("kv_transfer_params"),
             ))
         }
-        (KvStage::Decode { .. }, Role::Prefill) => {
-            return Err(ApiError::bad_request(
-                "this engine has role prefill: it cannot serve kv_transfer_params.do_remote_prefill",
-                Some("kv_transfer_params"),
-            ))
-        }
+        (KvStage::Decode { .. }, Role::Prefill) => return Err(ApiError::bad_request(
+            "this engine has role prefill: it cannot serve kv_transfer_params.do_remote_prefill",
+            Some("kv_transfer_params"),
+        )),
         _ => {}
     }
     let max_len = app.max_model_len;
-    let what = if api == Api::Chat { "messages" } else { "prompt" };
-    let max_tokens = p.max_tokens.unwrap_or(max_len.saturating_sub(p.prompt_tokens));
+    let what = if api == Api::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
+    let max_tokens = p
+        .max_tokens
+        .unwrap_or(max_len.saturating_sub(p.prompt_tokens));
     let total = p.prompt_tokens as u64 + max_tokens as u64;
     if total > max_len as u64 || max_tokens == 0 {
         return Err(ApiError::bad_request(
@@ -216,14 +246,21 @@ fn admit(
     let (output_tokens, eos) = if p.ignore_eos {
         (max_tokens, false)
     } else {
-        draw_output_len(seed, app.args.output_len_median, app.args.output_len_sigma, max_tokens)
+        draw_output_len(
+            seed,
+            app.args.output_len_median,
+            app.args.output_len_sigma,
+            max_tokens,
+        )
     };
-    let kv_params = (p.kv == KvStage::Prefill).then(|| {
+    let kv_transfer_params = (p.kv == KvStage::Prefill).then(|| {
         // Opaque block ids for the decode engine, which only counts them: one per prompt block,
         // laid out where this engine's allocator would plausibly have put them.
         let blocks = p.prompt_tokens.div_ceil(BLOCK_TOKENS as u32) as u64;
         let base = mix64(n) % app.kv_blocks.max(1) as u64;
-        let ids: Vec<u64> = (0..blocks).map(|b| (base + b) % app.kv_blocks as u64).collect();
+        let ids: Vec<u64> = (0..blocks)
+            .map(|b| (base + b) % app.kv_blocks as u64)
+            .collect();
         json!({
             "do_remote_prefill": true,
             "do_remote_decode": false,
@@ -253,7 +290,10 @@ fn admit(
     let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
     let plan = Plan {
         api,
-        id: format!("{prefix}-{:016x}{n:016x}", mix64(app.args.seed ^ app.started)),
+        id: format!(
+            "{prefix}-{:016x}{n:016x}",
+            mix64(app.args.seed ^ app.started)
+        ),
         created: unix_now(),
         model: p.model,
         prompt_tokens: p.prompt_tokens,
@@ -261,9 +301,11 @@ fn admit(
         finish: if eos { "stop" } else { "length" },
         text_seed: seed,
         include_usage: p.include_usage,
+        stream: p.stream,
+        kv_transfer_params,
         faults,
     };
-    Ok((plan, ticket, kv_params, p.stream))
+    Ok((plan, ticket))
 }
 
 /// Never answers (until shutdown or [`HANG_LIMIT`]), then drops the connection.
@@ -279,7 +321,10 @@ async fn hang(app: &App) -> Response {
 /// A response whose body fails at once: the connection is closed without a complete answer.
 fn broken_body(status: StatusCode) -> Response {
     let stream = futures_util::stream::once(async {
-        Err::<Bytes, io::Error>(io::Error::new(io::ErrorKind::ConnectionAborted, "injected crash"))
+        Err::<Bytes, io::Error>(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "injected crash",
+        ))
     });
     (status, Body::from_stream(stream)).into_response()
 }
@@ -299,7 +344,7 @@ async fn wait_for(ticket: &Ticket, target: u32, shutdown: &mut watch::Receiver<b
 }
 
 /// A non-streaming answer: wait for every token, then one JSON body.
-async fn full(app: Arc<App>, plan: Plan, ticket: Ticket, kv_params: Option<Value>) -> Response {
+async fn full(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
     let mut shutdown = app.shutdown.clone();
     let target = if plan.faults.crash {
         plan.output_tokens / 2
@@ -307,7 +352,11 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket, kv_params: Option<Value
         plan.output_tokens
     };
     if !wait_for(&ticket, target, &mut shutdown).await {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down").into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is shutting down",
+        )
+        .into_response();
     }
     if plan.faults.crash {
         return broken_body(StatusCode::OK);
@@ -319,7 +368,9 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket, kv_params: Option<Value
         }
     }
     let (_, produced) = ticket.progress();
-    let text: String = (0..produced).map(|i| token_text(plan.text_seed, i)).collect();
+    let text: String = (0..produced)
+        .map(|i| token_text(plan.text_seed, i))
+        .collect();
     let body = full_response(
         plan.api,
         &plan.id,
@@ -329,7 +380,7 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket, kv_params: Option<Value
         plan.finish,
         plan.prompt_tokens,
         produced,
-        kv_params,
+        plan.kv_transfer_params,
     );
     drop(ticket);
     Json(body).into_response()
@@ -367,6 +418,10 @@ impl SseState {
             }
             if self.crash_at == Some(self.sent) {
                 self.done = true;
+                // Let the connection flush the tokens already written, then break it: the client
+                // sees exactly the first half of the answer.
+                tokio::task::yield_now().await;
+                tokio::time::sleep(CRASH_FLUSH).await;
                 return Some(Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "injected crash",
@@ -401,7 +456,8 @@ impl SseState {
         let last = self.plan.output_tokens;
         for i in self.sent..upto {
             let finish = (i + 1 == last).then_some(self.plan.finish);
-            self.fmt.token(&mut out, token_text(self.plan.text_seed, i), finish);
+            self.fmt
+                .token(&mut out, token_text(self.plan.text_seed, i), finish);
         }
         self.sent = upto;
         if upto == last {
@@ -419,7 +475,10 @@ fn stream_response(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
     let half = plan.output_tokens / 2;
     let state = SseState {
         fmt: ChunkFormat::new(plan.api, &plan.id, plan.created, &plan.model),
-        stall_at: plan.faults.stall_ms.map(|_| half.max(1).min(plan.output_tokens)),
+        stall_at: plan
+            .faults
+            .stall_ms
+            .map(|_| half.max(1).min(plan.output_tokens)),
         crash_at: plan.faults.crash.then_some(half),
         shutdown: app.shutdown.clone(),
         sent: 0,
@@ -432,7 +491,10 @@ fn stream_response(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
     });
     let mut resp = Body::from_stream(stream).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
@@ -484,7 +546,11 @@ async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let has_messages = serde_json::from_slice::<Value>(&body)
         .ok()
         .is_some_and(|v| v.get("messages").is_some());
-    let api = if has_messages { Api::Chat } else { Api::Completions };
+    let api = if has_messages {
+        Api::Chat
+    } else {
+        Api::Completions
+    };
     // /tokenize does not require a model; default to the served one for the shared parser.
     let body = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(mut o)) => {
@@ -541,7 +607,10 @@ async fn get_config(State(app): State<Arc<App>>) -> Json<Value> {
 async fn set_config(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let update: FaultsUpdate = match serde_json::from_slice(&body) {
         Ok(u) => u,
-        Err(e) => return ApiError::bad_request(format!("invalid fault config: {e}"), None).into_response(),
+        Err(e) => {
+            return ApiError::bad_request(format!("invalid fault config: {e}"), None)
+                .into_response()
+        }
     };
     let slowdown = {
         let mut f = lock(&app.faults);

@@ -23,6 +23,9 @@ pub enum Command {
     Engine(Box<qoe_engine::EngineArgs>),
     /// Run a local simulated fleet (fast and slow engines) with the router in front.
     Demo(DemoArgs),
+    /// Drive open-loop streaming load at OpenAI-compatible endpoints and report TTFT, ITL,
+    /// SLO attainment and QoE.
+    Bench(qoe_bench::BenchArgs),
 }
 
 /// Sets up logging: `format` text or JSON, `filter` in tracing's env-filter syntax.
@@ -98,6 +101,10 @@ where
                 println!("{}", banner(router, engines, &model));
             })
             .await
+        }
+        Command::Bench(args) => {
+            init_logging(LogFormat::Text, "warn");
+            qoe_bench::run(args).await
         }
     }
 }

@@ -7,9 +7,11 @@
 //! `[[backends]]` tables list endpoints and are re-read live (see [`crate::discovery`]); other keys
 //! are read at start.
 
+use crate::breaker::BreakerConfig;
 use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 use qoe_core::analyze::AnalyzerConfig;
-use qoe_core::{PolicyConfig, PolicyKind, StatsConfig, MICROS_PER_MS};
+use qoe_core::policy::QoeConfig;
+use qoe_core::{PolicyConfig, PolicyKind, StatsConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -61,20 +63,20 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_ROUTING_LOGIC", default_value = "roundrobin")]
     pub routing_logic: String,
     /// Seed for the policies' random choices.
-    #[arg(long, env = "QOE_SEED", default_value_t = 0x5eed)]
+    #[arg(long, env = "QOE_SEED", default_value_t = PolicyConfig::default().seed)]
     pub seed: u64,
     /// Session key for `session` routing: a header name, else a top-level body field of that name.
     #[arg(long, env = "QOE_SESSION_KEY", default_value = "x-session-id")]
     pub session_key: String,
     /// Session affinity load bound factor (consistent hashing with bounded load).
-    #[arg(long, env = "QOE_SESSION_LOAD_FACTOR", default_value_t = 1.25)]
+    #[arg(long, env = "QOE_SESSION_LOAD_FACTOR", default_value_t = PolicyConfig::default().session_load_factor)]
     pub session_load_factor: f64,
     /// Prefix-aware: prefix index capacity in prompt blocks.
-    #[arg(long, env = "QOE_PREFIX_INDEX_BLOCKS", default_value_t = 200_000)]
+    #[arg(long, env = "QOE_PREFIX_INDEX_BLOCKS", default_value_t = PolicyConfig::default().prefix_index_blocks)]
     pub prefix_index_blocks: usize,
     /// Prefix-aware: leave the matched endpoint when it has this many more requests in flight than
     /// the least-loaded one.
-    #[arg(long, env = "QOE_PREFIX_BALANCE_MARGIN", default_value_t = 8)]
+    #[arg(long, env = "QOE_PREFIX_BALANCE_MARGIN", default_value_t = PolicyConfig::default().prefix_balance_margin)]
     pub prefix_balance_margin: u32,
 
     /// Header carrying the request priority (1 high, 2 default, 3 low).
@@ -95,14 +97,26 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_SLA_HEADER", default_value = "x-sla-target-ms")]
     pub sla_header: String,
     /// TTFT target, ms (used when a request has no SLA header).
-    #[arg(long, env = "QOE_TARGET_TTFT", default_value_t = 300)]
-    pub target_ttft: u64,
+    #[arg(long, env = "QOE_TARGET_TTFT", default_value_t = QoeConfig::default().target_ttft_ms)]
+    pub target_ttft: f64,
     /// Inter-token latency target, ms.
-    #[arg(long, env = "QOE_TARGET_ITL", default_value_t = 50)]
-    pub target_itl: u64,
+    #[arg(long, env = "QOE_TARGET_ITL", default_value_t = QoeConfig::default().target_itl_ms)]
+    pub target_itl: f64,
     /// Token delivery rate a reader needs, tokens/s.
-    #[arg(long, env = "QOE_OPTIMAL_THROUGHPUT", default_value_t = 30.0)]
+    #[arg(long, env = "QOE_OPTIMAL_THROUGHPUT", default_value_t = QoeConfig::default().optimal_throughput)]
     pub optimal_throughput: f64,
+    /// QoE policy base weights α,β,γ,δ (resource, performance, reliability, priority);
+    /// normalized to sum 1.
+    #[arg(long, env = "QOE_WEIGHTS", value_delimiter = ',', num_args = 4,
+          default_values_t = QoeConfig::default().weights)]
+    pub qoe_weights: Vec<f64>,
+    /// Whether the QoE weights adapt to fleet conditions (within their bounds).
+    #[arg(long, env = "QOE_ADAPTIVE", default_value_t = QoeConfig::default().adaptive,
+          action = clap::ArgAction::Set)]
+    pub qoe_adaptive: bool,
+    /// Requests in flight at which the QoE policy counts an endpoint as saturated.
+    #[arg(long, env = "QOE_SATURATION_INFLIGHT", default_value_t = QoeConfig::default().saturation_inflight)]
+    pub saturation_inflight: u32,
     /// Output length assumed for a model before any request of it finished (tokens).
     #[arg(long, env = "QOE_DEFAULT_OUTPUT_TOKENS", default_value_t = 256)]
     pub default_output_tokens: u32,
@@ -129,6 +143,18 @@ pub struct RouterConfig {
     /// Other endpoints tried when connecting fails (before any byte reached the client).
     #[arg(long, env = "QOE_MAX_RETRIES", default_value_t = 2)]
     pub max_retries: u32,
+    /// First pause before a retry, ms; each further retry waits 1.5× longer (±50% jitter).
+    #[arg(long, env = "QOE_RETRY_BACKOFF_MS", default_value_t = 50)]
+    pub retry_backoff_ms: u64,
+    /// Consecutive failures that open an endpoint's circuit breaker.
+    #[arg(long, env = "QOE_BREAKER_FAILURES", default_value_t = BreakerConfig::default().failure_threshold)]
+    pub breaker_failures: u32,
+    /// Consecutive successful probes that close it again.
+    #[arg(long, env = "QOE_BREAKER_SUCCESSES", default_value_t = BreakerConfig::default().success_threshold)]
+    pub breaker_successes: u32,
+    /// Seconds an open breaker waits before letting a probe through.
+    #[arg(long, env = "QOE_BREAKER_OPEN_SECS", default_value_t = BreakerConfig::default().open_for as f64 / 1e6)]
+    pub breaker_open_secs: f64,
     /// Connect timeout toward an endpoint, ms.
     #[arg(long, env = "QOE_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
@@ -218,7 +244,17 @@ impl RouterConfig {
             ("--health-check-interval", self.health_check_interval),
             ("--request-stats-window", self.request_stats_window),
             ("--optimal-throughput", self.optimal_throughput),
+            ("--target-ttft", self.target_ttft),
+            ("--target-itl", self.target_itl),
+            ("--breaker-open-secs", self.breaker_open_secs),
         ];
+        anyhow::ensure!(
+            self.qoe_weights.len() == 4
+                && self.qoe_weights.iter().all(|w| w.is_finite() && *w >= 0.0)
+                && self.qoe_weights.iter().sum::<f64>() > 0.0,
+            "--qoe-weights takes four non-negative numbers α,β,γ,δ with a positive sum, got {:?}",
+            self.qoe_weights
+        );
         for (flag, v) in positive {
             anyhow::ensure!(
                 v.is_finite() && v > 0.0,
@@ -255,6 +291,20 @@ impl RouterConfig {
             session_load_factor: self.session_load_factor,
             prefix_index_blocks: self.prefix_index_blocks,
             prefix_balance_margin: self.prefix_balance_margin,
+            qoe: QoeConfig {
+                target_ttft_ms: self.target_ttft,
+                target_itl_ms: self.target_itl,
+                optimal_throughput: self.optimal_throughput,
+                weights: [
+                    self.qoe_weights[0],
+                    self.qoe_weights[1],
+                    self.qoe_weights[2],
+                    self.qoe_weights[3],
+                ],
+                adaptive: self.qoe_adaptive,
+                saturation_inflight: self.saturation_inflight,
+                ..QoeConfig::default()
+            },
         }
     }
 
@@ -264,7 +314,7 @@ impl RouterConfig {
             expected_output_len_header: self.expected_output_len_header.to_ascii_lowercase(),
             sla_header: self.sla_header.to_ascii_lowercase(),
             session_key: self.session_key.to_ascii_lowercase(),
-            nominal_itl_ms: self.target_itl as f64,
+            nominal_itl_ms: self.target_itl,
             ..AnalyzerConfig::default()
         }
     }
@@ -276,16 +326,20 @@ impl RouterConfig {
         }
     }
 
+    pub fn breaker_config(&self) -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: self.breaker_failures,
+            success_threshold: self.breaker_successes,
+            open_for: (self.breaker_open_secs * 1e6) as u64,
+        }
+    }
+
     pub fn engine_stats_interval(&self) -> Duration {
         Duration::from_secs_f64(self.engine_stats_interval)
     }
 
     pub fn health_check_interval(&self) -> Duration {
         Duration::from_secs_f64(self.health_check_interval)
-    }
-
-    pub fn target_ttft_micros(&self) -> u64 {
-        self.target_ttft * MICROS_PER_MS
     }
 }
 
@@ -337,8 +391,9 @@ mod tests {
         let c = RouterConfig::default();
         assert_eq!(c.port, 8000);
         assert_eq!(c.routing_logic, "roundrobin");
-        assert_eq!(c.target_ttft, 300);
-        assert_eq!(c.target_itl, 50);
+        assert_eq!(c.target_ttft, 300.0);
+        assert_eq!(c.target_itl, 50.0);
+        assert_eq!(c.qoe_weights, [0.3, 0.4, 0.2, 0.1]);
         assert_eq!(c.optimal_throughput, 30.0);
         assert_eq!(c.priority_header, "x-request-priority");
         c.validate().unwrap();
@@ -357,7 +412,7 @@ mod tests {
         let p = path.to_str().unwrap();
         let c = RouterConfig::from_args(["x", "--config", p, "--port", "9100"]).unwrap();
         assert_eq!(c.routing_logic, "least-loaded");
-        assert_eq!(c.target_ttft, 200);
+        assert_eq!(c.target_ttft, 200.0);
         assert_eq!(c.port, 9100, "the flag wins over the file");
 
         std::fs::write(&path, "rooting_logic = \"x\"\n").unwrap();

@@ -6,11 +6,12 @@
 //! until their last request lets go. Per-endpoint state is lock-light: load counters are atomics,
 //! statistics sit behind small mutexes held for a few hundred nanoseconds.
 
+use crate::breaker::{Breaker, BreakerConfig};
 use crate::discovery::BackendSpec;
-use qoe_core::prompt::fnv1a;
+use qoe_core::prompt::hash_bytes;
 use qoe_core::{
-    Availability, BreakerState, EndpointView, EngineMetrics, Load, Micros, RequestOutcome,
-    RequestStats, Role, StatsConfig,
+    Availability, EndpointView, EngineMetrics, Load, Micros, RequestOutcome, RequestStats, Role,
+    StatsConfig,
 };
 use serde::Serialize;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -126,6 +127,8 @@ pub struct Endpoint {
     stats: Mutex<RequestStats>,
     engine: Mutex<Option<EngineSample>>,
     health: Mutex<HealthState>,
+    breaker: Mutex<Breaker>,
+    breaker_config: BreakerConfig,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,10 +136,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Endpoint {
-    pub fn new(spec: &BackendSpec, stats: StatsConfig) -> Self {
+    pub fn new(spec: &BackendSpec, stats: StatsConfig, breaker_config: BreakerConfig) -> Self {
         Endpoint {
             url: spec.url.clone(),
-            key: fnv1a(0, spec.url.as_bytes()),
+            key: hash_bytes(0, spec.url.as_bytes()),
             role: spec.role,
             static_models: spec.models.clone(),
             detected_models: RwLock::new(Vec::new()),
@@ -145,6 +148,35 @@ impl Endpoint {
             stats: Mutex::new(RequestStats::new(stats)),
             engine: Mutex::new(None),
             health: Mutex::new(HealthState::new()),
+            breaker: Mutex::new(Breaker::default()),
+            breaker_config,
+        }
+    }
+
+    /// Whether a request may be sent now: healthy, and the breaker lets it through.
+    pub fn admits(&self, now: Micros) -> bool {
+        self.is_healthy() && lock(&self.breaker).admits(now, &self.breaker_config)
+    }
+
+    pub fn breaker(&self) -> Breaker {
+        lock(&self.breaker).clone()
+    }
+
+    /// Feeds a request's verdict to the breaker.
+    pub fn record_verdict(&self, failed: bool, now: Micros) {
+        let mut b = lock(&self.breaker);
+        if failed {
+            let was_open = b.state == qoe_core::BreakerState::Open;
+            b.on_failure(now, &self.breaker_config);
+            if !was_open && b.state == qoe_core::BreakerState::Open {
+                tracing::warn!(endpoint = %self.url, failures = b.consecutive_failures, "circuit breaker opened");
+            }
+        } else {
+            let was_closed = b.state == qoe_core::BreakerState::Closed;
+            b.on_success(&self.breaker_config);
+            if !was_closed && b.state == qoe_core::BreakerState::Closed {
+                tracing::info!(endpoint = %self.url, "circuit breaker closed");
+            }
         }
     }
 
@@ -262,6 +294,7 @@ impl Endpoint {
     /// The endpoint as a policy sees it at `now`.
     pub fn view(&self, id: u32, now: Micros, flap_window: Micros) -> EndpointView {
         let engine = self.engine_sample();
+        let breaker = lock(&self.breaker).state_at(now, &self.breaker_config);
         let health = lock(&self.health);
         EndpointView {
             id: qoe_core::EndpointId(id),
@@ -273,7 +306,7 @@ impl Endpoint {
             engine_at: engine.map(|s| s.at),
             availability: Availability {
                 healthy: health.healthy,
-                breaker: BreakerState::Closed,
+                breaker,
                 flaps: health.flaps(now, flap_window),
             },
         }
@@ -291,13 +324,15 @@ pub struct Table {
 pub struct Registry {
     table: RwLock<Arc<Table>>,
     stats_config: StatsConfig,
+    breaker_config: BreakerConfig,
 }
 
 impl Registry {
-    pub fn new(stats_config: StatsConfig) -> Self {
+    pub fn new(stats_config: StatsConfig, breaker_config: BreakerConfig) -> Self {
         Registry {
             table: RwLock::new(Arc::new(Table::default())),
             stats_config,
+            breaker_config,
         }
     }
 
@@ -318,7 +353,9 @@ impl Registry {
                         e.url == spec.url && e.static_models == spec.models && e.role == spec.role
                     })
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(spec, self.stats_config)))
+                    .unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(spec, self.stats_config, self.breaker_config))
+                    })
             })
             .collect();
         *guard = Arc::new(Table { endpoints });
@@ -333,6 +370,8 @@ pub struct LoadGuard {
     prompt_tokens: u64,
     pending_output: u64,
     decoding: bool,
+    /// This request is the breaker's half-open probe and has no verdict yet.
+    probe: bool,
 }
 
 impl LoadGuard {
@@ -343,11 +382,13 @@ impl LoadGuard {
             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         load.pending_output_tokens
             .fetch_add(expected_output as u64, Ordering::Relaxed);
+        let probe = lock(&endpoint.breaker).on_dispatch();
         LoadGuard {
             endpoint,
             prompt_tokens: prompt_tokens as u64,
             pending_output: expected_output as u64,
             decoding: false,
+            probe,
         }
     }
 
@@ -379,14 +420,20 @@ impl LoadGuard {
         }
     }
 
-    /// Records the request's outcome in the endpoint's statistics.
-    pub fn record(&self, outcome: &RequestOutcome, now: Micros) {
+    /// Records the request's outcome in the endpoint's statistics and its breaker.
+    pub fn record(&mut self, outcome: &RequestOutcome, now: Micros) {
         self.endpoint.with_stats(|s| s.record_outcome(outcome, now));
+        self.endpoint
+            .record_verdict(outcome.failed || outcome.timed_out, now);
+        self.probe = false;
     }
 }
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
+        if self.probe {
+            lock(&self.endpoint.breaker).release_probe();
+        }
         let load = &self.endpoint.load;
         if self.decoding {
             load.in_decode.fetch_sub(1, Ordering::Relaxed);
@@ -417,6 +464,7 @@ mod tests {
         let e = Arc::new(Endpoint::new(
             &spec("http://127.0.0.1:1"),
             StatsConfig::default(),
+            BreakerConfig::default(),
         ));
         let mut g = LoadGuard::new(e.clone(), 100, 10);
         assert_eq!(e.load.snapshot().in_prefill, 1);
@@ -447,7 +495,7 @@ mod tests {
 
     #[test]
     fn reload_keeps_surviving_endpoints() {
-        let r = Registry::new(StatsConfig::default());
+        let r = Registry::new(StatsConfig::default(), BreakerConfig::default());
         r.apply(&[spec("http://a:1"), spec("http://b:1")]);
         let before = r.table();
         let guard = LoadGuard::new(before.endpoints[1].clone(), 1, 1);
@@ -465,7 +513,11 @@ mod tests {
 
     #[test]
     fn health_hysteresis_and_flaps() {
-        let e = Endpoint::new(&spec("http://a:1"), StatsConfig::default());
+        let e = Endpoint::new(
+            &spec("http://a:1"),
+            StatsConfig::default(),
+            BreakerConfig::default(),
+        );
         e.record_health(Err("x".into()), 10, 2, 1);
         assert!(e.is_healthy(), "one failure is below the threshold");
         e.record_health(Err("x".into()), 20, 2, 1);

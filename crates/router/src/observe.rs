@@ -14,8 +14,9 @@ use crate::state::AppState;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::histogram::Histogram;
 use qoe_core::sse::{SseConfig, SseEvent, SseParser};
-use qoe_core::{Micros, Priority, RequestOutcome};
+use qoe_core::{DecisionDetail, Feedback, FeedbackEvent, Load, Micros, Priority, RequestOutcome};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,6 +37,10 @@ pub struct RequestContext {
     pub started: Micros,
     pub sent: Micros,
     pub streaming: bool,
+    pub sla_ttft_ms: Option<u32>,
+    /// The chosen endpoint's load when it was picked, and what the policy predicted.
+    pub load_at_dispatch: Load,
+    pub detail: Option<DecisionDetail>,
 }
 
 enum Mode {
@@ -52,7 +57,7 @@ enum End {
     IdleTimeout,
 }
 
-pub struct ObservedBody<B> {
+pub struct ObservedBody<B: Body> {
     inner: Pin<Box<B>>,
     state: Arc<AppState>,
     guard: Option<LoadGuard>,
@@ -60,6 +65,9 @@ pub struct ObservedBody<B> {
     mode: Mode,
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
+    /// This endpoint's histograms, resolved once per request (not per chunk).
+    ttft_histogram: Histogram,
+    itl_histogram: Histogram,
     first_token_at: Option<Micros>,
     last_token_at: Option<Micros>,
     tokens: u32,
@@ -68,9 +76,14 @@ pub struct ObservedBody<B> {
     ended: Option<End>,
 }
 
-impl<B> ObservedBody<B> {
+impl<B: Body> ObservedBody<B> {
     pub fn new(inner: B, state: Arc<AppState>, guard: LoadGuard, ctx: RequestContext) -> Self {
         let idle = state.idle_timeout;
+        let label = EndpointLabel {
+            endpoint: guard.endpoint().url.clone(),
+        };
+        let ttft_histogram = state.metrics.ttft.get_or_create(&label).clone();
+        let itl_histogram = state.metrics.itl.get_or_create(&label).clone();
         let mode = if ctx.streaming {
             Mode::Sse(Box::new(SseParser::new(SseConfig::default())))
         } else {
@@ -80,6 +93,8 @@ impl<B> ObservedBody<B> {
             inner: Box::pin(inner),
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             idle,
+            ttft_histogram,
+            itl_histogram,
             state,
             guard: Some(guard),
             ctx,
@@ -133,39 +148,47 @@ impl<B> ObservedBody<B> {
     }
 
     fn on_tokens(&mut self, tokens: u32, now: Micros) {
-        let endpoint = self.guard.as_ref().map(|g| g.endpoint().clone());
-        let Some(endpoint) = endpoint else { return };
-        let label = EndpointLabel {
-            endpoint: endpoint.url.clone(),
+        let Some(guard) = self.guard.as_mut() else {
+            return;
         };
+        let endpoint = guard.endpoint().clone();
         match self.last_token_at {
             None => {
                 let ttft = now.saturating_sub(self.ctx.sent);
                 self.first_token_at = Some(now);
                 endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
-                self.state
-                    .metrics
-                    .ttft
-                    .get_or_create(&label)
-                    .observe(ttft as f64 / 1e6);
-                if let Some(g) = self.guard.as_mut() {
-                    g.first_token();
-                }
+                self.ttft_histogram.observe(ttft as f64 / 1e6);
+                guard.first_token();
+                guard.tokens(tokens);
+                let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
+                self.state.policy.feedback(&feedback, now);
+                self.last_token_at = Some(now);
+                self.tokens += tokens;
+                return;
             }
             Some(last) => {
                 let gap = now.saturating_sub(last);
                 endpoint.with_stats(|s| s.record_itl(gap, tokens));
                 let per_token = gap as f64 / 1e6 / tokens as f64;
-                let h = self.state.metrics.itl.get_or_create(&label);
                 for _ in 0..tokens.min(64) {
-                    h.observe(per_token);
+                    self.itl_histogram.observe(per_token);
                 }
             }
         }
+        guard.tokens(tokens);
         self.last_token_at = Some(now);
         self.tokens += tokens;
-        if let Some(g) = self.guard.as_mut() {
-            g.tokens(tokens);
+    }
+
+    fn feedback(&self, endpoint_key: u64, event: FeedbackEvent) -> Feedback {
+        Feedback {
+            endpoint_key,
+            priority: self.ctx.priority,
+            prompt_tokens: self.ctx.prompt_tokens,
+            sla_ttft_ms: self.ctx.sla_ttft_ms,
+            load_at_dispatch: self.ctx.load_at_dispatch,
+            detail: self.ctx.detail,
+            event,
         }
     }
 
@@ -175,7 +198,7 @@ impl<B> ObservedBody<B> {
             return;
         }
         self.ended = Some(end);
-        let Some(guard) = self.guard.take() else {
+        let Some(mut guard) = self.guard.take() else {
             return;
         };
         let now = self.clock().now();
@@ -191,21 +214,35 @@ impl<B> ObservedBody<B> {
         let e2e = now.saturating_sub(self.ctx.started);
         // A client that leaves says nothing about the endpoint: no outcome recorded for it.
         if end != End::ClientGone {
+            let ttft = self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent));
+            let decode_time = match (self.first_token_at, self.last_token_at) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                _ => 0,
+            };
             guard.record(
                 &RequestOutcome {
                     prompt_tokens: self.ctx.prompt_tokens,
                     output_tokens,
-                    ttft: self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent)),
-                    decode_time: match (self.first_token_at, self.last_token_at) {
-                        (Some(a), Some(b)) => b.saturating_sub(a),
-                        _ => 0,
-                    },
+                    ttft,
+                    decode_time,
                     e2e,
                     failed,
                     timed_out: end == End::IdleTimeout,
                 },
                 now,
             );
+            let mean_itl_ms = (self.tokens > 1 && decode_time > 0)
+                .then(|| decode_time as f64 / 1e3 / (self.tokens - 1) as f64);
+            let feedback = self.feedback(
+                endpoint.key,
+                FeedbackEvent::Finished {
+                    ttft,
+                    output_tokens,
+                    mean_itl_ms,
+                    failed,
+                },
+            );
+            self.state.policy.feedback(&feedback, now);
             if !failed && status.is_success() && output_tokens > 0 {
                 self.state
                     .learned_output
@@ -308,8 +345,13 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.on_data(data);
                 }
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.idle_timer.as_mut().reset(deadline);
+                if this.inner.is_end_stream() {
+                    // The server may stop polling once we report the end: record it now.
+                    this.finish(End::Complete);
+                } else {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.idle_timer.as_mut().reset(deadline);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -357,10 +399,15 @@ where
     }
 }
 
-impl<B> Drop for ObservedBody<B> {
+impl<B: Body> Drop for ObservedBody<B> {
     fn drop(&mut self) {
         if self.ended.is_none() {
-            self.finish(End::ClientGone);
+            let end = if self.inner.is_end_stream() {
+                End::Complete
+            } else {
+                End::ClientGone
+            };
+            self.finish(end);
         }
     }
 }

@@ -192,11 +192,14 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
         )
         .with_param(Some("model".into())));
     }
-    let healthy: Vec<_> = serving.into_iter().filter(|e| e.is_healthy()).collect();
+    let now = state.clock.now();
+    let healthy: Vec<_> = serving.into_iter().filter(|e| e.admits(now)).collect();
     if healthy.is_empty() {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("no healthy endpoint serves the model '{model}'"),
+            format!(
+                "no healthy endpoint serves the model '{model}' (failing health checks or circuit open)"
+            ),
         );
         e.retry_after = Some(1);
         return Err(e);
@@ -277,7 +280,18 @@ async fn dispatch(
             profile.expected_output_tokens,
         );
         let sent = state.clock.now();
+        let may_retry = attempt < state.config.max_retries && pool.len() > 1;
         match send(&state, &endpoint, &parts, &body, &request_id).await {
+            Ok(response) if may_retry && is_retryable(response.status()) => {
+                // Nothing reached the client yet: try another endpoint.
+                let why = format!("status {}", response.status());
+                drop(response);
+                fail(&state, guard, &endpoint, "status", started, &why);
+                state.metrics.retries.inc();
+                pool.remove(decision.index);
+                backoff(&state, attempt).await;
+                attempt += 1;
+            }
             Ok(response) => {
                 let ctx = RequestContext {
                     request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
@@ -289,13 +303,17 @@ async fn dispatch(
                     started,
                     sent,
                     streaming: is_event_stream(response.headers()),
+                    sla_ttft_ms: profile.sla_ttft_ms,
+                    load_at_dispatch: views[decision.index].load,
+                    detail: decision.detail,
                 };
                 return respond(state.clone(), response, guard, ctx, &endpoint, &request_id);
             }
-            Err(SendError::Connect(e)) if attempt < state.config.max_retries && pool.len() > 1 => {
+            Err(SendError::Connect(e)) if may_retry => {
                 fail(&state, guard, &endpoint, "connect", started, &e);
                 state.metrics.retries.inc();
                 pool.remove(decision.index);
+                backoff(&state, attempt).await;
                 attempt += 1;
             }
             Err(err) => {
@@ -333,7 +351,7 @@ async fn dispatch(
 
 fn fail(
     state: &AppState,
-    guard: LoadGuard,
+    mut guard: LoadGuard,
     endpoint: &Endpoint,
     kind: &str,
     started: Micros,
@@ -361,6 +379,21 @@ fn fail(
         })
         .inc();
     tracing::warn!(endpoint = %endpoint.url, kind, "upstream failure: {why}");
+}
+
+/// Upstream statuses worth another endpoint: overloaded or failing, with nothing sent yet.
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
+}
+
+/// Waits before retry `attempt` (0-based): `--retry-backoff-ms` × 1.5^attempt, with ±50% jitter so
+/// retries of many requests do not arrive in step.
+async fn backoff(state: &AppState, attempt: u32) {
+    let base = state.config.retry_backoff_ms as f64 * 1.5f64.powi(attempt as i32);
+    let jittered = base * (0.5 + rand::random::<f64>());
+    if jittered >= 1.0 {
+        tokio::time::sleep(std::time::Duration::from_micros((jittered * 1e3) as u64)).await;
+    }
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {

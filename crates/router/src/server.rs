@@ -33,7 +33,10 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     );
     Ok(Arc::new(AppState {
         analyzer: config.analyzer_config(),
-        registry: Arc::new(Registry::new(config.stats_config())),
+        registry: Arc::new(Registry::new(
+            config.stats_config(),
+            config.breaker_config(),
+        )),
         policy: build_policy(config.policy_kind(), &config.policy_config()),
         client,
         metrics: RouterMetrics::new(),
@@ -204,6 +207,7 @@ async fn engines(State(state): State<Arc<AppState>>) -> Response {
                     "flaps": view.availability.flaps,
                 },
                 "breaker": view.availability.breaker,
+                "breaker_detail": e.breaker(),
                 "load": view.load,
                 "observed": view.observed,
                 "observed_last_failure_age_s": age_s(view.observed.last_failure),

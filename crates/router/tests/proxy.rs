@@ -104,6 +104,29 @@ async fn roundrobin_cycles_and_headers_are_set() {
     )
     .await;
     assert!(ans.header("x-request-id").starts_with("qoe-"));
+    // Every completed request was recorded in its endpoint's statistics, usage tokens included.
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    let recorded: u64 = engines["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["observed"]["window_requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(recorded, 7);
+    let metrics = String::from_utf8(
+        get(&c, &format!("{}/metrics", r.url))
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let tokens: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("qoe_router_output_tokens_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(tokens, 35.0, "5 usage tokens per request");
 }
 
 #[tokio::test]
@@ -343,7 +366,9 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     let r = router(&["--static-backends", &engine.url, "--max-body-bytes", "1000"]).await;
     let c = client();
     let url = format!("{}/v1/chat/completions", r.url);
-    let cases: &[(&str, &[(&str, &str)], u16, Option<&str>)] = &[
+    // (body, headers, status, the `param` the error names)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, Option<&'a str>);
+    let cases: &[Case] = &[
         ("{oops", &[], 400, None),
         (r#"{"messages":[]}"#, &[], 400, Some("model")),
         (
@@ -554,4 +579,108 @@ async fn config_file_reload_changes_endpoints_live() {
         "in-flight request unharmed"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn upstream_5xx_is_retried_elsewhere_before_any_byte_is_sent() {
+    let (bad, good) = (mock(&["m"]).await, mock(&["m"]).await);
+    *bad.state.fixed.lock().unwrap() = Some((503, r#"{"error":{"message":"queue full"}}"#.into()));
+    let r = router(&[
+        "--static-backends",
+        &backends(&[&bad, &good]),
+        "--retry-backoff-ms",
+        "1",
+    ])
+    .await;
+    let c = client();
+    for _ in 0..4 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", "x", true),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+        assert_eq!(ans.header("x-qoe-endpoint"), good.url);
+        assert!(String::from_utf8_lossy(&ans.body).ends_with("data: [DONE]\n\n"));
+    }
+    let bad_hits = bad
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .count();
+    assert!(bad_hits >= 1, "round-robin tried the failing endpoint");
+}
+
+#[tokio::test]
+async fn breaker_opens_after_failures_and_closes_when_the_engine_recovers() {
+    let (flaky, steady) = (mock(&["m"]).await, mock(&["m"]).await);
+    *flaky.state.fixed.lock().unwrap() = Some((500, r#"{"error":{"message":"boom"}}"#.into()));
+    let r = router(&[
+        "--static-backends",
+        &backends(&[&flaky, &steady]),
+        "--max-retries",
+        "0",
+        "--breaker-failures",
+        "3",
+        "--breaker-successes",
+        "2",
+        "--breaker-open-secs",
+        "0.3",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let breaker_of = |engines: &serde_json::Value, url: &str| {
+        engines["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == url)
+            .unwrap()["breaker"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Round-robin alternates: six requests give the flaky endpoint its three failures.
+    let mut failures = 0;
+    for _ in 0..6 {
+        if post(&c, &url, &completion("m", "x", false), &[])
+            .await
+            .status
+            == 500
+        {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3);
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    assert_eq!(breaker_of(&engines, &flaky.url), "open");
+    // While open, every request goes to the steady endpoint.
+    for _ in 0..6 {
+        let ans = post(&c, &url, &completion("m", "x", false), &[]).await;
+        assert_eq!(
+            (ans.status, ans.header("x-qoe-endpoint")),
+            (200, steady.url.clone())
+        );
+    }
+    // The engine recovers; after the pause a probe goes through, and two successes close it.
+    *flaky.state.fixed.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let mut closed = false;
+    for _ in 0..40 {
+        assert_eq!(
+            post(&c, &url, &completion("m", "x", false), &[])
+                .await
+                .status,
+            200
+        );
+        let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        if breaker_of(&engines, &flaky.url) == "closed" {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "breaker closed after successful probes");
 }

@@ -66,9 +66,11 @@ fn bench_step(c: &mut Criterion) {
     for batch in [64u32, 256] {
         let mut l = Loaded::new(batch);
         group.throughput(Throughput::Elements(1));
-        group.bench_with_input(BenchmarkId::new("steady_state_batch", batch), &batch, |b, _| {
-            b.iter(|| black_box(l.step()))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("steady_state_batch", batch),
+            &batch,
+            |b, _| b.iter(|| black_box(l.step())),
+        );
         let s = l.engine.stats();
         assert_eq!(s.running + s.waiting, batch, "the batch stayed full");
     }

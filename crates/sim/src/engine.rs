@@ -82,7 +82,9 @@ impl FromStr for Scheduling {
         match s {
             "fcfs" => Ok(Self::Fcfs),
             "priority" => Ok(Self::Priority),
-            other => Err(format!("unknown scheduling policy `{other}` (fcfs, priority)")),
+            other => Err(format!(
+                "unknown scheduling policy `{other}` (fcfs, priority)"
+            )),
         }
     }
 }
@@ -237,7 +239,10 @@ pub enum SubmitError {
     /// `output_tokens` of zero.
     NoOutput,
     /// The prompt leaves no room for one output token within `max_model_len`.
-    TooLong { prompt_tokens: u32, max_model_len: u32 },
+    TooLong {
+        prompt_tokens: u32,
+        max_model_len: u32,
+    },
     /// Prompt + output need more KV than the whole cache holds: it could never run.
     ExceedsKvCapacity { tokens: u64, capacity_tokens: u64 },
     /// `max_num_queued_reqs` requests are already waiting.
@@ -498,6 +503,10 @@ impl Engine {
     }
 
     /// Queues a request arriving at `now`. It is considered at the next [`Engine::step`].
+    ///
+    /// A live driver stamps arrivals with the wall clock while its steps run on virtual time that
+    /// may trail it slightly, so `now` may exceed the next step's start; latencies measured across
+    /// that gap saturate at zero rather than wrap.
     pub fn submit(&mut self, req: SimRequest, now: Micros) -> Result<(), SubmitError> {
         if self.by_id.contains_key(&req.id) {
             return Err(SubmitError::DuplicateId(req.id));
@@ -719,7 +728,8 @@ impl Engine {
             }
             let seq = self.slots[slot as usize].as_mut().expect("running slot");
             for _ in 0..need {
-                seq.blocks.push(self.pool.alloc().expect("checked free blocks"));
+                seq.blocks
+                    .push(self.pool.alloc().expect("checked free blocks"));
             }
             seq.sched = n;
             *budget -= n;
@@ -742,7 +752,8 @@ impl Engine {
                     break;
                 }
                 for _ in 0..need {
-                    seq.blocks.push(self.pool.alloc().expect("checked free blocks"));
+                    seq.blocks
+                        .push(self.pool.alloc().expect("checked free blocks"));
                 }
                 seq.computed = seq.prompt - 1;
                 let ms = self.cfg.profile.kv_transfer_ms(seq.prompt) / self.speed;
@@ -779,7 +790,8 @@ impl Engine {
                 }
                 seq.blocks.extend_from_slice(&self.hit_scratch);
                 for _ in 0..need {
-                    seq.blocks.push(self.pool.alloc().expect("checked free blocks"));
+                    seq.blocks
+                        .push(self.pool.alloc().expect("checked free blocks"));
                 }
                 seq.computed = hit_tokens;
                 seq.hashed = hits as u32;
@@ -793,7 +805,9 @@ impl Engine {
             }
             if !seq.scheduled {
                 seq.scheduled = true;
-                self.stats.queue_time.observe(now - seq.arrival);
+                self.stats
+                    .queue_time
+                    .observe(now.saturating_sub(seq.arrival));
             }
             seq.state = State::Running;
             self.waiting.remove(&key);
@@ -844,7 +858,10 @@ impl Engine {
         seq.skip_prefill = false; // its transferred KV is gone: recompute locally
         seq.state = State::Waiting;
         self.stats.preemptions += 1;
-        events.push(EngineEvent::Preempted { id: seq.id, at: now });
+        events.push(EngineEvent::Preempted {
+            id: seq.id,
+            at: now,
+        });
         self.waiting.insert(self.waiting_key(&seq), slot);
         self.slots[slot as usize] = Some(seq);
     }
@@ -877,10 +894,10 @@ impl Engine {
         });
         self.stats.generation_tokens += 1;
         if first {
-            self.stats.ttft.observe(end - seq.arrival);
+            self.stats.ttft.observe(end.saturating_sub(seq.arrival));
             self.stats.prompt_tokens += seq.prompt as u64;
         } else {
-            self.stats.itl.observe(end - seq.last_token);
+            self.stats.itl.observe(end.saturating_sub(seq.last_token));
         }
         seq.last_token = end;
         if seq.generated < seq.output {
@@ -892,7 +909,7 @@ impl Engine {
             at: end,
             reason: seq.reason,
         });
-        self.stats.e2e.observe(end - seq.arrival);
+        self.stats.e2e.observe(end.saturating_sub(seq.arrival));
         match seq.reason {
             FinishReason::Stop => self.stats.finished_stop += 1,
             _ => self.stats.finished_length += 1,
@@ -937,7 +954,9 @@ impl Engine {
             .min();
         match next {
             Some(t) if t > now => t - now,
-            _ => ((self.cfg.profile.cpu_overhead_ms * 1000.0 / self.speed).round() as Micros).max(1),
+            _ => {
+                ((self.cfg.profile.cpu_overhead_ms * 1000.0 / self.speed).round() as Micros).max(1)
+            }
         }
     }
 
@@ -945,5 +964,29 @@ impl Engine {
         self.stats.running = self.running.len() as u32 - self.transferring;
         self.stats.waiting = self.waiting.len() as u32 + self.transferring;
         self.stats.kv_blocks_used = self.pool.num_used();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_sized_by_live_requests_not_by_history() {
+        let mut e = Engine::new(EngineConfig::for_profile(Profile::tiny())).unwrap();
+        let (mut now, mut ev) = (0, Vec::new());
+        let mut next = 0;
+        for _ in 0..5_000 {
+            while e.live_requests() < 16 {
+                e.submit(SimRequest::new(next, 40, 3), now).unwrap();
+                next += 1;
+            }
+            ev.clear();
+            now += e.step(now, &mut ev);
+        }
+        assert!(next > 5_000);
+        assert!(e.slots.len() <= 16, "slot table grew to {}", e.slots.len());
+        assert!(e.by_id.len() <= 16 && e.waiting.len() <= 16 && e.running.len() <= 16);
+        assert!(e.sched.capacity() <= 64);
     }
 }

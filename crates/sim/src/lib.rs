@@ -30,3 +30,6 @@ pub use engine::{
 };
 pub use histogram::Histogram;
 pub use profile::{BatchShape, Profile, PROFILE_NAMES};
+pub mod fleet;
+pub mod report;
+pub mod workload;

@@ -18,16 +18,26 @@ struct Req {
 }
 
 fn req() -> impl Strategy<Value = Req> {
-    (1u32..600, 1u32..120, 0i32..4, 0u64..3, prop::bool::weighted(0.15), 0u8..3, prop::option::weighted(0.1, 0u8..20))
-        .prop_map(|(prompt, output, priority, group, skip_prefill, gap_steps, abort_after)| Req {
-            prompt,
-            output,
-            priority,
-            group,
-            skip_prefill,
-            gap_steps,
-            abort_after,
-        })
+    (
+        1u32..600,
+        1u32..120,
+        0i32..4,
+        0u64..3,
+        prop::bool::weighted(0.15),
+        0u8..3,
+        prop::option::weighted(0.1, 0u8..20),
+    )
+        .prop_map(
+            |(prompt, output, priority, group, skip_prefill, gap_steps, abort_after)| Req {
+                prompt,
+                output,
+                priority,
+                group,
+                skip_prefill,
+                gap_steps,
+                abort_after,
+            },
+        )
 }
 
 proptest! {

@@ -9,10 +9,12 @@
 
 mod baseline;
 mod prefix;
+pub mod qoe;
 mod session;
 
 pub use baseline::{LeastLoaded, PowerOfTwo, RandomPolicy, RoundRobin};
 pub use prefix::{PrefixAware, PrefixIndex};
+pub use qoe::{Qoe, QoeConfig};
 pub use session::SessionAffinity;
 
 use crate::{EndpointId, EndpointView, Micros, RequestProfile};
@@ -44,6 +46,33 @@ pub enum Reason {
     PrefixOverloaded,
     /// No known prefix: least-loaded.
     PrefixMiss,
+    // The `qoe` policy's reasons: which cost term made the chosen endpoint beat the runner-up
+    // (the largest weighted term difference), checked in this order: tie, prefix, then the term.
+    /// qoe: several endpoints had the same lowest cost (within 1e-9); one was drawn at random.
+    QoeTie,
+    /// qoe: the chosen endpoint's prefix-cache hit made the difference: with only the runner-up's
+    /// cached prefix it would have lost.
+    QoePrefix,
+    /// qoe: the performance term decided in favour of an endpoint with no samples of its own (its
+    /// latency predicted from the fleet prior: the mean learned endpoint, or the configured
+    /// defaults) over one whose latency was learned.
+    QoeColdStart,
+    /// qoe: the predicted time to first token (performance term, TTFT side) decided.
+    QoeTtft,
+    /// qoe: the predicted inter-token latency and delivery rate (performance term, decode side)
+    /// decided.
+    QoeItl,
+    /// qoe: the resource term (KV usage, queue, in-flight requests and tokens against capacity)
+    /// decided; also a priority-2 request's (load-proportional) priority term.
+    QoeResource,
+    /// qoe: the reliability term (errors, timeouts, breaker, flaps, stale metrics, recent
+    /// failure) decided.
+    QoeReliability,
+    /// qoe: a priority-1 request took the endpoint with the most headroom (priority term).
+    QoeHeadroom,
+    /// qoe: a priority-3 request went to a busy-but-healthy endpoint, leaving headroom to others
+    /// (priority term).
+    QoeLeaveHeadroom,
 }
 
 impl Reason {
@@ -60,6 +89,15 @@ impl Reason {
             Reason::PrefixHit => "prefix-hit",
             Reason::PrefixOverloaded => "prefix-overloaded",
             Reason::PrefixMiss => "prefix-miss",
+            Reason::QoeTie => "qoe-tie",
+            Reason::QoePrefix => "qoe-prefix",
+            Reason::QoeColdStart => "qoe-cold-start",
+            Reason::QoeTtft => "qoe-ttft",
+            Reason::QoeItl => "qoe-itl",
+            Reason::QoeResource => "qoe-resource",
+            Reason::QoeReliability => "qoe-reliability",
+            Reason::QoeHeadroom => "qoe-headroom",
+            Reason::QoeLeaveHeadroom => "qoe-leave-headroom",
         }
     }
 }
@@ -159,16 +197,19 @@ pub enum PolicyKind {
     PowerOfTwo,
     Session,
     PrefixAware,
+    /// The QoE-centric policy ([`Qoe`]).
+    Qoe,
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 6] = [
+    pub const ALL: [PolicyKind; 7] = [
         PolicyKind::RoundRobin,
         PolicyKind::Random,
         PolicyKind::LeastLoaded,
         PolicyKind::PowerOfTwo,
         PolicyKind::Session,
         PolicyKind::PrefixAware,
+        PolicyKind::Qoe,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -179,6 +220,7 @@ impl PolicyKind {
             PolicyKind::PowerOfTwo => "power-of-two",
             PolicyKind::Session => "session",
             PolicyKind::PrefixAware => "prefix-aware",
+            PolicyKind::Qoe => "qoe",
         }
     }
 
@@ -210,6 +252,8 @@ pub struct PolicyConfig {
     /// Prefix-aware: go least-loaded when the matched endpoint has this many more requests in
     /// flight than the least-loaded one.
     pub prefix_balance_margin: u32,
+    /// Settings of the `qoe` policy.
+    pub qoe: QoeConfig,
 }
 
 impl Default for PolicyConfig {
@@ -219,6 +263,7 @@ impl Default for PolicyConfig {
             session_load_factor: 1.25,
             prefix_index_blocks: 200_000,
             prefix_balance_margin: 8,
+            qoe: QoeConfig::default(),
         }
     }
 }
@@ -232,6 +277,7 @@ pub fn build_policy(kind: PolicyKind, config: &PolicyConfig) -> Box<dyn RoutingP
         PolicyKind::PowerOfTwo => Box::new(PowerOfTwo::new(config.seed)),
         PolicyKind::Session => Box::new(SessionAffinity::new(config)),
         PolicyKind::PrefixAware => Box::new(PrefixAware::new(config)),
+        PolicyKind::Qoe => Box::new(Qoe::new(config)),
     }
 }
 

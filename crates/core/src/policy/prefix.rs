@@ -107,6 +107,62 @@ impl PrefixIndex {
         }
         best
     }
+
+    /// Per-endpoint prefix matches: for each endpoint key believed to hold a prefix of `hashes`,
+    /// the number of leading blocks it holds, written to `out` (cleared first; at most `2 × WAYS`
+    /// keys, longest first). The keys considered are the holders of the longest matched block and
+    /// of the first block; each one's length is found by binary search, so the cost is
+    /// `O(WAYS · log(blocks))` lookups whatever the number of endpoints. Like
+    /// [`longest_match`](Self::longest_match) it may miss a match the bounded index forgot, never
+    /// invent one.
+    pub fn match_lengths(&mut self, hashes: &[u64], out: &mut Vec<(u64, usize)>) {
+        out.clear();
+        if hashes.is_empty() {
+            return;
+        }
+        let nonempty = |h: &Option<Holders>| h.is_some_and(|h| h.iter().any(|&k| k != 0));
+        // Longest block anyone holds.
+        let (mut lo, mut hi) = (0usize, hashes.len());
+        let mut longest: Option<(usize, Holders)> = None;
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let h = self.holders(hashes[mid]);
+            if nonempty(&h) {
+                longest = h.map(|h| (mid + 1, h));
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let Some((len, top)) = longest else {
+            return;
+        };
+        for &k in top.iter().filter(|&&k| k != 0) {
+            if !out.iter().any(|&(o, _)| o == k) {
+                out.push((k, len));
+            }
+        }
+        if len > 1 {
+            let first = self.holders(hashes[0]).unwrap_or([0; WAYS]);
+            for &k in first.iter().filter(|&&k| k != 0) {
+                if out.iter().any(|&(o, _)| o == k) {
+                    continue;
+                }
+                // Longest i < len with k among the holders of block i (block 0 holds it).
+                let (mut lo, mut hi) = (1usize, len);
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    let holds = self.holders(hashes[mid]).is_some_and(|h| h.contains(&k));
+                    if holds {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                out.push((k, lo));
+            }
+        }
+    }
 }
 
 /// Longest prefix match, unless the match is `margin` requests busier than the least-loaded
@@ -227,6 +283,28 @@ mod tests {
         assert_eq!(index.longest_match(&long, &v), Some((1, 8)));
         // Only endpoint 0 among candidates: it matches 4 blocks.
         assert_eq!(index.longest_match(&long, &v[..1]), Some((0, 4)));
+    }
+
+    #[test]
+    fn match_lengths_per_endpoint() {
+        let mut index = PrefixIndex::new(1000);
+        let mut out = Vec::new();
+        let text = "a".repeat(64 * 12);
+        let hashes = prefix_block_hashes(text.as_bytes(), 64);
+        index.match_lengths(&hashes, &mut out);
+        assert!(out.is_empty());
+        // Turn 1 (4 blocks) went to 7, turn 2 (8 blocks) to 9, turn 3 (12 blocks) to 11.
+        index.record(&hashes[..4], 7);
+        index.record(&hashes[..8], 9);
+        index.record(&hashes, 11);
+        index.match_lengths(&hashes, &mut out);
+        out.sort();
+        assert_eq!(out, vec![(7, 4), (9, 8), (11, 12)]);
+        index.match_lengths(&hashes[..6], &mut out);
+        out.sort();
+        assert_eq!(out, vec![(7, 4), (9, 6), (11, 6)]);
+        index.match_lengths(&[], &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -52,11 +52,11 @@ impl RoutingPolicy for SessionAffinity {
         let bound = (self.load_factor * total as f64 / endpoints.len() as f64).ceil() as u64;
         let score = |e: &EndpointView| mix64(session ^ mix64(e.key));
         let home = (0..endpoints.len()).max_by_key(|&i| score(&endpoints[i]))?;
-        if endpoints[home].load.in_flight() as u64 + 1 <= bound {
+        if (endpoints[home].load.in_flight() as u64) < bound {
             return Some(Decision::new(endpoints, home, Reason::SessionHit));
         }
         let index = (0..endpoints.len())
-            .filter(|&i| endpoints[i].load.in_flight() as u64 + 1 <= bound)
+            .filter(|&i| (endpoints[i].load.in_flight() as u64) < bound)
             .max_by_key(|&i| score(&endpoints[i]))
             // The bound always admits the least-loaded endpoint; this is only for safety.
             .unwrap_or(home);

@@ -168,7 +168,10 @@ impl Conn {
     pub async fn read_head(&mut self) -> std::io::Result<(u16, Vec<(String, String)>)> {
         let mut line = String::new();
         if self.reader.read_line(&mut line).await? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no response"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "no response",
+            ));
         }
         let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         let mut headers = Vec::new();
@@ -208,7 +211,10 @@ impl Conn {
                 ));
             }
             let size = usize::from_str_radix(line.trim(), 16).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad chunk size {line:?}"))
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("bad chunk size {line:?}"),
+                )
             })?;
             let mut data = vec![0; size + 2];
             self.reader.read_exact(&mut data).await?;
@@ -245,13 +251,20 @@ impl Conn {
             if let Some(pos) = self.pending.windows(2).position(|w| w == b"\n\n") {
                 let ev: Vec<u8> = self.pending.drain(..pos + 2).collect();
                 let text = String::from_utf8(ev).unwrap();
-                let data = text.trim_end().strip_prefix("data: ").expect("an SSE data line");
+                let data = text
+                    .trim_end()
+                    .strip_prefix("data: ")
+                    .expect("an SSE data line");
                 return Ok(Some(data.to_string()));
             }
             match self.next_piece().await? {
                 Some(p) => self.pending.extend_from_slice(&p),
                 None => {
-                    assert!(self.pending.is_empty(), "trailing bytes: {:?}", self.pending);
+                    assert!(
+                        self.pending.is_empty(),
+                        "trailing bytes: {:?}",
+                        self.pending
+                    );
                     return Ok(None);
                 }
             }

@@ -1,0 +1,282 @@
+//! One streamed request over HTTP, measured as the user would feel it.
+//!
+//! The request is what vLLM's own serving benchmark sends (`stream: true`,
+//! `stream_options.include_usage`, `ignore_eos: true`, `max_tokens` = the planned output), so the
+//! output length is the workload's and not the model's whim, plus the router's hint headers. The
+//! response is read frame by frame; every frame is timestamped as it arrives and fed to
+//! [`qoe_core::sse::SseParser`], the same parser the router uses, so a token counts the same in
+//! both. Nothing per token is stored: a [`RequestTracker`] folds arrivals into the QoE accumulator
+//! and a gap histogram.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use qoe_core::sse::{SseEvent, SseParser};
+use qoe_core::Micros;
+use qoe_sim::report::{RequestRecord, RequestTracker, Status};
+use qoe_sim::workload::{Api, PlannedRequest};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The pooled HTTP/1 client every request of a run shares.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A pooled client with `TCP_NODELAY` (so a token chunk is never held back by Nagle's algorithm,
+/// on our side either), at most `max_idle` idle connections per host, and a connect timeout.
+pub fn http_client(max_idle: usize) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(max_idle)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+/// A target's base URL, checked: `http://host:port`, optionally with a path prefix (`/v1` is
+/// understood and not doubled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// As given, without a trailing slash.
+    pub base: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> anyhow::Result<Target> {
+        let trimmed = url.trim().trim_end_matches('/');
+        let uri: http::Uri = trimmed
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--target {url}: not a URL ({e})"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => anyhow::bail!(
+                "--target {url}: only http:// is supported (got {other}://); put a TLS proxy in front"
+            ),
+            None => anyhow::bail!("--target {url}: give the scheme, e.g. http://127.0.0.1:8000"),
+        }
+        if uri.authority().is_none() {
+            anyhow::bail!("--target {url}: no host");
+        }
+        let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
+        Ok(Target { base })
+    }
+
+    /// The URL of `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `host:port`, the default label.
+    pub fn authority(&self) -> String {
+        self.base
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| self.base.clone())
+    }
+}
+
+/// The JSON body of a planned request.
+pub fn request_body(api: Api, model: &str, r: &PlannedRequest) -> Bytes {
+    let mut body = serde_json::json!({
+        "model": model,
+        "max_tokens": r.output_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "ignore_eos": true,
+    });
+    match api {
+        Api::Completions => body["prompt"] = r.prompt.as_str().into(),
+        Api::Chat => {
+            body["messages"] = serde_json::json!([{"role": "user", "content": r.prompt.as_str()}])
+        }
+    }
+    Bytes::from(serde_json::to_vec(&body).expect("JSON body"))
+}
+
+/// The HTTP request for `r`: body plus the router's hint headers.
+pub fn http_request(
+    url: &str,
+    body: Bytes,
+    r: &PlannedRequest,
+) -> anyhow::Result<hyper::Request<Full<Bytes>>> {
+    let mut b = hyper::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "text/event-stream")
+        .header("x-request-priority", r.priority.level().to_string());
+    if let Some(sla) = r.sla {
+        b = b.header("x-sla-target-ms", sla.ttft_ms.to_string());
+    }
+    if r.send_expected_header {
+        b = b.header("x-expected-output-tokens", r.output_tokens.to_string());
+    }
+    if let Some(s) = r.session {
+        b = b.header("x-session-id", format!("session-{}", s.id));
+    }
+    Ok(b.body(Full::new(body))?)
+}
+
+/// Microseconds since `start`.
+pub fn micros_since(start: Instant) -> Micros {
+    start.elapsed().as_micros().min(u64::MAX as u128) as u64
+}
+
+/// Sends `request` and follows its stream to the end (or `timeout`), timing every chunk from
+/// `start`; `tracker` was created at the send time.
+pub async fn measure(
+    client: &HttpClient,
+    request: hyper::Request<Full<Bytes>>,
+    mut tracker: RequestTracker,
+    start: Instant,
+    timeout: Duration,
+) -> RequestRecord {
+    let streamed = async {
+        let resp = client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                Status::Connect
+            } else {
+                Status::Stream
+            }
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(Status::Http(status.as_u16()));
+        }
+        let mut body = resp.into_body();
+        let mut parser = SseParser::default();
+        let (mut done, mut error, mut usage) = (false, false, None);
+        let mut on_event = |ev: SseEvent, at: Micros, tracker: &mut RequestTracker| match ev {
+            SseEvent::Tokens { count, usage: u } => {
+                tracker.on_tokens(at, count as u64);
+                if let Some(c) = u.and_then(|u| u.completion_tokens) {
+                    usage = Some(c);
+                }
+            }
+            SseEvent::Usage(u) => {
+                if let Some(c) = u.completion_tokens {
+                    usage = Some(c);
+                }
+            }
+            SseEvent::Done => done = true,
+            SseEvent::Error => error = true,
+            SseEvent::Other | SseEvent::Oversized { .. } => {}
+        };
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| Status::Stream)?;
+            if let Some(data) = frame.data_ref() {
+                let at = micros_since(start);
+                parser.feed(data, |ev| on_event(ev, at, &mut tracker));
+            }
+        }
+        let at = micros_since(start);
+        parser.finish(|ev| on_event(ev, at, &mut tracker));
+        if let Some(n) = usage {
+            tracker.set_reported_tokens(n);
+        }
+        if error {
+            Err(Status::Stream)
+        } else if !done {
+            Err(Status::Truncated)
+        } else {
+            Ok(())
+        }
+    };
+    let status = match tokio::time::timeout(timeout, streamed).await {
+        Err(_) => Status::Timeout,
+        Ok(Err(s)) => s,
+        Ok(Ok(())) => Status::Ok,
+    };
+    tracker.finish(micros_since(start), status)
+}
+
+/// The first model a target serves (`GET /v1/models`), for runs that name none.
+pub async fn first_model(client: &HttpClient, target: &Target) -> anyhow::Result<String> {
+    let url = target.url("/v1/models");
+    let req = hyper::Request::get(&url).body(Full::new(Bytes::new()))?;
+    let fetch = async {
+        let resp = client.request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(status.is_success(), "GET {url}: HTTP {status}");
+        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        v["data"][0]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("GET {url}: no model listed"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| anyhow::anyhow!("GET {url}: no answer in 10 s"))?
+        .map_err(|e| anyhow::anyhow!("cannot find the model to request ({e}); pass --model"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qoe_core::Priority;
+    use qoe_sim::workload::{SessionRef, Sla};
+
+    fn planned() -> PlannedRequest {
+        PlannedRequest {
+            id: 3,
+            at: 0,
+            prompt: "abcd efgh".into(),
+            prompt_tokens: 3,
+            output_tokens: 17,
+            priority: Priority::HIGH,
+            sla: Some(Sla {
+                ttft_ms: 250,
+                tpot_ms: 50,
+            }),
+            session: Some(SessionRef { id: 9, turn: 1 }),
+            prefix_group: None,
+            send_expected_header: true,
+        }
+    }
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("http://127.0.0.1:8000/").unwrap();
+        assert_eq!(
+            t.url("/v1/completions"),
+            "http://127.0.0.1:8000/v1/completions"
+        );
+        assert_eq!(t.authority(), "127.0.0.1:8000");
+        let t = Target::parse("http://h:1/v1").unwrap();
+        assert_eq!(t.url("/v1/models"), "http://h:1/v1/models");
+        assert!(Target::parse("https://h:1").is_err());
+        assert!(Target::parse("127.0.0.1:8000").is_err());
+    }
+
+    #[test]
+    fn bodies_and_headers() {
+        let r = planned();
+        let v: serde_json::Value =
+            serde_json::from_slice(&request_body(Api::Completions, "m", &r)).unwrap();
+        assert_eq!(v["prompt"], "abcd efgh");
+        assert_eq!(v["max_tokens"], 17);
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["ignore_eos"], true);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let v: serde_json::Value =
+            serde_json::from_slice(&request_body(Api::Chat, "m", &r)).unwrap();
+        assert_eq!(v["messages"][0]["content"], "abcd efgh");
+        assert!(v.get("prompt").is_none());
+        let req = http_request("http://h/v1/completions", Bytes::new(), &r).unwrap();
+        let h = req.headers();
+        assert_eq!(h["x-request-priority"], "1");
+        assert_eq!(h["x-sla-target-ms"], "250");
+        assert_eq!(h["x-expected-output-tokens"], "17");
+        assert_eq!(h["x-session-id"], "session-9");
+        let mut quiet = planned();
+        quiet.sla = None;
+        quiet.session = None;
+        quiet.send_expected_header = false;
+        let req = http_request("http://h/", Bytes::new(), &quiet).unwrap();
+        assert!(req.headers().get("x-sla-target-ms").is_none());
+        assert!(req.headers().get("x-expected-output-tokens").is_none());
+        assert!(req.headers().get("x-session-id").is_none());
+    }
+}

@@ -1,0 +1,433 @@
+//! # qoe-bench: live load against any OpenAI-compatible endpoint
+//!
+//! `qoe-router bench` drives real HTTP streams at a target (our router under any policy, a peer
+//! router, a bare engine) and reports what users felt: TTFT, inter-token latency, TPOT,
+//! end-to-end latency, DistServe SLO attainment and Andes QoE, per priority and overall. Claims of
+//! better QoE need numbers measured the same way for every contender, so:
+//!
+//! * **The load is data.** A workload file ([`qoe_sim::workload`]) plans every request — when,
+//!   how long, which priority and SLA, which shared prefix and session — from a seed. `--compare`
+//!   runs the same plan against each target in turn.
+//! * **The load is open loop.** Each request is sent at its planned time whether or not earlier
+//!   ones have finished, as real users arrive (a closed loop would slow down with the system under
+//!   test and hide its queueing). A bound on requests in flight (`--max-in-flight`) keeps the
+//!   generator's own memory and sockets bounded: a request that would exceed it is not queued but
+//!   counted as an error (`client_overload`), so an overloaded target shows up in the report
+//!   instead of silently stretching the run.
+//! * **The report is shared.** Records are built by [`qoe_sim::report::RequestTracker`] and summed
+//!   by [`qoe_sim::report::ReportBuilder`], exactly as the fleet simulator does, so a live run and a
+//!   simulated one can be laid side by side.
+//!
+//! Output: the Markdown table on stdout; with `--out DIR`, `DIR/report.json` (a
+//! [`ReportSet`]: `{"reports": [...]}`, one per target) and `DIR/report.md`.
+//!
+//! Only `http://` targets (the router and engines speak plain HTTP/1.1 on a private network).
+
+pub mod client;
+pub mod progress;
+
+use crate::client::{http_client, http_request, measure, micros_since, request_body, Target};
+use crate::progress::{Counters, Progress};
+use clap::{Args, Parser};
+use qoe_sim::fleet::Fleet;
+use qoe_sim::report::{
+    Report, ReportBuilder, ReportConfig, ReportMeta, ReportSet, RequestRecord, RequestTracker,
+    Status,
+};
+use qoe_sim::workload::{Trace, Workload, WorkloadSpec};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+/// Options of `qoe-router bench`.
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Base URL of an OpenAI-compatible server (http://host:port). Repeat, or separate with
+    /// commas, to run several targets in turn with --compare.
+    #[arg(long = "target", required = true, value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Workload file (TOML, see bench/workloads/).
+    #[arg(long)]
+    pub workload: PathBuf,
+    /// Run for this many seconds instead of the workload's duration or request count.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Directory to write report.json and report.md into (created if missing).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run every target one after another with the same seed and print one side-by-side table.
+    #[arg(long)]
+    pub compare: bool,
+    /// Label of each target in the report, in --target order (default: host:port).
+    #[arg(long = "label", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Model to request (default: the workload's, else the first the target lists).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Most requests in flight at once; a request planned beyond it is counted as a
+    /// `client_overload` error, never queued.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight: u32,
+    /// Seed of the workload's random draws (default: the workload file's).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Longest a request may take, first byte to last, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub request_timeout: f64,
+    /// No progress bar and no status lines (the report is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Parser)]
+struct BenchOnly {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+impl BenchArgs {
+    /// Options from command-line style flags (without the program or subcommand name).
+    pub fn from_flags<I, T>(flags: I) -> Result<BenchArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv = std::iter::once(std::ffi::OsString::from("bench"))
+            .chain(flags.into_iter().map(Into::into));
+        Ok(BenchOnly::try_parse_from(argv)?.args)
+    }
+}
+
+/// Reads a workload file, and its trace file (relative to it) when the arrivals are a trace. An
+/// unnamed workload is named after its file.
+pub fn load_workload(path: &Path) -> anyhow::Result<Workload> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read workload {}: {e}", path.display()))?;
+    let spec = WorkloadSpec::from_toml_str(&text)
+        .map_err(|e| anyhow::anyhow!("workload {}: {e}", path.display()))?;
+    let trace = match spec.trace_file() {
+        None => None,
+        Some(file) => {
+            let trace_path = path.parent().unwrap_or(Path::new(".")).join(file);
+            let csv = std::fs::read_to_string(&trace_path)
+                .map_err(|e| anyhow::anyhow!("cannot read trace {}: {e}", trace_path.display()))?;
+            Some(
+                Trace::parse_csv(&csv)
+                    .map_err(|e| anyhow::anyhow!("trace {}: {e}", trace_path.display()))?,
+            )
+        }
+    };
+    let mut w = Workload::new(spec, trace)
+        .map_err(|e| anyhow::anyhow!("workload {}: {e}", path.display()))?;
+    if w.name().is_empty() {
+        w.set_name(file_stem(path));
+    }
+    Ok(w)
+}
+
+/// Reads a fleet file. An unnamed fleet is named after its file.
+pub fn load_fleet(path: &Path) -> anyhow::Result<Fleet> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read fleet {}: {e}", path.display()))?;
+    let mut f = Fleet::from_toml_str(&text)
+        .map_err(|e| anyhow::anyhow!("fleet {}: {e}", path.display()))?;
+    if f.name().is_empty() {
+        f.set_name(file_stem(path));
+    }
+    Ok(f)
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Runs the benchmark, prints the report, and writes it under `--out`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let set = bench(&args).await?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        for (name, text) in [
+            ("report.json", set.to_json()),
+            ("report.md", set.to_markdown()),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        }
+        if !args.quiet {
+            eprintln!("bench: wrote {}/report.{{json,md}}", dir.display());
+        }
+    }
+    println!("{}", set.to_markdown());
+    Ok(())
+}
+
+/// Runs the benchmark against every target in turn and returns the reports (in --target order).
+pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
+    let targets = args
+        .targets
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Target::parse(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!targets.is_empty(), "--target is empty");
+    anyhow::ensure!(
+        targets.len() == 1 || args.compare,
+        "{} targets given: pass --compare to run each of them in turn",
+        targets.len()
+    );
+    anyhow::ensure!(
+        args.labels.is_empty() || args.labels.len() == targets.len(),
+        "{} labels for {} targets: give one --label per --target",
+        args.labels.len(),
+        targets.len()
+    );
+    anyhow::ensure!(
+        args.request_timeout.is_finite() && args.request_timeout > 0.0,
+        "--request-timeout must be > 0"
+    );
+    let mut workload = load_workload(&args.workload)?;
+    if let Some(d) = args.duration {
+        workload
+            .set_duration(d)
+            .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
+    }
+    let seed = args.seed.unwrap_or(workload.seed());
+    let client = http_client(args.max_in_flight as usize);
+    let mut labels: Vec<String> = Vec::with_capacity(targets.len());
+    for (i, t) in targets.iter().enumerate() {
+        let mut label = args.labels.get(i).cloned().unwrap_or_else(|| t.authority());
+        if labels.contains(&label) {
+            label = format!("{label}#{i}");
+        }
+        labels.push(label);
+    }
+    let mut reports = Vec::with_capacity(targets.len());
+    for (target, label) in targets.iter().zip(labels) {
+        let model = match args.model.clone().or_else(|| workload.spec().model.clone()) {
+            Some(m) => m,
+            None => client::first_model(&client, target).await?,
+        };
+        if !args.quiet {
+            eprintln!(
+                "bench: {label}: workload `{}` (seed {seed}) against {} with model `{model}`",
+                workload.name(),
+                target.base
+            );
+        }
+        let run = Run {
+            client: client.clone(),
+            target,
+            label,
+            model,
+            workload: &workload,
+            seed,
+            max_in_flight: args.max_in_flight,
+            timeout: Duration::from_secs_f64(args.request_timeout),
+            progress: !args.quiet,
+        };
+        reports.push(run.go().await?);
+    }
+    Ok(ReportSet { reports })
+}
+
+/// One target's run.
+struct Run<'a> {
+    client: client::HttpClient,
+    target: &'a Target,
+    label: String,
+    model: String,
+    workload: &'a Workload,
+    seed: u64,
+    max_in_flight: u32,
+    timeout: Duration,
+    progress: bool,
+}
+
+impl Run<'_> {
+    async fn go(self) -> anyhow::Result<Report> {
+        let cfg = ReportConfig::default();
+        let api = self.workload.spec().api;
+        let url: Arc<str> = self.target.url(api.path()).into();
+        let builder = Arc::new(Mutex::new(ReportBuilder::new(cfg)));
+        let add = {
+            let builder = builder.clone();
+            move |r: &RequestRecord| {
+                builder.lock().unwrap_or_else(|e| e.into_inner()).add(r);
+            }
+        };
+        let slots = Arc::new(Semaphore::new(self.max_in_flight as usize));
+        let counters = Arc::new(Counters::default());
+        let max_lag = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let spec = self.workload.spec();
+        let bar = Progress::start(
+            self.progress,
+            self.label.clone(),
+            counters.clone(),
+            start,
+            spec.duration_s,
+            spec.requests,
+        );
+        for planned in self.workload.generate(self.seed) {
+            tokio::time::sleep_until(start + Duration::from_micros(planned.at)).await;
+            counters.sent.fetch_add(1, Ordering::Relaxed);
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let now = micros_since(start);
+                add(&RequestRecord::failed(
+                    planned.id,
+                    planned.priority,
+                    planned.sla,
+                    now,
+                    now,
+                    Status::ClientOverload,
+                ));
+                counters.finished.fetch_add(1, Ordering::Relaxed);
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let request = http_request(&url, request_body(api, &self.model, &planned), &planned)?;
+            let (id, priority, sla, planned_at) =
+                (planned.id, planned.priority, planned.sla, planned.at);
+            drop(planned);
+            let (client, counters, max_lag, add) = (
+                self.client.clone(),
+                counters.clone(),
+                max_lag.clone(),
+                add.clone(),
+            );
+            let timeout = self.timeout;
+            tokio::spawn(async move {
+                let sent = micros_since(start);
+                max_lag.fetch_max(sent.saturating_sub(planned_at), Ordering::Relaxed);
+                let tracker = RequestTracker::new(id, priority, sla, sent, &cfg);
+                let record = measure(&client, request, tracker, start, timeout).await;
+                add(&record);
+                if !record.status.is_ok() {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                counters.finished.fetch_add(1, Ordering::Relaxed);
+                drop(slot);
+            });
+        }
+        // Every request in flight holds a slot until its record is in: taking them all waits for
+        // the last one (each bounded by the request timeout).
+        let _all = slots.acquire_many(self.max_in_flight).await?;
+        bar.finish().await;
+        let report = builder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish(ReportMeta {
+                label: self.label,
+                target: Some(self.target.base.clone()),
+                workload: self.workload.name().to_string(),
+                seed: self.seed,
+                max_send_lag_ms: Some(max_lag.load(Ordering::Relaxed) as f64 / 1e3),
+            });
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let a = BenchArgs::from_flags([
+            "--target",
+            "http://a:1,http://b:2",
+            "--target",
+            "http://c:3",
+            "--workload",
+            "w.toml",
+            "--label",
+            "x,y,z",
+            "--compare",
+            "--max-in-flight",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(a.targets.len(), 3);
+        assert_eq!(a.labels, ["x", "y", "z"]);
+        assert_eq!(a.max_in_flight, 8);
+        assert!(a.compare && !a.quiet);
+        assert!(BenchArgs::from_flags(["--workload", "w.toml"]).is_err());
+        assert!(BenchArgs::from_flags([
+            "--target",
+            "http://a:1",
+            "--workload",
+            "w",
+            "--max-in-flight",
+            "0"
+        ])
+        .is_err());
+    }
+
+    #[tokio::test]
+    async fn several_targets_need_compare() {
+        let a = BenchArgs::from_flags([
+            "--target",
+            "http://127.0.0.1:9,http://127.0.0.1:10",
+            "--workload",
+            "nowhere.toml",
+        ])
+        .unwrap();
+        let err = bench(&a).await.unwrap_err().to_string();
+        assert!(err.contains("--compare"), "{err}");
+    }
+
+    fn repo_file(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel)
+    }
+
+    #[test]
+    fn committed_workloads_and_fleets_load() {
+        let dir = repo_file("bench/workloads");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let w = load_workload(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!w.name().is_empty());
+                // Each plans something, and every prompt fits the context.
+                let first: Vec<_> = w.generate(w.seed()).take(50).collect();
+                assert!(!first.is_empty(), "{}", path.display());
+                let max = w.spec().max_context_tokens;
+                assert!(first
+                    .iter()
+                    .all(|r| r.prompt_tokens + r.output_tokens <= max));
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "{n} workloads");
+        let mut n = 0;
+        for entry in std::fs::read_dir(repo_file("bench/fleets")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                load_fleet(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "{n} fleets");
+        let hetero = load_fleet(&repo_file("bench/fleets/hetero-4.toml")).unwrap();
+        assert_eq!(hetero.len(), 4);
+        let degrading = load_fleet(&repo_file("bench/fleets/degrading-4.toml")).unwrap();
+        let c = degrading.changes()[0];
+        assert_eq!(c.at, 60_000_000);
+        assert_eq!(
+            load_fleet(&repo_file("bench/fleets/hetero-200.toml"))
+                .unwrap()
+                .len(),
+            200
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! End to end: two simulated engines (`tiny` profile) and a router on 127.0.0.1 ephemeral ports,
+//! the smoke workload run for 2 s against the router and against one engine directly with
+//! `--compare`, and the written report checked for structure and counts (no timing thresholds).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use qoe_bench::{load_workload, BenchArgs};
+use qoe_sim::report::{Report, ReportSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const MODEL: &str = "sim-llama";
+const SEED: u64 = 7;
+const DURATION_S: f64 = 2.0;
+
+fn smoke_workload() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/workloads/smoke.toml")
+}
+
+/// A fresh, unique directory under the system temp dir.
+fn temp_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("qoe-bench-test-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits (bounded) until `url` answers 200.
+async fn wait_healthy(url: &str) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    for _ in 0..300 {
+        let req = http::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_millis(500), client.request(req)).await
+        {
+            if resp.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{url} never became healthy");
+}
+
+fn check_report(r: &Report, planned: u64) {
+    let all = &r.overall;
+    assert_eq!(
+        all.requests, planned,
+        "{}: every planned request is accounted for",
+        r.label
+    );
+    assert_eq!(
+        all.errors, 0,
+        "{}: errors {:?}",
+        r.label, all.errors_by_kind
+    );
+    assert_eq!(all.completed, planned);
+    assert!(all.errors_by_kind.is_empty());
+    // All three priorities of the smoke workload have a section, and they add up.
+    let levels: Vec<u8> = r.by_priority.iter().filter_map(|s| s.priority).collect();
+    assert_eq!(levels, [1, 2, 3], "{}", r.label);
+    assert_eq!(
+        r.by_priority.iter().map(|s| s.requests).sum::<u64>(),
+        planned
+    );
+    assert_eq!(
+        r.by_priority.iter().map(|s| s.output_tokens).sum::<u64>(),
+        all.output_tokens
+    );
+    for s in r.scopes() {
+        assert!(
+            (0.0..=1.0).contains(&s.mean_qoe),
+            "{}: {}",
+            s.scope(),
+            s.mean_qoe
+        );
+        assert!((0.0..=1.0).contains(&s.qoe_acceptable_share));
+        assert!((0.0..=1.0).contains(&s.slo_attainment));
+        for p in [&s.ttft_ms, &s.e2e_ms] {
+            assert_eq!(p.count, s.requests, "{}: one sample per request", s.scope());
+        }
+        for p in [&s.ttft_ms, &s.itl_ms, &s.e2e_ms] {
+            let (p50, p90, p99, max) = (
+                p.p50.unwrap(),
+                p.p90.unwrap(),
+                p.p99.unwrap(),
+                p.max.unwrap(),
+            );
+            assert!(
+                0.0 <= p50 && p50 <= p90 && p90 <= p99 && p99 <= max,
+                "{p:?}"
+            );
+        }
+        // A request's first token comes before its end.
+        assert!(s.ttft_ms.p50.unwrap() <= s.e2e_ms.max.unwrap());
+    }
+    // ignore_eos + max_tokens: every request streamed exactly its planned output.
+    assert!(all.output_tokens > 0);
+    assert!(all.itl_ms.count > 0);
+    assert!(r.duration_s > 0.0 && all.achieved_rps > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_against_a_router_and_an_engine() {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    let mut engines = Vec::new();
+    for seed in ["1", "2"] {
+        let args = qoe_router::demo::engine_args(&[
+            "--port",
+            "0",
+            "--model",
+            MODEL,
+            "--profile",
+            "tiny",
+            "--seed",
+            seed,
+        ])
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        engines.push(format!("http://{}", listener.local_addr().unwrap()));
+        tasks.push(tokio::spawn(qoe_engine::serve(args, listener, stopped())));
+    }
+    let config = qoe_router::RouterConfig::from_args([
+        "qoe-router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--static-backends",
+        &engines.join(","),
+        "--static-models",
+        MODEL,
+        "--routing-logic",
+        "least-loaded",
+    ])
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = format!("http://{}", listener.local_addr().unwrap());
+    tasks.push(tokio::spawn(qoe_router::serve(config, listener, stopped())));
+    for url in engines.iter().chain([&router]) {
+        wait_healthy(&format!("{url}/health")).await;
+    }
+
+    let out = temp_dir();
+    let workload = smoke_workload();
+    let duration = DURATION_S.to_string();
+    let seed = SEED.to_string();
+    let args = BenchArgs::from_flags([
+        "--target",
+        &router,
+        "--target",
+        &engines[0],
+        "--compare",
+        "--label",
+        "router,engine",
+        "--workload",
+        workload.to_str().unwrap(),
+        "--duration",
+        &duration,
+        "--seed",
+        &seed,
+        "--model",
+        MODEL,
+        "--max-in-flight",
+        "64",
+        "--request-timeout",
+        "20",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), qoe_bench::run(args))
+        .await
+        .expect("the bench finishes")
+        .unwrap();
+
+    // What the plan holds: the same generator, the same seed and duration.
+    let mut w = load_workload(&workload).unwrap();
+    w.set_duration(DURATION_S).unwrap();
+    let planned = w.generate(SEED).count() as u64;
+    assert!(planned >= 10, "{planned}");
+    assert!(w
+        .generate(SEED)
+        .any(|r| r.session.is_some_and(|s| s.turn > 0)));
+
+    let json = std::fs::read_to_string(out.join("report.json")).unwrap();
+    let set = ReportSet::from_json(&json).unwrap();
+    assert_eq!(set.reports.len(), 2);
+    assert_eq!(set.reports[0].label, "router");
+    assert_eq!(set.reports[1].label, "engine");
+    for r in &set.reports {
+        assert_eq!(r.workload, "smoke");
+        assert_eq!(r.seed, SEED);
+        check_report(r, planned);
+    }
+    // The same plan, so the same tokens were asked of both.
+    assert_eq!(
+        set.reports[0].overall.output_tokens,
+        set.reports[1].overall.output_tokens
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.starts_with("| metric | router | engine |"), "{md}");
+    assert!(md.contains("| p1 SLO attainment |"), "{md}");
+    assert!(
+        md.contains("### router") && md.contains("### engine"),
+        "{md}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+}

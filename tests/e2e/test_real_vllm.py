@@ -1,0 +1,68 @@
+"""Opt-in: the router in front of a REAL vLLM engine (see docs/REAL-VLLM.md).
+
+Runs only when REAL_VLLM_URL points at a running vLLM server, e.g. one started with
+../shared/real-vllm/serve.sh 8100 (then REAL_VLLM_URL=http://127.0.0.1:8100).
+"""
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from openai import OpenAI
+
+from conftest import BIN, free_port, wait_ready
+
+REAL = os.environ.get("REAL_VLLM_URL")
+pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_VLLM_URL to a running vLLM server")
+
+
+@pytest.fixture(scope="module")
+def router():
+    port = free_port()
+    proc = subprocess.Popen(
+        [BIN, "serve", "--port", str(port), "--static-backends", REAL, "--engine-stats-interval", "0.5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url + "/health")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def engines(router):
+    with urllib.request.urlopen(router + "/engines", timeout=5) as r:
+        return json.load(r)["endpoints"]
+
+
+def test_discovers_the_model(router):
+    client = OpenAI(base_url=router + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+
+
+def test_streams_chat_and_reads_v1_metrics(router):
+    client = OpenAI(base_url=router + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=16,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    pieces, usage = 0, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        pieces += sum(1 for c in chunk.choices if c.delta.content)
+    assert usage.completion_tokens == 16
+    assert pieces >= 1
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        e = engines(router)[0]
+        m = e["engine_metrics"] or {}
+        if (m.get("generation_tokens") or 0) >= 16:
+            break
+        time.sleep(0.2)
+    assert e["healthy"]
+    assert m["running"] is not None and m["waiting"] is not None and m["kv_usage"] is not None
+    assert m["prefix_queries"] is not None and m["ttft_count"] >= 1
+    assert e["observed"]["ttft_ms"] > 0 and e["observed"]["itl_ms"] > 0
