@@ -39,7 +39,7 @@ pub struct Load {
 impl Load {
     /// Requests in flight.
     pub fn in_flight(&self) -> u32 {
-        self.in_prefill + self.in_decode
+        self.in_prefill.saturating_add(self.in_decode)
     }
 }
 

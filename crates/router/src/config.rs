@@ -59,8 +59,8 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_STATIC_MODELS", value_delimiter = ',')]
     pub static_models: Vec<String>,
 
-    /// Routing policy: roundrobin, random, least-loaded, power-of-two, session, prefix-aware.
-    #[arg(long, env = "QOE_ROUTING_LOGIC", default_value = "roundrobin")]
+    /// Routing policy: qoe, roundrobin, random, least-loaded, power-of-two, session, prefix-aware.
+    #[arg(long, env = "QOE_ROUTING_LOGIC", default_value = "qoe")]
     pub routing_logic: String,
     /// Seed for the policies' random choices.
     #[arg(long, env = "QOE_SEED", default_value_t = PolicyConfig::default().seed)]
@@ -390,7 +390,7 @@ mod tests {
     fn defaults_come_from_the_flags() {
         let c = RouterConfig::default();
         assert_eq!(c.port, 8000);
-        assert_eq!(c.routing_logic, "roundrobin");
+        assert_eq!(c.routing_logic, "qoe");
         assert_eq!(c.target_ttft, 300.0);
         assert_eq!(c.target_itl, 50.0);
         assert_eq!(c.qoe_weights, [0.3, 0.4, 0.2, 0.1]);

@@ -20,7 +20,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Routing policy of the router.
-    #[arg(long, default_value = "least-loaded")]
+    #[arg(long, default_value = "qoe")]
     pub routing_logic: String,
     /// Model name the engines serve.
     #[arg(long, default_value = "sim-llama")]

@@ -30,6 +30,28 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabel {
+    pub priority: u8,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlaLabels {
+    pub priority: u8,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TermLabel {
+    pub term: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointTermLabels {
+    pub endpoint: String,
+    pub term: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: u16,
 }
@@ -42,9 +64,25 @@ pub struct FailureLabels {
 
 type FGauge = Gauge<f64, AtomicU64>;
 
+/// The `term` label values of `qoe_router_decision`.
+const DECISION_TERMS: [&str; 8] = [
+    "predicted_ttft_seconds",
+    "predicted_itl_seconds",
+    "cached_tokens",
+    "resource",
+    "performance",
+    "reliability",
+    "priority",
+    "cost",
+];
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn qoe_histogram() -> Histogram {
+    Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
 }
 
 fn itl_histogram() -> Histogram {
@@ -63,6 +101,12 @@ pub struct RouterMetrics {
     pub itl: Family<EndpointLabel, Histogram, fn() -> Histogram>,
     pub e2e: Family<EndpointLabel, Histogram, fn() -> Histogram>,
     pub output_tokens: Family<EndpointLabel, Counter>,
+    pub priority_ttft: Family<PriorityLabel, Histogram, fn() -> Histogram>,
+    pub priority_itl: Family<PriorityLabel, Histogram, fn() -> Histogram>,
+    pub priority_qoe: Family<PriorityLabel, Histogram, fn() -> Histogram>,
+    pub sla: Family<SlaLabels, Counter>,
+    pub weights: Family<TermLabel, FGauge>,
+    pub decision_terms: Family<EndpointTermLabels, FGauge>,
     gauges: Vec<(&'static str, Family<EndpointLabel, FGauge>)>,
     known: Mutex<HashSet<String>>,
 }
@@ -165,6 +209,42 @@ impl RouterMetrics {
             "Output tokens counted on responses",
             output_tokens.clone(),
         );
+        let priority_ttft = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "priority_time_to_first_token_seconds",
+            "Router-observed time to first token, by request priority",
+            priority_ttft.clone(),
+        );
+        let priority_itl = Family::new_with_constructor(itl_histogram as fn() -> Histogram);
+        registry.register(
+            "priority_inter_token_latency_seconds",
+            "Router-observed inter-token latency, by request priority",
+            priority_itl.clone(),
+        );
+        let priority_qoe = Family::new_with_constructor(qoe_histogram as fn() -> Histogram);
+        registry.register(
+            "priority_qoe",
+            "Andes QoE of streamed responses (T0 = the SLA or target TTFT, r = optimal throughput)",
+            priority_qoe.clone(),
+        );
+        let sla = Family::<SlaLabels, Counter>::default();
+        registry.register(
+            "sla",
+            "Streamed requests whose first token met (or missed) their TTFT deadline, by priority",
+            sla.clone(),
+        );
+        let weights = Family::<TermLabel, FGauge>::default();
+        registry.register(
+            "qoe_weight",
+            "Current weight of each QoE cost term (resource, performance, reliability, priority)",
+            weights.clone(),
+        );
+        let decision_terms = Family::<EndpointTermLabels, FGauge>::default();
+        registry.register(
+            "decision",
+            "The QoE policy's last decision for each endpoint: predicted TTFT/ITL (seconds), cached tokens, cost terms and cost",
+            decision_terms.clone(),
+        );
         let gauges = GAUGES
             .iter()
             .map(|(name, help)| {
@@ -183,6 +263,12 @@ impl RouterMetrics {
             itl,
             e2e,
             output_tokens,
+            priority_ttft,
+            priority_itl,
+            priority_qoe,
+            sla,
+            weights,
+            decision_terms,
             gauges,
             known: Mutex::new(HashSet::new()),
         }
@@ -223,6 +309,12 @@ impl RouterMetrics {
             self.itl.remove(&label);
             self.e2e.remove(&label);
             self.output_tokens.remove(&label);
+            for term in DECISION_TERMS {
+                self.decision_terms.remove(&EndpointTermLabels {
+                    endpoint: gone.clone(),
+                    term,
+                });
+            }
             for kind in ["connect", "timeout", "stream", "status"] {
                 self.failures.remove(&FailureLabels {
                     endpoint: gone.clone(),
@@ -257,6 +349,42 @@ impl RouterMetrics {
                 url,
                 v.engine_age(now).map(|a| a as f64 / 1e6),
             );
+        }
+    }
+
+    /// Records what a cost-based policy decided for `endpoint`.
+    pub fn record_decision(&self, endpoint: &str, d: &qoe_core::DecisionDetail) {
+        let values = [
+            d.predicted_ttft_ms / 1e3,
+            d.predicted_itl_ms / 1e3,
+            d.cached_tokens as f64,
+            d.terms[0],
+            d.terms[1],
+            d.terms[2],
+            d.terms[3],
+            d.cost,
+        ];
+        for (term, v) in DECISION_TERMS.into_iter().zip(values) {
+            if v.is_finite() {
+                self.decision_terms
+                    .get_or_create(&EndpointTermLabels {
+                        endpoint: endpoint.to_string(),
+                        term,
+                    })
+                    .set(v);
+            }
+        }
+    }
+
+    /// Copies the policy's current weights (from its state) into the weight gauges.
+    pub fn refresh_weights(&self, policy_state: Option<&serde_json::Value>) {
+        let Some(weights) = policy_state.and_then(|s| s.get("weights")) else {
+            return;
+        };
+        for term in ["resource", "performance", "reliability", "priority"] {
+            if let Some(w) = weights.get(term).and_then(|v| v.as_f64()) {
+                self.weights.get_or_create(&TermLabel { term }).set(w);
+            }
         }
     }
 

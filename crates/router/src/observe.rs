@@ -10,11 +10,13 @@
 use crate::endpoints::{Clock, LoadGuard};
 use crate::errors::ApiError;
 use crate::metrics::{EndpointLabel, FailureLabels, RequestLabels};
+use crate::metrics::{PriorityLabel, SlaLabels};
 use crate::state::AppState;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::histogram::Histogram;
+use qoe_core::qoe_metric::{QoeAccumulator, QoeParams};
 use qoe_core::sse::{SseConfig, SseEvent, SseParser};
 use qoe_core::{DecisionDetail, Feedback, FeedbackEvent, Load, Micros, Priority, RequestOutcome};
 use std::pin::Pin;
@@ -68,6 +70,12 @@ pub struct ObservedBody<B: Body> {
     /// This endpoint's histograms, resolved once per request (not per chunk).
     ttft_histogram: Histogram,
     itl_histogram: Histogram,
+    priority_ttft: Histogram,
+    priority_itl: Histogram,
+    /// Andes QoE of the stream as the user reads it, from the router's receipt of the request.
+    qoe: QoeAccumulator,
+    /// The TTFT deadline: the request's SLA, else the target.
+    deadline: Micros,
     first_token_at: Option<Micros>,
     last_token_at: Option<Micros>,
     tokens: u32,
@@ -84,6 +92,18 @@ impl<B: Body> ObservedBody<B> {
         };
         let ttft_histogram = state.metrics.ttft.get_or_create(&label).clone();
         let itl_histogram = state.metrics.itl.get_or_create(&label).clone();
+        let priority = PriorityLabel {
+            priority: ctx.priority.level(),
+        };
+        let priority_ttft = state.metrics.priority_ttft.get_or_create(&priority).clone();
+        let priority_itl = state.metrics.priority_itl.get_or_create(&priority).clone();
+        let deadline_ms = ctx
+            .sla_ttft_ms
+            .map_or(state.config.target_ttft, |ms| ms as f64);
+        let qoe = QoeAccumulator::new(QoeParams {
+            ttft_s: deadline_ms / 1e3,
+            tokens_per_s: state.config.optimal_throughput,
+        });
         let mode = if ctx.streaming {
             Mode::Sse(Box::new(SseParser::new(SseConfig::default())))
         } else {
@@ -95,6 +115,10 @@ impl<B: Body> ObservedBody<B> {
             idle,
             ttft_histogram,
             itl_histogram,
+            priority_ttft,
+            priority_itl,
+            qoe,
+            deadline: (deadline_ms * 1e3) as Micros,
             state,
             guard: Some(guard),
             ctx,
@@ -158,6 +182,22 @@ impl<B: Body> ObservedBody<B> {
                 self.first_token_at = Some(now);
                 endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
                 self.ttft_histogram.observe(ttft as f64 / 1e6);
+                let felt = now.saturating_sub(self.ctx.started);
+                self.priority_ttft.observe(felt as f64 / 1e6);
+                let outcome = if felt <= self.deadline {
+                    "met"
+                } else {
+                    "missed"
+                };
+                self.state
+                    .metrics
+                    .sla
+                    .get_or_create(&SlaLabels {
+                        priority: self.ctx.priority.level(),
+                        outcome,
+                    })
+                    .inc();
+                self.qoe.push_n_micros(felt, tokens as u64);
                 guard.first_token();
                 guard.tokens(tokens);
                 let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
@@ -172,7 +212,10 @@ impl<B: Body> ObservedBody<B> {
                 let per_token = gap as f64 / 1e6 / tokens as f64;
                 for _ in 0..tokens.min(64) {
                     self.itl_histogram.observe(per_token);
+                    self.priority_itl.observe(per_token);
                 }
+                self.qoe
+                    .push_n_micros(now.saturating_sub(self.ctx.started), tokens as u64);
             }
         }
         guard.tokens(tokens);
@@ -250,6 +293,15 @@ impl<B: Body> ObservedBody<B> {
             }
         }
         drop(guard);
+        if self.tokens > 0 {
+            self.state
+                .metrics
+                .priority_qoe
+                .get_or_create(&PriorityLabel {
+                    priority: self.ctx.priority.level(),
+                })
+                .observe(self.qoe.finish());
+        }
         let label = EndpointLabel {
             endpoint: endpoint.url.clone(),
         };

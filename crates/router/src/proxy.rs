@@ -274,6 +274,9 @@ async fn dispatch(
             return reject(&state, e, &request_id);
         };
         let endpoint = pool[decision.index].clone();
+        if let Some(detail) = &decision.detail {
+            state.metrics.record_decision(&endpoint.url, detail);
+        }
         let guard = LoadGuard::new(
             endpoint.clone(),
             profile.prompt_tokens,

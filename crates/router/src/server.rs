@@ -175,6 +175,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state
         .metrics
         .refresh(&state.registry.table(), state.clock.now());
+    state
+        .metrics
+        .refresh_weights(state.policy.state_json().as_ref());
     let mut response = state.metrics.encode().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -219,6 +222,7 @@ async fn engines(State(state): State<Arc<AppState>>) -> Response {
         .collect();
     Json(json!({
         "policy": state.policy.name(),
+        "policy_state": state.policy.state_json(),
         "endpoints": endpoints,
     }))
     .into_response()

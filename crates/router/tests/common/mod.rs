@@ -43,6 +43,8 @@ pub struct MockState {
     pub fixed: Mutex<Option<(u16, String)>>,
     pub healthy: Mutex<bool>,
     pub metrics: Mutex<String>,
+    /// Delay before the first streamed chunk, ms.
+    pub first_chunk_delay_ms: Mutex<u64>,
 }
 
 pub struct Mock {
@@ -128,7 +130,9 @@ async fn mock_handler(State(state): State<Arc<MockState>>, request: Request) -> 
                     let _ = handoff.send(Scripted { chunks: tx });
                 }
                 None => {
+                    let delay = *state.first_chunk_delay_ms.lock().unwrap();
                     tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
                         for c in sse_chunks(4) {
                             if tx.send(Bytes::from(c)).await.is_err() {
                                 return;
@@ -185,6 +189,10 @@ impl Drop for TestRouter {
 /// Starts a router with `args` (flags as on the command line, without the program name).
 pub async fn router(args: &[&str]) -> TestRouter {
     let mut argv = vec!["qoe-router", "--host", "127.0.0.1", "--port", "0"];
+    if !args.contains(&"--routing-logic") && !args.contains(&"--config") {
+        // The tests of routing mechanics use the simplest policy unless they name one.
+        argv.extend_from_slice(&["--routing-logic", "roundrobin"]);
+    }
     argv.extend_from_slice(args);
     let config = qoe_router::RouterConfig::from_args(argv).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

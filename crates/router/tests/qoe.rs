@@ -1,0 +1,108 @@
+//! The QoE policy through the live router: it learns which endpoint is fast from what it observes,
+//! and exposes its state and QoE metrics.
+
+mod common;
+
+use common::*;
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn qoe_learns_the_fast_endpoint_from_router_observations() {
+    let (fast, slow) = (mock(&["m"]).await, mock(&["m"]).await);
+    *slow.state.first_chunk_delay_ms.lock().unwrap() = 120;
+    // No engine metrics at all (the mocks' /metrics are empty): only what the router sees.
+    let r = router(&[
+        "--static-backends",
+        &format!("{},{}", fast.url, slow.url),
+        "--routing-logic",
+        "qoe",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    // Prefill-dominant requests (a ~750-token prompt, 2 expected output tokens): TTFT decides.
+    let prompt = "Summarize the following report in two sentences. ".repeat(60);
+    let ask = |i: usize| {
+        let (c, url) = (c.clone(), url.clone());
+        let body = completion("m", &format!("Request {i:04}. {prompt}"), true);
+        async move {
+            post(
+                &c,
+                &url,
+                &body,
+                &[
+                    ("x-request-priority", "1"),
+                    ("x-expected-output-tokens", "2"),
+                ],
+            )
+            .await
+        }
+    };
+    // A burst first: load spreads it over both endpoints, so both are observed.
+    let burst = futures_util::future::join_all((0..6).map(&ask)).await;
+    assert!(burst.iter().all(|a| a.status == 200));
+    let mut picks = Vec::new();
+    for i in 6..18 {
+        let ans = ask(i).await;
+        assert_eq!(ans.status, 200);
+        assert!(
+            ans.header("x-qoe-reason").starts_with("qoe-"),
+            "{}",
+            ans.header("x-qoe-reason")
+        );
+        picks.push(ans.header("x-qoe-endpoint"));
+    }
+    let late_fast = picks[4..].iter().filter(|p| **p == fast.url).count();
+    assert!(
+        late_fast >= 7,
+        "after learning, the fast endpoint wins: {picks:?} (fast = {})",
+        fast.url
+    );
+
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    let weights = &engines["policy_state"]["weights"];
+    let sum: f64 = ["resource", "performance", "reliability", "priority"]
+        .iter()
+        .map(|t| weights[t].as_f64().unwrap())
+        .sum();
+    assert!((sum - 1.0).abs() < 1e-9, "{weights}");
+
+    let text = String::from_utf8(
+        get(&c, &format!("{}/metrics", r.url))
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!((metric(&text, "qoe_router_qoe_weight{") - 1.0).abs() < 1e-6);
+    let met = metric(
+        &text,
+        "qoe_router_sla_total{priority=\"1\",outcome=\"met\"}",
+    );
+    let missed = metric(
+        &text,
+        "qoe_router_sla_total{priority=\"1\",outcome=\"missed\"}",
+    );
+    assert_eq!(met + missed, 18.0);
+    assert_eq!(
+        metric(&text, "qoe_router_priority_qoe_count{priority=\"1\"}"),
+        18.0
+    );
+    assert!(
+        text.contains("qoe_router_decision{") && text.contains("term=\"predicted_ttft_seconds\"")
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "qoe_router_priority_time_to_first_token_seconds_count{priority=\"1\"}"
+        ),
+        18.0
+    );
+}
