@@ -104,8 +104,8 @@ pub fn render(
     let full = (frac * WIDTH as f64).round() as usize;
     let bar = format!("{}{}", "#".repeat(full), "-".repeat(WIDTH - full));
     let time = match planned_s {
-        Some(p) => format!("{elapsed_s:.0}/{p:.0} s"),
-        None => format!("{elapsed_s:.0} s"),
+        Some(p) => format!("{elapsed_s:.1}/{p} s"),
+        None => format!("{elapsed_s:.1} s"),
     };
     format!(
         "{label} [{bar}] {time}  sent {sent}  in flight {}  done {finished}  errors {errors}",
@@ -125,7 +125,7 @@ mod tests {
         c.errors.store(1, Ordering::Relaxed);
         let line = render("router", &c, 30.0, Some(60.0), None);
         assert!(
-            line.starts_with("router [############------------] 30/60 s"),
+            line.starts_with("router [############------------] 30.0/60 s"),
             "{line}"
         );
         assert!(
