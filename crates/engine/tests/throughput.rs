@@ -30,12 +30,12 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// CPU time of the calling thread, ns (Linux `schedstat`).
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
+/// (CPU time, time spent runnable but waiting for a CPU) of the calling thread, ns (Linux
+/// `schedstat`). The second shows how much the host, not the engine, held the thread back.
+fn thread_sched_ns() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut f = s.split_whitespace().map(|v| v.parse().unwrap_or(0));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
 }
 
 /// One streamed completion; returns the tokens received.
@@ -122,7 +122,7 @@ fn streams_and_tokens_per_second_on_one_core() {
                 .enable_all()
                 .build()
                 .unwrap();
-            let cpu0 = thread_cpu_ns();
+            let (cpu0, wait0) = thread_sched_ns();
             rt.block_on(async move {
                 let listener = TcpListener::from_std(listener).unwrap();
                 serve(args, listener, async move {
@@ -131,7 +131,8 @@ fn streams_and_tokens_per_second_on_one_core() {
                 .await
                 .unwrap();
             });
-            thread_cpu_ns() - cpu0
+            let (cpu1, wait1) = thread_sched_ns();
+            (cpu1 - cpu0, wait1 - wait0)
         })
         .unwrap();
 
@@ -161,7 +162,8 @@ fn streams_and_tokens_per_second_on_one_core() {
     });
     let (elapsed, ramp, total, at_ramp, at_end) = report;
     let _ = stop_tx.send(());
-    let server_cpu = Duration::from_nanos(server.join().unwrap()).as_secs_f64();
+    let (cpu_ns, wait_ns) = server.join().unwrap();
+    let server_cpu = Duration::from_nanos(cpu_ns).as_secs_f64();
     let secs = elapsed.as_secs_f64();
     println!("streams {streams}, tokens/stream {tokens}, model speed {speed} (h100 profile)");
     println!(
@@ -172,6 +174,10 @@ fn streams_and_tokens_per_second_on_one_core() {
         "server thread CPU {server_cpu:.2} s ({:.0}% of one core); {:.0} tokens per CPU-second",
         100.0 * server_cpu / secs,
         total as f64 / server_cpu
+    );
+    println!(
+        "server thread waited {:.2} s for a CPU while runnable (host contention)",
+        Duration::from_nanos(wait_ns).as_secs_f64()
     );
     println!(
         "loop when all streams had started ({:.2} s): {at_ramp}",
