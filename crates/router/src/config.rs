@@ -24,6 +24,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the router does with requests whose SLA no endpoint can meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlaEnforcement {
+    /// Route every request.
+    Off,
+    /// Refuse priority 3 at once with 429; send priority 1 and 2 to the best endpoint.
+    Shed,
+}
+
 /// How endpoints are found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -168,6 +178,30 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_POOL_MAX_IDLE_PER_HOST", default_value_t = 256)]
     pub pool_max_idle_per_host: usize,
 
+    /// Admission: requests in flight per endpoint at which it counts as saturated (0: no limit).
+    #[arg(long, env = "QOE_MAX_INFLIGHT_PER_ENDPOINT", default_value_t = 0)]
+    pub max_inflight_per_endpoint: u32,
+    /// Admission: engine KV-cache usage (0..1) at which an endpoint counts as saturated (1: no limit).
+    #[arg(long, env = "QOE_SATURATION_KV_USAGE", default_value_t = 1.0)]
+    pub saturation_kv_usage: f64,
+    /// Admission: engine waiting requests at which an endpoint counts as saturated (0: no limit).
+    #[arg(long, env = "QOE_SATURATION_WAITING", default_value_t = 0)]
+    pub saturation_waiting: u32,
+    /// Admission: requests that may wait in the router when every endpoint is saturated.
+    #[arg(long, env = "QOE_QUEUE_MAX", default_value_t = 1024)]
+    pub queue_max: usize,
+    /// Admission: longest wait in the router's queue, seconds (then 429).
+    #[arg(long, env = "QOE_QUEUE_TIMEOUT", default_value_t = 30.0)]
+    pub queue_timeout: f64,
+    /// SLA enforcement: `off`, or `shed` (a priority-3 request whose `x-sla-target-ms` no endpoint
+    /// is predicted to meet is refused at once with 429; priority 1 and 2 go to the best endpoint).
+    #[arg(long, env = "QOE_SLA_ENFORCEMENT", value_enum, default_value_t = SlaEnforcement::Off)]
+    pub sla_enforcement: SlaEnforcement,
+    /// Add vLLM's `priority` field (the request's priority, 1..3) to bodies that lack one, so
+    /// engines run with `--scheduling-policy priority` keep the router's order.
+    #[arg(long, env = "QOE_ENGINE_PRIORITY", default_value_t = false)]
+    pub engine_priority: bool,
+
     /// Log format.
     #[arg(long, env = "QOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -247,6 +281,8 @@ impl RouterConfig {
             ("--target-ttft", self.target_ttft),
             ("--target-itl", self.target_itl),
             ("--breaker-open-secs", self.breaker_open_secs),
+            ("--queue-timeout", self.queue_timeout),
+            ("--saturation-kv-usage", self.saturation_kv_usage),
         ];
         anyhow::ensure!(
             self.qoe_weights.len() == 4
@@ -331,6 +367,17 @@ impl RouterConfig {
             failure_threshold: self.breaker_failures,
             success_threshold: self.breaker_successes,
             open_for: (self.breaker_open_secs * 1e6) as u64,
+        }
+    }
+
+    pub fn admission_config(&self) -> crate::admission::AdmissionConfig {
+        crate::admission::AdmissionConfig {
+            max_inflight: self.max_inflight_per_endpoint,
+            max_kv_usage: self.saturation_kv_usage,
+            max_waiting: self.saturation_waiting,
+            metrics_max_age: (self.engine_stats_interval * 3e6) as u64,
+            queue_max: self.queue_max,
+            queue_timeout: Duration::from_secs_f64(self.queue_timeout),
         }
     }
 

@@ -372,6 +372,8 @@ pub struct LoadGuard {
     decoding: bool,
     /// This request is the breaker's half-open probe and has no verdict yet.
     probe: bool,
+    /// Told when this request's capacity frees.
+    admission: Option<Arc<crate::admission::Admission>>,
 }
 
 impl LoadGuard {
@@ -389,7 +391,14 @@ impl LoadGuard {
             pending_output: expected_output as u64,
             decoding: false,
             probe,
+            admission: None,
         }
+    }
+
+    /// Tells `admission` when this request's capacity frees.
+    pub fn notifying(mut self, admission: Arc<crate::admission::Admission>) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
@@ -444,6 +453,9 @@ impl Drop for LoadGuard {
         }
         load.pending_output_tokens
             .fetch_sub(self.pending_output, Ordering::Relaxed);
+        if let Some(admission) = &self.admission {
+            admission.notify();
+        }
     }
 }
 

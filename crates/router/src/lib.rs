@@ -19,6 +19,7 @@
 //! # }
 //! ```
 
+pub mod admission;
 pub mod breaker;
 pub mod cli;
 pub mod config;

@@ -52,6 +52,12 @@ pub struct EndpointTermLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub priority: u8,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: u16,
 }
@@ -107,6 +113,9 @@ pub struct RouterMetrics {
     pub sla: Family<SlaLabels, Counter>,
     pub weights: Family<TermLabel, FGauge>,
     pub decision_terms: Family<EndpointTermLabels, FGauge>,
+    pub shed: Family<ShedLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub queued: Counter,
     gauges: Vec<(&'static str, Family<EndpointLabel, FGauge>)>,
     known: Mutex<HashSet<String>>,
 }
@@ -245,6 +254,24 @@ impl RouterMetrics {
             "The QoE policy's last decision for each endpoint: predicted TTFT/ITL (seconds), cached tokens, cost terms and cost",
             decision_terms.clone(),
         );
+        let shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "shed",
+            "Requests refused with 429 by admission control, by priority and reason (queue_full, displaced, queue_timeout, sla)",
+            shed.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Requests waiting in the router's admission queue",
+            queue_depth.clone(),
+        );
+        let queued = Counter::default();
+        registry.register(
+            "queued",
+            "Requests that waited in the admission queue",
+            queued.clone(),
+        );
         let gauges = GAUGES
             .iter()
             .map(|(name, help)| {
@@ -269,6 +296,9 @@ impl RouterMetrics {
             sla,
             weights,
             decision_terms,
+            shed,
+            queue_depth,
+            queued,
             gauges,
             known: Mutex::new(HashSet::new()),
         }

@@ -5,9 +5,11 @@
 //! `--max-retries`); anything later is the client's to see: upstream statuses and bodies pass
 //! through untouched.
 
+use crate::admission::{Admission, QueueKey, Wake};
+use crate::config::SlaEnforcement;
 use crate::endpoints::{Endpoint, LoadGuard};
 use crate::errors::ApiError;
-use crate::metrics::{CodeLabel, FailureLabels};
+use crate::metrics::{CodeLabel, FailureLabels, ShedLabels};
 use crate::observe::{ObservedBody, RequestContext};
 use crate::state::AppState;
 use axum::body::Body;
@@ -256,7 +258,19 @@ async fn dispatch(
         Err(e) => return reject(&state, e, &request_id),
     };
     let mut views: Vec<EndpointView> = Vec::with_capacity(pool.len());
+    let mut open_views: Vec<EndpointView> = Vec::with_capacity(pool.len());
     let mut attempt = 0u32;
+    let admission = &state.admission;
+    let key = admission.key(
+        profile.priority,
+        profile.sla_ttft_ms.map(|ms| started + ms as u64 * 1_000),
+    );
+    let queue_deadline = tokio::time::Instant::now() + admission.config.queue_timeout;
+    let body = if state.config.engine_priority {
+        with_engine_priority(body, profile.priority.level())
+    } else {
+        body
+    };
     loop {
         let now = state.clock.now();
         views.clear();
@@ -265,7 +279,27 @@ async fn dispatch(
                 .enumerate()
                 .map(|(i, e)| e.view(i as u32, now, FLAP_WINDOW)),
         );
-        let Some(decision) = state.policy.pick(&profile, &views, now) else {
+        open_views.clear();
+        if admission.config.enabled() {
+            open_views.extend(views.iter().filter(|v| !admission.config.saturated(v, now)));
+            let behind = admission.behind_someone(&key);
+            if open_views.is_empty() || behind {
+                if !open_views.is_empty() {
+                    // Capacity is open but someone more urgent waits: let them have it first.
+                    admission.notify();
+                }
+                if let Err(e) = wait_in_queue(&state, key, queue_deadline).await {
+                    return reject(&state, e, &request_id);
+                }
+                continue;
+            }
+        } else {
+            open_views.extend_from_slice(&views);
+        }
+        if let Err(e) = enforce_sla(&state, &profile, &open_views, now, started) {
+            return reject(&state, e, &request_id);
+        }
+        let Some(decision) = state.policy.pick(&profile, &open_views, now) else {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("no endpoint could take the request for '{}'", profile.model),
@@ -273,7 +307,9 @@ async fn dispatch(
             e.retry_after = Some(1);
             return reject(&state, e, &request_id);
         };
-        let endpoint = pool[decision.index].clone();
+        // Views carry their index in `pool` as their id.
+        let chosen = decision.endpoint.0 as usize;
+        let endpoint = pool[chosen].clone();
         if let Some(detail) = &decision.detail {
             state.metrics.record_decision(&endpoint.url, detail);
         }
@@ -281,7 +317,8 @@ async fn dispatch(
             endpoint.clone(),
             profile.prompt_tokens,
             profile.expected_output_tokens,
-        );
+        )
+        .notifying(state.admission.clone());
         let sent = state.clock.now();
         let may_retry = attempt < state.config.max_retries && pool.len() > 1;
         match send(&state, &endpoint, &parts, &body, &request_id).await {
@@ -291,7 +328,7 @@ async fn dispatch(
                 drop(response);
                 fail(&state, guard, &endpoint, "status", started, &why);
                 state.metrics.retries.inc();
-                pool.remove(decision.index);
+                pool.remove(chosen);
                 backoff(&state, attempt).await;
                 attempt += 1;
             }
@@ -307,7 +344,7 @@ async fn dispatch(
                     sent,
                     streaming: is_event_stream(response.headers()),
                     sla_ttft_ms: profile.sla_ttft_ms,
-                    load_at_dispatch: views[decision.index].load,
+                    load_at_dispatch: views[chosen].load,
                     detail: decision.detail,
                 };
                 return respond(state.clone(), response, guard, ctx, &endpoint, &request_id);
@@ -315,7 +352,7 @@ async fn dispatch(
             Err(SendError::Connect(e)) if may_retry => {
                 fail(&state, guard, &endpoint, "connect", started, &e);
                 state.metrics.retries.inc();
-                pool.remove(decision.index);
+                pool.remove(chosen);
                 backoff(&state, attempt).await;
                 attempt += 1;
             }
@@ -382,6 +419,126 @@ fn fail(
         })
         .inc();
     tracing::warn!(endpoint = %endpoint.url, kind, "upstream failure: {why}");
+}
+
+/// A 429 from admission control, counted by priority and reason.
+fn shed(
+    state: &AppState,
+    priority: qoe_core::Priority,
+    reason: &'static str,
+    message: String,
+) -> ApiError {
+    state
+        .metrics
+        .shed
+        .get_or_create(&ShedLabels {
+            priority: priority.level(),
+            reason,
+        })
+        .inc();
+    let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, message);
+    e.retry_after = Some(1);
+    e
+}
+
+/// Waits in the admission queue until woken (capacity may have freed), a short tick passes
+/// (engine metrics may have changed), or the request's wait runs out.
+async fn wait_in_queue(
+    state: &AppState,
+    key: QueueKey,
+    deadline: tokio::time::Instant,
+) -> Result<(), ApiError> {
+    /// Leaves the queue however the wait ends, the client leaving included.
+    struct Slot<'a>(&'a Admission, QueueKey);
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            self.0.leave(&self.1);
+        }
+    }
+    let admission = &state.admission;
+    let timeout = admission.config.queue_timeout;
+    let rx = admission.enqueue(key).map_err(|_| {
+        shed(
+            state,
+            key.priority,
+            "queue_full",
+            format!(
+                "every endpoint is saturated and the admission queue is full ({} waiting, --queue-max); retry later",
+                admission.config.queue_max
+            ),
+        )
+    })?;
+    let _slot = Slot(admission, key);
+    state.metrics.queued.inc();
+    let now = tokio::time::Instant::now();
+    let tick = deadline.saturating_duration_since(now).min(QUEUE_TICK);
+    match tokio::time::timeout(tick, rx).await {
+        Ok(Ok(Wake::Displaced)) => Err(shed(
+            state,
+            key.priority,
+            "displaced",
+            "the admission queue is full and a higher-priority request took this place; retry later".into(),
+        )),
+        Ok(_) => Ok(()),
+        Err(_) if tokio::time::Instant::now() >= deadline => Err(shed(
+            state,
+            key.priority,
+            "queue_timeout",
+            format!(
+                "every endpoint stayed saturated for {} s (--queue-timeout); retry later",
+                timeout.as_secs_f64()
+            ),
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+/// How often a waiter re-checks saturation without being woken (engine metrics change too).
+const QUEUE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// With `--sla-enforcement shed`, refuses a priority-3 request whose TTFT deadline no endpoint is
+/// predicted to meet.
+fn enforce_sla(
+    state: &AppState,
+    profile: &RequestProfile,
+    views: &[EndpointView],
+    now: Micros,
+    started: Micros,
+) -> Result<(), ApiError> {
+    let (SlaEnforcement::Shed, Some(sla_ms), qoe_core::Priority::LOW) = (
+        state.config.sla_enforcement,
+        profile.sla_ttft_ms,
+        profile.priority,
+    ) else {
+        return Ok(());
+    };
+    let Some(best) = state.policy.best_predicted_ttft_ms(profile, views, now) else {
+        return Ok(());
+    };
+    let left_ms = sla_ms as f64 - now.saturating_sub(started) as f64 / 1e3;
+    if best <= left_ms {
+        return Ok(());
+    }
+    Err(shed(
+        state,
+        profile.priority,
+        "sla",
+        format!(
+            "no endpoint can meet the {} deadline of {sla_ms} ms (best predicted time to first token {best:.0} ms); priority-3 requests are shed (--sla-enforcement shed)",
+            state.config.sla_header
+        ),
+    ))
+}
+
+/// The body with vLLM's `priority` field set to the request's priority, unless it has one.
+fn with_engine_priority(body: Bytes, level: u8) -> Bytes {
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
+        Ok(mut map) if !map.contains_key("priority") => {
+            map.insert("priority".into(), level.into());
+            serde_json::to_vec(&map).map(Bytes::from).unwrap_or(body)
+        }
+        _ => body,
+    }
 }
 
 /// Upstream statuses worth another endpoint: overloaded or failing, with nothing sent yet.

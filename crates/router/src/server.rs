@@ -44,6 +44,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         learned_output: LearnedOutput::new(config.default_output_tokens),
         first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        admission: Arc::new(crate::admission::Admission::new(config.admission_config())),
         config,
     }))
 }
@@ -178,6 +179,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state
         .metrics
         .refresh_weights(state.policy.state_json().as_ref());
+    state.metrics.queue_depth.set(state.admission.len() as i64);
     let mut response = state.metrics.encode().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

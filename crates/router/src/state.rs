@@ -21,6 +21,7 @@ pub struct AppState {
     pub learned_output: LearnedOutput,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// Running estimate of output length per model, for requests that give neither the header nor

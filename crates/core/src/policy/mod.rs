@@ -185,6 +185,16 @@ pub trait RoutingPolicy: Send + Sync {
     fn state_json(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The lowest TTFT, ms, the policy predicts `req` would get on any of `endpoints` (for SLA
+    /// enforcement); `None` for policies that do not predict.
+    fn best_predicted_ttft_ms(
+        &self,
+        _req: &RequestProfile,
+        _endpoints: &[EndpointView],
+        _now: Micros,
+    ) -> Option<f64> {
+        None
+    }
 }
 
 /// The policies the registry knows.

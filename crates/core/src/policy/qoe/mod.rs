@@ -715,6 +715,19 @@ impl RoutingPolicy for Qoe {
         }
     }
 
+    fn best_predicted_ttft_ms(
+        &self,
+        req: &RequestProfile,
+        endpoints: &[EndpointView],
+        now: Micros,
+    ) -> Option<f64> {
+        self.evaluate(req, endpoints, now)
+            .iter()
+            .map(|d| d.predicted_ttft_ms)
+            .filter(|t| t.is_finite())
+            .min_by(f64::total_cmp)
+    }
+
     fn state_json(&self) -> Option<serde_json::Value> {
         let a = self.adapt.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,303 @@
+//! Admission control over real sockets: the router's queue serves priority first, sheds the
+//! lowest priority when full, bounds the wait, and enforces SLAs when asked.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use std::time::Duration;
+
+/// Sends a streaming request and holds its response open; returns the scripted stream.
+async fn hold(
+    r: &TestRouter,
+    engine: &Mock,
+    c: &TestClient,
+) -> (Scripted, hyper::Response<hyper::body::Incoming>) {
+    let script = engine.script_next();
+    let req = http::Request::post(format!("{}/v1/completions", r.url))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", "held", true))))
+        .unwrap();
+    let response = c.request(req).await.unwrap();
+    (script.await.unwrap(), response)
+}
+
+fn priority_of(seen: &Seen) -> String {
+    seen.headers
+        .get("x-request-priority")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn queued_requests_are_served_by_priority_when_capacity_frees() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--max-inflight-per-endpoint",
+        "1",
+    ])
+    .await;
+    let c = client();
+    let (held, response) = hold(&r, &engine, &c).await;
+    let url = format!("{}/v1/completions", r.url);
+    let low = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            post(
+                &c,
+                &url,
+                &completion("m", "low", false),
+                &[("x-request-priority", "3")],
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let high = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            post(
+                &c,
+                &url,
+                &completion("m", "high", false),
+                &[("x-request-priority", "1")],
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let metrics = String::from_utf8(
+        get(&c, &format!("{}/metrics", r.url))
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("qoe_router_queue_depth 2"),
+        "both wait in the router"
+    );
+    // Nothing reached the engine but the held stream.
+    assert_eq!(
+        engine
+            .requests()
+            .iter()
+            .filter(|s| s.path == "/v1/completions")
+            .count(),
+        1
+    );
+    drop(held);
+    drop(response);
+    assert_eq!(high.await.unwrap().status, 200);
+    assert_eq!(low.await.unwrap().status, 200);
+    let order: Vec<String> = engine
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .skip(1)
+        .map(priority_of)
+        .collect();
+    assert_eq!(
+        order,
+        ["1", "3"],
+        "priority 1 went first although it came second"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_sheds_the_lowest_priority_with_429() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--max-inflight-per-endpoint",
+        "1",
+        "--queue-max",
+        "1",
+    ])
+    .await;
+    let c = client();
+    let (held, response) = hold(&r, &engine, &c).await;
+    let url = format!("{}/v1/completions", r.url);
+    let low = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            post(
+                &c,
+                &url,
+                &completion("m", "low", false),
+                &[("x-request-priority", "3")],
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let high = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            post(
+                &c,
+                &url,
+                &completion("m", "high", false),
+                &[("x-request-priority", "1")],
+            )
+            .await
+        }
+    });
+    // The priority-1 arrival displaces the waiting priority 3.
+    let low = low.await.unwrap();
+    assert_eq!(low.status, 429);
+    assert_eq!(low.header("retry-after"), "1");
+    assert_eq!(low.json()["error"]["type"], "rate_limit_error");
+    assert!(low.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("higher-priority"));
+    // The queue now holds priority 1: a priority-2 arrival is refused at once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mid = post(
+        &c,
+        &url,
+        &completion("m", "mid", false),
+        &[("x-request-priority", "2")],
+    )
+    .await;
+    assert_eq!(mid.status, 429);
+    assert!(mid.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--queue-max"));
+    drop(held);
+    drop(response);
+    assert_eq!(high.await.unwrap().status, 200);
+    let metrics = String::from_utf8(
+        get(&c, &format!("{}/metrics", r.url))
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("qoe_router_shed_total{priority=\"3\",reason=\"displaced\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("qoe_router_shed_total{priority=\"2\",reason=\"queue_full\"} 1"));
+}
+
+#[tokio::test]
+async fn the_wait_is_bounded() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--max-inflight-per-endpoint",
+        "1",
+        "--queue-timeout",
+        "0.3",
+    ])
+    .await;
+    let c = client();
+    let (_held, _response) = hold(&r, &engine, &c).await;
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 429);
+    assert!(ans.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--queue-timeout"));
+}
+
+#[tokio::test]
+async fn engine_priority_is_injected_and_unknown_fields_pass_untouched() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--engine-priority"]).await;
+    let c = client();
+    let body = r#"{"model":"m","prompt":"x","max_tokens":2,"vendor_extension":{"keep":[1,2,{"me":true}]}}"#;
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        body,
+        &[("x-request-priority", "1")],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &body
+            .replace("\"x\"", "\"y\"")
+            .replace("}}", "},\"priority\":-5}"),
+        &[("x-request-priority", "3")],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    let sent: Vec<serde_json::Value> = engine
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .map(|s| serde_json::from_slice(&s.body).unwrap())
+        .collect();
+    assert_eq!(sent[0]["priority"], 1);
+    assert_eq!(
+        sent[0]["vendor_extension"],
+        serde_json::json!({"keep":[1,2,{"me":true}]})
+    );
+    assert_eq!(sent[1]["priority"], -5, "a client's own priority is kept");
+}
+
+#[tokio::test]
+async fn sla_enforcement_sheds_priority_3_but_serves_priority_1() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--routing-logic",
+        "qoe",
+        "--sla-enforcement",
+        "shed",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    // A 1 ms deadline no endpoint is predicted to meet.
+    let low = post(
+        &c,
+        &url,
+        &completion("m", "x", true),
+        &[("x-request-priority", "3"), ("x-sla-target-ms", "1")],
+    )
+    .await;
+    assert_eq!(low.status, 429);
+    let msg = low.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("x-sla-target-ms") && msg.contains("1 ms"),
+        "{msg}"
+    );
+    let high = post(
+        &c,
+        &url,
+        &completion("m", "x", true),
+        &[("x-request-priority", "1"), ("x-sla-target-ms", "1")],
+    )
+    .await;
+    assert_eq!(high.status, 200);
+    // A deadline that can be met is routed whatever the priority.
+    let easy = post(
+        &c,
+        &url,
+        &completion("m", "x", true),
+        &[("x-request-priority", "3"), ("x-sla-target-ms", "60000")],
+    )
+    .await;
+    assert_eq!(easy.status, 200);
+}
