@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}; SECS=${2:-20}
 cargo build --release --bin qoe-router --example hold_streams >/dev/null
-BIN=target/release/qoe-router
+T=${CARGO_TARGET_DIR:-target}
+BIN=$T/release/qoe-router
 ENGINE_PORT=18501; ROUTER_PORT=18500
 # A slow engine (tokens every ~100 ms per stream) that can hold all the streams at once.
 $BIN engine --port $ENGINE_PORT --profile tiny --speed 0.05 --max-num-seqs $((N + 16)) \
@@ -18,7 +19,7 @@ trap 'kill $ENGINE $ROUTER 2>/dev/null || true' EXIT
 sleep 1
 rss() { awk '/VmRSS/ {print $2/1024 " MiB"}' /proc/$ROUTER/status; }
 echo "router RSS idle: $(rss)"
-target/release/examples/hold_streams http://127.0.0.1:$ROUTER_PORT "$N" "$SECS" | while read -r line; do
+$T/release/examples/hold_streams http://127.0.0.1:$ROUTER_PORT "$N" "$SECS" | while read -r line; do
   echo "$line router_rss=$(rss)"
 done
 echo "router RSS after the streams closed: $(rss)"

@@ -11,6 +11,10 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
     about = "A QoE-aware router for fleets of LLM inference engines"
 )]
 pub struct Cli {
+    /// Threads of the async runtime (0: one per core). One thread costs less CPU per request
+    /// (no cross-thread wake-ups); more scale past one core.
+    #[arg(long, global = true, env = "QOE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -26,6 +30,8 @@ pub enum Command {
     /// Drive open-loop streaming load at OpenAI-compatible endpoints and report TTFT, ITL,
     /// SLO attainment and QoE.
     Bench(qoe_bench::BenchArgs),
+    /// Simulate a fleet in virtual time under each routing policy and report as `bench` does.
+    Simulate(qoe_bench::simulate::SimulateArgs),
 }
 
 /// Sets up logging: `format` text or JSON, `filter` in tracing's env-filter syntax.
@@ -70,7 +76,28 @@ fn subcommand_matches<'a>(matches: &'a ArgMatches, name: &str) -> &'a ArgMatches
         .expect("clap matched this subcommand")
 }
 
-/// Runs the command line `args` to completion.
+/// Parses the command line `args`, builds the runtime it asks for, and runs it to completion.
+pub fn main_with_args<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches)?;
+    let runtime = match cli.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                builder.worker_threads(n);
+            }
+            builder.enable_all().build()?
+        }
+    };
+    runtime.block_on(run_command(cli, &matches))
+}
+
+/// Runs the command line `args` to completion on the current runtime.
 pub async fn run<I, T>(args: I) -> anyhow::Result<()>
 where
     I: IntoIterator<Item = T>,
@@ -78,9 +105,13 @@ where
 {
     let matches = Cli::command().get_matches_from(args);
     let cli = Cli::from_arg_matches(&matches)?;
+    run_command(cli, &matches).await
+}
+
+async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(config) => {
-            let config = config.with_file(subcommand_matches(&matches, "serve"))?;
+            let config = config.with_file(subcommand_matches(matches, "serve"))?;
             init_logging(config.log_format, &config.log_level);
             config.validate()?;
             let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
@@ -106,5 +137,6 @@ where
             init_logging(LogFormat::Text, "warn");
             qoe_bench::run(args).await
         }
+        Command::Simulate(args) => qoe_bench::simulate::run(args),
     }
 }

@@ -1,8 +1,7 @@
 //! `qoe-router`: see `qoe-router --help`.
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = qoe_router::cli::run(std::env::args_os()).await {
+fn main() {
+    if let Err(e) = qoe_router::cli::main_with_args(std::env::args_os()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
