@@ -25,6 +25,7 @@
 
 pub mod client;
 pub mod progress;
+pub mod simulate;
 
 use crate::client::{http_client, http_request, measure, micros_since, request_body, Target};
 use crate::progress::{Counters, Progress};

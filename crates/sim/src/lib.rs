@@ -32,4 +32,5 @@ pub use histogram::Histogram;
 pub use profile::{BatchShape, Profile, PROFILE_NAMES};
 pub mod fleet;
 pub mod report;
+pub mod simulate;
 pub mod workload;

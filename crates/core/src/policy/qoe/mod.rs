@@ -108,6 +108,13 @@ pub struct QoeConfig {
     /// Endpoints whose models are remembered at most (least recently heard from evicted first).
     /// Default 4,096.
     pub max_tracked_endpoints: usize,
+    /// Prefix affinity: an endpoint believed to hold a cached prefix of the prompt is chosen over
+    /// the cheapest one when its cost exceeds the cheapest's by at most
+    /// `prefix_affinity × (cached share of the prompt) × min(1, u_cheapest / priority_fill)`
+    /// (the longest match first). The per-request cost sees only this request's shorter prefill;
+    /// the margin prices what the fleet gains, the prefill work not done, and grows with load so
+    /// an idle fleet is not herded onto one engine. 0 turns it off. Default 0.3.
+    pub prefix_affinity: f64,
 }
 
 /// The default weights: α resource, β performance, γ reliability, δ priority.
@@ -137,6 +144,7 @@ impl Default for QoeConfig {
             failure_half_life_ms: 30_000.0,
             priority_fill: 0.8,
             max_tracked_endpoints: 4_096,
+            prefix_affinity: 0.3,
         }
     }
 }
@@ -208,6 +216,11 @@ impl QoeConfig {
                 d.priority_fill
             },
             max_tracked_endpoints: self.max_tracked_endpoints.max(1),
+            prefix_affinity: if self.prefix_affinity.is_finite() {
+                self.prefix_affinity.clamp(0.0, 1.0)
+            } else {
+                d.prefix_affinity
+            },
         }
     }
 
@@ -469,6 +482,32 @@ impl Qoe {
         }
     }
 
+    /// Prefix affinity (see [`QoeConfig::prefix_affinity`]): the candidate holding the longest
+    /// cached prefix whose cost is within the affinity margin of `best`, if it is not `best`.
+    /// Found by the fleet simulator (docs/EVALUATION.md): without it, a follow-up turn or a RAG
+    /// question whose phase is decode-dominant weighs its cached prefill at a few percent of its
+    /// cost and spreads over the fleet, losing the engine's prefix cache.
+    fn affine(&self, best: &Eval, cached: &[Eval], prompt: u32) -> Option<Eval> {
+        if self.cfg.prefix_affinity <= 0.0 || prompt == 0 {
+            return None;
+        }
+        // Saved prefill is worth most when capacity is short: scale by how full the cheapest
+        // endpoint is (toward the fill level), so an idle fleet is not herded onto one engine.
+        let busy = if best.util.is_finite() {
+            (best.util / self.cfg.priority_fill.max(1e-3)).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        let chosen = cached
+            .iter()
+            .filter(|e| {
+                let share = e.cached as f64 / prompt as f64;
+                e.cost <= best.cost + self.cfg.prefix_affinity * share * busy
+            })
+            .max_by(|a, b| a.cached.cmp(&b.cached).then(b.cost.total_cmp(&a.cost)))?;
+        (chosen.index != best.index && chosen.cached > best.cached).then_some(*chosen)
+    }
+
     fn detail(&self, e: &Eval, ctx: &Ctx<'_>) -> DecisionDetail {
         DecisionDetail {
             predicted_ttft_ms: e.ttft,
@@ -596,6 +635,8 @@ impl RoutingPolicy for Qoe {
         let mut runner: Option<Eval> = None;
         let mut ties = 0u32;
         let (mut pressure, mut saturation) = (0.0, 0.0);
+        // Candidates believed to hold a prefix of the prompt (at most a few: see `match_lengths`).
+        let mut cached: Vec<Eval> = Vec::new();
         for (i, view) in endpoints.iter().enumerate() {
             let blocks = if matches.is_empty() {
                 0
@@ -603,6 +644,9 @@ impl RoutingPolicy for Qoe {
                 matched_blocks(&matches, view.key)
             };
             let e = self.eval(&ctx, &models, i, view, blocks);
+            if e.cached > 0 {
+                cached.push(e);
+            }
             pressure += e.pressure;
             saturation += e.util.min(1.0);
             match best {
@@ -632,8 +676,15 @@ impl RoutingPolicy for Qoe {
                 }
             }
         }
-        let best = best?;
-        let reason = self.reason(&ctx, &models, endpoints, &best, runner.as_ref(), ties);
+        let cheapest = best?;
+        let (best, reason) = match self.affine(&cheapest, &cached, req.prompt_tokens) {
+            Some(affine) => (affine, Reason::QoePrefix),
+            None => {
+                let reason =
+                    self.reason(&ctx, &models, endpoints, &cheapest, runner.as_ref(), ties);
+                (cheapest, reason)
+            }
+        };
         let detail = self.detail(&best, &ctx);
         drop(models);
 

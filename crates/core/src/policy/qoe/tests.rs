@@ -257,6 +257,42 @@ fn prefix_affinity_lowers_predicted_ttft() {
 }
 
 #[test]
+fn prefix_affinity_margin_keeps_a_decode_heavy_conversation_home_under_load() {
+    // A decode-dominant follow-up turn (its TTFT weighs little in the performance term) whose
+    // history is cached on a somewhat busier endpoint: on a busy fleet it goes home (the prefill
+    // it saves is capacity); on an idle fleet, or to a far busier home, it does not.
+    use crate::prompt::prefix_block_hashes;
+    let history = "the conversation so far ".repeat(400); // 9,600 bytes → 150 blocks
+    let mut r = request(2_600, 400, Phase::DecodeDominant);
+    r.prefix_hashes = prefix_block_hashes(format!("{history} next").as_bytes(), 256);
+    // (requests in decode everywhere, extra ones at home, goes home with the default affinity)
+    for (base, extra, goes_home) in [(0, 16, false), (40, 16, true), (40, 100, false)] {
+        for affinity in [0.0, QoeConfig::default().prefix_affinity] {
+            let p = policy_with(|c| c.prefix_affinity = affinity);
+            let mut v = idle(3);
+            for e in v.iter_mut() {
+                e.load.in_decode = base;
+            }
+            v[1].load.in_decode = base + extra;
+            p.prefix.lock().unwrap().record(&r.prefix_hashes, v[1].key);
+            let costs = p.evaluate(&r, &v, NOW);
+            assert!(costs[1].cost > costs[0].cost, "home is the costlier one");
+            let d = p.pick(&r, &v, NOW).unwrap();
+            if affinity > 0.0 && goes_home {
+                assert_eq!(
+                    (d.index, d.reason),
+                    (1, Reason::QoePrefix),
+                    "{base} {extra}"
+                );
+                assert_eq!(d.detail.unwrap().cached_tokens, 150 * 16);
+            } else {
+                assert_ne!(d.index, 1, "{base} {extra} {affinity}");
+            }
+        }
+    }
+}
+
+#[test]
 fn ties_are_broken_at_random() {
     let p = policy();
     let v = idle(4);

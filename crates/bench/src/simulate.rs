@@ -1,0 +1,972 @@
+//! `qoe-router simulate`: the offline fleet simulator on the command line.
+//!
+//! The live `bench` measures a real router over HTTP; this runs the very same policy code
+//! ([`qoe_core::build_policy`]) over simulated engines in virtual time
+//! ([`qoe_sim::simulate`]), with the same workload files, the same fleet files and the same report
+//! format, so the two can be laid side by side. It exists because a live run of hundreds of
+//! engines is impossible on two cores, and a simulated one takes seconds and is exactly
+//! repeatable: the same seed gives the same `report.json`, byte for byte (wall-clock timings go to
+//! stderr only, never into a file).
+//!
+//! Output: the Markdown comparison on stdout; with `--out DIR`,
+//!
+//! * `report.json`, `report.md`: a [`ReportSet`], one report per policy, as `bench` writes;
+//! * `simulate.json`: what only a simulation knows (routing reasons, per-engine and per-group
+//!   use, the TTFT CDF, the policy's final state, the rate sweep);
+//! * `ttft-cdf.svg`: TTFT CDF per policy; `attainment-vs-rate.svg` (with `--sweep-rate`): SLO
+//!   attainment against the arrival rate, with the 90% goodput line. Drawn by hand: two small
+//!   plots do not justify a plotting dependency.
+//!
+//! The router's settings that change what a policy sees or what happens to a request have the
+//! router's flag names here too: `--scrape-interval` (`--engine-stats-interval`), admission control
+//! (`--max-inflight-per-endpoint`, `--saturation-kv-usage`, `--saturation-waiting`, `--queue-max`,
+//! `--queue-timeout`), `--engine-priority`, `--saturation-inflight`; the rest are the router's
+//! defaults (see [`qoe_sim::simulate`]).
+//!
+//! `--sweep-rate LO:HI` finds each policy's goodput (DistServe: the highest rate at which ≥ 90% of
+//! requests attain their SLO) by bisection, and runs once more at 80% of it (the load at which the
+//! issue asks for mean QoE ≥ 0.9).
+
+use crate::{load_fleet, load_workload};
+use clap::{Args, Parser};
+use qoe_core::{build_policy, PolicyConfig, PolicyKind, RoutingPolicy, MICROS_PER_SEC};
+use qoe_sim::report::{Report, ReportSet};
+use qoe_sim::simulate::{
+    simulate, sweep_rate, with_rate, AdmissionSpec, OutputHint, SimConfig, SimDetails, SweepConfig,
+    SweepResult,
+};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Options of `qoe-router simulate`.
+#[derive(Args, Clone, Debug)]
+pub struct SimulateArgs {
+    /// Fleet file (TOML, see bench/fleets/).
+    #[arg(long)]
+    pub fleet: PathBuf,
+    /// Workload file (TOML, see bench/workloads/).
+    #[arg(long)]
+    pub workload: PathBuf,
+    /// Routing policies to compare, by registry name.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "qoe,roundrobin,least-loaded,power-of-two,prefix-aware"
+    )]
+    pub policies: Vec<String>,
+    /// Run for this many seconds of virtual time instead of the workload's duration or count.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Arrival rate, requests/s (for trace arrivals: the replay speed-up) [default: the workload's].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Find each policy's goodput by bisection over the rate in LO:HI (requests/s).
+    #[arg(long, value_name = "LO:HI", value_parser = parse_range)]
+    pub sweep_rate: Option<(f64, f64)>,
+    /// Most bisection steps of a sweep (each one a full simulation).
+    #[arg(long, default_value_t = 8)]
+    pub sweep_steps: u32,
+    /// Seed of the workload and the engines [default: the workload file's].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Seconds between scrapes of the engines' metrics (the router's --engine-stats-interval).
+    #[arg(long, default_value_t = 1.0)]
+    pub scrape_interval: f64,
+    /// One-way network delay between the router and the engines, ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub network_delay_ms: f64,
+    /// What tells the router the output length: `header` (only x-expected-output-tokens, when
+    /// the workload sends it) or `max-tokens` (also max_tokens, as the live bench client sends).
+    #[arg(long, default_value = "header")]
+    pub output_hint: OutputHint,
+    /// Lognormal jitter of engine iteration times (0.05 ≈ ±5%).
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter: f64,
+    /// The client's limit per request, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub request_timeout: f64,
+    /// Directory for report.{json,md}, simulate.json and the SVG plots (created if missing).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Admission control, as the router's flag: requests in flight per endpoint at which it is
+    /// saturated (0: no limit; with no limit at all, admission control is off, the default).
+    #[arg(long, default_value_t = 0)]
+    pub max_inflight_per_endpoint: u32,
+    /// Admission control: engine KV-cache usage (0..1) at which an endpoint is saturated
+    /// (1: no limit).
+    #[arg(long, default_value_t = 1.0)]
+    pub saturation_kv_usage: f64,
+    /// Admission control: engine-queued requests at which an endpoint is saturated (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub saturation_waiting: u32,
+    /// Admission control: requests that may wait in the router.
+    #[arg(long, default_value_t = 1024)]
+    pub queue_max: usize,
+    /// Admission control: longest wait in the router's queue, seconds (then 429).
+    #[arg(long, default_value_t = 30.0)]
+    pub queue_timeout: f64,
+    /// Add the request's priority as vLLM's `priority` field, for engines with
+    /// `scheduling = "priority"` in the fleet file (the router's --engine-priority).
+    #[arg(long)]
+    pub engine_priority: bool,
+    /// The qoe policy's requests in flight at capacity for a typical endpoint (the router's
+    /// --saturation-inflight) [default: the router's].
+    #[arg(long)]
+    pub saturation_inflight: Option<u32>,
+    /// The qoe policy's prefix affinity (`QoeConfig::prefix_affinity`; 0 turns it off)
+    /// [default: the policy's].
+    #[arg(long)]
+    pub prefix_affinity: Option<f64>,
+    /// Simulations run at once (each is single-threaded; results do not depend on this).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Parser)]
+struct SimulateOnly {
+    #[command(flatten)]
+    args: SimulateArgs,
+}
+
+impl SimulateArgs {
+    /// Options from command-line style flags (without the program or subcommand name).
+    pub fn from_flags<I, T>(flags: I) -> Result<SimulateArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv = std::iter::once(std::ffi::OsString::from("simulate"))
+            .chain(flags.into_iter().map(Into::into));
+        Ok(SimulateOnly::try_parse_from(argv)?.args)
+    }
+}
+
+fn parse_range(s: &str) -> Result<(f64, f64), String> {
+    let (lo, hi) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected LO:HI, got `{s}`"))?;
+    let num = |x: &str| {
+        x.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("`{x}` is not a number"))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if !(lo.is_finite() && lo > 0.0 && hi.is_finite() && hi > lo) {
+        return Err(format!("expected 0 < LO < HI, got {lo}:{hi}"));
+    }
+    Ok((lo, hi))
+}
+
+/// Everything `simulate` produced.
+#[derive(Clone, Debug)]
+pub struct SimulateOutput {
+    pub fleet: String,
+    pub workload: String,
+    pub seed: u64,
+    /// The arrival rate simulated (`None`: the workload's, which states none).
+    pub rate: Option<f64>,
+    pub scrape_interval_s: f64,
+    pub network_delay_ms: f64,
+    pub output_hint: OutputHint,
+    pub admission: AdmissionSpec,
+    pub engine_priority: bool,
+    /// One report per policy, in `--policies` order.
+    pub reports: ReportSet,
+    pub details: Vec<SimDetails>,
+    pub sweeps: Vec<SweepResult>,
+}
+
+/// Runs the simulations, prints the report, and writes the files under `--out`.
+pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    let out = simulate_all(&args)?;
+    let markdown = to_markdown(&out);
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let mut files = vec![
+            ("report.json", out.reports.to_json()),
+            ("report.md", markdown.clone()),
+            (
+                "simulate.json",
+                serde_json::to_string_pretty(&details_json(&out)).expect("the output serializes"),
+            ),
+            ("ttft-cdf.svg", svg::ttft_cdf(&out)),
+        ];
+        if !out.sweeps.is_empty() {
+            files.push(("attainment-vs-rate.svg", svg::attainment(&out)));
+        }
+        for (name, text) in files {
+            write(&dir.join(name), &text)?;
+        }
+        if !args.quiet {
+            eprintln!("simulate: wrote {}/", dir.display());
+        }
+    }
+    println!("{markdown}");
+    Ok(())
+}
+
+/// `simulate.json`: the run's settings, then per policy what only a simulation knows, and the
+/// sweeps.
+pub fn details_json(out: &SimulateOutput) -> serde_json::Value {
+    serde_json::json!({
+        "fleet": out.fleet,
+        "workload": out.workload,
+        "seed": out.seed,
+        "rate": out.rate,
+        "scrape_interval_s": out.scrape_interval_s,
+        "network_delay_ms": out.network_delay_ms,
+        "output_hint": out.output_hint,
+        "admission": admission_json(out),
+        "engine_priority": out.engine_priority,
+        "details": out.details,
+        "sweeps": out.sweeps,
+    })
+}
+
+fn admission_json(out: &SimulateOutput) -> serde_json::Value {
+    let a = &out.admission;
+    if !a.enabled() {
+        return serde_json::Value::Null;
+    }
+    serde_json::json!({
+        "max_inflight_per_endpoint": a.max_inflight,
+        "saturation_kv_usage": a.max_kv_usage,
+        "saturation_waiting": a.max_waiting,
+        "queue_max": a.queue_max,
+        "queue_timeout_s": a.queue_timeout as f64 / 1e6,
+    })
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// What one job computes.
+enum Task {
+    Run(usize),
+    Sweep(usize),
+}
+
+enum Done {
+    Run(Box<(Report, SimDetails)>),
+    Sweep(SweepResult),
+}
+
+/// Runs every policy (and its sweep) and collects the results in `--policies` order.
+pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
+    let kinds = args
+        .policies
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| PolicyKind::parse(p.trim()).map_err(|e| anyhow::anyhow!("--policies: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!kinds.is_empty(), "--policies is empty");
+    let mut dedup = kinds.clone();
+    dedup.sort_by_key(|k| k.as_str());
+    dedup.dedup();
+    anyhow::ensure!(
+        dedup.len() == kinds.len(),
+        "--policies names a policy twice"
+    );
+    let fleet = load_fleet(&args.fleet)?;
+    let mut workload = load_workload(&args.workload)?;
+    if let Some(d) = args.duration {
+        workload
+            .set_duration(d)
+            .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
+    }
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number"
+        );
+        workload = with_rate(&workload, rate)?;
+    }
+    let seconds = |s: f64, flag: &str| -> anyhow::Result<u64> {
+        anyhow::ensure!(s.is_finite() && s >= 0.0, "{flag} must be ≥ 0");
+        Ok((s * MICROS_PER_SEC as f64).round() as u64)
+    };
+    let scrape = seconds(args.scrape_interval, "--scrape-interval")?;
+    anyhow::ensure!(scrape > 0, "--scrape-interval must be > 0");
+    let request_timeout = seconds(args.request_timeout, "--request-timeout")?;
+    anyhow::ensure!(request_timeout > 0, "--request-timeout must be > 0");
+    anyhow::ensure!(
+        args.saturation_kv_usage.is_finite()
+            && args.saturation_kv_usage > 0.0
+            && args.saturation_kv_usage <= 1.0,
+        "--saturation-kv-usage must be in (0, 1]"
+    );
+    anyhow::ensure!(args.queue_max > 0, "--queue-max must be ≥ 1");
+    let queue_timeout = seconds(args.queue_timeout, "--queue-timeout")?;
+    anyhow::ensure!(queue_timeout > 0, "--queue-timeout must be > 0");
+    let admission = AdmissionSpec {
+        max_inflight: args.max_inflight_per_endpoint,
+        max_kv_usage: args.saturation_kv_usage,
+        max_waiting: args.saturation_waiting,
+        // As the router: metrics up to three scrape intervals old.
+        metrics_max_age: 3 * scrape,
+        queue_max: args.queue_max,
+        queue_timeout,
+    };
+    let cfg = SimConfig {
+        seed: args.seed.unwrap_or(workload.seed()),
+        scrape_interval: scrape,
+        network_delay: seconds(args.network_delay_ms / 1e3, "--network-delay-ms")?,
+        output_hint: args.output_hint,
+        jitter: args.jitter,
+        request_timeout,
+        admission,
+        engine_priority: args.engine_priority,
+        model: workload
+            .spec()
+            .model
+            .clone()
+            .unwrap_or_else(|| SimConfig::default().model),
+        ..SimConfig::default()
+    };
+    cfg.validate()?;
+    let sweep = args.sweep_rate.map(|(lo, hi)| SweepConfig {
+        lo,
+        hi,
+        max_steps: args.sweep_steps,
+        ..SweepConfig::default()
+    });
+    let mut tasks: Vec<Task> = (0..kinds.len()).map(Task::Run).collect();
+    if sweep.is_some() {
+        tasks.extend((0..kinds.len()).map(Task::Sweep));
+    }
+    let mut policy_cfg = PolicyConfig::default();
+    if let Some(n) = args.saturation_inflight {
+        anyhow::ensure!(n > 0, "--saturation-inflight must be ≥ 1");
+        policy_cfg.qoe.saturation_inflight = n;
+    }
+    if let Some(a) = args.prefix_affinity {
+        anyhow::ensure!(
+            a.is_finite() && (0.0..=1.0).contains(&a),
+            "--prefix-affinity must be in [0, 1]"
+        );
+        policy_cfg.qoe.prefix_affinity = a;
+    }
+    let make = |k: PolicyKind| -> Box<dyn RoutingPolicy> { build_policy(k, &policy_cfg) };
+    let results: Vec<Mutex<Option<anyhow::Result<Done>>>> =
+        tasks.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(task) = tasks.get(i) else { break };
+        let started = Instant::now();
+        let result = match *task {
+            Task::Run(p) => {
+                let policy = make(kinds[p]);
+                simulate(&fleet, &workload, policy.as_ref(), kinds[p].as_str(), &cfg)
+                    .map(|o| Done::Run(Box::new((o.report, o.details))))
+                    .map_err(anyhow::Error::from)
+            }
+            Task::Sweep(p) => {
+                let k = kinds[p];
+                sweep_rate(
+                    &fleet,
+                    &workload,
+                    &|| make(k),
+                    k.as_str(),
+                    &cfg,
+                    sweep.expect("sweep tasks only with --sweep-rate"),
+                )
+                .map(Done::Sweep)
+                .map_err(anyhow::Error::from)
+            }
+        };
+        if !args.quiet {
+            let (what, p) = match *task {
+                Task::Run(p) => ("run", p),
+                Task::Sweep(p) => ("sweep", p),
+            };
+            let extra = match &result {
+                Ok(Done::Run(r)) => format!(
+                    ": {} requests, {} tokens, {} events",
+                    r.1.counters.requests, r.1.counters.tokens, r.1.counters.events
+                ),
+                Ok(Done::Sweep(s)) => format!(
+                    ": goodput {} req/s after {} runs",
+                    s.goodput
+                        .map_or_else(|| "below the low end".into(), |g| format!("{g:.2}")),
+                    s.points.len() + s.at_80pct.is_some() as usize
+                ),
+                Err(e) => format!(": {e}"),
+            };
+            eprintln!(
+                "simulate: {what} {} done in {:.2} s (wall){extra}",
+                kinds[p].as_str(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+    };
+    let jobs = (args.jobs as usize).clamp(1, tasks.len());
+    std::thread::scope(|s| {
+        for _ in 1..jobs {
+            s.spawn(work);
+        }
+        work();
+    });
+    let mut reports = Vec::new();
+    let mut details = Vec::new();
+    let mut sweeps = Vec::new();
+    for slot in results {
+        match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(Done::Run(r))) => {
+                let (report, d) = *r;
+                reports.push(report);
+                details.push(d);
+            }
+            Some(Ok(Done::Sweep(s))) => sweeps.push(s),
+            Some(Err(e)) => return Err(e),
+            None => anyhow::bail!("a simulation did not run"),
+        }
+    }
+    Ok(SimulateOutput {
+        fleet: fleet.name().to_string(),
+        workload: workload.name().to_string(),
+        seed: cfg.seed,
+        rate: workload.spec().arrivals.rate(),
+        scrape_interval_s: args.scrape_interval,
+        network_delay_ms: args.network_delay_ms,
+        output_hint: args.output_hint,
+        admission: cfg.admission,
+        engine_priority: cfg.engine_priority,
+        reports: ReportSet { reports },
+        details,
+        sweeps,
+    })
+}
+
+/// The report set's Markdown, then where the requests went and, with a sweep, the goodputs.
+pub fn to_markdown(out: &SimulateOutput) -> String {
+    let mut md = String::new();
+    let a = &out.admission;
+    let mut router = Vec::new();
+    if a.enabled() {
+        let mut limits = Vec::new();
+        if a.max_inflight > 0 {
+            limits.push(format!("{} in flight", a.max_inflight));
+        }
+        if a.max_kv_usage < 1.0 {
+            limits.push(format!("KV usage {}", a.max_kv_usage));
+        }
+        if a.max_waiting > 0 {
+            limits.push(format!("{} engine-queued", a.max_waiting));
+        }
+        router.push(format!(
+            " Admission control: an endpoint is saturated at {}; up to {} requests wait up to {} s.",
+            limits.join(" or "),
+            a.queue_max,
+            a.queue_timeout as f64 / 1e6
+        ));
+    }
+    if out.engine_priority {
+        router.push(" Engine priority: on.".to_string());
+    }
+    let _ = writeln!(
+        md,
+        "## Simulated: workload `{}` on fleet `{}`\n\nSeed {}, {}, metrics scraped every {} s, \
+         network delay {} ms, output length known from: {}.{}\n",
+        out.workload,
+        out.fleet,
+        out.seed,
+        out.rate
+            .map_or_else(|| "trace arrivals".to_string(), |r| format!("{r} req/s")),
+        out.scrape_interval_s,
+        out.network_delay_ms,
+        match out.output_hint {
+            OutputHint::Header => "the header only (else learned)",
+            OutputHint::MaxTokens => "the header or max_tokens",
+        },
+        router.concat()
+    );
+    md.push_str(&out.reports.to_markdown());
+    if let Some(first) = out.details.first() {
+        md.push_str("### Where requests went\n\nShare of routing decisions per engine group, and the mean TTFT there (ms).\n\n| group | engines | speed |");
+        for d in &out.details {
+            let _ = write!(md, " {} |", d.label);
+        }
+        md.push_str("\n|---|---:|---:|");
+        for _ in &out.details {
+            md.push_str("---:|");
+        }
+        md.push('\n');
+        for (gi, g) in first.groups.iter().enumerate() {
+            let _ = write!(md, "| {} | {} | {} |", g.group, g.engines, g.speed);
+            for d in &out.details {
+                let x = &d.groups[gi];
+                let _ = write!(
+                    md,
+                    " {:.1}% / {} |",
+                    x.pick_share * 100.0,
+                    x.mean_ttft_ms
+                        .map_or_else(|| "—".to_string(), |t| format!("{t:.0}"))
+                );
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    if !out.sweeps.is_empty() {
+        md.push_str(
+            "### Goodput\n\nHighest arrival rate with ≥ 90% SLO attainment (bisection), and the run at 80% of it.\n\n\
+             | policy | goodput (req/s) | at 80%: rate | SLO met | mean QoE | QoE ≥ 0.9 | p1 SLO met |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for s in &out.sweeps {
+            let g = match s.goodput {
+                None => "below range".to_string(),
+                Some(g) if s.capped => format!("≥ {g:.2}"),
+                Some(g) => format!("{g:.2}"),
+            };
+            match &s.at_80pct {
+                Some(p) => {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {g} | {:.2} | {:.1}% | {:.3} | {:.1}% | {} |",
+                        s.label,
+                        p.rate,
+                        p.slo_attainment * 100.0,
+                        p.mean_qoe,
+                        p.qoe_acceptable_share * 100.0,
+                        p.p1_attainment
+                            .map_or_else(|| "—".into(), |a| format!("{:.1}%", a * 100.0))
+                    );
+                }
+                None => {
+                    let _ = writeln!(md, "| {} | {g} | — | — | — | — | — |", s.label);
+                }
+            }
+        }
+        md.push_str("\nEvery rate simulated (SLO attainment, p1 attainment, mean QoE):\n\n| policy | rate → attainment / p1 / QoE |\n|---|---|\n");
+        for s in &out.sweeps {
+            let pts: Vec<String> = s
+                .points
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{:.2} → {:.1}% / {} / {:.3}",
+                        p.rate,
+                        p.slo_attainment * 100.0,
+                        p.p1_attainment
+                            .map_or_else(|| "—".into(), |a| format!("{:.1}%", a * 100.0)),
+                        p.mean_qoe
+                    )
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", s.label, pts.join("; "));
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Two small SVG plots, written by hand.
+mod svg {
+    use super::SimulateOutput;
+    use std::fmt::Write as _;
+
+    const W: f64 = 720.0;
+    const H: f64 = 440.0;
+    const LEFT: f64 = 64.0;
+    const RIGHT: f64 = 170.0;
+    const TOP: f64 = 40.0;
+    const BOTTOM: f64 = 56.0;
+    const COLORS: [&str; 8] = [
+        "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    ];
+
+    fn esc(s: &str) -> String {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    }
+
+    struct Frame {
+        out: String,
+        x0: f64,
+        x1: f64,
+        log_x: bool,
+    }
+
+    impl Frame {
+        fn new(title: &str, x_label: &str, y_label: &str, x0: f64, x1: f64, log_x: bool) -> Frame {
+            let mut out = String::new();
+            let _ = writeln!(
+                out,
+                r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+            );
+            let _ = writeln!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
+                (LEFT + W - RIGHT) / 2.0,
+                esc(title)
+            );
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                (LEFT + W - RIGHT) / 2.0,
+                H - 14.0,
+                esc(x_label)
+            );
+            let _ = writeln!(
+                out,
+                r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"#,
+                (TOP + H - BOTTOM) / 2.0,
+                (TOP + H - BOTTOM) / 2.0,
+                esc(y_label)
+            );
+            let mut f = Frame { out, x0, x1, log_x };
+            // Y grid: 0, 25, 50, 75, 100%.
+            for k in 0..=4 {
+                let y = k as f64 / 4.0;
+                let py = f.py(y);
+                let _ = writeln!(
+                    f.out,
+                    r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}%</text>"##,
+                    W - RIGHT,
+                    LEFT - 6.0,
+                    py + 4.0,
+                    k * 25
+                );
+            }
+            f.x_ticks();
+            let _ = writeln!(
+                f.out,
+                r##"<rect x="{LEFT}" y="{TOP}" width="{:.1}" height="{:.1}" fill="none" stroke="#444"/>"##,
+                W - RIGHT - LEFT,
+                H - BOTTOM - TOP
+            );
+            f
+        }
+
+        fn px(&self, x: f64) -> f64 {
+            let t = if self.log_x {
+                (x.max(self.x0).ln() - self.x0.ln()) / (self.x1.ln() - self.x0.ln())
+            } else {
+                (x - self.x0) / (self.x1 - self.x0)
+            };
+            LEFT + t.clamp(0.0, 1.0) * (W - RIGHT - LEFT)
+        }
+
+        fn py(&self, y: f64) -> f64 {
+            H - BOTTOM - y.clamp(0.0, 1.0) * (H - BOTTOM - TOP)
+        }
+
+        fn x_ticks(&mut self) {
+            let mut ticks = Vec::new();
+            if self.log_x {
+                let mut d = 10f64.powf(self.x0.log10().floor());
+                while d <= self.x1 * 1.0001 {
+                    for m in [1.0, 2.0, 5.0] {
+                        let t = d * m;
+                        if t >= self.x0 * 0.9999 && t <= self.x1 * 1.0001 {
+                            ticks.push(t);
+                        }
+                    }
+                    d *= 10.0;
+                }
+            } else {
+                let span = self.x1 - self.x0;
+                let raw = span / 6.0;
+                let mag = 10f64.powf(raw.log10().floor());
+                let step = [1.0, 2.0, 5.0, 10.0]
+                    .iter()
+                    .map(|m| m * mag)
+                    .find(|s| *s >= raw)
+                    .unwrap_or(10.0 * mag);
+                let mut t = (self.x0 / step).ceil() * step;
+                while t <= self.x1 + 1e-9 {
+                    ticks.push(t);
+                    t += step;
+                }
+            }
+            for t in ticks {
+                let px = self.px(t);
+                let label = if t >= 1000.0 {
+                    format!("{:.0}k", t / 1000.0)
+                } else if t >= 1.0 {
+                    format!("{t:.0}")
+                } else {
+                    format!("{t}")
+                };
+                let _ = writeln!(
+                    self.out,
+                    r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{:.1}" stroke="#eee"/><text x="{px:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
+                    H - BOTTOM,
+                    H - BOTTOM + 16.0
+                );
+            }
+        }
+
+        fn series(&mut self, i: usize, label: &str, points: &[[f64; 2]], markers: bool) {
+            let color = COLORS[i % COLORS.len()];
+            let pts: Vec<String> = points
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", self.px(p[0]), self.py(p[1])))
+                .collect();
+            let _ = writeln!(
+                self.out,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+            if markers {
+                for p in points {
+                    let _ = writeln!(
+                        self.out,
+                        r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                        self.px(p[0]),
+                        self.py(p[1])
+                    );
+                }
+            }
+            let ly = TOP + 14.0 + 20.0 * i as f64;
+            let lx = W - RIGHT + 14.0;
+            let _ = writeln!(
+                self.out,
+                r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+                lx + 22.0,
+                lx + 28.0,
+                ly + 4.0,
+                esc(label)
+            );
+        }
+
+        fn finish(mut self) -> String {
+            self.out.push_str("</svg>\n");
+            self.out
+        }
+    }
+
+    /// TTFT CDF per policy, log-scaled time axis.
+    pub fn ttft_cdf(out: &SimulateOutput) -> String {
+        let xs = out
+            .details
+            .iter()
+            .flat_map(|d| d.ttft_cdf.iter().map(|p| p[0]))
+            .filter(|x| *x > 0.0);
+        let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+        for x in xs {
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        if !lo.is_finite() {
+            lo = 1.0;
+            hi = 10.0;
+        }
+        let x0 = 10f64.powf(lo.log10().floor());
+        let x1 = 10f64.powf(hi.log10().ceil()).max(x0 * 10.0);
+        let mut f = Frame::new(
+            &format!("TTFT CDF: {} on {}", out.workload, out.fleet),
+            "time to first token (ms, log scale)",
+            "requests with a first token",
+            x0,
+            x1,
+            true,
+        );
+        for (i, d) in out.details.iter().enumerate() {
+            let mut pts = Vec::with_capacity(d.ttft_cdf.len() + 1);
+            if let Some(first) = d.ttft_cdf.first() {
+                pts.push([first[0], 0.0]);
+            }
+            pts.extend(d.ttft_cdf.iter().copied());
+            f.series(i, &d.label, &pts, false);
+        }
+        f.finish()
+    }
+
+    /// SLO attainment against the arrival rate, from the sweeps, with the 90% line.
+    pub fn attainment(out: &SimulateOutput) -> String {
+        let rates = out
+            .sweeps
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.rate));
+        let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+        for r in rates {
+            lo = lo.min(r);
+            hi = hi.max(r);
+        }
+        if !lo.is_finite() || hi <= lo {
+            lo = 0.0;
+            hi = lo + 1.0;
+        }
+        let mut f = Frame::new(
+            &format!("SLO attainment vs rate: {} on {}", out.workload, out.fleet),
+            "arrival rate (requests/s)",
+            "requests attaining their SLO",
+            lo,
+            hi,
+            false,
+        );
+        let y90 = f.py(0.9);
+        let _ = writeln!(
+            f.out,
+            r##"<line x1="{LEFT}" y1="{y90:.1}" x2="{:.1}" y2="{y90:.1}" stroke="#555" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">90% (goodput)</text>"##,
+            W - RIGHT,
+            W - RIGHT - 4.0,
+            y90 - 4.0
+        );
+        for (i, s) in out.sweeps.iter().enumerate() {
+            let pts: Vec<[f64; 2]> = s
+                .points
+                .iter()
+                .map(|p| [p.rate, p.slo_attainment])
+                .collect();
+            let label = match s.goodput {
+                Some(g) => format!("{} ({g:.1})", s.label),
+                None => s.label.clone(),
+            };
+            f.series(i, &label, &pts, true);
+        }
+        f.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_file(rel: &str) -> String {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn writes_reports_and_plots_deterministically() {
+        let dir = std::env::temp_dir().join(format!("qoe-simulate-test-{}", std::process::id()));
+        let args = |out: &Path| {
+            SimulateArgs::from_flags([
+                "--fleet",
+                &repo_file("bench/fleets/hetero-4.toml"),
+                "--workload",
+                &repo_file("bench/workloads/smoke.toml"),
+                "--policies",
+                "qoe,roundrobin",
+                "--sweep-rate",
+                "5:80",
+                "--sweep-steps",
+                "2",
+                "--jobs",
+                "2",
+                "--quiet",
+                "--out",
+                &out.to_string_lossy(),
+            ])
+            .unwrap()
+        };
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        run(args(&a)).unwrap();
+        run(args(&b)).unwrap();
+        for name in [
+            "report.json",
+            "report.md",
+            "simulate.json",
+            "ttft-cdf.svg",
+            "attainment-vs-rate.svg",
+        ] {
+            let x = std::fs::read_to_string(a.join(name)).unwrap();
+            let y = std::fs::read_to_string(b.join(name)).unwrap();
+            assert_eq!(x, y, "{name} differs between identical runs");
+        }
+        let set =
+            ReportSet::from_json(&std::fs::read_to_string(a.join("report.json")).unwrap()).unwrap();
+        let labels: Vec<&str> = set.reports.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["qoe", "roundrobin"]);
+        assert!(set.reports.iter().all(|r| r.overall.requests > 10));
+        let md = std::fs::read_to_string(a.join("report.md")).unwrap();
+        assert!(md.contains("| metric | qoe | roundrobin |"), "{md}");
+        assert!(md.contains("### Goodput") && md.contains("### Where requests went"));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(a.join("simulate.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["sweeps"].as_array().unwrap().len(), 2);
+        assert_eq!(json["details"][0]["label"], "qoe");
+        for svg in ["ttft-cdf.svg", "attainment-vs-rate.svg"] {
+            let text = std::fs::read_to_string(a.join(svg)).unwrap();
+            assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+            assert_eq!(
+                text.matches("<polyline").count(),
+                2,
+                "{svg}: one line per policy"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn refuses_unknown_and_repeated_policies() {
+        for (policies, want) in [("qoe,fastest", "fastest"), ("qoe,qoe", "twice")] {
+            let a = SimulateArgs::from_flags([
+                "--fleet",
+                &repo_file("bench/fleets/hetero-4.toml"),
+                "--workload",
+                &repo_file("bench/workloads/smoke.toml"),
+                "--policies",
+                policies,
+            ])
+            .unwrap();
+            let err = simulate_all(&a).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn flags_parse() {
+        let a = SimulateArgs::from_flags([
+            "--fleet",
+            "f.toml",
+            "--workload",
+            "w.toml",
+            "--policies",
+            "qoe,roundrobin",
+            "--sweep-rate",
+            "2:30",
+            "--output-hint",
+            "max-tokens",
+        ])
+        .unwrap();
+        assert_eq!(a.policies, ["qoe", "roundrobin"]);
+        assert_eq!(a.sweep_rate, Some((2.0, 30.0)));
+        assert_eq!(a.output_hint, OutputHint::MaxTokens);
+        assert_eq!(a.scrape_interval, 1.0);
+        assert!(
+            !a.engine_priority && a.max_inflight_per_endpoint == 0,
+            "admission off"
+        );
+        let a = SimulateArgs::from_flags([
+            "--fleet",
+            "f",
+            "--workload",
+            "w",
+            "--max-inflight-per-endpoint",
+            "32",
+            "--queue-timeout",
+            "5",
+            "--engine-priority",
+        ])
+        .unwrap();
+        assert_eq!((a.max_inflight_per_endpoint, a.queue_timeout), (32, 5.0));
+        assert!(a.engine_priority);
+        for bad in ["3:2", "x:2", "5", "0:1"] {
+            assert!(
+                SimulateArgs::from_flags(["--fleet", "f", "--workload", "w", "--sweep-rate", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
