@@ -577,4 +577,201 @@ mod tests {
         let p = run(route, r#"{"prompt":"hello"}"#, &[]).unwrap();
         assert_eq!(p.prompt_tokens, 2);
     }
+
+    mod properties {
+        //! Property tests: whatever the bytes, the analyzer returns a profile or an error that names
+        //! the field or header at fault, or says the body is not a JSON object; it never panics.
+        //! Case counts: 256 per property by default, `PROPTEST_CASES` for longer runs (the counts
+        //! run are in docs/RELIABILITY.md).
+
+        use super::*;
+        use proptest::prelude::*;
+
+        const PARAMS: [&str; 13] = [
+            "model",
+            "stream",
+            "max_tokens",
+            "max_completion_tokens",
+            "messages",
+            "prompt",
+            "input",
+            "text",
+            "query",
+            "documents",
+            "x-request-priority",
+            "x-sla-target-ms",
+            "x-expected-output-tokens",
+        ];
+
+        /// Field names the analyzer reads, plus arbitrary ones.
+        fn arb_key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => prop::sample::select(vec![
+                    "model", "stream", "max_tokens", "max_completion_tokens", "messages",
+                    "prompt", "input", "text", "query", "documents", "role", "content",
+                    "kv_transfer_params", "do_remote_prefill", "x-session-id", "type",
+                ])
+                .prop_map(str::to_string),
+                1 => any::<String>(),
+            ]
+        }
+
+        fn arb_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                prop::sample::select(vec!["m", "user", "", "system"])
+                    .prop_map(|s| Value::String(s.to_string())),
+                any::<String>().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 64, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(arb_key(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Mostly objects, with the fields the analyzer reads.
+        fn arb_body() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                4 => prop::collection::btree_map(arb_key(), arb_json(), 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                1 => arb_json(),
+            ]
+        }
+
+        fn arb_route() -> impl Strategy<Value = Route> {
+            (
+                prop::sample::select(vec![
+                    ApiKind::Chat,
+                    ApiKind::Completion,
+                    ApiKind::Embedding,
+                    ApiKind::Other,
+                ]),
+                any::<bool>(),
+            )
+                .prop_map(|(kind, model_required)| Route {
+                    kind,
+                    model_required,
+                })
+        }
+
+        /// A header value: absent, a plausible number, or arbitrary bytes.
+        fn arb_header() -> impl Strategy<Value = Option<Vec<u8>>> {
+            prop_oneof![
+                2 => Just(None),
+                2 => (-5i64..5_000_000).prop_map(|n| Some(n.to_string().into_bytes())),
+                1 => prop::collection::vec(any::<u8>(), 0..12).prop_map(Some),
+            ]
+        }
+
+        fn run_any(
+            route: Route,
+            body: &[u8],
+            headers: &[Option<Vec<u8>>; 3],
+        ) -> Result<RequestProfile, BadRequest> {
+            let config = AnalyzerConfig::default();
+            let names = [
+                config.priority_header.clone(),
+                config.sla_header.clone(),
+                config.expected_output_len_header.clone(),
+            ];
+            analyze(
+                route,
+                body,
+                |name| {
+                    names
+                        .iter()
+                        .position(|n| n == name)
+                        .and_then(|i| headers[i].as_deref())
+                },
+                &config,
+                |_| 100,
+            )
+        }
+
+        /// The contract: a profile within bounds, or an error naming what is wrong.
+        fn check(
+            route: Route,
+            result: Result<RequestProfile, BadRequest>,
+        ) -> Result<(), TestCaseError> {
+            match result {
+                Ok(p) => {
+                    prop_assert!((1..=3).contains(&p.priority.level()));
+                    prop_assert!(p
+                        .sla_ttft_ms
+                        .is_none_or(|ms| (1..=MAX_SLA_MS).contains(&ms)));
+                    prop_assert!(p.expected_output_tokens <= MAX_EXPECTED_OUTPUT);
+                    if route.model_required {
+                        prop_assert!(!p.model.is_empty());
+                    }
+                    prop_assert!(
+                        p.prefix_hashes.len() <= AnalyzerConfig::default().max_prefix_blocks
+                    );
+                }
+                Err(e) => {
+                    prop_assert!(!e.message.is_empty());
+                    match e.param.as_deref() {
+                        Some(param) => {
+                            prop_assert!(PARAMS.contains(&param), "unexpected param {param}");
+                            prop_assert!(
+                                e.message.contains(param),
+                                "the message names {param}: {}",
+                                e.message
+                            );
+                        }
+                        None => prop_assert!(
+                            e.message.contains("not valid JSON")
+                                || e.message.contains("must be a JSON object"),
+                            "an error without a param says the body is invalid: {}",
+                            e.message
+                        ),
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                route in arb_route(),
+                body in prop::collection::vec(any::<u8>(), 0..512),
+                headers in [arb_header(), arb_header(), arb_header()],
+            ) {
+                check(route, run_any(route, &body, &headers))?;
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(
+                route in arb_route(),
+                body in arb_body(),
+                headers in [arb_header(), arb_header(), arb_header()],
+            ) {
+                let bytes = serde_json::to_vec(&body).unwrap();
+                check(route, run_any(route, &bytes, &headers))?;
+            }
+
+            #[test]
+            fn mutated_valid_bodies_never_panic(
+                route in arb_route(),
+                at in any::<prop::sample::Index>(),
+                cut in 0usize..16,
+                junk in prop::collection::vec(any::<u8>(), 0..8),
+            ) {
+                let valid = br#"{"model":"m","stream":true,"max_tokens":64,"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"prompt":["a",[1,2]],"kv_transfer_params":{"do_remote_prefill":true}}"#;
+                let start = at.index(valid.len());
+                let end = (start + cut).min(valid.len());
+                let body = [&valid[..start], &junk[..], &valid[end..]].concat();
+                check(route, run_any(route, &body, &[None, None, None]))?;
+            }
+        }
+    }
 }

@@ -85,7 +85,9 @@ where
     let matches = Cli::command().get_matches_from(args);
     let cli = Cli::from_arg_matches(&matches)?;
     let runtime = match cli.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
         n => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if n > 1 {

@@ -8,6 +8,7 @@
 //! are read at start.
 
 use crate::breaker::BreakerConfig;
+use crate::security::Secret;
 use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 use qoe_core::analyze::AnalyzerConfig;
 use qoe_core::policy::QoeConfig;
@@ -150,7 +151,8 @@ pub struct RouterConfig {
     /// Largest request body accepted, bytes.
     #[arg(long, env = "QOE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Other endpoints tried when connecting fails (before any byte reached the client).
+    /// Other endpoints tried when one fails before any byte reached the client (connect error,
+    /// 429/5xx, connection closed before the first byte).
     #[arg(long, env = "QOE_MAX_RETRIES", default_value_t = 2)]
     pub max_retries: u32,
     /// First pause before a retry, ms; each further retry waits 1.5× longer (±50% jitter).
@@ -168,7 +170,8 @@ pub struct RouterConfig {
     /// Connect timeout toward an endpoint, ms.
     #[arg(long, env = "QOE_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
-    /// Time allowed for an endpoint's response headers, ms.
+    /// Time allowed for an endpoint's first byte of answer (its headers and the first body frame,
+    /// i.e. the first token of a stream), ms; then 504. Nothing reaches the client before it.
     #[arg(long, env = "QOE_FIRST_BYTE_TIMEOUT_MS", default_value_t = 60_000)]
     pub first_byte_timeout_ms: u64,
     /// Longest silence allowed inside a streamed response body, ms.
@@ -201,6 +204,33 @@ pub struct RouterConfig {
     /// engines run with `--scheduling-policy priority` keep the router's order.
     #[arg(long, env = "QOE_ENGINE_PRIORITY", default_value_t = false)]
     pub engine_priority: bool,
+
+    /// API keys the OpenAI routes require as `Authorization: Bearer KEY`, comma-separated (none:
+    /// open). Prefer the environment variable or the config file to the flag: command lines are
+    /// visible to other local users. See `crate::security`.
+    #[arg(
+        long,
+        env = "QOE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<Secret>,
+    /// Key the admin routes (`/engines`, `/metrics`) require as `Authorization: Bearer KEY`
+    /// (unset: open). `/health` is always open.
+    #[arg(long, env = "QOE_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<Secret>,
+    /// Forward the client's `Authorization` header to endpoints even though the router checked it
+    /// against --api-keys (by default the router's keys stay at the router). Without --api-keys
+    /// the header always passes through.
+    #[arg(long, env = "QOE_FORWARD_AUTHORIZATION", default_value_t = false)]
+    pub forward_authorization: bool,
+    /// Origins a browser may call the router from (CORS), comma-separated, or `*` for any. None:
+    /// no CORS headers at all (an engine's own are removed too).
+    #[arg(long, env = "QOE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+    /// Largest total size of a request's headers, bytes; larger gets 431.
+    #[arg(long, env = "QOE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
 
     /// Log format.
     #[arg(long, env = "QOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -310,6 +340,24 @@ impl RouterConfig {
                 self.static_backends.len()
             );
         }
+        for key in self.api_keys.iter() {
+            key.validate("--api-keys").map_err(anyhow::Error::msg)?;
+        }
+        if let Some(admin) = &self.admin_api_key {
+            admin
+                .validate("--admin-api-key")
+                .map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                !self.api_keys.contains(admin),
+                "--admin-api-key must differ from every --api-keys key"
+            );
+        }
+        crate::security::validate_origins(&self.cors_allow_origin).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            self.max_header_bytes >= 1024,
+            "--max-header-bytes must be at least 1024, got {}",
+            self.max_header_bytes
+        );
         for url in &self.static_backends {
             crate::discovery::validate_url(url)
                 .map_err(|e| anyhow::anyhow!("--static-backends: {e}"))?;
@@ -467,6 +515,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key 'rooting_logic'"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn keys_come_from_the_file_and_never_print() {
+        let dir = std::env::temp_dir().join(format!("qoe-config-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        std::fs::write(
+            &path,
+            "api_keys = [\"sk-file-1\", \"sk-file-2\"]\nadmin_api_key = \"adm-file\"\ncors_allow_origin = [\"https://a.example\"]\n",
+        )
+        .unwrap();
+        let c = RouterConfig::from_args(["x", "--config", path.to_str().unwrap()]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.api_keys.len(), 2);
+        assert_eq!(c.api_keys[1].expose(), "sk-file-2");
+        assert_eq!(c.admin_api_key.as_ref().unwrap().expose(), "adm-file");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("sk-file") && !debug.contains("adm-file"),
+            "{debug}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

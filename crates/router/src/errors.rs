@@ -36,8 +36,11 @@ impl ApiError {
     /// OpenAI's `type` for this status.
     pub fn kind(&self) -> &'static str {
         match self.status {
-            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
-            StatusCode::UNAUTHORIZED => "authentication_error",
+            // OpenAI answers a wrong or missing key with 401 and `invalid_request_error`.
+            StatusCode::BAD_REQUEST
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",
@@ -50,6 +53,8 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "invalid_api_key",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request_header_fields_too_large",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::NOT_FOUND => "model_not_found",
             StatusCode::TOO_MANY_REQUESTS => "overloaded",

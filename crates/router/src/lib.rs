@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod observe;
 pub mod proxy;
 pub mod scrape;
+pub mod security;
 pub mod server;
 pub mod state;
 pub mod upstream;

@@ -191,7 +191,7 @@ impl RouterMetrics {
         let retries = Counter::default();
         registry.register(
             "retries",
-            "Requests re-sent to another endpoint after a connect failure",
+            "Requests re-sent to another endpoint (connect failure, 429/5xx, or a connection closed before the first byte)",
             retries.clone(),
         );
         let ttft = Family::new_with_constructor(latency_histogram as fn() -> Histogram);

@@ -61,6 +61,9 @@ enum End {
 
 pub struct ObservedBody<B: Body> {
     inner: Pin<Box<B>>,
+    /// The first frame, read by the proxy before it answered (see [`crate::proxy`]), with its
+    /// arrival time; handed out first.
+    pending: Option<(Frame<Bytes>, Micros)>,
     state: Arc<AppState>,
     guard: Option<LoadGuard>,
     ctx: RequestContext,
@@ -85,7 +88,14 @@ pub struct ObservedBody<B: Body> {
 }
 
 impl<B: Body> ObservedBody<B> {
-    pub fn new(inner: B, state: Arc<AppState>, guard: LoadGuard, ctx: RequestContext) -> Self {
+    /// Watches `inner`, whose first frame `first` (with its arrival time) was already read.
+    pub fn new(
+        inner: B,
+        first: Option<(Frame<Bytes>, Micros)>,
+        state: Arc<AppState>,
+        guard: LoadGuard,
+        ctx: RequestContext,
+    ) -> Self {
         let idle = state.idle_timeout;
         let label = EndpointLabel {
             endpoint: guard.endpoint().url.clone(),
@@ -111,6 +121,7 @@ impl<B: Body> ObservedBody<B> {
         };
         ObservedBody {
             inner: Box::pin(inner),
+            pending: first,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             idle,
             ttft_histogram,
@@ -136,8 +147,7 @@ impl<B: Body> ObservedBody<B> {
         self.state.clock
     }
 
-    fn on_data(&mut self, data: &Bytes) {
-        let now = self.clock().now();
+    fn on_data(&mut self, data: &Bytes, now: Micros) {
         match &mut self.mode {
             Mode::Sse(parser) => {
                 let mut tokens = 0u32;
@@ -392,10 +402,23 @@ where
         if this.ended.is_some() {
             return Poll::Ready(None);
         }
+        if let Some((frame, at)) = this.pending.take() {
+            if let Some(data) = frame.data_ref() {
+                this.on_data(data, at);
+            }
+            if this.inner.is_end_stream() {
+                this.finish(End::Complete);
+            } else {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.idle_timer.as_mut().reset(deadline);
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.on_data(data);
+                    let now = this.clock().now();
+                    this.on_data(data, now);
                 }
                 if this.inner.is_end_stream() {
                     // The server may stop polling once we report the end: record it now.
@@ -439,14 +462,27 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended.is_some() || self.inner.is_end_stream()
+        self.ended.is_some() || (self.pending.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.mode {
             // The error event we may add makes the upstream length a lower bound only.
             Mode::Sse(_) => SizeHint::default(),
-            Mode::Json(_) => self.inner.size_hint(),
+            Mode::Json(_) => {
+                let pending = self
+                    .pending
+                    .as_ref()
+                    .and_then(|(f, _)| f.data_ref())
+                    .map_or(0, |d| d.len() as u64);
+                let inner = self.inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + pending);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + pending);
+                }
+                hint
+            }
         }
     }
 }
@@ -454,7 +490,7 @@ where
 impl<B: Body> Drop for ObservedBody<B> {
     fn drop(&mut self) {
         if self.ended.is_none() {
-            let end = if self.inner.is_end_stream() {
+            let end = if self.pending.is_none() && self.inner.is_end_stream() {
                 End::Complete
             } else {
                 End::ClientGone

@@ -1,9 +1,18 @@
 //! The proxy path: analyze the request once, choose among the endpoints that serve its model, send
 //! it on a pooled connection, and hand the response back through the observer.
 //!
-//! A connect failure means no byte was sent, so the request goes to another endpoint (up to
-//! `--max-retries`); anything later is the client's to see: upstream statuses and bodies pass
-//! through untouched.
+//! Nothing reaches the client before the endpoint's first body byte: the router reads that first
+//! frame (within `--first-byte-timeout-ms` of sending) before it answers. So while no byte has
+//! been sent, a failure can still go elsewhere: a connect error, a 429/5xx status, or a
+//! connection closed before the first byte (an engine killed or restarting) sends the request to
+//! another endpoint, up to `--max-retries`, after a jittered backoff. A first-byte timeout is not
+//! retried (the client has already waited the whole budget): it is a 504. Once bytes flow,
+//! statuses and bodies pass through untouched, and a break becomes an SSE error event (see
+//! [`crate::observe`]).
+//!
+//! The upstream URL is always an endpoint's configured base URL plus the request's path and
+//! query: the request's authority (absolute-form URI) and `Host` header are never used to choose
+//! where to connect.
 
 use crate::admission::{Admission, QueueKey, Wake};
 use crate::config::SlaEnforcement;
@@ -17,7 +26,8 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
-use http_body_util::Full;
+use http_body::{Body as _, Frame};
+use http_body_util::{BodyExt, Full};
 use qoe_core::analyze::{analyze, Route};
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,10 +219,55 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
     Ok(healthy)
 }
 
+/// Why an attempt at one endpoint produced nothing for the client.
 enum SendError {
+    /// No connection (nothing was sent).
     Connect(String),
+    /// A 429/5xx status, with another endpoint left to try.
+    Status(StatusCode),
+    /// The connection closed or the body broke before the first byte of the answer.
+    Broken(String),
+    /// No first byte within `--first-byte-timeout-ms`.
     Timeout,
+    /// The request could not be built.
     Other(String),
+}
+
+impl SendError {
+    /// Whether another endpoint may take the request: nothing reached the client, and the
+    /// failure says something about this endpoint rather than about the request or the budget.
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            SendError::Connect(_) | SendError::Status(_) | SendError::Broken(_)
+        )
+    }
+
+    /// The `kind` label of `qoe_router_upstream_failures_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            SendError::Connect(_) => "connect",
+            SendError::Status(_) | SendError::Other(_) => "status",
+            SendError::Broken(_) => "stream",
+            SendError::Timeout => "timeout",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            SendError::Connect(e) | SendError::Broken(e) | SendError::Other(e) => e.clone(),
+            SendError::Status(s) => format!("status {s}"),
+            SendError::Timeout => "no first byte in time".into(),
+        }
+    }
+}
+
+/// The upstream URI: the endpoint's base URL and the request's path and query, nothing else of
+/// the request's URI (an absolute-form authority is ignored, like `Host`).
+fn upstream_uri(endpoint: &Endpoint, uri: &http::Uri) -> String {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.starts_with('/') { path } else { "/" };
+    format!("{}{}", endpoint.url, path)
 }
 
 async fn send(
@@ -221,27 +276,54 @@ async fn send(
     parts: &http::request::Parts,
     body: &Bytes,
     request_id: &HeaderValue,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<hyper::body::Incoming>, SendError> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = format!("{}{}", endpoint.url, path);
     let mut builder = http::Request::builder()
         .method(parts.method.clone())
-        .uri(uri);
+        .uri(upstream_uri(endpoint, &parts.uri));
     let headers = builder.headers_mut().expect("fresh builder");
+    // The router's own keys stay here unless asked otherwise (see `crate::security`).
+    let keep_authorization = state.config.api_keys.is_empty() || state.config.forward_authorization;
     for (name, value) in &parts.headers {
-        if !is_hop_by_hop(name) && name != X_REQUEST_ID {
-            headers.append(name.clone(), value.clone());
+        if is_hop_by_hop(name)
+            || name == X_REQUEST_ID
+            || (name == header::AUTHORIZATION && !keep_authorization)
+        {
+            continue;
         }
+        headers.append(name.clone(), value.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     let request = builder
         .body(Full::new(body.clone()))
         .map_err(|e| SendError::Other(e.to_string()))?;
-    match tokio::time::timeout(state.first_byte_timeout, state.client.request(request)).await {
+    match tokio::time::timeout_at(deadline, state.client.request(request)).await {
         Err(_) => Err(SendError::Timeout),
         Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(format!("{e:?}"))),
-        Ok(Err(e)) => Err(SendError::Other(format!("{e:?}"))),
+        Ok(Err(e)) => Err(SendError::Broken(format!("{e:?}"))),
         Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// The first frame of a response (none when the body is empty) and when it arrived, read before
+/// anything goes to the client.
+type FirstFrame = Option<(Frame<Bytes>, Micros)>;
+
+async fn first_frame(
+    state: &AppState,
+    body: &mut hyper::body::Incoming,
+    deadline: tokio::time::Instant,
+) -> Result<FirstFrame, SendError> {
+    if body.is_end_stream() {
+        return Ok(None);
+    }
+    match tokio::time::timeout_at(deadline, body.frame()).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(e))) => Err(SendError::Broken(format!(
+            "the response broke off before its first byte: {e}"
+        ))),
+        Ok(Some(Ok(frame))) => Ok(Some((frame, state.clock.now()))),
     }
 }
 
@@ -320,19 +402,27 @@ async fn dispatch(
         )
         .notifying(state.admission.clone());
         let sent = state.clock.now();
+        let deadline = tokio::time::Instant::now() + state.first_byte_timeout;
         let may_retry = attempt < state.config.max_retries && pool.len() > 1;
-        match send(&state, &endpoint, &parts, &body, &request_id).await {
+        let result = match send(&state, &endpoint, &parts, &body, &request_id, deadline).await {
             Ok(response) if may_retry && is_retryable(response.status()) => {
+                Err(SendError::Status(response.status()))
+            }
+            Ok(mut response) => first_frame(&state, response.body_mut(), deadline)
+                .await
+                .map(|first| (response, first)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if may_retry && e.retryable() => {
                 // Nothing reached the client yet: try another endpoint.
-                let why = format!("status {}", response.status());
-                drop(response);
-                fail(&state, guard, &endpoint, "status", started, &why);
+                fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
                 state.metrics.retries.inc();
                 pool.remove(chosen);
                 backoff(&state, attempt).await;
                 attempt += 1;
             }
-            Ok(response) => {
+            Ok((response, first)) => {
                 let ctx = RequestContext {
                     request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
                     model: profile.model.clone(),
@@ -347,38 +437,43 @@ async fn dispatch(
                     load_at_dispatch: views[chosen].load,
                     detail: decision.detail,
                 };
-                return respond(state.clone(), response, guard, ctx, &endpoint, &request_id);
-            }
-            Err(SendError::Connect(e)) if may_retry => {
-                fail(&state, guard, &endpoint, "connect", started, &e);
-                state.metrics.retries.inc();
-                pool.remove(chosen);
-                backoff(&state, attempt).await;
-                attempt += 1;
+                return respond(
+                    state.clone(),
+                    response,
+                    first,
+                    guard,
+                    ctx,
+                    &endpoint,
+                    &request_id,
+                );
             }
             Err(err) => {
-                let (kind, error) = match err {
-                    SendError::Timeout => (
-                        "timeout",
-                        ApiError::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            format!(
-                                "the endpoint did not answer within {} ms (--first-byte-timeout-ms)",
-                                state.first_byte_timeout.as_millis()
-                            ),
+                let kind = err.kind();
+                let error = match err {
+                    SendError::Timeout => ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "the endpoint sent nothing within {} ms (--first-byte-timeout-ms)",
+                            state.first_byte_timeout.as_millis()
                         ),
                     ),
-                    SendError::Connect(e) => (
-                        "connect",
-                        ApiError::new(
-                            StatusCode::BAD_GATEWAY,
-                            format!("could not connect to any endpoint serving '{}': {e}", profile.model),
+                    SendError::Connect(e) => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "could not connect to any endpoint serving '{}': {e}",
+                            profile.model
                         ),
                     ),
-                    SendError::Other(e) => (
-                        "status",
-                        ApiError::new(StatusCode::BAD_GATEWAY, format!("the endpoint failed: {e}")),
+                    SendError::Broken(e) => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("the endpoint closed the connection before answering: {e}"),
                     ),
+                    SendError::Status(s) => {
+                        ApiError::new(StatusCode::BAD_GATEWAY, format!("the endpoint failed: {s}"))
+                    }
+                    SendError::Other(e) => {
+                        ApiError::new(StatusCode::BAD_GATEWAY, format!("the endpoint failed: {e}"))
+                    }
                 };
                 fail(&state, guard, &endpoint, kind, started, &error.message);
                 let mut response = reject(&state, error, &request_id);
@@ -573,6 +668,7 @@ fn add_routing_headers(headers: &mut HeaderMap, endpoint: &Endpoint, reason: &'s
 fn respond(
     state: Arc<AppState>,
     response: Response<hyper::body::Incoming>,
+    first: FirstFrame,
     guard: LoadGuard,
     ctx: RequestContext,
     endpoint: &Endpoint,
@@ -588,7 +684,7 @@ fn respond(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    let body = ObservedBody::new(upstream, state, guard, ctx);
+    let body = ObservedBody::new(upstream, first, state, guard, ctx);
     Response::from_parts(parts, Body::new(body))
 }
 

@@ -50,13 +50,21 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
 }
 
 /// The axum application over `state`.
+///
+/// Layers, outermost first: CORS (answers preflights itself), the header size limit, the API and
+/// admin keys (see [`crate::security`]); then the routes.
 pub fn app(state: Arc<AppState>) -> axum::Router {
+    use crate::security;
+    use axum::middleware::from_fn_with_state;
     axum::Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/engines", get(engines))
         .route("/v1/models", get(models))
         .fallback(proxy)
+        .layer(from_fn_with_state(state.clone(), security::authenticate))
+        .layer(from_fn_with_state(state.clone(), security::limit_headers))
+        .layer(from_fn_with_state(state.clone(), security::cors))
         .with_state(state)
 }
 
@@ -149,6 +157,11 @@ pub async fn serve_state(
         },
     ));
 
+    if !config.api_keys.is_empty() && config.admin_api_key.is_none() {
+        tracing::warn!(
+            "--api-keys is set but --admin-api-key is not: /engines and /metrics are open to anyone who can reach the router"
+        );
+    }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, policy = state.policy.name(), "qoe-router listening");
     let listener = listener.tap_io(|tcp| {

@@ -3,9 +3,7 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
 use std::time::Duration;
 
 /// Sends a streaming request and holds its response open; returns the scripted stream.
@@ -15,12 +13,11 @@ async fn hold(
     c: &TestClient,
 ) -> (Scripted, hyper::Response<hyper::body::Incoming>) {
     let script = engine.script_next();
-    let req = http::Request::post(format!("{}/v1/completions", r.url))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(completion("m", "held", true))))
-        .unwrap();
-    let response = c.request(req).await.unwrap();
-    (script.await.unwrap(), response)
+    let pending = start_stream(c, &r.url, "held");
+    let scripted = script.await.unwrap();
+    // The router answers once the first byte came: the request is then streaming.
+    scripted.chunks.send(first_chunk()).await.unwrap();
+    (scripted, pending.await.unwrap())
 }
 
 fn priority_of(seen: &Seen) -> String {

@@ -4,7 +4,7 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -22,18 +22,7 @@ async fn streams_byte_exact_and_forwards_the_first_event_before_the_second_exist
     let r = router(&["--static-backends", &engine.url]).await;
     let c = client();
     let script = engine.script_next();
-    let req = http::Request::post(format!("{}/v1/completions", r.url))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(completion("m", "hello", true))))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(10), c.request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-qoe-endpoint"], engine.url.as_str());
-    assert_eq!(response.headers()["x-qoe-reason"], "roundrobin");
-    let mut body = response.into_body();
+    let pending = start_stream(&c, &r.url, "hello");
     let scripted = script.await.unwrap();
     let chunks = sse_chunks(3);
     // Only the first event exists; it must reach the client now.
@@ -42,6 +31,11 @@ async fn streams_byte_exact_and_forwards_the_first_event_before_the_second_exist
         .send(Bytes::from(chunks[0].clone()))
         .await
         .unwrap();
+    let response = pending.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-qoe-endpoint"], engine.url.as_str());
+    assert_eq!(response.headers()["x-qoe-reason"], "roundrobin");
+    let mut body = response.into_body();
     let mut received = Vec::new();
     let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
         .await
@@ -141,12 +135,14 @@ async fn least_loaded_avoids_the_endpoint_holding_a_stream() {
     .await;
     let c = client();
     // Hold a stream open on whichever endpoint takes it (the scripts stay armed while held).
-    let _scripts = (a.script_next(), b.script_next());
-    let req = http::Request::post(format!("{}/v1/completions", r.url))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(completion("m", "x", true))))
-        .unwrap();
-    let held = c.request(req).await.unwrap();
+    let (sa, sb) = (a.script_next(), b.script_next());
+    let pending = start_stream(&c, &r.url, "x");
+    let scripted = tokio::select! {
+        s = sa => s.unwrap(),
+        s = sb => s.unwrap(),
+    };
+    scripted.chunks.send(first_chunk()).await.unwrap();
+    let held = pending.await.unwrap();
     let busy = held.headers()["x-qoe-endpoint"]
         .to_str()
         .unwrap()
@@ -492,17 +488,10 @@ async fn client_disconnect_cancels_the_upstream_request() {
     let r = router(&["--static-backends", &engine.url]).await;
     let c = client();
     let script = engine.script_next();
-    let req = http::Request::post(format!("{}/v1/completions", r.url))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(completion("m", "x", true))))
-        .unwrap();
-    let response = c.request(req).await.unwrap();
+    let pending = start_stream(&c, &r.url, "x");
     let scripted = script.await.unwrap();
-    scripted
-        .chunks
-        .send(Bytes::from(sse_chunks(2)[0].clone()))
-        .await
-        .unwrap();
+    scripted.chunks.send(first_chunk()).await.unwrap();
+    let response = pending.await.unwrap();
     let mut body = response.into_body();
     body.frame().await.unwrap().unwrap();
     drop(body);
@@ -542,12 +531,15 @@ async fn config_file_reload_changes_endpoints_live() {
     let c = client();
     // An in-flight stream on `a` survives a's removal.
     let script = a.script_next();
-    let req = http::Request::post(format!("{}/v1/completions", r.url))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(completion("m", "x", true))))
-        .unwrap();
-    let response = c.request(req).await.unwrap();
+    let pending = start_stream(&c, &r.url, "x");
     let scripted = script.await.unwrap();
+    let chunks = sse_chunks(2);
+    scripted
+        .chunks
+        .send(Bytes::from(chunks[0].clone()))
+        .await
+        .unwrap();
+    let response = pending.await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     write(&[&b.url]);
     let mut moved = false;
@@ -568,8 +560,12 @@ async fn config_file_reload_changes_endpoints_live() {
     )
     .await;
     assert_eq!(ans.header("x-qoe-endpoint"), b.url);
-    for chunk in sse_chunks(2) {
-        scripted.chunks.send(Bytes::from(chunk)).await.unwrap();
+    for chunk in &chunks[1..] {
+        scripted
+            .chunks
+            .send(Bytes::from(chunk.clone()))
+            .await
+            .unwrap();
     }
     drop(scripted);
     let body = response.into_body().collect().await.unwrap().to_bytes();

@@ -45,6 +45,8 @@ pub struct MockState {
     pub metrics: Mutex<String>,
     /// Delay before the first streamed chunk, ms.
     pub first_chunk_delay_ms: Mutex<u64>,
+    /// Headers added to every response (e.g. an engine's own CORS headers).
+    pub extra_headers: Mutex<Vec<(String, String)>>,
 }
 
 pub struct Mock {
@@ -81,6 +83,17 @@ pub fn sse_chunks(n: usize) -> Vec<String> {
 }
 
 async fn mock_handler(State(state): State<Arc<MockState>>, request: Request) -> Response {
+    let mut response = mock_answer(state.clone(), request).await;
+    for (k, v) in state.extra_headers.lock().unwrap().iter() {
+        response.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    response
+}
+
+async fn mock_answer(state: Arc<MockState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     let path = parts.uri.path().to_string();
@@ -272,6 +285,32 @@ async fn send(c: &TestClient, req: http::Request<Full<Bytes>>) -> Result<Answer,
         .map_err(|_| "timed out".to_string())?
 }
 
+/// Sends a streaming completion through the router at `router_url` in the background. The router
+/// answers only once the engine sent its first byte, so a test driving a scripted engine sends a
+/// chunk on the stream first and then awaits the returned handle for the response.
+pub fn start_stream(
+    c: &TestClient,
+    router_url: &str,
+    prompt: &str,
+) -> tokio::task::JoinHandle<hyper::Response<hyper::body::Incoming>> {
+    let req = http::Request::post(format!("{router_url}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", prompt, true))))
+        .unwrap();
+    let fut = c.request(req);
+    tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .expect("the router answered in time")
+            .expect("the router answered")
+    })
+}
+
+/// The first chunk of [`sse_chunks`], as bytes.
+pub fn first_chunk() -> Bytes {
+    Bytes::from(sse_chunks(2)[0].clone())
+}
+
 /// A completion request body for `model`.
 pub fn completion(model: &str, prompt: &str, stream: bool) -> String {
     serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 4, "stream": stream})
@@ -287,4 +326,95 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// GET with extra headers.
+pub async fn get_with(c: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = http::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(c, req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Any request, with extra headers.
+pub async fn request(
+    c: &TestClient,
+    method: &str,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(
+        c,
+        req.body(Full::new(Bytes::from(body.to_string()))).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// What came back on a raw connection: the status (0 if none), the head and the body as text.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// Writes `request` bytes as they are on a fresh connection to `base_url` (`http://host:port`) and
+/// reads until the server closes it (bounded in time), for requests no HTTP client would send.
+pub async fn raw(base_url: &str, request: &[u8]) -> RawAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server may answer and close before it has read everything (e.g. huge headers).
+    let _ = stream.write_all(request).await;
+    let mut out = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the server closed the connection in time");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    RawAnswer {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// A raw HTTP/1.1 POST of `body` to `path` with extra header lines (each without CRLF), closing
+/// the connection after the answer.
+pub fn raw_post(path: &str, host: &str, extra: &[&[u8]], body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for line in extra {
+        req.extend_from_slice(line);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    req
 }

@@ -1,0 +1,255 @@
+//! Bad input over real sockets: every malformed request gets a clear 4xx in OpenAI's shape (or,
+//! beyond hyper's own parser limits, hyper's bare 4xx), and nothing bad reaches an engine.
+
+mod common;
+
+use common::*;
+
+fn completions_seen(engine: &Mock) -> usize {
+    engine
+        .requests()
+        .iter()
+        .filter(|s| s.path.ends_with("completions"))
+        .count()
+}
+
+/// Checks an OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
+fn assert_openai_error(body: &str, status: u16, param: Option<&str>) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body:?}"));
+    let err = &v["error"];
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(err["type"].is_string(), "{body}");
+    assert!(err["code"].is_string(), "{body}");
+    assert_eq!(err["param"].as_str(), param, "{body}");
+    err.clone()
+}
+
+#[tokio::test]
+async fn wrong_types_and_values_name_the_param() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let chat = format!("{}/v1/chat/completions", r.url);
+    let comp = format!("{}/v1/completions", r.url);
+    // (url, body, headers, the `param` the error names)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: &[Case] = &[
+        (&comp, "", &[], None),
+        (&comp, "[]", &[], None),
+        (&comp, "null", &[], None),
+        (&comp, r#""a string""#, &[], None),
+        (&comp, r#"{"model":5,"prompt":"x"}"#, &[], Some("model")),
+        (&comp, r#"{"model":"","prompt":"x"}"#, &[], Some("model")),
+        (
+            &comp,
+            r#"{"model":"m","prompt":"x","max_tokens":-1}"#,
+            &[],
+            Some("max_tokens"),
+        ),
+        (
+            &comp,
+            r#"{"model":"m","prompt":"x","max_tokens":1.5}"#,
+            &[],
+            Some("max_tokens"),
+        ),
+        (
+            &comp,
+            r#"{"model":"m","prompt":"x","max_completion_tokens":true}"#,
+            &[],
+            Some("max_completion_tokens"),
+        ),
+        (
+            &comp,
+            r#"{"model":"m","prompt":"x","stream":"yes"}"#,
+            &[],
+            Some("stream"),
+        ),
+        (&comp, r#"{"model":"m","prompt":{}}"#, &[], Some("prompt")),
+        (&comp, r#"{"model":"m","prompt":[{}]}"#, &[], Some("prompt")),
+        (
+            &chat,
+            r#"{"model":"m","messages":"hi"}"#,
+            &[],
+            Some("messages"),
+        ),
+        (
+            &chat,
+            r#"{"model":"m","messages":[1]}"#,
+            &[],
+            Some("messages"),
+        ),
+        (
+            &chat,
+            r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+            &[],
+            Some("messages"),
+        ),
+        (&chat, r#"{"model":"m"}"#, &[], Some("messages")),
+    ];
+    for (url, body, headers, param) in cases {
+        let ans = post(&c, url, body, headers).await;
+        assert_eq!(ans.status, 400, "{body}");
+        let err = assert_openai_error(&String::from_utf8_lossy(&ans.body), 400, *param);
+        assert_eq!(err["type"], "invalid_request_error");
+        assert_eq!(err["code"], "bad_request");
+    }
+    // Header values: priority 0, 4, abc, 1.5, empty; SLA negative, zero, too long, not a number;
+    // expected output negative or zero.
+    let body = completion("m", "x", false);
+    let header_cases: &[(&str, &str)] = &[
+        ("x-request-priority", "0"),
+        ("x-request-priority", "4"),
+        ("x-request-priority", "abc"),
+        ("x-request-priority", "1.5"),
+        ("x-request-priority", ""),
+        ("x-request-priority", "-1"),
+        ("x-sla-target-ms", "-5"),
+        ("x-sla-target-ms", "0"),
+        ("x-sla-target-ms", "3600001"),
+        ("x-sla-target-ms", "1e3"),
+        ("x-expected-output-tokens", "-3"),
+        ("x-expected-output-tokens", "0"),
+    ];
+    for (name, value) in header_cases {
+        let ans = post(&c, &comp, &body, &[(name, value)]).await;
+        assert_eq!(ans.status, 400, "{name}: {value:?}");
+        let err = assert_openai_error(&String::from_utf8_lossy(&ans.body), 400, Some(name));
+        let message = err["message"].as_str().unwrap();
+        assert!(message.contains(&format!("'{value}'")), "{message}");
+    }
+    assert_eq!(
+        completions_seen(&engine),
+        0,
+        "nothing bad reached the engine"
+    );
+    // A valid request still goes through.
+    assert_eq!(post(&c, &comp, &body, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_the_body_and_in_header_values() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let host = r.url.trim_start_matches("http://");
+    // Invalid UTF-8 inside a JSON string.
+    let body = b"{\"model\":\"m\",\"prompt\":\"\xff\xfe\xc3\"}";
+    let ans = raw(&r.url, &raw_post("/v1/completions", host, &[], body)).await;
+    assert_eq!(ans.status, 400, "{ans:?}");
+    let err = assert_openai_error(&ans.body, 400, None);
+    assert!(
+        err["message"].as_str().unwrap().contains("not valid JSON"),
+        "{err}"
+    );
+    // Invalid UTF-8 (obs-text bytes, which HTTP/1.1 parsers accept) in the headers the router reads.
+    let good = br#"{"model":"m","prompt":"x","max_tokens":2}"#;
+    for name in [
+        "x-request-priority",
+        "x-sla-target-ms",
+        "x-expected-output-tokens",
+    ] {
+        let line = [name.as_bytes(), b": 1\xff\xfe"].concat();
+        let ans = raw(&r.url, &raw_post("/v1/completions", host, &[&line], good)).await;
+        assert_eq!(ans.status, 400, "{name}: {ans:?}");
+        assert_openai_error(&ans.body, 400, Some(name));
+    }
+    assert_eq!(completions_seen(&engine), 0);
+    // In a header the router does not read, such bytes pass through untouched.
+    let ans = raw(
+        &r.url,
+        &raw_post("/v1/completions", host, &[b"x-vendor-tag: caf\xe9"], good),
+    )
+    .await;
+    assert_eq!(ans.status, 200, "{ans:?}");
+    let seen = engine.requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.headers["x-vendor-tag"].as_bytes(), b"caf\xe9");
+    // A wrong or missing key on a route with keys: see tests/security.rs.
+}
+
+#[tokio::test]
+async fn huge_and_malformed_headers_are_refused() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let host = r.url.trim_start_matches("http://");
+    let good = br#"{"model":"m","prompt":"x","max_tokens":2}"#;
+
+    // Over --max-header-bytes (32 KiB by default), within hyper's buffer: an OpenAI-shaped 431.
+    let line = format!("x-big: {}", "a".repeat(40 * 1024));
+    let ans = raw(
+        &r.url,
+        &raw_post("/v1/completions", host, &[line.as_bytes()], good),
+    )
+    .await;
+    assert_eq!(ans.status, 431, "{}", ans.head);
+    let err = assert_openai_error(&ans.body, 431, None);
+    assert_eq!(err["type"], "invalid_request_error");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-header-bytes"));
+    // Many small headers that add up: the same.
+    let lines: Vec<String> = (0..90)
+        .map(|i| format!("x-h{i}: {}", "b".repeat(400)))
+        .collect();
+    let refs: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+    let ans = raw(&r.url, &raw_post("/v1/completions", host, &refs, good)).await;
+    assert_eq!(ans.status, 431, "{}", ans.head);
+    assert_openai_error(&ans.body, 431, None);
+
+    // Beyond hyper's own limits (about 400 KiB of head, or more than 100 headers) hyper answers
+    // before the router sees anything: a bare 431, and the connection is closed.
+    let line = format!("x-huge: {}", "a".repeat(600 * 1024));
+    let ans = raw(
+        &r.url,
+        &raw_post("/v1/completions", host, &[line.as_bytes()], good),
+    )
+    .await;
+    assert_eq!(ans.status, 431, "{}", ans.head);
+    let lines: Vec<String> = (0..150).map(|i| format!("x-n{i}: 1")).collect();
+    let refs: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+    let ans = raw(&r.url, &raw_post("/v1/completions", host, &refs, good)).await;
+    assert_eq!(ans.status, 431, "{}", ans.head);
+
+    // A control character in a header value, or a header line without a colon: not HTTP; hyper
+    // answers a bare 400.
+    for line in [&b"x-bad: a\x01b"[..], b"no-colon-here"] {
+        let ans = raw(&r.url, &raw_post("/v1/completions", host, &[line], good)).await;
+        assert_eq!(ans.status, 400, "{line:?}: {}", ans.head);
+    }
+    assert_eq!(completions_seen(&engine), 0, "nothing reached the engine");
+    // The router is unharmed.
+    let c = client();
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+}
+
+#[tokio::test]
+async fn oversized_bodies_without_content_length_are_refused() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--max-body-bytes", "1000"]).await;
+    let host = r.url.trim_start_matches("http://");
+    // Chunked, so the size is only known while reading.
+    let payload = format!(r#"{{"model":"m","prompt":"{}"}}"#, "a".repeat(3000));
+    let mut req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(payload.as_bytes());
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let ans = raw(&r.url, &req).await;
+    assert_eq!(ans.status, 413, "{}", ans.head);
+    let err = assert_openai_error(&ans.body, 413, None);
+    assert_eq!(err["code"], "request_too_large");
+    assert_eq!(completions_seen(&engine), 0);
+}

@@ -1,0 +1,437 @@
+//! Security over real sockets: API keys on the OpenAI routes, the admin key on `/engines` and
+//! `/metrics`, keys kept out of logs and (by default) away from engines, CORS only when
+//! configured, and upstream connections only to configured endpoints.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+const KEY_A: &str = "sk-test-alpha-5f1c9a";
+const KEY_B: &str = "sk-test-bravo-77d2e0";
+const ADMIN: &str = "adm-test-charlie-0b6e";
+
+/// Everything the router logs in this test binary (all tests share one global subscriber).
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || Capture(writer.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+#[tokio::test]
+async fn keys_guard_the_api_and_admin_routes_separately() {
+    let logs = captured_logs();
+    let engine = mock(&["m"]).await;
+    let keys = format!("{KEY_A},{KEY_B}");
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--api-keys",
+        &keys,
+        "--admin-api-key",
+        ADMIN,
+    ])
+    .await;
+    let c = client();
+    let comp = format!("{}/v1/completions", r.url);
+    let body = completion("m", "x", false);
+
+    // No key, a wrong key, the wrong scheme, the admin key: 401 in OpenAI's shape.
+    let wrong = "sk-test-alpha-5f1c9b";
+    let admin = bearer(ADMIN);
+    let wrong_bearer = bearer(wrong);
+    let basic = format!("Basic {KEY_A}");
+    for auth in [
+        None,
+        Some(wrong_bearer.as_str()),
+        Some(&basic),
+        Some(&admin),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let ans = post(&c, &comp, &body, &headers).await;
+        assert_eq!(ans.status, 401, "{auth:?}");
+        assert_eq!(ans.header("www-authenticate"), "Bearer");
+        let err = &ans.json()["error"];
+        assert_eq!(err["type"], "invalid_request_error");
+        assert_eq!(err["code"], "invalid_api_key");
+        assert!(err["param"].is_null());
+        let text = String::from_utf8_lossy(&ans.body);
+        assert!(
+            !text.contains(wrong) && !text.contains(ADMIN) && !text.contains(KEY_A),
+            "the answer echoes no key: {text}"
+        );
+    }
+    assert_eq!(
+        engine.requests().len(),
+        engine
+            .requests()
+            .iter()
+            .filter(|s| !s.path.contains("completions"))
+            .count(),
+        "no refused request reached the engine"
+    );
+    // Either key works, whatever the scheme's case.
+    for auth in [bearer(KEY_A), format!("bearer {KEY_B}")] {
+        let ans = post(&c, &comp, &body, &[("authorization", &auth)]).await;
+        assert_eq!(ans.status, 200, "{auth}");
+    }
+    // The router's keys stay at the router.
+    let sent: Vec<_> = engine
+        .requests()
+        .into_iter()
+        .filter(|s| s.path == "/v1/completions")
+        .collect();
+    assert_eq!(sent.len(), 2);
+    assert!(sent
+        .iter()
+        .all(|s| !s.headers.contains_key("authorization")));
+
+    // /v1/models and unknown paths need an API key too; /health never does.
+    let key_a = bearer(KEY_A);
+    let models = format!("{}/v1/models", r.url);
+    assert_eq!(get_with(&c, &models, &[]).await.status, 401);
+    assert_eq!(
+        get_with(&c, &models, &[("authorization", &key_a)])
+            .await
+            .status,
+        200
+    );
+    let nope = format!("{}/nope", r.url);
+    assert_eq!(get_with(&c, &nope, &[]).await.status, 401);
+    assert_eq!(
+        get_with(&c, &nope, &[("authorization", &key_a)])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        get_with(&c, &format!("{}/health", r.url), &[]).await.status,
+        200
+    );
+
+    // Admin routes: the admin key only.
+    for path in ["/engines", "/metrics"] {
+        let url = format!("{}{path}", r.url);
+        assert_eq!(get_with(&c, &url, &[]).await.status, 401, "{path}");
+        let ans = get_with(&c, &url, &[("authorization", &key_a)]).await;
+        assert_eq!(ans.status, 401, "{path}: an API key is not an admin key");
+        assert!(ans.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--admin-api-key"));
+        assert_eq!(
+            get_with(&c, &url, &[("authorization", &admin)])
+                .await
+                .status,
+            200,
+            "{path}"
+        );
+    }
+    let metrics = get_with(
+        &c,
+        &format!("{}/metrics", r.url),
+        &[("authorization", &admin)],
+    )
+    .await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics.contains("qoe_router_rejected_requests_total{code=\"401\"}"),
+        "refusals are counted"
+    );
+
+    // Nothing logged a key, right or wrong.
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("request rejected"),
+        "the refusals were logged"
+    );
+    for secret in [KEY_A, KEY_B, ADMIN, wrong] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+    }
+}
+
+#[tokio::test]
+async fn authorization_reaches_engines_only_when_the_router_does_not_own_it() {
+    let _logs = captured_logs();
+    let engine = mock(&["m"]).await;
+    let c = client();
+    let body = completion("m", "x", false);
+    let last_auth = |engine: &Mock| {
+        engine
+            .requests()
+            .iter()
+            .rev()
+            .find(|s| s.path == "/v1/completions")
+            .and_then(|s| s.headers.get("authorization").cloned())
+    };
+    // Without --api-keys the router is transparent: an engine with its own key sees it.
+    let r = router(&["--static-backends", &engine.url]).await;
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &body,
+        &[("authorization", "Bearer engine-key")],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(last_auth(&engine).unwrap(), "Bearer engine-key");
+    drop(r);
+    // With --api-keys and --forward-authorization, the checked header goes on.
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--api-keys",
+        KEY_A,
+        "--forward-authorization",
+    ])
+    .await;
+    let auth = bearer(KEY_A);
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &body,
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(last_auth(&engine).unwrap(), auth.as_str());
+    // With --api-keys alone the admin routes stay open (documented; a warning is logged).
+    assert_eq!(
+        get_with(&c, &format!("{}/engines", r.url), &[])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn config_debug_output_hides_keys() {
+    let config = qoe_router::RouterConfig::from_args([
+        "x",
+        "--api-keys",
+        "sk-visible-nowhere-1,sk-visible-nowhere-2",
+        "--admin-api-key",
+        "adm-visible-nowhere",
+    ])
+    .unwrap();
+    config.validate().unwrap();
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("visible-nowhere"), "{debug}");
+    assert_eq!(config.api_keys.len(), 2);
+    // The same key for both is refused; so is a key with a space.
+    let same =
+        qoe_router::RouterConfig::from_args(["x", "--api-keys", "k1", "--admin-api-key", "k1"])
+            .unwrap();
+    assert!(same
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("--admin-api-key"));
+    let spaced = qoe_router::RouterConfig::from_args(["x", "--api-keys", "a b"]).unwrap();
+    assert!(spaced.validate().is_err());
+}
+
+#[tokio::test]
+async fn no_cors_unless_configured() {
+    let _logs = captured_logs();
+    let engine = mock(&["m"]).await;
+    // vLLM allows every origin by default: the engine's own CORS headers must not leak through.
+    *engine.state.extra_headers.lock().unwrap() = vec![
+        ("access-control-allow-origin".into(), "*".into()),
+        ("access-control-allow-credentials".into(), "true".into()),
+    ];
+    let c = client();
+    let body = completion("m", "x", false);
+    let origin = [("origin", "https://app.example")];
+    let r = router(&["--static-backends", &engine.url]).await;
+    let ans = post(&c, &format!("{}/v1/completions", r.url), &body, &origin).await;
+    assert_eq!(ans.status, 200);
+    assert!(
+        ans.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("access-control-")),
+        "{:?}",
+        ans.headers
+    );
+    drop(r);
+
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--cors-allow-origin",
+        "https://app.example",
+        "--api-keys",
+        KEY_A,
+    ])
+    .await;
+    let url = format!("{}/v1/chat/completions", r.url);
+    // A preflight is answered by the router, without a key, and never proxied.
+    let chats = |engine: &Mock| {
+        engine
+            .requests()
+            .iter()
+            .filter(|s| s.path == "/v1/chat/completions")
+            .count()
+    };
+    let pre = request(
+        &c,
+        "OPTIONS",
+        &url,
+        "",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "authorization, content-type, x-request-priority",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(pre.status, 204);
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        "https://app.example"
+    );
+    assert!(pre.header("access-control-allow-methods").contains("POST"));
+    let allowed = pre.header("access-control-allow-headers");
+    for h in ["authorization", "content-type", "x-request-priority"] {
+        assert!(allowed.contains(h), "{allowed}");
+    }
+    assert_eq!(chats(&engine), 0, "the preflight was not proxied");
+    // From another origin: no CORS headers (the browser refuses).
+    let pre = request(
+        &c,
+        "OPTIONS",
+        &url,
+        "",
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+    )
+    .await;
+    assert!(pre.header("access-control-allow-origin").is_empty());
+    // Actual requests: the allowed origin gets our headers (and no credentials flag); errors too.
+    let auth = bearer(KEY_A);
+    let comp = format!("{}/v1/completions", r.url);
+    let ans = post(
+        &c,
+        &comp,
+        &body,
+        &[("origin", "https://app.example"), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(
+        ans.header("access-control-allow-origin"),
+        "https://app.example"
+    );
+    assert!(ans
+        .header("access-control-expose-headers")
+        .contains("x-qoe-endpoint"));
+    assert!(ans.header("access-control-allow-credentials").is_empty());
+    let refused = post(&c, &comp, &body, &[("origin", "https://app.example")]).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        refused.header("access-control-allow-origin"),
+        "https://app.example"
+    );
+    let other = post(
+        &c,
+        &comp,
+        &body,
+        &[("origin", "https://evil.example"), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(other.status, 200);
+    assert!(other.header("access-control-allow-origin").is_empty());
+}
+
+#[tokio::test]
+async fn the_router_connects_only_to_configured_endpoints() {
+    let _logs = captured_logs();
+    let (configured, elsewhere) = (mock(&["m"]).await, mock(&["m"]).await);
+    let r = router(&["--static-backends", &configured.url]).await;
+    let router_host = r.url.trim_start_matches("http://");
+    let other_host = elsewhere.url.trim_start_matches("http://");
+    let body = completion("m", "x", false);
+    let absolute = format!("http://{other_host}/v1/completions");
+    let forwarded = format!("x-forwarded-host: {other_host}");
+    // (request-target, Host header, extra lines)
+    let cases: [(&str, &str, Vec<&[u8]>); 4] = [
+        // Absolute-form URI naming another server (as sent to a forward proxy).
+        (&absolute, other_host, vec![]),
+        // Origin-form with a Host header naming another server.
+        ("/v1/completions", other_host, vec![]),
+        // Forwarding headers naming another server.
+        ("/v1/completions", router_host, vec![forwarded.as_bytes()]),
+        // A path that looks like a network-path reference.
+        (
+            &format!("//{other_host}/v1/completions"),
+            router_host,
+            vec![],
+        ),
+    ];
+    for (target, host, extra) in &cases {
+        let ans = raw(&r.url, &raw_post(target, host, extra, body.as_bytes())).await;
+        if target.starts_with("//") {
+            // Not a route the router serves.
+            assert_eq!(ans.status, 404, "{target}: {}", ans.head);
+        } else {
+            assert_eq!(ans.status, 200, "{target}: {}", ans.head);
+            assert!(
+                ans.head
+                    .to_ascii_lowercase()
+                    .contains(&format!("x-qoe-endpoint: {}", configured.url)),
+                "{}",
+                ans.head
+            );
+        }
+    }
+    let served = configured
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .count();
+    assert_eq!(
+        served, 3,
+        "every routable request went to the configured endpoint"
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the router never connected to an address taken from a request: {:?}",
+        elsewhere
+            .requests()
+            .iter()
+            .map(|s| &s.path)
+            .collect::<Vec<_>>()
+    );
+}
