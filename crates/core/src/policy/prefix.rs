@@ -56,7 +56,11 @@ impl PrefixIndex {
 
     fn insert_holders(&mut self, hash: u64, holders: Holders) {
         if self.young.len() >= self.generation_size && !self.young.contains_key(&hash) {
-            self.old = std::mem::take(&mut self.young);
+            // Rotate without allocating: the old generation's table, emptied, becomes the young
+            // one. Both tables keep their capacity, so memory stays flat once they are full
+            // (fresh tables growing by doubling each rotation fragmented the heap).
+            self.old.clear();
+            std::mem::swap(&mut self.young, &mut self.old);
         }
         self.young.insert(hash, holders);
     }
