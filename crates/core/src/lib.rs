@@ -16,6 +16,7 @@ pub mod endpoint;
 pub mod policy;
 pub mod profile;
 pub mod prompt;
+pub mod saturation;
 pub mod stats;
 
 pub use endpoint::{

@@ -31,28 +31,24 @@ pub struct AdmissionConfig {
 }
 
 impl AdmissionConfig {
-    /// Whether any limit is configured.
-    pub fn enabled(&self) -> bool {
-        self.max_inflight > 0 || self.max_kv_usage < 1.0 || self.max_waiting > 0
+    /// The saturation rule's limits.
+    pub fn limits(&self) -> qoe_core::saturation::SaturationLimits {
+        qoe_core::saturation::SaturationLimits {
+            max_inflight: self.max_inflight,
+            max_kv_usage: self.max_kv_usage,
+            max_waiting: self.max_waiting,
+            metrics_max_age: self.metrics_max_age,
+        }
     }
 
-    /// Whether `view` is saturated at `now`.
+    /// Whether any limit is set.
+    pub fn enabled(&self) -> bool {
+        self.limits().enabled()
+    }
+
+    /// Whether `view` is saturated at `now` (the rule in `qoe_core::saturation`).
     pub fn saturated(&self, view: &EndpointView, now: Micros) -> bool {
-        if self.max_inflight > 0 && view.load.in_flight() >= self.max_inflight {
-            return true;
-        }
-        let fresh = view
-            .engine_age(now)
-            .is_some_and(|age| age <= self.metrics_max_age);
-        if let (true, Some(m)) = (fresh, view.engine) {
-            if self.max_kv_usage < 1.0 && m.kv_usage.is_some_and(|u| u >= self.max_kv_usage) {
-                return true;
-            }
-            if self.max_waiting > 0 && m.waiting.is_some_and(|w| w >= self.max_waiting as f64) {
-                return true;
-            }
-        }
-        false
+        self.limits().saturated(view, now)
     }
 }
 
