@@ -66,14 +66,7 @@ async fn queued_requests_are_served_by_priority_when_capacity_frees() {
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let metrics = String::from_utf8(
-        get(&c, &format!("{}/metrics", r.url))
-            .await
-            .unwrap()
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = metrics_text(&c, &r.url).await;
     assert!(
         metrics.contains("qoe_router_queue_depth 2"),
         "both wait in the router"
@@ -171,14 +164,7 @@ async fn a_full_queue_sheds_the_lowest_priority_with_429() {
     drop(held);
     drop(response);
     assert_eq!(high.await.unwrap().status, 200);
-    let metrics = String::from_utf8(
-        get(&c, &format!("{}/metrics", r.url))
-            .await
-            .unwrap()
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = metrics_text(&c, &r.url).await;
     assert!(
         metrics.contains("qoe_router_shed_total{priority=\"3\",reason=\"displaced\"} 1"),
         "{metrics}"

@@ -107,14 +107,7 @@ async fn roundrobin_cycles_and_headers_are_set() {
         .map(|e| e["observed"]["window_requests"].as_u64().unwrap())
         .sum();
     assert_eq!(recorded, 7);
-    let metrics = String::from_utf8(
-        get(&c, &format!("{}/metrics", r.url))
-            .await
-            .unwrap()
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = metrics_text(&c, &r.url).await;
     let tokens: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("qoe_router_output_tokens_total"))
@@ -336,14 +329,7 @@ async fn connect_failure_retries_another_endpoint() {
         assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
         assert_eq!(ans.header("x-qoe-endpoint"), good.url);
     }
-    let metrics = String::from_utf8(
-        get(&c, &format!("{}/metrics", r.url))
-            .await
-            .unwrap()
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = metrics_text(&c, &r.url).await;
     let retries: f64 = metrics
         .lines()
         .find(|l| l.starts_with("qoe_router_retries_total"))

@@ -5,13 +5,6 @@ mod common;
 
 use common::*;
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[tokio::test]
 async fn qoe_learns_the_fast_endpoint_from_router_observations() {
     let (fast, slow) = (mock(&["m"]).await, mock(&["m"]).await);
@@ -73,33 +66,26 @@ async fn qoe_learns_the_fast_endpoint_from_router_observations() {
         .sum();
     assert!((sum - 1.0).abs() < 1e-9, "{weights}");
 
-    let text = String::from_utf8(
-        get(&c, &format!("{}/metrics", r.url))
-            .await
-            .unwrap()
-            .body
-            .to_vec(),
-    )
-    .unwrap();
-    assert!((metric(&text, "qoe_router_qoe_weight{") - 1.0).abs() < 1e-6);
-    let met = metric(
+    let text = metrics_text(&c, &r.url).await;
+    assert!((metric_sum(&text, "qoe_router_qoe_weight{") - 1.0).abs() < 1e-6);
+    let met = metric_sum(
         &text,
         "qoe_router_sla_total{priority=\"1\",outcome=\"met\"}",
     );
-    let missed = metric(
+    let missed = metric_sum(
         &text,
         "qoe_router_sla_total{priority=\"1\",outcome=\"missed\"}",
     );
     assert_eq!(met + missed, 18.0);
     assert_eq!(
-        metric(&text, "qoe_router_priority_qoe_count{priority=\"1\"}"),
+        metric_sum(&text, "qoe_router_priority_qoe_count{priority=\"1\"}"),
         18.0
     );
     assert!(
         text.contains("qoe_router_decision{") && text.contains("term=\"predicted_ttft_seconds\"")
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &text,
             "qoe_router_priority_time_to_first_token_seconds_count{priority=\"1\"}"
         ),

@@ -418,3 +418,17 @@ pub fn raw_post(path: &str, host: &str, extra: &[&[u8]], body: &[u8]) -> Vec<u8>
     req.extend_from_slice(body);
     req
 }
+
+/// The router's `/metrics` text.
+pub async fn metrics_text(c: &TestClient, router: &str) -> String {
+    let answer = get(c, &format!("{router}/metrics")).await.unwrap();
+    String::from_utf8(answer.body.to_vec()).unwrap()
+}
+
+/// The sum of the samples on lines of `text` that start with `prefix`.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
