@@ -16,4 +16,4 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
-QOE_ROUTER_BIN="$PWD/target/debug/qoe-router" .venv/bin/python -m pytest -q tests/e2e
+QOE_ROUTER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/qoe-router" .venv/bin/python -m pytest -q tests/e2e
