@@ -236,9 +236,9 @@ fn admission_json(out: &SimulateOutput) -> serde_json::Value {
         return serde_json::Value::Null;
     }
     serde_json::json!({
-        "max_inflight_per_endpoint": a.max_inflight,
-        "saturation_kv_usage": a.max_kv_usage,
-        "saturation_waiting": a.max_waiting,
+        "max_inflight_per_endpoint": a.limits.max_inflight,
+        "saturation_kv_usage": a.limits.max_kv_usage,
+        "saturation_waiting": a.limits.max_waiting,
         "queue_max": a.queue_max,
         "queue_timeout_s": a.queue_timeout as f64 / 1e6,
     })
@@ -307,11 +307,13 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
     let queue_timeout = seconds(args.queue_timeout, "--queue-timeout")?;
     anyhow::ensure!(queue_timeout > 0, "--queue-timeout must be > 0");
     let admission = AdmissionSpec {
-        max_inflight: args.max_inflight_per_endpoint,
-        max_kv_usage: args.saturation_kv_usage,
-        max_waiting: args.saturation_waiting,
         // As the router: metrics up to three scrape intervals old.
-        metrics_max_age: 3 * scrape,
+        limits: qoe_core::saturation::SaturationLimits {
+            max_inflight: args.max_inflight_per_endpoint,
+            max_kv_usage: args.saturation_kv_usage,
+            max_waiting: args.saturation_waiting,
+            metrics_max_age: 3 * scrape,
+        },
         queue_max: args.queue_max,
         queue_timeout,
     };
@@ -454,14 +456,14 @@ pub fn to_markdown(out: &SimulateOutput) -> String {
     let mut router = Vec::new();
     if a.enabled() {
         let mut limits = Vec::new();
-        if a.max_inflight > 0 {
-            limits.push(format!("{} in flight", a.max_inflight));
+        if a.limits.max_inflight > 0 {
+            limits.push(format!("{} in flight", a.limits.max_inflight));
         }
-        if a.max_kv_usage < 1.0 {
-            limits.push(format!("KV usage {}", a.max_kv_usage));
+        if a.limits.max_kv_usage < 1.0 {
+            limits.push(format!("KV usage {}", a.limits.max_kv_usage));
         }
-        if a.max_waiting > 0 {
-            limits.push(format!("{} engine-queued", a.max_waiting));
+        if a.limits.max_waiting > 0 {
+            limits.push(format!("{} engine-queued", a.limits.max_waiting));
         }
         router.push(format!(
             " Admission control: an endpoint is saturated at {}; up to {} requests wait up to {} s.",

@@ -18,37 +18,21 @@ use tokio::sync::oneshot;
 /// Limits that make an endpoint saturated, and the queue's bounds.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdmissionConfig {
-    /// Requests in flight per endpoint at which it is saturated (0: no limit).
-    pub max_inflight: u32,
-    /// KV-cache usage (0..1) at which it is saturated (≥ 1: no limit).
-    pub max_kv_usage: f64,
-    /// Engine waiting requests at which it is saturated (0: no limit).
-    pub max_waiting: u32,
-    /// Engine metrics older than this are not used for saturation.
-    pub metrics_max_age: Micros,
+    /// When an endpoint counts as saturated (the rule shared with the simulator).
+    pub limits: qoe_core::saturation::SaturationLimits,
     pub queue_max: usize,
     pub queue_timeout: Duration,
 }
 
 impl AdmissionConfig {
-    /// The saturation rule's limits.
-    pub fn limits(&self) -> qoe_core::saturation::SaturationLimits {
-        qoe_core::saturation::SaturationLimits {
-            max_inflight: self.max_inflight,
-            max_kv_usage: self.max_kv_usage,
-            max_waiting: self.max_waiting,
-            metrics_max_age: self.metrics_max_age,
-        }
-    }
-
     /// Whether any limit is set.
     pub fn enabled(&self) -> bool {
-        self.limits().enabled()
+        self.limits.enabled()
     }
 
     /// Whether `view` is saturated at `now` (the rule in `qoe_core::saturation`).
     pub fn saturated(&self, view: &EndpointView, now: Micros) -> bool {
-        self.limits().saturated(view, now)
+        self.limits.saturated(view, now)
     }
 }
 
@@ -172,10 +156,12 @@ mod tests {
 
     fn config(queue_max: usize) -> AdmissionConfig {
         AdmissionConfig {
-            max_inflight: 2,
-            max_kv_usage: 1.0,
-            max_waiting: 0,
-            metrics_max_age: 3_000_000,
+            limits: qoe_core::saturation::SaturationLimits {
+                max_inflight: 2,
+                max_kv_usage: 1.0,
+                max_waiting: 0,
+                metrics_max_age: 3_000_000,
+            },
             queue_max,
             queue_timeout: Duration::from_secs(1),
         }
@@ -189,7 +175,7 @@ mod tests {
         v.load.in_decode = 2;
         assert!(c.saturated(&v, 10));
         v.load.in_decode = 0;
-        c.max_kv_usage = 0.9;
+        c.limits.max_kv_usage = 0.9;
         v.engine = Some(qoe_core::EngineMetrics {
             kv_usage: Some(0.95),
             ..Default::default()

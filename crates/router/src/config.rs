@@ -420,10 +420,12 @@ impl RouterConfig {
 
     pub fn admission_config(&self) -> crate::admission::AdmissionConfig {
         crate::admission::AdmissionConfig {
-            max_inflight: self.max_inflight_per_endpoint,
-            max_kv_usage: self.saturation_kv_usage,
-            max_waiting: self.saturation_waiting,
-            metrics_max_age: (self.engine_stats_interval * 3e6) as u64,
+            limits: qoe_core::saturation::SaturationLimits {
+                max_inflight: self.max_inflight_per_endpoint,
+                max_kv_usage: self.saturation_kv_usage,
+                max_waiting: self.saturation_waiting,
+                metrics_max_age: (self.engine_stats_interval * 3e6) as u64,
+            },
             queue_max: self.queue_max,
             queue_timeout: Duration::from_secs_f64(self.queue_timeout),
         }

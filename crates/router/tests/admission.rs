@@ -20,6 +20,25 @@ async fn hold(
     (scripted, pending.await.unwrap())
 }
 
+/// Sends a non-streaming completion with `priority` in the background.
+fn spawn_post(
+    c: &TestClient,
+    url: &str,
+    prompt: &'static str,
+    priority: &'static str,
+) -> tokio::task::JoinHandle<Answer> {
+    let (c, url) = (c.clone(), url.to_string());
+    tokio::spawn(async move {
+        post(
+            &c,
+            &url,
+            &completion("m", prompt, false),
+            &[("x-request-priority", priority)],
+        )
+        .await
+    })
+}
+
 fn priority_of(seen: &Seen) -> String {
     seen.headers
         .get("x-request-priority")
@@ -40,31 +59,9 @@ async fn queued_requests_are_served_by_priority_when_capacity_frees() {
     let c = client();
     let (held, response) = hold(&r, &engine, &c).await;
     let url = format!("{}/v1/completions", r.url);
-    let low = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            post(
-                &c,
-                &url,
-                &completion("m", "low", false),
-                &[("x-request-priority", "3")],
-            )
-            .await
-        }
-    });
+    let low = spawn_post(&c, &url, "low", "3");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let high = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            post(
-                &c,
-                &url,
-                &completion("m", "high", false),
-                &[("x-request-priority", "1")],
-            )
-            .await
-        }
-    });
+    let high = spawn_post(&c, &url, "high", "1");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let metrics = metrics_text(&c, &r.url).await;
     assert!(
@@ -113,31 +110,9 @@ async fn a_full_queue_sheds_the_lowest_priority_with_429() {
     let c = client();
     let (held, response) = hold(&r, &engine, &c).await;
     let url = format!("{}/v1/completions", r.url);
-    let low = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            post(
-                &c,
-                &url,
-                &completion("m", "low", false),
-                &[("x-request-priority", "3")],
-            )
-            .await
-        }
-    });
+    let low = spawn_post(&c, &url, "low", "3");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let high = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            post(
-                &c,
-                &url,
-                &completion("m", "high", false),
-                &[("x-request-priority", "1")],
-            )
-            .await
-        }
-    });
+    let high = spawn_post(&c, &url, "high", "1");
     // The priority-1 arrival displaces the waiting priority 3.
     let low = low.await.unwrap();
     assert_eq!(low.status, 429);

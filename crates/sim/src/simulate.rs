@@ -188,10 +188,8 @@ pub struct SimConfig {
 /// open (the router's waiters re-check every 100 ms).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdmissionSpec {
-    pub max_inflight: u32,
-    pub max_kv_usage: f64,
-    pub max_waiting: u32,
-    pub metrics_max_age: Micros,
+    /// When an endpoint counts as saturated (the rule shared with the simulator).
+    pub limits: qoe_core::saturation::SaturationLimits,
     pub queue_max: usize,
     pub queue_timeout: Micros,
 }
@@ -200,10 +198,12 @@ impl Default for AdmissionSpec {
     /// Off, with the router's bounds (metrics up to 3 scrape intervals old, 1,024 waiters, 30 s).
     fn default() -> Self {
         AdmissionSpec {
-            max_inflight: 0,
-            max_kv_usage: 1.0,
-            max_waiting: 0,
-            metrics_max_age: 3 * MICROS_PER_SEC,
+            limits: qoe_core::saturation::SaturationLimits {
+                max_inflight: 0,
+                max_kv_usage: 1.0,
+                max_waiting: 0,
+                metrics_max_age: 3 * MICROS_PER_SEC,
+            },
             queue_max: 1024,
             queue_timeout: 30 * MICROS_PER_SEC,
         }
@@ -211,24 +211,14 @@ impl Default for AdmissionSpec {
 }
 
 impl AdmissionSpec {
-    /// The saturation rule's limits.
-    pub fn limits(&self) -> qoe_core::saturation::SaturationLimits {
-        qoe_core::saturation::SaturationLimits {
-            max_inflight: self.max_inflight,
-            max_kv_usage: self.max_kv_usage,
-            max_waiting: self.max_waiting,
-            metrics_max_age: self.metrics_max_age,
-        }
-    }
-
     /// Whether any limit is set.
     pub fn enabled(&self) -> bool {
-        self.limits().enabled()
+        self.limits.enabled()
     }
 
     /// Whether `view` is saturated at `now` (the rule in `qoe_core::saturation`).
     pub fn saturated(&self, view: &EndpointView, now: Micros) -> bool {
-        self.limits().saturated(view, now)
+        self.limits.saturated(view, now)
     }
 }
 
@@ -294,7 +284,7 @@ impl SimConfig {
             return bad("the statistics window must be positive");
         }
         let a = &self.admission;
-        if !(a.max_kv_usage.is_finite() && a.max_kv_usage > 0.0) {
+        if !(a.limits.max_kv_usage.is_finite() && a.limits.max_kv_usage > 0.0) {
             return bad("the admission KV-usage limit must be in (0, 1] (1: none)");
         }
         if a.queue_max == 0 || a.queue_timeout == 0 {
@@ -2168,12 +2158,12 @@ mod tests {
         )
         .unwrap();
         let planned = workload.generate(3).count() as u64;
-        let queueing = AdmissionSpec {
-            max_inflight: 6,
+        let mut queueing = AdmissionSpec {
             queue_max: 10,
             queue_timeout: 100_000,
             ..AdmissionSpec::default()
         };
+        queueing.limits.max_inflight = 6;
         for (delay, admission) in [
             (0, AdmissionSpec::default()),
             (2_000, AdmissionSpec::default()),

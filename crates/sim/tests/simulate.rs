@@ -439,12 +439,12 @@ tpot_ms = 200
     )
     .unwrap();
     let limit = 64;
-    let admission = AdmissionSpec {
-        max_inflight: limit,
+    let mut admission = AdmissionSpec {
         queue_max: 100,
         queue_timeout: 10_000_000,
         ..AdmissionSpec::default()
     };
+    admission.limits.max_inflight = limit;
     let cfg = SimConfig {
         admission,
         ..SimConfig::default()
