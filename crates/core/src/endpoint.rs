@@ -99,6 +99,72 @@ pub struct EngineMetrics {
     /// Sum and count of the inter-token latency histogram, seconds, cumulative.
     pub itl_sum: Option<f64>,
     pub itl_count: Option<f64>,
+    /// Most requests seen running at once over recent scrapes (derived, see
+    /// [`EngineMetrics::follow`]): a lower bound on the engine's batch seats (`max_num_seqs`),
+    /// reached once the engine has been full.
+    pub peak_running: Option<f64>,
+    /// The engine's batch seats when it looks seat-bound (derived, see [`EngineMetrics::follow`]):
+    /// requests waited at this scrape and the one before while `running` stayed at its peak.
+    pub full_seats: Option<f64>,
+}
+
+/// Per scrape, the remembered peak of `running` decays by this factor toward the current value
+/// (half-life ≈ 693 scrapes, 11.5 min at the default 1 s interval), so an engine restarted with
+/// fewer seats is re-learned.
+pub const PEAK_RUNNING_DECAY: f64 = 0.999;
+
+impl EngineMetrics {
+    /// The prefix-cache hit rate the engine reports, or the one its cumulative counters imply.
+    pub fn hit_rate(&self) -> Option<f64> {
+        self.prefix_hit_rate
+            .or(match (self.prefix_hits, self.prefix_queries) {
+                (Some(h), Some(q)) if q > 0.0 => Some((h / q).clamp(0.0, 1.0)),
+                _ => None,
+            })
+    }
+
+    /// Fills in what a scrape can only tell against the previous one of the same endpoint: the
+    /// prefix-cache hit rate over the interval (vLLM V1 exports counters only) and the peak of
+    /// `running`. The one derivation for every driver (the live scraper, the fleet simulator).
+    pub fn follow(&mut self, prev: Option<&EngineMetrics>) {
+        if let Some(prev) = prev {
+            if self.prefix_hit_rate.is_none() {
+                if let (Some(h), Some(q)) = (self.prefix_hits, self.prefix_queries) {
+                    let dq = q - prev.prefix_queries.unwrap_or(0.0);
+                    let dh = h - prev.prefix_hits.unwrap_or(0.0);
+                    self.prefix_hit_rate = if dq > 0.0 && dh >= 0.0 {
+                        Some((dh / dq).clamp(0.0, 1.0))
+                    } else {
+                        prev.hit_rate()
+                    };
+                }
+            }
+        }
+        let running = self.running.filter(|r| r.is_finite() && *r >= 0.0);
+        let before = prev
+            .and_then(|p| p.peak_running)
+            .filter(|r| r.is_finite() && *r >= 0.0)
+            .map(|r| r * PEAK_RUNNING_DECAY);
+        self.peak_running = match (running, before) {
+            (Some(r), Some(b)) => Some(r.max(b)),
+            (r, b) => r.or(b),
+        };
+        // Seat-bound: a queue at two scrapes in a row while the batch is at its peak and not
+        // growing. One scrape's queue is often just the arrivals since the last iteration, and a
+        // batch still climbing has seats to spare.
+        let waits = |m: &EngineMetrics| m.waiting.is_some_and(|w| w.is_finite() && w >= 1.0);
+        self.full_seats = match (prev, running, self.peak_running) {
+            (Some(p), Some(r), Some(peak))
+                if waits(self)
+                    && waits(p)
+                    && r >= 0.98 * peak
+                    && p.running.is_some_and(|pr| r <= pr + 0.5) =>
+            {
+                Some(peak)
+            }
+            _ => None,
+        };
+    }
 }
 
 /// Circuit-breaker state of an endpoint.

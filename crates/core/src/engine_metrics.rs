@@ -128,6 +128,9 @@ pub fn parse_engine_metrics_detailed(text: &str, model: Option<&str>) -> ParsedE
         ttft_count: sum(Field::TtftCount),
         itl_sum: sum(Field::ItlSum),
         itl_count: sum(Field::ItlCount),
+        // Derived across scrapes by `EngineMetrics::follow`.
+        peak_running: None,
+        full_seats: None,
     };
     ParsedEngineMetrics {
         metrics,

@@ -369,11 +369,7 @@ impl RouterMetrics {
             self.gauge("engine_running_requests", url, engine.running);
             self.gauge("engine_waiting_requests", url, engine.waiting);
             self.gauge("engine_kv_cache_usage", url, engine.kv_usage);
-            self.gauge(
-                "engine_prefix_cache_hit_rate",
-                url,
-                crate::scrape::hit_rate(&engine),
-            );
+            self.gauge("engine_prefix_cache_hit_rate", url, engine.hit_rate());
             self.gauge(
                 "engine_metrics_age_seconds",
                 url,

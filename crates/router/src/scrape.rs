@@ -7,21 +7,12 @@
 
 use crate::endpoints::{Clock, Endpoint, Registry};
 use crate::upstream::{get, UpstreamClient};
-use qoe_core::EngineMetrics;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The prefix-cache hit rate an engine reports, or the one its cumulative counters imply.
-pub fn hit_rate(m: &EngineMetrics) -> Option<f64> {
-    m.prefix_hit_rate
-        .or(match (m.prefix_hits, m.prefix_queries) {
-            (Some(h), Some(q)) if q > 0.0 => Some((h / q).clamp(0.0, 1.0)),
-            _ => None,
-        })
-}
-
-/// Scrapes one endpoint's `/metrics` into its state; the hit rate is computed over the interval
-/// since the previous scrape when the engine only exports counters.
+/// Scrapes one endpoint's `/metrics` into its state; what only the previous scrape can tell (the
+/// hit rate over the interval, the peak of running requests) is derived by
+/// [`qoe_core::EngineMetrics::follow`].
 pub async fn scrape_once(
     client: &UpstreamClient,
     endpoint: &Endpoint,
@@ -32,21 +23,7 @@ pub async fn scrape_once(
         Ok(body) => {
             let text = String::from_utf8_lossy(&body);
             let mut metrics = qoe_core::engine_metrics::parse_engine_metrics(&text, None);
-            if metrics.prefix_hit_rate.is_none() {
-                if let (Some(prev), Some(h), Some(q)) = (
-                    endpoint.engine_sample().map(|s| s.metrics),
-                    metrics.prefix_hits,
-                    metrics.prefix_queries,
-                ) {
-                    let dq = q - prev.prefix_queries.unwrap_or(0.0);
-                    let dh = h - prev.prefix_hits.unwrap_or(0.0);
-                    metrics.prefix_hit_rate = if dq > 0.0 && dh >= 0.0 {
-                        Some((dh / dq).clamp(0.0, 1.0))
-                    } else {
-                        hit_rate(&prev)
-                    };
-                }
-            }
+            metrics.follow(endpoint.engine_sample().map(|s| s.metrics).as_ref());
             endpoint.set_engine_metrics(metrics, clock.now());
         }
         Err(e) => tracing::debug!(endpoint = %endpoint.url, "metrics scrape failed: {e}"),

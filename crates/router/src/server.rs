@@ -231,7 +231,7 @@ async fn engines(State(state): State<Arc<AppState>>) -> Response {
                 "observed_last_failure_age_s": age_s(view.observed.last_failure),
                 "engine_metrics": view.engine,
                 "engine_metrics_age_s": age_s(view.engine_at),
-                "prefix_cache_hit_rate": view.engine.as_ref().and_then(scrape::hit_rate),
+                "prefix_cache_hit_rate": view.engine.as_ref().and_then(qoe_core::EngineMetrics::hit_rate),
             })
         })
         .collect();

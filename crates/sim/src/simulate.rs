@@ -1089,21 +1089,11 @@ impl<'a> Sim<'a> {
                 ttft_count: Some(s.ttft.count() as f64),
                 itl_sum: Some(s.itl.sum_seconds()),
                 itl_count: Some(s.itl.count() as f64),
+                peak_running: None,
+                full_seats: None,
             };
-            // As `scrape.rs`: vLLM V1 exports counters only; the hit rate is over the interval.
-            if let Some(prev) = view.engine {
-                let dq = m.prefix_queries.unwrap_or(0.0) - prev.prefix_queries.unwrap_or(0.0);
-                let dh = m.prefix_hits.unwrap_or(0.0) - prev.prefix_hits.unwrap_or(0.0);
-                m.prefix_hit_rate = if dq > 0.0 && dh >= 0.0 {
-                    Some((dh / dq).clamp(0.0, 1.0))
-                } else {
-                    prev.prefix_hit_rate
-                        .or(match (prev.prefix_hits, prev.prefix_queries) {
-                            (Some(h), Some(q)) if q > 0.0 => Some((h / q).clamp(0.0, 1.0)),
-                            _ => None,
-                        })
-                };
-            }
+            // As the live scraper: what only the previous scrape can tell.
+            m.follow(view.engine.as_ref());
             view.engine = Some(m);
             view.engine_at = Some(now);
         }

@@ -109,6 +109,9 @@ pub struct DecisionDetail {
     pub predicted_itl_ms: f64,
     /// Prompt tokens expected to be served from the endpoint's prefix cache.
     pub cached_tokens: u32,
+    /// Of `predicted_ttft_ms`, the predicted wait for a batch seat (0 while the engine has free
+    /// seats); the TTFT fit learns from what remains.
+    pub seat_wait_ms: f64,
     /// The four cost terms, each in 0..1: resource, performance, reliability, priority.
     pub terms: [f64; 4],
     /// The weights they were combined with (α, β, γ, δ), summing to 1.

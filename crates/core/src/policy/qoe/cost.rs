@@ -107,6 +107,30 @@ pub fn extra_waiting(view: &EndpointView, engine: Option<&EngineMetrics>) -> f64
         .unwrap_or(0.0)
 }
 
+/// Predicted wait for a batch seat, ms. When the engine looks seat-bound
+/// ([`EngineMetrics::full_seats`]: every seat of its batch, vLLM's `max_num_seqs`, taken at the
+/// last two scrapes), the request waits behind `in_flight + extra_waiting + 1 − seats` others
+/// (the router's count is fresh, the scrape up to an interval old) for seats that free as requests
+/// finish, at the endpoint's observed completion rate. 0 when seats are free, when the metrics are
+/// missing or stale, or before any request has finished there (no rate to go by).
+pub fn seat_wait_ms(view: &EndpointView, engine: Option<&EngineMetrics>) -> f64 {
+    let Some(m) = engine else {
+        return 0.0;
+    };
+    let Some(seats) = nonneg(m.full_seats) else {
+        return 0.0;
+    };
+    let rate = view.observed.qps;
+    if !(rate.is_finite() && rate > 0.0) {
+        return 0.0;
+    }
+    let ahead = in_flight(view) + extra_waiting(view, Some(m)) + 1.0 - seats;
+    if ahead <= 0.0 {
+        return 0.0;
+    }
+    (1e3 * ahead / rate).min(super::MAX_PREDICTION_MS)
+}
+
 /// Requests in flight (as f64: no overflow whatever the counts).
 pub fn in_flight(view: &EndpointView) -> f64 {
     view.load.in_prefill as f64 + view.load.in_decode as f64
@@ -130,7 +154,13 @@ pub fn utilization(
     } else {
         1.0
     };
-    let cap_req = cfg.saturation_inflight.max(1) as f64 * speed;
+    // An engine seen running more than the configured capacity at once can take that many: its
+    // peak (of any age: seats do not go stale) is a lower bound on its batch seats.
+    let peak = view
+        .engine
+        .and_then(|m| nonneg(m.peak_running))
+        .unwrap_or(0.0);
+    let cap_req = (cfg.saturation_inflight.max(1) as f64 * speed).max(peak);
     let cap_tok = cfg.saturation_tokens.max(1) as f64 * speed;
     let u_req = (in_flight(view) + 1.0) / cap_req;
     let tokens = view.load.prefill_tokens as f64
@@ -352,6 +382,51 @@ mod tests {
             ..EngineMetrics::default()
         };
         assert!(utilization(&w, 1000, 200, Some(&bad), 1.0, &c).is_finite());
+    }
+
+    #[test]
+    fn seats_are_learned_from_scrapes_and_priced() {
+        let scrape = |running: f64, waiting: f64| EngineMetrics {
+            running: Some(running),
+            waiting: Some(waiting),
+            ..EngineMetrics::default()
+        };
+        // Climbing with a momentary queue: seats to spare.
+        let mut a = scrape(100.0, 0.0);
+        a.follow(None);
+        let mut b = scrape(180.0, 2.0);
+        b.follow(Some(&a));
+        assert_eq!(b.peak_running, Some(180.0));
+        assert_eq!(b.full_seats, None);
+        // A queue twice in a row at the peak, not growing: seat-bound at 256.
+        let mut c = scrape(256.0, 30.0);
+        c.follow(Some(&b));
+        let mut d = scrape(256.0, 40.0);
+        d.follow(Some(&c));
+        assert_eq!(d.full_seats, Some(256.0));
+        // The peak decays slowly once running falls.
+        let mut e = scrape(10.0, 0.0);
+        e.follow(Some(&d));
+        assert_eq!(
+            e.peak_running,
+            Some(256.0 * crate::endpoint::PEAK_RUNNING_DECAY)
+        );
+        assert_eq!(e.full_seats, None);
+
+        // 266 in flight (the 40 waiting are the router's own) against 256 seats, finishing
+        // 50/s: 11 ahead → 220 ms.
+        let mut v = EndpointView::idle(0, 1);
+        v.load.in_decode = 226;
+        v.load.in_prefill = 40;
+        v.observed.qps = 50.0;
+        assert!((seat_wait_ms(&v, Some(&d)) - 220.0).abs() < 1e-9);
+        assert_eq!(seat_wait_ms(&v, Some(&b)), 0.0);
+        v.observed.qps = 0.0;
+        assert_eq!(seat_wait_ms(&v, Some(&d)), 0.0);
+        // The learned peak raises the request capacity above the configured 64.
+        v.engine = Some(d);
+        let u = utilization(&v, 0, 0, None, 1.0, &cfg());
+        assert!((u - 267.0 / 256.0).abs() < 1e-12, "{u}");
     }
 
     #[test]

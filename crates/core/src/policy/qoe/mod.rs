@@ -256,6 +256,7 @@ struct Eval {
     ttft: f64,
     itl: f64,
     cached: u32,
+    seat_wait: f64,
     terms: [f64; 4],
     /// The TTFT and the ITL/rate parts of the performance term (weighted by the phase mix).
     perf_parts: [f64; 2],
@@ -434,7 +435,8 @@ impl Qoe {
                 true,
             ),
         };
-        let ttft = finite_ms(ttft_line.at(queued + own));
+        let seat_wait = cost::seat_wait_ms(view, engine);
+        let ttft = finite_ms(ttft_line.at(queued + own) + seat_wait);
         let running = engine.and_then(|m| cost::nonneg(m.running)).unwrap_or(0.0);
         let batch = cost::in_flight(view).max(running.min(1e9)) + 1.0;
         let itl = finite_ms(itl_line.at(batch));
@@ -458,7 +460,16 @@ impl Qoe {
             cfg,
         );
         let n = req.expected_output_tokens as f64;
-        let perf = cost::performance_parts(req.phase, ttft, itl, ctx.t0, n, cfg);
+        // A client that sends a TTFT deadline (the SLA header) has said the first token matters:
+        // its TTFT is priced as for a prefill-dominant request, whatever its phase. Found by the
+        // fleet simulator (docs/EVALUATION.md): priced by phase, decode-dominant requests with a
+        // tight deadline followed the low ITL of fast engines into their seat queues.
+        let phase = if req.sla_ttft_ms.is_some() {
+            Phase::PrefillDominant
+        } else {
+            req.phase
+        };
+        let perf = cost::performance_parts(phase, ttft, itl, ctx.t0, n, cfg);
         let reliability = cost::reliability(view, ctx.now, cfg);
         let terms = [
             cost::resource(util),
@@ -473,6 +484,7 @@ impl Qoe {
             ttft,
             itl,
             cached,
+            seat_wait,
             terms,
             perf_parts: [perf.ttft, perf.itl],
             cost: cost::unit(c, 1.0),
@@ -513,6 +525,7 @@ impl Qoe {
             predicted_ttft_ms: e.ttft,
             predicted_itl_ms: e.itl,
             cached_tokens: e.cached,
+            seat_wait_ms: e.seat_wait,
             terms: e.terms,
             weights: ctx.weights,
             cost: e.cost,
@@ -719,6 +732,9 @@ impl RoutingPolicy for Qoe {
             FeedbackEvent::FirstToken { ttft } => {
                 let ttft_ms = ttft as f64 / 1e3;
                 let cached = fb.detail.map_or(0, |d| d.cached_tokens);
+                // The line learns prefill; the seat wait is predicted apart from it.
+                let seat_wait = fb.detail.map_or(0.0, |d| d.seat_wait_ms);
+                let prefill_ms = (ttft_ms - seat_wait).max(0.0);
                 self.models
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
@@ -727,7 +743,7 @@ impl RoutingPolicy for Qoe {
                         fb.load_at_dispatch.prefill_tokens,
                         fb.prompt_tokens,
                         cached,
-                        ttft_ms,
+                        prefill_ms,
                         lambda,
                         now,
                     );

@@ -593,6 +593,7 @@ fn any_feedback() -> impl Strategy<Value = Feedback> {
                     predicted_ttft_ms: 0.0,
                     predicted_itl_ms: 0.0,
                     cached_tokens: cached,
+                    seat_wait_ms: 0.0,
                     terms: [0.0; 4],
                     weights: [0.25; 4],
                     cost: 0.0,
