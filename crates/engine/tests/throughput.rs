@@ -8,7 +8,7 @@
 //!
 //! The server runs on a current-thread runtime in its own OS thread (one core by construction);
 //! the clients run on another thread. Reported: streamed tokens/s, the server thread's CPU use,
-//! and the real-time loop's statistics (resyncs: times virtual time fell more than `MAX_LAG`
+//! and the real-time loop's statistics (resyncs: times virtual time fell too far
 //! behind the wall clock), once all streams are started (after the connection burst) and at the
 //! end. Knobs: `QOE_BENCH_STREAMS` (2000), `QOE_BENCH_TOKENS` per stream (300),
 //! `QOE_BENCH_SPEED` (2.5, on the h100 profile: ≈ 28 ms iterations at batch 2000, ≈ 70k
