@@ -1,5 +1,6 @@
 //! Command-line options of `qoe-router engine`, named after vLLM's where vLLM has the option.
 
+use crate::driver::DEFAULT_CATCH_UP_LIMIT;
 use crate::faults::Faults;
 use clap::{Args, ValueEnum};
 use qoe_sim::{EngineConfig, Profile, Scheduling, PROFILE_NAMES};
@@ -88,6 +89,11 @@ pub struct EngineArgs {
     /// Identity reported as `remote_engine_id` to decode engines [default: derived from the port].
     #[arg(long)]
     pub engine_id: Option<String>,
+    /// How far the real-time loop may fall behind its clock (a stalled host) and still catch up,
+    /// running the due iterations back to back; beyond it the lost time is dropped and counted
+    /// in `/admin/stats`, ms.
+    #[arg(long, default_value_t = DEFAULT_CATCH_UP_LIMIT / 1000)]
+    pub catch_up_limit_ms: u64,
 
     /// Share of requests answered with `--error-status` (0..1).
     #[arg(long, default_value_t = 0.0)]
@@ -147,6 +153,7 @@ impl Default for EngineArgs {
             output_len_median: 128,
             output_len_sigma: 0.8,
             engine_id: None,
+            catch_up_limit_ms: DEFAULT_CATCH_UP_LIMIT / 1000,
             error_rate: 0.0,
             error_status: 500,
             stall_ms: 0,
@@ -274,6 +281,7 @@ mod tests {
             (d.port, d.models.clone(), d.profile.clone(), d.max_num_seqs)
         );
         assert_eq!(parsed.faults(), d.faults());
+        assert_eq!(parsed.catch_up_limit_ms, d.catch_up_limit_ms);
         assert!(Cli::try_parse_from(["engine", "--profile", "b200"]).is_err());
         assert!(Cli::try_parse_from(["engine", "--scheduling-policy", "lifo"]).is_err());
         let bad = EngineArgs {

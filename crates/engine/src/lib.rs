@@ -15,7 +15,7 @@
 //! | `POST /tokenize` | `{"count", "max_model_len", "tokens"}` by the shared prompt rule |
 //! | `GET /metrics` | vLLM V1 metrics (plus V0 names with `--v0-metrics`) |
 //! | `GET`/`POST /admin/config` | fault injection, read and partial update |
-//! | `GET /admin/stats` | how well the real-time loop keeps up with its clock |
+//! | `GET /admin/stats` | how well the real-time loop keeps its clock (lag now and at most, catch-up iterations, resyncs, time lost) |
 //!
 //! Output lengths: with `ignore_eos: true` exactly `max_tokens` (default: what fits in
 //! `max_model_len`); otherwise a lognormal draw (`--output-len-median`, `--output-len-sigma`)
@@ -34,7 +34,7 @@ mod openai;
 mod server;
 
 pub use args::{EngineArgs, Role};
-pub use driver::{LoopStats, MAX_LAG};
+pub use driver::{LoopStats, CATCH_UP_SLICE, DEFAULT_CATCH_UP_LIMIT};
 pub use faults::{FaultDraw, Faults, FaultsUpdate};
 
 use axum::serve::ListenerExt;

@@ -10,7 +10,7 @@
 //! the model.
 
 use crate::args::{EngineArgs, Role};
-use crate::driver::{Driver, Ticket};
+use crate::driver::{Driver, Refused, Ticket};
 use crate::faults::{FaultDraw, Faults, FaultsUpdate};
 use crate::metrics;
 use crate::openai::{
@@ -88,7 +88,10 @@ impl App {
             .clone()
             .unwrap_or_else(|| format!("sim-{}-{port}", args.host));
         Ok(Self {
-            driver: Arc::new(Driver::new(engine)),
+            driver: Arc::new(Driver::new(
+                engine,
+                args.catch_up_limit_ms.saturating_mul(1000),
+            )),
             faults: Mutex::new(faults),
             next_request: AtomicU64::new(0),
             metrics_snapshot: Mutex::new(None),
@@ -281,11 +284,12 @@ fn admit(
         skip_prefill: matches!(p.kv, KvStage::Decode { .. }),
     };
     let ticket = app.driver.submit(sim).map_err(|e| match e {
-        SubmitError::QueueFull { .. } => ApiError::new(
+        Refused::Model(e @ SubmitError::QueueFull { .. }) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the engine is overloaded: {e}"),
         ),
-        other => ApiError::bad_request(other.to_string(), None),
+        Refused::Model(other) => ApiError::bad_request(other.to_string(), None),
+        Refused::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     })?;
     let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
     let plan = Plan {
@@ -329,17 +333,18 @@ fn broken_body(status: StatusCode) -> Response {
     (status, Body::from_stream(stream)).into_response()
 }
 
-/// Waits until `ticket` has produced `target` tokens (or finished); false on shutdown.
-async fn wait_for(ticket: &Ticket, target: u32, shutdown: &mut watch::Receiver<bool>) -> bool {
+/// Waits until `ticket` has produced `target` tokens (or finished); false if the engine stopped
+/// first.
+async fn wait_for(ticket: &Ticket, target: u32) -> bool {
     loop {
-        let (fin, produced) = ticket.progress();
-        if fin || produced >= target {
+        let p = ticket.progress();
+        if p.finished || p.produced >= target {
             return true;
         }
-        tokio::select! {
-            _ = ticket.delivery().notify.notified() => {}
-            _ = shutdown.changed() => return false,
+        if p.closed {
+            return false;
         }
+        ticket.changed().await;
     }
 }
 
@@ -351,7 +356,7 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
     } else {
         plan.output_tokens
     };
-    if !wait_for(&ticket, target, &mut shutdown).await {
+    if !wait_for(&ticket, target).await {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine is shutting down",
@@ -367,7 +372,7 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
             _ = shutdown.changed() => {}
         }
     }
-    let (_, produced) = ticket.progress();
+    let produced = ticket.progress().produced;
     let text: String = (0..produced)
         .map(|i| token_text(plan.text_seed, i))
         .collect();
@@ -405,8 +410,8 @@ impl SseState {
             return None;
         }
         loop {
-            let (_, produced) = self.ticket.progress();
-            let mut upto = produced.min(self.plan.output_tokens);
+            let p = self.ticket.progress();
+            let mut upto = p.produced.min(self.plan.output_tokens);
             if let Some(c) = self.crash_at {
                 upto = upto.min(c);
             }
@@ -427,6 +432,9 @@ impl SseState {
                     "injected crash",
                 )));
             }
+            if p.closed {
+                return self.end_by_shutdown();
+            }
             if self.stall_at == Some(self.sent) {
                 self.stall_at = None;
                 let ms = self.plan.faults.stall_ms.unwrap_or(0);
@@ -436,10 +444,8 @@ impl SseState {
                 }
                 continue;
             }
-            tokio::select! {
-                _ = self.ticket.delivery().notify.notified() => {}
-                _ = self.shutdown.changed() => return self.end_by_shutdown(),
-            }
+            // The loop closes the ticket when the engine stops: one wake-up source per token.
+            self.ticket.changed().await;
         }
     }
 

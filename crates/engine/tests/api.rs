@@ -532,3 +532,60 @@ async fn shutdown_ends_open_streams() {
     })
     .await
 }
+
+/// Streams 300 tokens while the host (the test's only thread, shared with the server) stalls
+/// 200 ms mid-stream; returns the events received and `/admin/stats`' `loop`.
+async fn stream_through_a_host_stall(args: EngineArgs) -> (Vec<Value>, bool, Value) {
+    let s = Server::start(args).await;
+    let mut c = s
+        .open(
+            "/v1/completions",
+            &json!({"model": "m", "prompt": "x", "max_tokens": 300, "ignore_eos": true, "stream": true}),
+        )
+        .await;
+    let first = c.next_event().await.unwrap().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut events = vec![first];
+    events.extend(c.events().await.unwrap());
+    let (chunks, done) = parse_events(&events);
+    let stats = s.get("/admin/stats").await.json();
+    (chunks, done, stats["loop"].clone())
+}
+
+#[tokio::test]
+async fn a_host_stall_is_caught_up_without_losing_time() {
+    bounded(async {
+        let (chunks, done, l) = stream_through_a_host_stall(tiny_args()).await;
+        assert!(done);
+        assert_eq!(chunks.len(), 300, "every token once");
+        assert_eq!(chunks[299]["choices"][0]["finish_reason"], "length");
+        assert_eq!(
+            (l["resyncs"].as_u64(), l["lost_micros"].as_u64()),
+            (Some(0), Some(0)),
+            "{l}"
+        );
+        assert!(l["catch_up_iterations"].as_u64().unwrap() > 0, "{l}");
+        assert!(l["max_lag_micros"].as_u64().unwrap() >= 150_000, "{l}");
+        assert_eq!(l["catch_up_limit_micros"], 1_000_000);
+        assert!(l["lag_micros"].is_u64(), "{l}");
+        assert_eq!(l["tokens_delivered"], 300);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stall_beyond_the_catch_up_limit_is_dropped_and_counted() {
+    bounded(async {
+        let args = EngineArgs {
+            catch_up_limit_ms: 20,
+            ..tiny_args()
+        };
+        let (chunks, done, l) = stream_through_a_host_stall(args).await;
+        assert!(done);
+        assert_eq!(chunks.len(), 300, "every token once");
+        assert!(l["resyncs"].as_u64().unwrap() >= 1, "{l}");
+        assert!(l["lost_micros"].as_u64().unwrap() >= 150_000, "{l}");
+        assert_eq!(l["catch_up_limit_micros"], 20_000);
+    })
+    .await
+}

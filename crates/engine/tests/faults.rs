@@ -246,9 +246,9 @@ async fn stall_pauses_a_stream_half_way() {
 async fn slowdown_slows_every_iteration() {
     bounded(async {
         // 40 tokens on the tiny profile: each iteration is at least 1.2 ms, so ≥ 48 ms normally
-        // and ≥ 480 ms ten times slower, less the up to 10 ms (`MAX_LAG`) by which virtual time
-        // may trail the wall clock when the request arrives. Lower bounds only: a sleep never
-        // returns early.
+        // and ≥ 480 ms ten times slower, counted from the first iteration starting after the
+        // request arrived (less a little rounding). Lower bounds only: a sleep never returns
+        // early.
         let s = Server::start(tiny_args()).await;
         let body = json!({"model": "m", "prompt": "x", "max_tokens": 40, "ignore_eos": true});
         s.post_json("/admin/config", &json!({"slowdown": 10.0}))

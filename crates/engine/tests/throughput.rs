@@ -1,27 +1,33 @@
 //! How many concurrent streams and streamed tokens per second one engine process sustains on one
-//! core without falling behind its clock. Ignored by default (it measures, it does not assert
-//! behaviour); run it in release:
+//! core, and whether it keeps its clock meanwhile. Ignored by default (it measures, it does not
+//! assert behaviour); run it in release:
 //!
 //! ```text
 //! cargo test --release -p qoe-engine --test throughput -- --ignored --nocapture
 //! ```
 //!
 //! The server runs on a current-thread runtime in its own OS thread (one core by construction);
-//! the clients run on another thread. Reported: streamed tokens/s, the server thread's CPU use,
-//! and the real-time loop's statistics (resyncs: times virtual time fell more than `MAX_LAG`
-//! behind the wall clock), once all streams are started (after the connection burst) and at the
-//! end. Knobs: `QOE_BENCH_STREAMS` (2000), `QOE_BENCH_TOKENS` per stream (300),
+//! the clients run on another thread. Reported: streamed tokens/s; the server thread's CPU use,
+//! its time waiting for a CPU (the host's contention, not the engine's) and its writes (tokens
+//! per write: above 1 when it caught up, delivering several iterations at once); and whether the
+//! real-time loop kept its clock: time lost to resyncs (virtual time dropped after falling more
+//! than the catch-up limit behind), the lag at the end and at most, and the iterations run back to
+//! back to catch up. The loop is read once all streams have started (after the connection burst)
+//! and at the end. Knobs: `QOE_BENCH_STREAMS` (2000), `QOE_BENCH_TOKENS` per stream (300),
 //! `QOE_BENCH_SPEED` (2.5, on the h100 profile: ≈ 28 ms iterations at batch 2000, ≈ 70k
-//! tokens/s of model output).
+//! tokens/s of model output), `QOE_BENCH_CATCH_UP_MS` (the engine's `--catch-up-limit-ms`).
 
 use qoe_engine::{serve, EngineArgs};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// How often the lag is sampled while the streams run.
+const LAG_SAMPLE: Duration = Duration::from_millis(250);
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -30,12 +36,41 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// (CPU time, time spent runnable but waiting for a CPU) of the calling thread, ns (Linux
-/// `schedstat`). The second shows how much the host, not the engine, held the thread back.
-fn thread_sched_ns() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let mut f = s.split_whitespace().map(|v| v.parse().unwrap_or(0));
-    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+/// What the calling thread used so far (Linux `/proc/thread-self`).
+#[derive(Clone, Copy, Default)]
+struct ThreadUse {
+    /// CPU time, ns.
+    cpu_ns: u64,
+    /// Time runnable but waiting for a CPU, ns: how much the host, not the engine, held it back.
+    wait_ns: u64,
+    /// Write system calls (`write`, `writev`, ...).
+    writes: u64,
+}
+
+impl ThreadUse {
+    fn now() -> Self {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        let mut f = s.split_whitespace().map(|v| v.parse().unwrap_or(0));
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap_or_default();
+        let writes = io
+            .lines()
+            .find_map(|l| l.strip_prefix("syscw:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Self {
+            cpu_ns: f.next().unwrap_or(0),
+            wait_ns: f.next().unwrap_or(0),
+            writes,
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            cpu_ns: self.cpu_ns - before.cpu_ns,
+            wait_ns: self.wait_ns - before.wait_ns,
+            writes: self.writes - before.writes,
+        }
+    }
 }
 
 /// One streamed completion; returns the tokens received.
@@ -100,6 +135,10 @@ fn streams_and_tokens_per_second_on_one_core() {
     let streams: u32 = env("QOE_BENCH_STREAMS", 2000);
     let tokens: u32 = env("QOE_BENCH_TOKENS", 300);
     let speed: f64 = env("QOE_BENCH_SPEED", 2.5);
+    let catch_up_limit_ms: u64 = env(
+        "QOE_BENCH_CATCH_UP_MS",
+        EngineArgs::default().catch_up_limit_ms,
+    );
     let args = EngineArgs {
         port: 0,
         models: vec!["m".into()],
@@ -108,6 +147,7 @@ fn streams_and_tokens_per_second_on_one_core() {
         max_num_seqs: streams.max(256),
         max_num_batched_tokens: (2 * streams).max(2048),
         kv_capacity_tokens: Some(streams as u64 * (tokens as u64 + 128) + 16_384),
+        catch_up_limit_ms,
         ..EngineArgs::default()
     };
 
@@ -122,7 +162,7 @@ fn streams_and_tokens_per_second_on_one_core() {
                 .enable_all()
                 .build()
                 .unwrap();
-            let (cpu0, wait0) = thread_sched_ns();
+            let before = ThreadUse::now();
             rt.block_on(async move {
                 let listener = TcpListener::from_std(listener).unwrap();
                 serve(args, listener, async move {
@@ -131,8 +171,7 @@ fn streams_and_tokens_per_second_on_one_core() {
                 .await
                 .unwrap();
             });
-            let (cpu1, wait1) = thread_sched_ns();
-            (cpu1 - cpu0, wait1 - wait0)
+            ThreadUse::now().since(before)
         })
         .unwrap();
 
@@ -151,6 +190,22 @@ fn streams_and_tokens_per_second_on_one_core() {
         }
         let ramp = start.elapsed();
         let at_ramp = loop_stats(addr).await;
+        // The lag now, sampled while the streams run: the last sample is the lag near the end.
+        let streaming = Arc::new(AtomicBool::new(true));
+        let sampler = tokio::spawn({
+            let streaming = streaming.clone();
+            async move {
+                let mut lags = Vec::new();
+                while streaming.load(Ordering::Relaxed) {
+                    let lag = loop_stats(addr).await["lag_micros"].as_u64().unwrap_or(0);
+                    if streaming.load(Ordering::Relaxed) {
+                        lags.push(lag);
+                    }
+                    tokio::time::sleep(LAG_SAMPLE).await;
+                }
+                lags
+            }
+        });
         let mut total = 0u64;
         for t in tasks {
             let got = t.await.unwrap();
@@ -158,13 +213,16 @@ fn streams_and_tokens_per_second_on_one_core() {
             total += got as u64;
         }
         let elapsed = start.elapsed();
-        (elapsed, ramp, total, at_ramp, loop_stats(addr).await)
+        streaming.store(false, Ordering::Relaxed);
+        let lags = sampler.await.unwrap();
+        (elapsed, ramp, total, at_ramp, loop_stats(addr).await, lags)
     });
-    let (elapsed, ramp, total, at_ramp, at_end) = report;
+    let (elapsed, ramp, total, at_ramp, at_end, lags) = report;
     let _ = stop_tx.send(());
-    let (cpu_ns, wait_ns) = server.join().unwrap();
-    let server_cpu = Duration::from_nanos(cpu_ns).as_secs_f64();
+    let used = server.join().unwrap();
+    let server_cpu = Duration::from_nanos(used.cpu_ns).as_secs_f64();
     let secs = elapsed.as_secs_f64();
+    let micros = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0) as f64 / 1e6;
     println!("streams {streams}, tokens/stream {tokens}, model speed {speed} (h100 profile)");
     println!(
         "streamed {total} tokens in {secs:.2} s: {:.0} tokens/s",
@@ -177,7 +235,26 @@ fn streams_and_tokens_per_second_on_one_core() {
     );
     println!(
         "server thread waited {:.2} s for a CPU while runnable (host contention)",
-        Duration::from_nanos(wait_ns).as_secs_f64()
+        Duration::from_nanos(used.wait_ns).as_secs_f64()
+    );
+    println!(
+        "server writes {}: {:.2} tokens per write",
+        used.writes,
+        total as f64 / used.writes.max(1) as f64
+    );
+    let kept = at_end["resyncs"].as_u64() == Some(0);
+    println!(
+        "clock {}: {:.3} s lost to {} resyncs (catch-up limit {:.1} s); lag {:.3} s at the last of {} samples while streaming ({:.3} s the largest sampled), {:.3} s at most; {} of {} iterations run back to back to catch up",
+        if kept { "KEPT" } else { "NOT KEPT" },
+        micros(&at_end, "lost_micros"),
+        at_end["resyncs"],
+        micros(&at_end, "catch_up_limit_micros"),
+        lags.last().copied().unwrap_or(0) as f64 / 1e6,
+        lags.len(),
+        lags.iter().max().copied().unwrap_or(0) as f64 / 1e6,
+        micros(&at_end, "max_lag_micros"),
+        at_end["catch_up_iterations"],
+        at_end["iterations"],
     );
     println!(
         "loop when all streams had started ({:.2} s): {at_ramp}",

@@ -17,7 +17,8 @@
 //! 2. **Then partial prefills** of running sequences, in admission order, each taking as much of
 //!    the remaining budget as it needs.
 //! 3. **Then admissions** from the waiting queue (unless something was preempted this iteration, as
-//!    vLLM does), while the budget, `max_num_seqs` and the KV cache allow. A newly admitted sequence
+//!    vLLM does) of requests that arrived by the iteration's start, while the budget,
+//!    `max_num_seqs` and the KV cache allow. A newly admitted sequence
 //!    first looks its prompt's chained block hashes up in the prefix cache; hit blocks are shared,
 //!    not recomputed. The queue's head blocks the rest when it does not fit (no skipping ahead).
 //!
@@ -502,11 +503,13 @@ impl Engine {
         self.speed
     }
 
-    /// Queues a request arriving at `now`. It is considered at the next [`Engine::step`].
+    /// Queues a request arriving at `now`. It is considered by the first [`Engine::step`] that
+    /// starts at or after `now`.
     ///
     /// A live driver stamps arrivals with the wall clock while its steps run on virtual time that
-    /// may trail it slightly, so `now` may exceed the next step's start; latencies measured across
-    /// that gap saturate at zero rather than wrap.
+    /// may trail it (a host stall it is catching up on), so `now` may exceed the next step's
+    /// start: such a step leaves the request waiting, as a GPU busy with an iteration launched
+    /// before the request reached it would. Stamp arrivals in submission order.
     pub fn submit(&mut self, req: SimRequest, now: Micros) -> Result<(), SubmitError> {
         if self.by_id.contains_key(&req.id) {
             return Err(SubmitError::DuplicateId(req.id));
@@ -741,7 +744,7 @@ impl Engine {
     /// Admits waiting requests while budget, seats and KV allow.
     fn admit(&mut self, now: Micros, budget: &mut u32) {
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs as usize {
-            let Some((&key, &slot)) = self.waiting.first_key_value() else {
+            let Some((key, slot)) = self.first_arrived(now) else {
                 break;
             };
             let seq = self.slots[slot as usize].as_mut().expect("waiting slot");
@@ -812,6 +815,47 @@ impl Engine {
             seq.state = State::Running;
             self.waiting.remove(&key);
             self.running.push(slot);
+        }
+    }
+
+    /// The head of the waiting queue among the requests that have arrived by `now`.
+    fn first_arrived(&self, now: Micros) -> Option<((i32, u64), u32)> {
+        let arrived = |s: &u32| {
+            self.slots[*s as usize]
+                .as_ref()
+                .expect("waiting slot")
+                .arrival
+                <= now
+        };
+        let head = match self.cfg.scheduling {
+            // Arrivals come in submission order: if the oldest has not arrived, none has.
+            Scheduling::Fcfs => self.waiting.first_key_value().filter(|(_, s)| arrived(s)),
+            Scheduling::Priority => self.waiting.iter().find(|(_, s)| arrived(s)),
+        };
+        head.map(|(&k, &s)| (k, s))
+    }
+
+    /// The earliest arrival after `now` in the waiting queue.
+    fn next_arrival(&self, now: Micros) -> Option<Micros> {
+        let arrival = |s: &u32| {
+            self.slots[*s as usize]
+                .as_ref()
+                .expect("waiting slot")
+                .arrival
+        };
+        match self.cfg.scheduling {
+            Scheduling::Fcfs => self
+                .waiting
+                .values()
+                .next()
+                .map(arrival)
+                .filter(|&a| a > now),
+            Scheduling::Priority => self
+                .waiting
+                .values()
+                .map(arrival)
+                .filter(|&a| a > now)
+                .min(),
         }
     }
 
@@ -943,15 +987,19 @@ impl Engine {
         (ms * 1000.0).round().max(1.0) as Micros
     }
 
-    /// Nothing could be computed: wait for the earliest KV transfer, or one CPU tick.
+    /// Nothing could be computed: wait for the earliest KV transfer or arrival, or one CPU tick.
     fn idle_wait(&self, now: Micros) -> Micros {
-        let next = self
+        let transfer = self
             .running
             .iter()
             .filter_map(|&s| self.slots[s as usize].as_ref())
             .filter(|q| q.transferring)
             .map(|q| q.ready_at)
             .min();
+        let next = match (transfer, self.next_arrival(now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match next {
             Some(t) if t > now => t - now,
             _ => {

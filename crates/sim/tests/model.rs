@@ -625,14 +625,40 @@ fn memory_does_not_grow_with_requests_served() {
 }
 
 #[test]
-fn an_arrival_stamped_after_the_step_start_does_not_underflow() {
-    // A live driver stamps arrivals by wall clock; its step may start a little earlier.
+fn a_request_is_never_scheduled_before_it_arrives() {
+    // A live driver stamps arrivals by wall clock; while it catches up after a host stall its
+    // steps start earlier than that. Such a step must leave the request waiting.
+    for scheduling in [Scheduling::Fcfs, Scheduling::Priority] {
+        let mut e = engine(Profile::tiny(), |c| c.scheduling = scheduling);
+        e.submit(SimRequest::new(1, 10, 50), 0).unwrap();
+        let late = SimRequest {
+            priority: -1,
+            ..SimRequest::new(2, 10, 3)
+        };
+        e.submit(late, 20_000).unwrap();
+        let (mut now, mut ev) = (0, Vec::new());
+        while e.has_work() {
+            now += e.step(now, &mut ev);
+        }
+        let times = token_times(&ev);
+        assert_eq!(
+            (times[&1].len(), times[&2].len()),
+            (50, 3),
+            "{scheduling:?}"
+        );
+        assert!(times[&2][0] > 20_000, "{scheduling:?}: {:?}", times[&2]);
+        // It joined the first iteration starting at or after its arrival: no waiting beyond it.
+        let starts: Vec<Micros> = times[&1].iter().copied().filter(|&t| t >= 20_000).collect();
+        assert!(times[&2][0] <= starts[1], "{scheduling:?}");
+    }
+    // Alone in the engine, it waits for its arrival instead of being computed early.
     let mut e = engine(Profile::tiny(), |_| {});
     e.submit(SimRequest::new(1, 10, 3), 5_000).unwrap();
     let mut ev = Vec::new();
     let end = run(&mut e, 4_000, &mut ev);
     assert_eq!(token_times(&ev)[&1].len(), 3);
-    assert!(end > 4_000);
+    assert!(token_times(&ev)[&1][0] > 5_000);
+    assert!(end > 5_000);
     assert_eq!(e.stats().queue_time.sum_micros(), 0);
 }
 
