@@ -1,9 +1,27 @@
-//! What the router adds over going direct: latency (p50/p99) and throughput, streaming and not,
-//! at concurrency 1, 32 and 256, against an instant in-process upstream on 127.0.0.1.
+//! What the router adds over going direct, in two settings measured in the same run, each cell
+//! sent once straight to the upstream and once through the router:
 //!
-//! `cargo bench -p qoe-router --bench overhead` (env `OVERHEAD_SECS` per cell, default 3).
-//! Upstream, router and load generator each run on their own single-threaded runtime, so the
-//! three share the machine's cores the way separate processes would.
+//! * **instant**: an upstream that answers at once (a 200-byte JSON body, or 16 SSE chunks and
+//!   `[DONE]` written in one burst). The worst case for a proxy: the router's own work is compared
+//!   with an upstream that does almost nothing, so the comparison is CPU-bound. Reports latency,
+//!   throughput and the router's CPU time per request and per forwarded chunk.
+//! * **paced**: an engine-like upstream. Its pacing comes from the H100 figures in FIELD-NOTES
+//!   ("How long an engine iteration takes"): the first token after the prefill of a 1k-token
+//!   prompt (≈ 27 ms; 1k is the Azure conversation median input), then one chunk per decode step
+//!   at batch 64 (≈ 11 ms), 32 tokens; a non-streamed answer comes whole after the same 368 ms.
+//!   Reports the added time to first token and end-to-end latency, and throughput.
+//!
+//! Concurrency 1, 32 and 256, streaming and not, closed loop. Upstreams, router and load
+//! generator each run on their own single-threaded runtime (named threads, so `perf` can tell
+//! them apart) and share the machine's cores the way separate processes would. Router CPU time is
+//! the router thread's on-CPU time from its `schedstat` file (user and kernel), less what it
+//! spends idle (scrapes, health checks), per completed request.
+//!
+//! `cargo bench -p qoe-router --bench overhead`. Environment:
+//! `OVERHEAD_SECS` measured seconds per instant cell (default 3), `OVERHEAD_PACED_SECS` per paced
+//! cell (default 6), `OVERHEAD_ONLY` = `instant` or `paced` to run one setting,
+//! `OVERHEAD_CONCURRENCY` (e.g. `32` or `1,256`) to run some concurrency levels only,
+//! `OVERHEAD_TTFT_MS` / `OVERHEAD_ITL_MS` / `OVERHEAD_TOKENS` to change the pacing.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -15,7 +33,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const STREAM_CHUNKS: usize = 16;
+/// Chunks of an instant stream.
+const INSTANT_CHUNKS: usize = 16;
+
+#[derive(Clone, Copy)]
+struct Pacing {
+    ttft: Duration,
+    itl: Duration,
+    tokens: usize,
+}
+
+impl Pacing {
+    /// When a non-streamed answer is complete: the last token's time.
+    fn whole(&self) -> Duration {
+        self.ttft + self.itl * (self.tokens.max(1) as u32 - 1)
+    }
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -24,9 +64,21 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+fn sse_chunk(i: usize) -> Bytes {
+    Bytes::from(format!(
+        "data: {{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"model\":\"m\",\"choices\":[{{\"index\":0,\"text\":\"t{i}\",\"finish_reason\":null}}]}}\n\n"
+    ))
+}
+
+const JSON_ANSWER: &[u8] = br#"{"id":"cmpl-1","object":"text_completion","model":"m","choices":[{"index":0,"text":"hello world","finish_reason":"length"}],"usage":{"prompt_tokens":3,"total_tokens":19,"completion_tokens":16}}"#;
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
 async fn upstream_handler(
     req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
+    pacing: Option<Pacing>,
+) -> Result<hyper::Response<UpBody>, Infallible> {
+    let arrived = tokio::time::Instant::now();
     let path = req.uri().path().to_string();
     let body = req
         .into_body()
@@ -34,100 +86,159 @@ async fn upstream_handler(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let streaming = body.windows(14).any(|w| w == b"\"stream\":true}");
     if path == "/v1/models" {
         let b = Full::new(Bytes::from_static(
             br#"{"object":"list","data":[{"id":"m","object":"model"}]}"#,
         ));
         return Ok(hyper::Response::new(b.boxed()));
     }
-    if !streaming {
-        let b = Full::new(Bytes::from_static(
-            br#"{"id":"cmpl-1","object":"text_completion","model":"m","choices":[{"index":0,"text":"hello world","finish_reason":"length"}],"usage":{"prompt_tokens":3,"total_tokens":19,"completion_tokens":16}}"#,
-        ));
-        return Ok(hyper::Response::new(b.boxed()));
+    let streaming = body.windows(14).any(|w| w == b"\"stream\":true}");
+    let body = match (streaming, pacing) {
+        (false, None) => Full::new(Bytes::from_static(JSON_ANSWER)).boxed(),
+        (false, Some(p)) => {
+            tokio::time::sleep_until(arrived + p.whole()).await;
+            Full::new(Bytes::from_static(JSON_ANSWER)).boxed()
+        }
+        (true, None) => {
+            let chunks = (0..INSTANT_CHUNKS)
+                .map(|i| Ok::<_, Infallible>(Frame::data(sse_chunk(i))))
+                .chain(std::iter::once(Ok(Frame::data(Bytes::from_static(
+                    b"data: [DONE]\n\n",
+                )))));
+            StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+        }
+        (true, Some(p)) => {
+            // Token i at ttft + i·itl (absolute deadlines: no drift), `[DONE]` right after the last.
+            let stream = futures_util::stream::unfold(0usize, move |i| async move {
+                if i > p.tokens {
+                    return None;
+                }
+                if i == p.tokens {
+                    let done = Bytes::from_static(b"data: [DONE]\n\n");
+                    return Some((Ok::<_, Infallible>(Frame::data(done)), i + 1));
+                }
+                tokio::time::sleep_until(arrived + p.ttft + p.itl * i as u32).await;
+                Some((Ok(Frame::data(sse_chunk(i))), i + 1))
+            });
+            StreamBody::new(stream).boxed()
+        }
+    };
+    let mut resp = hyper::Response::new(body);
+    if streaming {
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
     }
-    let chunks = (0..STREAM_CHUNKS)
-        .map(|i| {
-            Ok::<_, Infallible>(Frame::data(Bytes::from(format!(
-                "data: {{\"id\":\"c\",\"object\":\"text_completion\",\"model\":\"m\",\"choices\":[{{\"index\":0,\"text\":\"t{i}\",\"finish_reason\":null}}]}}\n\n"
-            ))))
-        })
-        .chain(std::iter::once(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))));
-    let body = StreamBody::new(futures_util::stream::iter(chunks));
-    let mut resp = hyper::Response::new(body.boxed());
-    resp.headers_mut()
-        .insert("content-type", "text/event-stream".parse().unwrap());
     Ok(resp)
 }
 
-fn start_upstream() -> String {
+fn start_upstream(name: &str, pacing: Option<Pacing>) -> String {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        runtime().block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                tcp.set_nodelay(true).unwrap();
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(
-                            TokioIo::new(tcp),
-                            hyper::service::service_fn(upstream_handler),
-                        )
-                        .await;
-                });
-            }
-        });
-    });
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            runtime().block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    tcp.set_nodelay(true).unwrap();
+                    tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(
+                                TokioIo::new(tcp),
+                                hyper::service::service_fn(move |r| upstream_handler(r, pacing)),
+                            )
+                            .await;
+                    });
+                }
+            });
+        })
+        .unwrap();
     format!("http://{addr}")
 }
 
-fn start_router(upstream: &str) -> String {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    let config = qoe_router::RouterConfig::from_args([
-        "qoe-router",
-        "--static-backends",
-        upstream,
-        "--static-models",
-        "m",
-        "--log-level",
-        "warn",
-    ])
-    .unwrap();
-    std::thread::spawn(move || {
-        runtime().block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            qoe_router::serve(config, listener, std::future::pending())
-                .await
+/// Starts one router per upstream, all on one thread; returns their URLs and the thread's
+/// `schedstat` file.
+fn start_routers(upstreams: &[&str]) -> (Vec<String>, std::path::PathBuf) {
+    let mut urls = Vec::new();
+    let mut servers = Vec::new();
+    for upstream in upstreams {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        urls.push(format!("http://{}", std_listener.local_addr().unwrap()));
+        let config = qoe_router::RouterConfig::from_args([
+            "qoe-router",
+            "--static-backends",
+            upstream,
+            "--static-models",
+            "m",
+            "--log-level",
+            "warn",
+        ])
+        .unwrap();
+        servers.push((std_listener, config));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("router".into())
+        .spawn(move || {
+            let me = std::fs::read_link("/proc/thread-self").expect("procfs");
+            tx.send(std::path::Path::new("/proc").join(me).join("schedstat"))
                 .unwrap();
-        });
-    });
-    format!("http://{addr}")
+            runtime().block_on(async move {
+                let runs = servers.into_iter().map(|(l, config)| async move {
+                    let listener = tokio::net::TcpListener::from_std(l).unwrap();
+                    qoe_router::serve(config, listener, std::future::pending())
+                        .await
+                        .unwrap();
+                });
+                futures_util::future::join_all(runs).await;
+            });
+        })
+        .unwrap();
+    (urls, rx.recv().unwrap())
+}
+
+/// On-CPU time of a thread so far (the first field of `schedstat`, ns).
+fn cpu_ns(schedstat: &std::path::Path) -> u64 {
+    let s = std::fs::read_to_string(schedstat).unwrap();
+    s.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+struct Sample {
+    start: Duration,
+    first_byte: Duration,
+    end: Duration,
 }
 
 struct Cell {
-    p50_us: f64,
-    p99_us: f64,
+    ttft_p50: f64,
+    ttft_p99: f64,
+    e2e_p50: f64,
+    e2e_p99: f64,
     rps: f64,
+    /// Requests measured (started after the warm-up, finished within the window).
+    n: usize,
+    /// Requests completed in the whole run, warm-up included (for CPU per request).
+    completed: usize,
 }
 
-fn percentile(sorted: &[u32], q: f64) -> f64 {
-    if sorted.is_empty() {
+/// The value at quantile `q` of `v` (sorted in place), µs.
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
         return f64::NAN;
     }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64
+    v.sort_unstable_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-fn measure(target: &str, streaming: bool, concurrency: usize, secs: f64) -> Cell {
+fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, secs: f64) -> Cell {
     let url = format!("{target}/v1/completions");
     let body = Bytes::from(format!(
-        r#"{{"model":"m","prompt":"hello there","max_tokens":16,"stream":{streaming}}}"#
+        r#"{{"model":"m","prompt":"hello there","max_tokens":32,"stream":{streaming}}}"#
     ));
+    let window = warmup + Duration::from_secs_f64(secs);
     runtime().block_on(async move {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -135,74 +246,224 @@ fn measure(target: &str, streaming: bool, concurrency: usize, secs: f64) -> Cell
             .pool_max_idle_per_host(1024)
             .build(connector);
         let stop = Arc::new(AtomicBool::new(false));
-        let warmup = Duration::from_millis(300);
+        let begun = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
             let (client, url, body, stop) =
                 (client.clone(), url.clone(), body.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(4096);
-                let begun = Instant::now();
+                let mut samples = Vec::with_capacity(4096);
                 while !stop.load(Ordering::Relaxed) {
                     let req = hyper::Request::post(&url)
                         .header("content-type", "application/json")
                         .body(Full::new(body.clone()))
                         .unwrap();
-                    let t = Instant::now();
+                    let start = begun.elapsed();
                     let resp = client.request(req).await.unwrap();
-                    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-                    assert!(!bytes.is_empty());
-                    if begun.elapsed() > warmup {
-                        lat.push(t.elapsed().as_micros() as u32);
+                    assert!(resp.status().is_success(), "{}", resp.status());
+                    let mut body = resp.into_body();
+                    let mut first_byte = None;
+                    let mut bytes = 0;
+                    while let Some(frame) = body.frame().await {
+                        if let Some(d) = frame.unwrap().data_ref() {
+                            first_byte.get_or_insert_with(|| begun.elapsed());
+                            bytes += d.len();
+                        }
                     }
+                    assert!(bytes > 0);
+                    let end = begun.elapsed();
+                    samples.push(Sample {
+                        start,
+                        first_byte: first_byte.unwrap_or(end),
+                        end,
+                    });
                 }
-                lat
+                samples
             }));
         }
-        tokio::time::sleep(warmup + Duration::from_secs_f64(secs)).await;
+        tokio::time::sleep(window).await;
         stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
         for t in tasks {
             all.extend(t.await.unwrap());
         }
-        all.sort_unstable();
+        let completed = all.len();
+        let done_in_window = all
+            .iter()
+            .filter(|s| s.end >= warmup && s.end < window)
+            .count();
+        let measured: Vec<&Sample> = all
+            .iter()
+            .filter(|s| s.start >= warmup && s.end < window)
+            .collect();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mut ttft: Vec<f64> = measured
+            .iter()
+            .map(|s| us(s.first_byte - s.start))
+            .collect();
+        let mut e2e: Vec<f64> = measured.iter().map(|s| us(s.end - s.start)).collect();
         Cell {
-            p50_us: percentile(&all, 0.5),
-            p99_us: percentile(&all, 0.99),
-            rps: all.len() as f64 / secs,
+            ttft_p50: percentile(&mut ttft, 0.5),
+            ttft_p99: percentile(&mut ttft, 0.99),
+            e2e_p50: percentile(&mut e2e, 0.5),
+            e2e_p99: percentile(&mut e2e, 0.99),
+            rps: done_in_window as f64 / secs,
+            n: measured.len(),
+            completed,
         }
     })
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; accept and ignore harness flags.
-    let secs: f64 = std::env::var("OVERHEAD_SECS")
+/// The router thread, and its on-CPU time per second when no request comes (scrapes and health
+/// checks), subtracted from every cell's figure.
+struct RouterThread {
+    schedstat: std::path::PathBuf,
+    idle_ns_per_s: f64,
+}
+
+impl RouterThread {
+    fn new(schedstat: std::path::PathBuf) -> Self {
+        let (t, before) = (Instant::now(), cpu_ns(&schedstat));
+        std::thread::sleep(Duration::from_secs(2));
+        let idle_ns_per_s = (cpu_ns(&schedstat) - before) as f64 / t.elapsed().as_secs_f64();
+        RouterThread {
+            schedstat,
+            idle_ns_per_s,
+        }
+    }
+}
+
+/// One cell through the router, and the router's CPU time per request in it, µs.
+fn measure_router(
+    router: &str,
+    thread: &RouterThread,
+    streaming: bool,
+    concurrency: usize,
+    warmup: Duration,
+    secs: f64,
+) -> (Cell, f64) {
+    let (t, before) = (Instant::now(), cpu_ns(&thread.schedstat));
+    let cell = measure(router, streaming, concurrency, warmup, secs);
+    let busy = (cpu_ns(&thread.schedstat) - before) as f64
+        - thread.idle_ns_per_s * t.elapsed().as_secs_f64();
+    let per_request = busy.max(0.0) / 1e3 / cell.completed.max(1) as f64;
+    (cell, per_request)
+}
+
+const MODES: [(bool, &str); 2] = [(false, "non-stream"), (true, "stream")];
+
+/// The concurrency levels to run (`OVERHEAD_CONCURRENCY`, comma-separated; default 1, 32, 256).
+fn concurrency_levels() -> Vec<usize> {
+    std::env::var("OVERHEAD_CONCURRENCY")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let upstream = start_upstream();
-    let router = start_router(&upstream);
-    std::thread::sleep(Duration::from_millis(500));
-    println!("| mode | concurrency | direct p50 µs | router p50 µs | added p50 µs | direct p99 µs | router p99 µs | added p99 µs | direct req/s | router req/s | router/direct |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for streaming in [false, true] {
-        for concurrency in [1usize, 32, 256] {
-            let d = measure(&upstream, streaming, concurrency, secs);
-            let r = measure(&router, streaming, concurrency, secs);
+        .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 32, 256])
+}
+
+fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
+    let warmup = Duration::from_millis(300);
+    println!("\n### instant upstream ({secs} s per cell)\n");
+    println!("| mode | concurrency | direct p50 µs | router p50 µs | added p50 µs | direct p99 µs | router p99 µs | added p99 µs | direct req/s | router req/s | router/direct | router CPU µs/request | router CPU µs/chunk |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for concurrency in concurrency_levels() {
+        let mut cpu_plain = f64::NAN;
+        for (streaming, mode) in MODES {
+            let d = measure(upstream, streaming, concurrency, warmup, secs);
+            let (r, cpu) = measure_router(router, thread, streaming, concurrency, warmup, secs);
+            // A streamed answer is 17 body frames, a JSON one 1: the extra CPU per extra frame.
+            let per_chunk = if streaming {
+                format!("{:.1}", (cpu - cpu_plain) / INSTANT_CHUNKS as f64)
+            } else {
+                cpu_plain = cpu;
+                "".into()
+            };
+            let mode = if streaming {
+                format!("{mode} ({INSTANT_CHUNKS} chunks, one burst)")
+            } else {
+                mode.to_string()
+            };
             println!(
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
-                if streaming { "stream (16 chunks)" } else { "non-stream" },
-                concurrency,
-                d.p50_us,
-                r.p50_us,
-                r.p50_us - d.p50_us,
-                d.p99_us,
-                r.p99_us,
-                r.p99_us - d.p99_us,
+                "| {mode} | {concurrency} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {cpu:.1} | {per_chunk} |",
+                d.e2e_p50,
+                r.e2e_p50,
+                r.e2e_p50 - d.e2e_p50,
+                d.e2e_p99,
+                r.e2e_p99,
+                r.e2e_p99 - d.e2e_p99,
                 d.rps,
                 r.rps,
                 r.rps / d.rps
             );
         }
+    }
+}
+
+fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f64) {
+    // Long enough for every closed-loop client to be past its first request.
+    let warmup = p.whole() + Duration::from_millis(200);
+    println!(
+        "\n### paced upstream (TTFT {} ms, ITL {} ms, {} tokens; {secs} s per cell)\n",
+        p.ttft.as_millis(),
+        p.itl.as_millis(),
+        p.tokens
+    );
+    println!("| mode | concurrency | requests measured (direct, router) | TTFT p50 ms direct / router (added) | TTFT p99 ms direct / router (added) | e2e p50 ms direct / router (added) | e2e p99 ms direct / router (added) | direct req/s | router req/s | router/direct | router CPU µs/request | router CPU µs/chunk |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |us: f64| us / 1e3;
+    let pair = |d: f64, r: f64| format!("{:.2} / {:.2} (+{:.2})", ms(d), ms(r), ms(r - d));
+    for concurrency in concurrency_levels() {
+        let mut cpu_plain = f64::NAN;
+        for (streaming, mode) in MODES {
+            let d = measure(upstream, streaming, concurrency, warmup, secs);
+            let (r, cpu) = measure_router(router, thread, streaming, concurrency, warmup, secs);
+            let per_chunk = if streaming {
+                format!("{:.1}", (cpu - cpu_plain) / p.tokens as f64)
+            } else {
+                cpu_plain = cpu;
+                "".into()
+            };
+            let (t50, t99) = if streaming {
+                (pair(d.ttft_p50, r.ttft_p50), pair(d.ttft_p99, r.ttft_p99))
+            } else {
+                ("–".into(), "–".into())
+            };
+            println!(
+                "| {mode} | {concurrency} | {}, {} | {t50} | {t99} | {} | {} | {:.0} | {:.0} | {:.2} | {cpu:.1} | {per_chunk} |",
+                d.n,
+                r.n,
+                pair(d.e2e_p50, r.e2e_p50),
+                pair(d.e2e_p99, r.e2e_p99),
+                d.rps,
+                r.rps,
+                r.rps / d.rps
+            );
+        }
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; harness flags are ignored.
+    let only = std::env::var("OVERHEAD_ONLY").unwrap_or_default();
+    let pacing = Pacing {
+        ttft: Duration::from_millis(env("OVERHEAD_TTFT_MS", 27)),
+        itl: Duration::from_millis(env("OVERHEAD_ITL_MS", 11)),
+        tokens: env("OVERHEAD_TOKENS", 32),
+    };
+    let instant_up = start_upstream("upstream-instant", None);
+    let paced_up = start_upstream("upstream-paced", Some(pacing));
+    let (routers, schedstat) = start_routers(&[&instant_up, &paced_up]);
+    std::thread::sleep(Duration::from_millis(500));
+    let thread = RouterThread::new(schedstat);
+    if only.is_empty() || only == "instant" {
+        instant(&instant_up, &routers[0], &thread, env("OVERHEAD_SECS", 3.0));
+    }
+    if only.is_empty() || only == "paced" {
+        paced(
+            &paced_up,
+            &routers[1],
+            &thread,
+            pacing,
+            env("OVERHEAD_PACED_SECS", 6.0),
+        );
     }
 }
