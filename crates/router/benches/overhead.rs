@@ -360,6 +360,18 @@ fn concurrency_levels() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 32, 256])
 }
 
+/// The router's CPU per forwarded chunk: a streamed answer's extra CPU over the plain answer of
+/// the same cell (measured just before, kept in `plain`), over its extra frames. Blank for the
+/// plain answer itself.
+fn per_chunk_cpu(streaming: bool, cpu: f64, plain: &mut f64, chunks: usize) -> String {
+    if streaming {
+        format!("{:.1}", (cpu - *plain) / chunks as f64)
+    } else {
+        *plain = cpu;
+        String::new()
+    }
+}
+
 fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
     let warmup = Duration::from_millis(300);
     println!("\n### instant upstream ({secs} s per cell)\n");
@@ -370,13 +382,7 @@ fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
         for (streaming, mode) in MODES {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
             let (r, cpu) = measure_router(router, thread, streaming, concurrency, warmup, secs);
-            // A streamed answer is 17 body frames, a JSON one 1: the extra CPU per extra frame.
-            let per_chunk = if streaming {
-                format!("{:.1}", (cpu - cpu_plain) / INSTANT_CHUNKS as f64)
-            } else {
-                cpu_plain = cpu;
-                "".into()
-            };
+            let per_chunk = per_chunk_cpu(streaming, cpu, &mut cpu_plain, INSTANT_CHUNKS);
             let mode = if streaming {
                 format!("{mode} ({INSTANT_CHUNKS} chunks, one burst)")
             } else {
@@ -416,12 +422,7 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
         for (streaming, mode) in MODES {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
             let (r, cpu) = measure_router(router, thread, streaming, concurrency, warmup, secs);
-            let per_chunk = if streaming {
-                format!("{:.1}", (cpu - cpu_plain) / p.tokens as f64)
-            } else {
-                cpu_plain = cpu;
-                "".into()
-            };
+            let per_chunk = per_chunk_cpu(streaming, cpu, &mut cpu_plain, p.tokens);
             let (t50, t99) = if streaming {
                 (pair(d.ttft_p50, r.ttft_p50), pair(d.ttft_p99, r.ttft_p99))
             } else {
