@@ -149,16 +149,17 @@ impl EngineMetrics {
             (Some(r), Some(b)) => Some(r.max(b)),
             (r, b) => r.or(b),
         };
-        // Seat-bound: a queue at two scrapes in a row while the batch is at its peak and not
-        // growing. One scrape's queue is often just the arrivals since the last iteration, and a
-        // batch still climbing has seats to spare.
+        // Seat-bound: a queue at two scrapes in a row while the batch was at its peak both times.
+        // One scrape's queue is often just the arrivals since the last iteration, and a batch
+        // still climbing has seats to spare. (A batch at its peak moves by a seat or two between
+        // scrapes as requests finish and queued ones take their seats: that is not growth.)
         let waits = |m: &EngineMetrics| m.waiting.is_some_and(|w| w.is_finite() && w >= 1.0);
         self.full_seats = match (prev, running, self.peak_running) {
             (Some(p), Some(r), Some(peak))
                 if waits(self)
                     && waits(p)
                     && r >= 0.98 * peak
-                    && p.running.is_some_and(|pr| r <= pr + 0.5) =>
+                    && p.running.is_some_and(|pr| pr >= 0.98 * peak) =>
             {
                 Some(peak)
             }

@@ -304,6 +304,8 @@ pub struct EngineUsage {
     pub speed: f64,
     /// Times the policy chose it (retries count again).
     pub picks: u64,
+    /// The same picks by the request's priority (1, 2, 3).
+    pub picks_by_priority: [u64; 3],
     /// Requests it completed.
     pub completed: u64,
     /// Output tokens it delivered.
@@ -622,6 +624,7 @@ struct Ep {
     health: Health,
     // Usage.
     picks: u64,
+    picks_by_priority: [u64; 3],
     completed: u64,
     output_tokens: u64,
     ttft_sum: u64,
@@ -788,6 +791,7 @@ impl<'a> Sim<'a> {
                 snap_span: 0.0,
                 health: Health::new(),
                 picks: 0,
+                picks_by_priority: [0; 3],
                 completed: 0,
                 output_tokens: 0,
                 ttft_sum: 0,
@@ -1307,12 +1311,14 @@ impl<'a> Sim<'a> {
             }
         }
         let all = open == self.eps.len();
+        let priority;
         let decision = {
             let profile = &self.live[s]
                 .unsent
                 .as_ref()
                 .expect("an unsent request has its profile")
                 .profile;
+            priority = profile.priority.index();
             if all {
                 self.policy.pick(profile, &self.views, now)
             } else {
@@ -1343,6 +1349,7 @@ impl<'a> Sim<'a> {
         *self.reasons.entry(d.reason.as_str()).or_default() += 1;
         let ep = &mut self.eps[e];
         ep.picks += 1;
+        ep.picks_by_priority[priority.min(2)] += 1;
         let load = &mut self.views[e].load;
         let l = &mut self.live[s];
         l.load_at_dispatch = *load;
@@ -1773,6 +1780,7 @@ impl<'a> Sim<'a> {
                 group: ep.group.clone(),
                 speed: ep.start_speed,
                 picks: ep.picks,
+                picks_by_priority: ep.picks_by_priority,
                 completed: ep.completed,
                 output_tokens: ep.output_tokens,
                 mean_ttft_ms: (ep.ttft_n > 0).then(|| ep.ttft_sum as f64 / ep.ttft_n as f64 / 1e3),

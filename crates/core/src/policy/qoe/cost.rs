@@ -404,6 +404,19 @@ mod tests {
         let mut d = scrape(256.0, 40.0);
         d.follow(Some(&c));
         assert_eq!(d.full_seats, Some(256.0));
+        // Still bound when the batch moves by a seat or two at its peak (requests finish, queued
+        // ones take their seats): 254 then 256 running, a queue both times.
+        let mut c2 = scrape(254.0, 12.0);
+        c2.follow(Some(&d));
+        let mut d2 = scrape(256.0, 9.0);
+        d2.follow(Some(&c2));
+        assert_eq!(d2.full_seats, Some(256.0));
+        // But not while it climbs by more than that.
+        let mut f = scrape(200.0, 3.0);
+        f.follow(None);
+        let mut g = scrape(240.0, 3.0);
+        g.follow(Some(&f));
+        assert_eq!(g.full_seats, None);
         // The peak decays slowly once running falls.
         let mut e = scrape(10.0, 0.0);
         e.follow(Some(&d));
