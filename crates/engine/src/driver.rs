@@ -165,6 +165,10 @@ pub struct LoopStats {
     pub lost_micros: u64,
     /// Tokens handed to requests.
     pub tokens_delivered: u64,
+    /// Response body frames the streams wrote, one write each: `tokens_delivered /
+    /// frames_written` is how many tokens a write carries (1 when on time, more after catching
+    /// up or for a slow client).
+    pub frames_written: u64,
 }
 
 pub(crate) struct Driver {
@@ -180,6 +184,7 @@ pub(crate) struct Driver {
     lost: AtomicU64,
     max_lag: AtomicU64,
     delivered: AtomicU64,
+    frames: AtomicU64,
 }
 
 impl Driver {
@@ -201,6 +206,7 @@ impl Driver {
             lost: AtomicU64::new(0),
             max_lag: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
         }
     }
 
@@ -267,6 +273,7 @@ impl Driver {
             resyncs: self.resyncs.load(Ordering::Relaxed),
             lost_micros: self.lost.load(Ordering::Relaxed),
             tokens_delivered: self.delivered.load(Ordering::Relaxed),
+            frames_written: self.frames.load(Ordering::Relaxed),
         }
     }
 
@@ -412,6 +419,11 @@ impl Ticket {
             p if p == seen => Poll::Pending,
             p => Poll::Ready(p),
         }
+    }
+
+    /// Counts a body frame written for this request ([`LoopStats::frames_written`]).
+    pub fn count_frame(&self) {
+        self.driver.frames.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Resolves with the new [`Ticket::progress`] once it differs from `seen`.

@@ -464,6 +464,7 @@ impl SseBody {
             self.done = true;
         }
         debug_assert_eq!(out.len(), len, "frame length");
+        self.ticket.count_frame();
         Bytes::from(out)
     }
 }
