@@ -32,22 +32,29 @@
 //!
 //! Delivery is a counter per request, not a queue of messages: the loop bumps `produced` and wakes
 //! the request's task, which renders whatever is new. It can never fill up, so the model never
-//! blocks on a slow client, and a slow client simply receives several tokens in one write. The map
-//! of deliveries holds live requests only, bounded by the engine's own limits
-//! (`max_num_seqs + max_num_queued_reqs`). When the loop ends (shutdown, or a bug), every live
-//! delivery is closed and woken, so no request waits for tokens that will not come.
+//! blocks on a slow client, and a slow client simply receives several tokens in one write. The
+//! wake-up is a single waker slot ([`AtomicWaker`]): the task registers itself before it checks
+//! for news, and only the first wake-up after a registration reaches the scheduler, so a task is
+//! woken at most once however many tokens arrive before it runs. The map of deliveries holds live
+//! requests only, bounded by the engine's own limits (`max_num_seqs + max_num_queued_reqs`). When
+//! the loop ends (shutdown, or a bug), every live delivery is closed and woken, so no request
+//! waits for tokens that will not come.
 //!
 //! A [`Ticket`] is held by whatever answers the request (the SSE body or the non-streaming
 //! handler). Dropping it before the request finished, which is what happens when the client
 //! disconnects, aborts the request in the model and frees its KV at once.
 
+use futures_util::task::AtomicWaker;
 use qoe_core::Micros;
+use qoe_sim::rng::mix64;
 use qoe_sim::{Engine, EngineEvent, EngineStats, SimRequest, SubmitError};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
@@ -70,9 +77,38 @@ pub(crate) struct Delivery {
     finished: AtomicBool,
     /// Set when the loop ended before the request finished: no more tokens will come.
     closed: AtomicBool,
-    /// Woken after every change (a stored permit covers a change between check and wait).
-    notify: Notify,
+    /// The task waiting for the next change, woken after it.
+    waker: AtomicWaker,
 }
+
+impl Delivery {
+    fn wake(&self) {
+        self.waker.wake();
+    }
+}
+
+/// Hashes request ids (a counter) for the map of deliveries, looked up once per token: one
+/// multiply-xorshift mix instead of SipHash. The ids are the engine's own, not the client's.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = mix64(self.0 ^ b as u64);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = mix64(self.0 ^ v);
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 /// A snapshot of a request's [`Delivery`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +122,7 @@ pub(crate) struct Progress {
 
 struct Core {
     engine: Engine,
-    deliveries: HashMap<u64, Arc<Delivery>>,
+    deliveries: IdMap<Arc<Delivery>>,
     /// The loop has ended; submissions are refused.
     closed: bool,
 }
@@ -129,6 +165,10 @@ pub struct LoopStats {
     pub lost_micros: u64,
     /// Tokens handed to requests.
     pub tokens_delivered: u64,
+    /// Response body frames the streams wrote, one write each: `tokens_delivered /
+    /// frames_written` is how many tokens a write carries (1 when on time, more after catching
+    /// up or for a slow client).
+    pub frames_written: u64,
 }
 
 pub(crate) struct Driver {
@@ -144,6 +184,7 @@ pub(crate) struct Driver {
     lost: AtomicU64,
     max_lag: AtomicU64,
     delivered: AtomicU64,
+    frames: AtomicU64,
 }
 
 impl Driver {
@@ -152,7 +193,7 @@ impl Driver {
         Self {
             core: Mutex::new(Core {
                 engine,
-                deliveries: HashMap::new(),
+                deliveries: IdMap::default(),
                 closed: false,
             }),
             wake: Notify::new(),
@@ -165,6 +206,7 @@ impl Driver {
             lost: AtomicU64::new(0),
             max_lag: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
         }
     }
 
@@ -231,6 +273,7 @@ impl Driver {
             resyncs: self.resyncs.load(Ordering::Relaxed),
             lost_micros: self.lost.load(Ordering::Relaxed),
             tokens_delivered: self.delivered.load(Ordering::Relaxed),
+            frames_written: self.frames.load(Ordering::Relaxed),
         }
     }
 
@@ -310,14 +353,14 @@ impl Driver {
                 EngineEvent::Token { id, .. } => {
                     if let Some(d) = core.deliveries.get(&id) {
                         d.produced.fetch_add(1, Ordering::Release);
-                        d.notify.notify_one();
+                        d.wake();
                         tokens += 1;
                     }
                 }
                 EngineEvent::Finished { id, .. } => {
                     if let Some(d) = core.deliveries.remove(&id) {
                         d.finished.store(true, Ordering::Release);
-                        d.notify.notify_one();
+                        d.wake();
                     }
                 }
                 EngineEvent::Preempted { .. } => {}
@@ -333,7 +376,7 @@ impl Driver {
         core.closed = true;
         for (_, d) in core.deliveries.drain() {
             d.closed.store(true, Ordering::Release);
-            d.notify.notify_one();
+            d.wake();
         }
     }
 }
@@ -367,10 +410,25 @@ impl Ticket {
         }
     }
 
-    /// Resolves after the next change of [`Ticket::progress`] (at once if one happened since the
-    /// last call).
-    pub async fn changed(&self) {
-        self.delivery.notify.notified().await
+    /// Ready with the new [`Ticket::progress`] once it differs from `seen`; otherwise registers
+    /// the task to be woken at the next change. Only the task that polled last is woken.
+    pub fn poll_changed(&self, cx: &mut Context<'_>, seen: Progress) -> Poll<Progress> {
+        // Register first, then look: a change after the look wakes the registered task.
+        self.delivery.waker.register(cx.waker());
+        match self.progress() {
+            p if p == seen => Poll::Pending,
+            p => Poll::Ready(p),
+        }
+    }
+
+    /// Counts a body frame written for this request ([`LoopStats::frames_written`]).
+    pub fn count_frame(&self) {
+        self.driver.frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resolves with the new [`Ticket::progress`] once it differs from `seen`.
+    pub async fn changed(&self, seen: Progress) -> Progress {
+        std::future::poll_fn(|cx| self.poll_changed(cx, seen)).await
     }
 }
 
@@ -406,7 +464,7 @@ mod tests {
             if p.finished || p.closed {
                 return p;
             }
-            t.changed().await;
+            t.changed(p).await;
         }
     }
 

@@ -15,7 +15,7 @@
 //! | `POST /tokenize` | `{"count", "max_model_len", "tokens"}` by the shared prompt rule |
 //! | `GET /metrics` | vLLM V1 metrics (plus V0 names with `--v0-metrics`) |
 //! | `GET`/`POST /admin/config` | fault injection, read and partial update |
-//! | `GET /admin/stats` | how well the real-time loop keeps its clock (lag now and at most, catch-up iterations, resyncs, time lost) |
+//! | `GET /admin/stats` | how well the real-time loop keeps its clock (lag now and at most, catch-up iterations, resyncs, time lost), tokens delivered and frames written |
 //!
 //! Output lengths: with `ignore_eos: true` exactly `max_tokens` (default: what fits in
 //! `max_model_len`); otherwise a lognormal draw (`--output-len-median`, `--output-len-sigma`)
@@ -37,14 +37,25 @@ pub use args::{EngineArgs, Role};
 pub use driver::{LoopStats, CATCH_UP_SLICE, DEFAULT_CATCH_UP_LIMIT};
 pub use faults::{FaultDraw, Faults, FaultsUpdate};
 
-use axum::serve::ListenerExt;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::io;
+use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Pause after an accept error that is not about one connection (out of file descriptors, ...).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Serves the engine on `listener` until `shutdown` completes, then stops the model, ends open
 /// streams and hung requests, and returns once every connection is closed.
+///
+/// Connections are served by hyper's HTTP/1.1 server directly (vLLM speaks HTTP/1.1 only), each
+/// in its own task: a wake-up of a streaming connection polls its response body and writes what
+/// it rendered, nothing else.
 pub async fn serve(
     args: EngineArgs,
     listener: TcpListener,
@@ -53,11 +64,7 @@ pub async fn serve(
     let port = listener.local_addr()?.port();
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(server::App::new(args, port, stop_rx.clone())?);
-    let engine_loop = tokio::spawn(app.driver.clone().run(stop_rx));
-    // Streams are written token by token: never let Nagle hold a chunk back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let engine_loop = tokio::spawn(app.driver.clone().run(stop_rx.clone()));
     // If the model loop dies (a bug), every request would wait forever: stop serving instead.
     let (loop_done_tx, loop_done_rx) = tokio::sync::oneshot::channel::<()>();
     let watched_loop = tokio::spawn(async move {
@@ -72,12 +79,68 @@ pub async fn serve(
         }
         let _ = stop_tx.send(true);
     };
-    let served = axum::serve(listener, server::router(app))
-        .with_graceful_shutdown(signal)
-        .await;
+    let service = TowerToHyperService::new(server::router(app));
+    // Every connection task holds a receiver; `closed()` resolves once the last one is gone.
+    let (open_tx, open_rx) = watch::channel(());
+    {
+        let mut signal = pin!(signal);
+        loop {
+            let (tcp, _) = tokio::select! {
+                biased;
+                _ = &mut signal => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) if is_connection_error(&e) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            // Streams are written token by token: never let Nagle hold a chunk back.
+            let _ = tcp.set_nodelay(true);
+            let service = service.clone();
+            let mut stop = stop_rx.clone();
+            let open = open_rx.clone();
+            tokio::spawn(async move {
+                // One frame is a few hundred bytes: copying it behind its chunk header and writing
+                // one flat buffer costs less than a three-piece writev.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .writev(false)
+                    .serve_connection(TokioIo::new(tcp), service);
+                let mut conn = pin!(conn);
+                let stopping = async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                };
+                tokio::select! {
+                    biased;
+                    _ = conn.as_mut() => {}
+                    _ = stopping => {
+                        // Finish the response in progress (streams end on their own), then close.
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                drop(open);
+            });
+        }
+    }
+    drop(listener);
+    drop(open_rx);
+    open_tx.closed().await;
     let looped = watched_loop.await?;
-    served?;
     looped.map_err(|e| anyhow::anyhow!("the engine model loop failed: {e}"))
+}
+
+/// Errors of `accept` that concern only the connection being accepted.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Binds `--host:--port` and serves until Ctrl-C.

@@ -313,15 +313,38 @@ pub(crate) fn draw_output_len(seed: u64, median: u32, sigma: f64, max_tokens: u3
     }
 }
 
-/// Pre-rendered pieces of one request's SSE chunks; each token costs one `String` push of a few
-/// slices, no JSON serializer.
+/// Pre-rendered pieces of one request's SSE chunks; each token costs a few slice copies, no JSON
+/// serializer. Every piece has a `_len` twin giving its exact length, so a frame is rendered into
+/// a buffer of exactly its size.
 pub(crate) struct ChunkFormat {
     /// `data: {"id":..,"object":..,"created":..,"model":..,"choices":[`
     head: String,
     chat: bool,
 }
 
+const ROLE_CHOICE: &str =
+    "{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n";
+const CHAT_OPEN: &str = "{\"index\":0,\"delta\":{\"content\":\"";
+const CHAT_CLOSE: &str = "\"}";
+const TEXT_OPEN: &str = "{\"index\":0,\"text\":\"";
+const TEXT_CLOSE: &str = "\"";
+const FINISH: &str = ",\"logprobs\":null,\"finish_reason\":";
+const TAIL: &str = ",\"stop_reason\":null}]}\n\n";
+
+/// Decimal digits of `v`.
+fn digits(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 10 {
+        v /= 10;
+        n += 1;
+    }
+    n
+}
+
 impl ChunkFormat {
+    /// The stream's last event.
+    pub const DONE: &'static str = "data: [DONE]\n\n";
+
     pub fn new(api: Api, id: &str, created: u64, model: &str) -> Self {
         let object = match api {
             Api::Completions => "text_completion",
@@ -341,28 +364,35 @@ impl ChunkFormat {
     pub fn role(&self, out: &mut String) {
         if self.chat {
             out.push_str(&self.head);
-            out.push_str(
-                "{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n",
-            );
+            out.push_str(ROLE_CHOICE);
+        }
+    }
+
+    pub fn role_len(&self) -> usize {
+        if self.chat {
+            self.head.len() + ROLE_CHOICE.len()
+        } else {
+            0
+        }
+    }
+
+    fn open_close(&self) -> (&'static str, &'static str) {
+        if self.chat {
+            (CHAT_OPEN, CHAT_CLOSE)
+        } else {
+            (TEXT_OPEN, TEXT_CLOSE)
         }
     }
 
     /// One token's chunk; `finish` on the last one. `text` must need no JSON escaping (the word
     /// list does not).
     pub fn token(&self, out: &mut String, text: &str, finish: Option<&str>) {
+        let (open, close) = self.open_close();
         out.push_str(&self.head);
-        out.push_str(if self.chat {
-            "{\"index\":0,\"delta\":{\"content\":\""
-        } else {
-            "{\"index\":0,\"text\":\""
-        });
+        out.push_str(open);
         out.push_str(text);
-        if self.chat {
-            out.push_str("\"}");
-        } else {
-            out.push('"');
-        }
-        out.push_str(",\"logprobs\":null,\"finish_reason\":");
+        out.push_str(close);
+        out.push_str(FINISH);
         match finish {
             Some(r) => {
                 out.push('"');
@@ -371,7 +401,13 @@ impl ChunkFormat {
             }
             None => out.push_str("null"),
         }
-        out.push_str(",\"stop_reason\":null}]}\n\n");
+        out.push_str(TAIL);
+    }
+
+    pub fn token_len(&self, text: &str, finish: Option<&str>) -> usize {
+        let (open, close) = self.open_close();
+        let reason = finish.map_or(4, |r| r.len() + 2);
+        self.head.len() + open.len() + text.len() + close.len() + FINISH.len() + reason + TAIL.len()
     }
 
     /// `stream_options.include_usage`: the usage chunk, with empty `choices`.
@@ -380,12 +416,22 @@ impl ChunkFormat {
         let _ = write!(
             out,
             "],\"usage\":{{\"prompt_tokens\":{prompt},\"total_tokens\":{},\"completion_tokens\":{completion}}}}}\n\n",
-            prompt + completion
+            prompt as u64 + completion as u64
         );
     }
 
+    pub fn usage_len(&self, prompt: u32, completion: u32) -> usize {
+        const FIXED: usize =
+            "],\"usage\":{\"prompt_tokens\":,\"total_tokens\":,\"completion_tokens\":}}\n\n".len();
+        self.head.len()
+            + FIXED
+            + digits(prompt as u64)
+            + digits(prompt as u64 + completion as u64)
+            + digits(completion as u64)
+    }
+
     pub fn done(out: &mut String) {
-        out.push_str("data: [DONE]\n\n");
+        out.push_str(Self::DONE);
     }
 }
 
@@ -471,6 +517,39 @@ mod tests {
         assert_eq!(v[2]["choices"][0]["finish_reason"], "length");
         assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
         assert_eq!(v[3]["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn piece_lengths_are_exact() {
+        for api in [Api::Chat, Api::Completions] {
+            let f = ChunkFormat::new(api, "cmpl-\u{e9}1", 1_700_000_000, "m\"x");
+            let mut s = String::new();
+            f.role(&mut s);
+            assert_eq!(s.len(), f.role_len());
+            for (text, finish) in [
+                (" the", None),
+                (" would", Some("length")),
+                (" a", Some("stop")),
+            ] {
+                let mut s = String::new();
+                f.token(&mut s, text, finish);
+                assert_eq!(s.len(), f.token_len(text, finish), "{s}");
+            }
+            for (p, c) in [
+                (0, 0),
+                (9, 1),
+                (10, 99),
+                (123_456, 4_000_000_000),
+                (u32::MAX, u32::MAX),
+            ] {
+                let mut s = String::new();
+                f.usage(&mut s, p, c);
+                assert_eq!(s.len(), f.usage_len(p, c), "{s}");
+            }
+            let mut s = String::new();
+            ChunkFormat::done(&mut s);
+            assert_eq!(s, ChunkFormat::DONE);
+        }
     }
 
     #[test]

@@ -17,19 +17,23 @@ use crate::openai::{
     draw_output_len, full_response, parse_request, token_text, Api, ApiError, ChunkFormat, KvStage,
     ParsedRequest,
 };
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body::Frame;
 use qoe_core::prompt::BLOCK_TOKENS;
 use qoe_sim::rng::mix64;
 use qoe_sim::{Engine, Scheduling, SimRequest, SubmitError};
 use serde_json::{json, Value};
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
@@ -344,7 +348,7 @@ async fn wait_for(ticket: &Ticket, target: u32) -> bool {
         if p.closed {
             return false;
         }
-        ticket.changed().await;
+        ticket.changed(p).await;
     }
 }
 
@@ -391,8 +395,22 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
     Json(body).into_response()
 }
 
-/// State of one SSE stream; dropping it (client gone) drops the ticket, which aborts the request.
-struct SseState {
+/// What an [`SseBody`] does once its pending wait ends.
+enum AfterWait {
+    /// Break the connection (the injected crash, after the flush pause).
+    Crash,
+    /// Resume streaming (the injected stall), unless the engine is shutting down.
+    Resume,
+}
+
+/// A pending wait of an [`SseBody`]; resolves to true if the engine began shutting down.
+type Wait = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// One SSE response body, polled by the connection directly: each poll renders every token
+/// produced since the last frame into one frame (one write), or registers the connection's task
+/// with the request's delivery and waits. Dropping it (client gone) drops the ticket, which aborts
+/// the request.
+struct SseBody {
     plan: Plan,
     ticket: Ticket,
     fmt: ChunkFormat,
@@ -400,86 +418,142 @@ struct SseState {
     stall_at: Option<u32>,
     crash_at: Option<u32>,
     shutdown: watch::Receiver<bool>,
+    /// A fault's timed pause in progress (rare: faults only).
+    wait: Option<(Wait, AfterWait)>,
     done: bool,
 }
 
-impl SseState {
-    /// The next body frame: every token produced since the last one, in one write.
-    async fn next_frame(&mut self) -> Option<Result<Bytes, io::Error>> {
-        if self.done {
-            return None;
-        }
-        loop {
-            let p = self.ticket.progress();
-            let mut upto = p.produced.min(self.plan.output_tokens);
-            if let Some(c) = self.crash_at {
-                upto = upto.min(c);
-            }
-            if let Some(s) = self.stall_at {
-                upto = upto.min(s);
-            }
-            if upto > self.sent {
-                return Some(Ok(self.render(upto)));
-            }
-            if self.crash_at == Some(self.sent) {
-                self.done = true;
-                // Let the connection flush the tokens already written, then break it: the client
-                // sees exactly the first half of the answer.
-                tokio::task::yield_now().await;
-                tokio::time::sleep(CRASH_FLUSH).await;
-                return Some(Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "injected crash",
-                )));
-            }
-            if p.closed {
-                return self.end_by_shutdown();
-            }
-            if self.stall_at == Some(self.sent) {
-                self.stall_at = None;
-                let ms = self.plan.faults.stall_ms.unwrap_or(0);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                    _ = self.shutdown.changed() => return self.end_by_shutdown(),
-                }
-                continue;
-            }
-            // The loop closes the ticket when the engine stops: one wake-up source per token.
-            self.ticket.changed().await;
-        }
-    }
-
-    fn end_by_shutdown(&mut self) -> Option<Result<Bytes, io::Error>> {
+impl SseBody {
+    fn end_by_shutdown(&mut self) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.done = true;
-        Some(Err(io::Error::other("engine shutting down")))
+        Poll::Ready(Some(Err(io::Error::other("engine shutting down"))))
     }
 
     fn render(&mut self, upto: u32) -> Bytes {
-        let mut out = String::with_capacity(((upto - self.sent) as usize + 2) * 200);
+        let last = self.plan.output_tokens;
+        let seed = self.plan.text_seed;
+        let finish = |i: u32| (i + 1 == last).then_some(self.plan.finish);
+        let mut len = 0;
+        if self.sent == 0 {
+            len += self.fmt.role_len();
+        }
+        for i in self.sent..upto {
+            len += self.fmt.token_len(token_text(seed, i), finish(i));
+        }
+        let end = upto == last;
+        if end {
+            if self.plan.include_usage {
+                len += self.fmt.usage_len(self.plan.prompt_tokens, last);
+            }
+            len += ChunkFormat::DONE.len();
+        }
+        // Sized exactly, so the buffer becomes the frame without a copy or a second allocation.
+        let mut out = String::with_capacity(len);
         if self.sent == 0 {
             self.fmt.role(&mut out);
         }
-        let last = self.plan.output_tokens;
         for i in self.sent..upto {
-            let finish = (i + 1 == last).then_some(self.plan.finish);
-            self.fmt
-                .token(&mut out, token_text(self.plan.text_seed, i), finish);
+            self.fmt.token(&mut out, token_text(seed, i), finish(i));
         }
         self.sent = upto;
-        if upto == last {
+        if end {
             if self.plan.include_usage {
                 self.fmt.usage(&mut out, self.plan.prompt_tokens, last);
             }
             ChunkFormat::done(&mut out);
             self.done = true;
         }
+        debug_assert_eq!(out.len(), len, "frame length");
+        self.ticket.count_frame();
         Bytes::from(out)
+    }
+}
+
+impl HttpBody for SseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some((wait, _)) = &mut this.wait {
+                let shutting_down = ready!(wait.as_mut().poll(cx));
+                let (_, after) = this.wait.take().expect("a wait in progress");
+                match after {
+                    AfterWait::Crash => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "injected crash",
+                        ))));
+                    }
+                    AfterWait::Resume if shutting_down => return this.end_by_shutdown(),
+                    AfterWait::Resume => {}
+                }
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let mut p = this.ticket.progress();
+            loop {
+                let mut upto = p.produced.min(this.plan.output_tokens);
+                if let Some(c) = this.crash_at {
+                    upto = upto.min(c);
+                }
+                if let Some(s) = this.stall_at {
+                    upto = upto.min(s);
+                }
+                if upto > this.sent {
+                    return Poll::Ready(Some(Ok(Frame::data(this.render(upto)))));
+                }
+                if this.crash_at == Some(this.sent) || p.closed || this.stall_at == Some(this.sent)
+                {
+                    break;
+                }
+                // Nothing new: register for the next change (one wake-up source per token; the
+                // loop closes the ticket when the engine stops).
+                p = ready!(this.ticket.poll_changed(cx, p));
+            }
+            if this.crash_at == Some(this.sent) {
+                // Let the connection flush the tokens already written, then break it: the client
+                // sees exactly the first half of the answer.
+                this.crash_at = None;
+                let wait: Wait = Box::pin(async {
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(CRASH_FLUSH).await;
+                    false
+                });
+                this.wait = Some((wait, AfterWait::Crash));
+                continue;
+            }
+            if p.closed {
+                return this.end_by_shutdown();
+            }
+            // The stall point.
+            this.stall_at = None;
+            let ms = this.plan.faults.stall_ms.unwrap_or(0);
+            let mut shutdown = this.shutdown.clone();
+            let wait: Wait = Box::pin(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => false,
+                    _ = shutdown.changed() => true,
+                }
+            });
+            this.wait = Some((wait, AfterWait::Resume));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.wait.is_none()
     }
 }
 
 fn stream_response(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
     let half = plan.output_tokens / 2;
-    let state = SseState {
+    let body = SseBody {
         fmt: ChunkFormat::new(plan.api, &plan.id, plan.created, &plan.model),
         stall_at: plan
             .faults
@@ -488,14 +562,12 @@ fn stream_response(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
         crash_at: plan.faults.crash.then_some(half),
         shutdown: app.shutdown.clone(),
         sent: 0,
+        wait: None,
         done: false,
         plan,
         ticket,
     };
-    let stream = futures_util::stream::unfold(state, |mut st| async move {
-        st.next_frame().await.map(|frame| (frame, st))
-    });
-    let mut resp = Body::from_stream(stream).into_response();
+    let mut resp = Body::new(body).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

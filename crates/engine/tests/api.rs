@@ -4,6 +4,8 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 fn parse_events(events: &[String]) -> (Vec<Value>, bool) {
     let done = events.last().map(String::as_str) == Some("[DONE]");
@@ -533,6 +535,26 @@ async fn shutdown_ends_open_streams() {
     .await
 }
 
+#[tokio::test]
+async fn keep_alive_serves_requests_in_turn_and_shutdown_closes_idle_connections() {
+    bounded(async {
+        let s = Server::start(tiny_args()).await;
+        let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+        let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            tcp.write_all(req.as_bytes()).await.unwrap();
+            let n = tcp.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        // Idle between requests: shutdown must not wait for the client to hang up.
+        s.stop().await.unwrap();
+        assert_eq!(tcp.read(&mut buf).await.unwrap(), 0, "closed by the engine");
+    })
+    .await
+}
+
 /// Streams 300 tokens while the host (the test's only thread, shared with the server) stalls
 /// 200 ms mid-stream; returns the events received and `/admin/stats`' `loop`.
 async fn stream_through_a_host_stall(args: EngineArgs) -> (Vec<Value>, bool, Value) {
@@ -569,6 +591,9 @@ async fn a_host_stall_is_caught_up_without_losing_time() {
         assert_eq!(l["catch_up_limit_micros"], 1_000_000);
         assert!(l["lag_micros"].is_u64(), "{l}");
         assert_eq!(l["tokens_delivered"], 300);
+        // A frame carries at least one token: never more frames than tokens.
+        let frames = l["frames_written"].as_u64().unwrap();
+        assert!((1..=300).contains(&frames), "{l}");
     })
     .await
 }

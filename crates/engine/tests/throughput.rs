@@ -8,8 +8,10 @@
 //!
 //! The server runs on a current-thread runtime in its own OS thread (one core by construction);
 //! the clients run on another thread. Reported: streamed tokens/s; the server thread's CPU use,
-//! its time waiting for a CPU (the host's contention, not the engine's) and its writes (tokens
-//! per write: above 1 when it caught up, delivering several iterations at once); and whether the
+//! its time waiting for a CPU (the host's contention, not the engine's) and its writes (the
+//! engine's count of response frames, one write each; tokens per write is above 1 when it caught
+//! up, delivering several iterations at once, and CPU per write is the cost that matters, since
+//! most of it is the write itself); and whether the
 //! real-time loop kept its clock: time lost to resyncs (virtual time dropped after falling more
 //! than the catch-up limit behind), the lag at the end and at most, and the iterations run back to
 //! back to catch up. The loop is read once all streams have started (after the connection burst)
@@ -43,24 +45,15 @@ struct ThreadUse {
     cpu_ns: u64,
     /// Time runnable but waiting for a CPU, ns: how much the host, not the engine, held it back.
     wait_ns: u64,
-    /// Write system calls (`write`, `writev`, ...).
-    writes: u64,
 }
 
 impl ThreadUse {
     fn now() -> Self {
         let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
         let mut f = s.split_whitespace().map(|v| v.parse().unwrap_or(0));
-        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap_or_default();
-        let writes = io
-            .lines()
-            .find_map(|l| l.strip_prefix("syscw:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
         Self {
             cpu_ns: f.next().unwrap_or(0),
             wait_ns: f.next().unwrap_or(0),
-            writes,
         }
     }
 
@@ -68,7 +61,6 @@ impl ThreadUse {
         Self {
             cpu_ns: self.cpu_ns - before.cpu_ns,
             wait_ns: self.wait_ns - before.wait_ns,
-            writes: self.writes - before.writes,
         }
     }
 }
@@ -237,10 +229,11 @@ fn streams_and_tokens_per_second_on_one_core() {
         "server thread waited {:.2} s for a CPU while runnable (host contention)",
         Duration::from_nanos(used.wait_ns).as_secs_f64()
     );
+    let writes = at_end["frames_written"].as_u64().unwrap_or(0).max(1);
     println!(
-        "server writes {}: {:.2} tokens per write",
-        used.writes,
-        total as f64 / used.writes.max(1) as f64
+        "server writes {writes}: {:.2} tokens per write, {:.2} µs of server CPU per write",
+        total as f64 / writes as f64,
+        1e6 * server_cpu / writes as f64
     );
     let kept = at_end["resyncs"].as_u64() == Some(0);
     println!(
