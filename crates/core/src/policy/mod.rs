@@ -73,6 +73,10 @@ pub enum Reason {
     /// qoe: a priority-3 request went to a busy-but-healthy endpoint, leaving headroom to others
     /// (priority term).
     QoeLeaveHeadroom,
+    /// qoe: no endpoint was predicted to meet the request's TTFT deadline; it went to the one
+    /// whose queue already missed it the most, leaving the others to requests still on time
+    /// (`QoeConfig::deadline_overflow`).
+    QoeOverflow,
 }
 
 impl Reason {
@@ -98,6 +102,7 @@ impl Reason {
             Reason::QoeReliability => "qoe-reliability",
             Reason::QoeHeadroom => "qoe-headroom",
             Reason::QoeLeaveHeadroom => "qoe-leave-headroom",
+            Reason::QoeOverflow => "qoe-overflow",
         }
     }
 }

@@ -51,6 +51,9 @@ pub const TIE_EPSILON: f64 = 1e-9;
 /// scales its capacity in the utilization.
 pub const SPEED_MIN: f64 = 0.5;
 pub const SPEED_MAX: f64 = 2.0;
+/// Deadline overflow only goes to endpoints whose reliability term is below this (healthy enough
+/// to be trusted with a queue).
+pub const OVERFLOW_MAX_RELIABILITY_COST: f64 = 0.5;
 /// Endpoints listed in [`RoutingPolicy::state_json`] at most (most recently heard from first).
 pub const STATE_JSON_ENDPOINTS: usize = 64;
 
@@ -115,6 +118,13 @@ pub struct QoeConfig {
     /// the margin prices what the fleet gains, the prefill work not done, and grows with load so
     /// an idle fleet is not herded onto one engine. 0 turns it off. Default 0.3.
     pub prefix_affinity: f64,
+    /// Deadline overflow: a request with a TTFT deadline (the SLA header) that no endpoint is
+    /// predicted to meet goes to the endpoint whose queue alone already exceeds the deadline the
+    /// most (reason `qoe-overflow`), instead of the cheapest. It is late anywhere; there it delays
+    /// no one who could still be on time, so a transient overload stays on one queue instead of
+    /// pushing every endpoint past its requests' deadlines. Sustained overload is admission
+    /// control's job (`--max-inflight-per-endpoint`, 429). Default true.
+    pub deadline_overflow: bool,
 }
 
 /// The default weights: α resource, β performance, γ reliability, δ priority.
@@ -145,6 +155,7 @@ impl Default for QoeConfig {
             priority_fill: 0.8,
             max_tracked_endpoints: 4_096,
             prefix_affinity: 0.3,
+            deadline_overflow: true,
         }
     }
 }
@@ -221,6 +232,7 @@ impl QoeConfig {
             } else {
                 d.prefix_affinity
             },
+            deadline_overflow: self.deadline_overflow,
         }
     }
 
@@ -264,6 +276,9 @@ struct Eval {
     util: f64,
     /// Queued-ahead prefill ms over the target: this endpoint's prefill pressure (unsquashed).
     pressure: f64,
+    /// Predicted wait before this request's own prefill starts: queued-ahead prefill plus the
+    /// seat wait, ms.
+    queue_ms: f64,
     /// No sample of its own: predicted from the fleet prior.
     cold: bool,
 }
@@ -478,7 +493,8 @@ impl Qoe {
             cost::priority(req.priority, util, reliability, cfg),
         ];
         let c: f64 = ctx.weights.iter().zip(terms).map(|(w, t)| w * t).sum();
-        let pressure = finite_ms(ttft_line.b * queued) / ctx.t0.max(1.0);
+        let queued_ms = finite_ms(ttft_line.b * queued);
+        let pressure = queued_ms / ctx.t0.max(1.0);
         Eval {
             index,
             ttft,
@@ -490,6 +506,7 @@ impl Qoe {
             cost: cost::unit(c, 1.0),
             util,
             pressure,
+            queue_ms: finite_ms(queued_ms + seat_wait),
             cold,
         }
     }
@@ -650,6 +667,11 @@ impl RoutingPolicy for Qoe {
         let (mut pressure, mut saturation) = (0.0, 0.0);
         // Candidates believed to hold a prefix of the prompt (at most a few: see `match_lengths`).
         let mut cached: Vec<Eval> = Vec::new();
+        let deadline = self.cfg.deadline_overflow && req.sla_ttft_ms.is_some();
+        // Deadline overflow (see `QoeConfig::deadline_overflow`): whether any usable endpoint is
+        // predicted on time, and the latest one whose queue alone misses the deadline.
+        let mut on_time = false;
+        let mut overflow: Option<Eval> = None;
         for (i, view) in endpoints.iter().enumerate() {
             let blocks = if matches.is_empty() {
                 0
@@ -657,6 +679,13 @@ impl RoutingPolicy for Qoe {
                 matched_blocks(&matches, view.key)
             };
             let e = self.eval(&ctx, &models, i, view, blocks);
+            if deadline && e.terms[2] < OVERFLOW_MAX_RELIABILITY_COST {
+                if e.ttft <= ctx.t0 {
+                    on_time = true;
+                } else if e.queue_ms > ctx.t0 && overflow.is_none_or(|o| e.ttft > o.ttft) {
+                    overflow = Some(e);
+                }
+            }
             if e.cached > 0 {
                 cached.push(e);
             }
@@ -689,9 +718,15 @@ impl RoutingPolicy for Qoe {
                 }
             }
         }
-        let cheapest = best?;
+        let mut cheapest = best?;
+        let mut overflowed = false;
+        if let Some(o) = overflow.filter(|_| !on_time && cheapest.ttft > ctx.t0) {
+            overflowed = o.index != cheapest.index;
+            cheapest = o;
+        }
         let (best, reason) = match self.affine(&cheapest, &cached, req.prompt_tokens) {
             Some(affine) => (affine, Reason::QoePrefix),
+            None if overflowed => (cheapest, Reason::QoeOverflow),
             None => {
                 let reason =
                     self.reason(&ctx, &models, endpoints, &cheapest, runner.as_ref(), ties);

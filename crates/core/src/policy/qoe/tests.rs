@@ -292,6 +292,51 @@ fn prefix_affinity_margin_keeps_a_decode_heavy_conversation_home_under_load() {
     }
 }
 
+/// Three endpoints with prompt tokens queued ahead (at the prior 8,000 tokens/s: 0.125 ms each).
+fn queued_fleet(queued: [u64; 3]) -> Vec<EndpointView> {
+    let mut v = idle(3);
+    for (e, q) in v.iter_mut().zip(queued) {
+        e.load.prefill_tokens = q;
+        e.load.in_prefill = (q / 1000) as u32;
+    }
+    v
+}
+
+#[test]
+fn a_deadline_missed_everywhere_overflows_onto_the_latest_queue() {
+    let p = policy();
+    // Queues of 750, 1,500 and 625 ms against a 500 ms deadline: late everywhere.
+    let fleet = queued_fleet([6_000, 12_000, 5_000]);
+    let mut req = request(1_000, 50, Phase::PrefillDominant);
+    req.sla_ttft_ms = Some(500);
+    let d = p.pick(&req, &fleet, 1).unwrap();
+    assert_eq!(d.index, 1);
+    assert_eq!(d.reason, Reason::QoeOverflow);
+
+    // Without a deadline, or with overflow off, the cheapest (shortest queue) wins.
+    let mut soft = req.clone();
+    soft.sla_ttft_ms = None;
+    assert_eq!(p.pick(&soft, &fleet, 1).unwrap().index, 2);
+    let off = policy_with(|c| c.deadline_overflow = false);
+    let d = off.pick(&req, &fleet, 1).unwrap();
+    assert_eq!(d.index, 2);
+    assert_ne!(d.reason, Reason::QoeOverflow);
+
+    // One endpoint still on time (125 + 125 ms): no overflow.
+    let fleet = queued_fleet([6_000, 12_000, 1_000]);
+    let d = p.pick(&req, &fleet, 1).unwrap();
+    assert_eq!(d.index, 2);
+    assert_ne!(d.reason, Reason::QoeOverflow);
+
+    // Late everywhere only because of its own prompt (no queue misses the deadline): cheapest.
+    let fleet = queued_fleet([1_000, 2_000, 0]);
+    let mut long = request(8_000, 50, Phase::PrefillDominant);
+    long.sla_ttft_ms = Some(500);
+    let d = p.pick(&long, &fleet, 1).unwrap();
+    assert_eq!(d.index, 2);
+    assert_ne!(d.reason, Reason::QoeOverflow);
+}
+
 #[test]
 fn ties_are_broken_at_random() {
     let p = policy();
@@ -452,6 +497,7 @@ fn reasons_have_kebab_case_names_matching_serde() {
         Reason::QoeReliability,
         Reason::QoeHeadroom,
         Reason::QoeLeaveHeadroom,
+        Reason::QoeOverflow,
     ] {
         assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
         assert!(r.as_str().starts_with("qoe-"));
