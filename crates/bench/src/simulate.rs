@@ -120,9 +120,9 @@ pub struct SimulateArgs {
     /// [default: the policy's].
     #[arg(long)]
     pub prefix_affinity: Option<f64>,
-    /// Turn the qoe policy's deadline overflow off (`QoeConfig::deadline_overflow`).
+    /// Turn the qoe policy's deadline overflow on (`QoeConfig::deadline_overflow`).
     #[arg(long)]
-    pub no_deadline_overflow: bool,
+    pub deadline_overflow: bool,
     /// Simulations run at once (each is single-threaded; results do not depend on this).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
@@ -359,8 +359,8 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
         );
         policy_cfg.qoe.prefix_affinity = a;
     }
-    if args.no_deadline_overflow {
-        policy_cfg.qoe.deadline_overflow = false;
+    if args.deadline_overflow {
+        policy_cfg.qoe.deadline_overflow = true;
     }
     let make = |k: PolicyKind| -> Box<dyn RoutingPolicy> { build_policy(k, &policy_cfg) };
     let results: Vec<Mutex<Option<anyhow::Result<Done>>>> =

@@ -122,8 +122,10 @@ pub struct QoeConfig {
     /// predicted to meet goes to the endpoint whose queue alone already exceeds the deadline the
     /// most (reason `qoe-overflow`), instead of the cheapest. It is late anywhere; there it delays
     /// no one who could still be on time, so a transient overload stays on one queue instead of
-    /// pushing every endpoint past its requests' deadlines. Sustained overload is admission
-    /// control's job (`--max-inflight-per-endpoint`, 429). Default true.
+    /// pushing every endpoint past its requests' deadlines. Off by default: the overflow queue is
+    /// unbounded, and where it also costs the engine its prefix cache it can grow without end
+    /// (docs/EVALUATION.md, "Deadline overflow"). Sustained overload is admission control's job
+    /// (`--max-inflight-per-endpoint`, 429). Default false.
     pub deadline_overflow: bool,
 }
 
@@ -155,7 +157,7 @@ impl Default for QoeConfig {
             priority_fill: 0.8,
             max_tracked_endpoints: 4_096,
             prefix_affinity: 0.3,
-            deadline_overflow: true,
+            deadline_overflow: false,
         }
     }
 }

@@ -304,7 +304,7 @@ fn queued_fleet(queued: [u64; 3]) -> Vec<EndpointView> {
 
 #[test]
 fn a_deadline_missed_everywhere_overflows_onto_the_latest_queue() {
-    let p = policy();
+    let p = policy_with(|c| c.deadline_overflow = true);
     // Queues of 750, 1,500 and 625 ms against a 500 ms deadline: late everywhere.
     let fleet = queued_fleet([6_000, 12_000, 5_000]);
     let mut req = request(1_000, 50, Phase::PrefillDominant);
@@ -313,12 +313,11 @@ fn a_deadline_missed_everywhere_overflows_onto_the_latest_queue() {
     assert_eq!(d.index, 1);
     assert_eq!(d.reason, Reason::QoeOverflow);
 
-    // Without a deadline, or with overflow off, the cheapest (shortest queue) wins.
+    // Without a deadline, or with overflow off (the default), the cheapest (shortest queue) wins.
     let mut soft = req.clone();
     soft.sla_ttft_ms = None;
     assert_eq!(p.pick(&soft, &fleet, 1).unwrap().index, 2);
-    let off = policy_with(|c| c.deadline_overflow = false);
-    let d = off.pick(&req, &fleet, 1).unwrap();
+    let d = policy().pick(&req, &fleet, 1).unwrap();
     assert_eq!(d.index, 2);
     assert_ne!(d.reason, Reason::QoeOverflow);
 
