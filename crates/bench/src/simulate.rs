@@ -362,6 +362,7 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
     if args.deadline_overflow {
         policy_cfg.qoe.deadline_overflow = true;
     }
+    policy_cfg.qoe.engine_priority = args.engine_priority;
     let make = |k: PolicyKind| -> Box<dyn RoutingPolicy> { build_policy(k, &policy_cfg) };
     let results: Vec<Mutex<Option<anyhow::Result<Done>>>> =
         tasks.iter().map(|_| Mutex::new(None)).collect();

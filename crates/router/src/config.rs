@@ -387,6 +387,7 @@ impl RouterConfig {
                 ],
                 adaptive: self.qoe_adaptive,
                 saturation_inflight: self.saturation_inflight,
+                engine_priority: self.engine_priority,
                 ..QoeConfig::default()
             },
         }

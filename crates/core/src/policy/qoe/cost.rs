@@ -113,7 +113,15 @@ pub fn extra_waiting(view: &EndpointView, engine: Option<&EngineMetrics>) -> f64
 /// (the router's count is fresh, the scrape up to an interval old) for seats that free as requests
 /// finish, at the endpoint's observed completion rate. 0 when seats are free, when the metrics are
 /// missing or stale, or before any request has finished there (no rate to go by).
-pub fn seat_wait_ms(view: &EndpointView, engine: Option<&EngineMetrics>) -> f64 {
+///
+/// `first_in_line`: the engine schedules by priority and this request outranks the queue (a
+/// priority-1 request with `QoeConfig::engine_priority`): it waits for the next seat that frees,
+/// not for everyone queued (the router cannot count the other priority-1 requests waiting there).
+pub fn seat_wait_ms(
+    view: &EndpointView,
+    engine: Option<&EngineMetrics>,
+    first_in_line: bool,
+) -> f64 {
     let Some(m) = engine else {
         return 0.0;
     };
@@ -128,6 +136,7 @@ pub fn seat_wait_ms(view: &EndpointView, engine: Option<&EngineMetrics>) -> f64 
     if ahead <= 0.0 {
         return 0.0;
     }
+    let ahead = if first_in_line { ahead.min(1.0) } else { ahead };
     (1e3 * ahead / rate).min(super::MAX_PREDICTION_MS)
 }
 
@@ -432,10 +441,13 @@ mod tests {
         v.load.in_decode = 226;
         v.load.in_prefill = 40;
         v.observed.qps = 50.0;
-        assert!((seat_wait_ms(&v, Some(&d)) - 220.0).abs() < 1e-9);
-        assert_eq!(seat_wait_ms(&v, Some(&b)), 0.0);
+        assert!((seat_wait_ms(&v, Some(&d), false) - 220.0).abs() < 1e-9);
+        assert_eq!(seat_wait_ms(&v, Some(&b), false), 0.0);
+        // First in line on a priority-scheduled engine: the next seat, 1/50 s.
+        assert!((seat_wait_ms(&v, Some(&d), true) - 20.0).abs() < 1e-9);
+        assert_eq!(seat_wait_ms(&v, Some(&b), true), 0.0);
         v.observed.qps = 0.0;
-        assert_eq!(seat_wait_ms(&v, Some(&d)), 0.0);
+        assert_eq!(seat_wait_ms(&v, Some(&d), false), 0.0);
         // The learned peak raises the request capacity above the configured 64.
         v.engine = Some(d);
         let u = utilization(&v, 0, 0, None, 1.0, &cfg());

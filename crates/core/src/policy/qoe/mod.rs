@@ -127,6 +127,10 @@ pub struct QoeConfig {
     /// (docs/EVALUATION.md, "Deadline overflow"). Sustained overload is admission control's job
     /// (`--max-inflight-per-endpoint`, 429). Default false.
     pub deadline_overflow: bool,
+    /// The engines schedule by vLLM's request `priority` and the router sends it
+    /// (`--engine-priority`): a priority-1 request then waits for the next free seat, not behind
+    /// the whole queue. Default false.
+    pub engine_priority: bool,
 }
 
 /// The default weights: α resource, β performance, γ reliability, δ priority.
@@ -158,6 +162,7 @@ impl Default for QoeConfig {
             max_tracked_endpoints: 4_096,
             prefix_affinity: 0.3,
             deadline_overflow: false,
+            engine_priority: false,
         }
     }
 }
@@ -235,6 +240,7 @@ impl QoeConfig {
                 d.prefix_affinity
             },
             deadline_overflow: self.deadline_overflow,
+            engine_priority: self.engine_priority,
         }
     }
 
@@ -452,7 +458,8 @@ impl Qoe {
                 true,
             ),
         };
-        let seat_wait = cost::seat_wait_ms(view, engine);
+        let first_in_line = cfg.engine_priority && req.priority == Priority::HIGH;
+        let seat_wait = cost::seat_wait_ms(view, engine, first_in_line);
         let ttft = finite_ms(ttft_line.at(queued + own) + seat_wait);
         let running = engine.and_then(|m| cost::nonneg(m.running)).unwrap_or(0.0);
         let batch = cost::in_flight(view).max(running.min(1e9)) + 1.0;
