@@ -8,6 +8,7 @@
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::discovery::BackendSpec;
+use crate::metrics::EndpointMetrics;
 use qoe_core::prompt::hash_bytes;
 use qoe_core::{
     Availability, EndpointView, EngineMetrics, Load, Micros, RequestOutcome, RequestStats, Role,
@@ -34,6 +35,11 @@ impl Clock {
 
     pub fn at(&self, instant: Instant) -> Micros {
         instant.saturating_duration_since(self.0).as_micros() as Micros + 1
+    }
+
+    /// The instant of `at` (the inverse of [`Clock::at`]).
+    pub fn instant(&self, at: Micros) -> Instant {
+        self.0 + std::time::Duration::from_micros(at.saturating_sub(1))
     }
 }
 
@@ -129,6 +135,9 @@ pub struct Endpoint {
     health: Mutex<HealthState>,
     breaker: Mutex<Breaker>,
     breaker_config: BreakerConfig,
+    /// The URL as the `x-qoe-endpoint` response header (none if it cannot be one).
+    pub header_value: Option<http::HeaderValue>,
+    metrics: EndpointMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -150,7 +159,14 @@ impl Endpoint {
             health: Mutex::new(HealthState::new()),
             breaker: Mutex::new(Breaker::default()),
             breaker_config,
+            header_value: http::HeaderValue::from_str(&spec.url).ok(),
+            metrics: EndpointMetrics::new(&spec.url),
         }
+    }
+
+    /// This endpoint's metric handles (see [`EndpointMetrics`]).
+    pub fn metrics(&self) -> &EndpointMetrics {
+        &self.metrics
     }
 
     /// Whether a request may be sent now: healthy, and the breaker lets it through.

@@ -30,8 +30,12 @@ use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Full};
 use qoe_core::analyze::{analyze, Route};
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use tokio::time::Sleep;
 
 pub static X_QOE_ENDPOINT: HeaderName = HeaderName::from_static("x-qoe-endpoint");
 pub static X_QOE_REASON: HeaderName = HeaderName::from_static("x-qoe-reason");
@@ -84,14 +88,19 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    // Distinct across processes and restarts: the process id and start time, drawn once (the
+    // process id is a system call).
+    static SALT: OnceLock<u64> = OnceLock::new();
+    let salt = *SALT.get_or_init(|| {
+        std::process::id() as u64
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0))
+    });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let salt = std::process::id() as u64
-        ^ (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0));
     let id = format!("qoe-{:016x}", qoe_core::policy::mix64(salt.wrapping_add(n)));
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    HeaderValue::from_maybe_shared(Bytes::from(id)).expect("hex is a valid header value")
 }
 
 /// Answers an error the router produced itself, counting and logging it.
@@ -270,13 +279,25 @@ fn upstream_uri(endpoint: &Endpoint, uri: &http::Uri) -> String {
     format!("{}{}", endpoint.url, path)
 }
 
+/// `future`'s output, or `None` if `timer` fires first.
+async fn before<F: Future>(mut timer: Pin<&mut Sleep>, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 async fn send(
     state: &AppState,
     endpoint: &Endpoint,
     parts: &http::request::Parts,
     body: &Bytes,
     request_id: &HeaderValue,
-    deadline: tokio::time::Instant,
+    timer: Pin<&mut Sleep>,
 ) -> Result<Response<hyper::body::Incoming>, SendError> {
     let mut builder = http::Request::builder()
         .method(parts.method.clone())
@@ -297,11 +318,11 @@ async fn send(
     let request = builder
         .body(Full::new(body.clone()))
         .map_err(|e| SendError::Other(e.to_string()))?;
-    match tokio::time::timeout_at(deadline, state.client.request(request)).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(format!("{e:?}"))),
-        Ok(Err(e)) => Err(SendError::Broken(format!("{e:?}"))),
-        Ok(Ok(response)) => Ok(response),
+    match before(timer, state.client.request(request)).await {
+        None => Err(SendError::Timeout),
+        Some(Err(e)) if e.is_connect() => Err(SendError::Connect(format!("{e:?}"))),
+        Some(Err(e)) => Err(SendError::Broken(format!("{e:?}"))),
+        Some(Ok(response)) => Ok(response),
     }
 }
 
@@ -312,18 +333,18 @@ type FirstFrame = Option<(Frame<Bytes>, Micros)>;
 async fn first_frame(
     state: &AppState,
     body: &mut hyper::body::Incoming,
-    deadline: tokio::time::Instant,
+    timer: Pin<&mut Sleep>,
 ) -> Result<FirstFrame, SendError> {
     if body.is_end_stream() {
         return Ok(None);
     }
-    match tokio::time::timeout_at(deadline, body.frame()).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(None) => Ok(None),
-        Ok(Some(Err(e))) => Err(SendError::Broken(format!(
+    match before(timer, body.frame()).await {
+        None => Err(SendError::Timeout),
+        Some(None) => Ok(None),
+        Some(Some(Err(e))) => Err(SendError::Broken(format!(
             "the response broke off before its first byte: {e}"
         ))),
-        Ok(Some(Ok(frame))) => Ok(Some((frame, state.clock.now()))),
+        Some(Some(Ok(frame))) => Ok(Some((frame, state.clock.now()))),
     }
 }
 
@@ -393,7 +414,7 @@ async fn dispatch(
         let chosen = decision.endpoint.0 as usize;
         let endpoint = pool[chosen].clone();
         if let Some(detail) = &decision.detail {
-            state.metrics.record_decision(&endpoint.url, detail);
+            endpoint.metrics().record_decision(&state.metrics, detail);
         }
         let guard = LoadGuard::new(
             endpoint.clone(),
@@ -402,13 +423,22 @@ async fn dispatch(
         )
         .notifying(state.admission.clone());
         let sent = state.clock.now();
-        let deadline = tokio::time::Instant::now() + state.first_byte_timeout;
+        // One timer for the headers and the first frame: both count against the same budget.
+        let mut timer = pin!(tokio::time::sleep(state.first_byte_timeout));
         let may_retry = attempt < state.config.max_retries && pool.len() > 1;
-        let result = match send(&state, &endpoint, &parts, &body, &request_id, deadline).await {
+        let sending = send(
+            &state,
+            &endpoint,
+            &parts,
+            &body,
+            &request_id,
+            timer.as_mut(),
+        );
+        let result = match sending.await {
             Ok(response) if may_retry && is_retryable(response.status()) => {
                 Err(SendError::Status(response.status()))
             }
-            Ok(mut response) => first_frame(&state, response.body_mut(), deadline)
+            Ok(mut response) => first_frame(&state, response.body_mut(), timer.as_mut())
                 .await
                 .map(|first| (response, first)),
             Err(e) => Err(e),
@@ -424,7 +454,7 @@ async fn dispatch(
             }
             Ok((response, first)) => {
                 let ctx = RequestContext {
-                    request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                    request_id: request_id.clone(),
                     model: profile.model.clone(),
                     priority: profile.priority,
                     reason: decision.reason.as_str(),
@@ -659,8 +689,8 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 fn add_routing_headers(headers: &mut HeaderMap, endpoint: &Endpoint, reason: &'static str) {
-    if let Ok(v) = HeaderValue::from_str(&endpoint.url) {
-        headers.insert(X_QOE_ENDPOINT.clone(), v);
+    if let Some(v) = &endpoint.header_value {
+        headers.insert(X_QOE_ENDPOINT.clone(), v.clone());
     }
     headers.insert(X_QOE_REASON.clone(), HeaderValue::from_static(reason));
 }

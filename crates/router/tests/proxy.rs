@@ -666,3 +666,63 @@ async fn breaker_opens_after_failures_and_closes_when_the_engine_recovers() {
     }
     assert!(closed, "breaker closed after successful probes");
 }
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorter_keep_it() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--idle-timeout-ms", "600"]).await;
+    let c = client();
+    let script = engine.script_next();
+    let pending = start_stream(&c, &r.url, "hello");
+    let scripted = script.await.unwrap();
+    let chunks = sse_chunks(5);
+    scripted
+        .chunks
+        .send(Bytes::from(chunks[0].clone()))
+        .await
+        .unwrap();
+    let response = pending.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // Four more chunks, each well within the idle timeout of the one before, together longer than
+    // it: silence is measured from the last chunk, not from the start.
+    let engine_side = tokio::spawn(async move {
+        for c in &chunks[1..5] {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            scripted.chunks.send(Bytes::from(c.clone())).await.unwrap();
+        }
+        // Then silence, with the connection held open.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(scripted);
+    });
+    let mut received = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the router ends a silent stream itself")
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    engine_side.abort();
+    let received = String::from_utf8(received).unwrap();
+    let expected: String = sse_chunks(5)[..5].concat();
+    assert!(
+        received.starts_with(&expected),
+        "every chunk before the silence, byte for byte: {received}"
+    );
+    let rest = &received[expected.len()..];
+    assert!(
+        rest.starts_with("data: {") && rest.contains("idle timeout"),
+        "then an error event: {rest}"
+    );
+    let text = metrics_text(&c, &r.url).await;
+    let timeouts = metric_sum(
+        &text,
+        &format!(
+            "qoe_router_upstream_failures_total{{endpoint=\"{}\",kind=\"timeout\"}}",
+            engine.url
+        ),
+    );
+    assert_eq!(timeouts, 1.0, "{text}");
+}
