@@ -23,6 +23,7 @@
 //! `OVERHEAD_SECS` measured seconds per instant cell (default 3), `OVERHEAD_PACED_SECS` per paced
 //! cell (default 6), `OVERHEAD_ONLY` = `instant` or `paced` to run one setting,
 //! `OVERHEAD_CONCURRENCY` (e.g. `32` or `1,256`) to run some concurrency levels only,
+//! `OVERHEAD_MODE` = `stream` or `non-stream` to run one mode (the per-chunk figure needs both),
 //! `OVERHEAD_TTFT_MS` / `OVERHEAD_ITL_MS` / `OVERHEAD_TOKENS` to change the pacing.
 
 use bytes::Bytes;
@@ -391,6 +392,15 @@ fn measure_router(
 
 const MODES: [(bool, &str); 2] = [(false, "non-stream"), (true, "stream")];
 
+/// The modes to run (`OVERHEAD_MODE` = `stream` or `non-stream` for one; default both).
+fn modes() -> Vec<(bool, &'static str)> {
+    let only = std::env::var("OVERHEAD_MODE").unwrap_or_default();
+    MODES
+        .into_iter()
+        .filter(|(_, m)| only.is_empty() || *m == only)
+        .collect()
+}
+
 /// The concurrency levels to run (`OVERHEAD_CONCURRENCY`, comma-separated; default 1, 32, 256).
 fn concurrency_levels() -> Vec<usize> {
     std::env::var("OVERHEAD_CONCURRENCY")
@@ -423,7 +433,7 @@ fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
-        for (streaming, mode) in MODES {
+        for (streaming, mode) in modes() {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
             let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
             let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, INSTANT_CHUNKS);
@@ -464,7 +474,7 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
     let pair = |d: f64, r: f64| format!("{:.2} / {:.2} (+{:.2})", ms(d), ms(r), ms(r - d));
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
-        for (streaming, mode) in MODES {
+        for (streaming, mode) in modes() {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
             let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
             let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, p.tokens);

@@ -9,6 +9,7 @@
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::discovery::BackendSpec;
 use crate::metrics::EndpointMetrics;
+use crate::upstream::{Pool, PoolConfig};
 use qoe_core::prompt::hash_bytes;
 use qoe_core::{
     Availability, EndpointView, EngineMetrics, Load, Micros, RequestOutcome, RequestStats, Role,
@@ -138,6 +139,8 @@ pub struct Endpoint {
     /// The URL as the `x-qoe-endpoint` response header (none if it cannot be one).
     pub header_value: Option<http::HeaderValue>,
     metrics: EndpointMetrics,
+    /// Connections for requests proxied here.
+    pub pool: Pool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,7 +148,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Endpoint {
-    pub fn new(spec: &BackendSpec, stats: StatsConfig, breaker_config: BreakerConfig) -> Self {
+    pub fn new(
+        spec: &BackendSpec,
+        stats: StatsConfig,
+        breaker_config: BreakerConfig,
+        pool: PoolConfig,
+    ) -> Self {
         Endpoint {
             url: spec.url.clone(),
             key: hash_bytes(0, spec.url.as_bytes()),
@@ -161,6 +169,7 @@ impl Endpoint {
             breaker_config,
             header_value: http::HeaderValue::from_str(&spec.url).ok(),
             metrics: EndpointMetrics::new(&spec.url),
+            pool: Pool::new(&spec.url, pool),
         }
     }
 
@@ -341,11 +350,17 @@ pub struct Registry {
     table: RwLock<Arc<Table>>,
     stats_config: StatsConfig,
     breaker_config: BreakerConfig,
+    pool_config: PoolConfig,
 }
 
 impl Registry {
-    pub fn new(stats_config: StatsConfig, breaker_config: BreakerConfig) -> Self {
+    pub fn new(
+        stats_config: StatsConfig,
+        breaker_config: BreakerConfig,
+        pool_config: PoolConfig,
+    ) -> Self {
         Registry {
+            pool_config,
             table: RwLock::new(Arc::new(Table::default())),
             stats_config,
             breaker_config,
@@ -370,7 +385,12 @@ impl Registry {
                     })
                     .cloned()
                     .unwrap_or_else(|| {
-                        Arc::new(Endpoint::new(spec, self.stats_config, self.breaker_config))
+                        Arc::new(Endpoint::new(
+                            spec,
+                            self.stats_config,
+                            self.breaker_config,
+                            self.pool_config,
+                        ))
                     })
             })
             .collect();
@@ -493,6 +513,7 @@ mod tests {
             &spec("http://127.0.0.1:1"),
             StatsConfig::default(),
             BreakerConfig::default(),
+            PoolConfig::default(),
         ));
         let mut g = LoadGuard::new(e.clone(), 100, 10);
         assert_eq!(e.load.snapshot().in_prefill, 1);
@@ -523,7 +544,11 @@ mod tests {
 
     #[test]
     fn reload_keeps_surviving_endpoints() {
-        let r = Registry::new(StatsConfig::default(), BreakerConfig::default());
+        let r = Registry::new(
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
         r.apply(&[spec("http://a:1"), spec("http://b:1")]);
         let before = r.table();
         let guard = LoadGuard::new(before.endpoints[1].clone(), 1, 1);
@@ -545,6 +570,7 @@ mod tests {
             &spec("http://a:1"),
             StatsConfig::default(),
             BreakerConfig::default(),
+            PoolConfig::default(),
         );
         e.record_health(Err("x".into()), 10, 2, 1);
         assert!(e.is_healthy(), "one failure is below the threshold");

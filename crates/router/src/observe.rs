@@ -11,6 +11,7 @@ use crate::endpoints::{Clock, Endpoint, LoadGuard};
 use crate::errors::ApiError;
 use crate::metrics::FailureLabels;
 use crate::state::AppState;
+use crate::upstream::Conn;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -64,6 +65,10 @@ pub struct ObservedBody<B: Body> {
     pending: Option<(Frame<Bytes>, Micros)>,
     state: Arc<AppState>,
     endpoint: Arc<Endpoint>,
+    /// The connection the body comes on, returned to the endpoint's pool when the body was read
+    /// to its end (otherwise dropped: hyper closes a connection whose response was not read
+    /// through, which is what aborts the request on the engine when the client leaves).
+    conn: Option<Conn>,
     guard: Option<LoadGuard>,
     ctx: RequestContext,
     mode: Mode,
@@ -118,6 +123,7 @@ impl<B: Body> ObservedBody<B> {
             last_frame,
             idle,
             endpoint,
+            conn: None,
             qoe,
             deadline: (deadline_ms * 1e3) as Micros,
             state,
@@ -131,6 +137,12 @@ impl<B: Body> ObservedBody<B> {
             upstream_error: false,
             ended: None,
         }
+    }
+
+    /// Returns `conn` to the endpoint's pool once the body is read to its end.
+    pub fn returning(mut self, conn: Conn) -> Self {
+        self.conn = Some(conn);
+        self
     }
 
     fn clock(&self) -> Clock {
@@ -233,6 +245,11 @@ impl<B: Body> ObservedBody<B> {
             return;
         }
         self.ended = Some(end);
+        if let Some(conn) = self.conn.take() {
+            if end == End::Complete {
+                self.endpoint.pool.put(conn);
+            }
+        }
         let Some(mut guard) = self.guard.take() else {
             return;
         };

@@ -21,6 +21,7 @@ use crate::errors::ApiError;
 use crate::metrics::{CodeLabel, FailureLabels, ShedLabels};
 use crate::observe::{ObservedBody, RequestContext};
 use crate::state::AppState;
+use crate::upstream::{Conn, PoolError};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -271,12 +272,12 @@ impl SendError {
     }
 }
 
-/// The upstream URI: the endpoint's base URL and the request's path and query, nothing else of
-/// the request's URI (an absolute-form authority is ignored, like `Host`).
-fn upstream_uri(endpoint: &Endpoint, uri: &http::Uri) -> String {
+/// The upstream request-target: the endpoint URL's path and the request's path and query,
+/// nothing else of the request's URI (an absolute-form authority is ignored, like `Host`).
+fn upstream_target(endpoint: &Endpoint, uri: &http::Uri) -> String {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let path = if path.starts_with('/') { path } else { "/" };
-    format!("{}{}", endpoint.url, path)
+    endpoint.pool.path(path)
 }
 
 /// `future`'s output, or `None` if `timer` fires first.
@@ -298,11 +299,14 @@ async fn send(
     body: &Bytes,
     request_id: &HeaderValue,
     timer: Pin<&mut Sleep>,
-) -> Result<Response<hyper::body::Incoming>, SendError> {
+) -> Result<(Response<hyper::body::Incoming>, Conn), SendError> {
     let mut builder = http::Request::builder()
         .method(parts.method.clone())
-        .uri(upstream_uri(endpoint, &parts.uri));
+        .uri(upstream_target(endpoint, &parts.uri));
     let headers = builder.headers_mut().expect("fresh builder");
+    if let Some(host) = endpoint.pool.host() {
+        headers.insert(header::HOST, host.clone());
+    }
     // The router's own keys stay here unless asked otherwise (see `crate::security`).
     let keep_authorization = state.config.api_keys.is_empty() || state.config.forward_authorization;
     for (name, value) in &parts.headers {
@@ -318,11 +322,11 @@ async fn send(
     let request = builder
         .body(Full::new(body.clone()))
         .map_err(|e| SendError::Other(e.to_string()))?;
-    match before(timer, state.client.request(request)).await {
+    match before(timer, endpoint.pool.send(request)).await {
         None => Err(SendError::Timeout),
-        Some(Err(e)) if e.is_connect() => Err(SendError::Connect(format!("{e:?}"))),
-        Some(Err(e)) => Err(SendError::Broken(format!("{e:?}"))),
-        Some(Ok(response)) => Ok(response),
+        Some(Err(PoolError::Connect(e))) => Err(SendError::Connect(e)),
+        Some(Err(PoolError::Send(e))) => Err(SendError::Broken(format!("{e:?}"))),
+        Some(Ok(sent)) => Ok(sent),
     }
 }
 
@@ -435,12 +439,12 @@ async fn dispatch(
             timer.as_mut(),
         );
         let result = match sending.await {
-            Ok(response) if may_retry && is_retryable(response.status()) => {
+            Ok((response, _)) if may_retry && is_retryable(response.status()) => {
                 Err(SendError::Status(response.status()))
             }
-            Ok(mut response) => first_frame(&state, response.body_mut(), timer.as_mut())
+            Ok((mut response, conn)) => first_frame(&state, response.body_mut(), timer.as_mut())
                 .await
-                .map(|first| (response, first)),
+                .map(|first| (response, conn, first)),
             Err(e) => Err(e),
         };
         match result {
@@ -452,7 +456,7 @@ async fn dispatch(
                 backoff(&state, attempt).await;
                 attempt += 1;
             }
-            Ok((response, first)) => {
+            Ok((response, conn, first)) => {
                 let ctx = RequestContext {
                     request_id: request_id.clone(),
                     model: profile.model.clone(),
@@ -470,6 +474,7 @@ async fn dispatch(
                 return respond(
                     state.clone(),
                     response,
+                    conn,
                     first,
                     guard,
                     ctx,
@@ -695,9 +700,11 @@ fn add_routing_headers(headers: &mut HeaderMap, endpoint: &Endpoint, reason: &'s
     headers.insert(X_QOE_REASON.clone(), HeaderValue::from_static(reason));
 }
 
+#[allow(clippy::too_many_arguments)]
 fn respond(
     state: Arc<AppState>,
     response: Response<hyper::body::Incoming>,
+    conn: Conn,
     first: FirstFrame,
     guard: LoadGuard,
     ctx: RequestContext,
@@ -714,7 +721,7 @@ fn respond(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    let body = ObservedBody::new(upstream, first, state, guard, ctx);
+    let body = ObservedBody::new(upstream, first, state, guard, ctx).returning(conn);
     Response::from_parts(parts, Body::new(body))
 }
 

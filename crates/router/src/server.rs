@@ -36,6 +36,11 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         registry: Arc::new(Registry::new(
             config.stats_config(),
             config.breaker_config(),
+            upstream::PoolConfig {
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                max_idle: config.pool_max_idle_per_host,
+                idle_timeout: upstream::POOL_IDLE_TIMEOUT,
+            },
         )),
         policy: build_policy(config.policy_kind(), &config.policy_config()),
         client,
