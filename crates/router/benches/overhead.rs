@@ -15,12 +15,15 @@
 //! generator each run on their own single-threaded runtime (named threads, so `perf` can tell
 //! them apart) and share the machine's cores the way separate processes would. Router CPU time is
 //! the router thread's on-CPU time from its `schedstat` file (user and kernel), less what it
-//! spends idle (scrapes, health checks), per completed request.
+//! spends idle (scrapes, health checks), per completed request; its write system calls
+//! per request come from its `io` file the same way (a forwarded frame costs a write unless
+//! frames already queued go out together).
 //!
 //! `cargo bench -p qoe-router --bench overhead`. Environment:
 //! `OVERHEAD_SECS` measured seconds per instant cell (default 3), `OVERHEAD_PACED_SECS` per paced
 //! cell (default 6), `OVERHEAD_ONLY` = `instant` or `paced` to run one setting,
 //! `OVERHEAD_CONCURRENCY` (e.g. `32` or `1,256`) to run some concurrency levels only,
+//! `OVERHEAD_MODE` = `stream` or `non-stream` to run one mode (the per-chunk figure needs both),
 //! `OVERHEAD_TTFT_MS` / `OVERHEAD_ITL_MS` / `OVERHEAD_TOKENS` to change the pacing.
 
 use bytes::Bytes;
@@ -158,8 +161,8 @@ fn start_upstream(name: &str, pacing: Option<Pacing>) -> String {
     format!("http://{addr}")
 }
 
-/// Starts one router per upstream, all on one thread; returns their URLs and the thread's
-/// `schedstat` file.
+/// Starts one router per upstream, all on one thread; returns their URLs and the thread's `/proc`
+/// directory.
 fn start_routers(upstreams: &[&str]) -> (Vec<String>, std::path::PathBuf) {
     let mut urls = Vec::new();
     let mut servers = Vec::new();
@@ -184,8 +187,7 @@ fn start_routers(upstreams: &[&str]) -> (Vec<String>, std::path::PathBuf) {
         .name("router".into())
         .spawn(move || {
             let me = std::fs::read_link("/proc/thread-self").expect("procfs");
-            tx.send(std::path::Path::new("/proc").join(me).join("schedstat"))
-                .unwrap();
+            tx.send(std::path::Path::new("/proc").join(me)).unwrap();
             runtime().block_on(async move {
                 let runs = servers.into_iter().map(|(l, config)| async move {
                     let listener = tokio::net::TcpListener::from_std(l).unwrap();
@@ -200,10 +202,48 @@ fn start_routers(upstreams: &[&str]) -> (Vec<String>, std::path::PathBuf) {
     (urls, rx.recv().unwrap())
 }
 
-/// On-CPU time of a thread so far (the first field of `schedstat`, ns).
-fn cpu_ns(schedstat: &std::path::Path) -> u64 {
-    let s = std::fs::read_to_string(schedstat).unwrap();
-    s.split_whitespace().next().unwrap().parse().unwrap()
+/// What the router thread has used so far: on-CPU time (the first field of `schedstat`, ns) and
+/// write system calls (`syscw` of `io`; socket reads go through `recv`, which `io` does not
+/// count).
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_ns: f64,
+    writes: f64,
+}
+
+impl Usage {
+    fn of(thread: &std::path::Path) -> Usage {
+        let s = std::fs::read_to_string(thread.join("schedstat")).unwrap();
+        let cpu_ns = s.split_whitespace().next().unwrap().parse().unwrap();
+        let io = std::fs::read_to_string(thread.join("io")).unwrap();
+        let field = |name: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        Usage {
+            cpu_ns,
+            writes: field("syscw:"),
+        }
+    }
+
+    /// `self - earlier - idle × seconds`, floored at zero.
+    fn since(self, earlier: Usage, idle: Usage, seconds: f64) -> Usage {
+        let d = |a: f64, b: f64, i: f64| (a - b - i * seconds).max(0.0);
+        Usage {
+            cpu_ns: d(self.cpu_ns, earlier.cpu_ns, idle.cpu_ns),
+            writes: d(self.writes, earlier.writes, idle.writes),
+        }
+    }
+
+    fn per(self, n: usize) -> Usage {
+        let n = n.max(1) as f64;
+        Usage {
+            cpu_ns: self.cpu_ns / n,
+            writes: self.writes / n,
+        }
+    }
 }
 
 struct Sample {
@@ -314,26 +354,27 @@ fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, 
     })
 }
 
-/// The router thread, and its on-CPU time per second when no request comes (scrapes and health
-/// checks), subtracted from every cell's figure.
+/// The router thread, and what it uses per second when no request comes (scrapes and health
+/// checks), subtracted from every cell's figures.
 struct RouterThread {
-    schedstat: std::path::PathBuf,
-    idle_ns_per_s: f64,
+    dir: std::path::PathBuf,
+    idle_per_s: Usage,
 }
 
 impl RouterThread {
-    fn new(schedstat: std::path::PathBuf) -> Self {
-        let (t, before) = (Instant::now(), cpu_ns(&schedstat));
+    fn new(dir: std::path::PathBuf) -> Self {
+        let (t, before) = (Instant::now(), Usage::of(&dir));
         std::thread::sleep(Duration::from_secs(2));
-        let idle_ns_per_s = (cpu_ns(&schedstat) - before) as f64 / t.elapsed().as_secs_f64();
-        RouterThread {
-            schedstat,
-            idle_ns_per_s,
-        }
+        let (after, secs) = (Usage::of(&dir), t.elapsed().as_secs_f64());
+        let idle_per_s = Usage {
+            cpu_ns: (after.cpu_ns - before.cpu_ns) / secs,
+            writes: (after.writes - before.writes) / secs,
+        };
+        RouterThread { dir, idle_per_s }
     }
 }
 
-/// One cell through the router, and the router's CPU time per request in it, µs.
+/// One cell through the router, and what the router used per request in it.
 fn measure_router(
     router: &str,
     thread: &RouterThread,
@@ -341,16 +382,24 @@ fn measure_router(
     concurrency: usize,
     warmup: Duration,
     secs: f64,
-) -> (Cell, f64) {
-    let (t, before) = (Instant::now(), cpu_ns(&thread.schedstat));
+) -> (Cell, Usage) {
+    let (t, before) = (Instant::now(), Usage::of(&thread.dir));
     let cell = measure(router, streaming, concurrency, warmup, secs);
-    let busy = (cpu_ns(&thread.schedstat) - before) as f64
-        - thread.idle_ns_per_s * t.elapsed().as_secs_f64();
-    let per_request = busy.max(0.0) / 1e3 / cell.completed.max(1) as f64;
+    let used = Usage::of(&thread.dir).since(before, thread.idle_per_s, t.elapsed().as_secs_f64());
+    let per_request = used.per(cell.completed);
     (cell, per_request)
 }
 
 const MODES: [(bool, &str); 2] = [(false, "non-stream"), (true, "stream")];
+
+/// The modes to run (`OVERHEAD_MODE` = `stream` or `non-stream` for one; default both).
+fn modes() -> Vec<(bool, &'static str)> {
+    let only = std::env::var("OVERHEAD_MODE").unwrap_or_default();
+    MODES
+        .into_iter()
+        .filter(|(_, m)| only.is_empty() || *m == only)
+        .collect()
+}
 
 /// The concurrency levels to run (`OVERHEAD_CONCURRENCY`, comma-separated; default 1, 32, 256).
 fn concurrency_levels() -> Vec<usize> {
@@ -360,36 +409,42 @@ fn concurrency_levels() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 32, 256])
 }
 
-/// The router's CPU per forwarded chunk: a streamed answer's extra CPU over the plain answer of
-/// the same cell (measured just before, kept in `plain`), over its extra frames. Blank for the
+/// The router's CPU per forwarded chunk, µs: a streamed answer's extra CPU over the plain answer
+/// of the same cell (measured just before, kept in `plain`), over its extra frames. Blank for the
 /// plain answer itself.
-fn per_chunk_cpu(streaming: bool, cpu: f64, plain: &mut f64, chunks: usize) -> String {
+fn per_chunk_cpu(streaming: bool, cpu_ns: f64, plain: &mut f64, chunks: usize) -> String {
     if streaming {
-        format!("{:.1}", (cpu - *plain) / chunks as f64)
+        format!("{:.1}", (cpu_ns - *plain) / 1e3 / chunks as f64)
     } else {
-        *plain = cpu;
+        *plain = cpu_ns;
         String::new()
     }
+}
+
+/// The router's CPU per request (µs), then its write system calls per request.
+fn usage_cells(u: &Usage) -> String {
+    format!("{:.1} | {:.1}", u.cpu_ns / 1e3, u.writes)
 }
 
 fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
     let warmup = Duration::from_millis(300);
     println!("\n### instant upstream ({secs} s per cell)\n");
-    println!("| mode | concurrency | direct p50 µs | router p50 µs | added p50 µs | direct p99 µs | router p99 µs | added p99 µs | direct req/s | router req/s | router/direct | router CPU µs/request | router CPU µs/chunk |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| mode | concurrency | direct p50 µs | router p50 µs | added p50 µs | direct p99 µs | router p99 µs | added p99 µs | direct req/s | router req/s | router/direct | router CPU µs/request | router writes/request | router CPU µs/chunk |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
-        for (streaming, mode) in MODES {
+        for (streaming, mode) in modes() {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
-            let (r, cpu) = measure_router(router, thread, streaming, concurrency, warmup, secs);
-            let per_chunk = per_chunk_cpu(streaming, cpu, &mut cpu_plain, INSTANT_CHUNKS);
+            let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
+            let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, INSTANT_CHUNKS);
+            let used = usage_cells(&used);
             let mode = if streaming {
                 format!("{mode} ({INSTANT_CHUNKS} chunks, one burst)")
             } else {
                 mode.to_string()
             };
             println!(
-                "| {mode} | {concurrency} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {cpu:.1} | {per_chunk} |",
+                "| {mode} | {concurrency} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {used} | {per_chunk} |",
                 d.e2e_p50,
                 r.e2e_p50,
                 r.e2e_p50 - d.e2e_p50,
@@ -413,23 +468,24 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
         p.itl.as_millis(),
         p.tokens
     );
-    println!("| mode | concurrency | requests measured (direct, router) | TTFT p50 ms direct / router (added) | TTFT p99 ms direct / router (added) | e2e p50 ms direct / router (added) | e2e p99 ms direct / router (added) | direct req/s | router req/s | router/direct | router CPU µs/request | router CPU µs/chunk |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| mode | concurrency | requests measured (direct, router) | TTFT p50 ms direct / router (added) | TTFT p99 ms direct / router (added) | e2e p50 ms direct / router (added) | e2e p99 ms direct / router (added) | direct req/s | router req/s | router/direct | router CPU µs/request | router writes/request | router CPU µs/chunk |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ms = |us: f64| us / 1e3;
     let pair = |d: f64, r: f64| format!("{:.2} / {:.2} (+{:.2})", ms(d), ms(r), ms(r - d));
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
-        for (streaming, mode) in MODES {
+        for (streaming, mode) in modes() {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
-            let (r, cpu) = measure_router(router, thread, streaming, concurrency, warmup, secs);
-            let per_chunk = per_chunk_cpu(streaming, cpu, &mut cpu_plain, p.tokens);
+            let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
+            let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, p.tokens);
+            let used = usage_cells(&used);
             let (t50, t99) = if streaming {
                 (pair(d.ttft_p50, r.ttft_p50), pair(d.ttft_p99, r.ttft_p99))
             } else {
                 ("–".into(), "–".into())
             };
             println!(
-                "| {mode} | {concurrency} | {}, {} | {t50} | {t99} | {} | {} | {:.0} | {:.0} | {:.2} | {cpu:.1} | {per_chunk} |",
+                "| {mode} | {concurrency} | {}, {} | {t50} | {t99} | {} | {} | {:.0} | {:.0} | {:.2} | {used} | {per_chunk} |",
                 d.n,
                 r.n,
                 pair(d.e2e_p50, r.e2e_p50),

@@ -8,6 +8,8 @@
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::discovery::BackendSpec;
+use crate::metrics::EndpointMetrics;
+use crate::upstream::{Pool, PoolConfig};
 use qoe_core::prompt::hash_bytes;
 use qoe_core::{
     Availability, EndpointView, EngineMetrics, Load, Micros, RequestOutcome, RequestStats, Role,
@@ -34,6 +36,11 @@ impl Clock {
 
     pub fn at(&self, instant: Instant) -> Micros {
         instant.saturating_duration_since(self.0).as_micros() as Micros + 1
+    }
+
+    /// The instant of `at` (the inverse of [`Clock::at`]).
+    pub fn instant(&self, at: Micros) -> Instant {
+        self.0 + std::time::Duration::from_micros(at.saturating_sub(1))
     }
 }
 
@@ -129,6 +136,11 @@ pub struct Endpoint {
     health: Mutex<HealthState>,
     breaker: Mutex<Breaker>,
     breaker_config: BreakerConfig,
+    /// The URL as the `x-qoe-endpoint` response header (none if it cannot be one).
+    pub header_value: Option<http::HeaderValue>,
+    metrics: EndpointMetrics,
+    /// Connections for requests proxied here.
+    pub pool: Pool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,7 +148,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Endpoint {
-    pub fn new(spec: &BackendSpec, stats: StatsConfig, breaker_config: BreakerConfig) -> Self {
+    pub fn new(
+        spec: &BackendSpec,
+        stats: StatsConfig,
+        breaker_config: BreakerConfig,
+        pool: PoolConfig,
+    ) -> Self {
         Endpoint {
             url: spec.url.clone(),
             key: hash_bytes(0, spec.url.as_bytes()),
@@ -150,7 +167,15 @@ impl Endpoint {
             health: Mutex::new(HealthState::new()),
             breaker: Mutex::new(Breaker::default()),
             breaker_config,
+            header_value: http::HeaderValue::from_str(&spec.url).ok(),
+            metrics: EndpointMetrics::new(&spec.url),
+            pool: Pool::new(&spec.url, pool),
         }
+    }
+
+    /// This endpoint's metric handles (see [`EndpointMetrics`]).
+    pub fn metrics(&self) -> &EndpointMetrics {
+        &self.metrics
     }
 
     /// Whether a request may be sent now: healthy, and the breaker lets it through.
@@ -325,11 +350,17 @@ pub struct Registry {
     table: RwLock<Arc<Table>>,
     stats_config: StatsConfig,
     breaker_config: BreakerConfig,
+    pool_config: PoolConfig,
 }
 
 impl Registry {
-    pub fn new(stats_config: StatsConfig, breaker_config: BreakerConfig) -> Self {
+    pub fn new(
+        stats_config: StatsConfig,
+        breaker_config: BreakerConfig,
+        pool_config: PoolConfig,
+    ) -> Self {
         Registry {
+            pool_config,
             table: RwLock::new(Arc::new(Table::default())),
             stats_config,
             breaker_config,
@@ -354,7 +385,12 @@ impl Registry {
                     })
                     .cloned()
                     .unwrap_or_else(|| {
-                        Arc::new(Endpoint::new(spec, self.stats_config, self.breaker_config))
+                        Arc::new(Endpoint::new(
+                            spec,
+                            self.stats_config,
+                            self.breaker_config,
+                            self.pool_config,
+                        ))
                     })
             })
             .collect();
@@ -477,6 +513,7 @@ mod tests {
             &spec("http://127.0.0.1:1"),
             StatsConfig::default(),
             BreakerConfig::default(),
+            PoolConfig::default(),
         ));
         let mut g = LoadGuard::new(e.clone(), 100, 10);
         assert_eq!(e.load.snapshot().in_prefill, 1);
@@ -507,7 +544,11 @@ mod tests {
 
     #[test]
     fn reload_keeps_surviving_endpoints() {
-        let r = Registry::new(StatsConfig::default(), BreakerConfig::default());
+        let r = Registry::new(
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
         r.apply(&[spec("http://a:1"), spec("http://b:1")]);
         let before = r.table();
         let guard = LoadGuard::new(before.endpoints[1].clone(), 1, 1);
@@ -529,6 +570,7 @@ mod tests {
             &spec("http://a:1"),
             StatsConfig::default(),
             BreakerConfig::default(),
+            PoolConfig::default(),
         );
         e.record_health(Err("x".into()), 10, 2, 1);
         assert!(e.is_healthy(), "one failure is below the threshold");

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use qoe_core::Micros;
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
@@ -118,6 +118,149 @@ pub struct RouterMetrics {
     pub queued: Counter,
     gauges: Vec<(&'static str, Family<EndpointLabel, FGauge>)>,
     known: Mutex<HashSet<String>>,
+    /// Handles of the priority-labelled metrics, by priority level (1..=3).
+    by_priority: [PriorityMetrics; 4],
+}
+
+/// A metric of one label set, looked up in its family on first use and kept: a family lookup
+/// hashes (and here allocates) the label set, which the request path should not pay per event.
+struct Handle<M>(OnceLock<M>);
+
+impl<M: Clone> Handle<M> {
+    const fn new() -> Self {
+        Handle(OnceLock::new())
+    }
+
+    fn get(&self, resolve: impl FnOnce() -> M) -> &M {
+        self.0.get_or_init(resolve)
+    }
+}
+
+/// One endpoint's metric handles, resolved on first use. The endpoint keeps them (see
+/// [`crate::endpoints::Endpoint::metrics`]); when it leaves the table its labels are removed from
+/// the families and handles still held by requests in flight update detached metrics.
+pub struct EndpointMetrics {
+    endpoint: String,
+    ttft: Handle<Histogram>,
+    itl: Handle<Histogram>,
+    e2e: Handle<Histogram>,
+    output_tokens: Handle<Counter>,
+    decision: [Handle<FGauge>; DECISION_TERMS.len()],
+    /// `qoe_router_requests_total` counters by status and reason: bounded by the label values.
+    requests: Mutex<Vec<(u16, &'static str, Counter)>>,
+}
+
+impl std::fmt::Debug for EndpointMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointMetrics")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointMetrics {
+    pub fn new(endpoint: &str) -> Self {
+        EndpointMetrics {
+            endpoint: endpoint.to_string(),
+            ttft: Handle::new(),
+            itl: Handle::new(),
+            e2e: Handle::new(),
+            output_tokens: Handle::new(),
+            decision: [const { Handle::new() }; DECISION_TERMS.len()],
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn label(&self) -> EndpointLabel {
+        EndpointLabel {
+            endpoint: self.endpoint.clone(),
+        }
+    }
+
+    pub fn ttft(&self, m: &RouterMetrics) -> &Histogram {
+        self.ttft
+            .get(|| m.ttft.get_or_create(&self.label()).clone())
+    }
+
+    pub fn itl(&self, m: &RouterMetrics) -> &Histogram {
+        self.itl.get(|| m.itl.get_or_create(&self.label()).clone())
+    }
+
+    pub fn e2e(&self, m: &RouterMetrics) -> &Histogram {
+        self.e2e.get(|| m.e2e.get_or_create(&self.label()).clone())
+    }
+
+    pub fn output_tokens(&self, m: &RouterMetrics) -> &Counter {
+        self.output_tokens
+            .get(|| m.output_tokens.get_or_create(&self.label()).clone())
+    }
+
+    /// `qoe_router_requests_total{endpoint, code, reason}`.
+    pub fn requests(&self, m: &RouterMetrics, code: u16, reason: &'static str) -> Counter {
+        let mut cache = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, c)) = cache.iter().find(|(k, r, _)| *k == code && *r == reason) {
+            return c.clone();
+        }
+        let counter = m
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: self.endpoint.clone(),
+                code,
+                reason: reason.to_string(),
+            })
+            .clone();
+        cache.push((code, reason, counter.clone()));
+        counter
+    }
+
+    /// Records what a cost-based policy decided for this endpoint.
+    pub fn record_decision(&self, m: &RouterMetrics, d: &qoe_core::DecisionDetail) {
+        let values = [
+            d.predicted_ttft_ms / 1e3,
+            d.predicted_itl_ms / 1e3,
+            d.cached_tokens as f64,
+            d.terms[0],
+            d.terms[1],
+            d.terms[2],
+            d.terms[3],
+            d.cost,
+        ];
+        for ((term, v), handle) in DECISION_TERMS.into_iter().zip(values).zip(&self.decision) {
+            if v.is_finite() {
+                handle
+                    .get(|| {
+                        m.decision_terms
+                            .get_or_create(&EndpointTermLabels {
+                                endpoint: self.endpoint.clone(),
+                                term,
+                            })
+                            .clone()
+                    })
+                    .set(v);
+            }
+        }
+    }
+}
+
+/// The handles of one priority level's metrics, resolved on first use.
+struct PriorityMetrics {
+    ttft: Handle<Histogram>,
+    itl: Handle<Histogram>,
+    qoe: Handle<Histogram>,
+    sla_met: Handle<Counter>,
+    sla_missed: Handle<Counter>,
+}
+
+impl PriorityMetrics {
+    const fn new() -> Self {
+        PriorityMetrics {
+            ttft: Handle::new(),
+            itl: Handle::new(),
+            qoe: Handle::new(),
+            sla_met: Handle::new(),
+            sla_missed: Handle::new(),
+        }
+    }
 }
 
 /// Per-endpoint gauges: name suffix and help.
@@ -301,7 +444,57 @@ impl RouterMetrics {
             queued,
             gauges,
             known: Mutex::new(HashSet::new()),
+            by_priority: [const { PriorityMetrics::new() }; 4],
         }
+    }
+
+    fn priority(&self, level: u8) -> &PriorityMetrics {
+        &self.by_priority[(level as usize).min(self.by_priority.len() - 1)]
+    }
+
+    /// `qoe_router_priority_time_to_first_token_seconds{priority}`.
+    pub fn priority_ttft(&self, level: u8) -> &Histogram {
+        self.priority(level).ttft.get(|| {
+            self.priority_ttft
+                .get_or_create(&PriorityLabel { priority: level })
+                .clone()
+        })
+    }
+
+    /// `qoe_router_priority_inter_token_latency_seconds{priority}`.
+    pub fn priority_itl(&self, level: u8) -> &Histogram {
+        self.priority(level).itl.get(|| {
+            self.priority_itl
+                .get_or_create(&PriorityLabel { priority: level })
+                .clone()
+        })
+    }
+
+    /// `qoe_router_priority_qoe{priority}`.
+    pub fn priority_qoe(&self, level: u8) -> &Histogram {
+        self.priority(level).qoe.get(|| {
+            self.priority_qoe
+                .get_or_create(&PriorityLabel { priority: level })
+                .clone()
+        })
+    }
+
+    /// `qoe_router_sla_total{priority, outcome}`: whether a first token met its deadline.
+    pub fn sla(&self, level: u8, met: bool) -> &Counter {
+        let p = self.priority(level);
+        let (handle, outcome) = if met {
+            (&p.sla_met, "met")
+        } else {
+            (&p.sla_missed, "missed")
+        };
+        handle.get(|| {
+            self.sla
+                .get_or_create(&SlaLabels {
+                    priority: level,
+                    outcome,
+                })
+                .clone()
+        })
     }
 
     fn gauge(&self, name: &str, endpoint: &str, value: Option<f64>) {
@@ -375,30 +568,6 @@ impl RouterMetrics {
                 url,
                 v.engine_age(now).map(|a| a as f64 / 1e6),
             );
-        }
-    }
-
-    /// Records what a cost-based policy decided for `endpoint`.
-    pub fn record_decision(&self, endpoint: &str, d: &qoe_core::DecisionDetail) {
-        let values = [
-            d.predicted_ttft_ms / 1e3,
-            d.predicted_itl_ms / 1e3,
-            d.cached_tokens as f64,
-            d.terms[0],
-            d.terms[1],
-            d.terms[2],
-            d.terms[3],
-            d.cost,
-        ];
-        for (term, v) in DECISION_TERMS.into_iter().zip(values) {
-            if v.is_finite() {
-                self.decision_terms
-                    .get_or_create(&EndpointTermLabels {
-                        endpoint: endpoint.to_string(),
-                        term,
-                    })
-                    .set(v);
-            }
         }
     }
 

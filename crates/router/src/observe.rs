@@ -7,15 +7,14 @@
 //! When the client disconnects, dropping this body drops the upstream body, which closes the
 //! upstream connection: vLLM aborts the request and frees its KV.
 
-use crate::endpoints::{Clock, LoadGuard};
+use crate::endpoints::{Clock, Endpoint, LoadGuard};
 use crate::errors::ApiError;
-use crate::metrics::{EndpointLabel, FailureLabels, RequestLabels};
-use crate::metrics::{PriorityLabel, SlaLabels};
+use crate::metrics::FailureLabels;
 use crate::state::AppState;
+use crate::upstream::Conn;
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use prometheus_client::metrics::histogram::Histogram;
 use qoe_core::qoe_metric::{QoeAccumulator, QoeParams};
 use qoe_core::sse::{SseConfig, SseEvent, SseParser};
 use qoe_core::{DecisionDetail, Feedback, FeedbackEvent, Load, Micros, Priority, RequestOutcome};
@@ -30,7 +29,7 @@ const USAGE_TAIL_BYTES: usize = 2048;
 
 /// What the observer knows about the request it watches.
 pub struct RequestContext {
-    pub request_id: String,
+    pub request_id: HeaderValue,
     pub model: String,
     pub priority: Priority,
     pub reason: &'static str,
@@ -65,16 +64,20 @@ pub struct ObservedBody<B: Body> {
     /// arrival time; handed out first.
     pending: Option<(Frame<Bytes>, Micros)>,
     state: Arc<AppState>,
+    endpoint: Arc<Endpoint>,
+    /// The connection the body comes on, returned to the endpoint's pool when the body was read
+    /// to its end (otherwise dropped: hyper closes a connection whose response was not read
+    /// through, which is what aborts the request on the engine when the client leaves).
+    conn: Option<Conn>,
     guard: Option<LoadGuard>,
     ctx: RequestContext,
     mode: Mode,
     idle: Duration,
+    /// Fires no earlier than `idle` after the last frame. It is not moved on every frame (that is
+    /// a timer-wheel update per chunk): when it fires early, it is set again from `last_frame`.
     idle_timer: Pin<Box<Sleep>>,
-    /// This endpoint's histograms, resolved once per request (not per chunk).
-    ttft_histogram: Histogram,
-    itl_histogram: Histogram,
-    priority_ttft: Histogram,
-    priority_itl: Histogram,
+    /// When the last frame arrived.
+    last_frame: Micros,
     /// Andes QoE of the stream as the user reads it, from the router's receipt of the request.
     qoe: QoeAccumulator,
     /// The TTFT deadline: the request's SLA, else the target.
@@ -97,16 +100,7 @@ impl<B: Body> ObservedBody<B> {
         ctx: RequestContext,
     ) -> Self {
         let idle = state.idle_timeout;
-        let label = EndpointLabel {
-            endpoint: guard.endpoint().url.clone(),
-        };
-        let ttft_histogram = state.metrics.ttft.get_or_create(&label).clone();
-        let itl_histogram = state.metrics.itl.get_or_create(&label).clone();
-        let priority = PriorityLabel {
-            priority: ctx.priority.level(),
-        };
-        let priority_ttft = state.metrics.priority_ttft.get_or_create(&priority).clone();
-        let priority_itl = state.metrics.priority_itl.get_or_create(&priority).clone();
+        let endpoint = guard.endpoint().clone();
         let deadline_ms = ctx
             .sla_ttft_ms
             .map_or(state.config.target_ttft, |ms| ms as f64);
@@ -119,15 +113,17 @@ impl<B: Body> ObservedBody<B> {
         } else {
             Mode::Json(Vec::new())
         };
+        let last_frame = first
+            .as_ref()
+            .map_or_else(|| state.clock.now(), |(_, at)| *at);
         ObservedBody {
             inner: Box::pin(inner),
             pending: first,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
+            last_frame,
             idle,
-            ttft_histogram,
-            itl_histogram,
-            priority_ttft,
-            priority_itl,
+            endpoint,
+            conn: None,
             qoe,
             deadline: (deadline_ms * 1e3) as Micros,
             state,
@@ -141,6 +137,12 @@ impl<B: Body> ObservedBody<B> {
             upstream_error: false,
             ended: None,
         }
+    }
+
+    /// Returns `conn` to the endpoint's pool once the body is read to its end.
+    pub fn returning(mut self, conn: Conn) -> Self {
+        self.conn = Some(conn);
+        self
     }
 
     fn clock(&self) -> Clock {
@@ -185,28 +187,18 @@ impl<B: Body> ObservedBody<B> {
         let Some(guard) = self.guard.as_mut() else {
             return;
         };
-        let endpoint = guard.endpoint().clone();
+        let endpoint = &self.endpoint;
+        let metrics = &self.state.metrics;
+        let level = self.ctx.priority.level();
         match self.last_token_at {
             None => {
                 let ttft = now.saturating_sub(self.ctx.sent);
                 self.first_token_at = Some(now);
                 endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
-                self.ttft_histogram.observe(ttft as f64 / 1e6);
+                endpoint.metrics().ttft(metrics).observe(ttft as f64 / 1e6);
                 let felt = now.saturating_sub(self.ctx.started);
-                self.priority_ttft.observe(felt as f64 / 1e6);
-                let outcome = if felt <= self.deadline {
-                    "met"
-                } else {
-                    "missed"
-                };
-                self.state
-                    .metrics
-                    .sla
-                    .get_or_create(&SlaLabels {
-                        priority: self.ctx.priority.level(),
-                        outcome,
-                    })
-                    .inc();
+                metrics.priority_ttft(level).observe(felt as f64 / 1e6);
+                metrics.sla(level, felt <= self.deadline).inc();
                 self.qoe.push_n_micros(felt, tokens as u64);
                 guard.first_token();
                 guard.tokens(tokens);
@@ -220,9 +212,11 @@ impl<B: Body> ObservedBody<B> {
                 let gap = now.saturating_sub(last);
                 endpoint.with_stats(|s| s.record_itl(gap, tokens));
                 let per_token = gap as f64 / 1e6 / tokens as f64;
+                let (itl, priority_itl) =
+                    (endpoint.metrics().itl(metrics), metrics.priority_itl(level));
                 for _ in 0..tokens.min(64) {
-                    self.itl_histogram.observe(per_token);
-                    self.priority_itl.observe(per_token);
+                    itl.observe(per_token);
+                    priority_itl.observe(per_token);
                 }
                 self.qoe
                     .push_n_micros(now.saturating_sub(self.ctx.started), tokens as u64);
@@ -251,11 +245,16 @@ impl<B: Body> ObservedBody<B> {
             return;
         }
         self.ended = Some(end);
+        if let Some(conn) = self.conn.take() {
+            if end == End::Complete {
+                self.endpoint.pool.put(conn);
+            }
+        }
         let Some(mut guard) = self.guard.take() else {
             return;
         };
         let now = self.clock().now();
-        let endpoint = guard.endpoint().clone();
+        let endpoint = self.endpoint.clone();
         if let Mode::Json(tail) = &self.mode {
             self.usage_tokens = usage_completion_tokens(tail);
         }
@@ -303,42 +302,21 @@ impl<B: Body> ObservedBody<B> {
             }
         }
         drop(guard);
+        let metrics = &self.state.metrics;
         if self.tokens > 0 {
-            self.state
-                .metrics
-                .priority_qoe
-                .get_or_create(&PriorityLabel {
-                    priority: self.ctx.priority.level(),
-                })
+            metrics
+                .priority_qoe(self.ctx.priority.level())
                 .observe(self.qoe.finish());
         }
-        let label = EndpointLabel {
-            endpoint: endpoint.url.clone(),
-        };
-        self.state
-            .metrics
-            .e2e
-            .get_or_create(&label)
-            .observe(e2e as f64 / 1e6);
-        self.state
-            .metrics
-            .output_tokens
-            .get_or_create(&label)
-            .inc_by(output_tokens as u64);
+        let handles = endpoint.metrics();
+        handles.e2e(metrics).observe(e2e as f64 / 1e6);
+        handles.output_tokens(metrics).inc_by(output_tokens as u64);
         let code = match end {
             End::Complete | End::ClientGone => status.as_u16(),
             End::IdleTimeout => 504,
             End::UpstreamBroken => 502,
         };
-        self.state
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                endpoint: endpoint.url.clone(),
-                code,
-                reason: self.ctx.reason.to_string(),
-            })
-            .inc();
+        handles.requests(metrics, code, self.ctx.reason).inc();
         let failure_kind = match end {
             End::IdleTimeout => Some("timeout"),
             End::UpstreamBroken => Some("stream"),
@@ -362,7 +340,7 @@ impl<B: Body> ObservedBody<B> {
             End::IdleTimeout => "idle_timeout",
         };
         tracing::info!(
-            request_id = %self.ctx.request_id,
+            request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),
             model = %self.ctx.model,
             endpoint = %endpoint.url,
             reason = self.ctx.reason,
@@ -374,6 +352,24 @@ impl<B: Body> ObservedBody<B> {
             duration_ms = e2e as f64 / 1e3,
             "request"
         );
+    }
+
+    /// Whether nothing came for the idle timeout since the last frame; otherwise the timer is
+    /// armed (and will wake `cx`) for when that would be.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.idle_timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.last_frame + self.idle.as_micros() as Micros;
+            let clock = self.clock();
+            if clock.now() >= due {
+                return true;
+            }
+            // Frames came since the timer was set: wait from the last one.
+            let at = tokio::time::Instant::from_std(clock.instant(due));
+            self.idle_timer.as_mut().reset(at);
+        }
     }
 
     /// The frame that tells a client its stream broke (SSE) — or nothing for a JSON body, whose
@@ -403,35 +399,34 @@ where
             return Poll::Ready(None);
         }
         if let Some((frame, at)) = this.pending.take() {
+            this.last_frame = at;
             if let Some(data) = frame.data_ref() {
                 this.on_data(data, at);
             }
             if this.inner.is_end_stream() {
                 this.finish(End::Complete);
-            } else {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.idle_timer.as_mut().reset(deadline);
             }
             return Poll::Ready(Some(Ok(frame)));
         }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                let now = this.clock().now();
+                this.last_frame = now;
                 if let Some(data) = frame.data_ref() {
-                    let now = this.clock().now();
                     this.on_data(data, now);
                 }
                 if this.inner.is_end_stream() {
                     // The server may stop polling once we report the end: record it now.
                     this.finish(End::Complete);
-                } else {
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.idle_timer.as_mut().reset(deadline);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 let message = format!("the endpoint broke the response off: {e}");
-                tracing::warn!(request_id = %this.ctx.request_id, "{message}");
+                tracing::warn!(
+                    request_id = %String::from_utf8_lossy(this.ctx.request_id.as_bytes()),
+                    "{message}"
+                );
                 let frame = this.error_frame(&message, StatusCode::BAD_GATEWAY);
                 this.finish(End::UpstreamBroken);
                 match frame {
@@ -444,7 +439,7 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.idle_timer.as_mut().poll(cx).is_ready() {
+                if this.idle_expired(cx) {
                     let message = format!(
                         "the endpoint sent nothing for {} ms (idle timeout)",
                         this.idle.as_millis()

@@ -21,6 +21,7 @@ use crate::errors::ApiError;
 use crate::metrics::{CodeLabel, FailureLabels, ShedLabels};
 use crate::observe::{ObservedBody, RequestContext};
 use crate::state::AppState;
+use crate::upstream::{Conn, PoolError};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -30,8 +31,12 @@ use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Full};
 use qoe_core::analyze::{analyze, Route};
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use tokio::time::Sleep;
 
 pub static X_QOE_ENDPOINT: HeaderName = HeaderName::from_static("x-qoe-endpoint");
 pub static X_QOE_REASON: HeaderName = HeaderName::from_static("x-qoe-reason");
@@ -84,14 +89,19 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    // Distinct across processes and restarts: the process id and start time, drawn once (the
+    // process id is a system call).
+    static SALT: OnceLock<u64> = OnceLock::new();
+    let salt = *SALT.get_or_init(|| {
+        std::process::id() as u64
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0))
+    });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let salt = std::process::id() as u64
-        ^ (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0));
     let id = format!("qoe-{:016x}", qoe_core::policy::mix64(salt.wrapping_add(n)));
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    HeaderValue::from_maybe_shared(Bytes::from(id)).expect("hex is a valid header value")
 }
 
 /// Answers an error the router produced itself, counting and logging it.
@@ -262,12 +272,24 @@ impl SendError {
     }
 }
 
-/// The upstream URI: the endpoint's base URL and the request's path and query, nothing else of
-/// the request's URI (an absolute-form authority is ignored, like `Host`).
-fn upstream_uri(endpoint: &Endpoint, uri: &http::Uri) -> String {
+/// The upstream request-target: the endpoint URL's path and the request's path and query,
+/// nothing else of the request's URI (an absolute-form authority is ignored, like `Host`).
+fn upstream_target(endpoint: &Endpoint, uri: &http::Uri) -> String {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let path = if path.starts_with('/') { path } else { "/" };
-    format!("{}{}", endpoint.url, path)
+    endpoint.pool.path(path)
+}
+
+/// `future`'s output, or `None` if `timer` fires first.
+async fn before<F: Future>(mut timer: Pin<&mut Sleep>, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 async fn send(
@@ -276,12 +298,15 @@ async fn send(
     parts: &http::request::Parts,
     body: &Bytes,
     request_id: &HeaderValue,
-    deadline: tokio::time::Instant,
-) -> Result<Response<hyper::body::Incoming>, SendError> {
+    timer: Pin<&mut Sleep>,
+) -> Result<(Response<hyper::body::Incoming>, Conn), SendError> {
     let mut builder = http::Request::builder()
         .method(parts.method.clone())
-        .uri(upstream_uri(endpoint, &parts.uri));
+        .uri(upstream_target(endpoint, &parts.uri));
     let headers = builder.headers_mut().expect("fresh builder");
+    if let Some(host) = endpoint.pool.host() {
+        headers.insert(header::HOST, host.clone());
+    }
     // The router's own keys stay here unless asked otherwise (see `crate::security`).
     let keep_authorization = state.config.api_keys.is_empty() || state.config.forward_authorization;
     for (name, value) in &parts.headers {
@@ -297,11 +322,11 @@ async fn send(
     let request = builder
         .body(Full::new(body.clone()))
         .map_err(|e| SendError::Other(e.to_string()))?;
-    match tokio::time::timeout_at(deadline, state.client.request(request)).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(format!("{e:?}"))),
-        Ok(Err(e)) => Err(SendError::Broken(format!("{e:?}"))),
-        Ok(Ok(response)) => Ok(response),
+    match before(timer, endpoint.pool.send(request)).await {
+        None => Err(SendError::Timeout),
+        Some(Err(PoolError::Connect(e))) => Err(SendError::Connect(e)),
+        Some(Err(PoolError::Send(e))) => Err(SendError::Broken(format!("{e:?}"))),
+        Some(Ok(sent)) => Ok(sent),
     }
 }
 
@@ -312,18 +337,18 @@ type FirstFrame = Option<(Frame<Bytes>, Micros)>;
 async fn first_frame(
     state: &AppState,
     body: &mut hyper::body::Incoming,
-    deadline: tokio::time::Instant,
+    timer: Pin<&mut Sleep>,
 ) -> Result<FirstFrame, SendError> {
     if body.is_end_stream() {
         return Ok(None);
     }
-    match tokio::time::timeout_at(deadline, body.frame()).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(None) => Ok(None),
-        Ok(Some(Err(e))) => Err(SendError::Broken(format!(
+    match before(timer, body.frame()).await {
+        None => Err(SendError::Timeout),
+        Some(None) => Ok(None),
+        Some(Some(Err(e))) => Err(SendError::Broken(format!(
             "the response broke off before its first byte: {e}"
         ))),
-        Ok(Some(Ok(frame))) => Ok(Some((frame, state.clock.now()))),
+        Some(Some(Ok(frame))) => Ok(Some((frame, state.clock.now()))),
     }
 }
 
@@ -393,7 +418,7 @@ async fn dispatch(
         let chosen = decision.endpoint.0 as usize;
         let endpoint = pool[chosen].clone();
         if let Some(detail) = &decision.detail {
-            state.metrics.record_decision(&endpoint.url, detail);
+            endpoint.metrics().record_decision(&state.metrics, detail);
         }
         let guard = LoadGuard::new(
             endpoint.clone(),
@@ -402,15 +427,24 @@ async fn dispatch(
         )
         .notifying(state.admission.clone());
         let sent = state.clock.now();
-        let deadline = tokio::time::Instant::now() + state.first_byte_timeout;
+        // One timer for the headers and the first frame: both count against the same budget.
+        let mut timer = pin!(tokio::time::sleep(state.first_byte_timeout));
         let may_retry = attempt < state.config.max_retries && pool.len() > 1;
-        let result = match send(&state, &endpoint, &parts, &body, &request_id, deadline).await {
-            Ok(response) if may_retry && is_retryable(response.status()) => {
+        let sending = send(
+            &state,
+            &endpoint,
+            &parts,
+            &body,
+            &request_id,
+            timer.as_mut(),
+        );
+        let result = match sending.await {
+            Ok((response, _)) if may_retry && is_retryable(response.status()) => {
                 Err(SendError::Status(response.status()))
             }
-            Ok(mut response) => first_frame(&state, response.body_mut(), deadline)
+            Ok((mut response, conn)) => first_frame(&state, response.body_mut(), timer.as_mut())
                 .await
-                .map(|first| (response, first)),
+                .map(|first| (response, conn, first)),
             Err(e) => Err(e),
         };
         match result {
@@ -422,9 +456,9 @@ async fn dispatch(
                 backoff(&state, attempt).await;
                 attempt += 1;
             }
-            Ok((response, first)) => {
+            Ok((response, conn, first)) => {
                 let ctx = RequestContext {
-                    request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                    request_id: request_id.clone(),
                     model: profile.model.clone(),
                     priority: profile.priority,
                     reason: decision.reason.as_str(),
@@ -440,6 +474,7 @@ async fn dispatch(
                 return respond(
                     state.clone(),
                     response,
+                    conn,
                     first,
                     guard,
                     ctx,
@@ -659,15 +694,17 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 fn add_routing_headers(headers: &mut HeaderMap, endpoint: &Endpoint, reason: &'static str) {
-    if let Ok(v) = HeaderValue::from_str(&endpoint.url) {
-        headers.insert(X_QOE_ENDPOINT.clone(), v);
+    if let Some(v) = &endpoint.header_value {
+        headers.insert(X_QOE_ENDPOINT.clone(), v.clone());
     }
     headers.insert(X_QOE_REASON.clone(), HeaderValue::from_static(reason));
 }
 
+#[allow(clippy::too_many_arguments)]
 fn respond(
     state: Arc<AppState>,
     response: Response<hyper::body::Incoming>,
+    conn: Conn,
     first: FirstFrame,
     guard: LoadGuard,
     ctx: RequestContext,
@@ -684,7 +721,7 @@ fn respond(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    let body = ObservedBody::new(upstream, first, state, guard, ctx);
+    let body = ObservedBody::new(upstream, first, state, guard, ctx).returning(conn);
     Response::from_parts(parts, Body::new(body))
 }
 

@@ -159,12 +159,25 @@ fn unauthorized(state: &AppState, guard: Guard, presented: bool) -> Response {
     response
 }
 
-/// Middleware: the API and admin keys.
-pub async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// The router's one middleware: CORS outermost (it answers preflights itself and sets the CORS
+/// headers of every answer, refusals included), then the header size limit, then the API and
+/// admin keys. One layer rather than three: each axum middleware layer clones its inner service
+/// and boxes a future per request.
+pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let inner = |request: Request| async {
+        if let Some(refusal) = limit_headers(&state, &request) {
+            return refusal;
+        }
+        if let Some(refusal) = authenticate(&state, &request) {
+            return refusal;
+        }
+        next.run(request).await
+    };
+    cors(&state, request, inner).await
+}
+
+/// The API and admin keys: a 401 for a request without the key its route needs.
+fn authenticate(state: &AppState, request: &Request) -> Option<Response> {
     let guard = guard_of(request.uri().path());
     let keys: &[Secret] = match guard {
         Guard::Open => &[],
@@ -174,10 +187,10 @@ pub async fn authenticate(
     if !keys.is_empty() {
         match bearer(request.headers()) {
             Some(token) if matches_any(token, keys) => {}
-            token => return unauthorized(&state, guard, token.is_some()),
+            token => return Some(unauthorized(state, guard, token.is_some())),
         }
     }
-    next.run(request).await
+    None
 }
 
 /// Total size of the request's headers as they came on the wire (names, values, `: ` and CRLF).
@@ -188,14 +201,10 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-/// Middleware: refuses requests whose headers exceed `--max-header-bytes` with an OpenAI-shaped
-/// 431. (Beyond hyper's own limits, 100 headers or about 400 KiB, hyper answers a bare 431 and
-/// closes the connection before the router sees the request.)
-pub async fn limit_headers(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// Refuses requests whose headers exceed `--max-header-bytes` with an OpenAI-shaped 431. (Beyond
+/// hyper's own limits, 100 headers or about 400 KiB, hyper answers a bare 431 and closes the
+/// connection before the router sees the request.)
+fn limit_headers(state: &AppState, request: &Request) -> Option<Response> {
     let size = header_bytes(request.headers());
     let limit = state.config.max_header_bytes;
     if size > limit {
@@ -205,15 +214,17 @@ pub async fn limit_headers(
             .get_or_create(&CodeLabel { code: 431 })
             .inc();
         tracing::info!(size, limit, "request rejected: headers too large");
-        return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            format!(
-                "request headers total {size} bytes, over the limit of {limit} bytes (--max-header-bytes)"
-            ),
-        )
-        .into_response();
+        return Some(
+            ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!(
+                    "request headers total {size} bytes, over the limit of {limit} bytes (--max-header-bytes)"
+                ),
+            )
+            .into_response(),
+        );
     }
-    next.run(request).await
+    None
 }
 
 /// Response headers a browser may read, when CORS is on.
@@ -244,11 +255,15 @@ fn allowed_origin(allow: &[String], origin: Option<&HeaderValue>) -> Option<Head
         .then(|| origin.clone())
 }
 
-/// Middleware: CORS, only as configured.
-pub async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// CORS, only as configured, around `inner`.
+async fn cors<F, Fut>(state: &AppState, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let allow = &state.config.cors_allow_origin;
     if allow.is_empty() {
-        let mut response = next.run(request).await;
+        let mut response = inner(request).await;
         strip_cors(response.headers_mut());
         return response;
     }
@@ -287,7 +302,7 @@ pub async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Ne
         }
         r
     } else {
-        let mut r = next.run(request).await;
+        let mut r = inner(request).await;
         strip_cors(r.headers_mut());
         if allowed.is_some() {
             r.headers_mut().insert(

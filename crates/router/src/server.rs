@@ -36,6 +36,11 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         registry: Arc::new(Registry::new(
             config.stats_config(),
             config.breaker_config(),
+            upstream::PoolConfig {
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                max_idle: config.pool_max_idle_per_host,
+                idle_timeout: upstream::POOL_IDLE_TIMEOUT,
+            },
         )),
         policy: build_policy(config.policy_kind(), &config.policy_config()),
         client,
@@ -51,8 +56,8 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
 
 /// The axum application over `state`.
 ///
-/// Layers, outermost first: CORS (answers preflights itself), the header size limit, the API and
-/// admin keys (see [`crate::security`]); then the routes.
+/// One middleware layer ([`crate::security::guard`]): CORS outermost (answers preflights itself),
+/// then the header size limit, then the API and admin keys; then the routes.
 pub fn app(state: Arc<AppState>) -> axum::Router {
     use crate::security;
     use axum::middleware::from_fn_with_state;
@@ -62,9 +67,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/engines", get(engines))
         .route("/v1/models", get(models))
         .fallback(proxy)
-        .layer(from_fn_with_state(state.clone(), security::authenticate))
-        .layer(from_fn_with_state(state.clone(), security::limit_headers))
-        .layer(from_fn_with_state(state.clone(), security::cors))
+        .layer(from_fn_with_state(state.clone(), security::guard))
         .with_state(state)
 }
 

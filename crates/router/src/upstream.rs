@@ -1,12 +1,23 @@
-//! The pooled HTTP/1.1 client toward endpoints: keep-alive connections, TCP_NODELAY, a connect
-//! timeout. One client serves proxying, scraping and health checks.
+//! The HTTP/1.1 clients toward endpoints, both with keep-alive connections, TCP_NODELAY and a
+//! connect timeout.
+//!
+//! * [`Pool`]: each endpoint's own connections for proxied requests. A lean pool of
+//!   `hyper::client::conn::http1` connections: a checkout is a pop from a short stack under the
+//!   endpoint's own lock, with no per-request task, URI rewriting or `Host` formatting; the
+//!   connection goes back when its response body has been read to the end (see
+//!   [`crate::observe`]), and a connection found closed before a request went out is replaced
+//!   transparently.
+//! * [`UpstreamClient`]: hyper-util's general client, for scrapes and health checks.
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use std::time::Duration;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -15,12 +26,219 @@ pub fn client(connect_timeout: Duration, max_idle_per_host: usize) -> UpstreamCl
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(30)));
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(max_idle_per_host)
         .build(connector)
+}
+
+/// Settings of every endpoint's [`Pool`].
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle: usize,
+    /// An idle connection older than this is closed rather than reused.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            connect_timeout: Duration::from_secs(5),
+            max_idle: 256,
+            idle_timeout: POOL_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How long an idle connection is kept (both clients).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// TCP keep-alive probes start after this much silence (both clients).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// A connection ready for one request; hand it back with [`Pool::put`] once the response has
+/// been read to its end.
+pub type Conn = SendRequest<Full<Bytes>>;
+
+/// Why [`Pool::send`] produced no response.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection: nothing was sent.
+    Connect(String),
+    /// The connection failed with the request (possibly) sent.
+    Send(hyper::Error),
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// Keep-alive connections to one endpoint, for proxied requests (module docs).
+pub struct Pool {
+    config: PoolConfig,
+    /// Where to connect, from the endpoint URL (an error message if it has no usable host).
+    target: Result<(String, u16), String>,
+    /// The `Host` header: the URL's authority, without a default port.
+    host: Option<HeaderValue>,
+    /// The URL's path, prefixed to every request's path ("" for none).
+    base_path: String,
+    /// Most recently returned last.
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.target)
+            .field("idle", &self.idle_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool toward `url` (`http://host[:port][/path]`, as validated by discovery).
+    pub fn new(url: &str, config: PoolConfig) -> Self {
+        let uri = url.parse::<http::Uri>();
+        let target = match &uri {
+            Ok(uri) => match uri.host() {
+                Some(host) => {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    Ok((host.to_string(), uri.port_u16().unwrap_or(80)))
+                }
+                None => Err(format!("'{url}' has no host")),
+            },
+            Err(e) => Err(format!("'{url}' is not a valid URL: {e}")),
+        };
+        let host = uri.as_ref().ok().and_then(|u| {
+            let authority = u.authority()?.as_str();
+            let authority = authority.strip_suffix(":80").unwrap_or(authority);
+            HeaderValue::from_str(authority).ok()
+        });
+        let base_path = uri
+            .as_ref()
+            .map(|u| u.path().trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        Pool {
+            config,
+            target,
+            host,
+            base_path,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The request-target for `path_and_query` (which starts with `/`): the URL's path, then it.
+    pub fn path(&self, path_and_query: &str) -> String {
+        let mut out = String::with_capacity(self.base_path.len() + path_and_query.len());
+        out.push_str(&self.base_path);
+        out.push_str(path_and_query);
+        out
+    }
+
+    /// The `Host` header requests to this endpoint carry.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
+    /// Idle connections held now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) on an idle connection, or a new one. A
+    /// reused connection that turns out closed before the request went out is replaced.
+    pub async fn send(
+        &self,
+        mut request: http::Request<Full<Bytes>>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Conn), PoolError> {
+        loop {
+            let (mut conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            match conn.try_send_request(request).await {
+                Ok(response) => return Ok((response, conn)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Takes back a connection whose response was read to the end.
+    pub fn put(&self, conn: Conn) {
+        if conn.is_closed() || self.config.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.config.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// The most recently returned connection that can take a request now. Closed and expired
+    /// ones are dropped on the way; one not ready yet (its connection task has not yet seen the
+    /// end of the last response) is kept for later.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let mut not_ready = Vec::new();
+        let mut found = None;
+        while let Some(i) = idle.pop() {
+            if i.conn.is_closed() || now.duration_since(i.since) >= self.config.idle_timeout {
+                continue;
+            }
+            if i.conn.is_ready() {
+                found = Some(i.conn);
+                break;
+            }
+            not_ready.push(i);
+        }
+        idle.extend(not_ready.into_iter().rev());
+        found
+    }
+
+    async fn connect(&self) -> Result<Conn, PoolError> {
+        let (host, port) = self
+            .target
+            .as_ref()
+            .map_err(|e| PoolError::Connect(e.clone()))?;
+        let connecting = tokio::net::TcpStream::connect((host.as_str(), *port));
+        let tcp = match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+            Err(_) => {
+                return Err(PoolError::Connect(format!(
+                    "connecting to {host}:{port} timed out after {:?}",
+                    self.config.connect_timeout
+                )))
+            }
+            Ok(Err(e)) => return Err(PoolError::Connect(format!("{host}:{port}: {e}"))),
+            Ok(Ok(tcp)) => tcp,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+            tracing::debug!("TCP keep-alive not set: {e}");
+        }
+        let (conn, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| PoolError::Connect(format!("{host}:{port}: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(conn)
+    }
 }
 
 /// GETs `url` and returns the body of a 2xx answer, all within `timeout`.
@@ -49,4 +267,26 @@ pub async fn get(client: &UpstreamClient, url: &str, timeout: Duration) -> Resul
     tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_host_headers_and_paths_come_from_the_url() {
+        let p = Pool::new("http://engine-1:8000", PoolConfig::default());
+        assert_eq!(p.target, Ok(("engine-1".to_string(), 8000)));
+        assert_eq!(p.host().unwrap(), "engine-1:8000");
+        assert_eq!(p.path("/v1/completions?x=1"), "/v1/completions?x=1");
+
+        let p = Pool::new("http://10.0.0.7/prefix/", PoolConfig::default());
+        assert_eq!(p.target, Ok(("10.0.0.7".to_string(), 80)));
+        assert_eq!(p.host().unwrap(), "10.0.0.7");
+        assert_eq!(p.path("/v1/models"), "/prefix/v1/models");
+
+        let p = Pool::new("http://[::1]:8100", PoolConfig::default());
+        assert_eq!(p.target, Ok(("::1".to_string(), 8100)));
+        assert_eq!(p.host().unwrap(), "[::1]:8100");
+    }
 }

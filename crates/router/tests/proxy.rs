@@ -6,6 +6,8 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::BodyExt;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn backends(mocks: &[&Mock]) -> String {
@@ -665,4 +667,160 @@ async fn breaker_opens_after_failures_and_closes_when_the_engine_recovers() {
         }
     }
     assert!(closed, "breaker closed after successful probes");
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorter_keep_it() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--idle-timeout-ms", "600"]).await;
+    let c = client();
+    let script = engine.script_next();
+    let pending = start_stream(&c, &r.url, "hello");
+    let scripted = script.await.unwrap();
+    let chunks = sse_chunks(5);
+    scripted
+        .chunks
+        .send(Bytes::from(chunks[0].clone()))
+        .await
+        .unwrap();
+    let response = pending.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // Four more chunks, each well within the idle timeout of the one before, together longer than
+    // it: silence is measured from the last chunk, not from the start.
+    let engine_side = tokio::spawn(async move {
+        for c in &chunks[1..5] {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            scripted.chunks.send(Bytes::from(c.clone())).await.unwrap();
+        }
+        // Then silence, with the connection held open.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(scripted);
+    });
+    let mut received = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the router ends a silent stream itself")
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    engine_side.abort();
+    let received = String::from_utf8(received).unwrap();
+    let expected: String = sse_chunks(5)[..5].concat();
+    assert!(
+        received.starts_with(&expected),
+        "every chunk before the silence, byte for byte: {received}"
+    );
+    let rest = &received[expected.len()..];
+    assert!(
+        rest.starts_with("data: {") && rest.contains("idle timeout"),
+        "then an error event: {rest}"
+    );
+    let text = metrics_text(&c, &r.url).await;
+    let timeouts = metric_sum(
+        &text,
+        &format!(
+            "qoe_router_upstream_failures_total{{endpoint=\"{}\",kind=\"timeout\"}}",
+            engine.url
+        ),
+    );
+    assert_eq!(timeouts, 1.0, "{text}");
+}
+
+/// A bare HTTP/1.1 engine on 127.0.0.1: answers every request with a small JSON completion on a
+/// keep-alive connection, counts the connections that carried a completion (scrapes and health
+/// checks come on their own), and closes each connection once it has been idle for
+/// `close_idle_after`.
+async fn counting_engine(close_idle_after: Duration) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut counted = false;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match tokio::time::timeout(close_idle_after, tcp.read(&mut chunk)).await
+                    {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    // One request: its head, then the body its content-length announces.
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    if buf.len() < end + 4 + length {
+                        continue;
+                    }
+                    buf.drain(..end + 4 + length);
+                    if head.starts_with("post /v1/completions") && !counted {
+                        counted = true;
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let body = if head.starts_with("get /v1/models") {
+                        r#"{"object":"list","data":[{"id":"m","object":"model"}]}"#
+                    } else {
+                        r#"{"id":"cmpl-1","object":"text_completion","model":"m","choices":[{"index":0,"text":"hi","finish_reason":"length"}],"usage":{"prompt_tokens":1,"total_tokens":3,"completion_tokens":2}}"#
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tcp.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_replaced_when_the_engine_closes_them() {
+    let (engine, accepted) = counting_engine(Duration::from_millis(300)).await;
+    let r = router(&[
+        "--static-backends",
+        &engine,
+        "--static-models",
+        "m",
+        "--engine-stats-interval",
+        "3600",
+        "--health-check-interval",
+        "3600",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    // Requests one after another share one proxied connection.
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let a = post(&c, &url, &completion("m", "hello", false), &[]).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.json()["choices"][0]["text"], "hi");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst) - before,
+        1,
+        "one connection"
+    );
+    // The engine closes it once idle; the next request goes out on a new one, unharmed.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let a = post(&c, &url, &completion("m", "hello", false), &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst) - before, 2);
 }
