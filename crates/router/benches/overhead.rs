@@ -24,7 +24,9 @@
 //! cell (default 6), `OVERHEAD_ONLY` = `instant` or `paced` to run one setting,
 //! `OVERHEAD_CONCURRENCY` (e.g. `32` or `1,256`) to run some concurrency levels only,
 //! `OVERHEAD_MODE` = `stream` or `non-stream` to run one mode (the per-chunk figure needs both),
-//! `OVERHEAD_TTFT_MS` / `OVERHEAD_ITL_MS` / `OVERHEAD_TOKENS` to change the pacing.
+//! `OVERHEAD_TTFT_MS` / `OVERHEAD_ITL_MS` / `OVERHEAD_TOKENS` to change the pacing,
+//! `OVERHEAD_JITTER` (e.g. `0.2`) to vary each paced request's TTFT and ITL by up to ±20%
+//! (default 0: every answer takes the same time and closed-loop clients move in lockstep).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -32,21 +34,50 @@ use hyper::body::Frame;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Chunks of an instant stream.
 const INSTANT_CHUNKS: usize = 16;
 
+/// Paced requests answered since the current cell started (see [`Pacing::draw`]).
+static JITTER_DRAWS: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Clone, Copy)]
 struct Pacing {
     ttft: Duration,
     itl: Duration,
     tokens: usize,
+    /// Each request's TTFT and ITL scaled by a factor drawn uniformly from `1 ± jitter`: real
+    /// prompts and batches differ, and without it closed-loop clients that all get the same
+    /// answer time stay in lockstep, meeting the router as one burst.
+    jitter: f64,
 }
 
 impl Pacing {
+    /// This request's pacing: the next factor from a fixed sequence, restarted by every cell
+    /// ([`measure`]), so the direct and the routed run of a cell draw the same factors.
+    fn draw(&self) -> Pacing {
+        if self.jitter <= 0.0 {
+            return *self;
+        }
+        let mut z = JITTER_DRAWS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+        let f = 1.0 + self.jitter * (2.0 * u - 1.0);
+        Pacing {
+            ttft: self.ttft.mul_f64(f),
+            itl: self.itl.mul_f64(f),
+            ..*self
+        }
+    }
+
     /// When a non-streamed answer is complete: the last token's time.
     fn whole(&self) -> Duration {
         self.ttft + self.itl * (self.tokens.max(1) as u32 - 1)
@@ -96,7 +127,7 @@ async fn upstream_handler(
         return Ok(hyper::Response::new(b.boxed()));
     }
     let streaming = body.windows(14).any(|w| w == b"\"stream\":true}");
-    let body = match (streaming, pacing) {
+    let body = match (streaming, pacing.map(|p| p.draw())) {
         (false, None) => Full::new(Bytes::from_static(JSON_ANSWER)).boxed(),
         (false, Some(p)) => {
             tokio::time::sleep_until(arrived + p.whole()).await;
@@ -274,6 +305,7 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 }
 
 fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, secs: f64) -> Cell {
+    JITTER_DRAWS.store(0, Ordering::Relaxed);
     let url = format!("{target}/v1/completions");
     let body = Bytes::from(format!(
         r#"{{"model":"m","prompt":"hello there","max_tokens":32,"stream":{streaming}}}"#
@@ -463,10 +495,11 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
     // Long enough for every closed-loop client to be past its first request.
     let warmup = p.whole() + Duration::from_millis(200);
     println!(
-        "\n### paced upstream (TTFT {} ms, ITL {} ms, {} tokens; {secs} s per cell)\n",
+        "\n### paced upstream (TTFT {} ms, ITL {} ms, {} tokens, jitter ±{:.0}%; {secs} s per cell)\n",
         p.ttft.as_millis(),
         p.itl.as_millis(),
-        p.tokens
+        p.tokens,
+        p.jitter * 100.0
     );
     println!("| mode | concurrency | requests measured (direct, router) | TTFT p50 ms direct / router (added) | TTFT p99 ms direct / router (added) | e2e p50 ms direct / router (added) | e2e p99 ms direct / router (added) | direct req/s | router req/s | router/direct | router CPU µs/request | router writes/request | router CPU µs/chunk |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -505,6 +538,7 @@ fn main() {
         ttft: Duration::from_millis(env("OVERHEAD_TTFT_MS", 27)),
         itl: Duration::from_millis(env("OVERHEAD_ITL_MS", 11)),
         tokens: env("OVERHEAD_TOKENS", 32),
+        jitter: env("OVERHEAD_JITTER", 0.0f64).clamp(0.0, 0.9),
     };
     let instant_up = start_upstream("upstream-instant", None);
     let paced_up = start_upstream("upstream-paced", Some(pacing));
