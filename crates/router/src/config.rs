@@ -125,6 +125,11 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_ADAPTIVE", default_value_t = QoeConfig::default().adaptive,
           action = clap::ArgAction::Set)]
     pub qoe_adaptive: bool,
+    /// QoE deadline overflow: a request whose SLA deadline no endpoint is predicted to meet goes
+    /// to the queue that already misses it most (its queue is unbounded; see docs/QOE.md).
+    #[arg(long, env = "QOE_DEADLINE_OVERFLOW", default_value_t = QoeConfig::default().deadline_overflow,
+          action = clap::ArgAction::Set)]
+    pub qoe_deadline_overflow: bool,
     /// Requests in flight at which the QoE policy counts an endpoint as saturated.
     #[arg(long, env = "QOE_SATURATION_INFLIGHT", default_value_t = QoeConfig::default().saturation_inflight)]
     pub saturation_inflight: u32,
@@ -388,6 +393,7 @@ impl RouterConfig {
                 adaptive: self.qoe_adaptive,
                 saturation_inflight: self.saturation_inflight,
                 engine_priority: self.engine_priority,
+                deadline_overflow: self.qoe_deadline_overflow,
                 ..QoeConfig::default()
             },
         }
