@@ -308,6 +308,11 @@ pub struct EngineUsage {
     pub picks_by_priority: [u64; 3],
     /// Requests it completed.
     pub completed: u64,
+    /// Of those, how many met their SLO, and how many missed its TTFT or its TPOT part (a
+    /// request can miss both).
+    pub slo_met: u64,
+    pub ttft_missed: u64,
+    pub tpot_missed: u64,
     /// Output tokens it delivered.
     pub output_tokens: u64,
     /// Mean TTFT of its requests that got a first token, ms (`None` if none did).
@@ -626,6 +631,7 @@ struct Ep {
     picks: u64,
     picks_by_priority: [u64; 3],
     completed: u64,
+    slo_outcomes: [u64; 3],
     output_tokens: u64,
     ttft_sum: u64,
     ttft_n: u64,
@@ -792,6 +798,7 @@ impl<'a> Sim<'a> {
                 health: Health::new(),
                 picks: 0,
                 picks_by_priority: [0; 3],
+                slo_outcomes: [0; 3],
                 completed: 0,
                 output_tokens: 0,
                 ttft_sum: 0,
@@ -1752,6 +1759,20 @@ impl<'a> Sim<'a> {
         if let Some(t) = record.ttft {
             self.ttft.record(t);
         }
+        if record.status == Status::Ok {
+            let slo = self.cfg.report.slo(record.sla);
+            let e = self.live[slot as usize].endpoint as usize;
+            let outcomes = &mut self.eps[e].slo_outcomes;
+            if record.slo_met {
+                outcomes[0] += 1;
+            }
+            if record.ttft.is_none_or(|t| t as f64 / 1e6 > slo.ttft_s) {
+                outcomes[1] += 1;
+            }
+            if record.tpot_s.is_some_and(|t| t > slo.tpot_s) {
+                outcomes[2] += 1;
+            }
+        }
         self.builder.add(&record);
         let l = &mut self.live[slot as usize];
         l.active = false;
@@ -1782,6 +1803,9 @@ impl<'a> Sim<'a> {
                 picks: ep.picks,
                 picks_by_priority: ep.picks_by_priority,
                 completed: ep.completed,
+                slo_met: ep.slo_outcomes[0],
+                ttft_missed: ep.slo_outcomes[1],
+                tpot_missed: ep.slo_outcomes[2],
                 output_tokens: ep.output_tokens,
                 mean_ttft_ms: (ep.ttft_n > 0).then(|| ep.ttft_sum as f64 / ep.ttft_n as f64 / 1e3),
                 busy: (ep.busy_micros() as f64 / end).min(1.0),

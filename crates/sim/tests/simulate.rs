@@ -124,6 +124,14 @@ fn every_request_is_accounted_for() {
         );
         let completed: u64 = out.details.engines.iter().map(|e| e.completed).sum();
         assert_eq!(completed, planned);
+        // Per engine, met and missed split its completed requests: every miss missed a part.
+        let met: u64 = out.details.engines.iter().map(|e| e.slo_met).sum();
+        assert_eq!(met, (o.slo_attainment * planned as f64).round() as u64);
+        for e in &out.details.engines {
+            assert!(e.slo_met <= e.completed, "{kind:?}: {e:?}");
+            assert!(e.ttft_missed.max(e.tpot_missed) <= e.completed - e.slo_met);
+            assert!(e.ttft_missed + e.tpot_missed >= e.completed - e.slo_met);
+        }
         let by_priority: u64 = out.report.by_priority.iter().map(|s| s.requests).sum();
         assert_eq!(by_priority, planned);
         assert_eq!(out.details.reasons.values().sum::<u64>(), picks);
@@ -169,7 +177,15 @@ fn qoe_beats_roundrobin_on_a_heterogeneous_fleet() {
     let w = chat(12.0, 60.0, false);
     let cfg = SimConfig::default();
     let qoe = run(&fleet, &w, PolicyKind::Qoe, &cfg).report;
-    let rr = run(&fleet, &w, PolicyKind::RoundRobin, &cfg).report;
+    let rr_out = run(&fleet, &w, PolicyKind::RoundRobin, &cfg);
+    // The per-engine breakdown shows where round-robin's misses are: on the slow engines.
+    let missed = |e: &qoe_sim::simulate::EngineUsage| e.completed - e.slo_met;
+    let engines = &rr_out.details.engines;
+    assert!(
+        missed(&engines[2]) + missed(&engines[3]) > 4 * (missed(&engines[0]) + missed(&engines[1])),
+        "{engines:?}"
+    );
+    let rr = rr_out.report;
     let (q, r) = (&qoe.overall, &rr.overall);
     assert!(
         q.slo_attainment >= r.slo_attainment + 0.03,
