@@ -21,6 +21,14 @@
 //! weights then move toward it as `w += (1 − e^(−Δt/τ_adapt))·(w* − w)`: a convex combination of
 //! two points of that set, so the weights never leave their bounds, never go negative and always
 //! sum to 1.
+//!
+//! The same update moves the **decode share** `d` toward `d* = 1 − clamp((σ − σ₀)/(1 − σ₀), 0, 1)`
+//! with `σ₀` = [`DECODE_FADE_FROM`] (0.7): the part of the performance term's decode-speed
+//! components (ITL, delivery rate, predicted QoE) that a request with a TTFT deadline still pays.
+//! Below σ₀ it pays all of it and takes the faster decoder; as the fleet nears saturation the
+//! preference fades out, because there every batch seat a fast engine gives to a deadline request
+//! for its decode speed is a seat the next deadline waits for (found by the fleet simulator,
+//! docs/EVALUATION.md). `d` stays in `[0, 1]` and is 1 with adaptation off.
 
 use crate::Micros;
 
@@ -28,6 +36,8 @@ use crate::Micros;
 pub const MISS_ALPHA: f64 = 0.05;
 /// Minimum time between weight updates (µs of `now`).
 pub const UPDATE_EVERY: Micros = 50_000;
+/// Fleet saturation from which the decode share fades (see the module docs).
+pub const DECODE_FADE_FROM: f64 = 0.7;
 
 /// Bounds made consistent: each `min ≤ base ≤ max`, `Σmin ≤ 1 ≤ Σmax`, all in `[0, 1]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -153,6 +163,8 @@ pub struct Adapt {
     last_update: Option<Micros>,
     /// EWMA of prompt tokens of routed requests (the "typical prompt").
     pub typical_prompt: f64,
+    /// Share of the decode-speed components a request with a TTFT deadline pays, `[0, 1]`.
+    pub decode_share: f64,
 }
 
 impl Adapt {
@@ -174,6 +186,7 @@ impl Adapt {
             acc_n: 0.0,
             last_update: None,
             typical_prompt: typical,
+            decode_share: 1.0,
         }
     }
 
@@ -245,6 +258,9 @@ impl Adapt {
             return;
         }
         let k = k.min(1.0);
+        let fade = (self.saturation - DECODE_FADE_FROM) / (1.0 - DECODE_FADE_FROM);
+        let share = 1.0 - fade.clamp(0.0, 1.0);
+        self.decode_share = (self.decode_share + k * (share - self.decode_share)).clamp(0.0, 1.0);
         let mut w = [0.0; 4];
         for (i, wi) in w.iter_mut().enumerate() {
             *wi = (self.weights[i] + k * (self.target[i] - self.weights[i]))
@@ -291,6 +307,33 @@ mod tests {
             a.observe(pressure, saturation, 1000, *now);
             *now += UPDATE_EVERY;
         }
+    }
+
+    #[test]
+    fn the_decode_share_fades_only_near_saturation() {
+        let b = Bounds::new(BASE, MIN, MAX);
+        let mut a = Adapt::new(BASE, b, true, 10_000.0, 1000.0);
+        let mut now = 0;
+        run(&mut a, 0.0, DECODE_FADE_FROM, 4000, &mut now);
+        assert_eq!(a.decode_share, 1.0, "untouched up to the fade point");
+        // Halfway from the fade point to full saturation: d* = 1/2, reached smoothly.
+        run(&mut a, 0.0, (1.0 + DECODE_FADE_FROM) / 2.0, 21, &mut now);
+        assert!(
+            a.decode_share < 1.0 && a.decode_share > 0.5,
+            "{}",
+            a.decode_share
+        );
+        run(&mut a, 0.0, (1.0 + DECODE_FADE_FROM) / 2.0, 4000, &mut now);
+        assert!((a.decode_share - 0.5).abs() < 1e-6, "{}", a.decode_share);
+        run(&mut a, 0.0, 1.0, 4000, &mut now);
+        assert!(a.decode_share < 1e-6, "{}", a.decode_share);
+        // Load gone: back to 1.
+        run(&mut a, 0.0, 0.2, 4000, &mut now);
+        assert!(a.decode_share > 1.0 - 1e-6, "{}", a.decode_share);
+        // Adaptation off: always 1.
+        let mut off = Adapt::new(BASE, b, false, 10_000.0, 1000.0);
+        run(&mut off, 0.0, 1.0, 4000, &mut now);
+        assert_eq!(off.decode_share, 1.0);
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!   the priority term.
 //! * **performance** `P`: predicted TTFT against the request's target `T` (its SLA, else
 //!   `target_ttft_ms`), predicted ITL against `target_itl_ms`, delivery rate against
-//!   `optimal_throughput`, and the predicted Andes QoE; weighted by the request's phase.
+//!   `optimal_throughput`, and the predicted Andes QoE; weighted by the request's phase (a
+//!   request with a TTFT deadline as prefill-dominant, its decode-speed parts scaled by the
+//!   adaptive decode share, see `adapt`).
 //!   Ratios go through `s(x) = 1 − 2^(−x)`: 0 at 0, 0.5 on target, 0.75 at twice the target.
 //! * **reliability** `Y = 1 − (1−b)(1−e)(1−f/2)(1−0.3·st)(1−0.3·rec)`: breaker `b` (closed 0,
 //!   half-open 0.5, open 1), error rate `e` (errors + timeouts again, so timeouts count double),
@@ -243,7 +245,7 @@ pub fn performance(
     n: f64,
     cfg: &QoeConfig,
 ) -> f64 {
-    performance_parts(phase, ttft_ms, itl_ms, t0_ms, n, cfg).total
+    performance_parts(phase, ttft_ms, itl_ms, t0_ms, n, 1.0, cfg).total
 }
 
 /// The performance term and the shares of it that came from the TTFT side and the ITL/rate side
@@ -255,16 +257,20 @@ pub struct PerfParts {
     pub itl: f64,
 }
 
-/// [`performance`] with its parts.
+/// [`performance`] with its parts. `decode_share` in `[0, 1]` scales the decode-speed components
+/// (ITL, delivery rate, predicted QoE); 1 prices them as [`performance_mix`] says.
 pub fn performance_parts(
     phase: Phase,
     ttft_ms: f64,
     itl_ms: f64,
     t0_ms: f64,
     n: f64,
+    decode_share: f64,
     cfg: &QoeConfig,
 ) -> PerfParts {
+    let d = unit(decode_share, 1.0);
     let mix = performance_mix(phase);
+    let mix = [mix[0], d * mix[1], d * mix[2], d * mix[3]];
     let s_ttft = squash(ttft_ms / t0_ms.max(1.0));
     let s_itl = squash(itl_ms / cfg.target_itl_ms.max(1e-3));
     // Optimal rate over the predicted rate (1000/itl): > 1 when slower than a person reads.

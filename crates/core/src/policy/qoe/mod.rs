@@ -302,6 +302,8 @@ struct Ctx<'a> {
     t0: f64,
     now: Micros,
     staleness: Micros,
+    /// [`adapt::Adapt::decode_share`] at this decision.
+    decode_share: f64,
 }
 
 fn finite_ms(x: f64) -> f64 {
@@ -362,12 +364,12 @@ impl Qoe {
                 .unwrap_or_else(|e| e.into_inner())
                 .match_lengths(&req.prefix_hashes, &mut matches);
         }
-        let (weights, typical) = {
+        let (weights, typical, decode_share) = {
             let a = self.adapt.lock().unwrap_or_else(|e| e.into_inner());
-            (a.weights, a.typical_prompt)
+            (a.weights, a.typical_prompt, a.decode_share)
         };
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        let ctx = self.ctx(req, &models, weights, typical, now);
+        let ctx = self.ctx(req, &models, weights, typical, decode_share, now);
         endpoints
             .iter()
             .enumerate()
@@ -384,6 +386,7 @@ impl Qoe {
         models: &ModelTable,
         weights: [f64; 4],
         typical_prompt: f64,
+        decode_share: f64,
         now: Micros,
     ) -> Ctx<'a> {
         let t0 = match req.sla_ttft_ms {
@@ -403,6 +406,7 @@ impl Qoe {
             t0,
             now,
             staleness: (self.cfg.metrics_staleness_ms * 1e3) as Micros,
+            decode_share: cost::unit(decode_share, 1.0),
         }
     }
 
@@ -488,12 +492,14 @@ impl Qoe {
         // its TTFT is priced as for a prefill-dominant request, whatever its phase. Found by the
         // fleet simulator (docs/EVALUATION.md): priced by phase, decode-dominant requests with a
         // tight deadline followed the low ITL of fast engines into their seat queues.
-        let phase = if req.sla_ttft_ms.is_some() {
-            Phase::PrefillDominant
+        // Near saturation the same request stops paying for a faster decoder
+        // ([`adapt::Adapt::decode_share`]).
+        let (phase, decode_share) = if req.sla_ttft_ms.is_some() {
+            (Phase::PrefillDominant, ctx.decode_share)
         } else {
-            req.phase
+            (req.phase, 1.0)
         };
-        let perf = cost::performance_parts(phase, ttft, itl, ctx.t0, n, cfg);
+        let perf = cost::performance_parts(phase, ttft, itl, ctx.t0, n, decode_share, cfg);
         let reliability = cost::reliability(view, ctx.now, cfg);
         let terms = [
             cost::resource(util),
@@ -656,9 +662,9 @@ impl RoutingPolicy for Qoe {
         if endpoints.is_empty() {
             return None;
         }
-        let (weights, typical) = {
+        let (weights, typical, decode_share) = {
             let a = self.adapt.lock().unwrap_or_else(|e| e.into_inner());
-            (a.weights, a.typical_prompt)
+            (a.weights, a.typical_prompt, a.decode_share)
         };
         let mut matches: Vec<(u64, usize)> = Vec::new();
         if !req.prefix_hashes.is_empty() {
@@ -668,7 +674,7 @@ impl RoutingPolicy for Qoe {
                 .match_lengths(&req.prefix_hashes, &mut matches);
         }
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        let ctx = self.ctx(req, &models, weights, typical, now);
+        let ctx = self.ctx(req, &models, weights, typical, decode_share, now);
 
         let mut best: Option<Eval> = None;
         let mut runner: Option<Eval> = None;
@@ -880,7 +886,11 @@ impl RoutingPolicy for Qoe {
             "weights_min": named(a.bounds.min),
             "weights_max": named(a.bounds.max),
             "adaptive": a.enabled,
-            "fleet": {"prefill_pressure": a.prefill_pressure, "saturation": a.saturation},
+            "fleet": {
+                "prefill_pressure": a.prefill_pressure,
+                "saturation": a.saturation,
+                "decode_share": a.decode_share,
+            },
             "sla_miss": {"1": miss(0), "2": miss(1), "3": miss(2)},
             "typical_prompt_tokens": a.typical_prompt,
             "prior": prior,

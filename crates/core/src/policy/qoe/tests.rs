@@ -110,6 +110,37 @@ fn idle_endpoint_hand_computed_cost() {
 }
 
 #[test]
+fn the_decode_share_scales_only_the_decode_speed_components() {
+    let cfg = QoeConfig::default();
+    let at = |itl: f64, share: f64| {
+        cost::performance_parts(
+            Phase::PrefillDominant,
+            400.0,
+            itl,
+            1000.0,
+            300.0,
+            share,
+            &cfg,
+        )
+    };
+    // Full share: the prefill-dominant mix 0.6 s(TTFT) + 0.1 s(ITL) + 0.3 (1 − QoE).
+    let full = at(80.0, 1.0);
+    let q = cost::andes_qoe(400.0, 80.0, 300.0, 1000.0, 30.0);
+    let want = 0.6 * squash(0.4) + 0.1 * squash(80.0 / 50.0) + 0.3 * (1.0 - q);
+    assert!((full.total - want).abs() < 1e-12, "{full:?} vs {want}");
+    // Half: the decode parts halve, TTFT's stays.
+    let half = at(80.0, 0.5);
+    assert_eq!(half.ttft, full.ttft);
+    assert!((half.total - (full.ttft + (full.total - full.ttft) / 2.0)).abs() < 1e-12);
+    // None: a slow decoder costs the same as a fast one.
+    assert_eq!(at(80.0, 0.0).total, at(10.0, 0.0).total);
+    assert_eq!(at(80.0, 0.0).total, full.ttft);
+    // Out-of-range shares are clamped, NaN counts as 1.
+    assert_eq!(at(80.0, f64::NAN), full);
+    assert_eq!(at(80.0, 7.0), full);
+}
+
+#[test]
 fn fast_and_slow_told_apart_from_feedback_alone() {
     let p = policy();
     let mut v = idle(2);
@@ -764,6 +795,7 @@ proptest! {
                 prop_assert!(a.weights[i] >= bounds.min[i] - 1e-12 && a.weights[i] <= bounds.max[i] + 1e-12);
                 prop_assert!(a.weights[i] >= 0.0);
             }
+            prop_assert!((0.0..=1.0).contains(&a.decode_share), "{}", a.decode_share);
         }
     }
 }
