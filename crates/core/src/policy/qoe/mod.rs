@@ -493,9 +493,11 @@ impl Qoe {
         // fleet simulator (docs/EVALUATION.md): priced by phase, decode-dominant requests with a
         // tight deadline followed the low ITL of fast engines into their seat queues.
         // Near saturation the same request stops paying for a faster decoder
-        // ([`adapt::Adapt::decode_share`]).
+        // ([`adapt::Adapt::decode_share`]), unless engines serve it first wherever it goes
+        // (priority 1 with engine priority): then its seat makes only lower priorities wait.
+        let decode_share = if first_in_line { 1.0 } else { ctx.decode_share };
         let (phase, decode_share) = if req.sla_ttft_ms.is_some() {
-            (Phase::PrefillDominant, ctx.decode_share)
+            (Phase::PrefillDominant, decode_share)
         } else {
             (req.phase, 1.0)
         };

@@ -141,6 +141,30 @@ fn the_decode_share_scales_only_the_decode_speed_components() {
 }
 
 #[test]
+fn a_saturated_fleet_prices_deadline_requests_on_ttft_alone() {
+    // Default priors on an idle endpoint: TTFT 145 ms, ITL 20.2 ms (see above).
+    let v = idle(1);
+    let mut r = request(1000, 400, Phase::DecodeDominant);
+    r.sla_ttft_ms = Some(250);
+    let perf = |engine_priority: bool, priority: Priority, share: f64| {
+        let p = policy_with(|c| c.engine_priority = engine_priority);
+        p.adapt.lock().unwrap().decode_share = share;
+        let mut r = r.clone();
+        r.priority = priority;
+        p.evaluate(&r, &v, NOW)[0].terms[1]
+    };
+    let ttft_only = 0.6 * squash(145.0 / 250.0);
+    let with_itl = ttft_only + 0.1 * squash(20.2 / 50.0);
+    assert!((perf(false, Priority::DEFAULT, 1.0) - with_itl).abs() < 1e-12);
+    assert!((perf(false, Priority::DEFAULT, 0.0) - ttft_only).abs() < 1e-12);
+    assert!((perf(false, Priority::HIGH, 0.0) - ttft_only).abs() < 1e-12);
+    // With engine priority a priority-1 request is served first wherever it goes: it keeps its
+    // decode preference; lower priorities do not.
+    assert!((perf(true, Priority::HIGH, 0.0) - with_itl).abs() < 1e-12);
+    assert!((perf(true, Priority::LOW, 0.0) - ttft_only).abs() < 1e-12);
+}
+
+#[test]
 fn fast_and_slow_told_apart_from_feedback_alone() {
     let p = policy();
     let mut v = idle(2);
