@@ -11,6 +11,13 @@
 //!   at batch 64 (≈ 11 ms), 32 tokens; a non-streamed answer comes whole after the same 368 ms.
 //!   Reports the added time to first token and end-to-end latency, and throughput.
 //!
+//! Against the paced upstream two more figures: each answer carries the schedule the upstream drew
+//! for it (`x-bench-schedule-us`), so every request's first byte and end are also measured *past
+//! its own schedule*, which takes the jitter out of the comparison (a difference of medians of two
+//! jittered runs moves by more than the hop adds); and the same cells go through a **byte relay**
+//! (`tokio::io::copy_bidirectional`, no parsing) as well, the floor any user-space proxy hop has on
+//! the machine.
+//!
 //! Concurrency 1, 32 and 256, streaming and not, closed loop. Upstreams, router and load
 //! generator each run on their own single-threaded runtime (named threads, so `perf` can tell
 //! them apart) and share the machine's cores the way separate processes would. Router CPU time is
@@ -40,6 +47,10 @@ use std::time::{Duration, Instant};
 
 /// Chunks of an instant stream.
 const INSTANT_CHUNKS: usize = 16;
+
+/// Response header of the paced upstream: the answer's scheduled first byte and end, µs after the
+/// request arrived (`first,end`).
+const SCHEDULE_HEADER: &str = "x-bench-schedule-us";
 
 /// Paced requests answered since the current cell started (see [`Pacing::draw`]).
 static JITTER_DRAWS: AtomicU64 = AtomicU64::new(0);
@@ -127,7 +138,8 @@ async fn upstream_handler(
         return Ok(hyper::Response::new(b.boxed()));
     }
     let streaming = body.windows(14).any(|w| w == b"\"stream\":true}");
-    let body = match (streaming, pacing.map(|p| p.draw())) {
+    let drawn = pacing.map(|p| p.draw());
+    let body = match (streaming, drawn) {
         (false, None) => Full::new(Bytes::from_static(JSON_ANSWER)).boxed(),
         (false, Some(p)) => {
             tokio::time::sleep_until(arrived + p.whole()).await;
@@ -158,6 +170,13 @@ async fn upstream_handler(
         }
     };
     let mut resp = hyper::Response::new(body);
+    if let Some(p) = drawn {
+        // The schedule this answer keeps, so a client can tell the hop's delay from the pacing.
+        let first = if streaming { p.ttft } else { p.whole() };
+        let value = format!("{},{}", first.as_micros(), p.whole().as_micros());
+        resp.headers_mut()
+            .insert(SCHEDULE_HEADER, value.parse().unwrap());
+    }
     if streaming {
         resp.headers_mut()
             .insert("content-type", "text/event-stream".parse().unwrap());
@@ -184,6 +203,36 @@ fn start_upstream(name: &str, pacing: Option<Pacing>) -> String {
                                 hyper::service::service_fn(move |r| upstream_handler(r, pacing)),
                             )
                             .await;
+                    });
+                }
+            });
+        })
+        .unwrap();
+    format!("http://{addr}")
+}
+
+/// A byte relay in front of `upstream` on its own thread: each connection copied both ways to a
+/// connection of its own to the upstream, no parsing. What any user-space proxy hop costs on this
+/// machine (two reads, two writes and the wake-ups between them), the floor under the router's
+/// added latency.
+fn start_relay(upstream: &str) -> String {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let target = upstream.trim_start_matches("http://").to_string();
+    std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || {
+            runtime().block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    let (mut inbound, _) = listener.accept().await.unwrap();
+                    inbound.set_nodelay(true).unwrap();
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        let mut outbound = tokio::net::TcpStream::connect(&target).await.unwrap();
+                        outbound.set_nodelay(true).unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     });
                 }
             });
@@ -281,6 +330,8 @@ struct Sample {
     start: Duration,
     first_byte: Duration,
     end: Duration,
+    /// The upstream's schedule for this answer (first byte, end), when it is paced.
+    schedule: Option<(Duration, Duration)>,
 }
 
 struct Cell {
@@ -288,6 +339,10 @@ struct Cell {
     ttft_p99: f64,
     e2e_p50: f64,
     e2e_p99: f64,
+    /// Percentiles (p50, p99) of each request's first byte and end past the upstream's schedule,
+    /// µs: the jitter taken out, what the path itself adds.
+    ttft_late: (f64, f64),
+    e2e_late: (f64, f64),
     rps: f64,
     /// Requests measured (started after the warm-up, finished within the window).
     n: usize,
@@ -333,6 +388,13 @@ fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, 
                     let start = begun.elapsed();
                     let resp = client.request(req).await.unwrap();
                     assert!(resp.status().is_success(), "{}", resp.status());
+                    let schedule = resp
+                        .headers()
+                        .get(SCHEDULE_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split_once(','))
+                        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                        .map(|(a, b)| (Duration::from_micros(a), Duration::from_micros(b)));
                     let mut body = resp.into_body();
                     let mut first_byte = None;
                     let mut bytes = 0;
@@ -348,6 +410,7 @@ fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, 
                         start,
                         first_byte: first_byte.unwrap_or(end),
                         end,
+                        schedule,
                     });
                 }
                 samples
@@ -374,7 +437,17 @@ fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, 
             .map(|s| us(s.first_byte - s.start))
             .collect();
         let mut e2e: Vec<f64> = measured.iter().map(|s| us(s.end - s.start)).collect();
+        let late = |at: fn(&Sample) -> Duration,
+                    scheduled: fn((Duration, Duration)) -> Duration| {
+            let mut v: Vec<f64> = measured
+                .iter()
+                .filter_map(|s| Some(us(at(s) - s.start) - us(scheduled(s.schedule?))))
+                .collect();
+            (percentile(&mut v, 0.5), percentile(&mut v, 0.99))
+        };
         Cell {
+            ttft_late: late(|s| s.first_byte, |s| s.0),
+            e2e_late: late(|s| s.end, |s| s.1),
             ttft_p50: percentile(&mut ttft, 0.5),
             ttft_p99: percentile(&mut ttft, 0.99),
             e2e_p50: percentile(&mut e2e, 0.5),
@@ -491,7 +564,7 @@ fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
     }
 }
 
-fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f64) {
+fn paced(upstream: &str, relay: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f64) {
     // Long enough for every closed-loop client to be past its first request.
     let warmup = p.whole() + Duration::from_millis(200);
     println!(
@@ -505,10 +578,19 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ms = |us: f64| us / 1e3;
     let pair = |d: f64, r: f64| format!("{:.2} / {:.2} (+{:.2})", ms(d), ms(r), ms(r - d));
+    let three = |d: f64, b: f64, r: f64| {
+        format!(
+            "{d:.0} / {b:.0} / {r:.0} (relay +{:.0}, router +{:.0})",
+            b - d,
+            r - d
+        )
+    };
+    let mut relay_rows = Vec::new();
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
         for (streaming, mode) in modes() {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
+            let b = measure(relay, streaming, concurrency, warmup, secs);
             let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
             let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, p.tokens);
             let used = usage_cells(&used);
@@ -517,6 +599,24 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
             } else {
                 ("–".into(), "–".into())
             };
+            relay_rows.push(format!(
+                "| {mode} | {concurrency} | {}, {}, {} | {} | {} | {} | {} |",
+                d.n,
+                b.n,
+                r.n,
+                if streaming {
+                    three(d.ttft_late.0, b.ttft_late.0, r.ttft_late.0)
+                } else {
+                    "–".into()
+                },
+                three(d.e2e_late.0, b.e2e_late.0, r.e2e_late.0),
+                if streaming {
+                    three(d.ttft_late.1, b.ttft_late.1, r.ttft_late.1)
+                } else {
+                    "–".into()
+                },
+                three(d.e2e_late.1, b.e2e_late.1, r.e2e_late.1),
+            ));
             println!(
                 "| {mode} | {concurrency} | {}, {} | {t50} | {t99} | {} | {} | {:.0} | {:.0} | {:.2} | {used} | {per_chunk} |",
                 d.n,
@@ -528,6 +628,15 @@ fn paced(upstream: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f
                 r.rps / d.rps
             );
         }
+    }
+    println!(
+        "\nPast the upstream's schedule, µs (each request's first byte and end less the delays the \
+         paced upstream drew for it): direct / byte relay / router.\n"
+    );
+    println!("| mode | concurrency | requests measured (direct, relay, router) | first byte p50 | end p50 | first byte p99 | end p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in relay_rows {
+        println!("{row}");
     }
 }
 
@@ -543,6 +652,7 @@ fn main() {
     let instant_up = start_upstream("upstream-instant", None);
     let paced_up = start_upstream("upstream-paced", Some(pacing));
     let (routers, schedstat) = start_routers(&[&instant_up, &paced_up]);
+    let relay = start_relay(&paced_up);
     std::thread::sleep(Duration::from_millis(500));
     let thread = RouterThread::new(schedstat);
     if only.is_empty() || only == "instant" {
@@ -551,6 +661,7 @@ fn main() {
     if only.is_empty() || only == "paced" {
         paced(
             &paced_up,
+            &relay,
             &routers[1],
             &thread,
             pacing,
