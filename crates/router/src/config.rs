@@ -237,6 +237,12 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
 
+    /// The qoe policy's settings that have no flag: the config file's `[qoe]` table, keys named
+    /// as the fields of `qoe_core::QoeConfig` (docs/QOE.md, "Configuration"). Read at start.
+    #[arg(skip)]
+    #[serde(default)]
+    pub qoe: Option<serde_json::Value>,
+
     /// Log format.
     #[arg(long, env = "QOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -290,10 +296,12 @@ impl RouterConfig {
                     path.display()
                 );
             }
-            let from_user = matches!(
-                matches.value_source(&key),
-                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-            );
+            // `[qoe]` has no flag: the file is its only source.
+            let from_user = key != "qoe"
+                && matches!(
+                    matches.value_source(&key),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
             if !from_user {
                 fields.insert(key, serde_json::to_value(value)?);
             }
@@ -367,7 +375,43 @@ impl RouterConfig {
             crate::discovery::validate_url(url)
                 .map_err(|e| anyhow::anyhow!("--static-backends: {e}"))?;
         }
+        self.qoe_table()?;
         Ok(())
+    }
+
+    /// The qoe policy's settings from the `[qoe]` table over `QoeConfig`'s defaults, checked: an
+    /// unknown key, a key that has a flag, a value of the wrong type or out of range is an error
+    /// naming the key and what is allowed.
+    pub fn qoe_table(&self) -> anyhow::Result<QoeConfig> {
+        let defaults = QoeConfig::default();
+        let Some(table) = &self.qoe else {
+            return Ok(defaults);
+        };
+        let serde_json::Value::Object(table) = table else {
+            anyhow::bail!("[qoe] must be a table of settings");
+        };
+        let mut merged = serde_json::to_value(defaults)?;
+        for (key, value) in table {
+            if let Some((_, flag)) = QOE_FLAGGED.iter().find(|(field, _)| field == key) {
+                anyhow::bail!(
+                    "[qoe] {key}: set it with --{flag} (config key `{}`)",
+                    flag.replace('-', "_")
+                );
+            }
+            anyhow::ensure!(
+                merged.get(key).is_some(),
+                "[qoe] unknown key '{key}'; the keys are QoeConfig's fields, listed in docs/QOE.md"
+            );
+            // One key at a time, so that a type error names its key.
+            let mut one = serde_json::to_value(defaults)?;
+            one[key.as_str()] = value.clone();
+            serde_json::from_value::<QoeConfig>(one)
+                .map_err(|e| anyhow::anyhow!("[qoe] {key}: {e}"))?;
+            merged[key.as_str()] = value.clone();
+        }
+        let q: QoeConfig = serde_json::from_value(merged)?;
+        check_qoe(&q)?;
+        Ok(q)
     }
 
     pub fn policy_kind(&self) -> PolicyKind {
@@ -375,6 +419,8 @@ impl RouterConfig {
     }
 
     pub fn policy_config(&self) -> PolicyConfig {
+        // Checked by `validate`; an unchecked bad table falls back to the defaults.
+        let table = self.qoe_table().unwrap_or_default();
         PolicyConfig {
             seed: self.seed,
             session_load_factor: self.session_load_factor,
@@ -394,7 +440,7 @@ impl RouterConfig {
                 saturation_inflight: self.saturation_inflight,
                 engine_priority: self.engine_priority,
                 deadline_overflow: self.qoe_deadline_overflow,
-                ..QoeConfig::default()
+                ..table
             },
         }
     }
@@ -458,6 +504,77 @@ pub struct BackendEntry {
     /// `both` (default), `prefill` or `decode`.
     #[serde(default)]
     pub role: Option<String>,
+}
+
+/// `QoeConfig` fields that have a flag (field, flag): set there, not in `[qoe]`.
+const QOE_FLAGGED: [(&str, &str); 8] = [
+    ("target_ttft_ms", "target-ttft"),
+    ("target_itl_ms", "target-itl"),
+    ("optimal_throughput", "optimal-throughput"),
+    ("weights", "qoe-weights"),
+    ("adaptive", "qoe-adaptive"),
+    ("saturation_inflight", "saturation-inflight"),
+    ("engine_priority", "engine-priority"),
+    ("deadline_overflow", "qoe-deadline-overflow"),
+];
+
+/// Range checks of the `[qoe]` settings: the policy clamps what it is given, but an operator
+/// should hear about a typo.
+fn check_qoe(q: &QoeConfig) -> anyhow::Result<()> {
+    let in_range = |key: &str, v: f64, lo: f64, hi: f64, allowed: &str| {
+        anyhow::ensure!(
+            v.is_finite() && v >= lo && v <= hi,
+            "[qoe] {key} must be {allowed}, got {v}"
+        );
+        Ok(())
+    };
+    for i in 0..4 {
+        let four = "four numbers in [0, 1]";
+        in_range("weight_min", q.weight_min[i], 0.0, 1.0, four)?;
+        in_range("weight_max", q.weight_max[i], 0.0, 1.0, four)?;
+        anyhow::ensure!(
+            q.weight_min[i] <= q.weight_max[i],
+            "[qoe] weight_min must not exceed weight_max, got {:?} and {:?}",
+            q.weight_min,
+            q.weight_max
+        );
+    }
+    let positive = [
+        ("adapt_time_constant_ms", q.adapt_time_constant_ms),
+        ("metrics_staleness_ms", q.metrics_staleness_ms),
+        ("prior_prefill_tokens_per_s", q.prior_prefill_tokens_per_s),
+        ("model_half_life_ms", q.model_half_life_ms),
+        ("failure_half_life_ms", q.failure_half_life_ms),
+    ];
+    for (key, v) in positive {
+        in_range(key, v, f64::MIN_POSITIVE, f64::MAX, "a positive number")?;
+    }
+    let non_negative = [
+        ("prior_ttft_base_ms", q.prior_ttft_base_ms),
+        ("prior_itl_base_ms", q.prior_itl_base_ms),
+        ("prior_itl_per_batch_ms", q.prior_itl_per_batch_ms),
+    ];
+    for (key, v) in non_negative {
+        in_range(key, v, 0.0, f64::MAX, "a number ≥ 0")?;
+    }
+    in_range("forgetting", q.forgetting, 0.5, 1.0, "in [0.5, 1]")?;
+    in_range("priority_fill", q.priority_fill, 0.05, 1.0, "in [0.05, 1]")?;
+    in_range(
+        "prefix_affinity",
+        q.prefix_affinity,
+        0.0,
+        1.0,
+        "in [0, 1] (0: off)",
+    )?;
+    let at_least_one = [
+        ("saturation_tokens", q.saturation_tokens),
+        ("typical_prompt_tokens", q.typical_prompt_tokens as u64),
+        ("max_tracked_endpoints", q.max_tracked_endpoints as u64),
+    ];
+    for (key, v) in at_least_one {
+        anyhow::ensure!(v >= 1, "[qoe] {key} must be at least 1, got {v}");
+    }
+    Ok(())
 }
 
 /// The config file: settings (flag names) plus `[[backends]]`.
@@ -524,6 +641,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key 'rooting_logic'"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_qoe_table_sets_the_policy_and_names_bad_keys() {
+        let dir = std::env::temp_dir().join(format!("qoe-config-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        let p = path.to_str().unwrap();
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            RouterConfig::from_args(["x", "--config", p, "--target-ttft", "250"])
+                .and_then(|c| c.validate().map(|_| c))
+        };
+        let c = load(
+            "target_ttft = 400\n[qoe]\nprefix_affinity = 0.5\nweight_max = [0.5, 0.8, 0.4, 0.3]\n\
+             model_half_life_ms = 60000\n",
+        )
+        .unwrap();
+        let q = c.policy_config().qoe;
+        assert_eq!(q.prefix_affinity, 0.5);
+        assert_eq!(q.weight_max, [0.5, 0.8, 0.4, 0.3]);
+        assert_eq!(q.model_half_life_ms, 60_000.0);
+        let d = QoeConfig::default();
+        assert_eq!(
+            q.priority_fill, d.priority_fill,
+            "untouched keys keep their default"
+        );
+        assert_eq!(q.forgetting, d.forgetting);
+        assert_eq!(q.target_ttft_ms, 250.0, "the flag wins over the file");
+        // No table: the defaults.
+        let c = load("port = 9000\n").unwrap();
+        assert_eq!(c.policy_config().qoe.prefix_affinity, d.prefix_affinity);
+
+        let err = |text: &str| load(text).unwrap_err().to_string();
+        let e = err("[qoe]\nforgetting = 2\n");
+        assert!(
+            e.contains("[qoe] forgetting must be in [0.5, 1], got 2"),
+            "{e}"
+        );
+        let e = err("[qoe]\nprefix_afinity = 0.2\n");
+        assert!(e.contains("[qoe] unknown key 'prefix_afinity'"), "{e}");
+        let e = err("[qoe]\nprefix_affinity = \"high\"\n");
+        assert!(e.contains("[qoe] prefix_affinity: invalid type"), "{e}");
+        let e = err("[qoe]\ntarget_ttft_ms = 100\n");
+        assert!(
+            e.contains("set it with --target-ttft (config key `target_ttft`)"),
+            "{e}"
+        );
+        let e =
+            err("[qoe]\nweight_min = [0.7, 0.2, 0.05, 0.05]\nweight_max = [0.6, 0.7, 0.4, 0.3]\n");
+        assert!(e.contains("weight_min must not exceed weight_max"), "{e}");
+        let e = err("[qoe]\nmax_tracked_endpoints = 0\n");
+        assert!(
+            e.contains("[qoe] max_tracked_endpoints must be at least 1"),
+            "{e}"
+        );
+        let e = err("qoe = 3\n");
+        assert!(e.contains("[qoe] must be a table"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
