@@ -57,7 +57,8 @@ pub const OVERFLOW_MAX_RELIABILITY_COST: f64 = 0.5;
 /// Endpoints listed in [`RoutingPolicy::state_json`] at most (most recently heard from first).
 pub const STATE_JSON_ENDPOINTS: usize = 64;
 
-/// Settings of the QoE policy. Every field has a default and (in the router) a flag.
+/// Settings of the QoE policy. Every field has a default and, in the router, a flag or a key of
+/// the config file's `[qoe]` table.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct QoeConfig {
