@@ -82,6 +82,7 @@ use crate::engine::{Engine, EngineConfig, EngineEvent, SimRequest, SubmitError};
 use crate::fleet::Fleet;
 use crate::report::{
     LatencyHistogram, Report, ReportBuilder, ReportConfig, ReportMeta, RequestTracker, Status,
+    Summary,
 };
 use crate::rng::{mix64, SplitMix64};
 use crate::workload::{Api, PlannedRequest, Requests, Workload};
@@ -1986,16 +1987,35 @@ pub struct SweepPoint {
 }
 
 impl SweepPoint {
-    fn of(rate: f64, r: &Report) -> SweepPoint {
+    /// The point of runs at one rate with different seeds: shares pooled over their requests
+    /// (one run: exactly its report's), TTFT percentiles the mean of the runs'.
+    fn pooled(rate: f64, runs: &[Report]) -> SweepPoint {
+        let pool = |scope: &dyn Fn(&Report) -> Option<(u64, f64)>| {
+            let (mut n, mut sum) = (0u64, 0.0);
+            for (k, v) in runs.iter().filter_map(scope) {
+                n += k;
+                sum += k as f64 * v;
+            }
+            (n > 0).then(|| sum / n as f64)
+        };
+        let overall = |f: fn(&Summary) -> f64| {
+            pool(&|r: &Report| Some((r.overall.requests, f(&r.overall)))).unwrap_or(0.0)
+        };
+        let mean_ms = |f: fn(&Summary) -> Option<f64>| {
+            let v: Vec<f64> = runs.iter().filter_map(|r| f(&r.overall)).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
         SweepPoint {
             rate,
-            slo_attainment: r.overall.slo_attainment,
-            p1_attainment: r.priority(1).map(|s| s.slo_attainment),
-            mean_qoe: r.overall.mean_qoe,
-            qoe_acceptable_share: r.overall.qoe_acceptable_share,
-            ttft_p50_ms: r.overall.ttft_ms.p50,
-            ttft_p99_ms: r.overall.ttft_ms.p99,
-            errors: r.overall.errors,
+            slo_attainment: overall(|s| s.slo_attainment),
+            p1_attainment: pool(&|r: &Report| {
+                r.priority(1).map(|s| (s.requests, s.slo_attainment))
+            }),
+            mean_qoe: overall(|s| s.mean_qoe),
+            qoe_acceptable_share: overall(|s| s.qoe_acceptable_share),
+            ttft_p50_ms: mean_ms(|s| s.ttft_ms.p50),
+            ttft_p99_ms: mean_ms(|s| s.ttft_ms.p99),
+            errors: runs.iter().map(|r| r.overall.errors).sum(),
         }
     }
 
@@ -2014,6 +2034,9 @@ pub struct SweepConfig {
     pub tolerance: f64,
     /// Most bisection steps after the two ends.
     pub max_steps: u32,
+    /// Seeds each rate runs with (`cfg.seed`, `cfg.seed + 1`, ...), their requests pooled: near
+    /// a knee one seed's attainment moves by several points for which heavy requests land when.
+    pub seeds: u32,
 }
 
 impl Default for SweepConfig {
@@ -2023,6 +2046,7 @@ impl Default for SweepConfig {
             hi: 100.0,
             tolerance: 0.02,
             max_steps: 8,
+            seeds: 1,
         }
     }
 }
@@ -2037,6 +2061,9 @@ pub struct SweepResult {
     pub goodput: Option<f64>,
     /// The high end itself was sustained: the goodput is at least `goodput`.
     pub capped: bool,
+    /// Seeds pooled at every rate ([`SweepConfig::seeds`]).
+    #[serde(default = "one_seed")]
+    pub seeds: u32,
     /// The run at 80% of the goodput (the QoE target's load).
     pub at_80pct: Option<SweepPoint>,
 }
@@ -2060,9 +2087,16 @@ pub fn sweep_rate(
     }
     let run = |rate: f64| -> Result<SweepPoint, SimError> {
         let w = with_rate(workload, rate)?;
-        let policy = make_policy();
-        let out = simulate(fleet, &w, policy.as_ref(), label, cfg)?;
-        Ok(SweepPoint::of(rate, &out.report))
+        let mut runs = Vec::new();
+        for i in 0..sweep.seeds.max(1) {
+            let cfg = SimConfig {
+                seed: cfg.seed.wrapping_add(i as u64),
+                ..cfg.clone()
+            };
+            let policy = make_policy();
+            runs.push(simulate(fleet, &w, policy.as_ref(), label, &cfg)?.report);
+        }
+        Ok(SweepPoint::pooled(rate, &runs))
     };
     let mut points = Vec::new();
     let lo_point = run(sweep.lo)?;
@@ -2104,8 +2138,13 @@ pub fn sweep_rate(
         points,
         goodput,
         capped,
+        seeds: sweep.seeds.max(1),
         at_80pct,
     })
+}
+
+fn one_seed() -> u32 {
+    1
 }
 
 #[cfg(test)]

@@ -381,6 +381,7 @@ fn sweep_finds_a_goodput_between_its_ends() {
             hi: 60.0,
             tolerance: 0.1,
             max_steps: 5,
+            seeds: 1,
         },
     )
     .unwrap();
@@ -393,6 +394,36 @@ fn sweep_finds_a_goodput_between_its_ends() {
     assert!(s.points.iter().any(|p| p.rate > g && !p.sustained()));
     let at80 = s.at_80pct.unwrap();
     assert!((at80.rate - 0.8 * g).abs() < 1e-9);
+}
+
+#[test]
+fn a_sweep_over_seeds_pools_their_requests() {
+    let fleet = Fleet::from_toml_str(HETERO).unwrap();
+    let w = chat(1.0, 20.0, true);
+    let make = || build_policy(PolicyKind::RoundRobin, &PolicyConfig::default());
+    // No bisection: the two ends only, the high one past the fleet's capacity.
+    let ends = |seed: u64, seeds: u32| {
+        let cfg = SimConfig {
+            seed,
+            ..SimConfig::default()
+        };
+        let sweep = SweepConfig {
+            lo: 1.0,
+            hi: 40.0,
+            tolerance: 0.1,
+            max_steps: 0,
+            seeds,
+        };
+        let s = sweep_rate(&fleet, &w, &make, "roundrobin", &cfg, sweep).unwrap();
+        assert_eq!(s.seeds, seeds);
+        s.points.last().unwrap().slo_attainment
+    };
+    let (a, b, both) = (ends(7, 1), ends(8, 1), ends(7, 2));
+    assert!(a != b, "different seeds, different runs: {a} {b}");
+    assert!(
+        both > a.min(b) && both < a.max(b),
+        "pooled {both} between {a} and {b}"
+    );
 }
 
 /// Wraps a policy and checks that every candidate it is shown is below the admission limit.
