@@ -1992,6 +1992,9 @@ impl SweepPoint {
     fn pooled(rate: f64, runs: &[Report]) -> SweepPoint {
         let pool = |scope: &dyn Fn(&Report) -> Option<(u64, f64)>| {
             let (mut n, mut sum) = (0u64, 0.0);
+            if let [one] = runs {
+                return scope(one).map(|(_, v)| v);
+            }
             for (k, v) in runs.iter().filter_map(scope) {
                 n += k;
                 sum += k as f64 * v;
@@ -2070,7 +2073,7 @@ pub struct SweepResult {
 
 /// Finds `make_policy`'s goodput on `workload` × `fleet` by bisection over the arrival rate in
 /// `[sweep.lo, sweep.hi]`, assuming attainment falls as the rate grows. Every rate runs a fresh
-/// policy and fleet with the same seed.
+/// policy and fleet with the same seed (or the same `sweep.seeds` seeds, pooled).
 pub fn sweep_rate(
     fleet: &Fleet,
     workload: &Workload,
