@@ -32,8 +32,8 @@ use clap::{Args, Parser};
 use qoe_core::{build_policy, PolicyConfig, PolicyKind, RoutingPolicy, MICROS_PER_SEC};
 use qoe_sim::report::{Report, ReportSet};
 use qoe_sim::simulate::{
-    simulate, sweep_rate, with_rate, AdmissionSpec, OutputHint, SimConfig, SimDetails, SweepConfig,
-    SweepResult,
+    simulate, simulate_recorded, sweep_rate, with_rate, AdmissionSpec, OutputHint, SimConfig,
+    SimDetails, SweepConfig, SweepResult,
 };
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -127,6 +127,11 @@ pub struct SimulateArgs {
     /// Turn the qoe policy's deadline overflow on (`QoeConfig::deadline_overflow`).
     #[arg(long)]
     pub deadline_overflow: bool,
+    /// Also write `requests-POLICY.jsonl` under `--out`: one JSON line per request of each
+    /// policy's run at the set rate (not of a sweep's runs), with where it went, what it
+    /// measured and what the policy predicted for it.
+    #[arg(long, requires = "out")]
+    pub records: bool,
     /// Simulations run at once (each is single-threaded; results do not depend on this).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
@@ -255,6 +260,31 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
 
+/// One policy's run at the set rate, its request records written when `--records` asks.
+fn run_one(
+    args: &SimulateArgs,
+    fleet: &qoe_sim::fleet::Fleet,
+    workload: &qoe_sim::workload::Workload,
+    policy: &dyn RoutingPolicy,
+    label: &str,
+    cfg: &SimConfig,
+) -> anyhow::Result<qoe_sim::simulate::SimOutcome> {
+    let dir = args.out.as_ref().filter(|_| args.records);
+    let Some(dir) = dir else {
+        return Ok(simulate(fleet, workload, policy, label, cfg)?);
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(format!("requests-{label}.jsonl"));
+    let file = std::fs::File::create(&path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let outcome = simulate_recorded(fleet, workload, policy, label, cfg, Some(&mut out))?;
+    std::io::Write::flush(&mut out)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(outcome)
+}
+
 /// What one job computes.
 enum Task {
     Run(usize),
@@ -379,9 +409,15 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
         let result = match *task {
             Task::Run(p) => {
                 let policy = make(kinds[p]);
-                simulate(&fleet, &workload, policy.as_ref(), kinds[p].as_str(), &cfg)
-                    .map(|o| Done::Run(Box::new((o.report, o.details))))
-                    .map_err(anyhow::Error::from)
+                run_one(
+                    args,
+                    &fleet,
+                    &workload,
+                    policy.as_ref(),
+                    kinds[p].as_str(),
+                    &cfg,
+                )
+                .map(|o| Done::Run(Box::new((o.report, o.details))))
             }
             Task::Sweep(p) => {
                 let k = kinds[p];
@@ -886,6 +922,7 @@ mod tests {
                 "--jobs",
                 "2",
                 "--quiet",
+                "--records",
                 "--out",
                 &out.to_string_lossy(),
             ])
@@ -900,6 +937,8 @@ mod tests {
             "simulate.json",
             "ttft-cdf.svg",
             "attainment-vs-rate.svg",
+            "requests-qoe.jsonl",
+            "requests-roundrobin.jsonl",
         ] {
             let x = std::fs::read_to_string(a.join(name)).unwrap();
             let y = std::fs::read_to_string(b.join(name)).unwrap();
@@ -910,6 +949,12 @@ mod tests {
         let labels: Vec<&str> = set.reports.iter().map(|r| r.label.as_str()).collect();
         assert_eq!(labels, ["qoe", "roundrobin"]);
         assert!(set.reports.iter().all(|r| r.overall.requests > 10));
+        // The records are of the run at the workload's rate, one line per request.
+        for r in &set.reports {
+            let text = std::fs::read_to_string(a.join(format!("requests-{}.jsonl", r.label)));
+            let lines = text.unwrap().lines().count() as u64;
+            assert_eq!(lines, r.overall.requests, "{}", r.label);
+        }
         let md = std::fs::read_to_string(a.join("report.md")).unwrap();
         assert!(md.contains("| metric | qoe | roundrobin |"), "{md}");
         assert!(md.contains("### Goodput") && md.contains("### Where requests went"));
@@ -945,6 +990,14 @@ mod tests {
             let err = simulate_all(&a).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn records_need_an_out_directory() {
+        let err = SimulateArgs::from_flags(["--fleet", "f", "--workload", "w", "--records"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--out"), "{err}");
     }
 
     #[test]

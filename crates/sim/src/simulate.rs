@@ -400,10 +400,53 @@ pub fn simulate(
     label: &str,
     cfg: &SimConfig,
 ) -> Result<SimOutcome, SimError> {
+    simulate_recorded(fleet, workload, policy, label, cfg, None)
+}
+
+/// [`simulate`], also writing one [`RequestLine`] per finished request to `records`, as JSON
+/// lines in the order requests end (written as they end: nothing accumulates in memory).
+pub fn simulate_recorded<'a>(
+    fleet: &Fleet,
+    workload: &Workload,
+    policy: &'a dyn RoutingPolicy,
+    label: &str,
+    cfg: &'a SimConfig,
+    records: Option<&'a mut dyn std::io::Write>,
+) -> Result<SimOutcome, SimError> {
     cfg.validate()?;
     let mut sim = Sim::new(fleet, workload, policy, cfg)?;
+    sim.records = records;
     sim.run();
+    if let Some(e) = sim.records_error.take() {
+        return Err(SimError(format!("cannot write the request records: {e}")));
+    }
     Ok(sim.finish(label, fleet, workload))
+}
+
+/// One request as `simulate --records` writes it: what the client measured, where the router
+/// sent it, and what the policy predicted there (cost-based policies only). Absent values are
+/// `null`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestLine {
+    pub id: u64,
+    /// Sent at, seconds of virtual time.
+    pub sent_at_s: f64,
+    pub priority: u8,
+    /// The engine's label (`profile#index`) of the last attempt; `null` if never routed.
+    pub endpoint: Option<String>,
+    /// As the router counts them (the simulated engine counts the same).
+    pub prompt_tokens: u32,
+    pub output_tokens: u64,
+    pub status: Status,
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+    pub e2e_ms: f64,
+    pub qoe: f64,
+    pub slo_met: bool,
+    pub predicted_ttft_ms: Option<f64>,
+    pub predicted_itl_ms: Option<f64>,
+    /// Prompt tokens the policy expected the engine to find cached.
+    pub predicted_cached_tokens: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -755,6 +798,9 @@ struct Sim<'a> {
     route: Route,
     /// The admission queue.
     queue: BTreeMap<QueueKey, u64>,
+    /// Where finished requests are written (`simulate --records`), and the first write error.
+    records: Option<&'a mut dyn std::io::Write>,
+    records_error: Option<std::io::Error>,
 }
 
 impl<'a> Sim<'a> {
@@ -853,6 +899,8 @@ impl<'a> Sim<'a> {
             engine_hash_blocks: max_len as usize / BLOCK_TOKENS + 1,
             route,
             queue: BTreeMap::new(),
+            records: None,
+            records_error: None,
         };
         for i in 0..sim.changes.len() {
             let at = sim.changes[i].at;
@@ -1774,6 +1822,7 @@ impl<'a> Sim<'a> {
                 outcomes[2] += 1;
             }
         }
+        self.write_record(slot, &record);
         self.builder.add(&record);
         let l = &mut self.live[slot as usize];
         l.active = false;
@@ -1781,6 +1830,39 @@ impl<'a> Sim<'a> {
         l.excluded.clear();
         self.free.push(slot);
         self.in_flight -= 1;
+    }
+
+    fn write_record(&mut self, slot: u32, record: &crate::report::RequestRecord) {
+        let Some(out) = self.records.as_mut() else {
+            return;
+        };
+        if self.records_error.is_some() {
+            return;
+        }
+        let l = &self.live[slot as usize];
+        let ms = |us: Micros| us as f64 / 1e3;
+        let line = RequestLine {
+            id: record.id,
+            sent_at_s: record.sent_at as f64 / 1e6,
+            priority: record.priority,
+            endpoint: (l.attempt > 0).then(|| self.eps[l.endpoint as usize].label.clone()),
+            prompt_tokens: l.prompt_tokens,
+            output_tokens: record.output_tokens,
+            status: record.status,
+            ttft_ms: record.ttft.map(ms),
+            tpot_ms: record.tpot_s.map(|t| t * 1e3),
+            e2e_ms: ms(record.e2e),
+            qoe: record.qoe,
+            slo_met: record.slo_met,
+            predicted_ttft_ms: l.detail.map(|d| d.predicted_ttft_ms),
+            predicted_itl_ms: l.detail.map(|d| d.predicted_itl_ms),
+            predicted_cached_tokens: l.detail.map(|d| d.cached_tokens),
+        };
+        let mut text = serde_json::to_string(&line).expect("a request line serializes");
+        text.push('\n');
+        if let Err(e) = out.write_all(text.as_bytes()) {
+            self.records_error = Some(e);
+        }
     }
 
     // ---- results ---------------------------------------------------------------------------

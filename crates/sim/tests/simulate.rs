@@ -11,7 +11,8 @@ use qoe_core::{
 };
 use qoe_sim::fleet::Fleet;
 use qoe_sim::simulate::{
-    simulate, sweep_rate, AdmissionSpec, OutputHint, SimConfig, SimOutcome, SweepConfig,
+    simulate, simulate_recorded, sweep_rate, AdmissionSpec, OutputHint, RequestLine, SimConfig,
+    SimOutcome, SweepConfig,
 };
 use qoe_sim::workload::Workload;
 use std::sync::Mutex;
@@ -140,6 +141,64 @@ fn every_request_is_accounted_for() {
             .windows(2)
             .all(|p| p[0][0] < p[1][0] && p[0][1] <= p[1][1]));
         assert!((cdf.last().unwrap()[1] - 1.0).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn request_records_agree_with_the_report() {
+    let fleet = Fleet::from_toml_str(HETERO).unwrap();
+    let w = chat(8.0, 10.0, true);
+    let cfg = SimConfig::default();
+    let planned = w.generate(cfg.seed).count();
+    for kind in [PolicyKind::Qoe, PolicyKind::RoundRobin] {
+        let policy = build_policy(kind, &PolicyConfig::default());
+        let mut buf: Vec<u8> = Vec::new();
+        let out = simulate_recorded(
+            &fleet,
+            &w,
+            policy.as_ref(),
+            kind.as_str(),
+            &cfg,
+            Some(&mut buf),
+        )
+        .unwrap();
+        // Recording changes nothing about the run.
+        assert_eq!(
+            out.report.to_json(),
+            run(&fleet, &w, kind, &cfg).report.to_json()
+        );
+        let lines: Vec<RequestLine> = std::str::from_utf8(&buf)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), planned, "{kind:?}: one line per request");
+        let mut ids: Vec<u64> = lines.iter().map(|l| l.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), planned, "each request once");
+        let met = lines.iter().filter(|l| l.slo_met).count() as f64;
+        let o = &out.report.overall;
+        assert_eq!(met, (o.slo_attainment * planned as f64).round());
+        let tokens: u64 = lines.iter().map(|l| l.output_tokens).sum();
+        assert_eq!(tokens, o.output_tokens);
+        // Per engine, the lines add up to its picks (no retries in this run).
+        for e in &out.details.engines {
+            let n = lines
+                .iter()
+                .filter(|l| l.endpoint.as_deref() == Some(e.label.as_str()))
+                .count() as u64;
+            assert_eq!(n, e.picks, "{kind:?} {}", e.label);
+        }
+        for l in &lines {
+            assert!(l.ttft_ms.is_some_and(|t| t > 0.0 && t <= l.e2e_ms), "{l:?}");
+            // Only the cost-based policy predicts.
+            assert_eq!(
+                l.predicted_ttft_ms.is_some(),
+                kind == PolicyKind::Qoe,
+                "{l:?}"
+            );
+        }
     }
 }
 
