@@ -123,15 +123,20 @@ pub fn micros_since(start: Instant) -> Micros {
     start.elapsed().as_micros().min(u64::MAX as u128) as u64
 }
 
+/// The response header naming the engine a qoe-router chose (other servers send none).
+pub const ENDPOINT_HEADER: &str = "x-qoe-endpoint";
+
 /// Sends `request` and follows its stream to the end (or `timeout`), timing every chunk from
-/// `start`; `tracker` was created at the send time.
+/// `start`; `tracker` was created at the send time. Also returns the response's
+/// [`ENDPOINT_HEADER`], when there was a response carrying one.
 pub async fn measure(
     client: &HttpClient,
     request: hyper::Request<Full<Bytes>>,
     mut tracker: RequestTracker,
     start: Instant,
     timeout: Duration,
-) -> RequestRecord {
+) -> (RequestRecord, Option<String>) {
+    let mut endpoint = None;
     let streamed = async {
         let resp = client.request(request).await.map_err(|e| {
             if e.is_connect() {
@@ -140,6 +145,11 @@ pub async fn measure(
                 Status::Stream
             }
         })?;
+        endpoint = resp
+            .headers()
+            .get(ENDPOINT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let status = resp.status();
         if !status.is_success() {
             return Err(Status::Http(status.as_u16()));
@@ -188,7 +198,7 @@ pub async fn measure(
         Ok(Err(s)) => s,
         Ok(Ok(())) => Status::Ok,
     };
-    tracker.finish(micros_since(start), status)
+    (tracker.finish(micros_since(start), status), endpoint)
 }
 
 /// The first model a target serves (`GET /v1/models`), for runs that name none.

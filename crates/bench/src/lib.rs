@@ -32,10 +32,11 @@ use crate::progress::{Counters, Progress};
 use clap::{Args, Parser};
 use qoe_sim::fleet::Fleet;
 use qoe_sim::report::{
-    Report, ReportBuilder, ReportConfig, ReportMeta, ReportSet, RequestRecord, RequestTracker,
-    Status,
+    Report, ReportBuilder, ReportConfig, ReportMeta, ReportSet, RequestLine, RequestRecord,
+    RequestTracker, Status,
 };
 use qoe_sim::workload::{Trace, Workload, WorkloadSpec};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,6 +82,10 @@ pub struct BenchArgs {
     /// No progress bar and no status lines (the report is still printed).
     #[arg(long)]
     pub quiet: bool,
+    /// Also write `requests-LABEL.jsonl` under `--out` for each target: one JSON line per
+    /// request with its measurements and the engine the router chose (`x-qoe-endpoint`).
+    #[arg(long, requires = "out")]
+    pub records: bool,
 }
 
 #[derive(Parser)]
@@ -222,6 +227,11 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
                 target.base
             );
         }
+        let records = args
+            .out
+            .as_ref()
+            .filter(|_| args.records)
+            .map(|dir| records_path(dir, &label));
         let run = Run {
             client: client.clone(),
             target,
@@ -232,6 +242,7 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
             max_in_flight: args.max_in_flight,
             timeout: Duration::from_secs_f64(args.request_timeout),
             progress: !args.quiet,
+            records,
         };
         reports.push(run.go().await?);
     }
@@ -249,6 +260,68 @@ struct Run<'a> {
     max_in_flight: u32,
     timeout: Duration,
     progress: bool,
+    /// Where to write the request records (`--records`).
+    records: Option<PathBuf>,
+}
+
+/// `DIR/requests-LABEL.jsonl`, the label's characters other than letters, digits, `.`, `-` and
+/// `_` replaced by `_` (a label may be a URL's host:port).
+fn records_path(dir: &Path, label: &str) -> PathBuf {
+    let name: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("requests-{name}.jsonl"))
+}
+
+/// Request records written as requests end, from every request's task; the first write error is
+/// kept and reported when the run ends.
+struct RecordFile {
+    path: PathBuf,
+    /// `None` once finished.
+    out: Option<std::io::BufWriter<std::fs::File>>,
+    error: Option<std::io::Error>,
+}
+
+impl RecordFile {
+    fn create(path: PathBuf) -> anyhow::Result<RecordFile> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        }
+        let file = std::fs::File::create(&path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        Ok(RecordFile {
+            path,
+            // Large enough that writing rarely blocks a request's task for long.
+            out: Some(std::io::BufWriter::with_capacity(1 << 18, file)),
+            error: None,
+        })
+    }
+
+    fn write(&mut self, line: &RequestLine) {
+        let Some(out) = self.out.as_mut().filter(|_| self.error.is_none()) else {
+            return;
+        };
+        if let Err(e) = out.write_all(line.to_json_line().as_bytes()) {
+            self.error = Some(e);
+        }
+    }
+
+    /// Flushes and closes the file: later lines are dropped.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        let flushed = self.out.take().map_or(Ok(()), |mut out| out.flush());
+        match self.error.take().map_or(flushed, Err) {
+            Ok(()) => Ok(()),
+            Err(e) => anyhow::bail!("cannot write {}: {e}", self.path.display()),
+        }
+    }
 }
 
 impl Run<'_> {
@@ -257,10 +330,18 @@ impl Run<'_> {
         let api = self.workload.spec().api;
         let url: Arc<str> = self.target.url(api.path()).into();
         let builder = Arc::new(Mutex::new(ReportBuilder::new(cfg)));
+        let records = match self.records.clone() {
+            Some(path) => Some(Arc::new(Mutex::new(RecordFile::create(path)?))),
+            None => None,
+        };
         let add = {
-            let builder = builder.clone();
-            move |r: &RequestRecord| {
+            let (builder, records) = (builder.clone(), records.clone());
+            move |r: &RequestRecord, endpoint: Option<String>, prompt_tokens: u32| {
                 builder.lock().unwrap_or_else(|e| e.into_inner()).add(r);
+                if let Some(file) = &records {
+                    let line = RequestLine::new(r, endpoint, prompt_tokens, None);
+                    file.lock().unwrap_or_else(|e| e.into_inner()).write(&line);
+                }
             }
         };
         let slots = Arc::new(Semaphore::new(self.max_in_flight as usize));
@@ -281,21 +362,27 @@ impl Run<'_> {
             counters.sent.fetch_add(1, Ordering::Relaxed);
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 let now = micros_since(start);
-                add(&RequestRecord::failed(
+                let record = RequestRecord::failed(
                     planned.id,
                     planned.priority,
                     planned.sla,
                     now,
                     now,
                     Status::ClientOverload,
-                ));
+                );
+                add(&record, None, planned.prompt_tokens);
                 counters.finished.fetch_add(1, Ordering::Relaxed);
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             let request = http_request(&url, request_body(api, &self.model, &planned), &planned)?;
-            let (id, priority, sla, planned_at) =
-                (planned.id, planned.priority, planned.sla, planned.at);
+            let (id, priority, sla, planned_at, prompt_tokens) = (
+                planned.id,
+                planned.priority,
+                planned.sla,
+                planned.at,
+                planned.prompt_tokens,
+            );
             drop(planned);
             let (client, counters, max_lag, add) = (
                 self.client.clone(),
@@ -308,8 +395,8 @@ impl Run<'_> {
                 let sent = micros_since(start);
                 max_lag.fetch_max(sent.saturating_sub(planned_at), Ordering::Relaxed);
                 let tracker = RequestTracker::new(id, priority, sla, sent, &cfg);
-                let record = measure(&client, request, tracker, start, timeout).await;
-                add(&record);
+                let (record, endpoint) = measure(&client, request, tracker, start, timeout).await;
+                add(&record, endpoint, prompt_tokens);
                 if !record.status.is_ok() {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -321,6 +408,10 @@ impl Run<'_> {
         // the last one (each bounded by the request timeout).
         let _all = slots.acquire_many(self.max_in_flight).await?;
         bar.finish().await;
+        if let Some(file) = records {
+            // Every record is in (all slots are back).
+            file.lock().unwrap_or_else(|e| e.into_inner()).finish()?;
+        }
         let report = builder
             .lock()
             .unwrap_or_else(|e| e.into_inner())

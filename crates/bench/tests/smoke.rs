@@ -7,7 +7,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use qoe_bench::{load_workload, BenchArgs};
-use qoe_sim::report::{Report, ReportSet};
+use qoe_sim::report::{Report, ReportSet, RequestLine, Status};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -183,6 +183,7 @@ async fn smoke_against_a_router_and_an_engine() {
         "--request-timeout",
         "20",
         "--quiet",
+        "--records",
         "--out",
         out.to_str().unwrap(),
     ])
@@ -216,6 +217,33 @@ async fn smoke_against_a_router_and_an_engine() {
         set.reports[0].overall.output_tokens,
         set.reports[1].overall.output_tokens
     );
+    // One record per planned request and target; through the router each names the engine
+    // that served it, going direct none does.
+    for (r, via_router) in set.reports.iter().zip([true, false]) {
+        let text = std::fs::read_to_string(out.join(format!("requests-{}.jsonl", r.label)));
+        let lines: Vec<RequestLine> = text
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, planned, "{}", r.label);
+        let met = lines.iter().filter(|l| l.slo_met).count() as f64;
+        assert_eq!(met, (r.overall.slo_attainment * planned as f64).round());
+        for l in &lines {
+            let ok = l.status == Status::Ok;
+            assert_eq!(l.ttft_ms.is_some(), ok, "{l:?}");
+            if via_router && ok {
+                let e = l.endpoint.as_deref().unwrap_or_default();
+                assert!(engines.iter().any(|u| e.starts_with(u.as_str())), "{l:?}");
+            } else if !via_router {
+                assert_eq!(l.endpoint, None);
+            }
+            assert!(
+                l.predicted_ttft_ms.is_none(),
+                "live records carry no prediction"
+            );
+        }
+    }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.starts_with("| metric | router | engine |"), "{md}");
     assert!(md.contains("| p1 SLO attainment |"), "{md}");

@@ -283,6 +283,70 @@ pub struct RequestRecord {
     pub slo_met: bool,
 }
 
+/// One request as `simulate --records` and `bench --records` write it, a JSON line each: what the
+/// client measured, where the router sent it, and what the policy predicted there. Absent values
+/// are `null`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestLine {
+    pub id: u64,
+    /// Sent at, seconds after the run started (virtual time in a simulation).
+    pub sent_at_s: f64,
+    pub priority: u8,
+    /// Where it went: in a simulation the engine's label (`profile#index`) of the last attempt;
+    /// live, the router's `x-qoe-endpoint` response header. `null` if never routed or unknown.
+    pub endpoint: Option<String>,
+    /// Live, as the workload planned them; in a simulation, as the router counts them (the
+    /// simulated engine counts the same).
+    pub prompt_tokens: u32,
+    pub output_tokens: u64,
+    pub status: Status,
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+    pub e2e_ms: f64,
+    pub qoe: f64,
+    pub slo_met: bool,
+    /// What a cost-based policy predicted at the chosen endpoint (simulation only).
+    pub predicted_ttft_ms: Option<f64>,
+    pub predicted_itl_ms: Option<f64>,
+    /// Prompt tokens the policy expected the engine to find cached.
+    pub predicted_cached_tokens: Option<u32>,
+}
+
+impl RequestLine {
+    pub fn new(
+        record: &RequestRecord,
+        endpoint: Option<String>,
+        prompt_tokens: u32,
+        detail: Option<&qoe_core::policy::DecisionDetail>,
+    ) -> RequestLine {
+        let ms = |us: Micros| us as f64 / 1e3;
+        RequestLine {
+            id: record.id,
+            sent_at_s: record.sent_at as f64 / 1e6,
+            priority: record.priority,
+            endpoint,
+            prompt_tokens,
+            output_tokens: record.output_tokens,
+            status: record.status,
+            ttft_ms: record.ttft.map(ms),
+            tpot_ms: record.tpot_s.map(|t| t * 1e3),
+            e2e_ms: ms(record.e2e),
+            qoe: record.qoe,
+            slo_met: record.slo_met,
+            predicted_ttft_ms: detail.map(|d| d.predicted_ttft_ms),
+            predicted_itl_ms: detail.map(|d| d.predicted_itl_ms),
+            predicted_cached_tokens: detail.map(|d| d.cached_tokens),
+        }
+    }
+
+    /// The line as written: JSON and a newline.
+    pub fn to_json_line(&self) -> String {
+        let mut text = serde_json::to_string(self).expect("a request line serializes");
+        text.push('\n');
+        text
+    }
+}
+
 impl RequestRecord {
     /// A request that failed before any token: `status` at `at`.
     pub fn failed(

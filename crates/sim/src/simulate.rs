@@ -81,8 +81,8 @@
 use crate::engine::{Engine, EngineConfig, EngineEvent, SimRequest, SubmitError};
 use crate::fleet::Fleet;
 use crate::report::{
-    LatencyHistogram, Report, ReportBuilder, ReportConfig, ReportMeta, RequestTracker, Status,
-    Summary,
+    LatencyHistogram, Report, ReportBuilder, ReportConfig, ReportMeta, RequestLine, RequestTracker,
+    Status, Summary,
 };
 use crate::rng::{mix64, SplitMix64};
 use crate::workload::{Api, PlannedRequest, Requests, Workload};
@@ -403,7 +403,7 @@ pub fn simulate(
     simulate_recorded(fleet, workload, policy, label, cfg, None)
 }
 
-/// [`simulate`], also writing one [`RequestLine`] per finished request to `records`, as JSON
+/// [`simulate`], also writing one [`crate::report::RequestLine`] per finished request to `records`, as JSON
 /// lines in the order requests end (written as they end: nothing accumulates in memory).
 pub fn simulate_recorded<'a>(
     fleet: &Fleet,
@@ -421,32 +421,6 @@ pub fn simulate_recorded<'a>(
         return Err(SimError(format!("cannot write the request records: {e}")));
     }
     Ok(sim.finish(label, fleet, workload))
-}
-
-/// One request as `simulate --records` writes it: what the client measured, where the router
-/// sent it, and what the policy predicted there (cost-based policies only). Absent values are
-/// `null`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RequestLine {
-    pub id: u64,
-    /// Sent at, seconds of virtual time.
-    pub sent_at_s: f64,
-    pub priority: u8,
-    /// The engine's label (`profile#index`) of the last attempt; `null` if never routed.
-    pub endpoint: Option<String>,
-    /// As the router counts them (the simulated engine counts the same).
-    pub prompt_tokens: u32,
-    pub output_tokens: u64,
-    pub status: Status,
-    pub ttft_ms: Option<f64>,
-    pub tpot_ms: Option<f64>,
-    pub e2e_ms: f64,
-    pub qoe: f64,
-    pub slo_met: bool,
-    pub predicted_ttft_ms: Option<f64>,
-    pub predicted_itl_ms: Option<f64>,
-    /// Prompt tokens the policy expected the engine to find cached.
-    pub predicted_cached_tokens: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1840,27 +1814,9 @@ impl<'a> Sim<'a> {
             return;
         }
         let l = &self.live[slot as usize];
-        let ms = |us: Micros| us as f64 / 1e3;
-        let line = RequestLine {
-            id: record.id,
-            sent_at_s: record.sent_at as f64 / 1e6,
-            priority: record.priority,
-            endpoint: (l.attempt > 0).then(|| self.eps[l.endpoint as usize].label.clone()),
-            prompt_tokens: l.prompt_tokens,
-            output_tokens: record.output_tokens,
-            status: record.status,
-            ttft_ms: record.ttft.map(ms),
-            tpot_ms: record.tpot_s.map(|t| t * 1e3),
-            e2e_ms: ms(record.e2e),
-            qoe: record.qoe,
-            slo_met: record.slo_met,
-            predicted_ttft_ms: l.detail.map(|d| d.predicted_ttft_ms),
-            predicted_itl_ms: l.detail.map(|d| d.predicted_itl_ms),
-            predicted_cached_tokens: l.detail.map(|d| d.cached_tokens),
-        };
-        let mut text = serde_json::to_string(&line).expect("a request line serializes");
-        text.push('\n');
-        if let Err(e) = out.write_all(text.as_bytes()) {
+        let endpoint = (l.attempt > 0).then(|| self.eps[l.endpoint as usize].label.clone());
+        let line = RequestLine::new(record, endpoint, l.prompt_tokens, l.detail.as_ref());
+        if let Err(e) = out.write_all(line.to_json_line().as_bytes()) {
             self.records_error = Some(e);
         }
     }

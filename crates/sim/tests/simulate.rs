@@ -10,9 +10,10 @@ use qoe_core::{
     build_policy, EndpointView, EngineMetrics, Micros, PolicyConfig, PolicyKind, RequestProfile,
 };
 use qoe_sim::fleet::Fleet;
+use qoe_sim::report::RequestLine;
 use qoe_sim::simulate::{
-    simulate, simulate_recorded, sweep_rate, AdmissionSpec, OutputHint, RequestLine, SimConfig,
-    SimOutcome, SweepConfig,
+    simulate, simulate_recorded, sweep_rate, AdmissionSpec, OutputHint, SimConfig, SimOutcome,
+    SweepConfig,
 };
 use qoe_sim::workload::Workload;
 use std::sync::Mutex;
