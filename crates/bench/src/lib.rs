@@ -215,7 +215,8 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         labels.push(label);
     }
     let mut reports = Vec::with_capacity(targets.len());
-    for (target, label) in targets.iter().zip(labels) {
+    let mut record_paths: Vec<PathBuf> = Vec::new();
+    for (i, (target, label)) in targets.iter().zip(labels).enumerate() {
         let model = match args.model.clone().or_else(|| workload.spec().model.clone()) {
             Some(m) => m,
             None => client::first_model(&client, target).await?,
@@ -227,11 +228,15 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
                 target.base
             );
         }
-        let records = args
-            .out
-            .as_ref()
-            .filter(|_| args.records)
-            .map(|dir| records_path(dir, &label));
+        let records = args.out.as_ref().filter(|_| args.records).map(|dir| {
+            let mut path = records_path(dir, &label);
+            if record_paths.contains(&path) {
+                // Labels that differ only in replaced characters get the target's index too.
+                path = records_path(dir, &format!("{label}_{i}"));
+            }
+            record_paths.push(path.clone());
+            path
+        });
         let run = Run {
             client: client.clone(),
             target,
@@ -265,7 +270,8 @@ struct Run<'a> {
 }
 
 /// `DIR/requests-LABEL.jsonl`, the label's characters other than letters, digits, `.`, `-` and
-/// `_` replaced by `_` (a label may be a URL's host:port).
+/// `_` replaced by `_` (a label may be a URL's host:port; see [`bench`] for two labels that
+/// become the same name).
 fn records_path(dir: &Path, label: &str) -> PathBuf {
     let name: String = label
         .chars()
@@ -429,6 +435,19 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_file_names_keep_only_safe_characters() {
+        let dir = Path::new("out");
+        assert_eq!(
+            records_path(dir, "127.0.0.1:8000"),
+            dir.join("requests-127.0.0.1_8000.jsonl")
+        );
+        assert_eq!(
+            records_path(dir, "../qoe router#1"),
+            dir.join("requests-.._qoe_router_1.jsonl")
+        );
+    }
 
     #[test]
     fn flags_parse() {
