@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The standard simulated scenarios of docs/EVALUATION.md: every policy, a goodput sweep each, the
 # reports and plots under OUT (default target/evaluation/). Deterministic: the same binary gives
-# the same files. About ten minutes on two cores; SCENARIOS="hetero rag-large" runs a subset.
+# the same files. About ten minutes on two cores; SCENARIOS="hetero rag-large" runs a subset,
+# RECORDS=1 also writes each run's requests (requests-<policy>.jsonl, see simulate --records).
 #
 #   cargo build --release --bin qoe-router
 #   scripts/simulate-scenarios.sh [OUT]
@@ -12,13 +13,15 @@ OUT=${1:-target/evaluation}
 JOBS=${JOBS:-2}
 POLICIES=${POLICIES:-qoe,roundrobin,random,least-loaded,power-of-two,session,prefix-aware}
 SCENARIOS=${SCENARIOS:-hetero mixed-priority rag-prefix rag-large hot-prefix decode-heavy bursty bursty-uniform degrading}
+EXTRA=()
+if [ -n "${RECORDS:-}" ]; then EXTRA+=(--records); fi
 mkdir -p "$OUT"
 
 sim() {
   local name=$1
   shift
   echo "== $name: simulate $*" >&2
-  "$BIN" simulate "$@" --policies "$POLICIES" --jobs "$JOBS" --quiet --out "$OUT/$name" >/dev/null
+  "$BIN" simulate "$@" --policies "$POLICIES" --jobs "$JOBS" --quiet "${EXTRA[@]}" --out "$OUT/$name" >/dev/null
 }
 
 for s in $SCENARIOS; do
