@@ -19,7 +19,8 @@
 //!   simulated one can be laid side by side.
 //!
 //! Output: the Markdown table on stdout; with `--out DIR`, `DIR/report.json` (a
-//! [`ReportSet`]: `{"reports": [...]}`, one per target) and `DIR/report.md`.
+//! [`ReportSet`]: `{"reports": [...]}`, one per target) and `DIR/report.md`; with `--records`
+//! also `DIR/requests-LABEL.jsonl` per target, a [`RequestLine`] per request.
 //!
 //! Only `http://` targets (the router and engines speak plain HTTP/1.1 on a private network).
 

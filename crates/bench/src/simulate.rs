@@ -16,6 +16,9 @@
 //! * `ttft-cdf.svg`: TTFT CDF per policy; `attainment-vs-rate.svg` (with `--sweep-rate`): SLO
 //!   attainment against the arrival rate, with the 90% goodput line. Drawn by hand: two small
 //!   plots do not justify a plotting dependency.
+//! * with `--records`, `requests-POLICY.jsonl`: every request of each policy's run at the set
+//!   rate, a [`qoe_sim::report::RequestLine`] per line, for readings per engine or per second
+//!   that no summary anticipates.
 //!
 //! The router's settings that change what a policy sees or what happens to a request have the
 //! router's flag names here too: `--scrape-interval` (`--engine-stats-interval`), admission control
