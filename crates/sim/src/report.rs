@@ -200,7 +200,44 @@ impl GapSummary {
         self.sum_us = self.sum_us.saturating_add(gap.saturating_mul(n));
         self.min_us = self.min_us.min(gap);
         self.max_us = self.max_us.max(gap);
+        self.add_to_bucket(bucket_of(gap) as u16, n);
+    }
+
+    /// [`Self::record_n`] that holds back a run of gaps in one bucket in `run` (bucket, count)
+    /// and adds it to the histogram when the bucket changes: a stream's gaps mostly repeat their
+    /// bucket, and `run` lives with the caller's hot state while `buckets` is a cold heap block.
+    /// [`Self::flush`] before reading `buckets`.
+    pub fn record_n_deferred(&mut self, gap: Micros, n: u64, run: &mut (u16, u64)) {
+        if n == 0 {
+            return;
+        }
+        if self.count == 0 {
+            self.min_us = gap;
+        }
+        self.count += n;
+        self.sum_us = self.sum_us.saturating_add(gap.saturating_mul(n));
+        self.min_us = self.min_us.min(gap);
+        self.max_us = self.max_us.max(gap);
         let b = bucket_of(gap) as u16;
+        if run.1 > 0 && run.0 == b {
+            run.1 += n;
+        } else {
+            self.add_to_bucket(run.0, run.1);
+            *run = (b, n);
+        }
+    }
+
+    /// Adds the run held back by [`Self::record_n_deferred`] to the histogram.
+    pub fn flush(&mut self, run: &mut (u16, u64)) {
+        self.add_to_bucket(run.0, run.1);
+        *run = (0, 0);
+    }
+
+    /// Adds `n` gaps to bucket `b` of the histogram (count, sum and extremes are the caller's).
+    fn add_to_bucket(&mut self, b: u16, n: u64) {
+        if n == 0 {
+            return;
+        }
         let add = n.min(u32::MAX as u64) as u32;
         match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
             Ok(i) => self.buckets[i].1 = self.buckets[i].1.saturating_add(add),
@@ -431,6 +468,8 @@ pub struct RequestTracker {
     first: Option<Micros>,
     last: Micros,
     gaps: GapSummary,
+    /// The run of gaps not yet in `gaps.buckets` ([`GapSummary::record_n_deferred`]).
+    run: (u16, u64),
     reported: Option<u64>,
 }
 
@@ -453,6 +492,7 @@ impl RequestTracker {
             first: None,
             last: sent_at,
             gaps: GapSummary::default(),
+            run: (0, 0),
             reported: None,
         }
     }
@@ -467,11 +507,12 @@ impl RequestTracker {
         if self.first.is_none() {
             self.first = Some(at);
             if count > 1 {
-                self.gaps.record_n(0, count - 1);
+                self.gaps.record_n_deferred(0, count - 1, &mut self.run);
             }
         } else {
             let gap = at - self.last;
-            self.gaps.record_n(gap / count, count);
+            self.gaps
+                .record_n_deferred(gap / count, count, &mut self.run);
         }
         self.last = at;
         self.acc.push_n_micros(at - self.sent_at, count);
@@ -490,7 +531,8 @@ impl RequestTracker {
 
     /// Ends the request at `at` with `status`. A successful stream without a token becomes
     /// [`Status::Empty`].
-    pub fn finish(self, at: Micros, status: Status) -> RequestRecord {
+    pub fn finish(mut self, at: Micros, status: Status) -> RequestRecord {
+        self.gaps.flush(&mut self.run);
         let tokens = self.acc.tokens();
         let status = if status.is_ok() && tokens == 0 {
             Status::Empty
@@ -939,6 +981,36 @@ fn md_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deferred_gaps_make_the_same_summary() {
+        // Runs in one bucket, bucket changes, returns to an earlier bucket, zero counts, zero
+        // gaps, the last bucket.
+        let gaps: [(Micros, u64); 11] = [
+            (33_000, 1),
+            (33_100, 3),
+            (0, 2),
+            (33_000, 1),
+            (70_000, 0),
+            (70_000, 5),
+            (7, 1),
+            (7, 1),
+            (u64::MAX, 2),
+            (33_050, 1),
+            (0, 0),
+        ];
+        for take in 0..=gaps.len() {
+            let (mut direct, mut deferred) = (GapSummary::default(), GapSummary::default());
+            let mut run = (0, 0);
+            for &(gap, n) in &gaps[..take] {
+                direct.record_n(gap, n);
+                deferred.record_n_deferred(gap, n, &mut run);
+            }
+            deferred.flush(&mut run);
+            assert_eq!(deferred, direct, "first {take}");
+            assert_eq!(run, (0, 0));
+        }
+    }
 
     const CFG: ReportConfig = ReportConfig {
         default_sla: Sla {
