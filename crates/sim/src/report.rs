@@ -193,13 +193,7 @@ impl GapSummary {
         if n == 0 {
             return;
         }
-        if self.count == 0 {
-            self.min_us = gap;
-        }
-        self.count += n;
-        self.sum_us = self.sum_us.saturating_add(gap.saturating_mul(n));
-        self.min_us = self.min_us.min(gap);
-        self.max_us = self.max_us.max(gap);
+        self.add_to_stats(gap, n);
         self.add_to_bucket(bucket_of(gap) as u16, n);
     }
 
@@ -211,13 +205,7 @@ impl GapSummary {
         if n == 0 {
             return;
         }
-        if self.count == 0 {
-            self.min_us = gap;
-        }
-        self.count += n;
-        self.sum_us = self.sum_us.saturating_add(gap.saturating_mul(n));
-        self.min_us = self.min_us.min(gap);
-        self.max_us = self.max_us.max(gap);
+        self.add_to_stats(gap, n);
         let b = bucket_of(gap) as u16;
         if run.1 > 0 && run.0 == b {
             run.1 += n;
@@ -231,6 +219,17 @@ impl GapSummary {
     pub fn flush(&mut self, run: &mut (u16, u64)) {
         self.add_to_bucket(run.0, run.1);
         *run = (0, 0);
+    }
+
+    /// Counts `n` gaps of `gap` µs in the count, sum and extremes (`n` > 0).
+    fn add_to_stats(&mut self, gap: Micros, n: u64) {
+        if self.count == 0 {
+            self.min_us = gap;
+        }
+        self.count += n;
+        self.sum_us = self.sum_us.saturating_add(gap.saturating_mul(n));
+        self.min_us = self.min_us.min(gap);
+        self.max_us = self.max_us.max(gap);
     }
 
     /// Adds `n` gaps to bucket `b` of the histogram (count, sum and extremes are the caller's).
