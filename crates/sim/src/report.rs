@@ -188,17 +188,8 @@ pub struct GapSummary {
 }
 
 impl GapSummary {
-    /// Records a gap of `gap` µs, `n` times.
-    pub fn record_n(&mut self, gap: Micros, n: u64) {
-        if n == 0 {
-            return;
-        }
-        self.add_to_stats(gap, n);
-        self.add_to_bucket(bucket_of(gap) as u16, n);
-    }
-
-    /// [`Self::record_n`] that holds back a run of gaps in one bucket in `run` (bucket, count)
-    /// and adds it to the histogram when the bucket changes: a stream's gaps mostly repeat their
+    /// Records a gap of `gap` µs, `n` times, holding back a run of gaps in one bucket in `run`
+    /// (bucket, count) and adding it to the histogram when the bucket changes: a stream's gaps mostly repeat their
     /// bucket, and `run` lives with the caller's hot state while `buckets` is a cold heap block.
     /// [`Self::flush`] before reading `buckets`.
     pub fn record_n_deferred(&mut self, gap: Micros, n: u64, run: &mut (u16, u64)) {
@@ -1002,7 +993,11 @@ mod tests {
             let (mut direct, mut deferred) = (GapSummary::default(), GapSummary::default());
             let mut run = (0, 0);
             for &(gap, n) in &gaps[..take] {
-                direct.record_n(gap, n);
+                // Every gap straight into its bucket.
+                if n > 0 {
+                    direct.add_to_stats(gap, n);
+                    direct.add_to_bucket(bucket_of(gap) as u16, n);
+                }
                 deferred.record_n_deferred(gap, n, &mut run);
             }
             deferred.flush(&mut run);
