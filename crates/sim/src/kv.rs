@@ -16,32 +16,44 @@ use std::collections::HashMap;
 
 const NIL: u32 = u32::MAX;
 
+/// One block's state, kept together: an allocation, a release or a hit touches one cache line of
+/// it rather than one per field (the pool of a 200-engine fleet is far larger than any cache).
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    /// The prefix hash this block caches, meaningful only when `hashed`.
+    hash: u64,
+    ref_cnt: u32,
+    prev: u32,
+    next: u32,
+    hashed: bool,
+}
+
 /// The block pool. Block ids are `0..num_blocks`.
 #[derive(Clone, Debug)]
 pub(crate) struct BlockPool {
-    ref_cnt: Vec<u32>,
-    hash: Vec<Option<u64>>,
-    prev: Vec<u32>,
-    next: Vec<u32>,
+    blocks: Vec<Block>,
     head: u32,
     tail: u32,
     num_free: u32,
-    /// Prefix hash -> the block holding it. At most one entry per block.
+    /// Prefix hash -> the block holding it: exactly the blocks with `hashed` set.
     cached: HashMap<u64, u32>,
 }
 
 impl BlockPool {
     pub(crate) fn new(num_blocks: u32) -> Self {
-        let n = num_blocks as usize;
+        let empty = Block {
+            hash: 0,
+            ref_cnt: 0,
+            prev: NIL,
+            next: NIL,
+            hashed: false,
+        };
         let mut pool = Self {
-            ref_cnt: vec![0; n],
-            hash: vec![None; n],
-            prev: vec![NIL; n],
-            next: vec![NIL; n],
+            blocks: vec![empty; num_blocks as usize],
             head: NIL,
             tail: NIL,
             num_free: 0,
-            cached: HashMap::with_capacity(n),
+            cached: HashMap::with_capacity(num_blocks as usize),
         };
         for b in 0..num_blocks {
             pool.push_back(b);
@@ -50,7 +62,7 @@ impl BlockPool {
     }
 
     pub(crate) fn num_blocks(&self) -> u32 {
-        self.ref_cnt.len() as u32
+        self.blocks.len() as u32
     }
 
     /// Blocks not referenced by any sequence (cached or empty): what an allocation can use.
@@ -70,15 +82,15 @@ impl BlockPool {
 
     /// True if `block` is free (so taking it by [`Self::touch`] reduces [`Self::num_free`]).
     pub(crate) fn is_free(&self, block: u32) -> bool {
-        self.ref_cnt[block as usize] == 0
+        self.blocks[block as usize].ref_cnt == 0
     }
 
     /// Takes a reference on a cached block (a prefix hit).
     pub(crate) fn touch(&mut self, block: u32) {
-        if self.ref_cnt[block as usize] == 0 {
+        if self.blocks[block as usize].ref_cnt == 0 {
             self.unlink(block);
         }
-        self.ref_cnt[block as usize] += 1;
+        self.blocks[block as usize].ref_cnt += 1;
     }
 
     /// Allocates an empty block, evicting the prefix the least recently used free block held.
@@ -88,22 +100,26 @@ impl BlockPool {
             return None;
         }
         self.unlink(b);
-        if let Some(h) = self.hash[b as usize].take() {
-            if self.cached.get(&h) == Some(&b) {
-                self.cached.remove(&h);
-            }
+        let block = &mut self.blocks[b as usize];
+        block.ref_cnt = 1;
+        if std::mem::take(&mut block.hashed) {
+            let evicted = self.cached.remove(&block.hash);
+            debug_assert_eq!(
+                evicted,
+                Some(b),
+                "a hashed block is the one cached under its hash"
+            );
         }
-        self.ref_cnt[b as usize] = 1;
         Some(b)
     }
 
     /// Drops one reference on `block`; at zero it becomes free (and stays cached if hashed).
     pub(crate) fn release(&mut self, block: u32) {
-        let r = &mut self.ref_cnt[block as usize];
-        debug_assert!(*r > 0, "double free of block {block}");
-        *r -= 1;
-        if *r == 0 {
-            if self.hash[block as usize].is_some() {
+        let b = &mut self.blocks[block as usize];
+        debug_assert!(b.ref_cnt > 0, "double free of block {block}");
+        b.ref_cnt -= 1;
+        if b.ref_cnt == 0 {
+            if b.hashed {
                 self.push_back(block);
             } else {
                 self.push_front(block);
@@ -114,51 +130,60 @@ impl BlockPool {
     /// Records that `block` (full, referenced) holds the prefix `hash`, unless another block
     /// already does (then this one simply stays uncached, as in vLLM).
     pub(crate) fn register(&mut self, block: u32, hash: u64) {
-        if self.hash[block as usize].is_some() {
+        let b = &mut self.blocks[block as usize];
+        if b.hashed {
             return;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(block);
-            self.hash[block as usize] = Some(hash);
+            b.hash = hash;
+            b.hashed = true;
         }
     }
 
     fn unlink(&mut self, b: u32) {
-        let (p, n) = (self.prev[b as usize], self.next[b as usize]);
+        let Block {
+            prev: p, next: n, ..
+        } = self.blocks[b as usize];
         if p == NIL {
             self.head = n;
         } else {
-            self.next[p as usize] = n;
+            self.blocks[p as usize].next = n;
         }
         if n == NIL {
             self.tail = p;
         } else {
-            self.prev[n as usize] = p;
+            self.blocks[n as usize].prev = p;
         }
-        self.prev[b as usize] = NIL;
-        self.next[b as usize] = NIL;
+        let block = &mut self.blocks[b as usize];
+        block.prev = NIL;
+        block.next = NIL;
         self.num_free -= 1;
     }
 
     fn push_back(&mut self, b: u32) {
-        self.prev[b as usize] = self.tail;
-        self.next[b as usize] = NIL;
-        if self.tail == NIL {
+        let tail = self.tail;
+        let block = &mut self.blocks[b as usize];
+        block.prev = tail;
+        block.next = NIL;
+        if tail == NIL {
             self.head = b;
         } else {
-            self.next[self.tail as usize] = b;
+            self.blocks[tail as usize].next = b;
         }
         self.tail = b;
         self.num_free += 1;
     }
 
     fn push_front(&mut self, b: u32) {
-        self.next[b as usize] = self.head;
-        self.prev[b as usize] = NIL;
-        if self.head == NIL {
+        let head = self.head;
+        let block = &mut self.blocks[b as usize];
+        block.next = head;
+        block.prev = NIL;
+        if head == NIL {
             self.tail = b;
         } else {
-            self.prev[self.head as usize] = b;
+            self.blocks[head as usize].prev = b;
         }
         self.head = b;
         self.num_free += 1;
