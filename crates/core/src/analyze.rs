@@ -226,7 +226,6 @@ pub fn analyze<'h>(
         Phase::DecodeDominant
     };
     let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
-    let request_hash = hash_bytes(0, body);
 
     Ok(RequestProfile {
         model,
@@ -241,7 +240,6 @@ pub fn analyze<'h>(
         prefix_hashes,
         phase,
         stage,
-        request_hash,
     })
 }
 

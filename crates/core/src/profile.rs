@@ -96,8 +96,6 @@ pub struct RequestProfile {
     pub prefix_hashes: Vec<u64>,
     pub phase: Phase,
     pub stage: Stage,
-    /// A per-request hash used for deterministic random choices (tie-breaks, sampling).
-    pub request_hash: u64,
 }
 
 impl RequestProfile {
@@ -116,7 +114,6 @@ impl RequestProfile {
             prefix_hashes: Vec::new(),
             phase: Phase::DecodeDominant,
             stage: Stage::Whole,
-            request_hash: 0,
         }
     }
 }

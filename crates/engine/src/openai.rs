@@ -13,6 +13,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use qoe_core::analyze::{analyze, AnalyzerConfig, Route};
+use qoe_core::prompt::hash_bytes;
 use qoe_core::ApiKind;
 use qoe_sim::rng::{mix64, SplitMix64};
 use serde_json::{json, Value};
@@ -105,7 +106,7 @@ pub(crate) struct ParsedRequest {
     pub priority: i32,
     /// The body's `seed`, if any.
     pub seed: Option<u64>,
-    /// Hash of the prompt and body: the request's own random stream.
+    /// Hash of the whole body: the request's own random stream.
     pub request_hash: u64,
     pub kv: KvStage,
 }
@@ -211,7 +212,7 @@ pub(crate) fn parse_request(
         ignore_eos: boolean(obj, "ignore_eos", "ignore_eos")?,
         priority,
         seed,
-        request_hash: profile.request_hash,
+        request_hash: hash_bytes(0, body),
         kv,
     })
 }
