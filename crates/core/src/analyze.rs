@@ -9,6 +9,8 @@ use crate::prompt::{estimate_tokens_from_len, hash_bytes, prefix_block_hashes};
 use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
 use serde_json::Value;
 
+mod body;
+
 /// Names and defaults the analyzer needs (part of the router's one config).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AnalyzerConfig {
@@ -80,6 +82,100 @@ pub struct Route {
     pub model_required: bool,
 }
 
+/// What the body says, before any header is read.
+#[derive(Debug, PartialEq)]
+struct BodyFacts {
+    model: String,
+    stream: bool,
+    /// `max_tokens`, else `max_completion_tokens`.
+    max_tokens: Option<u64>,
+    prompt: body::PromptText,
+    /// The hash of the body field named like the session key, if it is a string or a number.
+    session_key: Option<u64>,
+    stage: Stage,
+}
+
+/// Reads the body in one pass ([`body`]) and checks its fields, in the order their errors are
+/// reported: the JSON itself, `model`, `stream`, `max_tokens`, `max_completion_tokens`, then the
+/// prompt.
+fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyFacts, BadRequest> {
+    let chat = route.kind == ApiKind::Chat;
+    let mut fields = if body.is_empty() && !route.model_required {
+        body::Fields::empty_object()
+    } else {
+        body::read(body, chat, &config.session_key).map_err(|e| BadRequest {
+            param: None,
+            message: format!("request body is not valid JSON: {e}"),
+        })?
+    };
+    if !fields.is_object {
+        return Err(BadRequest {
+            param: None,
+            message: "request body must be a JSON object".into(),
+        });
+    }
+    let session_key = session_hash(fields.take_session(&config.session_key).as_ref());
+    let model = match fields.model {
+        Some(Value::String(m)) if !m.is_empty() => m,
+        other => model_error(other.as_ref(), route)?,
+    };
+    let stream = stream_flag(fields.stream.as_ref())?;
+    let max_tokens = optional_count(fields.max_tokens.as_ref(), "max_tokens")?.or(optional_count(
+        fields.max_completion_tokens.as_ref(),
+        "max_completion_tokens",
+    )?);
+    if chat && !fields.has_messages && route.model_required {
+        return Err(BadRequest::new("messages", "'messages' is required"));
+    }
+    Ok(BodyFacts {
+        model,
+        stream,
+        max_tokens,
+        prompt: fields.prompt?,
+        session_key,
+        stage: stage(fields.kv_transfer_params.as_ref()),
+    })
+}
+
+/// The model when `model` is not a non-empty string: none if the route does not need one,
+/// else the error.
+fn model_error(model: Option<&Value>, route: Route) -> Result<String, BadRequest> {
+    match model {
+        None | Some(Value::Null) if !route.model_required => Ok(String::new()),
+        None | Some(Value::Null) => Err(BadRequest::new("model", "'model' is required")),
+        Some(_) => Err(BadRequest::new(
+            "model",
+            "'model' must be a non-empty string",
+        )),
+    }
+}
+
+fn stream_flag(stream: Option<&Value>) -> Result<bool, BadRequest> {
+    match stream {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(BadRequest::new("stream", "'stream' must be a boolean")),
+    }
+}
+
+fn session_hash(field: Option<&Value>) -> Option<u64> {
+    match field {
+        Some(Value::String(s)) => Some(hash_bytes(1, s.as_bytes())),
+        Some(Value::Number(n)) => Some(hash_bytes(1, n.to_string().as_bytes())),
+        _ => None,
+    }
+}
+
+/// A request carrying `kv_transfer_params.do_remote_prefill: true` is a decode-stage request.
+fn stage(kv_transfer_params: Option<&Value>) -> Stage {
+    match kv_transfer_params {
+        Some(Value::Object(p)) if p.get("do_remote_prefill") == Some(&Value::Bool(true)) => {
+            Stage::Decode
+        }
+        _ => Stage::Whole,
+    }
+}
+
 /// Analyzes a request. `header` looks a header up by lower-case name; `learned_output` gives the
 /// router's running estimate of output length for a model, used when the request says nothing.
 pub fn analyze<'h>(
@@ -89,66 +185,14 @@ pub fn analyze<'h>(
     config: &AnalyzerConfig,
     learned_output: impl FnOnce(&str) -> u32,
 ) -> Result<RequestProfile, BadRequest> {
-    let json: Value = if body.is_empty() && !route.model_required {
-        Value::Object(Default::default())
-    } else {
-        serde_json::from_slice(body).map_err(|e| BadRequest {
-            param: None,
-            message: format!("request body is not valid JSON: {e}"),
-        })?
-    };
-    let Value::Object(obj) = &json else {
-        return Err(BadRequest {
-            param: None,
-            message: "request body must be a JSON object".into(),
-        });
-    };
-
-    let model = match obj.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        None | Some(Value::Null) if !route.model_required => String::new(),
-        None | Some(Value::Null) => {
-            return Err(BadRequest::new("model", "'model' is required"));
-        }
-        Some(_) => {
-            return Err(BadRequest::new(
-                "model",
-                "'model' must be a non-empty string",
-            ));
-        }
-    };
-    let stream = match obj.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(BadRequest::new("stream", "'stream' must be a boolean")),
-    };
-    let max_tokens = optional_count(obj.get("max_tokens"), "max_tokens")?.or(optional_count(
-        obj.get("max_completion_tokens"),
-        "max_completion_tokens",
-    )?);
-
-    let mut prompt = PromptText::default();
-    match route.kind {
-        ApiKind::Chat => match obj.get("messages") {
-            Some(Value::Array(messages)) => {
-                for (i, m) in messages.iter().enumerate() {
-                    prompt.add_message(m, i)?;
-                }
-            }
-            Some(_) => return Err(BadRequest::new("messages", "'messages' must be an array")),
-            None if route.model_required => {
-                return Err(BadRequest::new("messages", "'messages' is required"))
-            }
-            None => {}
-        },
-        _ => {
-            for field in ["prompt", "input", "text", "query", "documents"] {
-                if let Some(v) = obj.get(field) {
-                    prompt.add_prompt(v, field)?;
-                }
-            }
-        }
-    }
+    let BodyFacts {
+        model,
+        stream,
+        max_tokens,
+        prompt,
+        session_key: body_session_key,
+        stage,
+    } = read_body(route, body, config)?;
 
     let priority = match header(&config.priority_header) {
         None => Priority::DEFAULT,
@@ -204,18 +248,7 @@ pub fn analyze<'h>(
 
     let session_key = header(&config.session_key)
         .map(|v| hash_bytes(1, v))
-        .or_else(|| match obj.get(&config.session_key) {
-            Some(Value::String(s)) => Some(hash_bytes(1, s.as_bytes())),
-            Some(Value::Number(n)) => Some(hash_bytes(1, n.to_string().as_bytes())),
-            _ => None,
-        });
-
-    let stage = match obj.get("kv_transfer_params") {
-        Some(Value::Object(p)) if p.get("do_remote_prefill") == Some(&Value::Bool(true)) => {
-            Stage::Decode
-        }
-        _ => Stage::Whole,
-    };
+        .or(body_session_key);
 
     let prompt_tokens = prompt.tokens();
     let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
@@ -278,87 +311,10 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// The prompt as one text (for prefix hashes) plus tokens given as ids.
-#[derive(Default)]
-struct PromptText {
-    text: String,
-    token_ids: u64,
-}
-
-impl PromptText {
+impl body::PromptText {
     fn tokens(&self) -> u32 {
         let ids = self.token_ids.min(u32::MAX as u64) as u32;
         estimate_tokens_from_len(self.text.len()).saturating_add(ids)
-    }
-
-    /// Chat messages are joined as `role: content\n`, the rule the simulated engine also uses.
-    fn add_message(&mut self, message: &Value, i: usize) -> Result<(), BadRequest> {
-        let Value::Object(m) = message else {
-            return Err(BadRequest::new(
-                "messages",
-                format!("messages[{i}] must be an object with 'role' and 'content'"),
-            ));
-        };
-        let role = match m.get("role") {
-            Some(Value::String(r)) => r.as_str(),
-            _ => {
-                return Err(BadRequest::new(
-                    "messages",
-                    format!("messages[{i}].role must be a string"),
-                ))
-            }
-        };
-        self.text.push_str(role);
-        self.text.push_str(": ");
-        match m.get("content") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => self.text.push_str(s),
-            Some(Value::Array(parts)) => {
-                for part in parts {
-                    if let Some(Value::String(t)) = part.get("text") {
-                        self.text.push_str(t);
-                    }
-                }
-            }
-            Some(_) => {
-                return Err(BadRequest::new(
-                    "messages",
-                    format!("messages[{i}].content must be a string or an array of parts"),
-                ))
-            }
-        }
-        self.text.push('\n');
-        Ok(())
-    }
-
-    /// `prompt`/`input`: a string, an array of strings, token ids, or arrays of token ids.
-    fn add_prompt(&mut self, v: &Value, field: &str) -> Result<(), BadRequest> {
-        let bad = || {
-            BadRequest::new(
-                field,
-                format!("'{field}' must be a string, an array of strings, or token ids"),
-            )
-        };
-        match v {
-            Value::String(s) => self.text.push_str(s),
-            Value::Array(items) => {
-                for item in items {
-                    match item {
-                        Value::String(s) => self.text.push_str(s),
-                        Value::Number(_) => self.token_ids += 1,
-                        Value::Array(ids) => self.token_ids += ids.len() as u64,
-                        Value::Object(_) if field == "input" => {
-                            // Responses API items: count their text content.
-                            self.text.push_str(&item.to_string());
-                        }
-                        _ => return Err(bad()),
-                    }
-                }
-            }
-            Value::Null => {}
-            _ => return Err(bad()),
-        }
-        Ok(())
     }
 }
 
@@ -576,6 +532,195 @@ mod tests {
         assert_eq!(p.prompt_tokens, 2);
     }
 
+    #[test]
+    fn message_keys_in_any_order_and_the_last_duplicate_counts() {
+        let text = |body: &str| {
+            let p = run(CHAT, body, &[]).unwrap();
+            (p.prompt_tokens, p.prefix_hashes)
+        };
+        // 64 bytes make one prefix block, so equal hashes mean equal texts.
+        let long = "x".repeat(70);
+        let role_first =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{long}"}}]}}"#);
+        let content_first =
+            format!(r#"{{"model":"m","messages":[{{"content":"{long}","role":"user"}}]}}"#);
+        let duplicates = format!(
+            r#"{{"model":"m","messages":[{{"role":"system","content":"dropped","content":"{long}","role":"user","name":"n"}}]}}"#
+        );
+        let escaped =
+            format!(r#"{{"model":"m","messages":[{{"role":"us\u0065r","content":"{long}"}}]}}"#);
+        assert_eq!(text(&role_first).1.len(), 1);
+        assert_eq!(text(&content_first), text(&role_first));
+        assert_eq!(text(&duplicates), text(&role_first));
+        let content_role_content = format!(
+            r#"{{"model":"m","messages":[{{"content":"dropped","role":"user","content":"{long}"}}]}}"#
+        );
+        assert_eq!(text(&content_role_content), text(&role_first));
+        assert_eq!(text(&escaped), text(&role_first));
+        // The last `messages` counts too.
+        let twice = format!(
+            r#"{{"model":"m","messages":[{{"role":"system","content":"dropped"}}],"messages":[{{"role":"user","content":"{long}"}}]}}"#
+        );
+        assert_eq!(text(&twice), text(&role_first));
+    }
+
+    #[test]
+    fn prompt_fields_join_in_a_fixed_order() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        let route = Route {
+            kind: ApiKind::Other,
+            model_required: false,
+        };
+        let p1 = run(
+            route,
+            &format!(r#"{{"query":"{a}","documents":["{b}"]}}"#),
+            &[],
+        )
+        .unwrap();
+        let p2 = run(
+            route,
+            &format!(r#"{{"documents":["{b}"],"query":"{a}"}}"#),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p1.prompt_tokens, 20);
+        assert_eq!(p1.prefix_hashes, p2.prefix_hashes);
+        assert_eq!(p1.prefix_hashes.len(), 1);
+    }
+
+    /// The body read as it was before the one-pass parser: into a `serde_json::Value`, fields
+    /// taken from the tree. Kept as the reference the one-pass parser must agree with.
+    mod reference {
+        use super::super::body::PromptText;
+        use super::super::*;
+
+        pub(in super::super) fn read_body(
+            route: Route,
+            body: &[u8],
+            config: &AnalyzerConfig,
+        ) -> Result<BodyFacts, BadRequest> {
+            let json: Value = if body.is_empty() && !route.model_required {
+                Value::Object(Default::default())
+            } else {
+                serde_json::from_slice(body).map_err(|e| BadRequest {
+                    param: None,
+                    message: format!("request body is not valid JSON: {e}"),
+                })?
+            };
+            let Value::Object(obj) = &json else {
+                return Err(BadRequest {
+                    param: None,
+                    message: "request body must be a JSON object".into(),
+                });
+            };
+            let model = match obj.get("model") {
+                Some(Value::String(m)) if !m.is_empty() => m.clone(),
+                other => model_error(other, route)?,
+            };
+            let stream = stream_flag(obj.get("stream"))?;
+            let max_tokens = optional_count(obj.get("max_tokens"), "max_tokens")?.or(
+                optional_count(obj.get("max_completion_tokens"), "max_completion_tokens")?,
+            );
+            let mut prompt = PromptText::default();
+            match route.kind {
+                ApiKind::Chat => match obj.get("messages") {
+                    Some(Value::Array(messages)) => {
+                        for (i, m) in messages.iter().enumerate() {
+                            add_message(&mut prompt, m, i)?;
+                        }
+                    }
+                    Some(_) => {
+                        return Err(BadRequest::new("messages", "'messages' must be an array"))
+                    }
+                    None if route.model_required => {
+                        return Err(BadRequest::new("messages", "'messages' is required"))
+                    }
+                    None => {}
+                },
+                _ => {
+                    for field in ["prompt", "input", "text", "query", "documents"] {
+                        if let Some(v) = obj.get(field) {
+                            add_prompt(&mut prompt, v, field)?;
+                        }
+                    }
+                }
+            }
+            Ok(BodyFacts {
+                model,
+                stream,
+                max_tokens,
+                prompt,
+                session_key: session_hash(obj.get(&config.session_key)),
+                stage: stage(obj.get("kv_transfer_params")),
+            })
+        }
+
+        fn add_message(p: &mut PromptText, message: &Value, i: usize) -> Result<(), BadRequest> {
+            let Value::Object(m) = message else {
+                return Err(BadRequest::new(
+                    "messages",
+                    format!("messages[{i}] must be an object with 'role' and 'content'"),
+                ));
+            };
+            let Some(Value::String(role)) = m.get("role") else {
+                return Err(BadRequest::new(
+                    "messages",
+                    format!("messages[{i}].role must be a string"),
+                ));
+            };
+            p.text.push_str(role);
+            p.text.push_str(": ");
+            match m.get("content") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => p.text.push_str(s),
+                Some(Value::Array(parts)) => {
+                    for part in parts {
+                        if let Some(Value::String(t)) = part.get("text") {
+                            p.text.push_str(t);
+                        }
+                    }
+                }
+                Some(_) => {
+                    return Err(BadRequest::new(
+                        "messages",
+                        format!("messages[{i}].content must be a string or an array of parts"),
+                    ))
+                }
+            }
+            p.text.push('\n');
+            Ok(())
+        }
+
+        fn add_prompt(p: &mut PromptText, v: &Value, field: &str) -> Result<(), BadRequest> {
+            let bad = || {
+                BadRequest::new(
+                    field,
+                    format!("'{field}' must be a string, an array of strings, or token ids"),
+                )
+            };
+            match v {
+                Value::String(s) => p.text.push_str(s),
+                Value::Array(items) => {
+                    for item in items {
+                        match item {
+                            Value::String(s) => p.text.push_str(s),
+                            Value::Number(_) => p.token_ids += 1,
+                            Value::Array(ids) => p.token_ids += ids.len() as u64,
+                            Value::Object(_) if field == "input" => {
+                                p.text.push_str(&item.to_string())
+                            }
+                            _ => return Err(bad()),
+                        }
+                    }
+                }
+                Value::Null => {}
+                _ => return Err(bad()),
+            }
+            Ok(())
+        }
+    }
+
     mod properties {
         //! Property tests: whatever the bytes, the analyzer returns a profile or an error that names
         //! the field or header at fault, or says the body is not a JSON object; it never panics.
@@ -770,6 +915,97 @@ mod tests {
                 let body = [&valid[..start], &junk[..], &valid[end..]].concat();
                 check(route, run_any(route, &body, &[None, None, None]))?;
             }
+
+            #[test]
+            fn one_pass_agrees_with_the_tree(route in arb_route(), body in arb_body()) {
+                let bytes = serde_json::to_vec(&body).unwrap();
+                agree(route, &bytes)?;
+            }
+
+            #[test]
+            fn one_pass_agrees_on_mutated_bodies(
+                route in arb_route(),
+                at in any::<prop::sample::Index>(),
+                cut in 0usize..16,
+                junk in prop::collection::vec(any::<u8>(), 0..8),
+            ) {
+                let valid = br#"{"messages":[{"content":[{"text":"hi","type":"text"},"x",{"text":1}],"role":"user"},{"role":"system","content":"be\n \"brief\""}],"model":"m","stream":true,"max_tokens":64,"prompt":["a",[1,2],3],"input":[{"b":1,"a":"x"}],"x-session-id":7}"#;
+                let start = at.index(valid.len());
+                let end = (start + cut).min(valid.len());
+                let body = [&valid[..start], &junk[..], &valid[end..]].concat();
+                agree(route, &body)?;
+            }
+        }
+
+        /// A JSON text for a chat message: `role` and `content` keys of assorted types, in any
+        /// order, sometimes repeated, among other keys.
+        fn arb_message_text() -> impl Strategy<Value = String> {
+            let value = prop_oneof![
+                3 => "[a-z \\n\"é]{0,80}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+                1 => Just("null".to_string()),
+                1 => Just("7".to_string()),
+                1 => Just(r#"[{"type":"text","text":"part"},{"text":2},"x",{"text":"a","text":"b"}]"#.to_string()),
+                1 => Just(r#"{"text":"no"}"#.to_string()),
+            ];
+            let key = prop::sample::select(vec!["role", "content", "name", "role", "content"]);
+            prop::collection::vec((key, value), 0..5).prop_map(|pairs| {
+                let fields: Vec<String> =
+                    pairs.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", fields.join(","))
+            })
+        }
+
+        fn arb_chat_text() -> impl Strategy<Value = String> {
+            (
+                prop::collection::vec(arb_message_text(), 0..5),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(messages, twice, stream_first)| {
+                    let messages = format!("[{}]", messages.join(","));
+                    let mut fields = vec![format!("\"messages\":{messages}")];
+                    if twice {
+                        fields.push(r#""messages":[{"role":"user","content":"again"}]"#.into());
+                    }
+                    let other = r#""model":"m","stream":false,"max_tokens":9"#.to_string();
+                    if stream_first {
+                        fields.insert(0, other);
+                    } else {
+                        fields.push(other);
+                    }
+                    format!("{{{}}}", fields.join(","))
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn one_pass_agrees_on_chat_messages(body in arb_chat_text()) {
+                agree(CHAT_ROUTE, body.as_bytes())?;
+            }
+        }
+
+        const CHAT_ROUTE: Route = Route {
+            kind: ApiKind::Chat,
+            model_required: true,
+        };
+
+        /// The one-pass parser and the tree-walking reference read the same facts from a body
+        /// (the same prompt text, to the byte), or fail alike (syntax errors may be worded apart:
+        /// both say the body is not JSON, and name no field).
+        fn agree(route: Route, body: &[u8]) -> Result<(), TestCaseError> {
+            let config = AnalyzerConfig::default();
+            let new = read_body(route, body, &config);
+            let old = super::reference::read_body(route, body, &config);
+            match (&new, &old) {
+                (Err(a), Err(b)) if a.param.is_none() && b.param.is_none() => {
+                    prop_assert_eq!(
+                        a.message.contains("not valid JSON"),
+                        b.message.contains("not valid JSON")
+                    );
+                }
+                _ => prop_assert_eq!(new, old),
+            }
+            Ok(())
         }
     }
 }
