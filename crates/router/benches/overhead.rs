@@ -33,7 +33,9 @@
 //! `OVERHEAD_MODE` = `stream` or `non-stream` to run one mode (the per-chunk figure needs both),
 //! `OVERHEAD_TTFT_MS` / `OVERHEAD_ITL_MS` / `OVERHEAD_TOKENS` to change the pacing,
 //! `OVERHEAD_JITTER` (e.g. `0.2`) to vary each paced request's TTFT and ITL by up to ±20%
-//! (default 0: every answer takes the same time and closed-loop clients move in lockstep).
+//! (default 0: every answer takes the same time and closed-loop clients move in lockstep),
+//! `OVERHEAD_ROUNDS` (default 1) to measure each paced cell that many times, direct, relay and
+//! router in turn, and report the past-schedule percentiles as medians over the rounds.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -214,15 +216,17 @@ fn start_upstream(name: &str, pacing: Option<Pacing>) -> String {
 /// A byte relay in front of `upstream` on its own thread: each connection copied both ways to a
 /// connection of its own to the upstream, no parsing. What any user-space proxy hop costs on this
 /// machine (two reads, two writes and the wake-ups between them), the floor under the router's
-/// added latency.
-fn start_relay(upstream: &str) -> String {
+/// added latency. Returns its URL and its thread's `/proc` directory.
+fn start_relay(upstream: &str) -> (String, std::path::PathBuf) {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
     let target = upstream.trim_start_matches("http://").to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || {
+            tx.send(thread_dir()).unwrap();
             runtime().block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
                 loop {
@@ -238,7 +242,13 @@ fn start_relay(upstream: &str) -> String {
             });
         })
         .unwrap();
-    format!("http://{addr}")
+    (format!("http://{addr}"), rx.recv().unwrap())
+}
+
+/// The calling thread's `/proc` directory (its `schedstat` and `io`).
+fn thread_dir() -> std::path::PathBuf {
+    let me = std::fs::read_link("/proc/thread-self").expect("procfs");
+    std::path::Path::new("/proc").join(me)
 }
 
 /// Starts one router per upstream, all on one thread; returns their URLs and the thread's `/proc`
@@ -266,8 +276,7 @@ fn start_routers(upstreams: &[&str]) -> (Vec<String>, std::path::PathBuf) {
     std::thread::Builder::new()
         .name("router".into())
         .spawn(move || {
-            let me = std::fs::read_link("/proc/thread-self").expect("procfs");
-            tx.send(std::path::Path::new("/proc").join(me)).unwrap();
+            tx.send(thread_dir()).unwrap();
             runtime().block_on(async move {
                 let runs = servers.into_iter().map(|(l, config)| async move {
                     let listener = tokio::net::TcpListener::from_std(l).unwrap();
@@ -282,7 +291,7 @@ fn start_routers(upstreams: &[&str]) -> (Vec<String>, std::path::PathBuf) {
     (urls, rx.recv().unwrap())
 }
 
-/// What the router thread has used so far: on-CPU time (the first field of `schedstat`, ns) and
+/// What a proxy thread has used so far: on-CPU time (the first field of `schedstat`, ns) and
 /// write system calls (`syscw` of `io`; socket reads go through `recv`, which `io` does not
 /// count).
 #[derive(Clone, Copy)]
@@ -461,12 +470,14 @@ fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, 
 
 /// The router thread, and what it uses per second when no request comes (scrapes and health
 /// checks), subtracted from every cell's figures.
-struct RouterThread {
+/// A proxy's thread (the router's or the relay's): where to read its usage, and what it uses
+/// idle (scrapes, health checks), per second.
+struct ProxyThread {
     dir: std::path::PathBuf,
     idle_per_s: Usage,
 }
 
-impl RouterThread {
+impl ProxyThread {
     fn new(dir: std::path::PathBuf) -> Self {
         let (t, before) = (Instant::now(), Usage::of(&dir));
         std::thread::sleep(Duration::from_secs(2));
@@ -475,21 +486,21 @@ impl RouterThread {
             cpu_ns: (after.cpu_ns - before.cpu_ns) / secs,
             writes: (after.writes - before.writes) / secs,
         };
-        RouterThread { dir, idle_per_s }
+        ProxyThread { dir, idle_per_s }
     }
 }
 
-/// One cell through the router, and what the router used per request in it.
-fn measure_router(
-    router: &str,
-    thread: &RouterThread,
+/// One cell through a proxy, and what the proxy's thread used per request in it.
+fn measure_via(
+    proxy: &str,
+    thread: &ProxyThread,
     streaming: bool,
     concurrency: usize,
     warmup: Duration,
     secs: f64,
 ) -> (Cell, Usage) {
     let (t, before) = (Instant::now(), Usage::of(&thread.dir));
-    let cell = measure(router, streaming, concurrency, warmup, secs);
+    let cell = measure(proxy, streaming, concurrency, warmup, secs);
     let used = Usage::of(&thread.dir).since(before, thread.idle_per_s, t.elapsed().as_secs_f64());
     let per_request = used.per(cell.completed);
     (cell, per_request)
@@ -531,7 +542,7 @@ fn usage_cells(u: &Usage) -> String {
     format!("{:.1} | {:.1}", u.cpu_ns / 1e3, u.writes)
 }
 
-fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
+fn instant(upstream: &str, router: &str, thread: &ProxyThread, secs: f64) {
     let warmup = Duration::from_millis(300);
     println!("\n### instant upstream ({secs} s per cell)\n");
     println!("| mode | concurrency | direct p50 µs | router p50 µs | added p50 µs | direct p99 µs | router p99 µs | added p99 µs | direct req/s | router req/s | router/direct | router CPU µs/request | router writes/request | router CPU µs/chunk |");
@@ -540,7 +551,7 @@ fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
         let mut cpu_plain = f64::NAN;
         for (streaming, mode) in modes() {
             let d = measure(upstream, streaming, concurrency, warmup, secs);
-            let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
+            let (r, used) = measure_via(router, thread, streaming, concurrency, warmup, secs);
             let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, INSTANT_CHUNKS);
             let used = usage_cells(&used);
             let mode = if streaming {
@@ -564,7 +575,13 @@ fn instant(upstream: &str, router: &str, thread: &RouterThread, secs: f64) {
     }
 }
 
-fn paced(upstream: &str, relay: &str, router: &str, thread: &RouterThread, p: Pacing, secs: f64) {
+fn paced(
+    upstream: &str,
+    (relay, relay_thread): (&str, &ProxyThread),
+    (router, thread): (&str, &ProxyThread),
+    p: Pacing,
+    secs: f64,
+) {
     // Long enough for every closed-loop client to be past its first request.
     let warmup = p.whole() + Duration::from_millis(200);
     println!(
@@ -585,56 +602,76 @@ fn paced(upstream: &str, relay: &str, router: &str, thread: &RouterThread, p: Pa
             r - d
         )
     };
+    let rounds = env("OVERHEAD_ROUNDS", 1usize).max(1);
     let mut relay_rows = Vec::new();
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
         for (streaming, mode) in modes() {
-            let d = measure(upstream, streaming, concurrency, warmup, secs);
-            let b = measure(relay, streaming, concurrency, warmup, secs);
-            let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
-            let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, p.tokens);
-            let used = usage_cells(&used);
-            let (t50, t99) = if streaming {
-                (pair(d.ttft_p50, r.ttft_p50), pair(d.ttft_p99, r.ttft_p99))
-            } else {
-                ("–".into(), "–".into())
+            // Direct, relay and router in turn, `rounds` times: the machine's slow drifts then
+            // hit all three alike, and the medians over rounds drop the rounds a burst of
+            // outside load spoiled.
+            let mut late: [Vec<[f64; 4]>; 3] = Default::default();
+            let mut n = [0usize; 3];
+            let mut cpu_us: [Vec<f64>; 2] = Default::default();
+            for _ in 0..rounds {
+                let d = measure(upstream, streaming, concurrency, warmup, secs);
+                let (b, relay_used) =
+                    measure_via(relay, relay_thread, streaming, concurrency, warmup, secs);
+                let (r, used) = measure_via(router, thread, streaming, concurrency, warmup, secs);
+                for (i, c) in [&d, &b, &r].into_iter().enumerate() {
+                    late[i].push([c.ttft_late.0, c.e2e_late.0, c.ttft_late.1, c.e2e_late.1]);
+                    n[i] += c.n;
+                }
+                cpu_us[0].push(relay_used.cpu_ns / 1e3);
+                cpu_us[1].push(used.cpu_ns / 1e3);
+                let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, p.tokens);
+                let used = usage_cells(&used);
+                let (t50, t99) = if streaming {
+                    (pair(d.ttft_p50, r.ttft_p50), pair(d.ttft_p99, r.ttft_p99))
+                } else {
+                    ("–".into(), "–".into())
+                };
+                println!(
+                    "| {mode} | {concurrency} | {}, {} | {t50} | {t99} | {} | {} | {:.0} | {:.0} | {:.2} | {used} | {per_chunk} |",
+                    d.n,
+                    r.n,
+                    pair(d.e2e_p50, r.e2e_p50),
+                    pair(d.e2e_p99, r.e2e_p99),
+                    d.rps,
+                    r.rps,
+                    r.rps / d.rps
+                );
+            }
+            // Column k's median over rounds, for direct, relay and router.
+            let median = |k: usize| {
+                let m = |i: usize| {
+                    percentile(&mut late[i].iter().map(|v| v[k]).collect::<Vec<_>>(), 0.5)
+                };
+                three(m(0), m(1), m(2))
             };
+            let dash = || "–".to_string();
             relay_rows.push(format!(
-                "| {mode} | {concurrency} | {}, {}, {} | {} | {} | {} | {} |",
-                d.n,
-                b.n,
-                r.n,
-                if streaming {
-                    three(d.ttft_late.0, b.ttft_late.0, r.ttft_late.0)
-                } else {
-                    "–".into()
-                },
-                three(d.e2e_late.0, b.e2e_late.0, r.e2e_late.0),
-                if streaming {
-                    three(d.ttft_late.1, b.ttft_late.1, r.ttft_late.1)
-                } else {
-                    "–".into()
-                },
-                three(d.e2e_late.1, b.e2e_late.1, r.e2e_late.1),
+                "| {mode} | {concurrency} | {}, {}, {} | {} | {} | {} | {} | {:.0} / {:.0} |",
+                n[0],
+                n[1],
+                n[2],
+                if streaming { median(0) } else { dash() },
+                median(1),
+                if streaming { median(2) } else { dash() },
+                median(3),
+                percentile(&mut cpu_us[0], 0.5),
+                percentile(&mut cpu_us[1], 0.5),
             ));
-            println!(
-                "| {mode} | {concurrency} | {}, {} | {t50} | {t99} | {} | {} | {:.0} | {:.0} | {:.2} | {used} | {per_chunk} |",
-                d.n,
-                r.n,
-                pair(d.e2e_p50, r.e2e_p50),
-                pair(d.e2e_p99, r.e2e_p99),
-                d.rps,
-                r.rps,
-                r.rps / d.rps
-            );
         }
     }
     println!(
         "\nPast the upstream's schedule, µs (each request's first byte and end less the delays the \
-         paced upstream drew for it): direct / byte relay / router.\n"
+         paced upstream drew for it): direct / byte relay / router; with several rounds, each \
+         percentile is the median of the rounds' and the requests are the rounds' sum ({rounds} \
+         round(s)).\n"
     );
-    println!("| mode | concurrency | requests measured (direct, relay, router) | first byte p50 | end p50 | first byte p99 | end p99 |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| mode | concurrency | requests measured (direct, relay, router) | first byte p50 | end p50 | first byte p99 | end p99 | CPU µs/request, relay / router |");
+    println!("|---|---|---|---|---|---|---|---|");
     for row in relay_rows {
         println!("{row}");
     }
@@ -652,18 +689,18 @@ fn main() {
     let instant_up = start_upstream("upstream-instant", None);
     let paced_up = start_upstream("upstream-paced", Some(pacing));
     let (routers, schedstat) = start_routers(&[&instant_up, &paced_up]);
-    let relay = start_relay(&paced_up);
+    let (relay, relay_dir) = start_relay(&paced_up);
     std::thread::sleep(Duration::from_millis(500));
-    let thread = RouterThread::new(schedstat);
+    let thread = ProxyThread::new(schedstat);
+    let relay_thread = ProxyThread::new(relay_dir);
     if only.is_empty() || only == "instant" {
         instant(&instant_up, &routers[0], &thread, env("OVERHEAD_SECS", 3.0));
     }
     if only.is_empty() || only == "paced" {
         paced(
             &paced_up,
-            &relay,
-            &routers[1],
-            &thread,
+            (&relay, &relay_thread),
+            (&routers[1], &thread),
             pacing,
             env("OVERHEAD_PACED_SECS", 6.0),
         );
