@@ -164,16 +164,26 @@ fn unauthorized(state: &AppState, guard: Guard, presented: bool) -> Response {
 /// admin keys. One layer rather than three: each axum middleware layer clones its inner service
 /// and boxes a future per request.
 pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let inner = |request: Request| async {
-        if let Some(refusal) = limit_headers(&state, &request) {
+    guarded(&state, request, |request| next.run(request)).await
+}
+
+/// What [`guard`] does, around any `inner` handler: CORS, then the header size limit, then the
+/// API and admin keys.
+pub async fn guarded<F, Fut>(state: &AppState, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let checked = |request: Request| async {
+        if let Some(refusal) = limit_headers(state, &request) {
             return refusal;
         }
-        if let Some(refusal) = authenticate(&state, &request) {
+        if let Some(refusal) = authenticate(state, &request) {
             return refusal;
         }
-        next.run(request).await
+        inner(request).await
     };
-    cors(&state, request, inner).await
+    cors(state, request, checked).await
 }
 
 /// The API and admin keys: a 401 for a request without the key its route needs.
