@@ -35,7 +35,8 @@
 //! `OVERHEAD_JITTER` (e.g. `0.2`) to vary each paced request's TTFT and ITL by up to ±20%
 //! (default 0: every answer takes the same time and closed-loop clients move in lockstep),
 //! `OVERHEAD_ROUNDS` (default 1) to measure each paced cell that many times, direct, relay and
-//! router in turn, and report the past-schedule percentiles as medians over the rounds.
+//! router in turn, and report the past-schedule percentiles as medians over the rounds (the
+//! first table then has a row per round).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
