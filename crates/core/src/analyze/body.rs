@@ -7,7 +7,9 @@
 //! result is the same as reading the fields from a parsed [`Value`]: for a duplicate key the last
 //! one counts, chat messages are joined as `role: content\n` whichever key comes first, and the
 //! first bad message, or the first bad field in the order `prompt`, `input`, `text`, `query`,
-//! `documents`, is the one reported.
+//! `documents`, is the one reported. One difference: a skipped value (an unknown field, a token id
+//! array) is not held to serde_json's nesting limit of 128, since skipping does not recurse; the
+//! body goes on to the engine, whose parser has its own limit.
 
 use super::BadRequest;
 use serde::de::{
