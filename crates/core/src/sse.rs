@@ -367,7 +367,13 @@ fn classify(ev: &[u8], scratch: &mut Vec<u8>, last: &mut Option<u64>) -> Option<
     if trimmed.first() != Some(&b'{') {
         return Some(SseEvent::Other);
     }
-    let Ok(chunk) = serde_json::from_slice::<ChunkJson>(trimmed) else {
+    // Checked as UTF-8 once, the payload's keys and strings are not checked again one by one;
+    // a payload that is not UTF-8 is read as bytes, as before.
+    let parsed = match std::str::from_utf8(trimmed) {
+        Ok(text) => serde_json::from_str::<ChunkJson>(text),
+        Err(_) => serde_json::from_slice::<ChunkJson>(trimmed),
+    };
+    let Ok(chunk) = parsed else {
         return Some(SseEvent::Other);
     };
     Some(count_chunk(&chunk, last))
