@@ -32,6 +32,7 @@ use http_body_util::{BodyExt, Full};
 use qoe_core::analyze::{analyze, Route};
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
 use std::future::Future;
+use std::io::Write as _;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -100,8 +101,13 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
                 .unwrap_or(0))
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = format!("qoe-{:016x}", qoe_core::policy::mix64(salt.wrapping_add(n)));
-    HeaderValue::from_maybe_shared(Bytes::from(id)).expect("hex is a valid header value")
+    // Written on the stack and copied once into shared bytes, so that the clones for the
+    // upstream request and the response are reference counts, not copies.
+    let mut id = *b"qoe-0000000000000000";
+    let hex = qoe_core::policy::mix64(salt.wrapping_add(n));
+    write!(&mut id[4..], "{hex:016x}").expect("16 hex digits fit");
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id))
+        .expect("hex is a valid header value")
 }
 
 /// Answers an error the router produced itself, counting and logging it.
@@ -747,6 +753,11 @@ mod tests {
         let a = request_id(&h);
         let b = request_id(&h);
         assert_ne!(a, b);
+        let a = a.to_str().unwrap();
+        assert_eq!(a.len(), 20, "{a}");
+        assert!(a.starts_with("qoe-"), "{a}");
+        assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(&a[4..], "0000000000000000");
         h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc"));
         assert_eq!(request_id(&h), "abc");
     }
