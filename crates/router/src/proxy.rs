@@ -362,7 +362,7 @@ async fn dispatch(
     state: Arc<AppState>,
     parts: http::request::Parts,
     body: Bytes,
-    profile: RequestProfile,
+    mut profile: RequestProfile,
     request_id: HeaderValue,
     started: Micros,
 ) -> Response {
@@ -465,7 +465,8 @@ async fn dispatch(
             Ok((response, conn, first)) => {
                 let ctx = RequestContext {
                     request_id: request_id.clone(),
-                    model: profile.model.clone(),
+                    // The request is done with its profile: this attempt is the last.
+                    model: std::mem::take(&mut profile.model),
                     priority: profile.priority,
                     reason: decision.reason.as_str(),
                     prompt_tokens: profile.prompt_tokens,
