@@ -159,10 +159,11 @@ fn unauthorized(state: &AppState, guard: Guard, presented: bool) -> Response {
     response
 }
 
-/// The router's one middleware: CORS outermost (it answers preflights itself and sets the CORS
-/// headers of every answer, refusals included), then the header size limit, then the API and
-/// admin keys. One layer rather than three: each axum middleware layer clones its inner service
-/// and boxes a future per request.
+/// The guard as axum middleware, for [`crate::server::app`]: CORS outermost (it answers
+/// preflights itself and sets the CORS headers of every answer, refusals included), then the
+/// header size limit, then the API and admin keys. One layer rather than three: each axum
+/// middleware layer clones its inner service and boxes a future per request. `serve` runs
+/// [`guarded`] itself, with no layer at all ([`crate::server::Front`]).
 pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     guarded(&state, request, |request| next.run(request)).await
 }
