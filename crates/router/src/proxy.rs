@@ -371,7 +371,8 @@ async fn dispatch(
         Err(e) => return reject(&state, e, &request_id),
     };
     let mut views: Vec<EndpointView> = Vec::with_capacity(pool.len());
-    let mut open_views: Vec<EndpointView> = Vec::with_capacity(pool.len());
+    // Filled only when admission control is on; otherwise every view is open.
+    let mut open_views: Vec<EndpointView> = Vec::new();
     let mut attempt = 0u32;
     let admission = &state.admission;
     let key = admission.key(
@@ -392,8 +393,8 @@ async fn dispatch(
                 .enumerate()
                 .map(|(i, e)| e.view(i as u32, now, FLAP_WINDOW)),
         );
-        open_views.clear();
-        if admission.config.enabled() {
+        let open: &[EndpointView] = if admission.config.enabled() {
+            open_views.clear();
             open_views.extend(views.iter().filter(|v| !admission.config.saturated(v, now)));
             let behind = admission.behind_someone(&key);
             if open_views.is_empty() || behind {
@@ -406,13 +407,14 @@ async fn dispatch(
                 }
                 continue;
             }
+            &open_views
         } else {
-            open_views.extend_from_slice(&views);
-        }
-        if let Err(e) = enforce_sla(&state, &profile, &open_views, now, started) {
+            &views
+        };
+        if let Err(e) = enforce_sla(&state, &profile, open, now, started) {
             return reject(&state, e, &request_id);
         }
-        let Some(decision) = state.policy.pick(&profile, &open_views, now) else {
+        let Some(decision) = state.policy.pick(&profile, open, now) else {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("no endpoint could take the request for '{}'", profile.model),
