@@ -910,9 +910,7 @@ mod tests {
                 junk in prop::collection::vec(any::<u8>(), 0..8),
             ) {
                 let valid = br#"{"model":"m","stream":true,"max_tokens":64,"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"prompt":["a",[1,2]],"kv_transfer_params":{"do_remote_prefill":true}}"#;
-                let start = at.index(valid.len());
-                let end = (start + cut).min(valid.len());
-                let body = [&valid[..start], &junk[..], &valid[end..]].concat();
+                let body = splice(valid, at, cut, &junk);
                 check(route, run_any(route, &body, &[None, None, None]))?;
             }
 
@@ -930,11 +928,16 @@ mod tests {
                 junk in prop::collection::vec(any::<u8>(), 0..8),
             ) {
                 let valid = br#"{"messages":[{"content":[{"text":"hi","type":"text"},"x",{"text":1}],"role":"user"},{"role":"system","content":"be\n \"brief\""}],"model":"m","stream":true,"max_tokens":64,"prompt":["a",[1,2],3],"input":[{"b":1,"a":"x"}],"x-session-id":7}"#;
-                let start = at.index(valid.len());
-                let end = (start + cut).min(valid.len());
-                let body = [&valid[..start], &junk[..], &valid[end..]].concat();
+                let body = splice(valid, at, cut, &junk);
                 agree(route, &body)?;
             }
+        }
+
+        /// `valid` with `cut` bytes at `at` replaced by `junk`.
+        fn splice(valid: &[u8], at: prop::sample::Index, cut: usize, junk: &[u8]) -> Vec<u8> {
+            let start = at.index(valid.len());
+            let end = (start + cut).min(valid.len());
+            [&valid[..start], junk, &valid[end..]].concat()
         }
 
         /// A JSON text for a chat message: `role` and `content` keys of assorted types, in any

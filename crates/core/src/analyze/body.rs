@@ -184,6 +184,24 @@ macro_rules! others {
     };
 }
 
+/// The `visit_*` methods for numbers and booleans, all answering `self.$method()`.
+macro_rules! numbers_via {
+    ($ty:ty, $method:ident) => {
+        fn visit_bool<E>(self, _: bool) -> Result<$ty, E> {
+            Ok(self.$method())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<$ty, E> {
+            Ok(self.$method())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$ty, E> {
+            Ok(self.$method())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$ty, E> {
+            Ok(self.$method())
+        }
+    };
+}
+
 impl<'de> Visitor<'de> for Top<'_> {
     type Value = Fields;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -421,21 +439,10 @@ impl<'de> Visitor<'de> for Message<'_> {
     fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
         Ok(self.not_an_object())
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(self.not_an_object())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(self.not_an_object())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(self.not_an_object())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(self.not_an_object())
-    }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
         Ok(self.not_an_object())
     }
+    numbers_via!(Self::Value, not_an_object);
 }
 
 /// A message's `content`: null, a string, or an array of parts whose `text` strings count.
@@ -580,18 +587,7 @@ impl<'de> Visitor<'de> for PromptField {
         drain_map(map)?;
         Ok(self.bad())
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Prompt, E> {
-        Ok(self.bad())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Prompt, E> {
-        Ok(self.bad())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Prompt, E> {
-        Ok(self.bad())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Prompt, E> {
-        Ok(self.bad())
-    }
+    numbers_via!(Prompt, bad);
 }
 
 /// One element of a prompt array; `false` if it is of a kind not allowed there.
