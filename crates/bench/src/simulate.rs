@@ -20,11 +20,14 @@
 //!   rate, a [`qoe_sim::report::RequestLine`] per line, for readings per engine or per second
 //!   that no summary anticipates.
 //!
-//! The router's settings that change what a policy sees or what happens to a request have the
-//! router's flag names here too: `--scrape-interval` (`--engine-stats-interval`), admission control
+//! The simulated router runs with [`RouterSettings`]: what `qoe-router serve` would start with,
+//! built by the router crate from its one config struct (with `--config FILE`, the router's config
+//! file); a test keeps `SimConfig::default()` equal to the router's defaults. A few settings that
+//! change what a policy sees or what happens to a request have flags here too, which win:
+//! `--scrape-interval` (`--engine-stats-interval`), admission control
 //! (`--max-inflight-per-endpoint`, `--saturation-kv-usage`, `--saturation-waiting`, `--queue-max`,
-//! `--queue-timeout`), `--engine-priority`, `--saturation-inflight`; the rest are the router's
-//! defaults (see [`qoe_sim::simulate`]).
+//! `--queue-timeout`), `--engine-priority`, `--saturation-inflight`, `--prefix-affinity`,
+//! `--deadline-overflow`.
 //!
 //! `--sweep-rate LO:HI` finds each policy's goodput (DistServe: the highest rate at which ≥ 90% of
 //! requests attain their SLO) by bisection, and runs once more at 80% of it (the load at which the
@@ -79,9 +82,16 @@ pub struct SimulateArgs {
     /// Seed of the workload and the engines [default: the workload file's].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Seconds between scrapes of the engines' metrics (the router's --engine-stats-interval).
-    #[arg(long, default_value_t = 1.0)]
-    pub scrape_interval: f64,
+    /// The router's config file, as `serve --config` reads it: the simulated router runs with
+    /// the settings `serve` would start with (policies, the qoe settings and `[qoe]` table,
+    /// analyzer headers, admission control, scrape and health intervals, retries, timeouts).
+    /// The flags below that name a router setting win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seconds between scrapes of the engines' metrics (the router's --engine-stats-interval)
+    /// [default: the router's].
+    #[arg(long)]
+    pub scrape_interval: Option<f64>,
     /// One-way network delay between the router and the engines, ms.
     #[arg(long, default_value_t = 0.0)]
     pub network_delay_ms: f64,
@@ -99,24 +109,28 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Admission control, as the router's flag: requests in flight per endpoint at which it is
-    /// saturated (0: no limit; with no limit at all, admission control is off, the default).
-    #[arg(long, default_value_t = 0)]
-    pub max_inflight_per_endpoint: u32,
-    /// Admission control: engine KV-cache usage (0..1) at which an endpoint is saturated
-    /// (1: no limit).
-    #[arg(long, default_value_t = 1.0)]
-    pub saturation_kv_usage: f64,
-    /// Admission control: engine-queued requests at which an endpoint is saturated (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub saturation_waiting: u32,
-    /// Admission control: requests that may wait in the router.
-    #[arg(long, default_value_t = 1024)]
-    pub queue_max: usize,
-    /// Admission control: longest wait in the router's queue, seconds (then 429).
-    #[arg(long, default_value_t = 30.0)]
-    pub queue_timeout: f64,
+    /// saturated (0: no limit; with no limit at all, admission control is off, the router's
+    /// default) [default: the router's].
+    #[arg(long)]
+    pub max_inflight_per_endpoint: Option<u32>,
+    /// Admission control: engine KV-cache usage (0..1] at which an endpoint is saturated
+    /// (1: no limit) [default: the router's].
+    #[arg(long)]
+    pub saturation_kv_usage: Option<f64>,
+    /// Admission control: engine-queued requests at which an endpoint is saturated (0: no limit)
+    /// [default: the router's].
+    #[arg(long)]
+    pub saturation_waiting: Option<u32>,
+    /// Admission control: requests that may wait in the router [default: the router's].
+    #[arg(long)]
+    pub queue_max: Option<usize>,
+    /// Admission control: longest wait in the router's queue, seconds (then 429)
+    /// [default: the router's].
+    #[arg(long)]
+    pub queue_timeout: Option<f64>,
     /// Add the request's priority as vLLM's `priority` field, for engines with
-    /// `scheduling = "priority"` in the fleet file (the router's --engine-priority).
+    /// `scheduling = "priority"` in the fleet file (the router's --engine-priority; on here or
+    /// in the router's settings turns it on).
     #[arg(long)]
     pub engine_priority: bool,
     /// The qoe policy's requests in flight at capacity for a typical endpoint (the router's
@@ -127,7 +141,8 @@ pub struct SimulateArgs {
     /// [default: the policy's].
     #[arg(long)]
     pub prefix_affinity: Option<f64>,
-    /// Turn the qoe policy's deadline overflow on (`QoeConfig::deadline_overflow`).
+    /// Turn the qoe policy's deadline overflow on (`QoeConfig::deadline_overflow`; on here or
+    /// in the router's settings turns it on).
     #[arg(long)]
     pub deadline_overflow: bool,
     /// Also write `requests-POLICY.jsonl` under `--out`: one JSON line per request of each
@@ -186,6 +201,8 @@ pub struct SimulateOutput {
     pub seed: u64,
     /// The arrival rate simulated (`None`: the workload's, which states none).
     pub rate: Option<f64>,
+    /// The router config file the simulated router's settings came from (`None`: defaults).
+    pub router_settings: Option<String>,
     pub scrape_interval_s: f64,
     pub network_delay_ms: f64,
     pub output_hint: OutputHint,
@@ -198,8 +215,8 @@ pub struct SimulateOutput {
 }
 
 /// Runs the simulations, prints the report, and writes the files under `--out`.
-pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
-    let out = simulate_all(&args)?;
+pub fn run(args: SimulateArgs, router: &RouterSettings) -> anyhow::Result<()> {
+    let out = simulate_all(&args, router)?;
     let markdown = to_markdown(&out);
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)
@@ -235,6 +252,7 @@ pub fn details_json(out: &SimulateOutput) -> serde_json::Value {
         "workload": out.workload,
         "seed": out.seed,
         "rate": out.rate,
+        "router_settings": out.router_settings,
         "scrape_interval_s": out.scrape_interval_s,
         "network_delay_ms": out.network_delay_ms,
         "output_hint": out.output_hint,
@@ -299,8 +317,24 @@ enum Done {
     Sweep(SweepResult),
 }
 
+/// The simulated router's settings: what `qoe-router serve` would run with (the router crate
+/// builds them from its config, `--config` file included), before `simulate`'s own flags.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouterSettings {
+    /// Where they came from, for the report (`None`: the router's defaults).
+    pub source: Option<String>,
+    pub policy: PolicyConfig,
+    /// The router's side of a run (scrape and health intervals, retries, timeouts, the
+    /// statistics window, the analyzer, admission control, engine priority, the first output
+    /// estimate); its client and workload fields are replaced by `simulate`'s flags.
+    pub sim: SimConfig,
+}
+
 /// Runs every policy (and its sweep) and collects the results in `--policies` order.
-pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
+pub fn simulate_all(
+    args: &SimulateArgs,
+    router: &RouterSettings,
+) -> anyhow::Result<SimulateOutput> {
     let kinds = args
         .policies
         .iter()
@@ -333,30 +367,38 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
         anyhow::ensure!(s.is_finite() && s >= 0.0, "{flag} must be ≥ 0");
         Ok((s * MICROS_PER_SEC as f64).round() as u64)
     };
-    let scrape = seconds(args.scrape_interval, "--scrape-interval")?;
+    let base = &router.sim;
+    let scrape = match args.scrape_interval {
+        Some(s) => seconds(s, "--scrape-interval")?,
+        None => base.scrape_interval,
+    };
     anyhow::ensure!(scrape > 0, "--scrape-interval must be > 0");
     let request_timeout = seconds(args.request_timeout, "--request-timeout")?;
     anyhow::ensure!(request_timeout > 0, "--request-timeout must be > 0");
-    anyhow::ensure!(
-        args.saturation_kv_usage.is_finite()
-            && args.saturation_kv_usage > 0.0
-            && args.saturation_kv_usage <= 1.0,
-        "--saturation-kv-usage must be in (0, 1]"
-    );
-    anyhow::ensure!(args.queue_max > 0, "--queue-max must be ≥ 1");
-    let queue_timeout = seconds(args.queue_timeout, "--queue-timeout")?;
-    anyhow::ensure!(queue_timeout > 0, "--queue-timeout must be > 0");
-    let admission = AdmissionSpec {
-        // As the router: metrics up to three scrape intervals old.
-        limits: qoe_core::saturation::SaturationLimits {
-            max_inflight: args.max_inflight_per_endpoint,
-            max_kv_usage: args.saturation_kv_usage,
-            max_waiting: args.saturation_waiting,
-            metrics_max_age: 3 * scrape,
-        },
-        queue_max: args.queue_max,
-        queue_timeout,
-    };
+    let mut admission = base.admission;
+    let limits = &mut admission.limits;
+    limits.max_inflight = args
+        .max_inflight_per_endpoint
+        .unwrap_or(limits.max_inflight);
+    limits.max_waiting = args.saturation_waiting.unwrap_or(limits.max_waiting);
+    if let Some(kv) = args.saturation_kv_usage {
+        anyhow::ensure!(
+            kv.is_finite() && kv > 0.0 && kv <= 1.0,
+            "--saturation-kv-usage must be in (0, 1]"
+        );
+        limits.max_kv_usage = kv;
+    }
+    // As the router: metrics up to three scrape intervals old.
+    limits.metrics_max_age = 3 * scrape;
+    if let Some(n) = args.queue_max {
+        anyhow::ensure!(n > 0, "--queue-max must be ≥ 1");
+        admission.queue_max = n;
+    }
+    if let Some(t) = args.queue_timeout {
+        admission.queue_timeout = seconds(t, "--queue-timeout")?;
+        anyhow::ensure!(admission.queue_timeout > 0, "--queue-timeout must be > 0");
+    }
+    let engine_priority = args.engine_priority || base.engine_priority;
     let cfg = SimConfig {
         seed: args.seed.unwrap_or(workload.seed()),
         scrape_interval: scrape,
@@ -365,13 +407,13 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
         jitter: args.jitter,
         request_timeout,
         admission,
-        engine_priority: args.engine_priority,
+        engine_priority,
         model: workload
             .spec()
             .model
             .clone()
             .unwrap_or_else(|| SimConfig::default().model),
-        ..SimConfig::default()
+        ..base.clone()
     };
     cfg.validate()?;
     let sweep = args.sweep_rate.map(|(lo, hi)| SweepConfig {
@@ -385,7 +427,7 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
     if sweep.is_some() {
         tasks.extend((0..kinds.len()).map(Task::Sweep));
     }
-    let mut policy_cfg = PolicyConfig::default();
+    let mut policy_cfg = router.policy;
     if let Some(n) = args.saturation_inflight {
         anyhow::ensure!(n > 0, "--saturation-inflight must be ≥ 1");
         policy_cfg.qoe.saturation_inflight = n;
@@ -397,10 +439,8 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
         );
         policy_cfg.qoe.prefix_affinity = a;
     }
-    if args.deadline_overflow {
-        policy_cfg.qoe.deadline_overflow = true;
-    }
-    policy_cfg.qoe.engine_priority = args.engine_priority;
+    policy_cfg.qoe.deadline_overflow |= args.deadline_overflow;
+    policy_cfg.qoe.engine_priority = engine_priority;
     let make = |k: PolicyKind| -> Box<dyn RoutingPolicy> { build_policy(k, &policy_cfg) };
     let results: Vec<Mutex<Option<anyhow::Result<Done>>>> =
         tasks.iter().map(|_| Mutex::new(None)).collect();
@@ -489,7 +529,8 @@ pub fn simulate_all(args: &SimulateArgs) -> anyhow::Result<SimulateOutput> {
         workload: workload.name().to_string(),
         seed: cfg.seed,
         rate: workload.spec().arrivals.rate(),
-        scrape_interval_s: args.scrape_interval,
+        router_settings: router.source.clone(),
+        scrape_interval_s: scrape as f64 / 1e6,
         network_delay_ms: args.network_delay_ms,
         output_hint: args.output_hint,
         admission: cfg.admission,
@@ -525,6 +566,9 @@ pub fn to_markdown(out: &SimulateOutput) -> String {
     }
     if out.engine_priority {
         router.push(" Engine priority: on.".to_string());
+    }
+    if let Some(file) = &out.router_settings {
+        router.push(format!(" Router settings from `{file}`."));
     }
     let _ = writeln!(
         md,
@@ -932,8 +976,8 @@ mod tests {
             .unwrap()
         };
         let (a, b) = (dir.join("a"), dir.join("b"));
-        run(args(&a)).unwrap();
-        run(args(&b)).unwrap();
+        run(args(&a), &RouterSettings::default()).unwrap();
+        run(args(&b), &RouterSettings::default()).unwrap();
         for name in [
             "report.json",
             "report.md",
@@ -990,7 +1034,9 @@ mod tests {
                 policies,
             ])
             .unwrap();
-            let err = simulate_all(&a).unwrap_err().to_string();
+            let err = simulate_all(&a, &RouterSettings::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err}");
         }
     }
@@ -1021,10 +1067,10 @@ mod tests {
         assert_eq!(a.policies, ["qoe", "roundrobin"]);
         assert_eq!(a.sweep_rate, Some((2.0, 30.0)));
         assert_eq!(a.output_hint, OutputHint::MaxTokens);
-        assert_eq!(a.scrape_interval, 1.0);
+        assert_eq!(a.scrape_interval, None, "the router's");
         assert!(
-            !a.engine_priority && a.max_inflight_per_endpoint == 0,
-            "admission off"
+            !a.engine_priority && a.max_inflight_per_endpoint.is_none(),
+            "the router's"
         );
         let a = SimulateArgs::from_flags([
             "--fleet",
@@ -1038,7 +1084,10 @@ mod tests {
             "--engine-priority",
         ])
         .unwrap();
-        assert_eq!((a.max_inflight_per_endpoint, a.queue_timeout), (32, 5.0));
+        assert_eq!(
+            (a.max_inflight_per_endpoint, a.queue_timeout),
+            (Some(32), Some(5.0))
+        );
         assert!(a.engine_priority);
         for bad in ["3:2", "x:2", "5", "0:1"] {
             assert!(

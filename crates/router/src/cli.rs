@@ -139,6 +139,19 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "warn");
             qoe_bench::run(args).await
         }
-        Command::Simulate(args) => qoe_bench::simulate::run(args),
+        Command::Simulate(args) => {
+            let router = match &args.config {
+                Some(file) => RouterConfig::from_args([
+                    "qoe-router-serve".as_ref(),
+                    "--config".as_ref(),
+                    file.as_os_str(),
+                ])?,
+                None => RouterConfig::default(),
+            };
+            router
+                .validate()
+                .map_err(|e| anyhow::anyhow!("simulate --config: {e}"))?;
+            qoe_bench::simulate::run(args, &router.simulation_settings())
+        }
     }
 }

@@ -484,6 +484,36 @@ impl RouterConfig {
         }
     }
 
+    /// The settings a simulated router runs with in `qoe-router simulate`: these, as `serve`
+    /// would apply them to live traffic.
+    pub fn simulation_settings(&self) -> qoe_bench::simulate::RouterSettings {
+        let micros = |secs: f64| (secs * 1e6).round() as u64;
+        let admission = self.admission_config();
+        qoe_bench::simulate::RouterSettings {
+            source: self.config.as_ref().map(|p| p.display().to_string()),
+            policy: self.policy_config(),
+            sim: qoe_sim::simulate::SimConfig {
+                scrape_interval: micros(self.engine_stats_interval),
+                health_interval: micros(self.health_check_interval),
+                unhealthy_threshold: self.unhealthy_threshold,
+                healthy_threshold: self.healthy_threshold,
+                default_output_tokens: self.default_output_tokens,
+                max_retries: self.max_retries,
+                retry_backoff: self.retry_backoff_ms * 1_000,
+                first_byte_timeout: self.first_byte_timeout_ms * 1_000,
+                stats: self.stats_config(),
+                analyzer: self.analyzer_config(),
+                admission: qoe_sim::simulate::AdmissionSpec {
+                    limits: admission.limits,
+                    queue_max: admission.queue_max,
+                    queue_timeout: micros(self.queue_timeout),
+                },
+                engine_priority: self.engine_priority,
+                ..qoe_sim::simulate::SimConfig::default()
+            },
+        }
+    }
+
     pub fn engine_stats_interval(&self) -> Duration {
         Duration::from_secs_f64(self.engine_stats_interval)
     }
@@ -618,6 +648,74 @@ mod tests {
         assert_eq!(c.optimal_throughput, 30.0);
         assert_eq!(c.priority_header, "x-request-priority");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_default_simulated_router_is_the_simulators_default() {
+        let s = RouterConfig::default().simulation_settings();
+        assert_eq!(s.source, None);
+        assert_eq!(s.policy, PolicyConfig::default());
+        assert_eq!(s.sim, qoe_sim::simulate::SimConfig::default());
+    }
+
+    #[test]
+    fn simulate_runs_the_router_config_file_and_its_flags_win() {
+        use qoe_bench::simulate::{simulate_all, to_markdown, SimulateArgs};
+        let dir = std::env::temp_dir().join(format!("qoe-config-sim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        std::fs::write(
+            &path,
+            "target_itl = 80\nengine_stats_interval = 0.5\nmax_inflight_per_endpoint = 2\n\
+             queue_max = 4\npriority_header = \"x-prio\"\n[qoe]\nprefix_affinity = 0.0\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let settings = RouterConfig::from_args(["x", "--config", p])
+            .unwrap()
+            .simulation_settings();
+        assert_eq!(settings.source.as_deref(), Some(p));
+        assert_eq!(settings.policy.qoe.target_itl_ms, 80.0);
+        assert_eq!(settings.policy.qoe.prefix_affinity, 0.0);
+        assert_eq!(settings.sim.analyzer.nominal_itl_ms, 80.0);
+        assert_eq!(settings.sim.analyzer.priority_header, "x-prio");
+        assert_eq!(settings.sim.scrape_interval, 500_000);
+        assert_eq!(settings.sim.admission.queue_max, 4);
+
+        let repo = |rel: &str| format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"));
+        let (fleet, workload) = (
+            repo("bench/fleets/hetero-4.toml"),
+            repo("bench/workloads/smoke.toml"),
+        );
+        let run = |extra: &[&str]| {
+            let mut flags = vec!["--fleet", &fleet, "--workload", &workload, "--quiet"];
+            flags.extend(["--policies", "qoe,least-loaded", "--rate", "300"]);
+            flags.extend(extra);
+            simulate_all(&SimulateArgs::from_flags(flags).unwrap(), &settings).unwrap()
+        };
+        let from_file = run(&[]);
+        assert_eq!(from_file.admission.limits.max_inflight, 2);
+        assert_eq!(from_file.admission.limits.metrics_max_age, 1_500_000);
+        assert_eq!(from_file.scrape_interval_s, 0.5);
+        let md = to_markdown(&from_file);
+        assert!(md.contains(&format!("Router settings from `{p}`")), "{md}");
+        assert!(md.contains("saturated at 2 in flight"), "{md}");
+        // At 300 req/s, two in flight per endpoint hold requests in the router: some find the
+        // queue's four seats taken and are refused.
+        let refused = |o: &qoe_bench::simulate::SimulateOutput| {
+            o.reports
+                .reports
+                .iter()
+                .map(|r| r.overall.errors)
+                .sum::<u64>()
+        };
+        assert!(refused(&from_file) > 0);
+
+        let flags_win = run(&["--max-inflight-per-endpoint", "0", "--scrape-interval", "2"]);
+        assert!(!flags_win.admission.enabled());
+        assert_eq!(flags_win.scrape_interval_s, 2.0);
+        assert_eq!(refused(&flags_win), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
