@@ -2,7 +2,8 @@
 # The standard simulated scenarios of docs/EVALUATION.md: every policy, a goodput sweep each, the
 # reports and plots under OUT (default target/evaluation/). Deterministic: the same binary gives
 # the same files. About ten minutes on two cores; SCENARIOS="hetero rag-large" runs a subset,
-# RECORDS=1 also writes each run's requests (requests-<policy>.jsonl, see simulate --records).
+# RECORDS=1 also writes each run's requests (requests-<policy>.jsonl, see simulate --records),
+# CONFIG=FILE runs the simulated router with a router config file (simulate --config).
 #
 #   cargo build --release --bin qoe-router
 #   scripts/simulate-scenarios.sh [OUT]
@@ -15,6 +16,7 @@ POLICIES=${POLICIES:-qoe,roundrobin,random,least-loaded,power-of-two,session,pre
 SCENARIOS=${SCENARIOS:-hetero mixed-priority rag-prefix rag-large hot-prefix decode-heavy bursty bursty-uniform degrading}
 EXTRA=()
 if [ -n "${RECORDS:-}" ]; then EXTRA+=(--records); fi
+if [ -n "${CONFIG:-}" ]; then EXTRA+=(--config "$CONFIG"); fi
 mkdir -p "$OUT"
 
 sim() {
