@@ -114,6 +114,11 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(config) => {
             let config = config.with_file(subcommand_matches(matches, "serve"))?;
+            if config.print_config {
+                config.validate()?;
+                print!("{}", config.effective_toml()?);
+                return Ok(());
+            }
             init_logging(config.log_format, &config.log_level);
             config.validate()?;
             let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))

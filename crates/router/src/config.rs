@@ -51,6 +51,11 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Check the settings, print them as the config file they amount to (flags, environment,
+    /// file and defaults merged; keys not printed) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
 
     /// Address to listen on.
     #[arg(long, env = "QOE_HOST", default_value = "127.0.0.1")]
@@ -414,6 +419,37 @@ impl RouterConfig {
         Ok(q)
     }
 
+    /// The settings in effect as a config file `--config` reads back to the same settings: every
+    /// key, the `[qoe]` table in full, the file's `[[backends]]`. API keys are left out (a comment
+    /// says how many are set): this text goes to terminals and tickets.
+    pub fn effective_toml(&self) -> anyhow::Result<String> {
+        let mut table = toml::Table::try_from(self)?;
+        table.remove("api_keys");
+        table.remove("admin_api_key");
+        let mut qoe = toml::Table::try_from(self.qoe_table()?)?;
+        for (field, _) in QOE_FLAGGED {
+            qoe.remove(field);
+        }
+        table.insert("qoe".into(), qoe.into());
+        if let Some(path) = &self.config {
+            let backends = ConfigFile::read(path)?.backends;
+            if !backends.is_empty() {
+                table.insert("backends".into(), toml::Value::try_from(backends)?);
+            }
+        }
+        let mut out = String::from(
+            "# qoe-router serve: the settings in effect (flags, QOE_* environment, config file, defaults)\n",
+        );
+        if !self.api_keys.is_empty() {
+            out += &format!("# api_keys: {} set, not printed\n", self.api_keys.len());
+        }
+        if self.admin_api_key.is_some() {
+            out += "# admin_api_key: set, not printed\n";
+        }
+        out += &toml::to_string(&table)?;
+        Ok(out)
+    }
+
     pub fn policy_kind(&self) -> PolicyKind {
         PolicyKind::parse(&self.routing_logic).expect("validated")
     }
@@ -715,6 +751,59 @@ mod tests {
         assert!(!flags_win.admission.enabled());
         assert_eq!(flags_win.scrape_interval_s, 2.0);
         assert_eq!(refused(&flags_win), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_to_the_same_settings_without_keys() {
+        let dir = std::env::temp_dir().join(format!("qoe-config-print-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        std::fs::write(
+            &path,
+            "routing_logic = \"session\"\nqueue_max = 7\n[qoe]\npriority_fill = 0.6\n\n\
+             [[backends]]\nurl = \"http://127.0.0.1:9\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let flags = [
+            "x",
+            "--config",
+            p,
+            "--target-itl",
+            "70",
+            "--api-keys",
+            "sk-one,sk-two",
+        ];
+        let c = RouterConfig::from_args(flags).unwrap();
+        let text = c.effective_toml().unwrap();
+        assert!(
+            !text.contains("sk-one") && !text.contains("sk-two"),
+            "{text}"
+        );
+        assert!(text.contains("# api_keys: 2 set, not printed"), "{text}");
+        assert!(text.contains("url = \"http://127.0.0.1:9\""), "{text}");
+
+        let printed = dir.join("printed.toml");
+        std::fs::write(&printed, &text).unwrap();
+        let back = RouterConfig::from_args(["x", "--config", printed.to_str().unwrap()]).unwrap();
+        back.validate().unwrap();
+        assert_eq!(back.policy_config(), c.policy_config());
+        assert_eq!(back.policy_config().qoe.priority_fill, 0.6);
+        assert_eq!(back.policy_config().qoe.target_itl_ms, 70.0);
+        let plain = |c: &RouterConfig| {
+            let mut v = serde_json::to_value(c).unwrap();
+            for key in ["qoe", "api_keys"] {
+                v.as_object_mut().unwrap().remove(key);
+            }
+            v
+        };
+        assert_eq!(plain(&back), plain(&c));
+        assert!(back.api_keys.is_empty());
+        assert_eq!(
+            ConfigFile::read(&printed).unwrap().backends,
+            ConfigFile::read(&path).unwrap().backends
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

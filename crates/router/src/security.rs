@@ -39,7 +39,8 @@ use std::sync::Arc;
 /// A credential: compared in constant time, never printed by `Debug`.
 ///
 /// It serializes as the plain string because the config file is merged through serde (see
-/// [`crate::config`]); nothing serializes the config anywhere else.
+/// [`crate::config`]); `RouterConfig::effective_toml`, the one other serializer of the config,
+/// leaves keys out.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
