@@ -108,6 +108,19 @@ impl BenchArgs {
     }
 }
 
+/// Writes a report to stdout. A reader that stopped reading (`| head`) is not an error: the files
+/// under `--out` are written already, and `println!` would panic on the closed pipe.
+pub fn print_report(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("cannot write to stdout: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a workload file, and its trace file (relative to it) when the arrivals are a trace. An
 /// unnamed workload is named after its file.
 pub fn load_workload(path: &Path) -> anyhow::Result<Workload> {
@@ -171,8 +184,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             eprintln!("bench: wrote {}/report.{{json,md}}", dir.display());
         }
     }
-    println!("{}", set.to_markdown());
-    Ok(())
+    print_report(&set.to_markdown())
 }
 
 /// Runs the benchmark against every target in turn and returns the reports (in --target order).

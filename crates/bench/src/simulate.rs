@@ -240,8 +240,7 @@ pub fn run(args: SimulateArgs, router: &RouterSettings) -> anyhow::Result<()> {
             eprintln!("simulate: wrote {}/", dir.display());
         }
     }
-    println!("{markdown}");
-    Ok(())
+    crate::print_report(&markdown)
 }
 
 /// `simulate.json`: the run's settings, then per policy what only a simulation knows, and the

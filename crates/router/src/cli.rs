@@ -116,8 +116,7 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             let config = config.with_file(subcommand_matches(matches, "serve"))?;
             if config.print_config {
                 config.validate()?;
-                print!("{}", config.effective_toml()?);
-                return Ok(());
+                return qoe_bench::print_report(config.effective_toml()?.trim_end());
             }
             init_logging(config.log_format, &config.log_level);
             config.validate()?;
