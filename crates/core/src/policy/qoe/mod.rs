@@ -117,7 +117,7 @@ pub struct QoeConfig {
     /// `prefix_affinity × (cached share of the prompt) × min(1, u_cheapest / priority_fill)`
     /// (the longest match first). The per-request cost sees only this request's shorter prefill;
     /// the margin prices what the fleet gains, the prefill work not done, and grows with load so
-    /// an idle fleet is not herded onto one engine. 0 turns it off. Default 0.3.
+    /// an idle fleet is not herded onto one engine. 0 turns it off. Default 0.4.
     pub prefix_affinity: f64,
     /// Deadline overflow: a request with a TTFT deadline (the SLA header) that no endpoint is
     /// predicted to meet goes to the endpoint whose queue alone already exceeds the deadline the
@@ -161,7 +161,7 @@ impl Default for QoeConfig {
             failure_half_life_ms: 30_000.0,
             priority_fill: 0.8,
             max_tracked_endpoints: 4_096,
-            prefix_affinity: 0.3,
+            prefix_affinity: 0.4,
             deadline_overflow: false,
             engine_priority: false,
         }
