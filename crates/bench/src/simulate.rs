@@ -203,6 +203,9 @@ pub struct SimulateOutput {
     pub rate: Option<f64>,
     /// The router config file the simulated router's settings came from (`None`: defaults).
     pub router_settings: Option<String>,
+    /// The simulated router's settings that differ from the defaults, as `key = value`
+    /// (from the file, the environment or the flags: the report says what it ran with).
+    pub router_changes: Vec<String>,
     pub scrape_interval_s: f64,
     pub network_delay_ms: f64,
     pub output_hint: OutputHint,
@@ -252,6 +255,7 @@ pub fn details_json(out: &SimulateOutput) -> serde_json::Value {
         "seed": out.seed,
         "rate": out.rate,
         "router_settings": out.router_settings,
+        "router_changes": out.router_changes,
         "scrape_interval_s": out.scrape_interval_s,
         "network_delay_ms": out.network_delay_ms,
         "output_hint": out.output_hint,
@@ -260,6 +264,91 @@ pub fn details_json(out: &SimulateOutput) -> serde_json::Value {
         "details": out.details,
         "sweeps": out.sweeps,
     })
+}
+
+/// The policy and router settings of a run that differ from the defaults, `key = value` (qoe keys
+/// as `qoe.KEY`), in a fixed order. Admission control, engine priority and the scrape interval
+/// have their own words in the report and are left out here.
+fn router_changes(policy: &PolicyConfig, sim: &SimConfig) -> Vec<String> {
+    let mut changes = Vec::new();
+    let mut diff = |prefix: &str, now: serde_json::Value, default: serde_json::Value| {
+        let (serde_json::Value::Object(now), serde_json::Value::Object(default)) = (now, default)
+        else {
+            return;
+        };
+        for (key, value) in now {
+            if default.get(&key) != Some(&value) && !value.is_object() {
+                changes.push(format!("{prefix}{key} = {value}"));
+            }
+        }
+    };
+    let defaults = PolicyConfig::default();
+    let (now, default) = (serde_json::to_value(policy), serde_json::to_value(defaults));
+    diff("", now.unwrap_or_default(), default.unwrap_or_default());
+    let qoe_defaults = qoe_core::policy::QoeConfig {
+        engine_priority: policy.qoe.engine_priority,
+        ..defaults.qoe
+    };
+    let qoe = serde_json::to_value(policy.qoe).unwrap_or_default();
+    diff(
+        "qoe.",
+        qoe,
+        serde_json::to_value(qoe_defaults).unwrap_or_default(),
+    );
+    let d = SimConfig::default();
+    let micros = |us: u64| format!("{} s", us as f64 / 1e6);
+    let (a, da) = (&sim.analyzer, &d.analyzer);
+    let counts = |now: u32, default: u32| (now != default, now.to_string());
+    let times = |now: u64, default: u64| (now != default, micros(now));
+    let names = |now: &String, default: &String| (now != default, format!("{now:?}"));
+    let router_side = [
+        (
+            "health_check_interval",
+            times(sim.health_interval, d.health_interval),
+        ),
+        (
+            "unhealthy_threshold",
+            counts(sim.unhealthy_threshold, d.unhealthy_threshold),
+        ),
+        (
+            "healthy_threshold",
+            counts(sim.healthy_threshold, d.healthy_threshold),
+        ),
+        (
+            "default_output_tokens",
+            counts(sim.default_output_tokens, d.default_output_tokens),
+        ),
+        ("max_retries", counts(sim.max_retries, d.max_retries)),
+        ("retry_backoff", times(sim.retry_backoff, d.retry_backoff)),
+        (
+            "first_byte_timeout",
+            times(sim.first_byte_timeout, d.first_byte_timeout),
+        ),
+        (
+            "request_stats_window",
+            times(sim.stats.window, d.stats.window),
+        ),
+        // The analyzer's ITL follows `target_itl`, listed above; the router sets only these besides.
+        (
+            "priority_header",
+            names(&a.priority_header, &da.priority_header),
+        ),
+        (
+            "expected_output_len_header",
+            names(
+                &a.expected_output_len_header,
+                &da.expected_output_len_header,
+            ),
+        ),
+        ("sla_header", names(&a.sla_header, &da.sla_header)),
+        ("session_key", names(&a.session_key, &da.session_key)),
+    ];
+    for (key, (differs, value)) in router_side {
+        if differs {
+            changes.push(format!("{key} = {value}"));
+        }
+    }
+    changes
 }
 
 fn admission_json(out: &SimulateOutput) -> serde_json::Value {
@@ -529,6 +618,7 @@ pub fn simulate_all(
         seed: cfg.seed,
         rate: workload.spec().arrivals.rate(),
         router_settings: router.source.clone(),
+        router_changes: router_changes(&policy_cfg, &cfg),
         scrape_interval_s: scrape as f64 / 1e6,
         network_delay_ms: args.network_delay_ms,
         output_hint: args.output_hint,
@@ -568,6 +658,17 @@ pub fn to_markdown(out: &SimulateOutput) -> String {
     }
     if let Some(file) = &out.router_settings {
         router.push(format!(" Router settings from `{file}`."));
+    }
+    if !out.router_changes.is_empty() {
+        let changes: Vec<String> = out
+            .router_changes
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect();
+        router.push(format!(
+            " Router settings other than the defaults: {}.",
+            changes.join(", ")
+        ));
     }
     let _ = writeln!(
         md,

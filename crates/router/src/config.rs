@@ -736,6 +736,17 @@ mod tests {
         let md = to_markdown(&from_file);
         assert!(md.contains(&format!("Router settings from `{p}`")), "{md}");
         assert!(md.contains("saturated at 2 in flight"), "{md}");
+        for change in [
+            "qoe.prefix_affinity = 0.0",
+            "qoe.target_itl_ms = 80.0",
+            "priority_header = \"x-prio\"",
+        ] {
+            assert!(from_file.router_changes.iter().any(|c| c == change), "{md}");
+        }
+        assert!(
+            md.contains("Router settings other than the defaults: `"),
+            "{md}"
+        );
         // At 300 req/s, two in flight per endpoint hold requests in the router: some find the
         // queue's four seats taken and are refused.
         let refused = |o: &qoe_bench::simulate::SimulateOutput| {
@@ -751,6 +762,19 @@ mod tests {
         assert!(!flags_win.admission.enabled());
         assert_eq!(flags_win.scrape_interval_s, 2.0);
         assert_eq!(refused(&flags_win), 0);
+        let defaults = RouterConfig::default().simulation_settings();
+        let plain = simulate_all(
+            &SimulateArgs::from_flags(["--fleet", &fleet, "--workload", &workload, "--quiet"])
+                .unwrap(),
+            &defaults,
+        )
+        .unwrap();
+        assert!(
+            plain.router_changes.is_empty(),
+            "{:?}",
+            plain.router_changes
+        );
+        assert!(!to_markdown(&plain).contains("Router settings"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
