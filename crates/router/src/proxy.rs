@@ -278,14 +278,6 @@ impl SendError {
     }
 }
 
-/// The upstream request-target: the endpoint URL's path and the request's path and query,
-/// nothing else of the request's URI (an absolute-form authority is ignored, like `Host`).
-fn upstream_target(endpoint: &Endpoint, uri: &http::Uri) -> String {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let path = if path.starts_with('/') { path } else { "/" };
-    endpoint.pool.path(path)
-}
-
 /// `future`'s output, or `None` if `timer` fires first.
 async fn before<F: Future>(mut timer: Pin<&mut Sleep>, future: F) -> Option<F::Output> {
     let mut future = pin!(future);
@@ -306,9 +298,13 @@ async fn send(
     request_id: &HeaderValue,
     timer: Pin<&mut Sleep>,
 ) -> Result<(Response<hyper::body::Incoming>, Conn), SendError> {
+    let target = endpoint
+        .pool
+        .request_target(&parts.uri)
+        .map_err(|e| SendError::Other(e.to_string()))?;
     let mut builder = http::Request::builder()
         .method(parts.method.clone())
-        .uri(upstream_target(endpoint, &parts.uri));
+        .uri(target);
     let headers = builder.headers_mut().expect("fresh builder");
     if let Some(host) = endpoint.pool.host() {
         headers.insert(header::HOST, host.clone());

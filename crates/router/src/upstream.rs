@@ -131,12 +131,21 @@ impl Pool {
         }
     }
 
-    /// The request-target for `path_and_query` (which starts with `/`): the URL's path, then it.
-    pub fn path(&self, path_and_query: &str) -> String {
-        let mut out = String::with_capacity(self.base_path.len() + path_and_query.len());
-        out.push_str(&self.base_path);
-        out.push_str(path_and_query);
-        out
+    /// The request-target (origin form) toward this endpoint for a client's request to `uri`:
+    /// the URL's path, then the request's path and query, nothing else of the request's URI (an
+    /// absolute-form authority is ignored, like `Host`). For an endpoint at its host's root
+    /// that is the client's own target, shared rather than copied and parsed again.
+    pub fn request_target(&self, uri: &http::Uri) -> Result<http::Uri, http::uri::InvalidUri> {
+        match uri.path_and_query() {
+            Some(pq) if self.base_path.is_empty() && pq.as_str().starts_with('/') => {
+                Ok(http::Uri::from(pq.clone()))
+            }
+            pq => {
+                let path = pq.map_or("/", |p| p.as_str());
+                let path = if path.starts_with('/') { path } else { "/" };
+                format!("{}{path}", self.base_path).parse()
+            }
+        }
     }
 
     /// The `Host` header requests to this endpoint carry.
@@ -278,12 +287,15 @@ mod tests {
         let p = Pool::new("http://engine-1:8000", PoolConfig::default());
         assert_eq!(p.target, Ok(("engine-1".to_string(), 8000)));
         assert_eq!(p.host().unwrap(), "engine-1:8000");
-        assert_eq!(p.path("/v1/completions?x=1"), "/v1/completions?x=1");
+        let target = |p: &Pool, uri: &str| p.request_target(&uri.parse().unwrap()).unwrap();
+        assert_eq!(target(&p, "/v1/completions?x=1"), "/v1/completions?x=1");
+        assert_eq!(target(&p, "http://router:8000/v1/models"), "/v1/models");
 
         let p = Pool::new("http://10.0.0.7/prefix/", PoolConfig::default());
         assert_eq!(p.target, Ok(("10.0.0.7".to_string(), 80)));
         assert_eq!(p.host().unwrap(), "10.0.0.7");
-        assert_eq!(p.path("/v1/models"), "/prefix/v1/models");
+        assert_eq!(target(&p, "/v1/models?a=b"), "/prefix/v1/models?a=b");
+        assert_eq!(target(&p, "*"), "/prefix/");
 
         let p = Pool::new("http://[::1]:8100", PoolConfig::default());
         assert_eq!(p.target, Ok(("::1".to_string(), 8100)));
