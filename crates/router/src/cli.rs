@@ -150,7 +150,7 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                     "--config".as_ref(),
                     file.as_os_str(),
                 ])?,
-                None => RouterConfig::default(),
+                None => RouterConfig::from_args(["qoe-router-serve"])?,
             };
             router
                 .validate()

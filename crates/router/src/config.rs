@@ -313,7 +313,9 @@ impl RouterConfig {
         }
         let mut merged: RouterConfig = serde_json::from_value(merged)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // What serde skips is not a file key: keep the command line's.
         merged.config = Some(path);
+        merged.print_config = self.print_config;
         Ok(merged)
     }
 
@@ -346,8 +348,8 @@ impl RouterConfig {
             );
         }
         anyhow::ensure!(
-            self.session_load_factor >= 1.0,
-            "--session-load-factor must be at least 1.0, got {}",
+            self.session_load_factor.is_finite() && self.session_load_factor >= 1.0,
+            "--session-load-factor must be a finite number of at least 1.0, got {}",
             self.session_load_factor
         );
         if self.static_models.len() > 1 {
@@ -824,6 +826,13 @@ mod tests {
         };
         assert_eq!(plain(&back), plain(&c));
         assert!(back.api_keys.is_empty());
+        // JSON, through which the file is merged, has no infinity: refused at the flag instead.
+        let inf = RouterConfig::from_args(["x", "--session-load-factor", "inf"]).unwrap();
+        let e = inf.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--session-load-factor must be a finite number"),
+            "{e}"
+        );
         assert_eq!(
             ConfigFile::read(&printed).unwrap().backends,
             ConfigFile::read(&path).unwrap().backends

@@ -1,6 +1,7 @@
 //! The binary's command line, run as a process: what a shell user sees.
 
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn repo_file(rel: &str) -> String {
     format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"))
@@ -32,21 +33,41 @@ fn a_reader_that_stops_early_is_not_an_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Runs the binary with `args`; a process still running after 20 s (a server that should have
+/// exited) is killed and fails the test.
+fn run_bounded(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qoe-router"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("{args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// `serve --print-config` prints the settings and exits without listening.
 #[test]
 fn print_config_prints_the_settings_and_exits() {
-    let out = Command::new(env!("CARGO_BIN_EXE_qoe-router"))
-        .args([
+    let out = run_bounded(
+        &[
             "serve",
             "--print-config",
             "--port",
             "0",
             "--target-ttft",
             "250",
-        ])
-        .env("QOE_API_KEYS", "sk-secret-one")
-        .output()
-        .unwrap();
+        ],
+        &[("QOE_API_KEYS", "sk-secret-one")],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -60,4 +81,30 @@ fn print_config_prints_the_settings_and_exits() {
         "{stdout}"
     );
     assert!(!stdout.contains("sk-secret-one"), "{stdout}");
+}
+
+/// With a config file too: the file's settings are printed, and the flag still means print.
+#[test]
+fn print_config_with_a_config_file_prints_the_file_and_exits() {
+    let dir = std::env::temp_dir().join(format!("qoe-cli-print-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    std::fs::write(&path, "routing_logic = \"session\"\nport = 0\n").unwrap();
+    let out = run_bounded(
+        &[
+            "serve",
+            "--print-config",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("routing_logic = \"session\""), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
