@@ -154,7 +154,7 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             };
             router
                 .validate()
-                .map_err(|e| anyhow::anyhow!("simulate --config: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("simulate, the router's settings: {e}"))?;
             qoe_bench::simulate::run(args, &router.simulation_settings())
         }
     }
