@@ -544,7 +544,7 @@ impl RouterConfig {
                 admission: qoe_sim::simulate::AdmissionSpec {
                     limits: admission.limits,
                     queue_max: admission.queue_max,
-                    queue_timeout: micros(self.queue_timeout),
+                    queue_timeout: admission.queue_timeout.as_micros() as u64,
                 },
                 engine_priority: self.engine_priority,
                 ..qoe_sim::simulate::SimConfig::default()
@@ -675,6 +675,27 @@ impl ConfigFile {
 mod tests {
     use super::*;
 
+    /// A directory for one test's config files, removed when the test ends (pass or fail).
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("qoe-config-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TestDir(dir)
+        }
+
+        fn file(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn defaults_come_from_the_flags() {
         let c = RouterConfig::default();
@@ -699,9 +720,8 @@ mod tests {
     #[test]
     fn simulate_runs_the_router_config_file_and_its_flags_win() {
         use qoe_bench::simulate::{simulate_all, to_markdown, SimulateArgs};
-        let dir = std::env::temp_dir().join(format!("qoe-config-sim-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("router.toml");
+        let dir = TestDir::new("sim");
+        let path = dir.file("router.toml");
         std::fs::write(
             &path,
             "target_itl = 80\nengine_stats_interval = 0.5\nmax_inflight_per_endpoint = 2\n\
@@ -777,14 +797,12 @@ mod tests {
             plain.router_changes
         );
         assert!(!to_markdown(&plain).contains("Router settings"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn the_printed_config_reads_back_to_the_same_settings_without_keys() {
-        let dir = std::env::temp_dir().join(format!("qoe-config-print-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("router.toml");
+        let dir = TestDir::new("print");
+        let path = dir.file("router.toml");
         std::fs::write(
             &path,
             "routing_logic = \"session\"\nqueue_max = 7\n[qoe]\npriority_fill = 0.6\n\n\
@@ -810,7 +828,7 @@ mod tests {
         assert!(text.contains("# api_keys: 2 set, not printed"), "{text}");
         assert!(text.contains("url = \"http://127.0.0.1:9\""), "{text}");
 
-        let printed = dir.join("printed.toml");
+        let printed = dir.file("printed.toml");
         std::fs::write(&printed, &text).unwrap();
         let back = RouterConfig::from_args(["x", "--config", printed.to_str().unwrap()]).unwrap();
         back.validate().unwrap();
@@ -837,14 +855,12 @@ mod tests {
             ConfigFile::read(&printed).unwrap().backends,
             ConfigFile::read(&path).unwrap().backends
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn file_fills_defaults_but_flags_win() {
-        let dir = std::env::temp_dir().join(format!("qoe-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("router.toml");
+        let dir = TestDir::new("test");
+        let path = dir.file("router.toml");
         std::fs::write(
             &path,
             "routing-logic = \"least-loaded\"\nport = 9001\ntarget_ttft = 200\n\n[[backends]]\nurl = \"http://127.0.0.1:1\"\n",
@@ -861,14 +877,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key 'rooting_logic'"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn the_qoe_table_sets_the_policy_and_names_bad_keys() {
-        let dir = std::env::temp_dir().join(format!("qoe-config-table-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("router.toml");
+        let dir = TestDir::new("table");
+        let path = dir.file("router.toml");
         let p = path.to_str().unwrap();
         let load = |text: &str| {
             std::fs::write(&path, text).unwrap();
@@ -920,14 +934,12 @@ mod tests {
         );
         let e = err("qoe = 3\n");
         assert!(e.contains("[qoe] must be a table"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn keys_come_from_the_file_and_never_print() {
-        let dir = std::env::temp_dir().join(format!("qoe-config-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("router.toml");
+        let dir = TestDir::new("keys");
+        let path = dir.file("router.toml");
         std::fs::write(
             &path,
             "api_keys = [\"sk-file-1\", \"sk-file-2\"]\nadmin_api_key = \"adm-file\"\ncors_allow_origin = [\"https://a.example\"]\n",
@@ -943,7 +955,6 @@ mod tests {
             !debug.contains("sk-file") && !debug.contains("adm-file"),
             "{debug}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
