@@ -175,6 +175,10 @@ pub struct SimConfig {
     /// Add the request's priority (1..3) as vLLM's `priority` field (`--engine-priority`): engines
     /// with `scheduling = "priority"` then serve priority 1 first.
     pub engine_priority: bool,
+    /// SLA enforcement (`--sla-enforcement shed`): a priority-3 request with a TTFT deadline
+    /// that no endpoint is predicted to meet (the policy's
+    /// [`RoutingPolicy::best_predicted_ttft_ms`]) is refused at once with 429.
+    pub sla_shed: bool,
 }
 
 /// The router's admission control (`crates/router/src/admission.rs`; its flags in parentheses):
@@ -246,6 +250,7 @@ impl Default for SimConfig {
             cdf_points: 200,
             admission: AdmissionSpec::default(),
             engine_priority: false,
+            sla_shed: false,
         }
     }
 }
@@ -363,6 +368,9 @@ pub struct SimCounters {
     pub queued: u64,
     /// Requests the admission queue refused, displaced or timed out (429).
     pub shed: u64,
+    /// Priority-3 requests refused because no endpoint was predicted to meet their deadline
+    /// (SLA enforcement, 429).
+    pub sla_shed: u64,
     /// Virtual time at the end, µs.
     pub end_micros: Micros,
 }
@@ -1341,30 +1349,32 @@ impl<'a> Sim<'a> {
             }
         }
         let all = open == self.eps.len();
-        let priority;
-        let decision = {
-            let profile = &self.live[s]
-                .unsent
-                .as_ref()
-                .expect("an unsent request has its profile")
-                .profile;
-            priority = profile.priority.index();
-            if all {
-                self.policy.pick(profile, &self.views, now)
-            } else {
-                self.cand_views.clear();
-                self.cand_index.clear();
-                for i in 0..self.eps.len() {
-                    if self.open_for(slot, i) {
-                        let mut v = self.views[i];
-                        v.id = EndpointId(self.cand_views.len() as u32);
-                        self.cand_views.push(v);
-                        self.cand_index.push(i as u32);
-                    }
+        if !all {
+            self.cand_views.clear();
+            self.cand_index.clear();
+            for i in 0..self.eps.len() {
+                if self.open_for(slot, i) {
+                    let mut v = self.views[i];
+                    v.id = EndpointId(self.cand_views.len() as u32);
+                    self.cand_views.push(v);
+                    self.cand_index.push(i as u32);
                 }
-                self.policy.pick(profile, &self.cand_views, now)
             }
-        };
+        }
+        let views = if all { &self.views } else { &self.cand_views };
+        let profile = &self.live[s]
+            .unsent
+            .as_ref()
+            .expect("an unsent request has its profile")
+            .profile;
+        let priority = profile.priority.index();
+        if self.cfg.sla_shed && self.misses_deadline(profile, views, self.live[s].started) {
+            // `proxy.rs::enforce_sla`: refused before any endpoint is picked.
+            self.counters.sla_shed += 1;
+            self.end_failed(slot, Status::Http(429), false);
+            return;
+        }
+        let decision = self.policy.pick(profile, views, now);
         self.counters.picks += 1;
         let Some(d) = decision else {
             // No healthy endpoint (or none left to retry on): the router answers 503.
@@ -1503,6 +1513,23 @@ impl<'a> Sim<'a> {
         }
         let status = if why == Early::Timeout { 504 } else { 502 };
         self.end_failed(slot, Status::Http(status), false);
+    }
+
+    /// Whether SLA enforcement refuses `profile`: priority 3 with a TTFT deadline that the policy
+    /// predicts no endpoint of `views` can meet in the time left since `started`.
+    fn misses_deadline(
+        &self,
+        profile: &RequestProfile,
+        views: &[EndpointView],
+        started: Micros,
+    ) -> bool {
+        let (Some(sla_ms), Priority::LOW) = (profile.sla_ttft_ms, profile.priority) else {
+            return false;
+        };
+        let Some(best) = self.policy.best_predicted_ttft_ms(profile, views, self.now) else {
+            return false;
+        };
+        best > sla_ms as f64 - self.now.saturating_sub(started) as f64 / 1e3
     }
 
     /// Joins the admission queue; a full queue refuses the least urgent (429): the newcomer, or a
@@ -2240,6 +2267,59 @@ mod tests {
         assert!(h.healthy);
         assert_eq!(h.flaps(3), 2);
         assert_eq!(h.flaps(3 + FLAP_WINDOW + 10), 0);
+    }
+
+    /// `--sla-enforcement shed`: under overload the qoe policy refuses priority-3 requests it
+    /// predicts will miss their deadline, at once with 429, and never priority 1; a policy that
+    /// predicts nothing sheds nothing; nothing leaks.
+    #[test]
+    fn sla_enforcement_sheds_only_priority_3_and_only_with_predictions() {
+        let fleet = Fleet::from_toml_str("[[engines]]\nprofile = \"tiny\"\ncount = 2\n").unwrap();
+        let workload = Workload::from_toml_str(
+            "duration_s = 6\nmax_context_tokens = 4096\n[arrivals]\nkind = \"poisson\"\nrate = 400\n\
+             [prompt]\nkind = \"uniform\"\nmin = 200\nmax = 2000\n\
+             [output]\nkind = \"uniform\"\nmin = 4\nmax = 64\n\
+             [[priorities]]\nlevel = 1\nshare = 0.5\nttft_ms = 200\ntpot_ms = 500\n\
+             [[priorities]]\nlevel = 3\nshare = 0.5\nttft_ms = 200\ntpot_ms = 500\n",
+        )
+        .unwrap();
+        let run = |kind: qoe_core::PolicyKind, sla_shed: bool| {
+            let cfg = SimConfig {
+                seed: 5,
+                sla_shed,
+                ..SimConfig::default()
+            };
+            let policy = qoe_core::build_policy(kind, &qoe_core::PolicyConfig::default());
+            let mut sim = Sim::new(&fleet, &workload, policy.as_ref(), &cfg).unwrap();
+            sim.run();
+            assert_eq!(sim.in_flight, 0);
+            for v in &sim.views {
+                assert_eq!(v.load, Load::default());
+            }
+            sim.finish("x", &fleet, &workload)
+        };
+        let refused = |o: &SimOutcome, level: u8| {
+            let p = o
+                .report
+                .by_priority
+                .iter()
+                .find(|s| s.priority == Some(level));
+            p.and_then(|s| s.errors_by_kind.get("http_429").copied())
+                .unwrap_or(0)
+        };
+        let shed = run(qoe_core::PolicyKind::Qoe, true);
+        assert!(
+            shed.details.counters.sla_shed > 0,
+            "{:?}",
+            shed.details.counters
+        );
+        assert_eq!(refused(&shed, 3), shed.details.counters.sla_shed);
+        assert_eq!(refused(&shed, 1), 0);
+        let off = run(qoe_core::PolicyKind::Qoe, false);
+        assert_eq!(off.details.counters.sla_shed, 0);
+        assert_eq!(refused(&off, 3), 0);
+        let blind = run(qoe_core::PolicyKind::LeastLoaded, true);
+        assert_eq!(blind.details.counters.sla_shed, 0);
     }
 
     /// After a run with outages, retries and timeouts, every load counter is back to zero, every
