@@ -133,6 +133,11 @@ pub struct SimulateArgs {
     /// in the router's settings turns it on).
     #[arg(long)]
     pub engine_priority: bool,
+    /// Refuse (429) priority-3 requests whose TTFT deadline no endpoint is predicted to meet, as
+    /// the router's --sla-enforcement shed (on here or in the router's settings turns it on; only
+    /// the qoe policy predicts, so only it sheds).
+    #[arg(long)]
+    pub sla_shed: bool,
     /// The qoe policy's requests in flight at capacity for a typical endpoint (the router's
     /// --saturation-inflight) [default: the router's].
     #[arg(long)]
@@ -206,11 +211,15 @@ pub struct SimulateOutput {
     /// The simulated router's settings that differ from the defaults, as `key = value`
     /// (from the file, the environment or the flags: the report says what it ran with).
     pub router_changes: Vec<String>,
+    /// The router settings other than the defaults that the simulator does not model
+    /// ([`RouterSettings::ignored`]).
+    pub router_ignored: Vec<String>,
     pub scrape_interval_s: f64,
     pub network_delay_ms: f64,
     pub output_hint: OutputHint,
     pub admission: AdmissionSpec,
     pub engine_priority: bool,
+    pub sla_shed: bool,
     /// One report per policy, in `--policies` order.
     pub reports: ReportSet,
     pub details: Vec<SimDetails>,
@@ -256,18 +265,20 @@ pub fn details_json(out: &SimulateOutput) -> serde_json::Value {
         "rate": out.rate,
         "router_settings": out.router_settings,
         "router_changes": out.router_changes,
+        "router_ignored": out.router_ignored,
         "scrape_interval_s": out.scrape_interval_s,
         "network_delay_ms": out.network_delay_ms,
         "output_hint": out.output_hint,
         "admission": admission_json(out),
         "engine_priority": out.engine_priority,
+        "sla_shed": out.sla_shed,
         "details": out.details,
         "sweeps": out.sweeps,
     })
 }
 
 /// The policy and router settings of a run that differ from the defaults, `key = value` (qoe keys
-/// as `qoe.KEY`), in a fixed order. Admission control, engine priority and the scrape interval
+/// as `qoe.KEY`), in a fixed order. Admission control, engine priority, SLA enforcement and the scrape interval
 /// have their own words in the report and are left out here.
 fn router_changes(policy: &PolicyConfig, sim: &SimConfig) -> Vec<String> {
     let mut changes = Vec::new();
@@ -416,6 +427,10 @@ pub struct RouterSettings {
     /// statistics window, the analyzer, admission control, engine priority, the first output
     /// estimate); its client and workload fields are replaced by `simulate`'s flags.
     pub sim: SimConfig,
+    /// Settings other than the defaults that the simulator does not model (listening address,
+    /// security, breaker, connect and idle timeouts, body limits, logging, the endpoint list), as
+    /// `key = value`: the report names them so that nobody reads a run as having tested them.
+    pub ignored: Vec<String>,
 }
 
 /// Runs every policy (and its sweep) and collects the results in `--policies` order.
@@ -496,6 +511,7 @@ pub fn simulate_all(
         request_timeout,
         admission,
         engine_priority,
+        sla_shed: args.sla_shed || base.sla_shed,
         model: workload
             .spec()
             .model
@@ -619,11 +635,13 @@ pub fn simulate_all(
         rate: workload.spec().arrivals.rate(),
         router_settings: router.source.clone(),
         router_changes: router_changes(&policy_cfg, &cfg),
+        router_ignored: router.ignored.clone(),
         scrape_interval_s: scrape as f64 / 1e6,
         network_delay_ms: args.network_delay_ms,
         output_hint: args.output_hint,
         admission: cfg.admission,
         engine_priority: cfg.engine_priority,
+        sla_shed: cfg.sla_shed,
         reports: ReportSet { reports },
         details,
         sweeps,
@@ -656,6 +674,13 @@ pub fn to_markdown(out: &SimulateOutput) -> String {
     if out.engine_priority {
         router.push(" Engine priority: on.".to_string());
     }
+    if out.sla_shed {
+        router.push(
+            " SLA enforcement: priority-3 requests no endpoint is predicted to start within their \
+             deadline are refused (429)."
+                .to_string(),
+        );
+    }
     if let Some(file) = &out.router_settings {
         router.push(format!(" Router settings from `{file}`."));
     }
@@ -668,6 +693,17 @@ pub fn to_markdown(out: &SimulateOutput) -> String {
         router.push(format!(
             " Router settings other than the defaults: {}.",
             changes.join(", ")
+        ));
+    }
+    if !out.router_ignored.is_empty() {
+        let ignored: Vec<String> = out
+            .router_ignored
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect();
+        router.push(format!(
+            " Not modelled by the simulator, so without effect here: {}.",
+            ignored.join(", ")
         ));
     }
     let _ = writeln!(

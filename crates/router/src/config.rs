@@ -265,9 +265,15 @@ struct Standalone {
 }
 
 impl Default for RouterConfig {
-    /// The defaults, exactly as the flags define them.
+    /// The defaults, exactly as the flags define them (`QOE_*` variables ignored).
     fn default() -> Self {
-        Self::from_args(["qoe-router-serve"]).expect("the defaults parse")
+        let matches = Standalone::command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(["qoe-router-serve"])
+            .expect("the defaults parse");
+        Standalone::from_arg_matches(&matches)
+            .expect("the defaults parse")
+            .config
     }
 }
 
@@ -289,11 +295,29 @@ impl RouterConfig {
             return Ok(self);
         };
         let file = ConfigFile::read(&path)?;
-        let mut merged = serde_json::to_value(&self)?;
+        self.overlay(&file.settings, &path, |key| {
+            // `[qoe]` has no flag: the file is its only source.
+            key == "qoe"
+                || !matches!(
+                    matches.value_source(key),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+        })
+    }
+
+    /// These settings with the file's `settings` (read from `path`) laid over those for which
+    /// `take(key)` holds; unknown keys and values of the wrong type are errors naming the file.
+    pub fn overlay(
+        &self,
+        settings: &toml::Table,
+        path: &Path,
+        take: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<Self> {
+        let mut merged = serde_json::to_value(self)?;
         let fields = merged
             .as_object_mut()
             .expect("a struct serializes to an object");
-        for (key, value) in file.settings {
+        for (key, value) in settings {
             let key = key.replace('-', "_");
             if !fields.contains_key(&key) {
                 anyhow::bail!(
@@ -301,20 +325,14 @@ impl RouterConfig {
                     path.display()
                 );
             }
-            // `[qoe]` has no flag: the file is its only source.
-            let from_user = key != "qoe"
-                && matches!(
-                    matches.value_source(&key),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                );
-            if !from_user {
+            if take(&key) {
                 fields.insert(key, serde_json::to_value(value)?);
             }
         }
         let mut merged: RouterConfig = serde_json::from_value(merged)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        // What serde skips is not a file key: keep the command line's.
-        merged.config = Some(path);
+        // What serde skips is not a file key: keep these.
+        merged.config = Some(path.to_path_buf());
         merged.print_config = self.print_config;
         Ok(merged)
     }
@@ -334,6 +352,13 @@ impl RouterConfig {
             ("--queue-timeout", self.queue_timeout),
             ("--saturation-kv-usage", self.saturation_kv_usage),
         ];
+        // A config file (TOML) holds signed 64-bit integers: a larger seed could not be saved.
+        anyhow::ensure!(
+            self.seed <= i64::MAX as u64,
+            "--seed must be at most {} (a config-file integer), got {}",
+            i64::MAX,
+            self.seed
+        );
         anyhow::ensure!(
             self.qoe_weights.len() == 4
                 && self.qoe_weights.iter().all(|w| w.is_finite() && *w >= 0.0)
@@ -547,9 +572,34 @@ impl RouterConfig {
                     queue_timeout: admission.queue_timeout.as_micros() as u64,
                 },
                 engine_priority: self.engine_priority,
+                sla_shed: self.sla_enforcement == SlaEnforcement::Shed,
                 ..qoe_sim::simulate::SimConfig::default()
             },
+            ignored: self.not_simulated(),
         }
+    }
+
+    /// The settings other than the defaults that the simulator does not model, `key = value`
+    /// (secrets by name only), the config file's `[[backends]]` last.
+    fn not_simulated(&self) -> Vec<String> {
+        let json = |c: &RouterConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let (now, defaults) = (json(self), json(&RouterConfig::default()));
+        let mut ignored: Vec<String> = NOT_SIMULATED
+            .iter()
+            .filter(|key| now.get(**key) != defaults.get(**key))
+            .map(|key| match (*key, now.get(*key)) {
+                ("api_keys" | "admin_api_key", _) | (_, None) => key.to_string(),
+                (_, Some(value)) => format!("{key} = {value}"),
+            })
+            .collect();
+        let backends = self.config.as_ref().and_then(|p| ConfigFile::read(p).ok());
+        if backends.is_some_and(|f| !f.backends.is_empty()) {
+            ignored.push("[[backends]] (the fleet file gives the engines)".into());
+        }
+        ignored
     }
 
     pub fn engine_stats_interval(&self) -> Duration {
@@ -573,6 +623,70 @@ pub struct BackendEntry {
     #[serde(default)]
     pub role: Option<String>,
 }
+
+/// The settings the fleet simulator models (`simulation_settings`), as they serialize; the
+/// test keeps this list and `NOT_SIMULATED` covering every setting exactly once.
+#[cfg(test)]
+const SIMULATED: [&str; 32] = [
+    "seed",
+    "session_key",
+    "session_load_factor",
+    "prefix_index_blocks",
+    "prefix_balance_margin",
+    "priority_header",
+    "expected_output_len_header",
+    "sla_header",
+    "target_ttft",
+    "target_itl",
+    "optimal_throughput",
+    "qoe_weights",
+    "qoe_adaptive",
+    "qoe_deadline_overflow",
+    "saturation_inflight",
+    "default_output_tokens",
+    "engine_stats_interval",
+    "health_check_interval",
+    "unhealthy_threshold",
+    "healthy_threshold",
+    "request_stats_window",
+    "max_retries",
+    "retry_backoff_ms",
+    "first_byte_timeout_ms",
+    "max_inflight_per_endpoint",
+    "saturation_kv_usage",
+    "saturation_waiting",
+    "queue_max",
+    "queue_timeout",
+    "sla_enforcement",
+    "engine_priority",
+    "qoe",
+];
+
+/// The settings it does not: the fleet file gives the engines and `--policies` the policies;
+/// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
+/// in virtual time.
+const NOT_SIMULATED: [&str; 20] = [
+    "host",
+    "port",
+    "service_discovery",
+    "static_backends",
+    "static_models",
+    "routing_logic",
+    "max_body_bytes",
+    "breaker_failures",
+    "breaker_successes",
+    "breaker_open_secs",
+    "connect_timeout_ms",
+    "idle_timeout_ms",
+    "pool_max_idle_per_host",
+    "api_keys",
+    "admin_api_key",
+    "forward_authorization",
+    "cors_allow_origin",
+    "max_header_bytes",
+    "log_format",
+    "log_level",
+];
 
 /// `QoeConfig` fields that have a flag (field, flag): set there, not in `[qoe]`.
 const QOE_FLAGGED: [(&str, &str); 8] = [
@@ -650,6 +764,8 @@ fn check_qoe(q: &QoeConfig) -> anyhow::Result<()> {
 pub struct ConfigFile {
     pub settings: toml::Table,
     pub backends: Vec<BackendEntry>,
+    /// Whether the file has a `backends` key at all (`[[backends]]` or `backends = []`).
+    pub backends_listed: bool,
 }
 
 impl ConfigFile {
@@ -661,13 +777,19 @@ impl ConfigFile {
 
     pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
         let mut settings: toml::Table = text.parse()?;
-        let backends = match settings.remove("backends") {
+        let listed = settings.remove("backends");
+        let backends_listed = listed.is_some();
+        let backends = match listed {
             None => Vec::new(),
             Some(v) => v
                 .try_into()
                 .map_err(|e| anyhow::anyhow!("[[backends]]: {e}"))?,
         };
-        Ok(ConfigFile { settings, backends })
+        Ok(ConfigFile {
+            settings,
+            backends,
+            backends_listed,
+        })
     }
 }
 
@@ -718,6 +840,35 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_is_either_simulated_or_said_not_to_be() {
+        let serde_json::Value::Object(keys) =
+            serde_json::to_value(RouterConfig::default()).unwrap()
+        else {
+            panic!("the config serializes to a map");
+        };
+        for key in keys.keys() {
+            let (yes, no) = (
+                SIMULATED.contains(&key.as_str()),
+                NOT_SIMULATED.contains(&key.as_str()),
+            );
+            assert!(
+                yes != no,
+                "`{key}` must be in exactly one of SIMULATED and NOT_SIMULATED"
+            );
+        }
+        assert_eq!(keys.len(), SIMULATED.len() + NOT_SIMULATED.len());
+        assert!(RouterConfig::default()
+            .simulation_settings()
+            .ignored
+            .is_empty());
+        let shed =
+            RouterConfig::from_args(["x", "--sla-enforcement", "shed", "--port", "1"]).unwrap();
+        let settings = shed.simulation_settings();
+        assert!(settings.sim.sla_shed);
+        assert_eq!(settings.ignored, ["port = 1"]);
+    }
+
+    #[test]
     fn simulate_runs_the_router_config_file_and_its_flags_win() {
         use qoe_bench::simulate::{simulate_all, to_markdown, SimulateArgs};
         let dir = TestDir::new("sim");
@@ -725,7 +876,9 @@ mod tests {
         std::fs::write(
             &path,
             "target_itl = 80\nengine_stats_interval = 0.5\nmax_inflight_per_endpoint = 2\n\
-             queue_max = 4\npriority_header = \"x-prio\"\n[qoe]\nprefix_affinity = 0.0\n",
+             queue_max = 4\npriority_header = \"x-prio\"\nbreaker_failures = 9\n\
+             log_level = \"debug\"\n[qoe]\nprefix_affinity = 0.0\n\
+             [[backends]]\nurl = \"http://127.0.0.1:9\"\n",
         )
         .unwrap();
         let p = path.to_str().unwrap();
@@ -739,6 +892,14 @@ mod tests {
         assert_eq!(settings.sim.analyzer.priority_header, "x-prio");
         assert_eq!(settings.sim.scrape_interval, 500_000);
         assert_eq!(settings.sim.admission.queue_max, 4);
+        assert_eq!(
+            settings.ignored,
+            [
+                "breaker_failures = 9",
+                "log_level = \"debug\"",
+                "[[backends]] (the fleet file gives the engines)"
+            ]
+        );
 
         let repo = |rel: &str| format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"));
         let (fleet, workload) = (
@@ -769,6 +930,10 @@ mod tests {
             md.contains("Router settings other than the defaults: `"),
             "{md}"
         );
+        assert!(
+            md.contains("Not modelled by the simulator, so without effect here: `breaker_failures = 9`, `log_level = \"debug\"`, `[[backends]]"),
+            "{md}"
+        );
         // At 300 req/s, two in flight per endpoint hold requests in the router: some find the
         // queue's four seats taken and are refused.
         let refused = |o: &qoe_bench::simulate::SimulateOutput| {
@@ -796,7 +961,12 @@ mod tests {
             "{:?}",
             plain.router_changes
         );
-        assert!(!to_markdown(&plain).contains("Router settings"));
+        assert!(plain.router_ignored.is_empty());
+        let md = to_markdown(&plain);
+        assert!(
+            !md.contains("Router settings") && !md.contains("Not modelled"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -978,5 +1148,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--static-models"));
+        let c = RouterConfig::from_args(["x", "--seed", &u64::MAX.to_string()]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("--seed"));
+        let c = RouterConfig::from_args(["x", "--seed", &i64::MAX.to_string()]).unwrap();
+        assert!(c
+            .effective_toml()
+            .unwrap()
+            .contains(&format!("seed = {}", i64::MAX)));
     }
 }
