@@ -65,6 +65,11 @@ pub struct StaticDiscovery {
     file: Option<PathBuf>,
     poll: Duration,
     last_seen: Option<SystemTime>,
+    /// The settings the router runs with: a reloaded file is checked against them.
+    running: RouterConfig,
+    /// The file's settings (other than backends) and its backend count at the last good read.
+    file_settings: toml::Table,
+    file_backends: usize,
 }
 
 impl StaticDiscovery {
@@ -88,16 +93,62 @@ impl StaticDiscovery {
             file: config.config.clone(),
             poll: Duration::from_secs(1),
             last_seen: None,
+            running: config.clone(),
+            file_settings: toml::Table::new(),
+            file_backends: 0,
         }
     }
 
-    fn read(&mut self) -> anyhow::Result<Vec<BackendSpec>> {
+    /// The endpoint set: the flags' endpoints, then the file's. A reload is refused (the caller
+    /// keeps the current set) when the file is invalid as a whole, as at start-up, or when it no
+    /// longer lists backends at all while it had some: a file caught half-written, or emptied by
+    /// mistake, must not take every endpoint away; `backends = []` does that on purpose.
+    fn read(&mut self, reload: bool) -> anyhow::Result<Vec<BackendSpec>> {
         let mut specs = self.flags.clone();
         if let Some(path) = &self.file {
             self.last_seen = std::fs::metadata(path).and_then(|m| m.modified()).ok();
             let file = ConfigFile::read(path)?;
+            if reload {
+                anyhow::ensure!(
+                    file.backends_listed || self.file_backends == 0,
+                    "{}: the file lists no backends, which would remove all {} of its endpoints; \
+                     to remove them on purpose write `backends = []`",
+                    path.display(),
+                    self.file_backends
+                );
+                self.running
+                    .overlay(&file.settings, path, |_| true)?
+                    .validate()
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+                let changed: Vec<&str> = file
+                    .settings
+                    .iter()
+                    .filter(|(k, v)| self.file_settings.get(*k) != Some(*v))
+                    .map(|(k, _)| k.as_str())
+                    .chain(
+                        self.file_settings
+                            .keys()
+                            .filter(|k| !file.settings.contains_key(*k))
+                            .map(|k| k.as_str()),
+                    )
+                    .collect();
+                if !changed.is_empty() {
+                    tracing::warn!(
+                        "{}: settings other than [[backends]] take effect at the next start: {} changed",
+                        path.display(),
+                        changed.join(", ")
+                    );
+                }
+            }
+            for (i, entry) in file.backends.iter().enumerate() {
+                // Check them all before taking any: a bad entry refuses the whole reload.
+                validate_url(&entry.url)
+                    .map_err(|e| anyhow::anyhow!("{}: backend {}: {e}", path.display(), i + 1))?;
+                parse_role(entry.role.as_deref(), &entry.url)?;
+            }
+            self.file_backends = file.backends.len();
+            self.file_settings = file.settings;
             for BackendEntry { url, models, role } in file.backends {
-                validate_url(&url).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 let role = parse_role(role.as_deref(), &url)?;
                 let url = url.trim_end_matches('/').to_string();
                 if !specs.iter().any(|s| s.url == url) {
@@ -117,7 +168,7 @@ impl StaticDiscovery {
 
 impl Discovery for StaticDiscovery {
     fn initial(&mut self) -> anyhow::Result<Vec<BackendSpec>> {
-        self.read()
+        self.read(false)
     }
 
     fn run(
@@ -154,7 +205,7 @@ impl Discovery for StaticDiscovery {
                 if !forced && self.modified() == self.last_seen {
                     continue;
                 }
-                match self.read() {
+                match self.read(true) {
                     Ok(specs) => {
                         tracing::info!(endpoints = specs.len(), "endpoint set re-read");
                         tx.send_if_modified(|current| {
@@ -196,5 +247,45 @@ mod tests {
         let specs = d.initial().unwrap();
         assert_eq!(specs[0].url, "http://127.0.0.1:1");
         assert_eq!(specs[1].models, vec!["m".to_string()]);
+    }
+
+    /// A reload that would empty the file's endpoints by omission, or that carries a setting the
+    /// router would refuse at start-up, is refused; `backends = []` empties them on purpose.
+    #[test]
+    fn reload_refuses_a_file_that_drops_every_backend_or_is_invalid() {
+        let path = std::env::temp_dir().join(format!("qoe-discovery-{}.toml", std::process::id()));
+        let two = "[[backends]]\nurl = \"http://127.0.0.1:1\"\n\
+                   [[backends]]\nurl = \"http://127.0.0.1:2\"\n";
+        std::fs::write(&path, two).unwrap();
+        let config = RouterConfig::from_args(["x", "--config", path.to_str().unwrap()]).unwrap();
+        let mut d = StaticDiscovery::new(&config);
+        assert_eq!(d.initial().unwrap().len(), 2);
+        let reload = |d: &mut StaticDiscovery, text: &str| {
+            std::fs::write(&path, text).unwrap();
+            d.read(true)
+        };
+        for emptied in ["", "# being rewritten\n", "routing_logic = \"qoe\"\n"] {
+            let e = reload(&mut d, emptied).unwrap_err().to_string();
+            assert!(
+                e.contains("lists no backends") && e.contains("backends = []"),
+                "{e}"
+            );
+        }
+        let e = reload(&mut d, &format!("engine_stats_interval = -1\n{two}")).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--engine-stats-interval"),
+            "{e:#}"
+        );
+        let e = reload(&mut d, &format!("no_such_key = 1\n{two}")).unwrap_err();
+        assert!(e.to_string().contains("no_such_key"), "{e}");
+        let e = reload(&mut d, &format!("{two}[[backends]]\nurl = \"ftp://h\"\n")).unwrap_err();
+        assert!(e.to_string().contains("backend 3"), "{e}");
+        // A setting that parses still needs a restart, but does not block the endpoints.
+        let one = "max_retries = 3\n[[backends]]\nurl = \"http://127.0.0.1:1\"\n";
+        assert_eq!(reload(&mut d, one).unwrap().len(), 1);
+        assert!(reload(&mut d, "backends = []\n").unwrap().is_empty());
+        // Once empty, a file without backends is no loss.
+        assert!(reload(&mut d, "").unwrap().is_empty());
+        let _ = std::fs::remove_file(&path);
     }
 }
