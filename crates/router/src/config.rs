@@ -372,6 +372,50 @@ impl RouterConfig {
                 "{flag} must be a positive number, got {v}"
             );
         }
+        // Seconds that become timers: below a millisecond a ticker spins, above a day a typo.
+        let seconds = [
+            ("--engine-stats-interval", self.engine_stats_interval),
+            ("--health-check-interval", self.health_check_interval),
+            ("--request-stats-window", self.request_stats_window),
+            ("--breaker-open-secs", self.breaker_open_secs),
+            ("--queue-timeout", self.queue_timeout),
+        ];
+        for (flag, v) in seconds {
+            anyhow::ensure!(
+                (0.001..=86_400.0).contains(&v),
+                "{flag} must be between 0.001 and 86400 seconds, got {v:?}"
+            );
+        }
+        anyhow::ensure!(
+            self.saturation_kv_usage <= 1.0,
+            "--saturation-kv-usage is a fraction of the KV cache in (0, 1] (1: no limit), got {}",
+            self.saturation_kv_usage
+        );
+        anyhow::ensure!(
+            self.max_body_bytes >= 1,
+            "--max-body-bytes must be at least 1 (there is no 'unlimited'), got {}",
+            self.max_body_bytes
+        );
+        let headers = [
+            ("--priority-header", &self.priority_header),
+            (
+                "--expected-output-len-header",
+                &self.expected_output_len_header,
+            ),
+            ("--sla-header", &self.sla_header),
+        ];
+        for (flag, name) in headers {
+            anyhow::ensure!(
+                http::HeaderName::from_bytes(name.as_bytes()).is_ok(),
+                "{flag} must be an HTTP header name (letters, digits and -), got '{name}'"
+            );
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            anyhow::anyhow!(
+                "--log-level '{}' is not a log filter (e.g. info, or qoe_router=debug): {e}",
+                self.log_level
+            )
+        })?;
         anyhow::ensure!(
             self.session_load_factor.is_finite() && self.session_load_factor >= 1.0,
             "--session-load-factor must be a finite number of at least 1.0, got {}",
@@ -403,9 +447,16 @@ impl RouterConfig {
             "--max-header-bytes must be at least 1024, got {}",
             self.max_header_bytes
         );
-        for url in &self.static_backends {
+        for (i, url) in self.static_backends.iter().enumerate() {
             crate::discovery::validate_url(url)
                 .map_err(|e| anyhow::anyhow!("--static-backends: {e}"))?;
+            let normal = crate::discovery::normalize_url(url);
+            anyhow::ensure!(
+                !self.static_backends[..i]
+                    .iter()
+                    .any(|u| crate::discovery::normalize_url(u) == normal),
+                "--static-backends lists '{normal}' twice"
+            );
         }
         self.qoe_table()?;
         Ok(())
@@ -1155,5 +1206,31 @@ mod tests {
             .effective_toml()
             .unwrap()
             .contains(&format!("seed = {}", i64::MAX)));
+        let refused = [
+            ("--engine-stats-interval", "1e-12"),
+            ("--health-check-interval", "1e20"),
+            ("--queue-timeout", "100000"),
+            ("--breaker-open-secs", "0.0001"),
+            ("--request-stats-window", "inf"),
+            ("--saturation-kv-usage", "80"),
+            ("--max-body-bytes", "0"),
+            ("--priority-header", "x prio"),
+            ("--sla-header", "x:sla"),
+            ("--log-level", "qoe_router=loud"),
+        ];
+        for (flag, value) in refused {
+            let c = RouterConfig::from_args(["x", flag, value]).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(value), "{flag} {value}: {e}");
+        }
+        for (flag, value) in [
+            ("--engine-stats-interval", "0.001"),
+            ("--health-check-interval", "86400"),
+            ("--saturation-kv-usage", "0.9"),
+            ("--log-level", "warn,qoe_router=debug"),
+        ] {
+            let c = RouterConfig::from_args(["x", flag, value]).unwrap();
+            c.validate().unwrap();
+        }
     }
 }

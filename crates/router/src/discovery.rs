@@ -30,7 +30,10 @@ pub trait Discovery: Send + 'static {
     fn run(self: Box<Self>, tx: watch::Sender<Vec<BackendSpec>>) -> tokio::task::JoinHandle<()>;
 }
 
-/// Checks an endpoint URL: `http://host:port` with an optional path prefix.
+/// Checks an endpoint URL: `http://host[:port]` with an optional path prefix under which the
+/// engine serves `/v1/...`. What the router would silently get wrong is refused: a port out of
+/// range, credentials (they would show in headers, logs and metrics labels), a query or
+/// fragment, and a path ending in `/v1` (every request would go to `/v1/v1/...`).
 pub fn validate_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url
         .parse()
@@ -44,10 +47,41 @@ pub fn validate_url(url: &str) -> Result<(), String> {
         }
         None => return Err(format!("'{url}' needs a scheme, e.g. http://{url}")),
     }
-    if uri.host().is_none() {
+    let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
         return Err(format!("'{url}' has no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "the URL of {host}: credentials in the URL are not supported (the router does not send them, \
+             and would show them in headers, logs and metrics); clients' Authorization headers \
+             reach the engines (see --forward-authorization)"
+        ));
+    }
+    let after_host = authority
+        .as_str()
+        .rsplit_once(host)
+        .map_or("", |(_, rest)| rest);
+    if let Some(port) = after_host.strip_prefix(':') {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(format!("'{url}': port '{port}' is not in 1..65535"));
+        }
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(format!("'{url}': a query or fragment is not allowed"));
+    }
+    if uri.path().trim_end_matches('/').ends_with("/v1") {
+        return Err(format!(
+            "'{url}': give the engine's base URL without /v1 (the router adds /v1/...), \
+             e.g. '{}'",
+            url.trim_end_matches('/').trim_end_matches("/v1")
+        ));
     }
     Ok(())
+}
+
+/// The form endpoints are compared and shown in: no trailing slash.
+pub fn normalize_url(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
 }
 
 fn parse_role(role: Option<&str>, url: &str) -> anyhow::Result<Role> {
@@ -79,7 +113,7 @@ impl StaticDiscovery {
             .iter()
             .enumerate()
             .map(|(i, url)| BackendSpec {
-                url: url.trim_end_matches('/').to_string(),
+                url: normalize_url(url),
                 models: match config.static_models.len() {
                     0 => Vec::new(),
                     1 => vec![config.static_models[0].clone()],
@@ -142,18 +176,28 @@ impl StaticDiscovery {
             }
             for (i, entry) in file.backends.iter().enumerate() {
                 // Check them all before taking any: a bad entry refuses the whole reload.
-                validate_url(&entry.url)
-                    .map_err(|e| anyhow::anyhow!("{}: backend {}: {e}", path.display(), i + 1))?;
+                let bad = |e: String| anyhow::anyhow!("{}: backend {}: {e}", path.display(), i + 1);
+                validate_url(&entry.url).map_err(bad)?;
                 parse_role(entry.role.as_deref(), &entry.url)?;
+                let url = normalize_url(&entry.url);
+                let twice = file.backends[..i]
+                    .iter()
+                    .any(|e| normalize_url(&e.url) == url);
+                if twice || self.flags.iter().any(|s| s.url == url) {
+                    let by = if twice {
+                        "the file"
+                    } else {
+                        "--static-backends"
+                    };
+                    return Err(bad(format!("'{url}' is listed already, by {by}")));
+                }
             }
             self.file_backends = file.backends.len();
             self.file_settings = file.settings;
             for BackendEntry { url, models, role } in file.backends {
                 let role = parse_role(role.as_deref(), &url)?;
-                let url = url.trim_end_matches('/').to_string();
-                if !specs.iter().any(|s| s.url == url) {
-                    specs.push(BackendSpec { url, models, role });
-                }
+                let url = normalize_url(&url);
+                specs.push(BackendSpec { url, models, role });
             }
         }
         Ok(specs)
@@ -235,6 +279,35 @@ mod tests {
             .unwrap_err()
             .contains("scheme"));
         assert!(validate_url("https://x").unwrap_err().contains("https"));
+        for ok in [
+            "http://engine-1",
+            "http://[::1]:8100",
+            "http://10.0.0.7:65535/prefix/",
+            "http://h:8000/v1beta",
+        ] {
+            assert_eq!(validate_url(ok), Ok(()), "{ok}");
+        }
+        let refused = [
+            ("http://127.0.0.1:85555", "port '85555'"),
+            ("http://127.0.0.1:0", "port '0'"),
+            ("http://[::1]:x", "port 'x'"),
+            ("http://user:secret@127.0.0.1:8100", "credentials"),
+            ("http://127.0.0.1:8100/?a=b", "query"),
+            ("http://127.0.0.1:8100/#top", "fragment"),
+            ("http://127.0.0.1:8100/v1/", "e.g. 'http://127.0.0.1:8100'"),
+        ];
+        for (url, why) in refused {
+            let e = validate_url(url).unwrap_err();
+            assert!(e.contains(why) && !e.contains("secret"), "{url}: {e}");
+        }
+        let twice = RouterConfig::from_args([
+            "x",
+            "--static-backends",
+            "http://127.0.0.1:1,http://127.0.0.1:1/",
+        ])
+        .unwrap();
+        let e = twice.validate().unwrap_err().to_string();
+        assert!(e.contains("'http://127.0.0.1:1' twice"), "{e}");
         let config = RouterConfig::from_args([
             "x",
             "--static-backends",
@@ -280,6 +353,15 @@ mod tests {
         assert!(e.to_string().contains("no_such_key"), "{e}");
         let e = reload(&mut d, &format!("{two}[[backends]]\nurl = \"ftp://h\"\n")).unwrap_err();
         assert!(e.to_string().contains("backend 3"), "{e}");
+        let e = reload(
+            &mut d,
+            &format!("{two}[[backends]]\nurl = \"http://127.0.0.1:2/\"\n"),
+        );
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("'http://127.0.0.1:2' is listed already, by the file"),
+            "{e}"
+        );
         // A setting that parses still needs a restart, but does not block the endpoints.
         let one = "max_retries = 3\n[[backends]]\nurl = \"http://127.0.0.1:1\"\n";
         assert_eq!(reload(&mut d, one).unwrap().len(), 1);

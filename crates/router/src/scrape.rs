@@ -6,7 +6,7 @@
 //! read; policies see their age.
 
 use crate::endpoints::{Clock, Endpoint, Registry};
-use crate::upstream::{get, UpstreamClient};
+use crate::upstream::{get, GetError, UpstreamClient, METRICS_BODY_LIMIT, SMALL_BODY_LIMIT};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +19,17 @@ pub async fn scrape_once(
     clock: &Clock,
     timeout: Duration,
 ) {
-    match get(client, &format!("{}/metrics", endpoint.url), timeout).await {
+    let url = format!("{}/metrics", endpoint.url);
+    match get(client, &url, timeout, METRICS_BODY_LIMIT).await {
         Ok(body) => {
             let text = String::from_utf8_lossy(&body);
             let mut metrics = qoe_core::engine_metrics::parse_engine_metrics(&text, None);
             metrics.follow(endpoint.engine_sample().map(|s| s.metrics).as_ref());
             endpoint.set_engine_metrics(metrics, clock.now());
+        }
+        // Not transient: say so where an operator looks.
+        Err(e @ GetError::TooLong(_)) => {
+            tracing::warn!(endpoint = %endpoint.url, "metrics scrape refused: {e}")
         }
         Err(e) => tracing::debug!(endpoint = %endpoint.url, "metrics scrape failed: {e}"),
     }
@@ -34,7 +39,8 @@ pub async fn scrape_once(
 /// Reads the endpoint's `/v1/models` (its model list when none was configured, and the model
 /// objects the merged `/v1/models` serves).
 pub async fn refresh_models(client: &UpstreamClient, endpoint: &Endpoint, timeout: Duration) {
-    match get(client, &format!("{}/v1/models", endpoint.url), timeout).await {
+    let url = format!("{}/v1/models", endpoint.url);
+    match get(client, &url, timeout, SMALL_BODY_LIMIT).await {
         Ok(body) => match parse_model_cards(&body) {
             Some(cards) => endpoint.set_model_cards(cards),
             None => {
@@ -66,9 +72,11 @@ pub async fn check_health_once(
     unhealthy_after: u32,
     healthy_after: u32,
 ) {
-    let result = get(client, &format!("{}/health", endpoint.url), timeout)
+    let url = format!("{}/health", endpoint.url);
+    let result = get(client, &url, timeout, SMALL_BODY_LIMIT)
         .await
-        .map(|_| ());
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     if let Err(e) = &result {
         if endpoint.is_healthy() {
             tracing::warn!(endpoint = %endpoint.url, "health check failed: {e}");

@@ -250,32 +250,64 @@ impl Pool {
     }
 }
 
-/// GETs `url` and returns the body of a 2xx answer, all within `timeout`.
-pub async fn get(client: &UpstreamClient, url: &str, timeout: Duration) -> Result<Bytes, String> {
+/// The largest `/metrics` body the router reads: vLLM's is tens of kilobytes; an engine behind
+/// a bad proxy could send without end.
+pub const METRICS_BODY_LIMIT: usize = 8 << 20;
+/// The largest `/v1/models` or `/health` body the router reads.
+pub const SMALL_BODY_LIMIT: usize = 1 << 20;
+
+/// Why a [`get`] failed.
+#[derive(Debug)]
+pub enum GetError {
+    /// The body exceeded the limit (bytes): a misconfigured endpoint, not a passing fault.
+    TooLong(usize),
+    Failed(String),
+}
+
+impl std::fmt::Display for GetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GetError::TooLong(limit) => write!(f, "the answer is longer than {limit} bytes"),
+            GetError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// GETs `url` and returns the body of a 2xx answer, all within `timeout`; a body longer than
+/// `limit` bytes is an error, read no further.
+pub async fn get(
+    client: &UpstreamClient,
+    url: &str,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Bytes, GetError> {
+    let failed = |e: String| GetError::Failed(e);
     let request = http::Request::get(url)
         .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string()))?;
     let fetch = async {
         let response = client
             .request(request)
             .await
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| failed(format!("{e:?}")))?;
         let status = response.status();
-        let body = response
-            .into_body()
+        let body = http_body_util::Limited::new(response.into_body(), limit)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| match e.is::<http_body_util::LengthLimitError>() {
+                true => GetError::TooLong(limit),
+                false => failed(e.to_string()),
+            })?
             .to_bytes();
         if status.is_success() {
             Ok(body)
         } else {
-            Err(format!("status {status}"))
+            Err(failed(format!("status {status}")))
         }
     };
     tokio::time::timeout(timeout, fetch)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| failed(format!("no answer within {timeout:?}")))?
 }
 
 #[cfg(test)]
@@ -300,5 +332,44 @@ mod tests {
         let p = Pool::new("http://[::1]:8100", PoolConfig::default());
         assert_eq!(p.target, Ok(("::1".to_string(), 8100)));
         assert_eq!(p.host().unwrap(), "[::1]:8100");
+    }
+
+    /// An endpoint that answers without end is cut off at the limit, long before the timeout,
+    /// and a body within the limit is read whole.
+    #[tokio::test]
+    async fn get_stops_reading_at_the_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let n = socket.read(&mut request).await.unwrap_or(0);
+                    let endless = request[..n].starts_with(b"GET /endless");
+                    let head = match endless {
+                        true => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                        false => "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+                    };
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                    while endless && socket.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        let c = client(Duration::from_secs(5), 1);
+        let timeout = Duration::from_secs(60);
+        let e = get(&c, &format!("http://{addr}/endless"), timeout, 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, GetError::TooLong(limit) if limit == 1 << 20),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "the answer is longer than 1048576 bytes");
+        let body = get(&c, &format!("http://{addr}/small"), timeout, 5).await;
+        assert_eq!(body.unwrap(), "hello");
+        let e = get(&c, &format!("http://{addr}/small"), timeout, 4).await;
+        assert!(matches!(e, Err(GetError::TooLong(4))));
     }
 }
