@@ -8,6 +8,12 @@
 //! lowest priority first: a priority-1 arrival displaces the worst waiter with a lower priority,
 //! otherwise the arrival itself is refused. The endpoint is chosen at dispatch time, when
 //! capacity frees, by the routing policy as usual.
+//!
+//! Order holds among requests for the same model: they compete for the same endpoints. A waiter
+//! for another model neither holds a request back nor takes its wake-up: capacity freed on an
+//! endpoint wakes the most urgent waiter for a model that endpoint serves. A waiter keeps its
+//! place from the time it joins until it is dispatched or gives up, woken or not, so a newcomer
+//! cannot slip past one that is re-checking.
 
 use qoe_core::{EndpointView, Micros, Priority};
 use std::collections::BTreeMap;
@@ -61,9 +67,16 @@ pub enum Refusal {
     QueueFull,
 }
 
+#[derive(Debug)]
+struct Waiter {
+    model: Box<str>,
+    /// `None` once woken (or timed out), until the waiter waits again.
+    wake: Option<oneshot::Sender<Wake>>,
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    waiters: BTreeMap<QueueKey, oneshot::Sender<Wake>>,
+    waiters: BTreeMap<QueueKey, Waiter>,
     next_seq: u64,
 }
 
@@ -106,45 +119,64 @@ impl Admission {
         self.len() == 0
     }
 
-    /// Whether a request with `key` should wait behind the queue even though capacity is open:
-    /// true when someone more urgent is already waiting (no overtaking).
-    pub fn behind_someone(&self, key: &QueueKey) -> bool {
+    /// Whether a request with `key` for `model` should wait even though capacity is open: true
+    /// when a more urgent request for the same model is waiting (no overtaking).
+    pub fn behind_someone(&self, key: &QueueKey, model: &str) -> bool {
         self.lock()
             .waiters
-            .keys()
-            .next()
-            .is_some_and(|head| head < key)
+            .range(..*key)
+            .any(|(_, w)| &*w.model == model)
     }
 
     /// Joins the queue. Returns the receiver to await, or a refusal when the queue is full of
     /// requests at least as urgent.
-    pub fn enqueue(&self, key: QueueKey) -> Result<oneshot::Receiver<Wake>, Refusal> {
+    pub fn enqueue(&self, key: QueueKey, model: &str) -> Result<oneshot::Receiver<Wake>, Refusal> {
         let mut q = self.lock();
         if q.waiters.len() >= self.config.queue_max.max(1) {
             let worst = *q.waiters.keys().next_back().expect("full queue has a last");
             if worst.priority <= key.priority {
                 return Err(Refusal::QueueFull);
             }
-            if let Some(tx) = q.waiters.remove(&worst) {
+            // One re-checking (no sender) learns it when it waits again (`rearm`).
+            if let Some(tx) = q.waiters.remove(&worst).and_then(|w| w.wake) {
                 let _ = tx.send(Wake::Displaced);
             }
         }
         let (tx, rx) = oneshot::channel();
-        q.waiters.insert(key, tx);
+        let waiter = Waiter {
+            model: model.into(),
+            wake: Some(tx),
+        };
+        q.waiters.insert(key, waiter);
         Ok(rx)
     }
 
-    /// Leaves the queue (timed out, woken, or the client left).
+    /// Waits again in the same place; `None` when the place was taken meanwhile (displaced).
+    pub fn rearm(&self, key: &QueueKey) -> Option<oneshot::Receiver<Wake>> {
+        let mut q = self.lock();
+        let waiter = q.waiters.get_mut(key)?;
+        let (tx, rx) = oneshot::channel();
+        waiter.wake = Some(tx);
+        Some(rx)
+    }
+
+    /// Leaves the queue (dispatched, timed out, or the client left).
     pub fn leave(&self, key: &QueueKey) {
         self.lock().waiters.remove(key);
     }
 
-    /// Capacity freed somewhere: wake the most urgent waiter to try again.
-    pub fn notify(&self) {
+    /// Capacity freed on an endpoint serving the models for which `serves` holds: wake the most
+    /// urgent waiter for one of them to try again.
+    pub fn notify(&self, serves: impl Fn(&str) -> bool) {
         let mut q = self.lock();
-        while let Some((_, tx)) = q.waiters.pop_first() {
-            if tx.send(Wake::Retry).is_ok() {
-                return;
+        for waiter in q.waiters.values_mut() {
+            if waiter.wake.is_none() || !serves(&waiter.model) {
+                continue;
+            }
+            if let Some(tx) = waiter.wake.take() {
+                if tx.send(Wake::Retry).is_ok() {
+                    return;
+                }
             }
         }
     }
@@ -188,26 +220,58 @@ mod tests {
     #[tokio::test]
     async fn serves_by_priority_then_deadline_and_sheds_low_priority_when_full() {
         let a = Admission::new(config(2));
+        let any = |_: &str| true;
         let p3 = a.key(Priority::LOW, None);
         let p2_late = a.key(Priority::DEFAULT, Some(900));
-        let mut rx3 = a.enqueue(p3).unwrap();
-        let rx2 = a.enqueue(p2_late).unwrap();
+        let mut rx3 = a.enqueue(p3, "m").unwrap();
+        let rx2 = a.enqueue(p2_late, "m").unwrap();
         // Full: a priority-2 arrival cannot displace the priority-2 waiter... but can the p3.
         let p2_early = a.key(Priority::DEFAULT, Some(500));
-        let rx2e = a.enqueue(p2_early).unwrap();
+        let rx2e = a.enqueue(p2_early, "m").unwrap();
         assert_eq!(rx3.try_recv(), Ok(Wake::Displaced));
         // Full of priority 2: another priority 3 is refused.
         assert_eq!(
-            a.enqueue(a.key(Priority::LOW, None)).unwrap_err(),
+            a.enqueue(a.key(Priority::LOW, None), "m").unwrap_err(),
             Refusal::QueueFull
         );
-        assert!(a.behind_someone(&a.key(Priority::DEFAULT, Some(600))));
-        assert!(!a.behind_someone(&a.key(Priority::HIGH, None)));
+        assert!(a.behind_someone(&a.key(Priority::DEFAULT, Some(600)), "m"));
+        assert!(!a.behind_someone(&a.key(Priority::HIGH, None), "m"));
         // Capacity frees: the earliest deadline among priority 2 goes first.
-        a.notify();
+        a.notify(any);
         assert_eq!(rx2e.await, Ok(Wake::Retry));
-        a.notify();
+        // Woken, it keeps its place while it re-checks: no newcomer passes it.
+        assert!(a.behind_someone(&a.key(Priority::DEFAULT, None), "m"));
+        a.notify(any);
         assert_eq!(rx2.await, Ok(Wake::Retry));
+        a.leave(&p2_early);
+        a.leave(&p2_late);
         assert!(a.is_empty());
+    }
+
+    /// Waiters for another model neither hold a request back nor take its wake-up.
+    #[tokio::test]
+    async fn order_and_wake_ups_are_per_model() {
+        let a = Admission::new(config(8));
+        let first_b = a.key(Priority::HIGH, None);
+        let mut rx_b = a.enqueue(first_b, "b").unwrap();
+        let later_a = a.key(Priority::LOW, None);
+        assert!(
+            !a.behind_someone(&later_a, "a"),
+            "b's waiter holds no a back"
+        );
+        assert!(a.behind_someone(&a.key(Priority::LOW, None), "b"));
+        let rx_a = a.enqueue(later_a, "a").unwrap();
+        // Capacity freed on an endpoint serving only a: a's waiter, not the more urgent b.
+        a.notify(|m| m == "a");
+        assert_eq!(rx_a.await, Ok(Wake::Retry));
+        assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        // Displaced while re-checking: told when it would wait again.
+        let small = Admission::new(config(1));
+        let low = small.key(Priority::LOW, None);
+        let rx = small.enqueue(low, "a").unwrap();
+        small.notify(|_| true);
+        assert_eq!(rx.await, Ok(Wake::Retry));
+        small.enqueue(small.key(Priority::HIGH, None), "a").unwrap();
+        assert!(small.rearm(&low).is_none());
     }
 }

@@ -62,21 +62,40 @@ impl Breaker {
         }
     }
 
-    /// A request was dispatched; in HalfOpen it is the probe. Returns whether it is the probe.
-    pub fn on_dispatch(&mut self) -> bool {
-        if self.state == BreakerState::HalfOpen {
-            self.probe_in_flight = true;
-            return true;
+    /// A request was dispatched: in HalfOpen with no probe out it is the probe. Its verdict
+    /// goes back with the returned ticket.
+    pub fn on_dispatch(&mut self) -> Dispatch {
+        let probe = self.state == BreakerState::HalfOpen && !self.probe_in_flight;
+        self.probe_in_flight |= probe;
+        Dispatch {
+            probe,
+            epoch: self.opened,
         }
-        false
     }
 
-    /// A probe ended without a verdict (the client left): let another probe go.
-    pub fn release_probe(&mut self) {
-        self.probe_in_flight = false;
+    /// Whether `ticket`'s verdict says something about the current state: in Closed every
+    /// request's does; in HalfOpen only the probe's (a request sent before the breaker opened,
+    /// or one that slipped past the probe check, tells nothing about the endpoint now); in Open
+    /// none.
+    fn counts(&self, ticket: &Dispatch) -> bool {
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::HalfOpen => ticket.probe && ticket.epoch == self.opened,
+            BreakerState::Open => false,
+        }
     }
 
-    pub fn on_success(&mut self, config: &BreakerConfig) {
+    /// A request ended without a verdict (the client left): if it was the probe, let another go.
+    pub fn release(&mut self, ticket: &Dispatch) {
+        if self.counts(ticket) && ticket.probe {
+            self.probe_in_flight = false;
+        }
+    }
+
+    pub fn on_success(&mut self, ticket: &Dispatch, config: &BreakerConfig) {
+        if !self.counts(ticket) {
+            return;
+        }
         self.consecutive_failures = 0;
         self.consecutive_successes += 1;
         if self.state == BreakerState::HalfOpen {
@@ -88,13 +107,15 @@ impl Breaker {
         }
     }
 
-    pub fn on_failure(&mut self, now: Micros, config: &BreakerConfig) {
+    pub fn on_failure(&mut self, ticket: &Dispatch, now: Micros, config: &BreakerConfig) {
+        if !self.counts(ticket) {
+            return;
+        }
         self.consecutive_successes = 0;
         self.consecutive_failures += 1;
         let trip = match self.state {
             BreakerState::Closed => self.consecutive_failures >= config.failure_threshold.max(1),
-            BreakerState::HalfOpen => true,
-            BreakerState::Open => false,
+            _ => true,
         };
         if trip {
             self.state = BreakerState::Open;
@@ -103,6 +124,15 @@ impl Breaker {
             self.opened += 1;
         }
     }
+}
+
+/// What [`Breaker::on_dispatch`] hands a request, for its verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dispatch {
+    /// This request is the half-open probe.
+    pub probe: bool,
+    /// The breaker's `opened` count when it was sent.
+    pub epoch: u64,
 }
 
 #[cfg(test)]
@@ -117,29 +147,37 @@ mod tests {
             open_for: 1_000,
         };
         let mut b = Breaker::default();
-        b.on_failure(1, &c);
-        b.on_failure(2, &c);
+        let closed = b.on_dispatch();
+        b.on_failure(&closed, 1, &c);
+        b.on_failure(&closed, 2, &c);
         assert!(b.admits(3, &c));
-        b.on_success(&c);
-        b.on_failure(4, &c);
-        b.on_failure(5, &c);
+        b.on_success(&closed, &c);
+        b.on_failure(&closed, 4, &c);
+        b.on_failure(&closed, 5, &c);
         assert_eq!(
             b.state_at(5, &c),
             BreakerState::Closed,
             "a success resets the count"
         );
-        b.on_failure(6, &c);
+        b.on_failure(&closed, 6, &c);
         assert_eq!(b.state_at(6, &c), BreakerState::Open);
         assert!(!b.admits(500, &c));
         // After the pause: one probe at a time.
         assert!(b.admits(1_006, &c));
-        assert!(b.on_dispatch());
+        let probe = b.on_dispatch();
+        assert!(probe.probe);
         assert!(!b.admits(1_007, &c), "one probe at a time");
-        b.on_success(&c);
+        // One that slipped past the check is no probe, and its verdict does not count.
+        let extra = b.on_dispatch();
+        assert!(!extra.probe);
+        b.on_success(&extra, &c);
+        b.release(&extra);
+        assert!(b.probe_in_flight);
+        b.on_success(&probe, &c);
         assert_eq!(b.state, BreakerState::HalfOpen, "needs two successes");
         assert!(b.admits(1_008, &c));
-        b.on_dispatch();
-        b.on_success(&c);
+        let second = b.on_dispatch();
+        b.on_success(&second, &c);
         assert_eq!(b.state, BreakerState::Closed);
         assert_eq!(b.opened, 1);
     }
@@ -152,14 +190,25 @@ mod tests {
             open_for: 10,
         };
         let mut b = Breaker::default();
-        b.on_failure(0, &c);
+        let before = b.on_dispatch();
+        let slow = b.on_dispatch();
+        b.on_failure(&before, 0, &c);
         assert!(b.admits(10, &c));
-        b.on_dispatch();
-        b.on_failure(11, &c);
+        let probe = b.on_dispatch();
+        // A request sent before the breaker opened ends now: it says nothing of the probe.
+        b.on_success(&slow, &c);
+        b.release(&slow);
+        assert!(!b.admits(10, &c) && b.state == BreakerState::HalfOpen);
+        b.on_failure(&probe, 11, &c);
         assert_eq!(b.state_at(12, &c), BreakerState::Open);
         assert_eq!(b.opened_at, Some(11));
-        b.release_probe();
+        b.release(&probe);
         assert!(!b.admits(15, &c));
         assert!(b.admits(21, &c));
+        // A probe whose client left frees the seat for the next.
+        let left = b.on_dispatch();
+        assert!(left.probe && !b.admits(22, &c));
+        b.release(&left);
+        assert!(b.admits(22, &c));
     }
 }

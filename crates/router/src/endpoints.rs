@@ -6,7 +6,7 @@
 //! until their last request lets go. Per-endpoint state is lock-light: load counters are atomics,
 //! statistics sit behind small mutexes held for a few hundred nanoseconds.
 
-use crate::breaker::{Breaker, BreakerConfig};
+use crate::breaker::{Breaker, BreakerConfig, Dispatch};
 use crate::discovery::BackendSpec;
 use crate::metrics::EndpointMetrics;
 use crate::upstream::{Pool, PoolConfig};
@@ -143,7 +143,8 @@ pub struct Endpoint {
     pub pool: Pool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, poisoned or not: a request that panicked must not stop the others.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -188,17 +189,17 @@ impl Endpoint {
     }
 
     /// Feeds a request's verdict to the breaker.
-    pub fn record_verdict(&self, failed: bool, now: Micros) {
+    pub fn record_verdict(&self, ticket: &Dispatch, failed: bool, now: Micros) {
         let mut b = lock(&self.breaker);
         if failed {
             let was_open = b.state == qoe_core::BreakerState::Open;
-            b.on_failure(now, &self.breaker_config);
+            b.on_failure(ticket, now, &self.breaker_config);
             if !was_open && b.state == qoe_core::BreakerState::Open {
                 tracing::warn!(endpoint = %self.url, failures = b.consecutive_failures, "circuit breaker opened");
             }
         } else {
             let was_closed = b.state == qoe_core::BreakerState::Closed;
-            b.on_success(&self.breaker_config);
+            b.on_success(ticket, &self.breaker_config);
             if !was_closed && b.state == qoe_core::BreakerState::Closed {
                 tracing::info!(endpoint = %self.url, "circuit breaker closed");
             }
@@ -406,8 +407,8 @@ pub struct LoadGuard {
     prompt_tokens: u64,
     pending_output: u64,
     decoding: bool,
-    /// This request is the breaker's half-open probe and has no verdict yet.
-    probe: bool,
+    /// The breaker's ticket while the request has no verdict yet.
+    breaker: Option<Dispatch>,
     /// Told when this request's capacity frees.
     admission: Option<Arc<crate::admission::Admission>>,
 }
@@ -420,13 +421,13 @@ impl LoadGuard {
             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         load.pending_output_tokens
             .fetch_add(expected_output as u64, Ordering::Relaxed);
-        let probe = lock(&endpoint.breaker).on_dispatch();
+        let breaker = Some(lock(&endpoint.breaker).on_dispatch());
         LoadGuard {
             endpoint,
             prompt_tokens: prompt_tokens as u64,
             pending_output: expected_output as u64,
             decoding: false,
-            probe,
+            breaker,
             admission: None,
         }
     }
@@ -468,16 +469,17 @@ impl LoadGuard {
     /// Records the request's outcome in the endpoint's statistics and its breaker.
     pub fn record(&mut self, outcome: &RequestOutcome, now: Micros) {
         self.endpoint.with_stats(|s| s.record_outcome(outcome, now));
-        self.endpoint
-            .record_verdict(outcome.failed || outcome.timed_out, now);
-        self.probe = false;
+        if let Some(ticket) = self.breaker.take() {
+            self.endpoint
+                .record_verdict(&ticket, outcome.failed || outcome.timed_out, now);
+        }
     }
 }
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        if self.probe {
-            lock(&self.endpoint.breaker).release_probe();
+        if let Some(ticket) = self.breaker.take() {
+            lock(&self.endpoint.breaker).release(&ticket);
         }
         let load = &self.endpoint.load;
         if self.decoding {
@@ -490,7 +492,8 @@ impl Drop for LoadGuard {
         load.pending_output_tokens
             .fetch_sub(self.pending_output, Ordering::Relaxed);
         if let Some(admission) = &self.admission {
-            admission.notify();
+            let endpoint = &self.endpoint;
+            admission.notify(|model| model.is_empty() || endpoint.serves(model));
         }
     }
 }

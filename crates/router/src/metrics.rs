@@ -5,10 +5,10 @@
 //! `/metrics` is read, so the hot path pays nothing for them. Label sets are bounded: endpoints that
 //! leave the table are removed from every family.
 
-use crate::endpoints::Table;
+use crate::endpoints::{lock, Table};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -117,7 +117,12 @@ pub struct RouterMetrics {
     pub queue_depth: Gauge,
     pub queued: Counter,
     gauges: Vec<(&'static str, Family<EndpointLabel, FGauge>)>,
+    /// Endpoints that may have labels in the endpoint families: those of the table at the last
+    /// refresh, and any a request labelled since (one in flight on an endpoint that left).
     known: Mutex<HashSet<String>>,
+    /// The `requests` label sets created (a family cannot list its own), to remove those of
+    /// endpoints that left.
+    request_labels: Mutex<HashSet<RequestLabels>>,
     /// Handles of the priority-labelled metrics, by priority level (1..=3).
     by_priority: [PriorityMetrics; 4],
 }
@@ -177,22 +182,30 @@ impl EndpointMetrics {
         }
     }
 
+    /// This endpoint's metric in `family`, noted as labelled (see [`RouterMetrics::labelled`]).
+    fn resolve<M: Clone, C: MetricConstructor<M>>(
+        &self,
+        m: &RouterMetrics,
+        family: &Family<EndpointLabel, M, C>,
+    ) -> M {
+        m.labelled(&self.endpoint);
+        family.get_or_create(&self.label()).clone()
+    }
+
     pub fn ttft(&self, m: &RouterMetrics) -> &Histogram {
-        self.ttft
-            .get(|| m.ttft.get_or_create(&self.label()).clone())
+        self.ttft.get(|| self.resolve(m, &m.ttft))
     }
 
     pub fn itl(&self, m: &RouterMetrics) -> &Histogram {
-        self.itl.get(|| m.itl.get_or_create(&self.label()).clone())
+        self.itl.get(|| self.resolve(m, &m.itl))
     }
 
     pub fn e2e(&self, m: &RouterMetrics) -> &Histogram {
-        self.e2e.get(|| m.e2e.get_or_create(&self.label()).clone())
+        self.e2e.get(|| self.resolve(m, &m.e2e))
     }
 
     pub fn output_tokens(&self, m: &RouterMetrics) -> &Counter {
-        self.output_tokens
-            .get(|| m.output_tokens.get_or_create(&self.label()).clone())
+        self.output_tokens.get(|| self.resolve(m, &m.output_tokens))
     }
 
     /// `qoe_router_requests_total{endpoint, code, reason}`.
@@ -201,14 +214,13 @@ impl EndpointMetrics {
         if let Some((_, _, c)) = cache.iter().find(|(k, r, _)| *k == code && *r == reason) {
             return c.clone();
         }
-        let counter = m
-            .requests
-            .get_or_create(&RequestLabels {
-                endpoint: self.endpoint.clone(),
-                code,
-                reason: reason.to_string(),
-            })
-            .clone();
+        let labels = RequestLabels {
+            endpoint: self.endpoint.clone(),
+            code,
+            reason: reason.to_string(),
+        };
+        let counter = m.requests.get_or_create(&labels).clone();
+        lock(&m.request_labels).insert(labels);
         cache.push((code, reason, counter.clone()));
         counter
     }
@@ -229,6 +241,7 @@ impl EndpointMetrics {
             if v.is_finite() {
                 handle
                     .get(|| {
+                        m.labelled(&self.endpoint);
                         m.decision_terms
                             .get_or_create(&EndpointTermLabels {
                                 endpoint: self.endpoint.clone(),
@@ -444,6 +457,7 @@ impl RouterMetrics {
             queued,
             gauges,
             known: Mutex::new(HashSet::new()),
+            request_labels: Mutex::new(HashSet::new()),
             by_priority: [const { PriorityMetrics::new() }; 4],
         }
     }
@@ -517,9 +531,29 @@ impl RouterMetrics {
         }
     }
 
+    /// Notes that `endpoint` has labels in the endpoint families, for [`Self::refresh`] to remove
+    /// once it is out of the table. Called when a label set is created, not per event.
+    fn labelled(&self, endpoint: &str) {
+        let mut known = lock(&self.known);
+        if !known.contains(endpoint) {
+            known.insert(endpoint.to_string());
+        }
+    }
+
+    /// Counts an upstream failure of `kind` at `endpoint`.
+    pub fn count_failure(&self, endpoint: &str, kind: &str) {
+        self.labelled(endpoint);
+        self.failures
+            .get_or_create(&FailureLabels {
+                endpoint: endpoint.to_string(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
     /// Refreshes the per-endpoint gauges from `table` and drops the labels of endpoints that left.
     pub fn refresh(&self, table: &Table, now: Micros) {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut known = lock(&self.known);
         let current: HashSet<String> = table.endpoints.iter().map(|e| e.url.clone()).collect();
         for gone in known.difference(&current) {
             let label = EndpointLabel {
@@ -545,6 +579,14 @@ impl RouterMetrics {
                 });
             }
         }
+        // Also those a request still in flight on a departed endpoint created after it left.
+        lock(&self.request_labels).retain(|labels| {
+            let keep = current.contains(&labels.endpoint);
+            if !keep {
+                self.requests.remove(labels);
+            }
+            keep
+        });
         *known = current;
         drop(known);
         for (i, e) in table.endpoints.iter().enumerate() {

@@ -9,7 +9,6 @@
 
 use crate::endpoints::{Clock, Endpoint, LoadGuard};
 use crate::errors::ApiError;
-use crate::metrics::FailureLabels;
 use crate::state::AppState;
 use crate::upstream::Conn;
 use bytes::Bytes;
@@ -324,14 +323,7 @@ impl<B: Body> ObservedBody<B> {
             _ => None,
         };
         if let Some(kind) = failure_kind {
-            self.state
-                .metrics
-                .failures
-                .get_or_create(&FailureLabels {
-                    endpoint: endpoint.url.clone(),
-                    kind: kind.into(),
-                })
-                .inc();
+            self.state.metrics.count_failure(&endpoint.url, kind);
         }
         let outcome = match end {
             End::Complete => "complete",

@@ -18,7 +18,7 @@ use crate::admission::{Admission, QueueKey, Wake};
 use crate::config::SlaEnforcement;
 use crate::endpoints::{Endpoint, LoadGuard};
 use crate::errors::ApiError;
-use crate::metrics::{CodeLabel, FailureLabels, ShedLabels};
+use crate::metrics::{CodeLabel, ShedLabels};
 use crate::observe::{ObservedBody, RequestContext};
 use crate::state::AppState;
 use crate::upstream::{Conn, PoolError};
@@ -188,7 +188,8 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
     dispatch(state, parts, body, profile, request_id, started).await
 }
 
-/// Endpoints serving the model, and whether any exists at all (healthy or not).
+/// Endpoints serving the model (healthy or not: health and breakers are checked before every
+/// pick, since a request may wait in the queue or retry).
 fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiError> {
     let table = state.registry.table();
     let serving: Vec<_> = table
@@ -220,19 +221,19 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
         )
         .with_param(Some("model".into())));
     }
-    let now = state.clock.now();
-    let healthy: Vec<_> = serving.into_iter().filter(|e| e.admits(now)).collect();
-    if healthy.is_empty() {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "no healthy endpoint serves the model '{model}' (failing health checks or circuit open)"
-            ),
-        );
-        e.retry_after = Some(1);
-        return Err(e);
-    }
-    Ok(healthy)
+    Ok(serving)
+}
+
+/// The answer when endpoints serve the model but none may take a request now.
+fn none_admitted(model: &str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "no healthy endpoint serves the model '{model}' (failing health checks or circuit open)"
+        ),
+    );
+    e.retry_after = Some(1);
+    e
 }
 
 /// Why an attempt at one endpoint produced nothing for the client.
@@ -371,6 +372,8 @@ async fn dispatch(
     let mut open_views: Vec<EndpointView> = Vec::new();
     let mut attempt = 0u32;
     let admission = &state.admission;
+    // The request's place in the admission queue, from when it first waits until dispatched.
+    let mut queued: Option<QueueSlot> = None;
     let key = admission.key(
         profile.priority,
         profile.sla_ttft_ms.map(|ms| started + ms as u64 * 1_000),
@@ -387,18 +390,24 @@ async fn dispatch(
         views.extend(
             pool.iter()
                 .enumerate()
+                .filter(|(_, e)| e.admits(now))
                 .map(|(i, e)| e.view(i as u32, now, FLAP_WINDOW)),
         );
+        if views.is_empty() {
+            return reject(&state, none_admitted(&profile.model), &request_id);
+        }
         let open: &[EndpointView] = if admission.config.enabled() {
             open_views.clear();
             open_views.extend(views.iter().filter(|v| !admission.config.saturated(v, now)));
-            let behind = admission.behind_someone(&key);
+            let behind = admission.behind_someone(&key, &profile.model);
             if open_views.is_empty() || behind {
                 if !open_views.is_empty() {
                     // Capacity is open but someone more urgent waits: let them have it first.
-                    admission.notify();
+                    admission.notify(|m| m == profile.model);
                 }
-                if let Err(e) = wait_in_queue(&state, key, queue_deadline).await {
+                let waited =
+                    wait_in_queue(&state, key, &profile.model, &mut queued, queue_deadline);
+                if let Err(e) = waited.await {
                     return reject(&state, e, &request_id);
                 }
                 continue;
@@ -430,10 +439,14 @@ async fn dispatch(
             profile.expected_output_tokens,
         )
         .notifying(state.admission.clone());
+        if queued.take().is_some() {
+            // Out of the queue with its seat counted: the next may find capacity left too.
+            admission.notify(|m| m == profile.model);
+        }
         let sent = state.clock.now();
         // One timer for the headers and the first frame: both count against the same budget.
         let mut timer = pin!(tokio::time::sleep(state.first_byte_timeout));
-        let may_retry = attempt < state.config.max_retries && pool.len() > 1;
+        let may_retry = attempt < state.config.max_retries && views.len() > 1;
         let sending = send(
             &state,
             &endpoint,
@@ -473,7 +486,11 @@ async fn dispatch(
                     sent,
                     streaming: is_event_stream(response.headers()),
                     sla_ttft_ms: profile.sla_ttft_ms,
-                    load_at_dispatch: views[chosen].load,
+                    load_at_dispatch: views
+                        .iter()
+                        .find(|v| v.id == decision.endpoint)
+                        .map(|v| v.load)
+                        .unwrap_or_default(),
                     detail: decision.detail,
                 };
                 return respond(
@@ -545,14 +562,7 @@ fn fail(
         },
         now,
     );
-    state
-        .metrics
-        .failures
-        .get_or_create(&FailureLabels {
-            endpoint: endpoint.url.clone(),
-            kind: kind.into(),
-        })
-        .inc();
+    state.metrics.count_failure(&endpoint.url, kind);
     tracing::warn!(endpoint = %endpoint.url, kind, "upstream failure: {why}");
 }
 
@@ -578,42 +588,64 @@ fn shed(
 
 /// Waits in the admission queue until woken (capacity may have freed), a short tick passes
 /// (engine metrics may have changed), or the request's wait runs out.
+/// A place in the admission queue, left however the request ends, the client leaving included.
+struct QueueSlot {
+    admission: Arc<Admission>,
+    key: QueueKey,
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.admission.leave(&self.key);
+    }
+}
+
+/// Waits in the admission queue (joining it the first time, keeping the place after) until
+/// woken, or a tick passes; refuses when the queue is full, the place was taken by a more urgent
+/// request, or the wait is over.
 async fn wait_in_queue(
     state: &AppState,
     key: QueueKey,
+    model: &str,
+    queued: &mut Option<QueueSlot>,
     deadline: tokio::time::Instant,
 ) -> Result<(), ApiError> {
-    /// Leaves the queue however the wait ends, the client leaving included.
-    struct Slot<'a>(&'a Admission, QueueKey);
-    impl Drop for Slot<'_> {
-        fn drop(&mut self) {
-            self.0.leave(&self.1);
-        }
-    }
     let admission = &state.admission;
     let timeout = admission.config.queue_timeout;
-    let rx = admission.enqueue(key).map_err(|_| {
+    let displaced = || {
         shed(
-            state,
-            key.priority,
-            "queue_full",
-            format!(
-                "every endpoint is saturated and the admission queue is full ({} waiting, --queue-max); retry later",
-                admission.config.queue_max
-            ),
-        )
-    })?;
-    let _slot = Slot(admission, key);
-    state.metrics.queued.inc();
-    let now = tokio::time::Instant::now();
-    let tick = deadline.saturating_duration_since(now).min(QUEUE_TICK);
-    match tokio::time::timeout(tick, rx).await {
-        Ok(Ok(Wake::Displaced)) => Err(shed(
             state,
             key.priority,
             "displaced",
             "the admission queue is full and a higher-priority request took this place; retry later".into(),
-        )),
+        )
+    };
+    let rx = match queued {
+        Some(_) => admission.rearm(&key).ok_or_else(displaced)?,
+        None => {
+            let rx = admission.enqueue(key, model).map_err(|_| {
+                shed(
+                    state,
+                    key.priority,
+                    "queue_full",
+                    format!(
+                        "every endpoint is saturated and the admission queue is full ({} waiting, --queue-max); retry later",
+                        admission.config.queue_max
+                    ),
+                )
+            })?;
+            *queued = Some(QueueSlot {
+                admission: admission.clone(),
+                key,
+            });
+            state.metrics.queued.inc();
+            rx
+        }
+    };
+    let now = tokio::time::Instant::now();
+    let tick = deadline.saturating_duration_since(now).min(QUEUE_TICK);
+    match tokio::time::timeout(tick, rx).await {
+        Ok(Ok(Wake::Displaced)) => Err(displaced()),
         Ok(_) => Ok(()),
         Err(_) if tokio::time::Instant::now() >= deadline => Err(shed(
             state,

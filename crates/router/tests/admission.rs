@@ -95,6 +95,87 @@ async fn queued_requests_are_served_by_priority_when_capacity_frees() {
     );
 }
 
+/// A request that waited in the queue is checked again when capacity frees: the endpoint that
+/// failed its health checks meanwhile does not get it.
+#[tokio::test]
+async fn a_queued_request_does_not_go_to_an_endpoint_that_fell_ill_while_it_waited() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--max-inflight-per-endpoint",
+        "1",
+        "--health-check-interval",
+        "0.05",
+        "--unhealthy-threshold",
+        "1",
+    ])
+    .await;
+    let c = client();
+    let (held, response) = hold(&r, &engine, &c).await;
+    let url = format!("{}/v1/completions", r.url);
+    let waiting = spawn_post(&c, &url, "waiting", "2");
+    *engine.state.healthy.lock().unwrap() = false;
+    let mut unhealthy = false;
+    for _ in 0..300 {
+        let e = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        if e["endpoints"][0]["healthy"] == false {
+            unhealthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(unhealthy, "the health checks saw the endpoint fail");
+    drop(held);
+    drop(response);
+    let ans = waiting.await.unwrap();
+    assert_eq!(ans.status, 503, "{}", String::from_utf8_lossy(&ans.body));
+    assert!(ans.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no healthy endpoint"));
+    let sent = engine.requests();
+    let completions = sent.iter().filter(|s| s.path == "/v1/completions");
+    assert_eq!(completions.count(), 1, "only the held request reached it");
+}
+
+/// Waiting for one model's endpoints holds back no request for another model, and a waiter
+/// counts once in `qoe_router_queued_total`, however long it waits.
+#[tokio::test]
+async fn a_waiter_for_one_model_holds_back_no_other_model() {
+    let (busy, free) = (mock(&["m"]).await, mock(&["b"]).await);
+    let backends = format!("{},{}", busy.url, free.url);
+    let r = router(&[
+        "--static-backends",
+        &backends,
+        "--static-models",
+        "m,b",
+        "--max-inflight-per-endpoint",
+        "1",
+    ])
+    .await;
+    let c = client();
+    let (held, response) = hold(&r, &busy, &c).await;
+    let url = format!("{}/v1/completions", r.url);
+    let waiting = spawn_post(&c, &url, "waiting", "1");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(metrics_text(&c, &r.url)
+        .await
+        .contains("qoe_router_queue_depth 1"));
+    let body = completion("b", "other", false);
+    let other = post(&c, &url, &body, &[("x-request-priority", "3")]);
+    let other = tokio::time::timeout(Duration::from_secs(5), other)
+        .await
+        .expect("model b's request is not held behind model m's waiter");
+    assert_eq!(other.status, 200);
+    assert!(!waiting.is_finished(), "m's endpoint is still busy");
+    drop(held);
+    drop(response);
+    assert_eq!(waiting.await.unwrap().status, 200);
+    let metrics = metrics_text(&c, &r.url).await;
+    assert_eq!(metric_sum(&metrics, "qoe_router_queued_total"), 1.0);
+}
+
 #[tokio::test]
 async fn a_full_queue_sheds_the_lowest_priority_with_429() {
     let engine = mock(&["m"]).await;

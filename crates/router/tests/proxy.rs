@@ -562,6 +562,21 @@ async fn config_file_reload_changes_endpoints_live() {
         sse_chunks(2).concat(),
         "in-flight request unharmed"
     );
+    // The removed endpoint's labels leave /metrics, that request's count (made after) included.
+    let gone = format!("endpoint=\"{}\"", a.url);
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = metrics_text(&c, &r.url).await;
+        if !metrics.contains(&gone) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!metrics.contains(&gone), "{metrics}");
+    assert!(metrics.contains(&format!(
+        "qoe_router_requests_total{{endpoint=\"{}\"",
+        b.url
+    )));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
