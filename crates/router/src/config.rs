@@ -372,6 +372,16 @@ impl RouterConfig {
                 "{flag} must be a positive number, got {v}"
             );
         }
+        let counts = [
+            ("--unhealthy-threshold", self.unhealthy_threshold as usize),
+            ("--healthy-threshold", self.healthy_threshold as usize),
+            ("--breaker-failures", self.breaker_failures as usize),
+            ("--breaker-successes", self.breaker_successes as usize),
+            ("--queue-max", self.queue_max),
+        ];
+        for (flag, n) in counts {
+            anyhow::ensure!(n >= 1, "{flag} must be at least 1, got {n}");
+        }
         // Seconds that become timers: below a millisecond a ticker spins, above a day a typo.
         let seconds = [
             ("--engine-stats-interval", self.engine_stats_interval),
@@ -823,7 +833,17 @@ impl ConfigFile {
     pub fn read(path: &Path) -> anyhow::Result<ConfigFile> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        );
+        Self::parse(&text).map_err(|e| match yaml {
+            true => anyhow::anyhow!(
+                "{}: the config file is TOML (keys as in --print-config); YAML and JSON are not read: {e}",
+                path.display()
+            ),
+            false => anyhow::anyhow!("{}: {e}", path.display()),
+        })
     }
 
     pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
@@ -1098,6 +1118,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key 'rooting_logic'"), "{err}");
+
+        let yaml = dir.file("router.yaml");
+        std::fs::write(&yaml, "routing_logic: qoe\n").unwrap();
+        let err = RouterConfig::from_args(["x", "--config", yaml.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the config file is TOML"), "{err}");
     }
 
     #[test]
@@ -1217,6 +1244,9 @@ mod tests {
             ("--priority-header", "x prio"),
             ("--sla-header", "x:sla"),
             ("--log-level", "qoe_router=loud"),
+            ("--breaker-failures", "0"),
+            ("--healthy-threshold", "0"),
+            ("--queue-max", "0"),
         ];
         for (flag, value) in refused {
             let c = RouterConfig::from_args(["x", flag, value]).unwrap();
