@@ -180,10 +180,15 @@ pub struct RouterConfig {
     /// Connect timeout toward an endpoint, ms.
     #[arg(long, env = "QOE_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
-    /// Time allowed for an endpoint's first byte of answer (its headers and the first body frame,
-    /// i.e. the first token of a stream), ms; then 504. Nothing reaches the client before it.
+    /// Time allowed for a streamed response's first byte (its headers and the first body frame,
+    /// i.e. the first token), ms; then 504. Nothing reaches the client before it.
     #[arg(long, env = "QOE_FIRST_BYTE_TIMEOUT_MS", default_value_t = 60_000)]
     pub first_byte_timeout_ms: u64,
+    /// Time allowed for a non-streamed response's first byte, ms; then 504. An engine sends a
+    /// non-streamed answer only once it has generated all of it, so this bounds the whole
+    /// generation.
+    #[arg(long, env = "QOE_RESPONSE_TIMEOUT_MS", default_value_t = 600_000)]
+    pub response_timeout_ms: u64,
     /// Longest silence allowed inside a streamed response body, ms.
     #[arg(long, env = "QOE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
@@ -370,6 +375,18 @@ impl RouterConfig {
             anyhow::ensure!(
                 v.is_finite() && v > 0.0,
                 "{flag} must be a positive number, got {v}"
+            );
+        }
+        let millis = [
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--first-byte-timeout-ms", self.first_byte_timeout_ms),
+            ("--response-timeout-ms", self.response_timeout_ms),
+            ("--idle-timeout-ms", self.idle_timeout_ms),
+        ];
+        for (flag, ms) in millis {
+            anyhow::ensure!(
+                (1..=86_400_000).contains(&ms),
+                "{flag} must be between 1 and 86400000 ms, got {ms}"
             );
         }
         let counts = [
@@ -725,8 +742,8 @@ const SIMULATED: [&str; 32] = [
 
 /// The settings it does not: the fleet file gives the engines and `--policies` the policies;
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
-/// in virtual time.
-const NOT_SIMULATED: [&str; 20] = [
+/// in virtual time, and simulated clients always stream (no response timeout).
+const NOT_SIMULATED: [&str; 21] = [
     "host",
     "port",
     "service_discovery",
@@ -738,6 +755,7 @@ const NOT_SIMULATED: [&str; 20] = [
     "breaker_successes",
     "breaker_open_secs",
     "connect_timeout_ms",
+    "response_timeout_ms",
     "idle_timeout_ms",
     "pool_max_idle_per_host",
     "api_keys",
@@ -1247,6 +1265,8 @@ mod tests {
             ("--breaker-failures", "0"),
             ("--healthy-threshold", "0"),
             ("--queue-max", "0"),
+            ("--first-byte-timeout-ms", "0"),
+            ("--idle-timeout-ms", "0"),
         ];
         for (flag, value) in refused {
             let c = RouterConfig::from_args(["x", flag, value]).unwrap();

@@ -372,6 +372,11 @@ async fn dispatch(
     let mut open_views: Vec<EndpointView> = Vec::new();
     let mut attempt = 0u32;
     let admission = &state.admission;
+    // A non-streamed answer comes whole, after the last token: its first byte is its end.
+    let (first_byte_budget, budget_flag) = match profile.stream {
+        true => (state.first_byte_timeout, "--first-byte-timeout-ms"),
+        false => (state.response_timeout, "--response-timeout-ms"),
+    };
     // The request's place in the admission queue, from when it first waits until dispatched.
     let mut queued: Option<QueueSlot> = None;
     let key = admission.key(
@@ -445,7 +450,7 @@ async fn dispatch(
         }
         let sent = state.clock.now();
         // One timer for the headers and the first frame: both count against the same budget.
-        let mut timer = pin!(tokio::time::sleep(state.first_byte_timeout));
+        let mut timer = pin!(tokio::time::sleep(first_byte_budget));
         let may_retry = attempt < state.config.max_retries && views.len() > 1;
         let sending = send(
             &state,
@@ -510,8 +515,8 @@ async fn dispatch(
                     SendError::Timeout => ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
-                            "the endpoint sent nothing within {} ms (--first-byte-timeout-ms)",
-                            state.first_byte_timeout.as_millis()
+                            "the endpoint sent nothing within {} ms ({budget_flag})",
+                            first_byte_budget.as_millis()
                         ),
                     ),
                     SendError::Connect(e) => ApiError::new(

@@ -51,6 +51,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         clock: Clock::new(),
         learned_output: LearnedOutput::new(config.default_output_tokens),
         first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),
+        response_timeout: Duration::from_millis(config.response_timeout_ms),
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         admission: Arc::new(crate::admission::Admission::new(config.admission_config())),
         config,

@@ -20,6 +20,7 @@ pub struct AppState {
     pub clock: Clock,
     pub learned_output: LearnedOutput,
     pub first_byte_timeout: Duration,
+    pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub admission: Arc<crate::admission::Admission>,
 }

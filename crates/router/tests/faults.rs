@@ -283,7 +283,8 @@ async fn a_hung_engine_times_out_opens_its_breaker_and_traffic_fails_over() {
         &format!("{},{}", good.url, hung.url),
         "--static-models",
         MODEL,
-        "--first-byte-timeout-ms",
+        // The requests are not streamed: their budget is the whole answer's.
+        "--response-timeout-ms",
         "3000",
         "--breaker-failures",
         "3",
@@ -323,7 +324,7 @@ async fn a_hung_engine_times_out_opens_its_breaker_and_traffic_fails_over() {
             assert!(err["message"]
                 .as_str()
                 .unwrap()
-                .contains("--first-byte-timeout-ms"));
+                .contains("--response-timeout-ms"));
             assert_eq!(ans.header("x-qoe-endpoint"), hung.url);
         }
         statuses.push(ans.status);

@@ -580,6 +580,51 @@ async fn config_file_reload_changes_endpoints_live() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A non-streamed answer arrives whole, after its generation: the first-byte budget of streams
+/// does not cut it off; `--response-timeout-ms` bounds it.
+#[tokio::test]
+async fn a_long_non_streamed_answer_has_the_response_budget() {
+    let engine = mock(&["m"]).await;
+    *engine.state.first_chunk_delay_ms.lock().unwrap() = 400;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--first-byte-timeout-ms",
+        "100",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let whole = post(&c, &url, &completion("m", "x", false), &[]).await;
+    assert_eq!(
+        whole.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&whole.body)
+    );
+    let streamed = post(&c, &url, &completion("m", "x", true), &[]).await;
+    assert_eq!(streamed.status, 504);
+    assert!(streamed.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--first-byte-timeout-ms"));
+
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--response-timeout-ms",
+        "100",
+    ])
+    .await;
+    let url = format!("{}/v1/completions", r.url);
+    let whole = post(&c, &url, &completion("m", "x", false), &[]).await;
+    assert_eq!(whole.status, 504);
+    assert!(whole.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("within 100 ms (--response-timeout-ms)"));
+}
+
 #[tokio::test]
 async fn upstream_5xx_is_retried_elsewhere_before_any_byte_is_sent() {
     let (bad, good) = (mock(&["m"]).await, mock(&["m"]).await);

@@ -43,7 +43,7 @@ pub struct MockState {
     pub fixed: Mutex<Option<(u16, String)>>,
     pub healthy: Mutex<bool>,
     pub metrics: Mutex<String>,
-    /// Delay before the first streamed chunk, ms.
+    /// Delay before the first streamed chunk, or before a non-streamed answer, ms.
     pub first_chunk_delay_ms: Mutex<u64>,
     /// Headers added to every response (e.g. an engine's own CORS headers).
     pub extra_headers: Mutex<Vec<(String, String)>>,
@@ -129,6 +129,9 @@ async fn mock_answer(state: Arc<MockState>, request: Request) -> Response {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false);
             if !streaming {
+                // A whole answer comes after its generation: the delay stands for it.
+                let delay = *state.first_chunk_delay_ms.lock().unwrap();
+                tokio::time::sleep(Duration::from_millis(delay)).await;
                 return axum::Json(serde_json::json!({
                     "id": "cmpl-1", "object": "text_completion", "model": json["model"],
                     "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
