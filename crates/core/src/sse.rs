@@ -211,6 +211,13 @@ impl SseParser {
         stats
     }
 
+    /// Bytes of the event left unfinished by what was fed so far (0 at an event boundary), or
+    /// `None` while an event over the size limit is being skipped. A relay that forwards only
+    /// complete events holds back this many bytes of what it received.
+    pub fn unfinished_len(&self) -> Option<usize> {
+        (!self.discarding).then_some(self.buf.len())
+    }
+
     /// Feeds `chunk` and collects its events (convenience for tests and tools; the callback form
     /// allocates nothing).
     pub fn feed_to_vec(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
@@ -934,6 +941,34 @@ mod tests {
             prop_assert_eq!(&whole, &bytewise);
             // Framing agrees with the reference (events carrying data are all dispatched).
             prop_assert_eq!(whole.len(), reference_data(&input).len());
+        }
+
+        /// A relay that forwards what it received less `unfinished_len` bytes forwards whole
+        /// events only, and loses nothing.
+        #[test]
+        fn holding_back_the_unfinished_event_forwards_whole_events(
+            input in arb_stream(),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let cfg = SseConfig::default();
+            let (mut relay, mut check) = (SseParser::new(cfg), SseParser::new(cfg));
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+            cuts.sort_unstable();
+            let (mut held, mut forwarded, mut prev) = (Vec::new(), Vec::new(), 0);
+            for c in cuts.into_iter().chain([input.len()]) {
+                let piece = &input[prev..c];
+                prev = c;
+                relay.feed(piece, |_| {});
+                held.extend_from_slice(piece);
+                let keep = relay.unfinished_len().unwrap();
+                prop_assert!(keep <= held.len());
+                let out: Vec<u8> = held.drain(..held.len() - keep).collect();
+                check.feed(&out, |_| {});
+                prop_assert_eq!(check.unfinished_len(), Some(0));
+                forwarded.extend(out);
+            }
+            forwarded.extend(held);
+            prop_assert_eq!(forwarded, input);
         }
 
         #[test]

@@ -87,6 +87,31 @@ pub struct ObservedBody<B: Body> {
     usage_tokens: Option<u32>,
     upstream_error: bool,
     ended: Option<End>,
+    /// SSE bytes received but not forwarded: the start of an event not yet complete. Only whole
+    /// events reach the client, so an error event the router adds never lands inside one.
+    held: Vec<u8>,
+}
+
+/// What a run of SSE events says: tokens, the latest usage count, whether one was an error.
+#[derive(Default)]
+struct Tally {
+    tokens: u32,
+    usage: Option<u64>,
+    error: bool,
+}
+
+impl Tally {
+    fn see(&mut self, event: SseEvent) {
+        match event {
+            SseEvent::Tokens { count, usage } => {
+                self.tokens += count;
+                self.usage = usage.and_then(|u| u.completion_tokens).or(self.usage);
+            }
+            SseEvent::Usage(u) => self.usage = u.completion_tokens.or(self.usage),
+            SseEvent::Error => self.error = true,
+            _ => {}
+        }
+    }
 }
 
 impl<B: Body> ObservedBody<B> {
@@ -135,6 +160,7 @@ impl<B: Body> ObservedBody<B> {
             usage_tokens: None,
             upstream_error: false,
             ended: None,
+            held: Vec::new(),
         }
     }
 
@@ -151,27 +177,9 @@ impl<B: Body> ObservedBody<B> {
     fn on_data(&mut self, data: &Bytes, now: Micros) {
         match &mut self.mode {
             Mode::Sse(parser) => {
-                let mut tokens = 0u32;
-                let mut usage = None;
-                let mut error = false;
-                parser.feed(data, |event| match event {
-                    SseEvent::Tokens { count, usage: u } => {
-                        tokens += count;
-                        usage = u.and_then(|u| u.completion_tokens).or(usage);
-                    }
-                    SseEvent::Usage(u) => usage = u.completion_tokens.or(usage),
-                    SseEvent::Error => error = true,
-                    _ => {}
-                });
-                if error {
-                    self.upstream_error = true;
-                }
-                if let Some(u) = usage {
-                    self.usage_tokens = Some(u.min(u32::MAX as u64) as u32);
-                }
-                if tokens > 0 {
-                    self.on_tokens(tokens, now);
-                }
+                let mut tally = Tally::default();
+                parser.feed(data, |event| tally.see(event));
+                self.apply(tally, now);
             }
             Mode::Json(tail) => {
                 tail.extend_from_slice(data);
@@ -180,6 +188,57 @@ impl<B: Body> ObservedBody<B> {
                 }
             }
         }
+    }
+
+    /// The stream ended: a last event without its blank line still counts (its usage too).
+    fn on_stream_end(&mut self, now: Micros) {
+        if let Mode::Sse(parser) = &mut self.mode {
+            let mut tally = Tally::default();
+            parser.finish(|event| tally.see(event));
+            self.apply(tally, now);
+        }
+    }
+
+    fn apply(&mut self, tally: Tally, now: Micros) {
+        if tally.error {
+            self.upstream_error = true;
+        }
+        if let Some(u) = tally.usage {
+            self.usage_tokens = Some(u.min(u32::MAX as u64) as u32);
+        }
+        if tally.tokens > 0 {
+            self.on_tokens(tally.tokens, now);
+        }
+    }
+
+    /// What of `data` (just fed to the parser) goes to the client now: all but the unfinished
+    /// event at its end, which is held until it completes (with what was held before).
+    fn relay(&mut self, data: Bytes) -> Option<Bytes> {
+        let Mode::Sse(parser) = &self.mode else {
+            return Some(data);
+        };
+        // An event over the parser's size limit is not held (memory stays bounded).
+        let keep = parser.unfinished_len().unwrap_or(0);
+        if self.held.is_empty() {
+            if keep == 0 {
+                return Some(data);
+            }
+            let cut = data.len().saturating_sub(keep);
+            self.held.extend_from_slice(&data[cut..]);
+            return (cut > 0).then(|| data.slice(..cut));
+        }
+        self.held.extend_from_slice(&data);
+        let cut = self.held.len().saturating_sub(keep);
+        if cut == 0 {
+            return None;
+        }
+        let rest = self.held.split_off(cut);
+        Some(Bytes::from(std::mem::replace(&mut self.held, rest)))
+    }
+
+    /// What is still held, once the stream is over: an unterminated last event goes out as is.
+    fn take_held(&mut self) -> Option<Frame<Bytes>> {
+        (!self.held.is_empty()).then(|| Frame::data(Bytes::from(std::mem::take(&mut self.held))))
     }
 
     fn on_tokens(&mut self, tokens: u32, now: Micros) {
@@ -244,6 +303,9 @@ impl<B: Body> ObservedBody<B> {
             return;
         }
         self.ended = Some(end);
+        if end == End::Complete {
+            self.on_stream_end(self.clock().now());
+        }
         if let Some(conn) = self.conn.take() {
             if end == End::Complete {
                 self.endpoint.pool.put(conn);
@@ -364,12 +426,20 @@ impl<B: Body> ObservedBody<B> {
         }
     }
 
-    /// The frame that tells a client its stream broke (SSE) — or nothing for a JSON body, whose
-    /// truncation the client's parser reports.
-    fn error_frame(&self, message: &str, status: StatusCode) -> Option<Frame<Bytes>> {
+    /// Ends a response the endpoint broke off or let go silent: an SSE client gets an error event
+    /// (after the last whole event; the unfinished one is dropped); a JSON body is cut, which the
+    /// client's parser reports.
+    fn broken(
+        &mut self,
+        message: String,
+        status: StatusCode,
+        end: End,
+    ) -> Result<Frame<Bytes>, std::io::Error> {
+        self.held.clear();
+        self.finish(end);
         match self.mode {
-            Mode::Sse(_) => Some(Frame::data(ApiError::new(status, message).sse_event())),
-            Mode::Json(_) => None,
+            Mode::Sse(_) => Ok(Frame::data(ApiError::new(status, &message).sse_event())),
+            Mode::Json(_) => Err(std::io::Error::other(message)),
         }
     }
 }
@@ -388,68 +458,69 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if this.ended.is_some() {
-            return Poll::Ready(None);
+            return Poll::Ready(this.take_held().map(Ok));
         }
-        if let Some((frame, at)) = this.pending.take() {
+        loop {
+            let (frame, at) = match this.pending.take() {
+                Some(first) => first,
+                None => match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => (frame, this.clock().now()),
+                    Poll::Ready(Some(Err(e))) => {
+                        let message = format!("the endpoint broke the response off: {e}");
+                        tracing::warn!(
+                            request_id = %String::from_utf8_lossy(this.ctx.request_id.as_bytes()),
+                            "{message}"
+                        );
+                        return Poll::Ready(Some(this.broken(
+                            message,
+                            StatusCode::BAD_GATEWAY,
+                            End::UpstreamBroken,
+                        )));
+                    }
+                    Poll::Ready(None) => {
+                        this.finish(End::Complete);
+                        return Poll::Ready(this.take_held().map(Ok));
+                    }
+                    Poll::Pending => {
+                        if this.idle_expired(cx) {
+                            let message = format!(
+                                "the endpoint sent nothing for {} ms (idle timeout)",
+                                this.idle.as_millis()
+                            );
+                            return Poll::Ready(Some(this.broken(
+                                message,
+                                StatusCode::GATEWAY_TIMEOUT,
+                                End::IdleTimeout,
+                            )));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+            };
             this.last_frame = at;
-            if let Some(data) = frame.data_ref() {
-                this.on_data(data, at);
-            }
+            let out = match frame.into_data() {
+                Ok(data) => {
+                    this.on_data(&data, at);
+                    this.relay(data).map(Frame::data)
+                }
+                Err(other) => Some(other),
+            };
             if this.inner.is_end_stream() {
+                // The server may stop polling once we report the end: record it now.
                 this.finish(End::Complete);
             }
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let now = this.clock().now();
-                this.last_frame = now;
-                if let Some(data) = frame.data_ref() {
-                    this.on_data(data, now);
-                }
-                if this.inner.is_end_stream() {
-                    // The server may stop polling once we report the end: record it now.
-                    this.finish(End::Complete);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let message = format!("the endpoint broke the response off: {e}");
-                tracing::warn!(
-                    request_id = %String::from_utf8_lossy(this.ctx.request_id.as_bytes()),
-                    "{message}"
-                );
-                let frame = this.error_frame(&message, StatusCode::BAD_GATEWAY);
-                this.finish(End::UpstreamBroken);
-                match frame {
-                    Some(f) => Poll::Ready(Some(Ok(f))),
-                    None => Poll::Ready(Some(Err(std::io::Error::other(message)))),
-                }
-            }
-            Poll::Ready(None) => {
-                this.finish(End::Complete);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.idle_expired(cx) {
-                    let message = format!(
-                        "the endpoint sent nothing for {} ms (idle timeout)",
-                        this.idle.as_millis()
-                    );
-                    let frame = this.error_frame(&message, StatusCode::GATEWAY_TIMEOUT);
-                    this.finish(End::IdleTimeout);
-                    return match frame {
-                        Some(f) => Poll::Ready(Some(Ok(f))),
-                        None => Poll::Ready(Some(Err(std::io::Error::other(message)))),
-                    };
-                }
-                Poll::Pending
+            match out {
+                Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                None if this.ended.is_some() => return Poll::Ready(this.take_held().map(Ok)),
+                // All of it held (an event still coming): read on.
+                None => continue,
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended.is_some() || (self.pending.is_none() && self.inner.is_end_stream())
+        self.held.is_empty()
+            && (self.ended.is_some() || (self.pending.is_none() && self.inner.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {

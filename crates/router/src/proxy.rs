@@ -63,9 +63,9 @@ pub fn route_of(path: &str) -> Option<Route> {
     })
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `host` and `content-length` which the client
-/// recomputes: not forwarded upstream.
-const NOT_FORWARDED: [&str; 11] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1): not forwarded either way. Also any header a
+/// `Connection` header names ([`named_by_connection`]).
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -75,12 +75,37 @@ const NOT_FORWARDED: [&str; 11] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "host",
-    "content-length",
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    NOT_FORWARDED.contains(&name.as_str())
+/// Not forwarded upstream besides the hop-by-hop ones: `host` and `content-length`, which the
+/// router sets itself, and `expect` (the router has read the whole body already).
+const NOT_FORWARDED_UPSTREAM: [&str; 3] = ["host", "content-length", "expect"];
+
+/// Whether `name` is listed in a `Connection` header of `headers` (so hop-by-hop too).
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        })
+    })
+}
+
+/// Removes the hop-by-hop headers of `headers`, those its `Connection` names included.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -312,8 +337,11 @@ async fn send(
     }
     // The router's own keys stay here unless asked otherwise (see `crate::security`).
     let keep_authorization = state.config.api_keys.is_empty() || state.config.forward_authorization;
+    let has_connection = parts.headers.contains_key(header::CONNECTION);
     for (name, value) in &parts.headers {
-        if is_hop_by_hop(name)
+        if HOP_BY_HOP.contains(&name.as_str())
+            || NOT_FORWARDED_UPSTREAM.contains(&name.as_str())
+            || (has_connection && named_by_connection(&parts.headers, name))
             || name == X_REQUEST_ID
             || (name == header::AUTHORIZATION && !keep_authorization)
         {
@@ -755,9 +783,11 @@ fn respond(
 ) -> Response {
     let reason = ctx.reason;
     let (mut parts, upstream) = response.into_parts();
-    // Hop-by-hop headers stay on their hop; the length is the body's own (kept as is).
-    for name in &NOT_FORWARDED[..9] {
-        parts.headers.remove(*name);
+    // Hop-by-hop headers stay on their hop. A JSON body's length is the body's own; a stream's
+    // is not (the router may end it with an error event).
+    strip_hop_by_hop(&mut parts.headers);
+    if ctx.streaming {
+        parts.headers.remove(header::CONTENT_LENGTH);
     }
     add_routing_headers(&mut parts.headers, endpoint, reason);
     parts

@@ -54,8 +54,10 @@ impl Default for PoolConfig {
     }
 }
 
-/// How long an idle connection is kept (both clients).
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle connection is kept (both clients): under the 5 s after which vLLM's server
+/// (uvicorn's default keep-alive) closes one, so a request is seldom written onto a connection
+/// the engine is closing at that moment.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// TCP keep-alive probes start after this much silence (both clients).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 

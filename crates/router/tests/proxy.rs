@@ -20,12 +20,7 @@ fn backends(mocks: &[&Mock]) -> String {
 
 #[tokio::test]
 async fn streams_byte_exact_and_forwards_the_first_event_before_the_second_exists() {
-    let engine = mock(&["m"]).await;
-    let r = router(&["--static-backends", &engine.url]).await;
-    let c = client();
-    let script = engine.script_next();
-    let pending = start_stream(&c, &r.url, "hello");
-    let scripted = script.await.unwrap();
+    let (engine, _r, _c, scripted, pending) = scripted_stream(60_000).await;
     let chunks = sse_chunks(3);
     // Only the first event exists; it must reach the client now.
     scripted
@@ -729,14 +724,30 @@ async fn breaker_opens_after_failures_and_closes_when_the_engine_recovers() {
     assert!(closed, "breaker closed after successful probes");
 }
 
-#[tokio::test]
-async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorter_keep_it() {
+/// A mock engine, a router with `--idle-timeout-ms idle_ms` in front, and a stream started
+/// through it whose chunks the test sends.
+async fn scripted_stream(
+    idle_ms: u64,
+) -> (
+    Mock,
+    TestRouter,
+    TestClient,
+    Scripted,
+    tokio::task::JoinHandle<hyper::Response<hyper::body::Incoming>>,
+) {
     let engine = mock(&["m"]).await;
-    let r = router(&["--static-backends", &engine.url, "--idle-timeout-ms", "600"]).await;
+    let idle = idle_ms.to_string();
+    let r = router(&["--static-backends", &engine.url, "--idle-timeout-ms", &idle]).await;
     let c = client();
     let script = engine.script_next();
     let pending = start_stream(&c, &r.url, "hello");
     let scripted = script.await.unwrap();
+    (engine, r, c, scripted, pending)
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorter_keep_it() {
+    let (engine, r, c, scripted, pending) = scripted_stream(600).await;
     let chunks = sse_chunks(5);
     scripted
         .chunks
@@ -787,6 +798,117 @@ async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorte
         ),
     );
     assert_eq!(timeouts, 1.0, "{text}");
+}
+
+/// A stream whose last event lacks its blank line still delivers it, and its usage counts.
+#[tokio::test]
+async fn an_unterminated_last_event_is_delivered_and_counted() {
+    let (_engine, r, c, scripted, pending) = scripted_stream(60_000).await;
+    let first = sse_chunks(1)[0].clone();
+    let last = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],\
+                \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":42,\"total_tokens\":45}}";
+    scripted
+        .chunks
+        .send(Bytes::from(first.clone()))
+        .await
+        .unwrap();
+    let response = pending.await.unwrap();
+    scripted.chunks.send(Bytes::from(last)).await.unwrap();
+    drop(scripted);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8(body.to_vec()).unwrap(),
+        format!("{first}{last}")
+    );
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        let text = metrics_text(&c, &r.url).await;
+        counted = metric_sum(&text, "qoe_router_output_tokens_total");
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 42.0, "the usage of the last event");
+}
+
+/// Headers a `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1): neither the
+/// client's nor the engine's cross the router; `Expect` stays too (the body was read already).
+#[tokio::test]
+async fn headers_named_by_connection_stay_on_their_hop() {
+    let engine = mock(&["m"]).await;
+    *engine.state.extra_headers.lock().unwrap() = vec![
+        ("connection".into(), "keep-alive, x-engine-hop".into()),
+        ("x-engine-hop".into(), "internal".into()),
+        ("x-engine-kept".into(), "yes".into()),
+    ];
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[
+            ("connection", "keep-alive, X-Client-Hop"),
+            ("x-client-hop", "secret"),
+            ("x-client-kept", "yes"),
+            ("expect", "100-continue"),
+        ],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    assert!(
+        ans.headers.get("x-engine-hop").is_none(),
+        "{:?}",
+        ans.headers
+    );
+    assert_eq!(ans.header("x-engine-kept"), "yes");
+    let seen = engine.requests();
+    let sent = &seen
+        .iter()
+        .find(|s| s.path == "/v1/completions")
+        .unwrap()
+        .headers;
+    assert!(sent.get("x-client-hop").is_none(), "{sent:?}");
+    assert_eq!(sent.get("x-client-kept").unwrap(), "yes");
+    assert!(sent.get("expect").is_none());
+}
+
+/// Only whole SSE events reach the client: an event split across frames arrives intact, and an
+/// error event never lands inside an unfinished one (here: the engine goes silent mid-event).
+#[tokio::test]
+async fn an_error_event_follows_the_last_whole_event_never_a_partial_one() {
+    let (_engine, _r, _c, scripted, pending) = scripted_stream(600).await;
+    let chunks = sse_chunks(3);
+    let send = |text: &str| scripted.chunks.send(Bytes::from(text.to_string()));
+    send(&chunks[0]).await.unwrap();
+    let response = pending.await.unwrap();
+    let mut body = response.into_body();
+    let (head, tail) = chunks[1].split_at(chunks[1].len() / 2);
+    send(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(tail).await.unwrap();
+    // Half of the third event, then silence.
+    send(&chunks[2][..10]).await.unwrap();
+    let mut received = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the router ends a silent stream itself")
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    drop(scripted);
+    let received = String::from_utf8(received).unwrap();
+    let whole = format!("{}{}", chunks[0], chunks[1]);
+    let rest = received
+        .strip_prefix(&whole)
+        .unwrap_or_else(|| panic!("the whole events first, intact: {received}"));
+    assert!(
+        rest.starts_with("data: {\"error\"") && rest.ends_with("\n\n") && rest.contains("idle"),
+        "then the error event, at an event boundary: {rest:?}"
+    );
 }
 
 /// A bare HTTP/1.1 engine on 127.0.0.1: answers every request with a small JSON completion on a
