@@ -412,7 +412,12 @@ async fn dispatch(
         profile.sla_ttft_ms.map(|ms| started + ms as u64 * 1_000),
     );
     let queue_deadline = tokio::time::Instant::now() + admission.config.queue_timeout;
-    let body = if state.config.engine_priority {
+    // vLLM's `priority` field belongs to the generation and embedding requests only.
+    let takes_priority = matches!(
+        profile.kind,
+        ApiKind::Chat | ApiKind::Completion | ApiKind::Embedding
+    );
+    let body = if state.config.engine_priority && takes_priority {
         with_engine_priority(body, profile.priority.level())
     } else {
         body
@@ -730,15 +735,38 @@ fn enforce_sla(
     ))
 }
 
-/// The body with vLLM's `priority` field set to the request's priority, unless it has one.
+/// The body with vLLM's `priority` field set to the request's priority, unless it has one. The
+/// field is written into the text: the rest of the body goes on byte for byte (a round trip
+/// through a JSON value would reorder keys and turn big integers into floats).
 fn with_engine_priority(body: Bytes, level: u8) -> Bytes {
-    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
-        Ok(mut map) if !map.contains_key("priority") => {
-            map.insert("priority".into(), level.into());
-            serde_json::to_vec(&map).map(Bytes::from).unwrap_or(body)
-        }
-        _ => body,
+    /// Reads only whether the object has a top-level `priority` (`null` included).
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(default, deserialize_with = "present")]
+        priority: bool,
     }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(|_| true)
+    }
+    let Ok(Probe { priority: false }) = serde_json::from_slice::<Probe>(&body) else {
+        return body;
+    };
+    let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return body;
+    };
+    if body[open] != b'{' {
+        return body;
+    }
+    let empty = body[open + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'}');
+    let field = format!("\"priority\":{level}{}", if empty { "" } else { "," });
+    let mut out = Vec::with_capacity(body.len() + field.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(field.as_bytes());
+    out.extend_from_slice(&body[open + 1..]);
+    Bytes::from(out)
 }
 
 /// Upstream statuses worth another endpoint: overloaded or failing, with nothing sent yet.
@@ -800,6 +828,36 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_priority_is_written_into_the_text_and_the_rest_kept() {
+        let inject = |body: &str| {
+            let out = with_engine_priority(Bytes::from(body.to_string()), 1);
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        let big = r#" {"z":1,"seed":18446744073709551616,"a":[1.0e2]}"#;
+        assert_eq!(
+            inject(big),
+            r#" {"priority":1,"z":1,"seed":18446744073709551616,"a":[1.0e2]}"#
+        );
+        assert_eq!(inject("{ }"), r#"{"priority":1 }"#);
+        let kept = [
+            r#"{"priority":0,"a":1}"#,
+            r#"{"a":1,"priority":null}"#,
+            "[1]",
+            "not json",
+            r#"{"a":}"#,
+        ];
+        for body in kept {
+            assert_eq!(inject(body), body);
+        }
+        let parsed: serde_json::Value =
+            serde_json::from_str(&inject(r#"{"a":{"priority":5}}"#)).unwrap();
+        assert_eq!(
+            parsed["priority"], 1,
+            "a nested priority is not the request's"
+        );
+    }
 
     #[test]
     fn routes() {
