@@ -10,6 +10,7 @@ use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
 use serde_json::Value;
 
 mod body;
+mod form;
 
 /// Names and defaults the analyzer needs (part of the router's one config).
 #[derive(Clone, Debug, PartialEq)]
@@ -137,6 +138,25 @@ fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyF
     })
 }
 
+/// What a `multipart/form-data` body says: its `model` and `stream` fields (an audio upload
+/// has no prompt text to read).
+fn read_form(route: Route, body: &[u8], boundary: &[u8]) -> Result<BodyFacts, BadRequest> {
+    let text = |name| form::field(body, boundary, name).map(String::from_utf8_lossy);
+    let model = match text("model") {
+        Some(m) if !m.trim().is_empty() => m.trim().to_string(),
+        _ => model_error(None, route)?,
+    };
+    let stream = text("stream").is_some_and(|s| s.trim().eq_ignore_ascii_case("true"));
+    Ok(BodyFacts {
+        model,
+        stream,
+        max_tokens: None,
+        prompt: body::PromptText::default(),
+        session_key: None,
+        stage: stage(None),
+    })
+}
+
 /// The model when `model` is not a non-empty string: none if the route does not need one,
 /// else the error.
 fn model_error(model: Option<&Value>, route: Route) -> Result<String, BadRequest> {
@@ -185,6 +205,10 @@ pub fn analyze<'h>(
     config: &AnalyzerConfig,
     learned_output: impl FnOnce(&str) -> u32,
 ) -> Result<RequestProfile, BadRequest> {
+    let facts = match header("content-type").and_then(form::boundary) {
+        Some(boundary) => read_form(route, body, boundary)?,
+        None => read_body(route, body, config)?,
+    };
     let BodyFacts {
         model,
         stream,
@@ -192,7 +216,7 @@ pub fn analyze<'h>(
         prompt,
         session_key: body_session_key,
         stage,
-    } = read_body(route, body, config)?;
+    } = facts;
 
     let priority = match header(&config.priority_header) {
         None => Priority::DEFAULT,

@@ -800,6 +800,37 @@ async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorte
     assert_eq!(timeouts, 1.0, "{text}");
 }
 
+/// An audio upload (`multipart/form-data`, as the `openai` client sends a transcription) is
+/// routed by its `model` field and forwarded byte for byte; it is not refused as bad JSON.
+#[tokio::test]
+async fn a_multipart_upload_is_routed_by_its_model_field() {
+    let (whisper, other) = (mock(&["whisper"]).await, mock(&["llm"]).await);
+    let r = router(&["--static-backends", &backends(&[&other, &whisper])]).await;
+    let c = client();
+    let form =
+        "--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+                Content-Type: audio/wav\r\n\r\nRIFF{not json\r\n\
+                --b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+                --b0undary--\r\n";
+    let content_type = [("content-type", "multipart/form-data; boundary=b0undary")];
+    let url = format!("{}/v1/audio/transcriptions", r.url);
+    for _ in 0..3 {
+        let ans = request(&c, "POST", &url, form, &content_type).await;
+        assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+        assert_eq!(ans.header("x-qoe-endpoint"), whisper.url);
+    }
+    let seen = whisper.requests();
+    let sent = seen
+        .iter()
+        .find(|s| s.path == "/v1/audio/transcriptions")
+        .unwrap();
+    assert_eq!(sent.body, form.as_bytes());
+    assert!(other
+        .requests()
+        .iter()
+        .all(|s| s.path != "/v1/audio/transcriptions"));
+}
+
 /// A stream whose last event lacks its blank line still delivers it, and its usage counts.
 #[tokio::test]
 async fn an_unterminated_last_event_is_delivered_and_counted() {
