@@ -12,6 +12,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds a client should wait before retrying (429, 503).
     pub retry_after: Option<u64>,
+    /// `error.code` when the status alone does not say it (see [`ApiError::code`]).
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -21,7 +23,13 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            code: None,
         }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
     }
 
     pub fn with_param(mut self, param: Option<String>) -> Self {
@@ -39,6 +47,7 @@ impl ApiError {
             // OpenAI answers a wrong or missing key with 401 and `invalid_request_error`.
             StatusCode::BAD_REQUEST
             | StatusCode::UNAUTHORIZED
+            | StatusCode::METHOD_NOT_ALLOWED
             | StatusCode::PAYLOAD_TOO_LARGE
             | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
@@ -51,12 +60,16 @@ impl ApiError {
 
     /// A short code for `error.code`.
     pub fn code(&self) -> &'static str {
+        if let Some(code) = self.code {
+            return code;
+        }
         match self.status {
             StatusCode::BAD_REQUEST => "bad_request",
             StatusCode::UNAUTHORIZED => "invalid_api_key",
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request_header_fields_too_large",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::NOT_FOUND => "model_not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::TOO_MANY_REQUESTS => "overloaded",
             StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
             StatusCode::SERVICE_UNAVAILABLE => "no_healthy_endpoint",

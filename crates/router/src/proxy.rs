@@ -108,7 +108,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         if !v.is_empty() && v.len() <= 256 {
@@ -166,7 +166,8 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         let error = ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {} {}", parts.method, parts.uri.path()),
-        );
+        )
+        .with_code("unknown_route");
         return reject(&state, error, &request_id);
     };
     let limit = state.config.max_body_bytes;

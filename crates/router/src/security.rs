@@ -177,10 +177,13 @@ where
     Fut: std::future::Future<Output = Response>,
 {
     let checked = |request: Request| async {
-        if let Some(refusal) = limit_headers(state, &request) {
-            return refusal;
-        }
-        if let Some(refusal) = authenticate(state, &request) {
+        let refusal = limit_headers(state, &request).or_else(|| authenticate(state, &request));
+        if let Some(mut refusal) = refusal {
+            // Like every answer, a refusal carries the request's id.
+            let id = crate::proxy::request_id(request.headers());
+            refusal
+                .headers_mut()
+                .insert(crate::proxy::X_REQUEST_ID.clone(), id);
             return refusal;
         }
         inner(request).await

@@ -61,10 +61,23 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
 /// The router's own routes (not guarded, no fallback, no state yet).
 fn own_routes() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/engines", get(engines))
-        .route("/v1/models", get(models))
+        .route("/health", get(health).fallback(method_not_allowed))
+        .route("/metrics", get(metrics).fallback(method_not_allowed))
+        .route("/engines", get(engines).fallback(method_not_allowed))
+        .route("/v1/models", get(models).fallback(method_not_allowed))
+}
+
+/// Another method than GET on one of the router's own routes: 405 in OpenAI's shape.
+async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+    let error = crate::errors::ApiError::new(
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}; use GET", uri.path()),
+    );
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    response
 }
 
 /// Whether [`own_routes`] has `path`; every other path is proxied.

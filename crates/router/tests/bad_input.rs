@@ -253,3 +253,38 @@ async fn oversized_bodies_without_content_length_are_refused() {
     assert_eq!(err["code"], "request_too_large");
     assert_eq!(completions_seen(&engine), 0);
 }
+
+/// The router's own routes, unknown paths and key refusals answer in OpenAI's shape too, with the
+/// request's id.
+#[tokio::test]
+async fn wrong_methods_unknown_routes_and_refusals_are_openai_errors() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--api-keys",
+        "sk-test-key-0001",
+    ])
+    .await;
+    let c = client();
+    let key = [("authorization", "Bearer sk-test-key-0001")];
+    let ans = request(&c, "POST", &format!("{}/v1/models", r.url), "{}", &key).await;
+    assert_eq!(ans.status, 405);
+    let err = assert_openai_error(std::str::from_utf8(&ans.body).unwrap(), 405, None);
+    assert_eq!(err["code"], "method_not_allowed");
+    assert!(err["message"].as_str().unwrap().contains("use GET"));
+    assert_eq!(ans.header("allow"), "GET, HEAD");
+    let ans = request(&c, "DELETE", &format!("{}/health", r.url), "", &[]).await;
+    assert_eq!(ans.status, 405);
+
+    let ans = request(&c, "GET", &format!("{}/nope", r.url), "", &key).await;
+    assert_eq!(ans.status, 404);
+    let err = assert_openai_error(std::str::from_utf8(&ans.body).unwrap(), 404, None);
+    assert_eq!(err["code"], "unknown_route");
+
+    let id = [("x-request-id", "client-id-7")];
+    let ans = post(&c, &format!("{}/v1/completions", r.url), "{}", &id).await;
+    assert_eq!(ans.status, 401);
+    assert_eq!(ans.header("x-request-id"), "client-id-7");
+    assert_eq!(completions_seen(&engine), 0);
+}
