@@ -189,6 +189,10 @@ pub struct RouterConfig {
     /// generation.
     #[arg(long, env = "QOE_RESPONSE_TIMEOUT_MS", default_value_t = 600_000)]
     pub response_timeout_ms: u64,
+    /// Time a client may take to send a request's headers, and then its body, ms; a slower one
+    /// is disconnected (headers) or answered 408 (body): each open connection holds a socket.
+    #[arg(long, env = "QOE_REQUEST_READ_TIMEOUT_MS", default_value_t = 60_000)]
+    pub request_read_timeout_ms: u64,
     /// Longest silence allowed inside a streamed response body, ms.
     #[arg(long, env = "QOE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
@@ -381,6 +385,7 @@ impl RouterConfig {
             ("--connect-timeout-ms", self.connect_timeout_ms),
             ("--first-byte-timeout-ms", self.first_byte_timeout_ms),
             ("--response-timeout-ms", self.response_timeout_ms),
+            ("--request-read-timeout-ms", self.request_read_timeout_ms),
             ("--idle-timeout-ms", self.idle_timeout_ms),
         ];
         for (flag, ms) in millis {
@@ -743,7 +748,7 @@ const SIMULATED: [&str; 32] = [
 /// The settings it does not: the fleet file gives the engines and `--policies` the policies;
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
 /// in virtual time, and simulated clients always stream (no response timeout).
-const NOT_SIMULATED: [&str; 21] = [
+const NOT_SIMULATED: [&str; 22] = [
     "host",
     "port",
     "service_discovery",
@@ -756,6 +761,7 @@ const NOT_SIMULATED: [&str; 21] = [
     "breaker_open_secs",
     "connect_timeout_ms",
     "response_timeout_ms",
+    "request_read_timeout_ms",
     "idle_timeout_ms",
     "pool_max_idle_per_host",
     "api_keys",

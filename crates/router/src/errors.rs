@@ -48,6 +48,7 @@ impl ApiError {
             StatusCode::BAD_REQUEST
             | StatusCode::UNAUTHORIZED
             | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::REQUEST_TIMEOUT
             | StatusCode::PAYLOAD_TOO_LARGE
             | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
@@ -70,6 +71,7 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::NOT_FOUND => "model_not_found",
             StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
             StatusCode::TOO_MANY_REQUESTS => "overloaded",
             StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
             StatusCode::SERVICE_UNAVAILABLE => "no_healthy_endpoint",

@@ -187,9 +187,20 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
             return reject(&state, too_large(), &request_id);
         }
     }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
+    let read_timeout = std::time::Duration::from_millis(state.config.request_read_timeout_ms);
+    let body = match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Err(_) => {
+            let error = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms (--request-read-timeout-ms)",
+                    read_timeout.as_millis()
+                ),
+            );
+            return reject(&state, error, &request_id);
+        }
+        Ok(Err(e)) => {
             let is_limit = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             let error = if is_limit {

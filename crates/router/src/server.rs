@@ -12,9 +12,9 @@ use crate::upstream;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::{IncomingStream, ListenerExt};
 use axum::Json;
 use http::{header, HeaderValue};
+use hyper::body::Incoming;
 use qoe_core::build_policy;
 use serde_json::json;
 use std::convert::Infallible;
@@ -148,24 +148,6 @@ impl tower_service::Service<Request> for Front {
     }
 }
 
-/// Hands every connection a clone of the [`Front`].
-#[derive(Clone)]
-struct MakeFront(Front);
-
-impl<'a, L: axum::serve::Listener> tower_service::Service<IncomingStream<'a, L>> for MakeFront {
-    type Response = Front;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Front, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: IncomingStream<'a, L>) -> Self::Future {
-        std::future::ready(Ok(self.0.clone()))
-    }
-}
-
 /// Runs the router on `listener` until `shutdown` completes, then drains in-flight requests.
 pub async fn serve(
     config: RouterConfig,
@@ -262,18 +244,61 @@ pub async fn serve_state(
     }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, policy = state.policy.name(), "qoe-router listening");
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY not set: {e}");
-        }
-    });
-    let result = axum::serve(listener, MakeFront(Front::new(state)))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let header_timeout = Duration::from_millis(config.request_read_timeout_ms);
+    serve_connections(listener, Front::new(state), header_timeout, shutdown).await;
     for t in tasks {
         t.abort();
     }
-    result.map_err(Into::into)
+    Ok(())
+}
+
+/// Accepts connections and serves each with `front` until `shutdown` completes, then waits for
+/// the open ones to finish their requests. Headers must arrive within `header_timeout` (hyper
+/// closes the connection otherwise): a client that opens connections and never finishes a
+/// request would otherwise hold a socket each, forever.
+async fn serve_connections(
+    listener: TcpListener,
+    front: Front,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: give the open ones time to close.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+        let front = front.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let mut front = front.clone();
+            tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("client connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

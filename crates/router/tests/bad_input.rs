@@ -288,3 +288,32 @@ async fn wrong_methods_unknown_routes_and_refusals_are_openai_errors() {
     assert_eq!(ans.header("x-request-id"), "client-id-7");
     assert_eq!(completions_seen(&engine), 0);
 }
+
+/// A client that never finishes its headers is disconnected, and one that never finishes its
+/// body is answered 408, after `--request-read-timeout-ms`: neither holds a connection for good.
+#[tokio::test]
+async fn stalled_headers_and_bodies_are_cut_off() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--request-read-timeout-ms",
+        "300",
+    ])
+    .await;
+    let stalled = raw(&r.url, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n").await;
+    assert_eq!(stalled.status, 0, "closed without an answer: {stalled:?}");
+    let mut request =
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+        content-length: 100\r\nconnection: close\r\n\r\n"
+            .to_vec();
+    request.extend_from_slice(b"{\"model\"");
+    let ans = raw(&r.url, &request).await;
+    assert_eq!(ans.status, 408, "{ans:?}");
+    let err = assert_openai_error(&ans.body, 408, None);
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("--request-read-timeout-ms"));
+    assert_eq!(completions_seen(&engine), 0);
+}

@@ -831,6 +831,46 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
         .all(|s| s.path != "/v1/audio/transcriptions"));
 }
 
+/// On shutdown the router stops accepting connections and lets a stream in flight finish.
+#[tokio::test]
+async fn shutdown_drains_the_stream_in_flight() {
+    let (_engine, mut r, _c, scripted, pending) = scripted_stream(60_000).await;
+    let chunks = sse_chunks(2);
+    scripted
+        .chunks
+        .send(Bytes::from(chunks[0].clone()))
+        .await
+        .unwrap();
+    let response = pending.await.unwrap();
+    let _ = r.shutdown.take().unwrap().send(());
+    let addr = r.url.trim_start_matches("http://").to_string();
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "no new connections after shutdown");
+    assert!(!r.task.is_finished(), "still serving the stream");
+    for chunk in &chunks[1..] {
+        scripted
+            .chunks
+            .send(Bytes::from(chunk.clone()))
+            .await
+            .unwrap();
+    }
+    drop(scripted);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, chunks.concat().as_bytes());
+    let served = tokio::time::timeout(Duration::from_secs(10), &mut r.task).await;
+    assert!(served
+        .expect("serve returned once drained")
+        .unwrap()
+        .is_ok());
+}
+
 /// A stream whose last event lacks its blank line still delivers it, and its usage counts.
 #[tokio::test]
 async fn an_unterminated_last_event_is_delivered_and_counted() {
