@@ -62,15 +62,19 @@ impl Breaker {
         }
     }
 
-    /// A request was dispatched: in HalfOpen with no probe out it is the probe. Its verdict
-    /// goes back with the returned ticket.
-    pub fn on_dispatch(&mut self) -> Dispatch {
-        let probe = self.state == BreakerState::HalfOpen && !self.probe_in_flight;
+    /// Lets a request go if the breaker admits it at `now` (what [`Breaker::admits`] tells, checked
+    /// and taken at once): in HalfOpen it is then the probe. Its verdict goes back with the
+    /// returned ticket; `None` when it may not go (open, or another request is the probe).
+    pub fn try_dispatch(&mut self, now: Micros, config: &BreakerConfig) -> Option<Dispatch> {
+        if !self.admits(now, config) {
+            return None;
+        }
+        let probe = self.state == BreakerState::HalfOpen;
         self.probe_in_flight |= probe;
-        Dispatch {
+        Some(Dispatch {
             probe,
             epoch: self.opened,
-        }
+        })
     }
 
     /// Whether `ticket`'s verdict says something about the current state: in Closed every
@@ -126,7 +130,7 @@ impl Breaker {
     }
 }
 
-/// What [`Breaker::on_dispatch`] hands a request, for its verdict.
+/// What [`Breaker::try_dispatch`] hands a request, for its verdict.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Dispatch {
     /// This request is the half-open probe.
@@ -147,7 +151,7 @@ mod tests {
             open_for: 1_000,
         };
         let mut b = Breaker::default();
-        let closed = b.on_dispatch();
+        let closed = b.try_dispatch(0, &c).unwrap();
         b.on_failure(&closed, 1, &c);
         b.on_failure(&closed, 2, &c);
         assert!(b.admits(3, &c));
@@ -164,19 +168,18 @@ mod tests {
         assert!(!b.admits(500, &c));
         // After the pause: one probe at a time.
         assert!(b.admits(1_006, &c));
-        let probe = b.on_dispatch();
+        let probe = b.try_dispatch(1_006, &c).unwrap();
         assert!(probe.probe);
         assert!(!b.admits(1_007, &c), "one probe at a time");
-        // One that slipped past the check is no probe, and its verdict does not count.
-        let extra = b.on_dispatch();
-        assert!(!extra.probe);
-        b.on_success(&extra, &c);
-        b.release(&extra);
+        assert_eq!(b.try_dispatch(1_007, &c), None);
+        // A request sent while it was closed ends now: its verdict does not count.
+        b.on_success(&closed, &c);
+        b.release(&closed);
         assert!(b.probe_in_flight);
         b.on_success(&probe, &c);
         assert_eq!(b.state, BreakerState::HalfOpen, "needs two successes");
         assert!(b.admits(1_008, &c));
-        let second = b.on_dispatch();
+        let second = b.try_dispatch(1_008, &c).unwrap();
         b.on_success(&second, &c);
         assert_eq!(b.state, BreakerState::Closed);
         assert_eq!(b.opened, 1);
@@ -190,11 +193,12 @@ mod tests {
             open_for: 10,
         };
         let mut b = Breaker::default();
-        let before = b.on_dispatch();
-        let slow = b.on_dispatch();
+        let before = b.try_dispatch(0, &c).unwrap();
+        let slow = b.try_dispatch(0, &c).unwrap();
         b.on_failure(&before, 0, &c);
+        assert_eq!(b.try_dispatch(5, &c), None, "open");
         assert!(b.admits(10, &c));
-        let probe = b.on_dispatch();
+        let probe = b.try_dispatch(10, &c).unwrap();
         // A request sent before the breaker opened ends now: it says nothing of the probe.
         b.on_success(&slow, &c);
         b.release(&slow);
@@ -206,7 +210,7 @@ mod tests {
         assert!(!b.admits(15, &c));
         assert!(b.admits(21, &c));
         // A probe whose client left frees the seat for the next.
-        let left = b.on_dispatch();
+        let left = b.try_dispatch(21, &c).unwrap();
         assert!(left.probe && !b.admits(22, &c));
         b.release(&left);
         assert!(b.admits(22, &c));

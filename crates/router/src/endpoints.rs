@@ -184,6 +184,15 @@ impl Endpoint {
         self.is_healthy() && lock(&self.breaker).admits(now, &self.breaker_config)
     }
 
+    /// Lets a request go now if [`Endpoint::admits`] holds, checked and taken under one lock (so
+    /// two requests cannot both be a half-open breaker's probe); `None` otherwise.
+    pub fn try_dispatch(&self, now: Micros) -> Option<Dispatch> {
+        if !self.is_healthy() {
+            return None;
+        }
+        lock(&self.breaker).try_dispatch(now, &self.breaker_config)
+    }
+
     pub fn breaker(&self) -> Breaker {
         lock(&self.breaker).clone()
     }
@@ -414,14 +423,21 @@ pub struct LoadGuard {
 }
 
 impl LoadGuard {
-    pub fn new(endpoint: Arc<Endpoint>, prompt_tokens: u32, expected_output: u32) -> Self {
+    /// Counts a request dispatched to `endpoint` with the breaker's `ticket`
+    /// ([`Endpoint::try_dispatch`]).
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        ticket: Dispatch,
+        prompt_tokens: u32,
+        expected_output: u32,
+    ) -> Self {
         let load = &endpoint.load;
         load.in_prefill.fetch_add(1, Ordering::Relaxed);
         load.prefill_tokens
             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         load.pending_output_tokens
             .fetch_add(expected_output as u64, Ordering::Relaxed);
-        let breaker = Some(lock(&endpoint.breaker).on_dispatch());
+        let breaker = Some(ticket);
         LoadGuard {
             endpoint,
             prompt_tokens: prompt_tokens as u64,
@@ -518,7 +534,7 @@ mod tests {
             BreakerConfig::default(),
             PoolConfig::default(),
         ));
-        let mut g = LoadGuard::new(e.clone(), 100, 10);
+        let mut g = LoadGuard::new(e.clone(), Dispatch::default(), 100, 10);
         assert_eq!(e.load.snapshot().in_prefill, 1);
         assert_eq!(e.load.snapshot().prefill_tokens, 100);
         g.first_token();
@@ -536,7 +552,7 @@ mod tests {
         );
         drop(g);
         assert_eq!(e.load.snapshot(), Load::default());
-        let g = LoadGuard::new(e.clone(), 7, 3);
+        let g = LoadGuard::new(e.clone(), Dispatch::default(), 7, 3);
         drop(g);
         assert_eq!(
             e.load.snapshot(),
@@ -554,7 +570,7 @@ mod tests {
         );
         r.apply(&[spec("http://a:1"), spec("http://b:1")]);
         let before = r.table();
-        let guard = LoadGuard::new(before.endpoints[1].clone(), 1, 1);
+        let guard = LoadGuard::new(before.endpoints[1].clone(), Dispatch::default(), 1, 1);
         r.apply(&[spec("http://b:1"), spec("http://c:1")]);
         let after = r.table();
         assert_eq!(after.endpoints.len(), 2);

@@ -483,8 +483,14 @@ async fn dispatch(
         if let Some(detail) = &decision.detail {
             endpoint.metrics().record_decision(&state.metrics, detail);
         }
+        let Some(ticket) = endpoint.try_dispatch(state.clock.now()) else {
+            // Its breaker opened, or another request became its half-open probe, since the
+            // views were taken: pick again without it.
+            continue;
+        };
         let guard = LoadGuard::new(
             endpoint.clone(),
+            ticket,
             profile.prompt_tokens,
             profile.expected_output_tokens,
         )
