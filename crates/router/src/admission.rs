@@ -160,15 +160,26 @@ impl Admission {
         Some(rx)
     }
 
-    /// Leaves the queue (dispatched, timed out, or the client left).
+    /// Leaves the queue (dispatched, timed out, or the client left). A waiter that was woken
+    /// passes the wake-up on to the next one for its model: it took a seat that may leave room
+    /// for more, or gave up the one it was woken for.
     pub fn leave(&self, key: &QueueKey) {
-        self.lock().waiters.remove(key);
+        let mut q = self.lock();
+        if let Some(waiter) = q.waiters.remove(key) {
+            // Not waiting at the moment (woken, or between ticks): it was re-checking.
+            if waiter.wake.as_ref().is_none_or(|tx| tx.is_closed()) {
+                Self::wake_first(&mut q, |model| model == &*waiter.model);
+            }
+        }
     }
 
     /// Capacity freed on an endpoint serving the models for which `serves` holds: wake the most
     /// urgent waiter for one of them to try again.
     pub fn notify(&self, serves: impl Fn(&str) -> bool) {
-        let mut q = self.lock();
+        Self::wake_first(&mut self.lock(), serves);
+    }
+
+    fn wake_first(q: &mut Queue, serves: impl Fn(&str) -> bool) {
         for waiter in q.waiters.values_mut() {
             if waiter.wake.is_none() || !serves(&waiter.model) {
                 continue;
@@ -264,6 +275,17 @@ mod tests {
         // Capacity freed on an endpoint serving only a: a's waiter, not the more urgent b.
         a.notify(|m| m == "a");
         assert_eq!(rx_a.await, Ok(Wake::Retry));
+        assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        // A woken waiter that leaves (dispatched, or giving up) wakes the next for its model.
+        let next_a = a.key(Priority::LOW, None);
+        let rx_next = a.enqueue(next_a, "a").unwrap();
+        a.leave(&later_a);
+        assert_eq!(rx_next.await, Ok(Wake::Retry));
+        assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        // One that leaves while waiting (it was never woken) passes nothing on.
+        let waiting_b = a.key(Priority::LOW, None);
+        let _rx_waiting = a.enqueue(waiting_b, "b").unwrap();
+        a.leave(&waiting_b);
         assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
         // Displaced while re-checking: told when it would wait again.
         let small = Admission::new(config(1));

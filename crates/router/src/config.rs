@@ -56,6 +56,11 @@ pub struct RouterConfig {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
+    /// The settings given by flag or `QOE_*` variable (as serialized keys), which win over the
+    /// config file: at start-up and when a reloaded file is checked.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub from_user: Vec<String>,
 
     /// Address to listen on.
     #[arg(long, env = "QOE_HOST", default_value = "127.0.0.1")]
@@ -304,14 +309,28 @@ impl RouterConfig {
             return Ok(self);
         };
         let file = ConfigFile::read(&path)?;
-        self.overlay(&file.settings, &path, |key| {
-            // `[qoe]` has no flag: the file is its only source.
-            key == "qoe"
-                || !matches!(
-                    matches.value_source(key),
+        let from_user: Vec<String> = matches
+            .ids()
+            .map(|id| id.as_str())
+            .filter(|id| {
+                matches!(
+                    matches.value_source(id),
                     Some(ValueSource::CommandLine | ValueSource::EnvVariable)
                 )
-        })
+            })
+            .map(str::to_string)
+            .collect();
+        let mut merged = self.overlay(&file.settings, &path, |key| {
+            !from_user.iter().any(|k| k == key)
+        })?;
+        merged.from_user = from_user;
+        Ok(merged)
+    }
+
+    /// Whether the config file's value of `key` applies: `[qoe]` always (it has no flag), any
+    /// other setting unless a flag or variable gave it.
+    pub fn file_sets(&self, key: &str) -> bool {
+        key == "qoe" || !self.from_user.iter().any(|k| k == key)
     }
 
     /// These settings with the file's `settings` (read from `path`) laid over those for which
@@ -343,6 +362,7 @@ impl RouterConfig {
         // What serde skips is not a file key: keep these.
         merged.config = Some(path.to_path_buf());
         merged.print_config = self.print_config;
+        merged.from_user = self.from_user.clone();
         Ok(merged)
     }
 
@@ -389,10 +409,7 @@ impl RouterConfig {
             ("--idle-timeout-ms", self.idle_timeout_ms),
         ];
         for (flag, ms) in millis {
-            anyhow::ensure!(
-                (1..=86_400_000).contains(&ms),
-                "{flag} must be between 1 and 86400000 ms, got {ms}"
-            );
+            anyhow::ensure!(ms >= 1, "{flag} must be at least 1 ms, got {ms}");
         }
         let counts = [
             ("--unhealthy-threshold", self.unhealthy_threshold as usize),
@@ -404,7 +421,8 @@ impl RouterConfig {
         for (flag, n) in counts {
             anyhow::ensure!(n >= 1, "{flag} must be at least 1, got {n}");
         }
-        // Seconds that become timers: below a millisecond a ticker spins, above a day a typo.
+        // Seconds that become timers: below a millisecond a ticker spins; the upper bound keeps
+        // the conversion to a duration from overflowing (a billion seconds is 31 years).
         let seconds = [
             ("--engine-stats-interval", self.engine_stats_interval),
             ("--health-check-interval", self.health_check_interval),
@@ -414,8 +432,8 @@ impl RouterConfig {
         ];
         for (flag, v) in seconds {
             anyhow::ensure!(
-                (0.001..=86_400.0).contains(&v),
-                "{flag} must be between 0.001 and 86400 seconds, got {v:?}"
+                (0.001..=1e9).contains(&v),
+                "{flag} must be between 0.001 and 1e9 seconds, got {v:?}"
             );
         }
         anyhow::ensure!(
@@ -645,8 +663,8 @@ impl RouterConfig {
                 healthy_threshold: self.healthy_threshold,
                 default_output_tokens: self.default_output_tokens,
                 max_retries: self.max_retries,
-                retry_backoff: self.retry_backoff_ms * 1_000,
-                first_byte_timeout: self.first_byte_timeout_ms * 1_000,
+                retry_backoff: self.retry_backoff_ms.saturating_mul(1_000),
+                first_byte_timeout: self.first_byte_timeout_ms.saturating_mul(1_000),
                 stats: self.stats_config(),
                 analyzer: self.analyzer_config(),
                 admission: qoe_sim::simulate::AdmissionSpec {
@@ -1260,7 +1278,7 @@ mod tests {
         let refused = [
             ("--engine-stats-interval", "1e-12"),
             ("--health-check-interval", "1e20"),
-            ("--queue-timeout", "100000"),
+            ("--queue-timeout", "20000000000"),
             ("--breaker-open-secs", "0.0001"),
             ("--request-stats-window", "inf"),
             ("--saturation-kv-usage", "80"),
@@ -1279,9 +1297,12 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(flag) && e.contains(value), "{flag} {value}: {e}");
         }
+        let forever = u64::MAX.to_string();
         for (flag, value) in [
             ("--engine-stats-interval", "0.001"),
             ("--health-check-interval", "86400"),
+            ("--queue-timeout", "1e9"),
+            ("--response-timeout-ms", forever.as_str()),
             ("--saturation-kv-usage", "0.9"),
             ("--log-level", "warn,qoe_router=debug"),
         ] {

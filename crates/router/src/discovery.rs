@@ -57,10 +57,8 @@ pub fn validate_url(url: &str) -> Result<(), String> {
              reach the engines (see --forward-authorization)"
         ));
     }
-    let after_host = authority
-        .as_str()
-        .rsplit_once(host)
-        .map_or("", |(_, rest)| rest);
+    // No userinfo (refused above): the authority is the host, then an optional `:port`.
+    let after_host = authority.as_str().strip_prefix(host).unwrap_or("");
     if let Some(port) = after_host.strip_prefix(':') {
         if !matches!(port.parse::<u16>(), Ok(1..)) {
             return Err(format!("'{url}': port '{port}' is not in 1..65535"));
@@ -150,8 +148,9 @@ impl StaticDiscovery {
                     path.display(),
                     self.file_backends
                 );
+                // As at start-up: flags and `QOE_*` variables win over the file.
                 self.running
-                    .overlay(&file.settings, path, |_| true)?
+                    .overlay(&file.settings, path, |key| self.running.file_sets(key))?
                     .validate()
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
                 let changed: Vec<&str> = file
@@ -290,6 +289,8 @@ mod tests {
         let refused = [
             ("http://127.0.0.1:85555", "port '85555'"),
             ("http://127.0.0.1:0", "port '0'"),
+            ("http://5:65536", "port '65536'"),
+            ("http://0:0", "port '0'"),
             ("http://[::1]:x", "port 'x'"),
             ("http://user:secret@127.0.0.1:8100", "credentials"),
             ("http://127.0.0.1:8100/?a=b", "query"),
@@ -362,6 +363,18 @@ mod tests {
             e.contains("'http://127.0.0.1:2' is listed already, by the file"),
             "{e}"
         );
+        // As at start-up, a flag hides the file's value: a reload is not refused for it.
+        let hidden = format!("queue_max = 0\n{two}");
+        std::fs::write(&path, &hidden).unwrap();
+        let flagged =
+            RouterConfig::from_args(["x", "--config", path.to_str().unwrap(), "--queue-max", "10"])
+                .unwrap();
+        flagged.validate().unwrap();
+        let mut f = StaticDiscovery::new(&flagged);
+        assert_eq!(f.initial().unwrap().len(), 2);
+        let more = format!("{hidden}[[backends]]\nurl = \"http://127.0.0.1:3\"\n");
+        std::fs::write(&path, more).unwrap();
+        assert_eq!(f.read(true).unwrap().len(), 3);
         // A setting that parses still needs a restart, but does not block the endpoints.
         let one = "max_retries = 3\n[[backends]]\nurl = \"http://127.0.0.1:1\"\n";
         assert_eq!(reload(&mut d, one).unwrap().len(), 1);

@@ -415,7 +415,8 @@ impl<B: Body> ObservedBody<B> {
             if self.idle_timer.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let due = self.last_frame + self.idle.as_micros() as Micros;
+            let idle = self.idle.as_micros().min(Micros::MAX as u128) as Micros;
+            let due = self.last_frame.saturating_add(idle);
             let clock = self.clock();
             if clock.now() >= due {
                 return true;
@@ -458,7 +459,11 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if this.ended.is_some() {
-            return Poll::Ready(this.take_held().map(Ok));
+            // What is left after the end: held bytes, then a parked trailers frame.
+            let last = this
+                .take_held()
+                .or_else(|| this.pending.take().map(|(f, _)| f));
+            return Poll::Ready(last.map(Ok));
         }
         loop {
             let (frame, at) = match this.pending.take() {
@@ -503,6 +508,11 @@ where
                     this.on_data(&data, at);
                     this.relay(data).map(Frame::data)
                 }
+                // Trailers end the body: what is held goes first, the trailers after it.
+                Err(trailers) if !this.held.is_empty() => {
+                    this.pending = Some((trailers, at));
+                    this.take_held()
+                }
                 Err(other) => Some(other),
             };
             if this.inner.is_end_stream() {
@@ -520,7 +530,8 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.held.is_empty()
-            && (self.ended.is_some() || (self.pending.is_none() && self.inner.is_end_stream()))
+            && self.pending.is_none()
+            && (self.ended.is_some() || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -495,10 +495,8 @@ async fn dispatch(
             profile.expected_output_tokens,
         )
         .notifying(state.admission.clone());
-        if queued.take().is_some() {
-            // Out of the queue with its seat counted: the next may find capacity left too.
-            admission.notify(|m| m == profile.model);
-        }
+        // Out of the queue with its seat counted (the next waiter is told, `Admission::leave`).
+        drop(queued.take());
         let sent = state.clock.now();
         // One timer for the headers and the first frame: both count against the same budget.
         let mut timer = pin!(tokio::time::sleep(first_byte_budget));

@@ -1408,7 +1408,7 @@ impl<'a> Sim<'a> {
         let (rid, attempt) = (rid_of(slot, l.gen), l.attempt);
         let up = ep.up;
         self.push(
-            now + self.cfg.first_byte_timeout,
+            now.saturating_add(self.cfg.first_byte_timeout),
             Ev::FirstByteTimeout { rid, attempt },
         );
         if !up {
