@@ -322,11 +322,8 @@ impl RouterConfig {
             })
             .map(str::to_string)
             .collect();
-        let mut merged = self.overlay(&file.settings, &path, |key| {
-            !from_user.iter().any(|k| k == key)
-        })?;
-        merged.from_user = from_user;
-        Ok(merged)
+        let user = RouterConfig { from_user, ..self };
+        user.overlay(&file.settings, &path, |key| user.file_sets(key))
     }
 
     /// Whether the config file's value of `key` applies: `[qoe]` always (it has no flag), any
@@ -372,15 +369,11 @@ impl RouterConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         PolicyKind::parse(&self.routing_logic)
             .map_err(|e| anyhow::anyhow!("--routing-logic: {e}"))?;
+        // (Seconds have their own range below.)
         let positive = [
-            ("--engine-stats-interval", self.engine_stats_interval),
-            ("--health-check-interval", self.health_check_interval),
-            ("--request-stats-window", self.request_stats_window),
             ("--optimal-throughput", self.optimal_throughput),
             ("--target-ttft", self.target_ttft),
             ("--target-itl", self.target_itl),
-            ("--breaker-open-secs", self.breaker_open_secs),
-            ("--queue-timeout", self.queue_timeout),
             ("--saturation-kv-usage", self.saturation_kv_usage),
         ];
         // A config file (TOML) holds signed 64-bit integers: a larger seed could not be saved.

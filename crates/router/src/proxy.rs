@@ -63,7 +63,7 @@ pub fn route_of(path: &str) -> Option<Route> {
     })
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1): not forwarded either way. Also any header a
+/// Hop-by-hop headers (RFC 9110 §7.6.1): not forwarded either way, nor any header a
 /// `Connection` header names ([`named_by_connection`]).
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -81,26 +81,21 @@ const HOP_BY_HOP: [&str; 9] = [
 /// router sets itself, and `expect` (the router has read the whole body already).
 const NOT_FORWARDED_UPSTREAM: [&str; 3] = ["host", "content-length", "expect"];
 
-/// Whether `name` is listed in a `Connection` header of `headers` (so hop-by-hop too).
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-        })
-    })
-}
-
-/// Removes the hop-by-hop headers of `headers`, those its `Connection` names included.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// The header names `headers`' `Connection` headers list (hop-by-hop too); empty, without
+/// allocating, when there is no `Connection` header.
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in &named {
+        .collect()
+}
+
+/// Removes the hop-by-hop headers of `headers`, those its `Connection` names included.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in named_by_connection(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
@@ -349,11 +344,11 @@ async fn send(
     }
     // The router's own keys stay here unless asked otherwise (see `crate::security`).
     let keep_authorization = state.config.api_keys.is_empty() || state.config.forward_authorization;
-    let has_connection = parts.headers.contains_key(header::CONNECTION);
+    let named = named_by_connection(&parts.headers);
     for (name, value) in &parts.headers {
         if HOP_BY_HOP.contains(&name.as_str())
             || NOT_FORWARDED_UPSTREAM.contains(&name.as_str())
-            || (has_connection && named_by_connection(&parts.headers, name))
+            || named.contains(name)
             || name == X_REQUEST_ID
             || (name == header::AUTHORIZATION && !keep_authorization)
         {
@@ -726,20 +721,13 @@ fn enforce_sla(
     now: Micros,
     started: Micros,
 ) -> Result<(), ApiError> {
-    let (SlaEnforcement::Shed, Some(sla_ms), qoe_core::Priority::LOW) = (
-        state.config.sla_enforcement,
-        profile.sla_ttft_ms,
-        profile.priority,
-    ) else {
-        return Ok(());
-    };
-    let Some(best) = state.policy.best_predicted_ttft_ms(profile, views, now) else {
-        return Ok(());
-    };
-    let left_ms = sla_ms as f64 - now.saturating_sub(started) as f64 / 1e3;
-    if best <= left_ms {
+    if state.config.sla_enforcement != SlaEnforcement::Shed {
         return Ok(());
     }
+    let Some(best) = state.policy.deadline_lost(profile, views, now, started) else {
+        return Ok(());
+    };
+    let sla_ms = profile.sla_ttft_ms.unwrap_or_default();
     Err(shed(
         state,
         profile.priority,

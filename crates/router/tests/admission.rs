@@ -16,7 +16,7 @@ async fn hold(
     let pending = start_stream(c, &r.url, "held");
     let scripted = script.await.unwrap();
     // The router answers once the first byte came: the request is then streaming.
-    scripted.chunks.send(first_chunk()).await.unwrap();
+    scripted.send(first_chunk()).await;
     (scripted, pending.await.unwrap())
 }
 

@@ -2,7 +2,6 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use http_body_util::BodyExt;
 use std::collections::HashSet;
@@ -23,11 +22,7 @@ async fn streams_byte_exact_and_forwards_the_first_event_before_the_second_exist
     let (engine, _r, _c, scripted, pending) = scripted_stream(60_000).await;
     let chunks = sse_chunks(3);
     // Only the first event exists; it must reach the client now.
-    scripted
-        .chunks
-        .send(Bytes::from(chunks[0].clone()))
-        .await
-        .unwrap();
+    scripted.send(chunks[0].clone()).await;
     let response = pending.await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-qoe-endpoint"], engine.url.as_str());
@@ -42,7 +37,7 @@ async fn streams_byte_exact_and_forwards_the_first_event_before_the_second_exist
     received.extend_from_slice(first.data_ref().unwrap());
     assert_eq!(received, chunks[0].as_bytes());
     for c in &chunks[1..] {
-        scripted.chunks.send(Bytes::from(c.clone())).await.unwrap();
+        scripted.send(c.clone()).await;
     }
     drop(scripted);
     while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
@@ -131,7 +126,7 @@ async fn least_loaded_avoids_the_endpoint_holding_a_stream() {
         s = sa => s.unwrap(),
         s = sb => s.unwrap(),
     };
-    scripted.chunks.send(first_chunk()).await.unwrap();
+    scripted.send(first_chunk()).await;
     let held = pending.await.unwrap();
     let busy = held.headers()["x-qoe-endpoint"]
         .to_str()
@@ -473,7 +468,7 @@ async fn client_disconnect_cancels_the_upstream_request() {
     let script = engine.script_next();
     let pending = start_stream(&c, &r.url, "x");
     let scripted = script.await.unwrap();
-    scripted.chunks.send(first_chunk()).await.unwrap();
+    scripted.send(first_chunk()).await;
     let response = pending.await.unwrap();
     let mut body = response.into_body();
     body.frame().await.unwrap().unwrap();
@@ -517,11 +512,7 @@ async fn config_file_reload_changes_endpoints_live() {
     let pending = start_stream(&c, &r.url, "x");
     let scripted = script.await.unwrap();
     let chunks = sse_chunks(2);
-    scripted
-        .chunks
-        .send(Bytes::from(chunks[0].clone()))
-        .await
-        .unwrap();
+    scripted.send(chunks[0].clone()).await;
     let response = pending.await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     write(&[&b.url]);
@@ -544,11 +535,7 @@ async fn config_file_reload_changes_endpoints_live() {
     .await;
     assert_eq!(ans.header("x-qoe-endpoint"), b.url);
     for chunk in &chunks[1..] {
-        scripted
-            .chunks
-            .send(Bytes::from(chunk.clone()))
-            .await
-            .unwrap();
+        scripted.send(chunk.clone()).await;
     }
     drop(scripted);
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -749,11 +736,7 @@ async fn scripted_stream(
 async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorter_keep_it() {
     let (engine, r, c, scripted, pending) = scripted_stream(600).await;
     let chunks = sse_chunks(5);
-    scripted
-        .chunks
-        .send(Bytes::from(chunks[0].clone()))
-        .await
-        .unwrap();
+    scripted.send(chunks[0].clone()).await;
     let response = pending.await.unwrap();
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
@@ -762,7 +745,7 @@ async fn a_stream_that_goes_silent_ends_in_an_idle_timeout_event_and_gaps_shorte
     let engine_side = tokio::spawn(async move {
         for c in &chunks[1..5] {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            scripted.chunks.send(Bytes::from(c.clone())).await.unwrap();
+            scripted.send(c.clone()).await;
         }
         // Then silence, with the connection held open.
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -836,11 +819,7 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
 async fn shutdown_drains_the_stream_in_flight() {
     let (_engine, mut r, _c, scripted, pending) = scripted_stream(60_000).await;
     let chunks = sse_chunks(2);
-    scripted
-        .chunks
-        .send(Bytes::from(chunks[0].clone()))
-        .await
-        .unwrap();
+    scripted.send(chunks[0].clone()).await;
     let response = pending.await.unwrap();
     let _ = r.shutdown.take().unwrap().send(());
     let addr = r.url.trim_start_matches("http://").to_string();
@@ -855,11 +834,7 @@ async fn shutdown_drains_the_stream_in_flight() {
     assert!(refused, "no new connections after shutdown");
     assert!(!r.task.is_finished(), "still serving the stream");
     for chunk in &chunks[1..] {
-        scripted
-            .chunks
-            .send(Bytes::from(chunk.clone()))
-            .await
-            .unwrap();
+        scripted.send(chunk.clone()).await;
     }
     drop(scripted);
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -878,13 +853,9 @@ async fn an_unterminated_last_event_is_delivered_and_counted() {
     let first = sse_chunks(1)[0].clone();
     let last = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],\
                 \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":42,\"total_tokens\":45}}";
-    scripted
-        .chunks
-        .send(Bytes::from(first.clone()))
-        .await
-        .unwrap();
+    scripted.send(first.clone()).await;
     let response = pending.await.unwrap();
-    scripted.chunks.send(Bytes::from(last)).await.unwrap();
+    scripted.send(last).await;
     drop(scripted);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
@@ -951,16 +922,15 @@ async fn headers_named_by_connection_stay_on_their_hop() {
 async fn an_error_event_follows_the_last_whole_event_never_a_partial_one() {
     let (_engine, _r, _c, scripted, pending) = scripted_stream(600).await;
     let chunks = sse_chunks(3);
-    let send = |text: &str| scripted.chunks.send(Bytes::from(text.to_string()));
-    send(&chunks[0]).await.unwrap();
+    scripted.send(chunks[0].clone()).await;
     let response = pending.await.unwrap();
     let mut body = response.into_body();
     let (head, tail) = chunks[1].split_at(chunks[1].len() / 2);
-    send(head).await.unwrap();
+    scripted.send(head.to_string()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    send(tail).await.unwrap();
+    scripted.send(tail.to_string()).await;
     // Half of the third event, then silence.
-    send(&chunks[2][..10]).await.unwrap();
+    scripted.send(chunks[2][..10].to_string()).await;
     let mut received = Vec::new();
     while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
         .await

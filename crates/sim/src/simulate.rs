@@ -1368,7 +1368,13 @@ impl<'a> Sim<'a> {
             .expect("an unsent request has its profile")
             .profile;
         let priority = profile.priority.index();
-        if self.cfg.sla_shed && self.misses_deadline(profile, views, self.live[s].started) {
+        let started = self.live[s].started;
+        if self.cfg.sla_shed
+            && self
+                .policy
+                .deadline_lost(profile, views, now, started)
+                .is_some()
+        {
             // `proxy.rs::enforce_sla`: refused before any endpoint is picked.
             self.counters.sla_shed += 1;
             self.end_failed(slot, Status::Http(429), false);
@@ -1513,23 +1519,6 @@ impl<'a> Sim<'a> {
         }
         let status = if why == Early::Timeout { 504 } else { 502 };
         self.end_failed(slot, Status::Http(status), false);
-    }
-
-    /// Whether SLA enforcement refuses `profile`: priority 3 with a TTFT deadline that the policy
-    /// predicts no endpoint of `views` can meet in the time left since `started`.
-    fn misses_deadline(
-        &self,
-        profile: &RequestProfile,
-        views: &[EndpointView],
-        started: Micros,
-    ) -> bool {
-        let (Some(sla_ms), Priority::LOW) = (profile.sla_ttft_ms, profile.priority) else {
-            return false;
-        };
-        let Some(best) = self.policy.best_predicted_ttft_ms(profile, views, self.now) else {
-            return false;
-        };
-        best > sla_ms as f64 - self.now.saturating_sub(started) as f64 / 1e3
     }
 
     /// Joins the admission queue; a full queue refuses the least urgent (429): the newcomer, or a

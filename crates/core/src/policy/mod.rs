@@ -203,6 +203,24 @@ pub trait RoutingPolicy: Send + Sync {
     ) -> Option<f64> {
         None
     }
+    /// SLA enforcement's rule, shared by the router (`--sla-enforcement shed`) and the simulator:
+    /// whether `req`, a priority-3 request with a TTFT deadline sent at `started`, is predicted to
+    /// miss it on every one of `endpoints` with the time left at `now`. Returns the best
+    /// predicted TTFT, ms, when it is; `None` when it is not, or nothing is predicted.
+    fn deadline_lost(
+        &self,
+        req: &RequestProfile,
+        endpoints: &[EndpointView],
+        now: Micros,
+        started: Micros,
+    ) -> Option<f64> {
+        let (Some(sla_ms), crate::Priority::LOW) = (req.sla_ttft_ms, req.priority) else {
+            return None;
+        };
+        let best = self.best_predicted_ttft_ms(req, endpoints, now)?;
+        let left_ms = sla_ms as f64 - now.saturating_sub(started) as f64 / 1e3;
+        (best > left_ms).then_some(best)
+    }
 }
 
 /// The policies the registry knows.

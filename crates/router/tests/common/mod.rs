@@ -33,6 +33,13 @@ pub struct Scripted {
     pub chunks: mpsc::Sender<Bytes>,
 }
 
+impl Scripted {
+    /// Sends the next chunk of the stream.
+    pub async fn send(&self, chunk: impl Into<Bytes>) {
+        self.chunks.send(chunk.into()).await.unwrap();
+    }
+}
+
 #[derive(Default)]
 pub struct MockState {
     pub models: Vec<String>,
