@@ -5,7 +5,7 @@
 //!
 //! | routes | guarded by | why |
 //! |---|---|---|
-//! | `/health` | nothing | liveness probes carry no credentials; it reveals only endpoint counts |
+//! | `/health`, `/ready` | nothing | liveness and readiness probes carry no credentials; they reveal only endpoint counts |
 //! | `/engines`, `/metrics` | `--admin-api-key` | they reveal endpoint URLs, load and traffic |
 //! | everything else (`/v1/...`, the other proxied routes, unknown paths) | `--api-keys` | the OpenAI API, and no route probing without a key |
 //!
@@ -129,7 +129,7 @@ pub enum Guard {
 
 pub fn guard_of(path: &str) -> Guard {
     match path {
-        "/health" => Guard::Open,
+        "/health" | "/ready" => Guard::Open,
         "/engines" | "/metrics" => Guard::Admin,
         _ => Guard::Api,
     }
@@ -405,6 +405,7 @@ mod tests {
     #[test]
     fn routes_and_guards() {
         assert_eq!(guard_of("/health"), Guard::Open);
+        assert_eq!(guard_of("/ready"), Guard::Open);
         assert_eq!(guard_of("/engines"), Guard::Admin);
         assert_eq!(guard_of("/metrics"), Guard::Admin);
         assert_eq!(guard_of("/v1/models"), Guard::Api);

@@ -1,4 +1,4 @@
-//! The router's HTTP face: its own endpoints (`/health`, `/metrics`, `/engines`, the merged
+//! The router's HTTP face: its own endpoints (`/health`, `/ready`, `/metrics`, `/engines`, the merged
 //! `/v1/models`) and the proxy for everything else, plus start-up and graceful shutdown.
 
 use crate::config::RouterConfig;
@@ -62,6 +62,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
 fn own_routes() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
         .route("/health", get(health).fallback(method_not_allowed))
+        .route("/ready", get(ready).fallback(method_not_allowed))
         .route("/metrics", get(metrics).fallback(method_not_allowed))
         .route("/engines", get(engines).fallback(method_not_allowed))
         .route("/v1/models", get(models).fallback(method_not_allowed))
@@ -82,7 +83,10 @@ async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
 
 /// Whether [`own_routes`] has `path`; every other path is proxied.
 fn is_own_route(path: &str) -> bool {
-    matches!(path, "/health" | "/metrics" | "/engines" | "/v1/models")
+    matches!(
+        path,
+        "/health" | "/ready" | "/metrics" | "/engines" | "/v1/models"
+    )
 }
 
 /// The axum application over `state`, for embedding in a larger axum app. ([`serve_state`] runs
@@ -306,6 +310,32 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     let healthy = table.endpoints.iter().filter(|e| e.is_healthy()).count();
     Json(json!({"status": "ok", "endpoints": table.endpoints.len(), "healthy_endpoints": healthy}))
         .into_response()
+}
+
+/// Readiness, for a load balancer or a Kubernetes readiness probe: 200 while some endpoint is
+/// healthy, its breaker lets requests through and it serves a model; 503 otherwise (a router
+/// that would answer every request 503 or 404 should not receive traffic). `/health` stays 200
+/// as long as the process runs (liveness).
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let now = state.clock.now();
+    let table = state.registry.table();
+    let ready_endpoints = table
+        .endpoints
+        .iter()
+        .filter(|e| e.admits(now) && !e.models().is_empty())
+        .count();
+    if ready_endpoints > 0 {
+        let body = json!({"status": "ready", "ready_endpoints": ready_endpoints});
+        return Json(body).into_response();
+    }
+    let reason = if table.endpoints.is_empty() {
+        "no endpoints are configured"
+    } else {
+        "no endpoint is healthy, admitting requests (breaker not open) and serving a model"
+    };
+    let body = json!({"status": "not_ready", "ready_endpoints": 0,
+        "endpoints": table.endpoints.len(), "reason": reason});
+    (http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

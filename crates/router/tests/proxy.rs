@@ -447,6 +447,12 @@ async fn unhealthy_fleet_answers_503_and_recovers() {
     let ans = post(&c, &url, &completion("m", "x", false), &[]).await;
     assert_eq!(ans.json()["error"]["type"], "service_unavailable_error");
     assert_eq!(ans.header("retry-after"), "1");
+    let ready = get(&c, &format!("{}/ready", r.url)).await.unwrap();
+    assert_eq!(ready.status, 503, "not ready without a healthy endpoint");
+    assert_eq!(ready.json()["status"], "not_ready");
+    assert_eq!(ready.json()["endpoints"], 1);
+    let health = get(&c, &format!("{}/health", r.url)).await.unwrap();
+    assert_eq!(health.status, 200, "liveness does not depend on the fleet");
     *engine.state.healthy.lock().unwrap() = true;
     for _ in 0..300 {
         last = post(&c, &url, &completion("m", "x", false), &[])
@@ -458,6 +464,24 @@ async fn unhealthy_fleet_answers_503_and_recovers() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(last, 200);
+    let ready = get(&c, &format!("{}/ready", r.url)).await.unwrap();
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["ready_endpoints"], 1);
+}
+
+#[tokio::test]
+async fn not_ready_without_endpoints_or_models() {
+    let c = client();
+    let empty = router(&[]).await;
+    let ready = get(&c, &format!("{}/ready", empty.url)).await.unwrap();
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["reason"], "no endpoints are configured");
+    // An endpoint that lists no models (detection found none) cannot serve a request.
+    let engine = mock(&[]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let ready = get(&c, &format!("{}/ready", r.url)).await.unwrap();
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["endpoints"], 1);
 }
 
 #[tokio::test]
