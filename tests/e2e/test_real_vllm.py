@@ -66,3 +66,49 @@ def test_streams_chat_and_reads_v1_metrics(router):
     assert m["running"] is not None and m["waiting"] is not None and m["kv_usage"] is not None
     assert m["prefix_queries"] is not None and m["ttft_count"] >= 1
     assert e["observed"]["ttft_ms"] > 0 and e["observed"]["itl_ms"] > 0
+
+
+def output_tokens(router):
+    """The router's count of streamed output tokens, summed over endpoints."""
+    with urllib.request.urlopen(router + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("qoe_router_output_tokens_total"))
+
+
+def counted(router, request):
+    """Runs `request` and returns how many output tokens the router counted for it."""
+    before = output_tokens(router)
+    request()
+    deadline = time.time() + 5
+    while time.time() < deadline and output_tokens(router) == before:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return output_tokens(router) - before
+
+
+def test_counts_every_token_without_a_usage_report(router):
+    # Greedy decoding: the same tokens twice, once with the usage report, once without. The
+    # random-weight model emits many tokens whose text vLLM holds back (parts of characters):
+    # they come as chunks with empty text and count all the same.
+    client = OpenAI(base_url=router + "/v1", api_key="unused", max_retries=0, timeout=60)
+    kwargs = dict(model="tiny-llama", prompt="Hello world", max_tokens=24, temperature=0,
+                  stream=True, extra_body={"ignore_eos": True})
+    usage = None
+    for chunk in client.completions.create(stream_options={"include_usage": True}, **kwargs):
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == 24
+    assert counted(router, lambda: list(client.completions.create(**kwargs))) == 24
+    chat = dict(model="tiny-llama", messages=[{"role": "user", "content": "Hi there"}],
+                max_tokens=24, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    assert counted(router, lambda: list(client.chat.completions.create(**chat))) == 24
+
+
+def test_counts_responses_api_stream_tokens(router):
+    client = OpenAI(base_url=router + "/v1", api_key="unused", max_retries=0, timeout=60)
+    events = []
+    n = counted(router, lambda: events.extend(client.responses.create(
+        model="tiny-llama", input="Hello", max_output_tokens=8, stream=True)))
+    completed = [e for e in events if e.type == "response.completed"]
+    assert completed and completed[0].response.usage.output_tokens == n
+    assert any(e.type == "response.output_text.delta" for e in events)
