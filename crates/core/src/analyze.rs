@@ -88,7 +88,7 @@ pub struct Route {
 struct BodyFacts {
     model: String,
     stream: bool,
-    /// `max_tokens`, else `max_completion_tokens`.
+    /// `max_tokens`, else `max_completion_tokens`, else `max_output_tokens` (Responses API).
     max_tokens: Option<u64>,
     prompt: body::PromptText,
     /// The hash of the body field named like the session key, if it is a string or a number.
@@ -97,8 +97,8 @@ struct BodyFacts {
 }
 
 /// Reads the body in one pass ([`body`]) and checks its fields, in the order their errors are
-/// reported: the JSON itself, `model`, `stream`, `max_tokens`, `max_completion_tokens`, then the
-/// prompt.
+/// reported: the JSON itself, `model`, `stream`, `max_tokens`, `max_completion_tokens`,
+/// `max_output_tokens`, then the prompt.
 fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyFacts, BadRequest> {
     let chat = route.kind == ApiKind::Chat;
     let mut fields = if body.is_empty() && !route.model_required {
@@ -121,10 +121,15 @@ fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyF
         other => model_error(other.as_ref(), route)?,
     };
     let stream = stream_flag(fields.stream.as_ref())?;
-    let max_tokens = optional_count(fields.max_tokens.as_ref(), "max_tokens")?.or(optional_count(
-        fields.max_completion_tokens.as_ref(),
-        "max_completion_tokens",
-    )?);
+    let max_tokens = optional_count(fields.max_tokens.as_ref(), "max_tokens")?
+        .or(optional_count(
+            fields.max_completion_tokens.as_ref(),
+            "max_completion_tokens",
+        )?)
+        .or(optional_count(
+            fields.max_output_tokens.as_ref(),
+            "max_output_tokens",
+        )?);
     if chat && !fields.has_messages && route.model_required {
         return Err(BadRequest::new("messages", "'messages' is required"));
     }
@@ -588,6 +593,50 @@ mod tests {
         assert_eq!(text(&twice), text(&role_first));
     }
 
+    /// `/v1/responses` and Anthropic-style `/v1/messages` (routes of kind `Other`): their prompt
+    /// and output bound are read; a field of a shape they do not use is no error.
+    #[test]
+    fn responses_and_messages_bodies() {
+        const OTHER: Route = Route {
+            kind: ApiKind::Other,
+            model_required: false,
+        };
+        let long = "w ".repeat(400);
+        let responses = format!(
+            r#"{{"model":"m","instructions":"{long}","input":"{long}","max_output_tokens":77,"stream":true}}"#
+        );
+        let p = run(OTHER, &responses, &[]).unwrap();
+        assert_eq!(
+            (p.expected_output_tokens, p.output_source),
+            (77, OutputSource::MaxTokens)
+        );
+        let input_only = run(OTHER, &format!(r#"{{"model":"m","input":"{long}"}}"#), &[]).unwrap();
+        assert!(
+            p.prompt_tokens > input_only.prompt_tokens + 100,
+            "instructions count"
+        );
+        let messages = format!(
+            r#"{{"model":"m","system":[{{"type":"text","text":"{long}"}}],"messages":[{{"role":"user","content":[{{"type":"text","text":"{long}"}}]}}],"max_tokens":5}}"#
+        );
+        let p = run(OTHER, &messages, &[]).unwrap();
+        assert_eq!(p.expected_output_tokens, 5);
+        let without_system =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{long}"}}]}}"#);
+        let q = run(OTHER, &without_system, &[]).unwrap();
+        assert!(q.prompt_tokens > 100, "messages count: {}", q.prompt_tokens);
+        assert!(p.prompt_tokens > q.prompt_tokens + 100, "system counts");
+        // Shapes these routes do not use add nothing and are not refused.
+        for odd in [
+            r#"{"model":"m","messages":{"a":1},"system":7,"instructions":{"x":[]}}"#,
+            r#"{"model":"m","messages":[{"content":"no role"}]}"#,
+        ] {
+            assert_eq!(run(OTHER, odd, &[]).unwrap().prompt_tokens, 0, "{odd}");
+        }
+        // A bad output bound is named.
+        let err = run(OTHER, r#"{"model":"m","max_output_tokens":-1}"#, &[]).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("max_output_tokens"));
+    }
+
     #[test]
     fn prompt_fields_join_in_a_fixed_order() {
         let a = "a".repeat(40);
@@ -643,9 +692,15 @@ mod tests {
                 other => model_error(other, route)?,
             };
             let stream = stream_flag(obj.get("stream"))?;
-            let max_tokens = optional_count(obj.get("max_tokens"), "max_tokens")?.or(
-                optional_count(obj.get("max_completion_tokens"), "max_completion_tokens")?,
-            );
+            let max_tokens = optional_count(obj.get("max_tokens"), "max_tokens")?
+                .or(optional_count(
+                    obj.get("max_completion_tokens"),
+                    "max_completion_tokens",
+                )?)
+                .or(optional_count(
+                    obj.get("max_output_tokens"),
+                    "max_output_tokens",
+                )?);
             let mut prompt = PromptText::default();
             match route.kind {
                 ApiKind::Chat => match obj.get("messages") {
@@ -663,6 +718,29 @@ mod tests {
                     None => {}
                 },
                 _ => {
+                    for field in super::super::body::PREAMBLE_FIELDS {
+                        match obj.get(field) {
+                            Some(Value::String(s)) => prompt.text.push_str(s),
+                            Some(Value::Array(parts)) => {
+                                for part in parts {
+                                    if let Some(Value::String(t)) = part.get("text") {
+                                        prompt.text.push_str(t);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(Value::Array(messages)) = obj.get("messages") {
+                        let mut read = PromptText::default();
+                        let ok = messages
+                            .iter()
+                            .enumerate()
+                            .all(|(i, m)| add_message(&mut read, m, i).is_ok());
+                        if ok {
+                            prompt.text.push_str(&read.text);
+                        }
+                    }
                     for field in ["prompt", "input", "text", "query", "documents"] {
                         if let Some(v) = obj.get(field) {
                             add_prompt(&mut prompt, v, field)?;
@@ -754,11 +832,12 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        const PARAMS: [&str; 13] = [
+        const PARAMS: [&str; 14] = [
             "model",
             "stream",
             "max_tokens",
             "max_completion_tokens",
+            "max_output_tokens",
             "messages",
             "prompt",
             "input",
@@ -776,6 +855,7 @@ mod tests {
                 3 => prop::sample::select(vec![
                     "model", "stream", "max_tokens", "max_completion_tokens", "messages",
                     "prompt", "input", "text", "query", "documents", "role", "content",
+                    "max_output_tokens", "instructions", "system",
                     "kv_transfer_params", "do_remote_prefill", "x-session-id", "type",
                 ])
                 .prop_map(str::to_string),

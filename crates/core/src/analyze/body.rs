@@ -24,6 +24,12 @@ use std::fmt;
 /// Top-level fields read from the body of a non-chat request, in the order their texts are joined.
 const PROMPT_FIELDS: [&str; 5] = ["prompt", "input", "text", "query", "documents"];
 
+/// Instructions ahead of the prompt on non-chat routes (Responses API `instructions`,
+/// Anthropic-style `system`): a string or an array of parts, joined first, in this order, then
+/// `messages` (Anthropic-style), then the [`PROMPT_FIELDS`]. These routes are not the router's to
+/// validate: a field of another shape adds nothing, it is not an error.
+pub(super) const PREAMBLE_FIELDS: [&str; 2] = ["instructions", "system"];
+
 /// The prompt as one text (for prefix hashes) plus tokens given as ids.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct PromptText {
@@ -50,6 +56,8 @@ pub(super) struct Fields {
     pub(super) stream: Option<Value>,
     pub(super) max_tokens: Option<Value>,
     pub(super) max_completion_tokens: Option<Value>,
+    /// The Responses API's output bound.
+    pub(super) max_output_tokens: Option<Value>,
     pub(super) kv_transfer_params: Option<Value>,
     /// The body field named like the session key (unless that is a field read above, or a
     /// prompt field).
@@ -68,6 +76,7 @@ impl Fields {
             stream: None,
             max_tokens: None,
             max_completion_tokens: None,
+            max_output_tokens: None,
             kv_transfer_params: None,
             session: None,
             has_messages: false,
@@ -90,6 +99,7 @@ impl Fields {
             "stream" => self.stream.clone(),
             "max_tokens" => self.max_tokens.clone(),
             "max_completion_tokens" => self.max_completion_tokens.clone(),
+            "max_output_tokens" => self.max_output_tokens.clone(),
             "kv_transfer_params" => self.kv_transfer_params.clone(),
             _ => self.session.take(),
         }
@@ -117,8 +127,13 @@ enum Key {
     Stream,
     MaxTokens,
     MaxCompletionTokens,
+    MaxOutputTokens,
     KvTransferParams,
     Messages,
+    /// Not a chat route: `messages` (Anthropic-style `/v1/messages`), read if well formed.
+    OtherMessages,
+    /// Not a chat route: index into [`PREAMBLE_FIELDS`].
+    Preamble(usize),
     /// Index into [`PROMPT_FIELDS`].
     Prompt(usize),
     Session,
@@ -152,13 +167,21 @@ impl<'de> Visitor<'de> for KeyVisitor<'_> {
             "stream" => Key::Stream,
             "max_tokens" => Key::MaxTokens,
             "max_completion_tokens" => Key::MaxCompletionTokens,
+            "max_output_tokens" => Key::MaxOutputTokens,
             "kv_transfer_params" => Key::KvTransferParams,
             "messages" if chat => Key::Messages,
-            _ => match PROMPT_FIELDS.iter().position(|f| *f == k) {
-                Some(i) if !chat => Key::Prompt(i),
-                _ if k == self.0.session_key => Key::Session,
-                _ => Key::Other,
-            },
+            "messages" => Key::OtherMessages,
+            _ if chat && k == self.0.session_key => Key::Session,
+            _ if chat => Key::Other,
+            _ => {
+                let at = |fields: &[&str]| fields.iter().position(|f| *f == k);
+                match (at(&PROMPT_FIELDS), at(&PREAMBLE_FIELDS)) {
+                    (Some(i), _) => Key::Prompt(i),
+                    (_, Some(i)) => Key::Preamble(i),
+                    _ if k == self.0.session_key => Key::Session,
+                    _ => Key::Other,
+                }
+            }
         })
     }
 }
@@ -212,12 +235,15 @@ impl<'de> Visitor<'de> for Top<'_> {
         let mut fields = Fields::empty_object();
         // Chat: `messages` in the first slot; otherwise one slot per prompt field.
         let mut parts: [Option<Result<PromptText, BadRequest>>; 5] = Default::default();
+        let mut preamble: [Option<String>; 2] = Default::default();
+        let mut other_messages = None;
         while let Some(key) = map.next_key_seed(self)? {
             match key {
                 Key::Model => fields.model = Some(map.next_value()?),
                 Key::Stream => fields.stream = Some(map.next_value()?),
                 Key::MaxTokens => fields.max_tokens = Some(map.next_value()?),
                 Key::MaxCompletionTokens => fields.max_completion_tokens = Some(map.next_value()?),
+                Key::MaxOutputTokens => fields.max_output_tokens = Some(map.next_value()?),
                 Key::KvTransferParams => fields.kv_transfer_params = Some(map.next_value()?),
                 Key::Session => fields.session = Some(map.next_value()?),
                 Key::Messages => {
@@ -225,12 +251,24 @@ impl<'de> Visitor<'de> for Top<'_> {
                     parts[0] = Some(map.next_value_seed(Messages)?);
                 }
                 Key::Prompt(i) => parts[i] = Some(map.next_value_seed(PromptField(i))?),
+                Key::OtherMessages => other_messages = map.next_value_seed(Messages)?.ok(),
+                Key::Preamble(i) => {
+                    let mut text = String::new();
+                    let ok = map.next_value_seed(Content { text: &mut text })?;
+                    preamble[i] = ok.then_some(text);
+                }
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         let mut prompt = PromptText::default();
+        for text in preamble.into_iter().flatten() {
+            prompt.text.push_str(&text);
+        }
+        if let Some(messages) = other_messages {
+            prompt.append(messages);
+        }
         for part in parts.into_iter().flatten() {
             match part {
                 Ok(text) => prompt.append(text),
