@@ -201,25 +201,74 @@ pub async fn measure(
     (tracker.finish(micros_since(start), status), endpoint)
 }
 
-/// The first model a target serves (`GET /v1/models`), for runs that name none.
-pub async fn first_model(client: &HttpClient, target: &Target) -> anyhow::Result<String> {
+/// Largest `GET /v1/models` answer read.
+const MAX_MODELS_BODY: usize = 1 << 20;
+
+/// An error with its causes (hyper's own text is only "client error (Connect)").
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Checks that `target` answers before a run (`GET /v1/models`, at most 10 s), and returns the
+/// model to request: `model` if given (refused if the target lists models without it), else the
+/// first the target lists.
+pub async fn check_target(
+    client: &HttpClient,
+    target: &Target,
+    model: Option<&str>,
+) -> anyhow::Result<String> {
     let url = target.url("/v1/models");
     let req = hyper::Request::get(&url).body(Full::new(Bytes::new()))?;
     let fetch = async {
-        let resp = client.request(req).await?;
+        let resp = client.request(req).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--target {}: cannot connect ({})",
+                target.base,
+                with_causes(&e)
+            )
+        })?;
         let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        anyhow::ensure!(status.is_success(), "GET {url}: HTTP {status}");
-        let v: serde_json::Value = serde_json::from_slice(&body)?;
-        v["data"][0]["id"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("GET {url}: no model listed"))
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_MODELS_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes());
+        Ok::<_, anyhow::Error>((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(10), fetch)
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), fetch)
         .await
-        .map_err(|_| anyhow::anyhow!("GET {url}: no answer in 10 s"))?
-        .map_err(|e| anyhow::anyhow!("cannot find the model to request ({e}); pass --model"))
+        .map_err(|_| anyhow::anyhow!("--target {}: GET {url}: no answer in 10 s", target.base))??;
+    let listed: Option<Vec<String>> = body.ok().filter(|_| status.is_success()).and_then(|b| {
+        let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+        let ids = v["data"].as_array()?.iter();
+        Some(
+            ids.filter_map(|m| m["id"].as_str().map(str::to_string))
+                .collect(),
+        )
+    });
+    match (model, listed) {
+        (Some(m), Some(ids)) if !ids.is_empty() && !ids.iter().any(|id| id == m) => {
+            anyhow::bail!(
+                "model `{m}` is not served by {} (it lists: {}): pick one with --model",
+                target.base,
+                ids.join(", ")
+            )
+        }
+        (Some(m), _) => Ok(m.to_string()),
+        (None, Some(ids)) if !ids.is_empty() => Ok(ids[0].clone()),
+        (None, _) => anyhow::bail!(
+            "cannot find the model to request (GET {url}: HTTP {status}, no model listed); \
+             pass --model"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -124,10 +124,20 @@ pub fn print_report(text: &str) -> anyhow::Result<()> {
 /// Reads a workload file, and its trace file (relative to it) when the arrivals are a trace. An
 /// unnamed workload is named after its file.
 pub fn load_workload(path: &Path) -> anyhow::Result<Workload> {
+    load_workload_for(path, None)
+}
+
+/// [`load_workload`], run for `duration` seconds (`--duration`) instead of the file's duration or
+/// request count when given.
+pub fn load_workload_for(path: &Path, duration: Option<f64>) -> anyhow::Result<Workload> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read workload {}: {e}", path.display()))?;
-    let spec = WorkloadSpec::from_toml_str(&text)
+    let mut spec = WorkloadSpec::from_toml_str(&text)
         .map_err(|e| anyhow::anyhow!("workload {}: {e}", path.display()))?;
+    if let Some(d) = duration {
+        spec.set_duration(d)
+            .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
+    }
     let trace = match spec.trace_file() {
         None => None,
         Some(file) => {
@@ -168,10 +178,12 @@ fn file_stem(path: &Path) -> String {
 
 /// Runs the benchmark, prints the report, and writes it under `--out`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.out {
+        // Before the run, so that an unwritable --out loses no measurements.
+        prepare_out_dir(dir)?;
+    }
     let set = bench(&args).await?;
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         for (name, text) in [
             ("report.json", set.to_json()),
             ("report.md", set.to_markdown()),
@@ -185,6 +197,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     print_report(&set.to_markdown())
+}
+
+/// Creates `--out DIR` if missing and checks that files can be written in it.
+pub fn prepare_out_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("--out: cannot create {}: {e}", dir.display()))?;
+    let probe = dir.join(format!(".qoe-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| anyhow::anyhow!("--out: cannot write in {}: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// Runs the benchmark against every target in turn and returns the reports (in --target order).
@@ -208,16 +231,16 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         targets.len()
     );
     anyhow::ensure!(
-        args.request_timeout.is_finite() && args.request_timeout > 0.0,
-        "--request-timeout must be > 0"
+        args.request_timeout.is_finite() && (0.001..=1e9).contains(&args.request_timeout),
+        "--request-timeout must be in [0.001, 1e9] s"
     );
-    let mut workload = load_workload(&args.workload)?;
-    if let Some(d) = args.duration {
-        workload
-            .set_duration(d)
-            .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
-    }
+    let workload = load_workload_for(&args.workload, args.duration)?;
     let seed = args.seed.unwrap_or(workload.seed());
+    anyhow::ensure!(
+        workload.generate(seed).next().is_some(),
+        "workload `{}` plans no requests with seed {seed}: raise its rate or duration",
+        workload.name()
+    );
     let client = http_client(args.max_in_flight as usize);
     let mut labels: Vec<String> = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
@@ -229,11 +252,13 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
     }
     let mut reports = Vec::with_capacity(targets.len());
     let mut record_paths: Vec<PathBuf> = Vec::new();
-    for (i, (target, label)) in targets.iter().zip(labels).enumerate() {
-        let model = match args.model.clone().or_else(|| workload.spec().model.clone()) {
-            Some(m) => m,
-            None => client::first_model(&client, target).await?,
-        };
+    // Every target is checked before any runs, so that a bad one loses no other's run.
+    let model = args.model.clone().or_else(|| workload.spec().model.clone());
+    let mut models = Vec::with_capacity(targets.len());
+    for target in &targets {
+        models.push(client::check_target(&client, target, model.as_deref()).await?);
+    }
+    for (i, ((target, label), model)) in targets.iter().zip(labels).zip(models).enumerate() {
         if !args.quiet {
             eprintln!(
                 "bench: {label}: workload `{}` (seed {seed}) against {} with model `{model}`",
@@ -505,6 +530,27 @@ mod tests {
         .unwrap();
         let err = bench(&a).await.unwrap_err().to_string();
         assert!(err.contains("--compare"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_plan_is_refused() {
+        let path = std::env::temp_dir().join(format!("qoe-empty-plan-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "duration_s = 1\n[arrivals]\nkind = \"poisson\"\nrate = 1e-9\n\
+             [prompt]\nkind = \"fixed\"\ntokens = 2\n[output]\nkind = \"fixed\"\ntokens = 1\n",
+        )
+        .unwrap();
+        let a = BenchArgs::from_flags([
+            "--target",
+            "http://127.0.0.1:9",
+            "--workload",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = bench(&a).await.unwrap_err().to_string();
+        assert!(err.contains("plans no requests"), "{err}");
+        let _ = std::fs::remove_file(&path);
     }
 
     fn repo_file(rel: &str) -> PathBuf {

@@ -33,13 +33,13 @@
 //! requests attain their SLO) by bisection, and runs once more at 80% of it (the load at which the
 //! issue asks for mean QoE ≥ 0.9).
 
-use crate::{load_fleet, load_workload};
+use crate::{load_fleet, load_workload_for};
 use clap::{Args, Parser};
 use qoe_core::{build_policy, PolicyConfig, PolicyKind, RoutingPolicy, MICROS_PER_SEC};
 use qoe_sim::report::{Report, ReportSet};
 use qoe_sim::simulate::{
     simulate, simulate_recorded, sweep_rate, with_rate, AdmissionSpec, OutputHint, SimConfig,
-    SimDetails, SweepConfig, SweepResult,
+    SimDetails, SweepConfig, SweepResult, MAX_TIME_SETTING_S,
 };
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -228,11 +228,13 @@ pub struct SimulateOutput {
 
 /// Runs the simulations, prints the report, and writes the files under `--out`.
 pub fn run(args: SimulateArgs, router: &RouterSettings) -> anyhow::Result<()> {
+    if let Some(dir) = &args.out {
+        // Before the runs, so that an unwritable --out loses no work.
+        crate::prepare_out_dir(dir)?;
+    }
     let out = simulate_all(&args, router)?;
     let markdown = to_markdown(&out);
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         let mut files = vec![
             ("report.json", out.reports.to_json()),
             ("report.md", markdown.clone()),
@@ -453,12 +455,7 @@ pub fn simulate_all(
         "--policies names a policy twice"
     );
     let fleet = load_fleet(&args.fleet)?;
-    let mut workload = load_workload(&args.workload)?;
-    if let Some(d) = args.duration {
-        workload
-            .set_duration(d)
-            .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
-    }
+    let mut workload = load_workload_for(&args.workload, args.duration)?;
     if let Some(rate) = args.rate {
         anyhow::ensure!(
             rate.is_finite() && rate > 0.0,
@@ -466,8 +463,22 @@ pub fn simulate_all(
         );
         workload = with_rate(&workload, rate)?;
     }
+    if let (Some(d), Some(last)) = (workload.spec().duration_s, fleet.changes().last()) {
+        anyhow::ensure!(
+            (last.at as f64) < d * MICROS_PER_SEC as f64,
+            "fleet {}: the change at {} s to engine {} is not before the end of the run ({d} s, \
+             the workload's duration_s or --duration): it would never happen",
+            args.fleet.display(),
+            last.at as f64 / 1e6,
+            last.engine
+        );
+    }
     let seconds = |s: f64, flag: &str| -> anyhow::Result<u64> {
-        anyhow::ensure!(s.is_finite() && s >= 0.0, "{flag} must be ≥ 0");
+        let max = MAX_TIME_SETTING_S as f64;
+        anyhow::ensure!(
+            s.is_finite() && (0.0..=max).contains(&s),
+            "{flag} must be in [0, {max}] s"
+        );
         Ok((s * MICROS_PER_SEC as f64).round() as u64)
     };
     let base = &router.sim;
@@ -501,11 +512,17 @@ pub fn simulate_all(
         admission.queue_timeout = seconds(t, "--queue-timeout")?;
         anyhow::ensure!(admission.queue_timeout > 0, "--queue-timeout must be > 0");
     }
+    let max_ms = MAX_TIME_SETTING_S as f64 * 1e3;
+    anyhow::ensure!(
+        args.network_delay_ms.is_finite() && (0.0..=max_ms).contains(&args.network_delay_ms),
+        "--network-delay-ms must be in [0, {max_ms}] ms"
+    );
+    let network_delay = (args.network_delay_ms * 1e3).round() as u64;
     let engine_priority = args.engine_priority || base.engine_priority;
     let cfg = SimConfig {
         seed: args.seed.unwrap_or(workload.seed()),
         scrape_interval: scrape,
-        network_delay: seconds(args.network_delay_ms / 1e3, "--network-delay-ms")?,
+        network_delay,
         output_hint: args.output_hint,
         jitter: args.jitter,
         request_timeout,
@@ -1175,6 +1192,65 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn refuses_absurd_flags_and_changes_that_never_happen() {
+        let hetero = repo_file("bench/fleets/hetero-4.toml");
+        let degrading = repo_file("bench/fleets/degrading-4.toml");
+        let smoke = repo_file("bench/workloads/smoke.toml");
+        let cases: [(&str, &[&str], &str); 7] = [
+            (&hetero, &["--duration", "1e12"], "--duration"),
+            (&hetero, &["--rate", "1e9"], "rate 1e9"),
+            (
+                &hetero,
+                &["--request-timeout", "1e300"],
+                "--request-timeout",
+            ),
+            (
+                &hetero,
+                &["--network-delay-ms", "1e300"],
+                "--network-delay-ms",
+            ),
+            (
+                &hetero,
+                &["--scrape-interval", "1e300"],
+                "--scrape-interval",
+            ),
+            (&hetero, &["--queue-timeout", "1e300"], "--queue-timeout"),
+            // Engine 2 slows at 60 s, after a 30 s run.
+            (&degrading, &["--duration", "30"], "the change at 60 s"),
+        ];
+        for (fleet, flags, want) in cases {
+            let mut all = vec!["--fleet", fleet, "--workload", &smoke, "--policies", "qoe"];
+            all.extend(flags);
+            let a = SimulateArgs::from_flags(all).unwrap();
+            let err = simulate_all(&a, &RouterSettings::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unwritable_out_fails_before_the_runs() {
+        let file = std::env::temp_dir().join(format!("qoe-simulate-file-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        let out = file.join("out");
+        let a = SimulateArgs::from_flags([
+            "--fleet",
+            &repo_file("bench/fleets/hetero-4.toml"),
+            // Unreadable too: only a check before the runs names --out.
+            "--workload",
+            "/nonexistent/workload.toml",
+            "--quiet",
+            "--out",
+            &out.to_string_lossy(),
+        ])
+        .unwrap();
+        let err = run(a, &RouterSettings::default()).unwrap_err().to_string();
+        assert!(err.contains("--out"), "{err}");
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -258,3 +258,77 @@ async fn smoke_against_a_router_and_an_engine() {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
 }
+
+/// Bad targets and outputs fail before any load is sent, with a message naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_targets_fail_fast() {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let args =
+        qoe_router::demo::engine_args(&["--port", "0", "--model", MODEL, "--profile", "tiny"])
+            .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let engine = format!("http://{}", listener.local_addr().unwrap());
+    let mut rx = stop_rx.clone();
+    let task = tokio::spawn(qoe_engine::serve(args, listener, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    wait_healthy(&format!("{engine}/health")).await;
+    // A port nobody listens on.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let workload = smoke_workload();
+    let file = workload.to_str().unwrap();
+    let out = temp_dir();
+    let under_a_file = out.join("report.toml");
+    std::fs::write(&under_a_file, "").unwrap();
+    let under_a_file = under_a_file.join("out");
+    let long = ["--duration", "60"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--target", &engine, "--model", "nope"], "not served"),
+        (
+            vec!["--target", &closed, "--model", MODEL],
+            "cannot connect",
+        ),
+        (vec!["--target", &closed], "cannot connect"),
+        (
+            vec!["--target", &engine, "--target", &closed, "--compare"],
+            "cannot connect",
+        ),
+        (
+            vec!["--target", &engine, "--out", under_a_file.to_str().unwrap()],
+            "--out",
+        ),
+        (
+            vec!["--target", &engine, "--request-timeout", "1e300"],
+            "--request-timeout",
+        ),
+    ];
+    let huge = (
+        vec!["--target", &engine, "--duration", "1e12"],
+        "--duration",
+    );
+    let runs = cases
+        .into_iter()
+        .map(|(mut flags, want)| {
+            flags.extend(long);
+            (flags, want)
+        })
+        .chain([huge]);
+    for (flags, want) in runs {
+        let mut all = flags.clone();
+        all.extend(["--workload", file, "--quiet"]);
+        let args = BenchArgs::from_flags(&all).unwrap();
+        // Far less than the 60 s the workload would run.
+        let err = tokio::time::timeout(Duration::from_secs(15), qoe_bench::run(args))
+            .await
+            .unwrap_or_else(|_| panic!("{flags:?}: no answer in 15 s"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}

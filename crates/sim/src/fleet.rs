@@ -21,11 +21,12 @@
 //! ```
 //!
 //! A change may also take an engine out of service (`available = false`) and bring it back.
-//! Engines are numbered in file order: group by group, `count` engines each.
+//! Engines are numbered in file order: group by group, `count` engines each. `simulate` refuses a
+//! change at or after the end of a run of known duration: it would never happen.
 
 use crate::engine::Scheduling;
 use crate::profile::{Profile, PROFILE_NAMES};
-use crate::workload::WorkloadError;
+use crate::workload::{Num, WorkloadError};
 use qoe_core::{Micros, MICROS_PER_SEC};
 use serde::{Deserialize, Serialize};
 
@@ -142,6 +143,9 @@ impl Fleet {
             if g.count == 0 {
                 return Err(bad(format!("profile `{}`: count must be ≥ 1", g.profile)));
             }
+            if g.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+                return Err(bad(format!("profile `{}`: label is empty", g.profile)));
+            }
             let label = g.label.clone().unwrap_or_else(|| profile.name.clone());
             for _ in 0..g.count {
                 let index = engines.len() as u32;
@@ -157,7 +161,7 @@ impl Fleet {
         let mut changes = Vec::with_capacity(spec.changes.len());
         for c in &spec.changes {
             if !(c.at_s.is_finite() && c.at_s >= 0.0) {
-                return Err(bad(format!("change at_s must be ≥ 0, got {}", c.at_s)));
+                return Err(bad(format!("change at_s must be ≥ 0, got {}", Num(c.at_s))));
             }
             if c.engine as u64 >= total {
                 return Err(bad(format!(
@@ -250,7 +254,8 @@ fn check_speed(speed: f64) -> Result<(), WorkloadError> {
         Ok(())
     } else {
         Err(WorkloadError::Invalid(format!(
-            "speed must be in (0, 1000], got {speed}"
+            "speed must be in (0, 1000], got {}",
+            Num(speed)
         )))
     }
 }
@@ -308,6 +313,10 @@ speed = 0.33
             ("[[engines]]\nprofile = \"tiny\"\nspeed = 0", "speed"),
             ("[[engines]]\nprofile = \"tiny\"\ncount = 0", "count"),
             ("[[engines]]\nprofile = \"tiny\"\nsped = 1", "sped"),
+            (
+                "[[engines]]\nprofile = \"tiny\"\nlabel = \"\"",
+                "label is empty",
+            ),
             (
                 "[[engines]]\nprofile = \"tiny\"\n[[changes]]\nat_s = 1\nengine = 1\nspeed = 1",
                 "engine 1",

@@ -255,6 +255,9 @@ impl Default for SimConfig {
     }
 }
 
+/// Longest time setting a run accepts (intervals, timeouts, delays), seconds.
+pub const MAX_TIME_SETTING_S: u64 = 1_000_000_000;
+
 /// Why a run could not start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimError(pub String);
@@ -279,6 +282,35 @@ impl SimConfig {
         }
         if self.first_byte_timeout == 0 || self.request_timeout == 0 {
             return bad("timeouts must be positive");
+        }
+        let max = MAX_TIME_SETTING_S * MICROS_PER_SEC;
+        for (what, t) in [
+            ("scrape interval", self.scrape_interval),
+            ("health-check interval", self.health_interval),
+            ("network delay", self.network_delay),
+            ("request timeout", self.request_timeout),
+            ("statistics window", self.stats.window),
+            ("admission queue timeout", self.admission.queue_timeout),
+            (
+                "admission metrics age",
+                self.admission.limits.metrics_max_age,
+            ),
+        ] {
+            if t > max {
+                return Err(SimError(format!(
+                    "the {what} must be at most {MAX_TIME_SETTING_S} s, got {} s",
+                    t as f64 / 1e6
+                )));
+            }
+        }
+        // The longest retry wait: backoff × 1.5^retries, +50%.
+        let wait = self.retry_backoff as f64 * 1.5f64.powf(self.max_retries as f64) * 1.5;
+        if wait > max as f64 {
+            return Err(SimError(format!(
+                "the retry backoff ({} s) × 1.5^max_retries ({}) must stay below {MAX_TIME_SETTING_S} s",
+                self.retry_backoff as f64 / 1e6,
+                self.max_retries
+            )));
         }
         if !(self.jitter.is_finite() && (0.0..=2.0).contains(&self.jitter)) {
             return bad("jitter must be in [0, 2]");
@@ -422,6 +454,13 @@ pub fn simulate_recorded<'a>(
     records: Option<&'a mut dyn std::io::Write>,
 ) -> Result<SimOutcome, SimError> {
     cfg.validate()?;
+    if workload.generate(cfg.seed).next().is_none() {
+        return Err(SimError(format!(
+            "workload `{}` plans no requests with seed {}: raise its rate or duration",
+            workload.name(),
+            cfg.seed
+        )));
+    }
     let mut sim = Sim::new(fleet, workload, policy, cfg)?;
     sim.records = records;
     sim.run();
@@ -2022,7 +2061,7 @@ pub fn with_rate(workload: &Workload, rate: f64) -> Result<Workload, SimError> {
     let base = workload.spec().arrivals.rate().unwrap_or(1.0);
     let mut w = workload.clone();
     w.scale_rate(rate / base)
-        .map_err(|e| SimError(format!("rate {rate}: {e}")))?;
+        .map_err(|e| SimError(format!("rate {}: {e}", crate::workload::Num(rate))))?;
     Ok(w)
 }
 

@@ -59,6 +59,10 @@
 //! share = 0.2
 //! ttft_ms = 250
 //! tpot_ms = 100
+//!
+//! [[priorities]]
+//! level = 2
+//! share = 0.8
 //! ```
 //!
 //! ## Prompt text
@@ -83,8 +87,16 @@
 //! (a few numbers per turn; history text is regenerated from seeds, never stored), so a 200,000-
 //! request workload costs no more memory than a 200-request one. A trace is held in memory
 //! (16 bytes per row, at most [`MAX_TRACE_ROWS`] rows).
+//!
+//! ## Limits
+//!
+//! A plan lasts at most [`MAX_DURATION_S`] (`duration_s`, `--duration`, a trace at its speed-up,
+//! or `requests` / rate) and holds at most [`MAX_REQUESTS`] requests (`requests`, rate ×
+//! duration); `max_context_tokens` ≤ [`MAX_CONTEXT_TOKENS`]; SLA `ttft_ms` and `tpot_ms` are in
+//! 1..=3,600,000 (the router's bound on `x-sla-target-ms`).
 
 use crate::rng::{mix64, SplitMix64};
+use qoe_core::analyze::MAX_SLA_MS;
 use qoe_core::qoe_metric::Slo;
 use qoe_core::{Micros, Priority, MICROS_PER_MS, MICROS_PER_SEC};
 use serde::{Deserialize, Serialize};
@@ -105,6 +117,15 @@ pub const MAX_TURNS: u32 = 1_000;
 /// Most shared-prefix groups (each group's prefix is regenerated on use, not stored, so this
 /// bounds nothing but typos).
 pub const MAX_PREFIX_GROUPS: u32 = 1_000_000;
+
+/// Most requests a workload may plan (`requests`, or rate × duration).
+pub const MAX_REQUESTS: u64 = 100_000_000;
+
+/// Longest a workload may last, seconds (a week of trace fits).
+pub const MAX_DURATION_S: f64 = 1e6;
+
+/// Largest `max_context_tokens` (each prompt is built in memory, 4 bytes a token).
+pub const MAX_CONTEXT_TOKENS: u32 = qoe_core::analyze::MAX_EXPECTED_OUTPUT;
 
 /// Default `max_context_tokens`: the `max_model_len` of the simulated Llama-3-8B profiles.
 pub const DEFAULT_MAX_CONTEXT_TOKENS: u32 = 8192;
@@ -278,11 +299,12 @@ impl LengthSpec {
     pub fn resolve(&self, role: LengthRole) -> Result<LengthDist, String> {
         let lognormal = |median: f64, p90: f64, min: Option<u32>, max: Option<u32>| {
             if !(median.is_finite() && median >= 1.0) {
-                return Err(format!("lognormal median must be ≥ 1, got {median}"));
+                return Err(format!("lognormal median must be ≥ 1, got {}", Num(median)));
             }
             if !(p90.is_finite() && p90 >= median) {
                 return Err(format!(
-                    "lognormal p90 must be ≥ the median ({median}), got {p90}"
+                    "lognormal p90 must be ≥ the median ({median}), got {}",
+                    Num(p90)
                 ));
             }
             let min = min.unwrap_or(1).max(1);
@@ -380,7 +402,8 @@ pub struct SessionSpec {
 }
 
 /// One class of the priority mix: `share` of requests (or sessions) get priority `level`, and
-/// the SLA `ttft_ms`/`tpot_ms` if both are given (sent as `x-sla-target-ms`).
+/// the SLA `ttft_ms`/`tpot_ms` if both are given (sent as `x-sla-target-ms`). The classes'
+/// shares add up to 1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriorityClass {
@@ -443,6 +466,20 @@ impl WorkloadSpec {
         toml::from_str(text).map_err(|e| WorkloadError::Parse(e.to_string()))
     }
 
+    /// Runs for `secs` seconds instead, whatever the file's duration and request count (before
+    /// [`Workload::new`], so that a long trace cut short is accepted).
+    pub fn set_duration(&mut self, secs: f64) -> Result<(), WorkloadError> {
+        if !(secs.is_finite() && secs > 0.0 && secs <= MAX_DURATION_S) {
+            return Err(invalid(format!(
+                "duration must be in (0, {MAX_DURATION_S}] s, got {}",
+                Num(secs)
+            )));
+        }
+        self.duration_s = Some(secs);
+        self.requests = None;
+        Ok(())
+    }
+
     /// The trace file the arrivals name, if any (relative to the workload file).
     pub fn trace_file(&self) -> Option<&str> {
         match &self.arrivals {
@@ -474,6 +511,20 @@ impl fmt::Display for WorkloadError {
 }
 
 impl std::error::Error for WorkloadError {}
+
+/// A number for a message: plain, or in exponent form when huge or tiny.
+pub(crate) struct Num(pub f64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = self.0.abs();
+        if a.is_finite() && a != 0.0 && !(1e-6..1e9).contains(&a) {
+            write!(f, "{:e}", self.0)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
 
 fn invalid(m: impl Into<String>) -> WorkloadError {
     WorkloadError::Invalid(m.into())
@@ -668,12 +719,18 @@ impl Workload {
             (ArrivalSpec::Gamma { rate, cv }, None) => {
                 check_rate(*rate)?;
                 if !(cv.is_finite() && *cv > 0.0 && *cv <= 1000.0) {
-                    return Err(invalid(format!("gamma cv must be in (0, 1000], got {cv}")));
+                    return Err(invalid(format!(
+                        "gamma cv must be in (0, 1000], got {}",
+                        Num(*cv)
+                    )));
                 }
             }
             (ArrivalSpec::Trace { file, speedup }, Some(_)) => {
                 if !(speedup.is_finite() && *speedup > 0.0) {
-                    return Err(invalid(format!("trace speedup must be > 0, got {speedup}")));
+                    return Err(invalid(format!(
+                        "trace speedup must be > 0, got {}",
+                        Num(*speedup)
+                    )));
                 }
                 if file.is_empty() {
                     return Err(invalid("trace file name is empty"));
@@ -687,12 +744,25 @@ impl Workload {
             (_, Some(_)) => return Err(invalid("a trace was given but arrivals are not `trace`")),
         }
         if let Some(d) = spec.duration_s {
-            if !(d.is_finite() && d > 0.0) {
-                return Err(invalid(format!("duration_s must be > 0, got {d}")));
+            if !(d.is_finite() && d > 0.0 && d <= MAX_DURATION_S) {
+                return Err(invalid(format!(
+                    "duration_s must be in (0, {MAX_DURATION_S}] s, got {}",
+                    Num(d)
+                )));
             }
         }
-        if spec.requests == Some(0) {
-            return Err(invalid("requests must be ≥ 1"));
+        if let Some(n) = spec.requests {
+            if !(1..=MAX_REQUESTS).contains(&n) {
+                return Err(invalid(format!(
+                    "requests must be in 1..={MAX_REQUESTS}, got {n}"
+                )));
+            }
+        }
+        if !(2..=MAX_CONTEXT_TOKENS).contains(&spec.max_context_tokens) {
+            return Err(invalid(format!(
+                "max_context_tokens must be in 2..={MAX_CONTEXT_TOKENS}, got {}",
+                spec.max_context_tokens
+            )));
         }
         if spec.duration_s.is_none() && spec.requests.is_none() && trace.is_none() {
             return Err(invalid(
@@ -749,10 +819,13 @@ impl Workload {
                     "session turns must satisfy 1 ≤ min ≤ max ≤ {MAX_TURNS}, got {lo}..{hi}"
                 )));
             }
-            if !(s.think_time_s.is_finite() && s.think_time_s >= 0.0) {
+            if !(s.think_time_s.is_finite()
+                && s.think_time_s >= 0.0
+                && s.think_time_s <= MAX_DURATION_S)
+            {
                 return Err(invalid(format!(
-                    "think_time_s must be ≥ 0, got {}",
-                    s.think_time_s
+                    "think_time_s must be in [0, {MAX_DURATION_S}], got {}",
+                    Num(s.think_time_s)
                 )));
             }
         }
@@ -760,13 +833,48 @@ impl Workload {
         if spec.model.as_deref() == Some("") {
             return Err(invalid("model is empty"));
         }
-        Ok(Workload {
+        let w = Workload {
             spec,
             trace: trace.map(Arc::new),
             prompt,
             output,
             classes,
-        })
+        };
+        w.check_extent()?;
+        Ok(w)
+    }
+
+    /// Refuses plans too long or too large to run: more than [`MAX_REQUESTS`] requests expected,
+    /// or longer than [`MAX_DURATION_S`].
+    fn check_extent(&self) -> Result<(), WorkloadError> {
+        let s = &self.spec;
+        let (span, what) = match (&s.arrivals, s.duration_s, &self.trace) {
+            (ArrivalSpec::Trace { speedup, .. }, d, Some(t)) => {
+                let last = t.rows.last().map_or(0.0, |r| r.at as f64 / 1e6) / speedup;
+                (d.map_or(last, |d| d.min(last)), "the trace at this speedup")
+            }
+            (_, Some(d), _) => (d, "duration"),
+            (a, None, _) => {
+                let n = s.requests.unwrap_or(0) as f64;
+                (n / a.rate().unwrap_or(f64::INFINITY), "requests / rate")
+            }
+        };
+        if span > MAX_DURATION_S {
+            return Err(invalid(format!(
+                "{what} spans {} s, more than {MAX_DURATION_S} s",
+                Num(span)
+            )));
+        }
+        if let (Some(rate), Some(d)) = (s.arrivals.rate(), s.duration_s) {
+            let expected = (rate * d).min(s.requests.map_or(f64::INFINITY, |n| n as f64));
+            if expected > MAX_REQUESTS as f64 {
+                return Err(invalid(format!(
+                    "rate × duration plans about {} requests, more than {MAX_REQUESTS}",
+                    Num(expected.round())
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Parses and checks a workload file whose arrivals are not a trace.
@@ -794,21 +902,36 @@ impl Workload {
 
     /// Runs for `secs` seconds instead, whatever the file's duration and request count.
     pub fn set_duration(&mut self, secs: f64) -> Result<(), WorkloadError> {
-        if !(secs.is_finite() && secs > 0.0) {
-            return Err(invalid(format!("duration must be > 0, got {secs}")));
+        let mut spec = self.spec.clone();
+        spec.set_duration(secs)?;
+        self.checked(spec)
+    }
+
+    /// Replaces the spec by `spec` if the result is still runnable.
+    fn checked(&mut self, spec: WorkloadSpec) -> Result<(), WorkloadError> {
+        let old = std::mem::replace(&mut self.spec, spec);
+        let ok = match self.spec.arrivals.rate() {
+            Some(rate) => check_rate(rate),
+            None => Ok(()),
         }
-        self.spec.duration_s = Some(secs);
-        self.spec.requests = None;
-        Ok(())
+        .and_then(|()| self.check_extent());
+        if ok.is_err() {
+            self.spec = old;
+        }
+        ok
     }
 
     /// Multiplies the arrival rate by `factor` (see [`ArrivalSpec::scale`]).
     pub fn scale_rate(&mut self, factor: f64) -> Result<(), WorkloadError> {
         if !(factor.is_finite() && factor > 0.0) {
-            return Err(invalid(format!("rate factor must be > 0, got {factor}")));
+            return Err(invalid(format!(
+                "rate factor must be > 0, got {}",
+                Num(factor)
+            )));
         }
-        self.spec.arrivals.scale(factor);
-        Ok(())
+        let mut spec = self.spec.clone();
+        spec.arrivals.scale(factor);
+        self.checked(spec)
     }
 
     /// The planned requests for `seed`, in arrival order, generated lazily.
@@ -841,7 +964,8 @@ fn check_rate(rate: f64) -> Result<(), WorkloadError> {
         Ok(())
     } else {
         Err(invalid(format!(
-            "rate must be in (0, 1e7] req/s, got {rate}"
+            "rate must be in (0, 1e7] req/s, got {}",
+            Num(rate)
         )))
     }
 }
@@ -850,7 +974,10 @@ fn check_share(share: f64, what: &str) -> Result<(), WorkloadError> {
     if (0.0..=1.0).contains(&share) {
         Ok(())
     } else {
-        Err(invalid(format!("{what} must be in [0, 1], got {share}")))
+        Err(invalid(format!(
+            "{what} must be in [0, 1], got {}",
+            Num(share)
+        )))
     }
 }
 
@@ -875,7 +1002,17 @@ fn priority_classes(classes: &[PriorityClass]) -> Result<Vec<Class>, WorkloadErr
             )));
         }
         let sla = match (c.ttft_ms, c.tpot_ms) {
-            (Some(ttft_ms), Some(tpot_ms)) => Some(Sla { ttft_ms, tpot_ms }),
+            (Some(ttft_ms), Some(tpot_ms)) => {
+                for (key, ms) in [("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms)] {
+                    if !(1..=MAX_SLA_MS).contains(&ms) {
+                        return Err(invalid(format!(
+                            "priority {}: {key} must be in 1..={MAX_SLA_MS}, got {ms}",
+                            c.level
+                        )));
+                    }
+                }
+                Some(Sla { ttft_ms, tpot_ms })
+            }
             (None, None) => None,
             _ => {
                 return Err(invalid(format!(
@@ -891,8 +1028,12 @@ fn priority_classes(classes: &[PriorityClass]) -> Result<Vec<Class>, WorkloadErr
             sla,
         });
     }
-    if !(total > 0.0 && total.is_finite()) {
-        return Err(invalid("priority shares add up to 0"));
+    // Not normalized silently: a lone class of share 0.2 would get every request.
+    if (total - 1.0).abs() > 1e-6 {
+        return Err(invalid(format!(
+            "priority shares must add up to 1, got {}",
+            Num(total)
+        )));
     }
     if let Some(last) = out.last_mut() {
         last.upto = 1.0;
@@ -1482,8 +1623,8 @@ mod tests {
         let w = Workload::from_toml_str(&base(
             "[prefix]\ngroups = 3\ntokens = 40\nshare = 0.5\n\
              [sessions]\nshare = 0.5\nturns = [2, 4]\nthink_time_s = 1\n\
-             [[priorities]]\nlevel = 1\nshare = 1\nttft_ms = 100\ntpot_ms = 50\n\
-             [[priorities]]\nlevel = 3\nshare = 1\n",
+             [[priorities]]\nlevel = 1\nshare = 0.5\nttft_ms = 100\ntpot_ms = 50\n\
+             [[priorities]]\nlevel = 3\nshare = 0.5\n",
         ))
         .unwrap();
         let a: Vec<_> = w.generate(5).take(500).collect();
@@ -1682,6 +1823,83 @@ mod tests {
             Workload::from_toml_str(&base("[[priorities]]\nlevel = 1\nshare = 1\nttft_ms = 5\n"))
                 .unwrap_err();
         assert!(err.to_string().contains("both"), "{err}");
+    }
+
+    #[test]
+    fn absurd_values_are_refused() {
+        let head = |top: &str, rate: &str| {
+            format!(
+                "{top}\n[arrivals]\nkind = \"poisson\"\nrate = {rate}\n\
+                 [prompt]\nkind = \"fixed\"\ntokens = 2\n[output]\nkind = \"fixed\"\ntokens = 1\n"
+            )
+        };
+        let sla = |ttft: u32, tpot: u32| {
+            base(&format!(
+                "[[priorities]]\nlevel = 1\nshare = 1\nttft_ms = {ttft}\ntpot_ms = {tpot}\n"
+            ))
+        };
+        let cases = [
+            // The engine's analyzer refuses these SLAs: they must not reach it.
+            (sla(0, 50), "ttft_ms must be in 1..=3600000"),
+            (sla(4_000_000_000, 50), "ttft_ms"),
+            (sla(100, 0), "tpot_ms"),
+            // Prompts are built in memory.
+            (
+                format!("max_context_tokens = 4000000000\n{}", base("")),
+                "max_context_tokens must be in",
+            ),
+            (head("duration_s = 1e12", "1"), "duration_s must be in"),
+            (head("duration_s = 1e308", "1"), "got 1e308"),
+            (head("requests = 1000000000000", "1"), "requests must be in"),
+            (head("requests = 10", "1e-9"), "requests / rate spans"),
+            (head("duration_s = 1e6", "1e6"), "plans about 1e12 requests"),
+            (
+                base("[sessions]\nturns = 2\nthink_time_s = 1e300\n"),
+                "think_time_s",
+            ),
+            (
+                base("[[priorities]]\nlevel = 1\nshare = 1e308\n[[priorities]]\nlevel = 2\nshare = 1e308\n"),
+                "got inf",
+            ),
+            (
+                base("[[priorities]]\nlevel = 1\nshare = 0.2\n[[priorities]]\nlevel = 2\nshare = 0.2\n"),
+                "must add up to 1, got 0.4",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Workload::from_toml_str(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Flags are held to the same bounds, and a refused change changes nothing.
+        let mut w = Workload::from_toml_str(&head("duration_s = 10", "5")).unwrap();
+        assert!(w.scale_rate(1e7).unwrap_err().to_string().contains("1e7"));
+        assert!(w.set_duration(1e12).is_err());
+        w.scale_rate(1e5).unwrap();
+        assert!(w
+            .set_duration(1e6)
+            .unwrap_err()
+            .to_string()
+            .contains("plans about"));
+        assert_eq!(
+            (w.spec().duration_s, w.spec().arrivals.rate()),
+            (Some(10.0), Some(5e5))
+        );
+    }
+
+    #[test]
+    fn a_trace_may_span_at_most_the_longest_run() {
+        let trace = Trace::parse_csv("timestamp_s\n0\n1\n2000000\n").unwrap();
+        let mut spec = WorkloadSpec::from_toml_str(
+            "[arrivals]\nkind = \"trace\"\nfile = \"t\"\n\
+             [prompt]\nkind = \"fixed\"\ntokens = 2\n[output]\nkind = \"fixed\"\ntokens = 1\n",
+        )
+        .unwrap();
+        let err = Workload::new(spec.clone(), Some(trace.clone())).unwrap_err();
+        assert!(err.to_string().contains("spans 2000000 s"), "{err}");
+        // Cut short before the check, it runs.
+        spec.set_duration(5.0).unwrap();
+        let w = Workload::new(spec, Some(trace)).unwrap();
+        assert_eq!(w.generate(1).count(), 2);
     }
 
     #[test]

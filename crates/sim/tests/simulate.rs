@@ -584,3 +584,46 @@ tpot_ms = 200
     let planned = w.generate(cfg.seed).count() as u64;
     assert_eq!(with.report.overall.requests, planned);
 }
+
+#[test]
+fn runs_that_cannot_mean_anything_are_refused() {
+    let fleet = Fleet::from_toml_str(HETERO).unwrap();
+    let policy = build_policy(PolicyKind::RoundRobin, &PolicyConfig::default());
+    let sim = |w: &Workload, cfg: &SimConfig| {
+        simulate(&fleet, w, policy.as_ref(), "rr", cfg)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // An empty plan would report 0% attainment as if measured.
+    let err = sim(&chat(1e-9, 2.0, true), &SimConfig::default());
+    assert!(err.contains("plans no requests"), "{err}");
+    // Time settings that would overflow virtual time.
+    let w = chat(1.0, 2.0, true);
+    for (cfg, want) in [
+        (
+            SimConfig {
+                request_timeout: u64::MAX,
+                ..SimConfig::default()
+            },
+            "request timeout",
+        ),
+        (
+            SimConfig {
+                network_delay: u64::MAX / 2,
+                ..SimConfig::default()
+            },
+            "network delay",
+        ),
+        (
+            SimConfig {
+                max_retries: 4_000_000_000,
+                ..SimConfig::default()
+            },
+            "max_retries",
+        ),
+    ] {
+        let err = sim(&w, &cfg);
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
