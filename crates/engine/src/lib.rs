@@ -9,19 +9,21 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/completions`, `POST /v1/chat/completions` | streaming (SSE) or not, `stream_options.include_usage`, `max_tokens` / `max_completion_tokens`, `ignore_eos`, `priority`, `seed`, `kv_transfer_params` |
+//! | `POST /v1/completions`, `POST /v1/chat/completions` | streaming (SSE) or not, `stream_options` (`include_usage`, `continuous_usage_stats`), `max_tokens` / `max_completion_tokens`, `n`, prompt batches, `logprobs` / `top_logprobs`, `echo`, `stop`, `ignore_eos`, `priority`, `seed`, `kv_transfer_params` |
 //! | `GET /v1/models` | served names with `max_model_len` |
 //! | `GET /health`, `GET /load`, `GET /version` | readiness (200), requests in the engine, version |
-//! | `POST /tokenize` | `{"count", "max_model_len", "tokens"}` by the shared prompt rule |
+//! | `POST /tokenize`, `POST /detokenize` | `{"count", "max_model_len", "tokens", "token_strs"}` by the shared prompt rule; ids back to words |
 //! | `GET /metrics` | vLLM V1 metrics (plus V0 names with `--v0-metrics`) |
 //! | `GET`/`POST /admin/config` | fault injection, read and partial update |
 //! | `GET /admin/stats` | how well the real-time loop keeps its clock (lag now and at most, catch-up iterations, resyncs, time lost), tokens delivered and frames written |
 //!
-//! Output lengths: with `ignore_eos: true` exactly `max_tokens` (default: what fits in
-//! `max_model_len`); otherwise a lognormal draw (`--output-len-median`, `--output-len-sigma`)
+//! Requests are read and refused as vLLM 0.32 reads and refuses them (see `tests/e2e/
+//! test_engine_parity.py`, which compares the two). Output lengths: with `ignore_eos: true` exactly
+//! `max_tokens` (capped to what fits in `max_model_len`; default 16 for a completion, what fits for
+//! a chat, as in vLLM); otherwise a lognormal draw (`--output-len-median`, `--output-len-sigma`)
 //! seeded by the engine seed, the request (prompt and body) and its `seed` field, capped by
 //! `max_tokens`: unknown in advance to the router, the same on every run. Ending below the cap
-//! finishes with `stop`, at the cap with `length`.
+//! finishes with `stop`, at the cap with `length`; a `stop` string in the text ends it there.
 //!
 //! Modules: [`args`] (options), [`faults`] (fault injection), [`metrics`] (the `/metrics` text);
 //! the real-time loop, the OpenAI formats and the handlers are private.

@@ -135,6 +135,9 @@ pub fn render(s: &EngineStats, model_name: &str, v0: bool) -> String {
         ("stop", s.finished_stop),
         ("length", s.finished_length),
         ("abort", s.finished_abort),
+        // vLLM 0.32 prints these too; the model never ends a request with them.
+        ("error", 0),
+        ("repetition", 0),
     ] {
         let _ = writeln!(
             w.out,
@@ -240,6 +243,17 @@ mod tests {
         let v0 = render(&stats(), "m", true);
         assert!(v0.contains("vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.0"));
         assert!(v0.contains("vllm:gpu_prefix_cache_hit_rate{model_name=\"m\"}"));
+    }
+
+    #[test]
+    fn success_counter_has_every_finish_reason_of_vllm() {
+        let text = render(&stats(), "m", false);
+        for reason in ["stop", "length", "abort", "error", "repetition"] {
+            let line = format!(
+                "vllm:request_success_total{{engine=\"0\",finished_reason=\"{reason}\",model_name=\"m\"}} "
+            );
+            assert!(text.contains(&line), "{reason}");
+        }
     }
 
     #[test]

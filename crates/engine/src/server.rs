@@ -1,27 +1,32 @@
 //! The HTTP face: vLLM's routes over the real-time model, with fault injection.
 //!
 //! A generation request goes through, in order: the fault draw (hang, injected error: a broken
-//! engine fails before it looks at the request), parsing and type checks (400), the model name
-//! (404), engine-specific checks (priority without priority scheduling, a disaggregated stage sent
-//! to the wrong role, context length: 400), the output-length draw, and submission to the model
-//! (503 when its queue is full). From then on a [`Ticket`] owned by the response follows the
-//! request: an SSE body renders whatever tokens are new each time it is woken, a non-streaming
-//! handler waits for the last one. Either way, dropping the response early aborts the request in
-//! the model.
+//! engine fails before it looks at the request), the content type, parsing and vLLM's checks
+//! (400), the model name (404; none named is the first served), the role check of a disaggregated
+//! stage, context length (a prompt longer than `max_model_len`, or `max_tokens` above it: 400;
+//! otherwise `max_tokens` is capped to what fits, as vLLM does), the output-length draw and stop
+//! strings, and submission to the model (503 when its queue is full). Each choice (`n`, and each
+//! prompt of a batch) is its own request in the model, as vLLM V1 fans them out. From then on a
+//! [`Ticket`] per choice, owned by the response, follows it: an SSE body renders whatever tokens
+//! are new each time it is woken, a non-streaming handler waits for the last one. Either way,
+//! dropping the response early aborts the requests in the model. `priority` is honoured under
+//! `--scheduling-policy priority` and ignored otherwise, as vLLM 0.32 does.
 
 use crate::args::{EngineArgs, Role};
-use crate::driver::{Driver, Refused, Ticket};
+use crate::driver::{Driver, Progress, Refused, Ticket};
 use crate::faults::{FaultDraw, Faults, FaultsUpdate};
 use crate::metrics;
 use crate::openai::{
-    draw_output_len, full_response, parse_request, token_text, Api, ApiError, ChunkFormat, KvStage,
-    ParsedRequest,
+    choice_logprobs, detokenize, draw_output_len, find_stop, full_response, parse_request,
+    read_object, token_str, token_text, Api, ApiError, Choice, ChunkFormat, KvStage, Logprobs,
+    Measure, Out, ParsedRequest, Piece, COMPLETION_DEFAULT_MAX_TOKENS, VOCAB,
 };
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, on, post, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use http_body::Frame;
 use qoe_core::prompt::BLOCK_TOKENS;
@@ -51,6 +56,10 @@ pub(crate) struct App {
     faults: Mutex<Faults>,
     /// Arrival counter: request ids and the fault draw's index.
     next_request: AtomicU64,
+    /// Ids of the model's requests (one per choice).
+    next_seq: AtomicU64,
+    /// Most sequences the model holds at once, running and waiting.
+    capacity: u64,
     /// The last `/metrics` text, returned while `freeze_metrics` is on.
     metrics_snapshot: Mutex<Option<String>>,
     shutdown: watch::Receiver<bool>,
@@ -84,6 +93,7 @@ impl App {
         let faults = args.faults();
         let (max_model_len, kv_blocks, scheduling) =
             (cfg.max_model_len, cfg.kv_blocks(), cfg.scheduling);
+        let capacity = cfg.max_num_seqs as u64 + cfg.max_num_queued_reqs as u64;
         let speed = cfg.speed / faults.slowdown;
         let mut engine = Engine::new(cfg)?;
         engine.set_speed(speed);
@@ -98,6 +108,8 @@ impl App {
             )),
             faults: Mutex::new(faults),
             next_request: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            capacity,
             metrics_snapshot: Mutex::new(None),
             shutdown,
             started: unix_now(),
@@ -120,29 +132,104 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
-        .route("/v1/models", get(models))
-        .route("/health", get(|| async { StatusCode::OK }))
-        .route("/load", get(load))
+        .route("/v1/models", get_only(models))
+        .route("/health", get_only(|| async { StatusCode::OK }))
+        .route("/load", get_only(load))
         .route(
             "/version",
-            get(|| async {
+            get_only(|| async {
                 Json(json!({"version": concat!("qoe-sim-", env!("CARGO_PKG_VERSION"))}))
             }),
         )
         .route("/tokenize", post(tokenize))
-        .route("/metrics", get(metrics_handler))
+        .route("/detokenize", post(detokenize_handler))
+        .route("/metrics", get_only(metrics_handler))
         .route("/admin/config", get(get_config).post(set_config))
         .route("/admin/stats", get(admin_stats))
+        // FastAPI's bodies: a known route with another method is a JSON 405 (with `allow`).
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({"detail": "Method Not Allowed"})),
+            )
+        })
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
         .with_state(app)
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    generate(app, Api::Completions, body).await
+/// A GET route that, like FastAPI's, does not answer HEAD (405).
+fn get_only<H, T>(handler: H) -> MethodRouter<Arc<App>>
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    // axum answers HEAD with the GET handler unless HEAD has its own.
+    on(MethodFilter::GET, handler).head(|| async {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET")],
+            Json(json!({"detail": "Method Not Allowed"})),
+        )
+    })
 }
 
-async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    generate(app, Api::Chat, body).await
+/// vLLM reads only `application/json` bodies (any parameters after the media type).
+fn json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim());
+    match media {
+        Some(m) if m.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::unsupported_media_type()),
+    }
+}
+
+async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(app, Api::Completions, &headers, body).await
+}
+
+async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(app, Api::Chat, &headers, body).await
+}
+
+/// Most output tokens one request may generate over all its sequences (or `max_model_len`, if
+/// larger). The stop-string scan and a non-streamed answer (text, logprobs) are built per request
+/// up front: this bounds their time and memory (a few hundred MB at 20 logprobs per token), far
+/// above what a real client asks for.
+const MAX_REQUEST_OUTPUT_TOKENS: u64 = 1 << 18;
+
+/// One output sequence: a choice of the answer, a request in the model.
+struct Seq {
+    /// The choice's `index`.
+    index: u32,
+    /// Index into [`Plan::prompts`].
+    prompt: usize,
+    output_tokens: u32,
+    finish: &'static str,
+    /// The stop string that ended it, as JSON, else `null`.
+    stop_reason: String,
+    text_seed: u64,
+    /// Bytes of text shown when a stop string cut it.
+    visible: Option<usize>,
+}
+
+impl Seq {
+    /// Token `i`'s visible text, given the bytes of text before it.
+    fn piece(&self, i: u32, before: usize) -> &'static str {
+        let w = token_text(self.text_seed, i);
+        match self.visible {
+            Some(v) => &w[..w.len().min(v.saturating_sub(before))],
+            None => w,
+        }
+    }
+}
+
+/// What a prompt contributes to every chunk of its choices.
+struct PromptInfo {
+    tokens: u32,
+    /// `echo`: the prompt's text, JSON-escaped (without quotes) for the stream.
+    echo: Option<String>,
 }
 
 /// Everything decided about a request before it enters the model.
@@ -151,18 +238,24 @@ struct Plan {
     id: String,
     created: u64,
     model: String,
-    prompt_tokens: u32,
-    output_tokens: u32,
-    finish: &'static str,
-    text_seed: u64,
+    prompts: Vec<PromptInfo>,
+    seqs: Vec<Seq>,
+    logprobs: Option<Logprobs>,
     include_usage: bool,
+    continuous_usage: bool,
     stream: bool,
     /// Returned to the router after a prefill stage (`do_remote_decode`).
     kv_transfer_params: Option<Value>,
     faults: FaultDraw,
 }
 
-async fn generate(app: Arc<App>, api: Api, body: Bytes) -> Response {
+impl Plan {
+    fn prompt_tokens(&self) -> u64 {
+        self.prompts.iter().map(|p| p.tokens as u64).sum()
+    }
+}
+
+async fn generate(app: Arc<App>, api: Api, headers: &HeaderMap, body: Bytes) -> Response {
     let n = app.next_request.fetch_add(1, Ordering::Relaxed);
     let draw = lock(&app.faults).draw(app.args.seed, n);
     if draw.hang {
@@ -176,47 +269,68 @@ async fn generate(app: Arc<App>, api: Api, body: Bytes) -> Response {
         )
         .into_response();
     }
+    if let Err(e) = json_content_type(headers) {
+        return e.into_response();
+    }
     let max_prefix_blocks = app.max_model_len as usize / BLOCK_TOKENS + 1;
     let p = match parse_request(api, &body, max_prefix_blocks) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
     match admit(&app, api, n, p, draw) {
-        Ok((plan, ticket)) if plan.stream => stream_response(app, plan, ticket),
-        Ok((plan, ticket)) => full(app, plan, ticket).await,
+        Ok((plan, tickets)) if plan.stream => stream_response(app, plan, tickets),
+        Ok((plan, tickets)) => full(app, plan, tickets).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// Validates a parsed request against this engine and submits it to the model.
+/// vLLM's context-length checks of one prompt; returns its `max_tokens` (capped to what fits).
+fn fit(max_len: u32, prompt: u32, max_tokens: Option<u64>, api: Api) -> Result<u32, ApiError> {
+    if prompt > max_len {
+        let at_least = max_len as u64 + 1;
+        return Err(ApiError::check(
+            format!("This model's maximum context length is {max_len} tokens. However, your prompt contains at least {at_least} input tokens, which exceeds this limit even without any output tokens. Please reduce the length of the input prompt."),
+            "input_tokens",
+            Some(&at_least.to_string()),
+        ));
+    }
+    if let Some(m) = max_tokens.filter(|m| *m > max_len as u64) {
+        return Err(ApiError::check(
+            format!("max_tokens={m} cannot be greater than max_model_len={max_len}. Please request fewer output tokens."),
+            "max_tokens",
+            Some(&m.to_string()),
+        ));
+    }
+    let room = max_len - prompt;
+    let wanted = match (max_tokens, api) {
+        (Some(m), _) => m,
+        (None, Api::Completions) => COMPLETION_DEFAULT_MAX_TOKENS,
+        (None, Api::Chat) => room as u64,
+    };
+    let fitted = wanted.min(room as u64) as u32;
+    if fitted == 0 {
+        return Err(ApiError::check(
+            "max_tokens must be at least 1, got 0.",
+            "max_tokens",
+            Some("0"),
+        ));
+    }
+    Ok(fitted)
+}
+
+/// Validates a parsed request against this engine and submits its sequences to the model.
 fn admit(
     app: &Arc<App>,
     api: Api,
     n: u64,
     p: ParsedRequest,
     faults: FaultDraw,
-) -> Result<(Plan, Ticket), ApiError> {
-    if !app.args.models.contains(&p.model) {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "The model `{}` does not exist. Served models: {}.",
-                p.model,
-                app.args.models.join(", ")
-            ),
-            param: Some("model".into()),
-        });
-    }
-    if p.priority != 0 && app.scheduling != Scheduling::Priority {
-        // vLLM's answer: the field only means something with `--scheduling-policy priority`.
-        return Err(ApiError::bad_request(
-            format!(
-                "Got priority {} but Priority scheduling is not enabled.",
-                p.priority
-            ),
-            Some("priority"),
-        ));
-    }
+) -> Result<(Plan, Vec<Ticket>), ApiError> {
+    let model = match p.model {
+        None => app.model_name().to_string(),
+        Some(m) if app.args.models.contains(&m) => m,
+        Some(m) => return Err(ApiError::unknown_model(&m, &app.args.models)),
+    };
     match (&p.kv, app.args.role) {
         (KvStage::Prefill, Role::Decode) => {
             return Err(ApiError::bad_request(
@@ -231,39 +345,82 @@ fn admit(
         _ => {}
     }
     let max_len = app.max_model_len;
-    let what = if api == Api::Chat {
-        "messages"
-    } else {
-        "prompt"
-    };
-    let max_tokens = p
-        .max_tokens
-        .unwrap_or(max_len.saturating_sub(p.prompt_tokens));
-    let total = p.prompt_tokens as u64 + max_tokens as u64;
-    if total > max_len as u64 || max_tokens == 0 {
+    let budgets = p
+        .prompts
+        .iter()
+        .map(|q| fit(max_len, q.tokens, p.max_tokens, api))
+        .collect::<Result<Vec<u32>, ApiError>>()?;
+    let total = p.prompts.len() as u64 * p.n as u64;
+    // A request that can never fit is the client's error (400), not a transient overload (a
+    // router retries a 503 elsewhere and counts it against the engine).
+    if total > app.capacity {
         return Err(ApiError::bad_request(
             format!(
-                "This model's maximum context length is {max_len} tokens. However, you requested {total} tokens ({} in the {what}, {max_tokens} in the completion). Please reduce the length of the {what} or completion.",
-                p.prompt_tokens
+                "n × prompts is {total} sequences; this engine holds at most {} \
+                 (max_num_seqs + max_num_queued_reqs)",
+                app.capacity
             ),
-            None,
+            Some("n"),
         ));
     }
+
     let seed = mix64(app.args.seed ^ p.request_hash ^ p.seed.map(mix64).unwrap_or(0));
-    let (output_tokens, eos) = if p.ignore_eos {
-        (max_tokens, false)
-    } else {
-        draw_output_len(
-            seed,
-            app.args.output_len_median,
-            app.args.output_len_sigma,
-            max_tokens,
-        )
-    };
+    let mut seqs = Vec::with_capacity(total as usize);
+    let output_limit = MAX_REQUEST_OUTPUT_TOKENS.max(max_len as u64);
+    let mut planned = 0u64;
+    for (q, &max_tokens) in budgets.iter().enumerate() {
+        for j in 0..p.n {
+            let index = q as u32 * p.n + j;
+            // The first sequence keeps the request's own stream.
+            let text_seed = if index == 0 {
+                seed
+            } else {
+                mix64(seed ^ mix64(index as u64))
+            };
+            let (mut output_tokens, eos) = if p.ignore_eos {
+                (max_tokens, false)
+            } else {
+                draw_output_len(
+                    text_seed,
+                    app.args.output_len_median,
+                    app.args.output_len_sigma,
+                    max_tokens,
+                )
+            };
+            planned += output_tokens as u64;
+            if planned > output_limit {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "n × prompts asks for more than {output_limit} output tokens in all; \
+                         this simulated engine generates at most that for one request"
+                    ),
+                    Some("n"),
+                ));
+            }
+            let mut finish = if eos { "stop" } else { "length" };
+            let mut stop_reason = "null".to_string();
+            let mut visible = None;
+            if let Some(hit) = find_stop(text_seed, output_tokens, &p.stop, p.include_stop) {
+                output_tokens = hit.tokens;
+                finish = "stop";
+                stop_reason = serde_json::to_string(&p.stop[hit.which]).expect("a string");
+                visible = Some(hit.visible);
+            }
+            seqs.push(Seq {
+                index,
+                prompt: q,
+                output_tokens,
+                finish,
+                stop_reason,
+                text_seed,
+                visible,
+            });
+        }
+    }
     let kv_transfer_params = (p.kv == KvStage::Prefill).then(|| {
         // Opaque block ids for the decode engine, which only counts them: one per prompt block,
         // laid out where this engine's allocator would plausibly have put them.
-        let blocks = p.prompt_tokens.div_ceil(BLOCK_TOKENS as u32) as u64;
+        let blocks = p.prompts[0].tokens.div_ceil(BLOCK_TOKENS as u32) as u64;
         let base = mix64(n) % app.kv_blocks.max(1) as u64;
         let ids: Vec<u64> = (0..blocks)
             .map(|b| (base + b) % app.kv_blocks as u64)
@@ -278,23 +435,51 @@ fn admit(
             "tp_size": 1,
         })
     });
-    let sim = SimRequest {
-        id: n,
-        prompt_tokens: p.prompt_tokens,
-        prefix_hashes: p.prefix_hashes,
-        output_tokens,
-        stops_at_eos: eos,
-        priority: p.priority,
-        skip_prefill: matches!(p.kv, KvStage::Decode { .. }),
-    };
-    let ticket = app.driver.submit(sim).map_err(|e| match e {
-        Refused::Model(e @ SubmitError::QueueFull { .. }) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the engine is overloaded: {e}"),
-        ),
-        Refused::Model(other) => ApiError::bad_request(other.to_string(), None),
-        Refused::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    })?;
+    // Each sequence is a request of the model, as vLLM V1 fans `n` out; dropping the tickets
+    // taken so far aborts them if a later one is refused.
+    let mut tickets = Vec::with_capacity(seqs.len());
+    for s in &seqs {
+        let prompt = &p.prompts[s.prompt];
+        let sim = SimRequest {
+            id: app.next_seq.fetch_add(1, Ordering::Relaxed),
+            prompt_tokens: prompt.tokens,
+            prefix_hashes: prompt.prefix_hashes.clone(),
+            output_tokens: s.output_tokens,
+            stops_at_eos: s.finish == "stop",
+            // vLLM ignores `priority` unless it schedules by priority.
+            priority: if app.scheduling == Scheduling::Priority {
+                p.priority
+            } else {
+                0
+            },
+            skip_prefill: matches!(p.kv, KvStage::Decode { .. }),
+        };
+        let ticket = app.driver.submit(sim).map_err(|e| match e {
+            Refused::Model(e @ SubmitError::QueueFull { .. }) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the engine is overloaded: {e}"),
+            ),
+            Refused::Model(other) => ApiError::bad_request(other.to_string(), None),
+            Refused::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        })?;
+        tickets.push(ticket);
+    }
+    let stream = p.stream;
+    let prompts = p
+        .prompts
+        .into_iter()
+        .map(|q| PromptInfo {
+            tokens: q.tokens,
+            echo: q.echo.map(|t| {
+                if stream {
+                    let quoted = serde_json::to_string(&t).expect("a string");
+                    quoted[1..quoted.len() - 1].to_string()
+                } else {
+                    t
+                }
+            }),
+        })
+        .collect();
     let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
     let plan = Plan {
         api,
@@ -303,17 +488,17 @@ fn admit(
             mix64(app.args.seed ^ app.started)
         ),
         created: unix_now(),
-        model: p.model,
-        prompt_tokens: p.prompt_tokens,
-        output_tokens,
-        finish: if eos { "stop" } else { "length" },
-        text_seed: seed,
+        model,
+        prompts,
+        seqs,
+        logprobs: p.logprobs,
         include_usage: p.include_usage,
-        stream: p.stream,
+        continuous_usage: p.continuous_usage,
+        stream,
         kv_transfer_params,
         faults,
     };
-    Ok((plan, ticket))
+    Ok((plan, tickets))
 }
 
 /// Never answers (until shutdown or [`HANG_LIMIT`]), then drops the connection.
@@ -352,23 +537,27 @@ async fn wait_for(ticket: &Ticket, target: u32) -> bool {
     }
 }
 
-/// A non-streaming answer: wait for every token, then one JSON body.
-async fn full(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
+/// A non-streaming answer: wait for every token of every choice, then one JSON body. Faults act on
+/// the first choice.
+async fn full(app: Arc<App>, plan: Plan, tickets: Vec<Ticket>) -> Response {
     let mut shutdown = app.shutdown.clone();
-    let target = if plan.faults.crash {
-        plan.output_tokens / 2
-    } else {
-        plan.output_tokens
-    };
-    if !wait_for(&ticket, target).await {
-        return ApiError::new(
+    let shutting_down = || {
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine is shutting down",
         )
-        .into_response();
-    }
+        .into_response()
+    };
     if plan.faults.crash {
+        if !wait_for(&tickets[0], plan.seqs[0].output_tokens / 2).await {
+            return shutting_down();
+        }
         return broken_body(StatusCode::OK);
+    }
+    for (t, s) in tickets.iter().zip(&plan.seqs) {
+        if !wait_for(t, s.output_tokens).await {
+            return shutting_down();
+        }
     }
     if let Some(ms) = plan.faults.stall_ms {
         tokio::select! {
@@ -376,22 +565,44 @@ async fn full(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
             _ = shutdown.changed() => {}
         }
     }
-    let produced = ticket.progress().produced;
-    let text: String = (0..produced)
-        .map(|i| token_text(plan.text_seed, i))
+    let mut completion_tokens = 0u64;
+    let choices = tickets
+        .iter()
+        .zip(&plan.seqs)
+        .map(|(t, s)| {
+            let produced = t.progress().produced.min(s.output_tokens);
+            completion_tokens += produced as u64;
+            let echo = plan.prompts[s.prompt].echo.as_deref().unwrap_or("");
+            let mut text = String::with_capacity(echo.len() + produced as usize * 6);
+            text.push_str(echo);
+            for i in 0..produced {
+                text.push_str(token_text(s.text_seed, i));
+            }
+            if let Some(v) = s.visible {
+                text.truncate(echo.len() + v);
+            }
+            Choice {
+                index: s.index,
+                text,
+                logprobs: plan
+                    .logprobs
+                    .map(|l| choice_logprobs(plan.api, s.text_seed, produced, l.top, echo.len())),
+                finish: s.finish,
+                stop_reason: serde_json::from_str::<Option<String>>(&s.stop_reason).unwrap_or(None),
+            }
+        })
         .collect();
     let body = full_response(
         plan.api,
         &plan.id,
         plan.created,
         &plan.model,
-        text,
-        plan.finish,
-        plan.prompt_tokens,
-        produced,
+        choices,
+        plan.prompt_tokens(),
+        completion_tokens,
         plan.kv_transfer_params,
     );
-    drop(ticket);
+    drop(tickets);
     Json(body).into_response()
 }
 
@@ -406,15 +617,27 @@ enum AfterWait {
 /// A pending wait of an [`SseBody`]; resolves to true if the engine began shutting down.
 type Wait = Pin<Box<dyn Future<Output = bool> + Send>>;
 
+/// One choice of a stream: its request in the model and what has been sent of it.
+struct SeqStream {
+    ticket: Ticket,
+    /// The progress last read; a change from it wakes the body.
+    seen: Progress,
+    sent: u32,
+    /// Bytes of full words sent (where the next token's text starts).
+    text_bytes: usize,
+    /// Tokens to render in the frame being built.
+    upto: u32,
+}
+
 /// One SSE response body, polled by the connection directly: each poll renders every token
-/// produced since the last frame into one frame (one write), or registers the connection's task
-/// with the request's delivery and waits. Dropping it (client gone) drops the ticket, which aborts
-/// the request.
+/// produced since the last frame, of every choice, into one frame (one write), or registers the
+/// connection's task with each unfinished choice's delivery and waits. Dropping it (client gone)
+/// drops the tickets, which aborts the requests. Faults act on the first choice.
 struct SseBody {
     plan: Plan,
-    ticket: Ticket,
+    streams: Vec<SeqStream>,
     fmt: ChunkFormat,
-    sent: u32,
+    started: bool,
     stall_at: Option<u32>,
     crash_at: Option<u32>,
     shutdown: watch::Receiver<bool>,
@@ -429,42 +652,90 @@ impl SseBody {
         Poll::Ready(Some(Err(io::Error::other("engine shutting down"))))
     }
 
-    fn render(&mut self, upto: u32) -> Bytes {
-        let last = self.plan.output_tokens;
-        let seed = self.plan.text_seed;
-        let finish = |i: u32| (i + 1 == last).then_some(self.plan.finish);
-        let mut len = 0;
-        if self.sent == 0 {
-            len += self.fmt.role_len();
-        }
-        for i in self.sent..upto {
-            len += self.fmt.token_len(token_text(seed, i), finish(i));
-        }
-        let end = upto == last;
-        if end {
-            if self.plan.include_usage {
-                len += self.fmt.usage_len(self.plan.prompt_tokens, last);
+    /// Reads every choice's progress and sets what the next frame holds; true if it holds anything.
+    fn take_progress(&mut self) -> bool {
+        let mut any = false;
+        for (k, s) in self.streams.iter_mut().enumerate() {
+            s.seen = s.ticket.progress();
+            let mut upto = s.seen.produced.min(self.plan.seqs[k].output_tokens);
+            if k == 0 {
+                if let Some(c) = self.crash_at {
+                    upto = upto.min(c);
+                }
+                if let Some(st) = self.stall_at {
+                    upto = upto.min(st);
+                }
             }
-            len += ChunkFormat::DONE.len();
+            s.upto = upto.max(s.sent);
+            any |= s.upto > s.sent;
         }
+        any
+    }
+
+    fn finished(&self) -> bool {
+        self.streams
+            .iter()
+            .zip(&self.plan.seqs)
+            .all(|(s, q)| s.upto == q.output_tokens)
+    }
+
+    /// Writes the frame `take_progress` set up.
+    fn emit<O: Out>(&self, out: &mut O) {
+        let plan = &self.plan;
+        if !self.started && self.fmt.is_chat() {
+            for s in &plan.seqs {
+                let usage = plan.continuous_usage.then(|| plan.prompts[s.prompt].tokens);
+                self.fmt.role(out, s.index, usage);
+            }
+        }
+        for (s, q) in self.streams.iter().zip(&plan.seqs) {
+            let prompt = &plan.prompts[q.prompt];
+            let mut before = s.text_bytes;
+            for i in s.sent..s.upto {
+                let piece = Piece {
+                    index: q.index,
+                    echo: if i == 0 {
+                        prompt.echo.as_deref().unwrap_or("")
+                    } else {
+                        ""
+                    },
+                    text: q.piece(i, before),
+                    seed: q.text_seed,
+                    position: i,
+                    offset: before.min(q.visible.unwrap_or(usize::MAX)),
+                    finish: (i + 1 == q.output_tokens)
+                        .then_some((q.finish, q.stop_reason.as_str())),
+                    usage: plan.continuous_usage.then_some((prompt.tokens, i + 1)),
+                };
+                self.fmt.token(out, &piece);
+                before += token_text(q.text_seed, i).len();
+            }
+        }
+        if self.finished() {
+            if plan.include_usage {
+                let completion = plan.seqs.iter().map(|q| q.output_tokens as u64).sum();
+                self.fmt.usage(out, plan.prompt_tokens(), completion);
+            }
+            out.put(ChunkFormat::DONE);
+        }
+    }
+
+    fn render(&mut self) -> Bytes {
+        let mut size = Measure::default();
+        self.emit(&mut size);
         // Sized exactly, so the buffer becomes the frame without a copy or a second allocation.
-        let mut out = String::with_capacity(len);
-        if self.sent == 0 {
-            self.fmt.role(&mut out);
-        }
-        for i in self.sent..upto {
-            self.fmt.token(&mut out, token_text(seed, i), finish(i));
-        }
-        self.sent = upto;
-        if end {
-            if self.plan.include_usage {
-                self.fmt.usage(&mut out, self.plan.prompt_tokens, last);
+        let mut out = String::with_capacity(size.0);
+        self.emit(&mut out);
+        debug_assert_eq!(out.len(), size.0, "frame length");
+        self.done = self.finished();
+        self.started = true;
+        for (s, q) in self.streams.iter_mut().zip(&self.plan.seqs) {
+            for i in s.sent..s.upto {
+                s.text_bytes += token_text(q.text_seed, i).len();
             }
-            ChunkFormat::done(&mut out);
-            self.done = true;
+            s.sent = s.upto;
         }
-        debug_assert_eq!(out.len(), len, "frame length");
-        self.ticket.count_frame();
+        self.streams[0].ticket.count_frame();
         Bytes::from(out)
     }
 }
@@ -497,27 +768,30 @@ impl HttpBody for SseBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            let mut p = this.ticket.progress();
             loop {
-                let mut upto = p.produced.min(this.plan.output_tokens);
-                if let Some(c) = this.crash_at {
-                    upto = upto.min(c);
+                if this.take_progress() {
+                    return Poll::Ready(Some(Ok(Frame::data(this.render()))));
                 }
-                if let Some(s) = this.stall_at {
-                    upto = upto.min(s);
-                }
-                if upto > this.sent {
-                    return Poll::Ready(Some(Ok(Frame::data(this.render(upto)))));
-                }
-                if this.crash_at == Some(this.sent) || p.closed || this.stall_at == Some(this.sent)
+                let first = this.streams[0].sent;
+                if this.crash_at == Some(first)
+                    || this.stall_at == Some(first)
+                    || this.streams.iter().any(|s| s.seen.closed)
                 {
                     break;
                 }
-                // Nothing new: register for the next change (one wake-up source per token; the
-                // loop closes the ticket when the engine stops).
-                p = ready!(this.ticket.poll_changed(cx, p));
+                // Nothing new: register for the next change of every unfinished choice (one
+                // wake-up source per token; the loop closes the tickets when the engine stops).
+                let mut changed = false;
+                for (s, q) in this.streams.iter_mut().zip(&this.plan.seqs) {
+                    if s.sent < q.output_tokens && s.ticket.poll_changed(cx, s.seen).is_ready() {
+                        changed = true;
+                    }
+                }
+                if !changed {
+                    return Poll::Pending;
+                }
             }
-            if this.crash_at == Some(this.sent) {
+            if this.crash_at == Some(this.streams[0].sent) {
                 // Let the connection flush the tokens already written, then break it: the client
                 // sees exactly the first half of the answer.
                 this.crash_at = None;
@@ -529,7 +803,7 @@ impl HttpBody for SseBody {
                 this.wait = Some((wait, AfterWait::Crash));
                 continue;
             }
-            if p.closed {
+            if this.streams.iter().any(|s| s.seen.closed) {
                 return this.end_by_shutdown();
             }
             // The stall point.
@@ -551,21 +825,36 @@ impl HttpBody for SseBody {
     }
 }
 
-fn stream_response(app: Arc<App>, plan: Plan, ticket: Ticket) -> Response {
-    let half = plan.output_tokens / 2;
+fn stream_response(app: Arc<App>, plan: Plan, tickets: Vec<Ticket>) -> Response {
+    let first = plan.seqs[0].output_tokens;
+    let half = first / 2;
+    let streams = tickets
+        .into_iter()
+        .map(|ticket| SeqStream {
+            seen: ticket.progress(),
+            ticket,
+            sent: 0,
+            text_bytes: 0,
+            upto: 0,
+        })
+        .collect();
     let body = SseBody {
-        fmt: ChunkFormat::new(plan.api, &plan.id, plan.created, &plan.model),
-        stall_at: plan
-            .faults
-            .stall_ms
-            .map(|_| half.max(1).min(plan.output_tokens)),
+        fmt: ChunkFormat::new(
+            plan.api,
+            &plan.id,
+            plan.created,
+            &plan.model,
+            plan.logprobs,
+            plan.include_usage,
+        ),
+        stall_at: plan.faults.stall_ms.map(|_| half.max(1).min(first)),
         crash_at: plan.faults.crash.then_some(half),
         shutdown: app.shutdown.clone(),
-        sent: 0,
+        started: false,
         wait: None,
         done: false,
+        streams,
         plan,
-        ticket,
     };
     let mut resp = Body::new(body).into_response();
     let h = resp.headers_mut();
@@ -618,39 +907,127 @@ async fn load(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({"server_load": s.running + s.waiting}))
 }
 
+/// A known model, or the first served one when the body names none.
+fn served_model(app: &App, obj: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    match obj.get("model") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(m)) if m.is_empty() || app.args.models.contains(m) => Ok(()),
+        Some(Value::String(m)) => Err(ApiError::unknown_model(m, &app.args.models)),
+        Some(v) => Err(ApiError::invalid(
+            "model",
+            "string_type",
+            "Input should be a valid string",
+            Some(v),
+        )),
+    }
+}
+
 /// `/tokenize` with the shared prompt rule. The ids are placeholders (the rule has no vocabulary):
-/// a deterministic id per token position and prompt, so only `count` carries meaning.
-async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let has_messages = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .is_some_and(|v| v.get("messages").is_some());
-    let api = if has_messages {
-        Api::Chat
-    } else {
-        Api::Completions
-    };
-    // /tokenize does not require a model; default to the served one for the shared parser.
-    let body = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(mut o)) => {
-            o.entry("model")
-                .or_insert_with(|| Value::String(app.model_name().to_string()));
-            Bytes::from(serde_json::to_vec(&o).unwrap_or_default())
+/// a deterministic id per token position and prompt, so only `count` carries meaning;
+/// `/detokenize` reads every id back as a word.
+async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let answer = || -> Result<Value, ApiError> {
+        json_content_type(&headers)?;
+        let obj = read_object(&body)?;
+        let chat = obj.contains_key("messages");
+        if !chat {
+            match obj.get("prompt") {
+                Some(Value::String(_)) => {}
+                None => {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        "missing",
+                        "Field required",
+                        Some(&Value::Object(obj.clone())),
+                    ))
+                }
+                Some(v) => {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        "string_type",
+                        "Input should be a valid string",
+                        Some(v),
+                    ))
+                }
+            }
         }
-        _ => body,
-    };
-    match parse_request(api, &body, 0) {
-        Ok(p) => {
-            let tokens: Vec<u64> = (0..p.prompt_tokens as u64)
-                .map(|i| mix64(p.request_hash.wrapping_add(i)) % 128_000)
-                .collect();
-            Json(json!({
-                "count": p.prompt_tokens,
-                "max_model_len": app.max_model_len,
-                "tokens": tokens,
-                "token_strs": null,
-            }))
-            .into_response()
+        served_model(&app, &obj)?;
+        let strs = matches!(obj.get("return_token_strs"), Some(Value::Bool(true)));
+        let api = if chat { Api::Chat } else { Api::Completions };
+        // Only the prompt matters here; the parser must not refuse what only a generation checks.
+        let mut only = serde_json::Map::new();
+        for k in ["prompt", "messages"] {
+            if let Some(v) = obj.get(k) {
+                only.insert(k.into(), v.clone());
+            }
         }
+        let bytes = serde_json::to_vec(&only).expect("JSON serializes");
+        let p = parse_request(api, &bytes, 0)?;
+        let count = p.prompts[0].tokens;
+        let tokens: Vec<u64> = (0..count as u64)
+            .map(|i| mix64(p.request_hash.wrapping_add(i)) % VOCAB as u64)
+            .collect();
+        let token_strs = strs.then(|| tokens.iter().map(|&t| token_str(t)).collect::<Vec<_>>());
+        Ok(json!({
+            "count": count,
+            "max_model_len": app.max_model_len,
+            "tokens": tokens,
+            "token_strs": token_strs,
+        }))
+    };
+    match answer() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `/detokenize`: `{"tokens": [ids]}` to `{"prompt": text}`, each id read as a word.
+async fn detokenize_handler(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let answer = || -> Result<Value, ApiError> {
+        json_content_type(&headers)?;
+        let obj = read_object(&body)?;
+        let ids = match obj.get("tokens") {
+            None => {
+                return Err(ApiError::invalid(
+                    "tokens",
+                    "missing",
+                    "Field required",
+                    Some(&Value::Object(obj.clone())),
+                ))
+            }
+            Some(Value::Array(ids)) => ids,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "tokens",
+                    "list_type",
+                    "Input should be a valid list",
+                    Some(v),
+                ))
+            }
+        };
+        let ids = ids
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_i64().ok_or_else(|| {
+                    ApiError::invalid(
+                        &format!("tokens.{i}"),
+                        "int_type",
+                        "Input should be a valid integer",
+                        Some(v),
+                    )
+                })
+            })
+            .collect::<Result<Vec<i64>, ApiError>>()?;
+        served_model(&app, &obj)?;
+        Ok(json!({"prompt": detokenize(ids.into_iter())}))
+    };
+    match answer() {
+        Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
