@@ -104,7 +104,7 @@ fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyF
     let mut fields = if body.is_empty() && !route.model_required {
         body::Fields::empty_object()
     } else {
-        body::read(body, chat, &config.session_key).map_err(|e| BadRequest {
+        body::read(body, route.kind, &config.session_key).map_err(|e| BadRequest {
             param: None,
             message: format!("request body is not valid JSON: {e}"),
         })?
@@ -121,12 +121,13 @@ fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyF
         other => model_error(other.as_ref(), route)?,
     };
     let stream = stream_flag(fields.stream.as_ref())?;
-    let max_tokens = optional_count(fields.max_tokens.as_ref(), "max_tokens")?
-        .or(optional_count(
+    let count = |v: Option<&Value>, field| output_bound(route.kind, v, field);
+    let max_tokens = count(fields.max_tokens.as_ref(), "max_tokens")?
+        .or(count(
             fields.max_completion_tokens.as_ref(),
             "max_completion_tokens",
         )?)
-        .or(optional_count(
+        .or(count(
             fields.max_output_tokens.as_ref(),
             "max_output_tokens",
         )?);
@@ -308,6 +309,20 @@ pub fn analyze<'h>(
 /// An unsigned integer from a header value (ASCII digits, surrounding spaces allowed).
 fn header_int(raw: &[u8]) -> Option<u64> {
     std::str::from_utf8(raw).ok()?.trim().parse().ok()
+}
+
+/// An output bound (`max_tokens`, ...): checked where the route's API defines it
+/// ([`body::validated`]), else read if it is a count and ignored if not. `max_output_tokens`
+/// (Responses API) only counts on routes that are neither chat nor completions.
+fn output_bound(kind: ApiKind, v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequest> {
+    if field == "max_output_tokens" && kind != ApiKind::Other {
+        return Ok(None);
+    }
+    if body::validated(kind, field) {
+        optional_count(v, field)
+    } else {
+        Ok(optional_count(v, field).ok().flatten())
+    }
 }
 
 fn optional_count(v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequest> {
@@ -632,9 +647,62 @@ mod tests {
         ] {
             assert_eq!(run(OTHER, odd, &[]).unwrap().prompt_tokens, 0, "{odd}");
         }
-        // A bad output bound is named.
-        let err = run(OTHER, r#"{"model":"m","max_output_tokens":-1}"#, &[]).unwrap_err();
-        assert_eq!(err.param.as_deref(), Some("max_output_tokens"));
+        // These routes are not the router's to validate: a bad output bound is ignored.
+        let p = run(
+            OTHER,
+            r#"{"model":"m","max_output_tokens":-1,"input":5}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.output_source, OutputSource::Learned);
+    }
+
+    /// The router refuses a bad field only where the route's own API defines it, as vLLM does;
+    /// another API's field is read if well formed, else ignored (the engine ignores it too).
+    #[test]
+    fn only_the_routes_own_fields_are_validated() {
+        const EMBEDDING: Route = Route {
+            kind: ApiKind::Embedding,
+            model_required: true,
+        };
+        let ok = |route, body: &str| run(route, body, &[]).unwrap();
+        let refused = |route, body: &str| run(route, body, &[]).unwrap_err().param;
+        let p = ok(
+            COMPLETION,
+            r#"{"model":"m","prompt":"x","max_output_tokens":"abc","input":5,"query":{}}"#,
+        );
+        assert_eq!(
+            p.output_source,
+            OutputSource::Learned,
+            "max_output_tokens is not a completion's"
+        );
+        assert_eq!(p.prompt_tokens, 1);
+        assert_eq!(
+            refused(COMPLETION, r#"{"model":"m","prompt":{}}"#).as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            refused(
+                COMPLETION,
+                r#"{"model":"m","prompt":"x","max_tokens":"ten"}"#
+            )
+            .as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            refused(EMBEDDING, r#"{"model":"m","input":{}}"#).as_deref(),
+            Some("input")
+        );
+        let p = ok(
+            EMBEDDING,
+            r#"{"model":"m","input":"x","prompt":true,"max_tokens":"x"}"#,
+        );
+        assert_eq!(p.prompt_tokens, 1);
+        let p = ok(
+            CHAT,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_output_tokens":9}"#,
+        );
+        assert_eq!(p.output_source, OutputSource::Learned);
     }
 
     #[test]
@@ -692,15 +760,10 @@ mod tests {
                 other => model_error(other, route)?,
             };
             let stream = stream_flag(obj.get("stream"))?;
-            let max_tokens = optional_count(obj.get("max_tokens"), "max_tokens")?
-                .or(optional_count(
-                    obj.get("max_completion_tokens"),
-                    "max_completion_tokens",
-                )?)
-                .or(optional_count(
-                    obj.get("max_output_tokens"),
-                    "max_output_tokens",
-                )?);
+            let count = |field| output_bound(route.kind, obj.get(field), field);
+            let max_tokens = count("max_tokens")?
+                .or(count("max_completion_tokens")?)
+                .or(count("max_output_tokens")?);
             let mut prompt = PromptText::default();
             match route.kind {
                 ApiKind::Chat => match obj.get("messages") {
@@ -742,8 +805,15 @@ mod tests {
                         }
                     }
                     for field in ["prompt", "input", "text", "query", "documents"] {
-                        if let Some(v) = obj.get(field) {
-                            add_prompt(&mut prompt, v, field)?;
+                        let Some(v) = obj.get(field) else { continue };
+                        let mut read = PromptText::default();
+                        match add_prompt(&mut read, v, field) {
+                            Ok(()) => {
+                                prompt.text.push_str(&read.text);
+                                prompt.token_ids += read.token_ids;
+                            }
+                            Err(e) if body::validated(route.kind, field) => return Err(e),
+                            Err(_) => {}
                         }
                     }
                 }

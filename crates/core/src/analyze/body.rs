@@ -12,6 +12,7 @@
 //! body goes on to the engine, whose parser has its own limit.
 
 use super::BadRequest;
+use crate::profile::ApiKind;
 use serde::de::{
     value::MapAccessDeserializer, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
     Visitor,
@@ -23,6 +24,19 @@ use std::fmt;
 
 /// Top-level fields read from the body of a non-chat request, in the order their texts are joined.
 const PROMPT_FIELDS: [&str; 5] = ["prompt", "input", "text", "query", "documents"];
+
+/// Whether the router refuses a bad `field` on a route of `kind`: only the fields the route's own
+/// API defines, which vLLM refuses too. Any other field the analyzer reads (another API's prompt
+/// field, an output bound the API does not have) is read if well formed and otherwise adds
+/// nothing: the engine ignores it, so must the router. `model` and `stream` are always checked.
+pub(super) fn validated(kind: ApiKind, field: &str) -> bool {
+    match kind {
+        ApiKind::Chat => matches!(field, "messages" | "max_tokens" | "max_completion_tokens"),
+        ApiKind::Completion => matches!(field, "prompt" | "max_tokens" | "max_completion_tokens"),
+        ApiKind::Embedding => field == "input",
+        ApiKind::Other => false,
+    }
+}
 
 /// Instructions ahead of the prompt on non-chat routes (Responses API `instructions`,
 /// Anthropic-style `system`): a string or an array of parts, joined first, in this order, then
@@ -106,16 +120,16 @@ impl Fields {
     }
 }
 
-/// Parses `body` in one pass. `chat`: the prompt is `messages`; otherwise it is the
+/// Parses `body` in one pass. A chat route's prompt is `messages`; any other's is the
 /// [`PROMPT_FIELDS`]. The error says why the body is not JSON; errors in fields are in the
 /// result. The whole body is checked to be UTF-8 first, as JSON must be: skipped strings are
 /// not looked into.
-pub(super) fn read(body: &[u8], chat: bool, session_key: &str) -> Result<Fields, String> {
+pub(super) fn read(body: &[u8], kind: ApiKind, session_key: &str) -> Result<Fields, String> {
     let text = std::str::from_utf8(body)
         .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let fields = (&mut de)
-        .deserialize_any(Top { chat, session_key })
+        .deserialize_any(Top { kind, session_key })
         .and_then(|fields| de.end().map(|()| fields))
         .map_err(|e| e.to_string())?;
     Ok(fields)
@@ -142,7 +156,7 @@ enum Key {
 
 #[derive(Clone, Copy)]
 struct Top<'k> {
-    chat: bool,
+    kind: ApiKind,
     session_key: &'k str,
 }
 
@@ -161,7 +175,7 @@ impl<'de> Visitor<'de> for KeyVisitor<'_> {
         f.write_str("a field name")
     }
     fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<Key, E> {
-        let chat = self.0.chat;
+        let chat = self.0.kind == ApiKind::Chat;
         Ok(match k {
             "model" => Key::Model,
             "stream" => Key::Stream,
@@ -250,7 +264,13 @@ impl<'de> Visitor<'de> for Top<'_> {
                     fields.has_messages = true;
                     parts[0] = Some(map.next_value_seed(Messages)?);
                 }
-                Key::Prompt(i) => parts[i] = Some(map.next_value_seed(PromptField(i))?),
+                Key::Prompt(i) => {
+                    let field = PromptField {
+                        index: i,
+                        strict: validated(self.kind, PROMPT_FIELDS[i]),
+                    };
+                    parts[i] = Some(map.next_value_seed(field)?);
+                }
                 Key::OtherMessages => other_messages = map.next_value_seed(Messages)?.ok(),
                 Key::Preamble(i) => {
                     let mut text = String::new();
@@ -574,11 +594,19 @@ impl<'de> Visitor<'de> for PartVisitor {
 
 /// One of the [`PROMPT_FIELDS`]: a string, an array of strings, token ids, or arrays of token
 /// ids (and, for `input`, Responses API items, counted by their JSON text).
-struct PromptField(usize);
+struct PromptField {
+    /// Index into [`PROMPT_FIELDS`].
+    index: usize,
+    /// Whether a bad value is an error ([`validated`]) or adds nothing.
+    strict: bool,
+}
 
 impl PromptField {
     fn bad(&self) -> Prompt {
-        let field = PROMPT_FIELDS[self.0];
+        let field = PROMPT_FIELDS[self.index];
+        if !self.strict {
+            return Ok(PromptText::default());
+        }
         Err(BadRequest::new(
             field,
             format!("'{field}' must be a string, an array of strings, or token ids"),
@@ -609,7 +637,7 @@ impl<'de> Visitor<'de> for PromptField {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
         let mut prompt = PromptText::default();
-        let input = PROMPT_FIELDS[self.0] == "input";
+        let input = PROMPT_FIELDS[self.index] == "input";
         while let Some(ok) = seq.next_element_seed(Item {
             prompt: &mut prompt,
             input,
