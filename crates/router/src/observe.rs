@@ -571,11 +571,17 @@ impl<B: Body> Drop for ObservedBody<B> {
 
 use std::future::Future;
 
-/// `usage.completion_tokens` from the tail of a JSON response.
+/// `usage.completion_tokens` from the tail of a JSON response, else `usage.output_tokens`
+/// (Responses API, `/v1/messages`).
 fn usage_completion_tokens(tail: &[u8]) -> Option<u32> {
-    const KEY: &[u8] = b"\"completion_tokens\":";
-    let pos = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let digits = tail[pos + KEY.len()..]
+    count_after(tail, b"\"completion_tokens\":")
+        .or_else(|| count_after(tail, b"\"output_tokens\":"))
+}
+
+/// The integer after the last `key` in `tail`.
+fn count_after(tail: &[u8], key: &[u8]) -> Option<u32> {
+    let pos = tail.windows(key.len()).rposition(|w| w == key)?;
+    let digits = tail[pos + key.len()..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
         .take_while(|b| b.is_ascii_digit())
@@ -598,5 +604,11 @@ mod tests {
         let body = br#"{"choices":[],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens": 7}}"#;
         assert_eq!(usage_completion_tokens(body), Some(7));
         assert_eq!(usage_completion_tokens(b"{}"), None);
+        // vLLM's /v1/responses and /v1/messages answers (their tails).
+        let responses = br#""usage":{"input_tokens":15,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0,"tool_output_tokens":0},"total_tokens":19},"user":null}"#;
+        assert_eq!(usage_completion_tokens(responses), Some(4));
+        let messages =
+            br#""stop_reason":"max_tokens","usage":{"input_tokens":13,"output_tokens":5}}"#;
+        assert_eq!(usage_completion_tokens(messages), Some(5));
     }
 }
