@@ -2,7 +2,10 @@
 //! that names the field or header at fault and what is allowed.
 //!
 //! It runs once per request, before routing. The body is parsed once here; the router forwards the
-//! original bytes untouched, so fields it does not know pass through.
+//! original bytes untouched, so fields it does not know pass through. It refuses a bad value only
+//! in a field the route's own API defines (`body::validated`), where the engine would refuse it
+//! too; what it reads from other fields (another API's prompt, a bound the API does not have) is
+//! taken when well formed and ignored otherwise.
 
 use crate::profile::OutputSource;
 use crate::prompt::{estimate_tokens_from_len, hash_bytes, prefix_block_hashes};
