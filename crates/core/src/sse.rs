@@ -24,8 +24,8 @@
 //!
 //! * A chunk counts **one token per choice** that carries a token: a completions choice with a
 //!   `text` string, a chat choice whose `delta.content`, `delta.reasoning_content`,
-//!   `delta.reasoning` or `delta.tool_calls` is non-empty, or whose `delta.content` is an empty
-//!   string with no `role` beside it. vLLM emits one chunk per generated token by default, and a
+//!   `delta.reasoning` or `delta.tool_calls` is non-empty, or whose `delta.content` (or reasoning,
+//!   from vLLM's reasoning parsers) is an empty string with no `role` beside it. vLLM emits one chunk per generated token by default, and a
 //!   token whose text its detokenizer holds back (part of a multi-byte character, EOS, a stop
 //!   string) still gets its chunk, with empty text; only the first chat chunk (`role` with empty
 //!   `content`) carries none. So this is exact for vLLM, and a lower bound where an engine batches
@@ -404,8 +404,8 @@ fn count_chunk(chunk: &ChunkJson, last: &mut Option<u64>) -> SseEvent {
         .usage
         .or_else(|| chunk.response.and_then(|r| r.usage))
         .map(|u| Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
+            prompt_tokens: u.prompt_tokens.or(u.input_tokens),
+            completion_tokens: u.completion_tokens.or(u.output_tokens),
         });
     let content = chunk.choices.with_content + u32::from(chunk.kind == EventKind::Delta);
     match usage.and_then(|u| u.completion_tokens) {
@@ -453,10 +453,15 @@ struct ChunkJson {
 
 #[derive(Clone, Copy, Deserialize)]
 struct UsageJson {
-    #[serde(default, alias = "input_tokens")]
+    #[serde(default)]
     prompt_tokens: Option<u64>,
-    #[serde(default, alias = "output_tokens")]
+    #[serde(default)]
     completion_tokens: Option<u64>,
+    /// The Responses API's and Anthropic's names.
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -492,8 +497,11 @@ impl Choice {
     fn has_token(&self) -> bool {
         match &self.delta {
             Some(d) => {
-                [d.content, d.reasoning_content, d.reasoning, d.tool_calls].contains(&Text::Content)
-                    || (d.content == Text::Empty && d.role.is_none())
+                let text = [d.content, d.reasoning_content, d.reasoning];
+                text.iter()
+                    .chain([&d.tool_calls])
+                    .any(|t| *t == Text::Content)
+                    || (text.contains(&Text::Empty) && d.role.is_none())
             }
             None => self.text != Text::Absent,
         }
@@ -744,6 +752,22 @@ mod tests {
             ev(r#"{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop"}]}"#),
             [tok(1)]
         );
+        // Reasoning parsers send a held-back token as empty reasoning.
+        assert_eq!(
+            ev(r#"{"choices":[{"index":0,"delta":{"reasoning":""}}]}"#),
+            [tok(1)]
+        );
+        assert_eq!(
+            ev(r#"{"choices":[{"index":0,"delta":{"reasoning_content":"","content":null}}]}"#),
+            [tok(1)]
+        );
+        // Both usage spellings in one object.
+        let both = r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":3,"input_tokens":3}}"#;
+        let usage = Some(Usage {
+            prompt_tokens: Some(3),
+            completion_tokens: None,
+        });
+        assert_eq!(ev(both), [SseEvent::Tokens { count: 1, usage }]);
         // The first chat chunk names the role and carries no token; a finish without a delta none.
         assert_eq!(
             ev(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#),

@@ -289,6 +289,21 @@ impl Endpoint {
         lock(&self.health).healthy
     }
 
+    /// Whether this endpoint can take traffic, for readiness: its last health check passed (an
+    /// endpoint counts as healthy before its first check, and until enough checks fail), its
+    /// breaker is not open (half-open counts: a request would be its probe), and it serves a
+    /// model.
+    pub fn ready(&self, now: Micros) -> bool {
+        let checked = {
+            let h = lock(&self.health);
+            h.healthy && h.last_check.is_some() && h.consecutive_failures == 0
+        };
+        checked
+            && lock(&self.breaker).state_at(now, &self.breaker_config)
+                != qoe_core::BreakerState::Open
+            && !self.models().is_empty()
+    }
+
     pub fn health(&self) -> HealthState {
         lock(&self.health).clone()
     }

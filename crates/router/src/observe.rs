@@ -571,17 +571,20 @@ impl<B: Body> Drop for ObservedBody<B> {
 
 use std::future::Future;
 
-/// `usage.completion_tokens` from the tail of a JSON response, else `usage.output_tokens`
-/// (Responses API, `/v1/messages`).
+/// `usage.completion_tokens` from the tail of a JSON response, or `usage.output_tokens`
+/// (Responses API, `/v1/messages`): whichever comes last, since `usage` ends the answer and a
+/// key of the same name earlier may be model output (a tool call's `input` object).
 fn usage_completion_tokens(tail: &[u8]) -> Option<u32> {
-    count_after(tail, b"\"completion_tokens\":")
-        .or_else(|| count_after(tail, b"\"output_tokens\":"))
-}
-
-/// The integer after the last `key` in `tail`.
-fn count_after(tail: &[u8], key: &[u8]) -> Option<u32> {
-    let pos = tail.windows(key.len()).rposition(|w| w == key)?;
-    let digits = tail[pos + key.len()..]
+    let last = |key: &[u8]| {
+        tail.windows(key.len())
+            .rposition(|w| w == key)
+            .map(|at| at + key.len())
+    };
+    let after = last(b"\"completion_tokens\":")
+        .into_iter()
+        .chain(last(b"\"output_tokens\":"))
+        .max()?;
+    let digits = tail[after..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
         .take_while(|b| b.is_ascii_digit())
@@ -610,5 +613,8 @@ mod tests {
         let messages =
             br#""stop_reason":"max_tokens","usage":{"input_tokens":13,"output_tokens":5}}"#;
         assert_eq!(usage_completion_tokens(messages), Some(5));
+        // A tool call's input is the model's own JSON: the usage after it counts.
+        let tool = br#""content":[{"type":"tool_use","name":"f","input":{"completion_tokens":3}}],"usage":{"input_tokens":13,"output_tokens":40}}"#;
+        assert_eq!(usage_completion_tokens(tool), Some(40));
     }
 }

@@ -312,18 +312,15 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Readiness, for a load balancer or a Kubernetes readiness probe: 200 while some endpoint is
-/// healthy, its breaker lets requests through and it serves a model; 503 otherwise (a router
+/// Readiness, for a load balancer or a Kubernetes readiness probe: 200 while some endpoint
+/// passed its last health check, has no open breaker and serves a model ([`crate::endpoints::Endpoint::ready`]);
+/// 503 otherwise (a router
 /// that would answer every request 503 or 404 should not receive traffic). `/health` stays 200
 /// as long as the process runs (liveness).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now();
     let table = state.registry.table();
-    let ready_endpoints = table
-        .endpoints
-        .iter()
-        .filter(|e| e.admits(now) && !e.models().is_empty())
-        .count();
+    let ready_endpoints = table.endpoints.iter().filter(|e| e.ready(now)).count();
     if ready_endpoints > 0 {
         let body = json!({"status": "ready", "ready_endpoints": ready_endpoints});
         return Json(body).into_response();
@@ -331,7 +328,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let reason = if table.endpoints.is_empty() {
         "no endpoints are configured"
     } else {
-        "no endpoint is healthy, admitting requests (breaker not open) and serving a model"
+        "no endpoint passed its last health check with its breaker not open and a model served"
     };
     let body = json!({"status": "not_ready", "ready_endpoints": 0,
         "endpoints": table.endpoints.len(), "reason": reason});

@@ -476,6 +476,17 @@ async fn not_ready_without_endpoints_or_models() {
     let ready = get(&c, &format!("{}/ready", empty.url)).await.unwrap();
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["reason"], "no endpoints are configured");
+    // An endpoint that was never checked healthy (refused connections, models configured) is
+    // not ready, though it counts as healthy until enough checks fail.
+    let dead = router(&[
+        "--static-backends",
+        "http://127.0.0.1:1",
+        "--static-models",
+        "m",
+    ])
+    .await;
+    let ready = get(&c, &format!("{}/ready", dead.url)).await.unwrap();
+    assert_eq!(ready.status, 503);
     // An endpoint that lists no models (detection found none) cannot serve a request.
     let engine = mock(&[]).await;
     let r = router(&["--static-backends", &engine.url]).await;
