@@ -36,9 +36,11 @@
 //!   Their usage (`response.usage` of `response.completed`; the top-level `usage` of
 //!   `message_delta`, `input_tokens` / `output_tokens`) is read as a usage report; a `type` of
 //!   `error` or `response.failed` is an error.
-//! * When a chunk that carries choices also carries `usage.completion_tokens` (vLLM's
+//! * When a chunk that carries one choice also carries `usage.completion_tokens` (vLLM's
 //!   `stream_options.continuous_usage_stats`), the **increase of `completion_tokens`** since the
-//!   previous such report is the count instead: exact whatever the chunking. Such a chunk is a
+//!   previous such report for the same choice `index` is the count instead (vLLM counts each
+//!   choice apart): exact whatever the chunking. The first [`TRACKED_CHOICES`] choices are
+//!   followed so; a chunk of a later choice, or of several, is counted by its content. Such a chunk is a
 //!   [`SseEvent::Tokens`] if the count is positive or any choice shows content (so its arrival
 //!   time is still a token time), else a [`SseEvent::Usage`].
 //! * A usage report with no choices (the final chunk under `stream_options.include_usage`) is a
@@ -126,8 +128,9 @@ pub struct SseParser {
     discarded: usize,
     /// Leading BOM bytes matched so far; 3 once the stream start is settled.
     bom: u8,
-    /// The last `usage.completion_tokens` seen on a chunk with choices.
-    last_completion: Option<u64>,
+    /// The last `usage.completion_tokens` seen on a chunk with choices, per choice index (vLLM
+    /// reports each choice's own count); see [`TRACKED_CHOICES`].
+    last_completion: [Option<u64>; TRACKED_CHOICES],
     stats: SseStats,
 }
 
@@ -150,7 +153,7 @@ impl SseParser {
             discarding: false,
             discarded: 0,
             bom: 0,
-            last_completion: None,
+            last_completion: [None; TRACKED_CHOICES],
             stats: SseStats::default(),
         }
     }
@@ -329,7 +332,15 @@ fn find_eol(b: &[u8]) -> Option<usize> {
 
 /// Reads one complete event (its lines, without the blank line) and classifies it; `None` when
 /// it has no data (comments, keep-alives, stray blank lines).
-fn classify(ev: &[u8], scratch: &mut Vec<u8>, last: &mut Option<u64>) -> Option<SseEvent> {
+/// Choices whose continuous usage counts are followed one by one; a chunk of a choice beyond
+/// these, or with several choices, is counted by its content instead.
+const TRACKED_CHOICES: usize = 4;
+
+fn classify(
+    ev: &[u8],
+    scratch: &mut Vec<u8>,
+    last: &mut [Option<u64>; TRACKED_CHOICES],
+) -> Option<SseEvent> {
     let mut data: Option<&[u8]> = None;
     let mut joined = false;
     let mut is_error_event = false;
@@ -395,7 +406,7 @@ fn classify(ev: &[u8], scratch: &mut Vec<u8>, last: &mut Option<u64>) -> Option<
 }
 
 /// Applies the counting rule to a parsed chunk.
-fn count_chunk(chunk: &ChunkJson, last: &mut Option<u64>) -> SseEvent {
+fn count_chunk(chunk: &ChunkJson, last: &mut [Option<u64>; TRACKED_CHOICES]) -> SseEvent {
     if chunk.error.is_some() || chunk.object.is_some_and(|o| o.0) || chunk.kind == EventKind::Error
     {
         return SseEvent::Error;
@@ -408,8 +419,12 @@ fn count_chunk(chunk: &ChunkJson, last: &mut Option<u64>) -> SseEvent {
             completion_tokens: u.completion_tokens.or(u.output_tokens),
         });
     let content = chunk.choices.with_content + u32::from(chunk.kind == EventKind::Delta);
-    match usage.and_then(|u| u.completion_tokens) {
-        Some(c) if chunk.choices.total > 0 => {
+    let tracked = chunk
+        .choices
+        .single_index
+        .and_then(|i| last.get_mut(i as usize));
+    match (usage.and_then(|u| u.completion_tokens), tracked) {
+        (Some(c), Some(last)) => {
             let prev = last.unwrap_or(0);
             let count = c.saturating_sub(prev).min(u32::MAX as u64) as u32;
             *last = Some(c.max(prev));
@@ -418,6 +433,9 @@ fn count_chunk(chunk: &ChunkJson, last: &mut Option<u64>) -> SseEvent {
             } else {
                 SseEvent::Usage(usage.unwrap_or_default())
             }
+        }
+        (Some(_), None) if chunk.choices.total > 0 && content == 0 => {
+            SseEvent::Usage(usage.unwrap_or_default())
         }
         _ if content > 0 => SseEvent::Tokens {
             count: content,
@@ -473,6 +491,8 @@ struct ResponseJson {
 #[derive(Deserialize)]
 struct Choice {
     #[serde(default)]
+    index: Index,
+    #[serde(default)]
     delta: Option<Delta>,
     #[serde(default)]
     text: Text,
@@ -513,6 +533,8 @@ impl Choice {
 struct Choices {
     total: u32,
     with_content: u32,
+    /// The choice's `index` when there is exactly one (absent: 0).
+    single_index: Option<u32>,
 }
 
 impl<'de> Deserialize<'de> for Choices {
@@ -527,6 +549,7 @@ impl<'de> Deserialize<'de> for Choices {
                 let mut c = Choices::default();
                 while let Some(choice) = seq.next_element::<Choice>()? {
                     c.total = c.total.saturating_add(1);
+                    c.single_index = (c.total == 1).then_some(choice.index.0.unwrap_or(0));
                     if choice.has_token() {
                         c.with_content = c.with_content.saturating_add(1);
                     }
@@ -547,7 +570,11 @@ trait Leaf: Sized {
     fn from_str(s: &str) -> Self;
     /// An array, by whether it has elements.
     fn from_seq(non_empty: bool) -> Self;
-    /// Null, a number, a boolean or an object.
+    /// A non-negative integer.
+    fn from_u64(_: u64) -> Self {
+        Self::OTHER
+    }
+    /// Null, another number, a boolean or an object.
     const OTHER: Self;
 }
 
@@ -578,11 +605,11 @@ impl<'de, T: Leaf> Visitor<'de> for LeafVisitor<T> {
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
         Ok(T::OTHER)
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
-        Ok(T::OTHER)
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+        Ok(u64::try_from(n).map_or(T::OTHER, T::from_u64))
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
-        Ok(T::OTHER)
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+        Ok(T::from_u64(n))
     }
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
         Ok(T::OTHER)
@@ -618,6 +645,29 @@ impl Leaf for Text {
 }
 
 impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        leaf(d)
+    }
+}
+
+/// A choice's `index`: a small non-negative integer, or nothing (any other value is skipped).
+#[derive(Default)]
+struct Index(Option<u32>);
+
+impl Leaf for Index {
+    fn from_str(_: &str) -> Self {
+        Index(None)
+    }
+    fn from_seq(_: bool) -> Self {
+        Index(None)
+    }
+    fn from_u64(n: u64) -> Self {
+        Index(u32::try_from(n).ok())
+    }
+    const OTHER: Self = Index(None);
+}
+
+impl<'de> Deserialize<'de> for Index {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         leaf(d)
     }
@@ -862,6 +912,34 @@ mod tests {
         assert_eq!(ev(r#"{"type":"message_stop"}"#), [SseEvent::Other]);
         // A `type` that is not a string is ignored, not an error.
         assert_eq!(ev(r#"{"type":{"a":1},"choices":[]}"#), [SseEvent::Other]);
+    }
+
+    /// vLLM with `n` = 2 and continuous usage: each choice's chunks carry that choice's count.
+    #[test]
+    fn continuous_usage_is_followed_per_choice() {
+        let chunk = |i: u32, c: u64| {
+            format!("data: {{\"choices\":[{{\"index\":{i},\"text\":\"x\"}}],\"usage\":{{\"prompt_tokens\":2,\"completion_tokens\":{c}}}}}\n\n")
+        };
+        let mut s = String::new();
+        for (i, c) in [
+            (0, 1),
+            (0, 2),
+            (1, 1),
+            (0, 3),
+            (1, 2),
+            (0, 4),
+            (1, 3),
+            (1, 4),
+        ] {
+            s.push_str(&chunk(i, c));
+        }
+        let mut p = SseParser::default();
+        p.feed(s.as_bytes(), |_| {});
+        assert_eq!(p.stats().tokens, 8);
+        // Beyond the tracked choices, each chunk counts by its content.
+        let mut p = SseParser::default();
+        p.feed(format!("{}{}", chunk(9, 1), chunk(9, 2)).as_bytes(), |_| {});
+        assert_eq!(p.stats().tokens, 2);
     }
 
     #[test]
