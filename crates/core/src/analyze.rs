@@ -179,11 +179,52 @@ fn model_error(model: Option<&Value>, route: Route) -> Result<String, BadRequest
     }
 }
 
+/// `stream` as vLLM's request models read it (pydantic's lax mode): a boolean, 0 or 1, or one
+/// of the strings true/false, yes/no, on/off, 1/0, t/f, y/n (any case).
 fn stream_flag(stream: Option<&Value>) -> Result<bool, BadRequest> {
-    match stream {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(BadRequest::new("stream", "'stream' must be a boolean")),
+    let lax = match stream {
+        None | Some(Value::Null) => Some(false),
+        Some(Value::Bool(b)) => Some(*b),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(0) => Some(false),
+            Some(1) => Some(true),
+            _ => None,
+        },
+        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" | "t" | "y" => Some(true),
+            "false" | "no" | "off" | "0" | "f" | "n" => Some(false),
+            _ => None,
+        },
+        Some(_) => None,
+    };
+    lax.ok_or_else(|| BadRequest::new("stream", "'stream' must be a boolean"))
+}
+
+/// An integer as vLLM's request models read it (pydantic's lax mode): a number with no fraction,
+/// a boolean (0 or 1), or a string of an integer, optionally with a zero fraction (`"3"`,
+/// `" 3 "`, `"3.0"`); not `1.5`, not `"1e1"`.
+fn lax_integer(v: &Value) -> Option<i128> {
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .map(i128::from)
+            .or_else(|| n.as_i64().map(i128::from))
+            .or_else(|| {
+                let f = n.as_f64()?;
+                (f.fract() == 0.0 && f.abs() < 1e30).then_some(f as i128)
+            }),
+        Value::Bool(b) => Some(i128::from(*b)),
+        Value::String(s) => {
+            let s = s.trim();
+            let (whole, fraction) = s.split_once('.').unwrap_or((s, ""));
+            let digits = whole.strip_prefix(['-', '+']).unwrap_or(whole);
+            let integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+            if !integer || !fraction.bytes().all(|b| b == b'0') {
+                return None;
+            }
+            whole.parse::<i128>().ok()
+        }
+        _ => None,
     }
 }
 
@@ -329,21 +370,32 @@ fn output_bound(kind: ApiKind, v: Option<&Value>, field: &str) -> Result<Option<
 }
 
 fn optional_count(v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequest> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+    let v = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    match lax_integer(v) {
+        Some(n) => u64::try_from(n).map(Some).map_err(|_| {
             BadRequest::new(
                 field,
                 format!("'{field}' must be a non-negative integer, got {n}"),
             )
         }),
-        Some(other) => Err(BadRequest::new(
+        None => Err(BadRequest::new(
             field,
             format!(
                 "'{field}' must be a non-negative integer, got {}",
-                type_name(other)
+                describe(v)
             ),
         )),
+    }
+}
+
+/// A value for an error message: a number as written, else its JSON type.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        other => type_name(other).to_string(),
     }
 }
 
@@ -516,7 +568,7 @@ mod tests {
                 "got -1",
             ),
             (
-                r#"{"model":"m","stream":"yes"}"#,
+                r#"{"model":"m","stream":"maybe"}"#,
                 &[],
                 Some("stream"),
                 "boolean",
@@ -609,6 +661,47 @@ mod tests {
             r#"{{"model":"m","messages":[{{"role":"system","content":"dropped"}}],"messages":[{{"role":"user","content":"{long}"}}]}}"#
         );
         assert_eq!(text(&twice), text(&role_first));
+    }
+
+    /// Integers and booleans as vLLM (pydantic's lax mode) reads them, checked against vLLM 0.32.
+    #[test]
+    fn counts_and_flags_read_as_vllm_reads_them() {
+        let body = |field: &str| format!(r#"{{"model":"m","prompt":"x",{field}}}"#);
+        for (field, want) in [
+            (r#""max_tokens":"3""#, 3),
+            (r#""max_tokens":3.0"#, 3),
+            (r#""max_tokens":true"#, 1),
+            (r#""max_tokens":" 3 ""#, 3),
+            (r#""max_tokens":"3.0""#, 3),
+        ] {
+            let p = run(COMPLETION, &body(field), &[]).unwrap();
+            assert_eq!(p.expected_output_tokens, want, "{field}");
+        }
+        for field in [
+            r#""max_tokens":1.5"#,
+            r#""max_tokens":"1e1""#,
+            r#""max_tokens":"-3""#,
+            r#""max_tokens":"""#,
+            r#""max_tokens":"3.5""#,
+            r#""stream":2"#,
+            r#""stream":"maybe""#,
+            r#""stream":[]"#,
+        ] {
+            assert!(run(COMPLETION, &body(field), &[]).is_err(), "{field}");
+        }
+        for (field, want) in [
+            (r#""stream":"yes""#, true),
+            (r#""stream":1"#, true),
+            (r#""stream":"ON""#, true),
+            (r#""stream":"f""#, false),
+            (r#""stream":0"#, false),
+        ] {
+            assert_eq!(
+                run(COMPLETION, &body(field), &[]).unwrap().stream,
+                want,
+                "{field}"
+            );
+        }
     }
 
     /// `/v1/responses` and Anthropic-style `/v1/messages` (routes of kind `Other`): their prompt

@@ -58,13 +58,13 @@ async fn wrong_types_and_values_name_the_param() {
         ),
         (
             &comp,
-            r#"{"model":"m","prompt":"x","max_completion_tokens":true}"#,
+            r#"{"model":"m","prompt":"x","max_completion_tokens":[1]}"#,
             &[],
             Some("max_completion_tokens"),
         ),
         (
             &comp,
-            r#"{"model":"m","prompt":"x","stream":"yes"}"#,
+            r#"{"model":"m","prompt":"x","stream":"maybe"}"#,
             &[],
             Some("stream"),
         ),
