@@ -61,7 +61,16 @@ pub struct BadRequest {
     pub message: String,
 }
 
+/// The message of a request without `model` on a route that needs one.
+const MISSING_MODEL: &str = "'model' is required";
+
 impl BadRequest {
+    /// Whether the request lacks `model` (absent or null) on a route that needs one: the router
+    /// may then take the fleet's only model, as vLLM takes its first served name.
+    pub fn is_missing_model(&self) -> bool {
+        self.param.as_deref() == Some("model") && self.message == MISSING_MODEL
+    }
+
     fn new(param: &str, message: impl Into<String>) -> Self {
         BadRequest {
             param: Some(param.to_string()),
@@ -171,7 +180,7 @@ fn read_form(route: Route, body: &[u8], boundary: &[u8]) -> Result<BodyFacts, Ba
 fn model_error(model: Option<&Value>, route: Route) -> Result<String, BadRequest> {
     match model {
         None | Some(Value::Null) if !route.model_required => Ok(String::new()),
-        None | Some(Value::Null) => Err(BadRequest::new("model", "'model' is required")),
+        None | Some(Value::Null) => Err(BadRequest::new("model", MISSING_MODEL)),
         Some(_) => Err(BadRequest::new(
             "model",
             "'model' must be a non-empty string",

@@ -206,18 +206,63 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
             return reject(&state, error, &request_id);
         }
     };
-    let profile = analyze(
-        route,
-        &body,
-        |name| parts.headers.get(name).map(|v| v.as_bytes()),
-        &state.analyzer,
-        |model| state.learned_output.estimate(model),
-    );
-    let profile = match profile {
+    // `model` stands in for the body's when the router supplies it (the learned output length).
+    let analyze_as = |route: Route, model: Option<&str>| {
+        analyze(
+            route,
+            &body,
+            |name| parts.headers.get(name).map(|v| v.as_bytes()),
+            &state.analyzer,
+            |m| state.learned_output.estimate(model.unwrap_or(m)),
+        )
+    };
+    let profile = match analyze_as(route, None) {
         Ok(p) => p,
+        Err(e) if e.is_missing_model() => match only_model(&state) {
+            // vLLM serves a request without `model` with its first served name; a fleet that
+            // serves one model can do the same (the engine reads the body as it would direct).
+            Some(model) => {
+                let lenient = Route {
+                    model_required: false,
+                    ..route
+                };
+                match analyze_as(lenient, Some(&model)) {
+                    Ok(p) => qoe_core::RequestProfile { model, ..p },
+                    Err(e) => return reject(&state, e.into(), &request_id),
+                }
+            }
+            None => {
+                let mut error: ApiError = e.into();
+                let models = served_models(&state);
+                error.message = if models.is_empty() {
+                    "'model' is required (no model is known on the endpoints yet)".to_string()
+                } else {
+                    format!(
+                        "'model' is required: the endpoints serve {}",
+                        models.join(", ")
+                    )
+                };
+                return reject(&state, error, &request_id);
+            }
+        },
         Err(e) => return reject(&state, e.into(), &request_id),
     };
     dispatch(state, parts, body, profile, request_id, started).await
+}
+
+/// Every model the endpoints serve, sorted, each once.
+fn served_models(state: &AppState) -> Vec<String> {
+    let table = state.registry.table();
+    let mut models: Vec<String> = table.endpoints.iter().flat_map(|e| e.models()).collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
+/// The fleet's model, when every endpoint serves the same one and only it.
+fn only_model(state: &AppState) -> Option<String> {
+    let mut models = served_models(state);
+    (models.len() == 1).then(|| models.remove(0))
 }
 
 /// Endpoints serving the model (healthy or not: health and breakers are checked before every
@@ -237,9 +282,7 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
                 "no endpoints are configured",
             ));
         }
-        let mut models: Vec<String> = table.endpoints.iter().flat_map(|e| e.models()).collect();
-        models.sort();
-        models.dedup();
+        let models = served_models(state);
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(

@@ -334,6 +334,41 @@ async fn connect_failure_retries_another_endpoint() {
     assert!(retries >= 3.0, "{retries}");
 }
 
+/// vLLM serves a request without `model` with its first served name; through the router that
+/// holds while the fleet serves a single model, and is a 400 naming the models otherwise.
+#[tokio::test]
+async fn a_request_without_model_goes_to_the_fleets_only_model() {
+    let c = client();
+    let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let (a, b) = (mock(&["m"]).await, mock(&["m"]).await);
+    let r = router(&["--static-backends", &backends(&[&a, &b])]).await;
+    let ans = post(&c, &format!("{}/v1/chat/completions", r.url), body, &[]).await;
+    assert_eq!(ans.status, 200);
+    let chats: Vec<Seen> = [&a, &b]
+        .iter()
+        .flat_map(|e| e.requests())
+        .filter(|s| s.path == "/v1/chat/completions")
+        .collect();
+    assert_eq!(chats.len(), 1, "sent to one endpoint");
+    assert_eq!(chats[0].body, body.as_bytes(), "forwarded untouched");
+    let (x, y) = (mock(&["m"]).await, mock(&["n"]).await);
+    let two = router(&[
+        "--static-backends",
+        &backends(&[&x, &y]),
+        "--static-models",
+        "m,n",
+    ])
+    .await;
+    let ans = post(&c, &format!("{}/v1/chat/completions", two.url), body, &[]).await;
+    assert_eq!(ans.status, 400);
+    let error = &ans.json()["error"];
+    assert_eq!(error["param"], "model");
+    assert!(
+        error["message"].as_str().unwrap().contains("serve m, n"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn bad_input_gets_openai_errors_with_the_right_status() {
     let engine = mock(&["m"]).await;
@@ -344,7 +379,7 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, Option<&'a str>);
     let cases: &[Case] = &[
         ("{oops", &[], 400, None),
-        (r#"{"messages":[]}"#, &[], 400, Some("model")),
+        (r#"{"model":"","messages":[]}"#, &[], 400, Some("model")),
         (
             r#"{"model":"m","messages":[],"max_tokens":"ten"}"#,
             &[],
