@@ -312,11 +312,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Readiness, for a load balancer or a Kubernetes readiness probe: 200 while some endpoint
-/// passed its last health check, has no open breaker and serves a model ([`crate::endpoints::Endpoint::ready`]);
-/// 503 otherwise (a router
-/// that would answer every request 503 or 404 should not receive traffic). `/health` stays 200
-/// as long as the process runs (liveness).
+/// Readiness, for a load balancer or a Kubernetes readiness probe: 200 while some endpoint passed
+/// its last health check, has no open breaker and serves a model
+/// ([`crate::endpoints::Endpoint::ready`]); 503 otherwise (a router that would answer every
+/// request 503 or 404 should not receive traffic). `/health` stays 200 as long as the process
+/// runs (liveness).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now();
     let table = state.registry.table();
