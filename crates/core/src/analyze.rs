@@ -65,7 +65,7 @@ pub struct BadRequest {
 const MISSING_MODEL: &str = "'model' is required";
 
 impl BadRequest {
-    /// Whether the request lacks `model` (absent or null) on a route that needs one: the router
+    /// Whether the request lacks `model` (absent, null or empty) on a route that needs one: the router
     /// may then take the fleet's only model, as vLLM takes its first served name.
     pub fn is_missing_model(&self) -> bool {
         self.param.as_deref() == Some("model") && self.message == MISSING_MODEL
@@ -179,8 +179,11 @@ fn read_form(route: Route, body: &[u8], boundary: &[u8]) -> Result<BodyFacts, Ba
 /// else the error.
 fn model_error(model: Option<&Value>, route: Route) -> Result<String, BadRequest> {
     match model {
+        // vLLM reads an empty name as none (its first served name).
         None | Some(Value::Null) if !route.model_required => Ok(String::new()),
+        Some(Value::String(s)) if s.is_empty() && !route.model_required => Ok(String::new()),
         None | Some(Value::Null) => Err(BadRequest::new("model", MISSING_MODEL)),
+        Some(Value::String(s)) if s.is_empty() => Err(BadRequest::new("model", MISSING_MODEL)),
         Some(_) => Err(BadRequest::new(
             "model",
             "'model' must be a non-empty string",

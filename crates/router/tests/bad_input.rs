@@ -43,7 +43,6 @@ async fn wrong_types_and_values_name_the_param() {
         (&comp, "null", &[], None),
         (&comp, r#""a string""#, &[], None),
         (&comp, r#"{"model":5,"prompt":"x"}"#, &[], Some("model")),
-        (&comp, r#"{"model":"","prompt":"x"}"#, &[], Some("model")),
         (
             &comp,
             r#"{"model":"m","prompt":"x","max_tokens":-1}"#,

@@ -344,13 +344,19 @@ async fn a_request_without_model_goes_to_the_fleets_only_model() {
     let r = router(&["--static-backends", &backends(&[&a, &b])]).await;
     let ans = post(&c, &format!("{}/v1/chat/completions", r.url), body, &[]).await;
     assert_eq!(ans.status, 200);
+    let empty = r#"{"model":"","messages":[{"role":"user","content":"hi"}]}"#;
+    let ans = post(&c, &format!("{}/v1/chat/completions", r.url), empty, &[]).await;
+    assert_eq!(ans.status, 200, "an empty name reads as none, as in vLLM");
     let chats: Vec<Seen> = [&a, &b]
         .iter()
         .flat_map(|e| e.requests())
         .filter(|s| s.path == "/v1/chat/completions")
         .collect();
-    assert_eq!(chats.len(), 1, "sent to one endpoint");
-    assert_eq!(chats[0].body, body.as_bytes(), "forwarded untouched");
+    assert_eq!(chats.len(), 2, "each sent to one endpoint");
+    for sent in [body, empty] {
+        let forwarded = chats.iter().any(|s| s.body == sent.as_bytes());
+        assert!(forwarded, "forwarded untouched: {sent}");
+    }
     let (x, y) = (mock(&["m"]).await, mock(&["n"]).await);
     let two = router(&[
         "--static-backends",
@@ -379,7 +385,7 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, Option<&'a str>);
     let cases: &[Case] = &[
         ("{oops", &[], 400, None),
-        (r#"{"model":"","messages":[]}"#, &[], 400, Some("model")),
+        (r#"{"model":5,"messages":[]}"#, &[], 400, Some("model")),
         (
             r#"{"model":"m","messages":[],"max_tokens":"ten"}"#,
             &[],
