@@ -112,3 +112,38 @@ def test_counts_responses_api_stream_tokens(router):
     completed = [e for e in events if e.type == "response.completed"]
     assert completed and completed[0].response.usage.output_tokens == n
     assert any(e.type == "response.output_text.delta" for e in events)
+
+
+def status_of(base, path, body):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+ODD_REQUESTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}], "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"content": "x"}], "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": "hi", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": "2"}),
+    ("/v1/completions", {"prompt": [[1, 2], [3]], "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3.0, "stream": "yes"}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1.5}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "input": 5}),
+    ("/v1/completions", {"prompt": None, "max_tokens": 2}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": "2"}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "system": "be brief"}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}]}),
+]
+
+
+@pytest.mark.parametrize("path,body", ODD_REQUESTS)
+def test_the_router_refuses_only_what_vllm_refuses(router, path, body):
+    for model in ("tiny-llama", "", None):
+        sent = dict(body) if model is None else {"model": model, **body}
+        assert status_of(router, path, sent) == status_of(REAL, path, sent), (model, sent)
