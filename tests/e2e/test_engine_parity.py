@@ -72,6 +72,8 @@ def shape(v, key=None):
         if key == "top_logprobs" and set(v) != {"token", "logprob", "bytes"}:
             return "token->logprob"  # a completion's, keyed by token text
         return {k: shape(x, k) for k, x in v.items()}
+    if key == "bytes" and isinstance(v, list):
+        return "bytes"  # a token whose text vLLM holds back has none: [] is still bytes
     if isinstance(v, list):
         return [shape(v[0], key)] if v else []
     if isinstance(v, bool) or v is None:
