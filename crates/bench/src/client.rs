@@ -41,6 +41,8 @@ pub fn http_client(max_idle: usize) -> HttpClient {
 pub struct Target {
     /// As given, without a trailing slash.
     pub base: String,
+    /// `Authorization` sent with every request to it (`--api-key`).
+    pub auth: Option<http::HeaderValue>,
 }
 
 impl Target {
@@ -60,7 +62,7 @@ impl Target {
             anyhow::bail!("--target {url}: no host");
         }
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
-        Ok(Target { base })
+        Ok(Target { base, auth: None })
     }
 
     /// The URL of `path` (which starts with `/`).
@@ -101,6 +103,7 @@ pub fn http_request(
     url: &str,
     body: Bytes,
     r: &PlannedRequest,
+    auth: Option<&http::HeaderValue>,
 ) -> anyhow::Result<hyper::Request<Full<Bytes>>> {
     let mut b = hyper::Request::post(url)
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -114,6 +117,9 @@ pub fn http_request(
     }
     if let Some(s) = r.session {
         b = b.header("x-session-id", format!("session-{}", s.id));
+    }
+    if let Some(auth) = auth {
+        b = b.header(http::header::AUTHORIZATION, auth);
     }
     Ok(b.body(Full::new(body))?)
 }
@@ -227,7 +233,11 @@ pub async fn check_target(
     model: Option<&str>,
 ) -> anyhow::Result<String> {
     let url = target.url("/v1/models");
-    let req = hyper::Request::get(&url).body(Full::new(Bytes::new()))?;
+    let mut req = hyper::Request::get(&url);
+    if let Some(auth) = &target.auth {
+        req = req.header(http::header::AUTHORIZATION, auth);
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
     let fetch = async {
         let resp = client.request(req).await.map_err(|e| {
             anyhow::anyhow!(
@@ -323,8 +333,10 @@ mod tests {
             serde_json::from_slice(&request_body(Api::Chat, "m", &r)).unwrap();
         assert_eq!(v["messages"][0]["content"], "abcd efgh");
         assert!(v.get("prompt").is_none());
-        let req = http_request("http://h/v1/completions", Bytes::new(), &r).unwrap();
+        let key = http::HeaderValue::from_static("Bearer k");
+        let req = http_request("http://h/v1/completions", Bytes::new(), &r, Some(&key)).unwrap();
         let h = req.headers();
+        assert_eq!(h["authorization"], "Bearer k");
         assert_eq!(h["x-request-priority"], "1");
         assert_eq!(h["x-sla-target-ms"], "250");
         assert_eq!(h["x-expected-output-tokens"], "17");
@@ -333,7 +345,8 @@ mod tests {
         quiet.sla = None;
         quiet.session = None;
         quiet.send_expected_header = false;
-        let req = http_request("http://h/", Bytes::new(), &quiet).unwrap();
+        let req = http_request("http://h/", Bytes::new(), &quiet, None).unwrap();
+        assert!(req.headers().get("authorization").is_none());
         assert!(req.headers().get("x-sla-target-ms").is_none());
         assert!(req.headers().get("x-expected-output-tokens").is_none());
         assert!(req.headers().get("x-session-id").is_none());

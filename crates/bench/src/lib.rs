@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// Model to request (default: the workload's, else the first the target lists).
     #[arg(long)]
     pub model: Option<String>,
+    /// Sent as `Authorization: Bearer KEY` to every target (a router run with --api-keys, vLLM
+    /// with --api-key). Prefer the environment variable: command lines are visible to local users.
+    #[arg(long, env = "QOE_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Most requests in flight at once; a request planned beyond it is counted as a
     /// `client_overload` error, never queued.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -218,6 +222,22 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         .filter(|t| !t.trim().is_empty())
         .map(|t| Target::parse(t))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let auth = match &args.api_key {
+        Some(key) => {
+            let mut value = http::HeaderValue::try_from(format!("Bearer {}", key.trim()))
+                .map_err(|_| anyhow::anyhow!("--api-key: not a valid header value"))?;
+            value.set_sensitive(true);
+            Some(value)
+        }
+        None => None,
+    };
+    let targets: Vec<Target> = targets
+        .into_iter()
+        .map(|t| Target {
+            auth: auth.clone(),
+            ..t
+        })
+        .collect();
     anyhow::ensure!(!targets.is_empty(), "--target is empty");
     anyhow::ensure!(
         targets.len() == 1 || args.compare,
@@ -419,7 +439,8 @@ impl Run<'_> {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let request = http_request(&url, request_body(api, &self.model, &planned), &planned)?;
+            let body = request_body(api, &self.model, &planned);
+            let request = http_request(&url, body, &planned, self.target.auth.as_ref())?;
             let (id, priority, sla, planned_at, prompt_tokens) = (
                 planned.id,
                 planned.priority,

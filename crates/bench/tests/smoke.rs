@@ -17,6 +17,8 @@ const MODEL: &str = "sim-llama";
 const SEED: u64 = 7;
 const DURATION_S: f64 = 2.0;
 
+const API_KEY: &str = "sk-smoke-test-key-0123456789";
+
 fn smoke_workload() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/workloads/smoke.toml")
 }
@@ -149,6 +151,9 @@ async fn smoke_against_a_router_and_an_engine() {
         MODEL,
         "--routing-logic",
         "least-loaded",
+        // The bench authenticates (--api-key): without it every request would be a 401.
+        "--api-keys",
+        API_KEY,
     ])
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -178,6 +183,8 @@ async fn smoke_against_a_router_and_an_engine() {
         &seed,
         "--model",
         MODEL,
+        "--api-key",
+        API_KEY,
         "--max-in-flight",
         "64",
         "--request-timeout",
