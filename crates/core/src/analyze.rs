@@ -191,52 +191,13 @@ fn model_error(model: Option<&Value>, route: Route) -> Result<String, BadRequest
     }
 }
 
-/// `stream` as vLLM's request models read it (pydantic's lax mode): a boolean, 0 or 1, or one
-/// of the strings true/false, yes/no, on/off, 1/0, t/f, y/n (any case).
+/// `stream` as vLLM's request models read it ([`crate::lax::bool`]).
 fn stream_flag(stream: Option<&Value>) -> Result<bool, BadRequest> {
-    let lax = match stream {
-        None | Some(Value::Null) => Some(false),
-        Some(Value::Bool(b)) => Some(*b),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(0) => Some(false),
-            Some(1) => Some(true),
-            _ => None,
-        },
-        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
-            "true" | "yes" | "on" | "1" | "t" | "y" => Some(true),
-            "false" | "no" | "off" | "0" | "f" | "n" => Some(false),
-            _ => None,
-        },
-        Some(_) => None,
-    };
-    lax.ok_or_else(|| BadRequest::new("stream", "'stream' must be a boolean"))
-}
-
-/// An integer as vLLM's request models read it (pydantic's lax mode): a number with no fraction,
-/// a boolean (0 or 1), or a string of an integer, optionally with a zero fraction (`"3"`,
-/// `" 3 "`, `"3.0"`); not `1.5`, not `"1e1"`.
-fn lax_integer(v: &Value) -> Option<i128> {
-    match v {
-        Value::Number(n) => n
-            .as_u64()
-            .map(i128::from)
-            .or_else(|| n.as_i64().map(i128::from))
-            .or_else(|| {
-                let f = n.as_f64()?;
-                (f.fract() == 0.0 && f.abs() < 1e30).then_some(f as i128)
-            }),
-        Value::Bool(b) => Some(i128::from(*b)),
-        Value::String(s) => {
-            let s = s.trim();
-            let (whole, fraction) = s.split_once('.').unwrap_or((s, ""));
-            let digits = whole.strip_prefix(['-', '+']).unwrap_or(whole);
-            let integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
-            if !integer || !fraction.bytes().all(|b| b == b'0') {
-                return None;
-            }
-            whole.parse::<i128>().ok()
+    match stream {
+        None | Some(Value::Null) => Ok(false),
+        Some(v) => {
+            crate::lax::bool(v).map_err(|_| BadRequest::new("stream", "'stream' must be a boolean"))
         }
-        _ => None,
     }
 }
 
@@ -386,7 +347,7 @@ fn optional_count(v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequ
         None | Some(Value::Null) => return Ok(None),
         Some(v) => v,
     };
-    match lax_integer(v) {
+    match crate::lax::int(v).ok() {
         Some(n) => u64::try_from(n).map(Some).map_err(|_| {
             BadRequest::new(
                 field,

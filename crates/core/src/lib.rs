@@ -13,6 +13,7 @@
 
 pub mod analyze;
 pub mod endpoint;
+pub mod lax;
 pub mod policy;
 pub mod profile;
 pub mod prompt;

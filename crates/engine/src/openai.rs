@@ -249,56 +249,33 @@ fn lax<T>(
     }
 }
 
+/// An integer as vLLM reads it ([`qoe_core::lax::int`]), with pydantic's error kind and message.
 fn int_of(v: &Value) -> Result<i64, (&'static str, &'static str)> {
-    const FRACTION: (&str, &str) = (
-        "int_from_float",
-        "Input should be a valid integer, got a number with a fractional part",
-    );
-    match v {
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Ok(i)
-            } else if let Some(u) = n.as_u64() {
-                Ok(u.min(i64::MAX as u64) as i64)
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                if f.fract() == 0.0 && f.abs() < 9.2e18 {
-                    Ok(f as i64)
-                } else {
-                    Err(FRACTION)
-                }
-            }
-        }
-        Value::Bool(b) => Ok(*b as i64),
-        Value::String(s) => s.trim().parse().map_err(|_| {
-            (
-                "int_parsing",
-                "Input should be a valid integer, unable to parse string as an integer",
-            )
-        }),
-        _ => Err(("int_type", "Input should be a valid integer")),
+    use qoe_core::lax::IntError;
+    match qoe_core::lax::int(v) {
+        Ok(i) => Ok(i.clamp(i64::MIN as i128, i64::MAX as i128) as i64),
+        Err(IntError::Fraction) => Err((
+            "int_from_float",
+            "Input should be a valid integer, got a number with a fractional part",
+        )),
+        Err(IntError::Parsing) => Err((
+            "int_parsing",
+            "Input should be a valid integer, unable to parse string as an integer",
+        )),
+        Err(IntError::Type) => Err(("int_type", "Input should be a valid integer")),
     }
 }
 
+/// A boolean as vLLM reads it ([`qoe_core::lax::bool`]), with pydantic's error kind and message.
 fn bool_of(v: &Value) -> Result<bool, (&'static str, &'static str)> {
-    const PARSING: (&str, &str) = (
-        "bool_parsing",
-        "Input should be a valid boolean, unable to interpret input",
-    );
-    match v {
-        Value::Bool(b) => Ok(*b),
-        Value::Number(n) => match n.as_f64() {
-            Some(0.0) => Ok(false),
-            Some(1.0) => Ok(true),
-            _ => Err(PARSING),
-        },
-        Value::String(s) => match s.to_ascii_lowercase().as_str() {
-            "0" | "off" | "f" | "false" | "n" | "no" => Ok(false),
-            "1" | "on" | "t" | "true" | "y" | "yes" => Ok(true),
-            _ => Err(PARSING),
-        },
-        _ => Err(("bool_type", "Input should be a valid boolean")),
-    }
+    use qoe_core::lax::BoolError;
+    qoe_core::lax::bool(v).map_err(|e| match e {
+        BoolError::Parsing => (
+            "bool_parsing",
+            "Input should be a valid boolean, unable to interpret input",
+        ),
+        BoolError::Type => ("bool_type", "Input should be a valid boolean"),
+    })
 }
 
 fn float_of(v: &Value) -> Result<f64, (&'static str, &'static str)> {
