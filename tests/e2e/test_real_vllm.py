@@ -136,6 +136,8 @@ ODD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "input": 5}),
     ("/v1/completions", {"prompt": None, "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "max_completion_tokens": "ten"}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "max_tokens": "ten"}),
     ("/v1/responses", {"input": "hi", "max_output_tokens": "2"}),
     ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "system": "be brief"}),
     ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}]}),

@@ -100,7 +100,7 @@ pub struct Route {
 struct BodyFacts {
     model: String,
     stream: bool,
-    /// `max_tokens`, else `max_completion_tokens`, else `max_output_tokens` (Responses API).
+    /// The output bound of the route's API (see [`read_body`]).
     max_tokens: Option<u64>,
     prompt: body::PromptText,
     /// The hash of the body field named like the session key, if it is a string or a number.
@@ -134,15 +134,18 @@ fn read_body(route: Route, body: &[u8], config: &AnalyzerConfig) -> Result<BodyF
     };
     let stream = stream_flag(fields.stream.as_ref())?;
     let count = |v: Option<&Value>, field| output_bound(route.kind, v, field);
-    let max_tokens = count(fields.max_tokens.as_ref(), "max_tokens")?
-        .or(count(
-            fields.max_completion_tokens.as_ref(),
-            "max_completion_tokens",
-        )?)
-        .or(count(
-            fields.max_output_tokens.as_ref(),
-            "max_output_tokens",
-        )?);
+    let max_tokens = count(fields.max_tokens.as_ref(), "max_tokens")?;
+    let max_completion_tokens = count(
+        fields.max_completion_tokens.as_ref(),
+        "max_completion_tokens",
+    )?;
+    let max_output_tokens = count(fields.max_output_tokens.as_ref(), "max_output_tokens")?;
+    let max_tokens = api_output_bound(
+        route.kind,
+        max_tokens,
+        max_completion_tokens,
+        max_output_tokens,
+    );
     if chat && !fields.has_messages && route.model_required {
         return Err(BadRequest::new("messages", "'messages' is required"));
     }
@@ -328,13 +331,31 @@ fn header_int(raw: &[u8]) -> Option<u64> {
     std::str::from_utf8(raw).ok()?.trim().parse().ok()
 }
 
-/// An output bound (`max_tokens`, ...): checked where the route's API defines it
-/// ([`body::validated`]), else read if it is a count and ignored if not. `max_output_tokens`
-/// (Responses API) only counts on routes that are neither chat nor completions.
-fn output_bound(kind: ApiKind, v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequest> {
-    if field == "max_output_tokens" && kind != ApiKind::Other {
-        return Ok(None);
+/// The output bound of the route's API, read as vLLM reads it: a chat's `max_completion_tokens`
+/// before its deprecated `max_tokens`; a completion has only `max_tokens`, 16 when absent or null
+/// (its OpenAI default); the Responses API has only `max_output_tokens` (a `max_tokens` sent there
+/// is ignored), Anthropic-style `/v1/messages` only `max_tokens`.
+fn api_output_bound(
+    kind: ApiKind,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+) -> Option<u64> {
+    match kind {
+        ApiKind::Chat => max_completion_tokens.or(max_tokens),
+        ApiKind::Completion => max_tokens.or(Some(COMPLETION_DEFAULT_MAX_TOKENS)),
+        ApiKind::Embedding => None,
+        ApiKind::Other => max_output_tokens.or(max_tokens),
     }
+}
+
+/// A completion's output bound when it sets none: OpenAI's default for the legacy completions
+/// API, which vLLM and SGLang keep.
+pub const COMPLETION_DEFAULT_MAX_TOKENS: u64 = 16;
+
+/// An output bound (`max_tokens`, ...): checked where the route's API defines it
+/// ([`body::validated`]), else read if it is a count and ignored if not.
+fn output_bound(kind: ApiKind, v: Option<&Value>, field: &str) -> Result<Option<u64>, BadRequest> {
     if body::validated(kind, field) {
         optional_count(v, field)
     } else {
@@ -468,18 +489,41 @@ mod tests {
             (33, OutputSource::Header)
         );
         let p = run(
-            COMPLETION,
-            r#"{"model":"m","prompt":"x","max_completion_tokens":9}"#,
+            CHAT,
+            r#"{"model":"m","messages":[],"max_completion_tokens":9}"#,
             &[],
         )
         .unwrap();
         assert_eq!(p.expected_output_tokens, 9);
-        let p = run(COMPLETION, r#"{"model":"m","prompt":[1,2,3]}"#, &[]).unwrap();
+        // vLLM's chat reads `max_completion_tokens` before the deprecated `max_tokens`.
+        let both = r#"{"model":"m","messages":[],"max_tokens":50,"max_completion_tokens":9}"#;
+        assert_eq!(run(CHAT, both, &[]).unwrap().expected_output_tokens, 9);
+        // A completion has no `max_completion_tokens` (vLLM ignores it, so does the router) and
+        // stops at 16 tokens without `max_tokens`.
+        for body in [
+            r#"{"model":"m","prompt":[1,2,3]}"#,
+            r#"{"model":"m","prompt":[1,2,3],"max_tokens":null}"#,
+            r#"{"model":"m","prompt":[1,2,3],"max_completion_tokens":9}"#,
+            r#"{"model":"m","prompt":[1,2,3],"max_completion_tokens":"nine"}"#,
+        ] {
+            let p = run(COMPLETION, body, &[]).unwrap();
+            assert_eq!(
+                (p.expected_output_tokens, p.output_source),
+                (16, OutputSource::MaxTokens),
+                "{body}"
+            );
+            assert_eq!(p.prompt_tokens, 3, "token ids count one each");
+        }
+        let p = run(
+            CHAT,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             (p.expected_output_tokens, p.output_source),
             (200, OutputSource::Learned)
         );
-        assert_eq!(p.prompt_tokens, 3, "token ids count one each");
     }
 
     #[test]
@@ -694,6 +738,9 @@ mod tests {
             (p.expected_output_tokens, p.output_source),
             (77, OutputSource::MaxTokens)
         );
+        // A `max_tokens` beside it is not the Responses API's bound (vLLM ignores it).
+        let both = responses.replace(r#""stream""#, r#""max_tokens":5,"stream""#);
+        assert_eq!(run(OTHER, &both, &[]).unwrap().expected_output_tokens, 77);
         let input_only = run(OTHER, &format!(r#"{{"model":"m","input":"{long}"}}"#), &[]).unwrap();
         assert!(
             p.prompt_tokens > input_only.prompt_tokens + 100,
@@ -741,9 +788,9 @@ mod tests {
             r#"{"model":"m","prompt":"x","max_output_tokens":"abc","input":5,"query":{}}"#,
         );
         assert_eq!(
-            p.output_source,
-            OutputSource::Learned,
-            "max_output_tokens is not a completion's"
+            (p.expected_output_tokens, p.output_source),
+            (16, OutputSource::MaxTokens),
+            "max_output_tokens is not a completion's: its default bound holds"
         );
         assert_eq!(p.prompt_tokens, 1);
         assert_eq!(
@@ -830,9 +877,12 @@ mod tests {
             };
             let stream = stream_flag(obj.get("stream"))?;
             let count = |field| output_bound(route.kind, obj.get(field), field);
-            let max_tokens = count("max_tokens")?
-                .or(count("max_completion_tokens")?)
-                .or(count("max_output_tokens")?);
+            let max_tokens = api_output_bound(
+                route.kind,
+                count("max_tokens")?,
+                count("max_completion_tokens")?,
+                count("max_output_tokens")?,
+            );
             let mut prompt = PromptText::default();
             match route.kind {
                 ApiKind::Chat => match obj.get("messages") {

@@ -56,8 +56,8 @@ async fn wrong_types_and_values_name_the_param() {
             Some("max_tokens"),
         ),
         (
-            &comp,
-            r#"{"model":"m","prompt":"x","max_completion_tokens":[1]}"#,
+            &chat,
+            r#"{"model":"m","messages":[],"max_completion_tokens":[1]}"#,
             &[],
             Some("max_completion_tokens"),
         ),

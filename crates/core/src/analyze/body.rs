@@ -32,7 +32,7 @@ const PROMPT_FIELDS: [&str; 5] = ["prompt", "input", "text", "query", "documents
 pub(super) fn validated(kind: ApiKind, field: &str) -> bool {
     match kind {
         ApiKind::Chat => matches!(field, "messages" | "max_tokens" | "max_completion_tokens"),
-        ApiKind::Completion => matches!(field, "prompt" | "max_tokens" | "max_completion_tokens"),
+        ApiKind::Completion => matches!(field, "prompt" | "max_tokens"),
         ApiKind::Embedding => field == "input",
         ApiKind::Other => false,
     }
