@@ -35,6 +35,7 @@ pub mod security;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod usage;
 
 pub use config::RouterConfig;
 pub use server::{app, build_state, serve, serve_state};

@@ -11,6 +11,7 @@ use crate::endpoints::{Clock, Endpoint, LoadGuard};
 use crate::errors::ApiError;
 use crate::state::AppState;
 use crate::upstream::Conn;
+use crate::usage::UsageScanner;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -22,9 +23,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Sleep;
-
-/// Tail of a non-streamed JSON response kept to read its `usage`.
-const USAGE_TAIL_BYTES: usize = 2048;
 
 /// What the observer knows about the request it watches.
 pub struct RequestContext {
@@ -45,7 +43,7 @@ pub struct RequestContext {
 
 enum Mode {
     Sse(Box<SseParser>),
-    Json(Vec<u8>),
+    Json(Box<UsageScanner>),
 }
 
 /// How the response ended.
@@ -135,7 +133,7 @@ impl<B: Body> ObservedBody<B> {
         let mode = if ctx.streaming {
             Mode::Sse(Box::new(SseParser::new(SseConfig::default())))
         } else {
-            Mode::Json(Vec::new())
+            Mode::Json(Box::default())
         };
         let last_frame = first
             .as_ref()
@@ -181,12 +179,7 @@ impl<B: Body> ObservedBody<B> {
                 parser.feed(data, |event| tally.see(event));
                 self.apply(tally, now);
             }
-            Mode::Json(tail) => {
-                tail.extend_from_slice(data);
-                if tail.len() > USAGE_TAIL_BYTES {
-                    tail.drain(..tail.len() - USAGE_TAIL_BYTES);
-                }
-            }
+            Mode::Json(usage) => usage.feed(data),
         }
     }
 
@@ -316,8 +309,8 @@ impl<B: Body> ObservedBody<B> {
         };
         let now = self.clock().now();
         let endpoint = self.endpoint.clone();
-        if let Mode::Json(tail) = &self.mode {
-            self.usage_tokens = usage_completion_tokens(tail);
+        if let Mode::Json(usage) = &self.mode {
+            self.usage_tokens = usage.output_tokens();
         }
         let output_tokens = self.usage_tokens.unwrap_or(self.tokens);
         let status = self.ctx.status;
@@ -570,51 +563,3 @@ impl<B: Body> Drop for ObservedBody<B> {
 }
 
 use std::future::Future;
-
-/// `usage.completion_tokens` from the tail of a JSON response, or `usage.output_tokens`
-/// (Responses API, `/v1/messages`): whichever comes last, since `usage` ends the answer and a
-/// key of the same name earlier may be model output (a tool call's `input` object).
-fn usage_completion_tokens(tail: &[u8]) -> Option<u32> {
-    let last = |key: &[u8]| {
-        tail.windows(key.len())
-            .rposition(|w| w == key)
-            .map(|at| at + key.len())
-    };
-    let after = last(b"\"completion_tokens\":")
-        .into_iter()
-        .chain(last(b"\"output_tokens\":"))
-        .max()?;
-    let digits = tail[after..]
-        .iter()
-        .skip_while(|b| b.is_ascii_whitespace())
-        .take_while(|b| b.is_ascii_digit())
-        .fold(None, |acc: Option<u32>, &b| {
-            Some(
-                acc.unwrap_or(0)
-                    .saturating_mul(10)
-                    .saturating_add((b - b'0') as u32),
-            )
-        });
-    digits
-}
-
-#[cfg(test)]
-mod tests {
-    use super::usage_completion_tokens;
-
-    #[test]
-    fn usage_from_json_tail() {
-        let body = br#"{"choices":[],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens": 7}}"#;
-        assert_eq!(usage_completion_tokens(body), Some(7));
-        assert_eq!(usage_completion_tokens(b"{}"), None);
-        // vLLM's /v1/responses and /v1/messages answers (their tails).
-        let responses = br#""usage":{"input_tokens":15,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0,"tool_output_tokens":0},"total_tokens":19},"user":null}"#;
-        assert_eq!(usage_completion_tokens(responses), Some(4));
-        let messages =
-            br#""stop_reason":"max_tokens","usage":{"input_tokens":13,"output_tokens":5}}"#;
-        assert_eq!(usage_completion_tokens(messages), Some(5));
-        // A tool call's input is the model's own JSON: the usage after it counts.
-        let tool = br#""content":[{"type":"tool_use","name":"f","input":{"completion_tokens":3}}],"usage":{"input_tokens":13,"output_tokens":40}}"#;
-        assert_eq!(usage_completion_tokens(tool), Some(40));
-    }
-}
