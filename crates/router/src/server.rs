@@ -335,7 +335,37 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     (http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// The exposition is OpenMetrics text; it is labelled so when the scraper accepts that format
+/// (Prometheus asks for it first), else as Prometheus' classic text, which reads it too (curl, a
+/// browser). Labelled classic to Prometheus, its counters would read as untyped: an OpenMetrics
+/// counter family `x` has samples `x_total`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn metrics_content_type(accept: Option<&HeaderValue>) -> &'static str {
+    let wants_openmetrics = accept.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',').any(|kind| {
+            let mut parts = kind.split(';').map(str::trim);
+            let is_openmetrics = parts
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
+            // `q=0` means "not this one".
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f64>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            is_openmetrics && !refused
+        })
+    });
+    if wants_openmetrics {
+        OPENMETRICS
+    } else {
+        CLASSIC_TEXT
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
     state
         .metrics
         .refresh(&state.registry.table(), state.clock.now());
@@ -344,10 +374,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .refresh_weights(state.policy.state_json().as_ref());
     state.metrics.queue_depth.set(state.admission.len() as i64);
     let mut response = state.metrics.encode().into_response();
-    response.headers_mut().insert(
+    let response_headers = response.headers_mut();
+    response_headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(metrics_content_type(headers.get(header::ACCEPT))),
     );
+    response_headers.insert(header::VARY, HeaderValue::from_static("accept"));
     response
 }
 
@@ -413,6 +445,29 @@ mod tests {
     use axum::body::Body;
     use http::StatusCode;
     use tower_service::Service;
+
+    #[test]
+    fn metrics_are_labelled_openmetrics_for_a_scraper_that_asks() {
+        let kind = |accept: Option<&str>| {
+            metrics_content_type(accept.map(|a| HeaderValue::from_str(a).unwrap()).as_ref())
+        };
+        // What Prometheus 2 and 3 send.
+        for prometheus in [
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.3",
+        ] {
+            assert_eq!(kind(Some(prometheus)), OPENMETRICS);
+        }
+        for other in [
+            None,
+            Some("*/*"),
+            Some("text/plain"),
+            Some("text/plain, application/openmetrics-text; q=0"),
+            Some("application/openmetrics-textual"),
+        ] {
+            assert_eq!(kind(other), CLASSIC_TEXT, "{other:?}");
+        }
+    }
 
     async fn status<S>(service: &mut S, method: &str, path: &str, key: Option<&str>) -> StatusCode
     where
