@@ -38,7 +38,8 @@
 //!   length only when the workload sends `x-expected-output-tokens`; otherwise the body carries no
 //!   `max_tokens` and the analyzer falls back to the learned per-model estimate (an EWMA of finished
 //!   outputs, starting at 256 tokens, as the router's `LearnedOutput`). This is the realistic case
-//!   for chat clients, and the harder one. The live `bench` client sends `max_tokens` = the true
+//!   for chat clients, and the harder one; a completions body always carries `max_tokens` (without
+//!   it vLLM stops at 16 tokens), so a workload that hides output lengths is a chat workload. The live `bench` client sends `max_tokens` = the true
 //!   output (with `ignore_eos`, as vLLM's benchmark does), which tells the router the length even
 //!   without the header; [`OutputHint::MaxTokens`] reproduces that, for comparing live and
 //!   simulated runs.
@@ -107,7 +108,8 @@ pub const FLAP_WINDOW: Micros = 300 * MICROS_PER_SEC;
 #[serde(rename_all = "kebab-case")]
 pub enum OutputHint {
     /// Only the `x-expected-output-tokens` header, when the workload sends it; otherwise the
-    /// router's learned estimate. The default.
+    /// router's learned estimate. The default. (A completions body carries `max_tokens` even so,
+    /// as a real completions client must.)
     #[default]
     Header,
     /// The header when sent, else `max_tokens` = the true output, as the live `bench` client sends.
@@ -1278,10 +1280,7 @@ impl<'a> Sim<'a> {
     /// The request as the router's analyzer sees it (from the very body and headers the live
     /// `bench` client sends), and as the engine sees it.
     fn analyze(&self, p: &PlannedRequest) -> (RequestProfile, SimRequest) {
-        let max_tokens = match self.cfg.output_hint {
-            OutputHint::MaxTokens => Some(p.output_tokens),
-            OutputHint::Header => None,
-        };
+        let max_tokens = body_max_tokens(self.cfg.output_hint, self.api, p.output_tokens);
         let body = request_body(self.api, &self.cfg.model, &p.prompt, max_tokens);
         let a = &self.cfg.analyzer;
         let priority = p.priority.level().to_string();
@@ -2013,6 +2012,15 @@ fn engine_hashes(api: Api, prompt: &str, analyzed: &[u64], max_blocks: usize) ->
     hashes
 }
 
+/// The `max_tokens` a client sends for a request of `output` tokens. A completions client always
+/// sends one: without it vLLM stops at 16 tokens.
+fn body_max_tokens(hint: OutputHint, api: Api, output: u32) -> Option<u32> {
+    match (hint, api) {
+        (OutputHint::MaxTokens, _) | (_, Api::Completions) => Some(output),
+        (OutputHint::Header, Api::Chat) => None,
+    }
+}
+
 /// The JSON body the live `bench` client sends (`stream: true`; `max_tokens` only with
 /// [`OutputHint::MaxTokens`]).
 fn request_body(api: Api, model: &str, prompt: &str, max_tokens: Option<u32>) -> Vec<u8> {
@@ -2265,6 +2273,27 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert!(v.get("max_tokens").is_none());
         }
+    }
+
+    #[test]
+    fn only_a_chat_body_hides_its_output_length() {
+        assert_eq!(body_max_tokens(OutputHint::Header, Api::Chat, 300), None);
+        assert_eq!(
+            body_max_tokens(OutputHint::Header, Api::Completions, 300),
+            Some(300)
+        );
+        for api in [Api::Chat, Api::Completions] {
+            assert_eq!(body_max_tokens(OutputHint::MaxTokens, api, 300), Some(300));
+        }
+        // What the router's analyzer then expects of a completion: its real length, not the
+        // 16 tokens of a body without `max_tokens`.
+        let route = Route {
+            kind: ApiKind::Completion,
+            model_required: true,
+        };
+        let body = request_body(Api::Completions, "m", "abcd", Some(300));
+        let p = analyze(route, &body, |_| None, &AnalyzerConfig::default(), |_| 256).unwrap();
+        assert_eq!(p.expected_output_tokens, 300);
     }
 
     #[test]
