@@ -334,7 +334,8 @@ fn header_int(raw: &[u8]) -> Option<u64> {
 /// The output bound of the route's API, read as vLLM reads it: a chat's `max_completion_tokens`
 /// before its deprecated `max_tokens`; a completion has only `max_tokens`, 16 when absent or null
 /// (its OpenAI default); the Responses API has only `max_output_tokens` (a `max_tokens` sent there
-/// is ignored), Anthropic-style `/v1/messages` only `max_tokens`.
+/// is ignored), Anthropic-style `/v1/messages` only `max_tokens`; on another route any of the
+/// three is taken as a hint.
 fn api_output_bound(
     kind: ApiKind,
     max_tokens: Option<u64>,
@@ -345,7 +346,9 @@ fn api_output_bound(
         ApiKind::Chat => max_completion_tokens.or(max_tokens),
         ApiKind::Completion => max_tokens.or(Some(COMPLETION_DEFAULT_MAX_TOKENS)),
         ApiKind::Embedding => None,
-        ApiKind::Other => max_output_tokens.or(max_tokens),
+        ApiKind::Responses => max_output_tokens,
+        ApiKind::Messages => max_tokens,
+        ApiKind::Other => max_tokens.or(max_completion_tokens).or(max_output_tokens),
     }
 }
 
@@ -721,56 +724,105 @@ mod tests {
         }
     }
 
-    /// `/v1/responses` and Anthropic-style `/v1/messages` (routes of kind `Other`): their prompt
-    /// and output bound are read; a field of a shape they do not use is no error.
+    /// `/v1/responses` and Anthropic-style `/v1/messages`: their prompt and output bound are read;
+    /// a field of a shape they do not use is no error.
     #[test]
     fn responses_and_messages_bodies() {
-        const OTHER: Route = Route {
-            kind: ApiKind::Other,
+        const RESPONSES: Route = Route {
+            kind: ApiKind::Responses,
+            model_required: false,
+        };
+        const MESSAGES: Route = Route {
+            kind: ApiKind::Messages,
             model_required: false,
         };
         let long = "w ".repeat(400);
         let responses = format!(
             r#"{{"model":"m","instructions":"{long}","input":"{long}","max_output_tokens":77,"stream":true}}"#
         );
-        let p = run(OTHER, &responses, &[]).unwrap();
+        let p = run(RESPONSES, &responses, &[]).unwrap();
         assert_eq!(
             (p.expected_output_tokens, p.output_source),
             (77, OutputSource::MaxTokens)
         );
-        // A `max_tokens` beside it is not the Responses API's bound (vLLM ignores it).
+        // A `max_tokens` is not the Responses API's bound (vLLM ignores it), beside
+        // `max_output_tokens` or alone.
         let both = responses.replace(r#""stream""#, r#""max_tokens":5,"stream""#);
-        assert_eq!(run(OTHER, &both, &[]).unwrap().expected_output_tokens, 77);
-        let input_only = run(OTHER, &format!(r#"{{"model":"m","input":"{long}"}}"#), &[]).unwrap();
+        assert_eq!(
+            run(RESPONSES, &both, &[]).unwrap().expected_output_tokens,
+            77
+        );
+        let p = run(
+            RESPONSES,
+            r#"{"model":"m","input":"hi","max_tokens":5}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.output_source, OutputSource::Learned);
+        let input_only = run(
+            RESPONSES,
+            &format!(r#"{{"model":"m","input":"{long}"}}"#),
+            &[],
+        )
+        .unwrap();
         assert!(
-            p.prompt_tokens > input_only.prompt_tokens + 100,
+            p.prompt_tokens < input_only.prompt_tokens,
+            "input counts: {} {}",
+            p.prompt_tokens,
+            input_only.prompt_tokens
+        );
+        let with_instructions = run(RESPONSES, &responses, &[]).unwrap();
+        assert!(
+            with_instructions.prompt_tokens > input_only.prompt_tokens + 100,
             "instructions count"
         );
         let messages = format!(
             r#"{{"model":"m","system":[{{"type":"text","text":"{long}"}}],"messages":[{{"role":"user","content":[{{"type":"text","text":"{long}"}}]}}],"max_tokens":5}}"#
         );
-        let p = run(OTHER, &messages, &[]).unwrap();
+        let p = run(MESSAGES, &messages, &[]).unwrap();
         assert_eq!(p.expected_output_tokens, 5);
+        // `max_tokens` is the Messages API's only bound.
+        let stray = messages.replace(
+            r#""max_tokens":5"#,
+            r#""max_tokens":100,"max_output_tokens":5"#,
+        );
+        assert_eq!(
+            run(MESSAGES, &stray, &[]).unwrap().expected_output_tokens,
+            100
+        );
         let without_system =
             format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{long}"}}]}}"#);
-        let q = run(OTHER, &without_system, &[]).unwrap();
+        let q = run(MESSAGES, &without_system, &[]).unwrap();
         assert!(q.prompt_tokens > 100, "messages count: {}", q.prompt_tokens);
         assert!(p.prompt_tokens > q.prompt_tokens + 100, "system counts");
         // Shapes these routes do not use add nothing and are not refused.
-        for odd in [
-            r#"{"model":"m","messages":{"a":1},"system":7,"instructions":{"x":[]}}"#,
-            r#"{"model":"m","messages":[{"content":"no role"}]}"#,
-        ] {
-            assert_eq!(run(OTHER, odd, &[]).unwrap().prompt_tokens, 0, "{odd}");
+        for route in [RESPONSES, MESSAGES] {
+            for odd in [
+                r#"{"model":"m","messages":{"a":1},"system":7,"instructions":{"x":[]}}"#,
+                r#"{"model":"m","messages":[{"content":"no role"}]}"#,
+            ] {
+                assert_eq!(run(route, odd, &[]).unwrap().prompt_tokens, 0, "{odd}");
+            }
         }
         // These routes are not the router's to validate: a bad output bound is ignored.
         let p = run(
-            OTHER,
+            RESPONSES,
             r#"{"model":"m","max_output_tokens":-1,"input":5}"#,
             &[],
         )
         .unwrap();
         assert_eq!(p.output_source, OutputSource::Learned);
+        let p = run(MESSAGES, r#"{"model":"m","max_tokens":"many"}"#, &[]).unwrap();
+        assert_eq!(p.output_source, OutputSource::Learned);
+        // Another route takes any of the three as a hint.
+        let other = Route {
+            kind: ApiKind::Other,
+            model_required: false,
+        };
+        for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+            let p = run(other, &format!(r#"{{"{field}":9}}"#), &[]).unwrap();
+            assert_eq!(p.expected_output_tokens, 9, "{field}");
+        }
     }
 
     /// The router refuses a bad field only where the route's own API defines it, as vLLM does;
@@ -1089,6 +1141,8 @@ mod tests {
                     ApiKind::Chat,
                     ApiKind::Completion,
                     ApiKind::Embedding,
+                    ApiKind::Responses,
+                    ApiKind::Messages,
                     ApiKind::Other,
                 ]),
                 any::<bool>(),

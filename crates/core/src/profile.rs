@@ -11,7 +11,11 @@ pub enum ApiKind {
     Chat,
     Completion,
     Embedding,
-    /// Any other routed API (`/v1/responses`, `/tokenize`, `/v1/rerank`, ...).
+    /// vLLM's Responses API (`/v1/responses`).
+    Responses,
+    /// vLLM's Anthropic-style Messages API (`/v1/messages`).
+    Messages,
+    /// Any other routed API (`/tokenize`, `/v1/rerank`, ...).
     Other,
 }
 

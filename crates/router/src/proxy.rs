@@ -52,6 +52,8 @@ pub fn route_of(path: &str) -> Option<Route> {
         "/v1/chat/completions" => (ApiKind::Chat, true),
         "/v1/completions" => (ApiKind::Completion, true),
         "/v1/embeddings" => (ApiKind::Embedding, true),
+        "/v1/responses" => (ApiKind::Responses, false),
+        "/v1/messages" => (ApiKind::Messages, false),
         p if p.starts_with("/v1/") || p.starts_with("/v2/") => (ApiKind::Other, false),
         "/tokenize" | "/detokenize" | "/pooling" | "/classify" | "/score" | "/rerank"
         | "/invocations" | "/version" => (ApiKind::Other, false),
@@ -465,7 +467,7 @@ async fn dispatch(
     // vLLM's `priority` field belongs to the generation and embedding requests only.
     let takes_priority = matches!(
         profile.kind,
-        ApiKind::Chat | ApiKind::Completion | ApiKind::Embedding
+        ApiKind::Chat | ApiKind::Completion | ApiKind::Embedding | ApiKind::Responses
     );
     let body = if state.config.engine_priority && takes_priority {
         with_engine_priority(body, profile.priority.level())
@@ -915,6 +917,9 @@ mod tests {
         assert!(route_of("/v1/embeddings").unwrap().model_required);
         assert!(!route_of("/tokenize").unwrap().model_required);
         assert!(!route_of("/v1/responses").unwrap().model_required);
+        assert_eq!(route_of("/v1/responses").unwrap().kind, ApiKind::Responses);
+        assert_eq!(route_of("/v1/messages").unwrap().kind, ApiKind::Messages);
+        assert_eq!(route_of("/v1/rerank").unwrap().kind, ApiKind::Other);
         assert!(route_of("/admin").is_none());
     }
 

@@ -34,7 +34,7 @@ pub(super) fn validated(kind: ApiKind, field: &str) -> bool {
         ApiKind::Chat => matches!(field, "messages" | "max_tokens" | "max_completion_tokens"),
         ApiKind::Completion => matches!(field, "prompt" | "max_tokens"),
         ApiKind::Embedding => field == "input",
-        ApiKind::Other => false,
+        ApiKind::Responses | ApiKind::Messages | ApiKind::Other => false,
     }
 }
 
