@@ -1,42 +1,68 @@
-//! The output-token count of a non-streamed JSON answer, read from its `usage` object as the body
-//! streams past, in bounded memory.
+//! The output-token count of a non-streamed JSON answer, read from its top-level `usage` object as
+//! the body streams past, in constant memory.
 //!
 //! The answer is relayed chunk by chunk, never buffered, so its `usage` has to be caught on the
-//! way. The scanner looks for the key `"usage"` followed by `:`; it keeps the bytes after the last
-//! such key (up to [`CAPTURE_BYTES`]) and, at the end, reads `completion_tokens` (chat,
-//! completions) or `output_tokens` (Responses API, Anthropic-style `/v1/messages`) from the object
-//! there. The last key wins because `usage` is the top-level summary while an earlier key of that
-//! name can be model output (a tool call's `input` object); a later key can only be that summary,
-//! wherever the engine puts it (vLLM's Responses API with `enable_response_messages` sends the
-//! messages after it). In valid JSON the bytes `"usage"` followed by `:` are always a key: inside a
-//! string, a quote is escaped.
+//! way, wherever the engine puts it (vLLM's Responses API with `enable_response_messages` sends the
+//! messages after it). The scanner follows the JSON's structure, not its bytes: it tracks strings
+//! (and their escapes) and the nesting of objects and arrays, takes a string followed by `:` as a
+//! key, and reads `completion_tokens` (chat, completions) or `output_tokens` (Responses API,
+//! Anthropic-style `/v1/messages`) only as members of the member `usage` of the top-level object.
+//! A key of the same name deeper down (a tool call's `input`, a tool's parameter schema) or inside
+//! a string is not it. It validates nothing: on malformed JSON it finds what it finds, never
+//! panics, and keeps no more than a key's worth of bytes.
 
-/// Bytes kept after the last `"usage":` key: vLLM's usage objects are 100–300 bytes.
-pub const CAPTURE_BYTES: usize = 2048;
+/// Longest key kept for comparison, bytes; a longer one is none of those looked for.
+const KEY_MAX: usize = 24;
+/// `key_len` of a string that cannot be a key looked for (too long, escaped, or too deep).
+const NOT_A_KEY: usize = KEY_MAX + 1;
 
-const KEY: &[u8] = b"\"usage\"";
-
-/// Where the scanner is in the key `"usage"` followed by optional whitespace and `:`.
+/// The counts looked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// This many bytes of [`KEY`] matched (0 = looking for its opening quote).
-    Key(usize),
-    /// The whole key matched: whitespace, then `:` makes it a key.
-    Colon,
+enum Count {
+    Completion,
+    Output,
 }
 
-/// Finds the last `"usage":` in a body fed in chunks and keeps what follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Between tokens.
+    Structure,
+    /// Inside a string; `escaped` after a backslash.
+    Str { escaped: bool },
+    /// A string just closed: a `:` next (after whitespace) makes it a key.
+    AfterString,
+    /// The value of a count in the usage object: digits, after optional whitespace.
+    Number {
+        count: Count,
+        value: u64,
+        digits: bool,
+    },
+}
+
+/// Reads `usage.completion_tokens` / `usage.output_tokens` from a JSON body fed in chunks.
 #[derive(Debug)]
 pub struct UsageScanner {
     state: State,
-    capture: Vec<u8>,
+    /// Objects and arrays open (outside strings).
+    depth: u32,
+    key: [u8; KEY_MAX],
+    key_len: usize,
+    /// The member of the top-level object being read is `usage`.
+    in_usage: bool,
+    completion: Option<u64>,
+    output: Option<u64>,
 }
 
 impl Default for UsageScanner {
     fn default() -> Self {
         Self {
-            state: State::Key(0),
-            capture: Vec::new(),
+            state: State::Structure,
+            depth: 0,
+            key: [0; KEY_MAX],
+            key_len: NOT_A_KEY,
+            in_usage: false,
+            completion: None,
+            output: None,
         }
     }
 }
@@ -45,58 +71,146 @@ impl UsageScanner {
     pub fn feed(&mut self, data: &[u8]) {
         let mut i = 0;
         while i < data.len() {
-            if self.state == State::Key(0) {
-                // Most bytes are not a quote: jump to the next one, keeping what is skipped.
-                let skip = memchr::memchr(b'"', &data[i..]).unwrap_or(data.len() - i);
-                self.keep(&data[i..i + skip]);
-                i += skip;
-                if i == data.len() {
-                    break;
+            match self.state {
+                State::Structure => {
+                    // Most bytes between strings are digits, commas and blanks.
+                    let Some(skip) = data[i..]
+                        .iter()
+                        .position(|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']'))
+                    else {
+                        return;
+                    };
+                    i += skip;
+                    match data[i] {
+                        b'"' => {
+                            self.key_len = if matches!(self.depth, 1 | 2) {
+                                0
+                            } else {
+                                NOT_A_KEY
+                            };
+                            self.state = State::Str { escaped: false };
+                        }
+                        b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                        _ => self.depth = self.depth.saturating_sub(1),
+                    }
+                    i += 1;
                 }
-            }
-            let b = data[i];
-            self.state = match self.state {
-                State::Key(n) if b == KEY[n] => {
-                    if n + 1 == KEY.len() {
-                        State::Colon
-                    } else {
-                        State::Key(n + 1)
+                State::Str { escaped: true } => {
+                    self.key_len = NOT_A_KEY;
+                    self.state = State::Str { escaped: false };
+                    i += 1;
+                }
+                State::Str { escaped: false } => {
+                    let rest = &data[i..];
+                    let end = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                    self.keep(&rest[..end]);
+                    i += end;
+                    if end < rest.len() {
+                        self.state = if rest[end] == b'"' {
+                            State::AfterString
+                        } else {
+                            State::Str { escaped: true }
+                        };
+                        i += 1;
                     }
                 }
-                State::Key(_) => State::Key(usize::from(b == b'"')),
-                State::Colon if b.is_ascii_whitespace() => State::Colon,
-                State::Colon if b == b':' => {
-                    self.capture.clear();
-                    self.state = State::Key(0);
-                    i += 1;
-                    continue;
-                }
-                State::Colon => State::Key(usize::from(b == b'"')),
-            };
-            self.keep(&data[i..i + 1]);
-            i += 1;
+                State::AfterString => match data[i] {
+                    b if b.is_ascii_whitespace() => i += 1,
+                    b':' => {
+                        self.state = self.on_key();
+                        i += 1;
+                    }
+                    // A string value: the byte is read again as structure.
+                    _ => self.state = State::Structure,
+                },
+                State::Number {
+                    count,
+                    value,
+                    digits,
+                } => match data[i] {
+                    b if b.is_ascii_whitespace() && !digits => i += 1,
+                    b @ b'0'..=b'9' => {
+                        let value = value.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+                        self.state = State::Number {
+                            count,
+                            value,
+                            digits: true,
+                        };
+                        i += 1;
+                    }
+                    // The number ended (or was none): the byte is read again as structure.
+                    _ => {
+                        self.record();
+                        self.state = State::Structure;
+                    }
+                },
+            }
         }
     }
 
+    /// Keeps a string's bytes while it may still be a key looked for.
     fn keep(&mut self, bytes: &[u8]) {
-        let room = CAPTURE_BYTES - self.capture.len();
-        self.capture
-            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if self.key_len + bytes.len() <= KEY_MAX {
+            self.key[self.key_len..self.key_len + bytes.len()].copy_from_slice(bytes);
+            self.key_len += bytes.len();
+        } else {
+            self.key_len = NOT_A_KEY;
+        }
     }
 
-    /// `completion_tokens`, else `output_tokens`, of the last `usage` object seen, if it was one.
+    /// A key was read; what comes next.
+    fn on_key(&mut self) -> State {
+        let key = self.key.get(..self.key_len).unwrap_or_default();
+        match self.depth {
+            1 => {
+                self.in_usage = key == b"usage";
+                if self.in_usage {
+                    // A repeated `usage` key: the last one counts.
+                    (self.completion, self.output) = (None, None);
+                }
+                State::Structure
+            }
+            2 if self.in_usage => {
+                let count = match key {
+                    b"completion_tokens" => Count::Completion,
+                    b"output_tokens" => Count::Output,
+                    _ => return State::Structure,
+                };
+                State::Number {
+                    count,
+                    value: 0,
+                    digits: false,
+                }
+            }
+            _ => State::Structure,
+        }
+    }
+
+    /// The counts with the number being read, if one is.
+    fn counts(&self) -> (Option<u64>, Option<u64>) {
+        match self.state {
+            State::Number {
+                count: Count::Completion,
+                value,
+                digits: true,
+            } => (Some(value), self.output),
+            State::Number {
+                count: Count::Output,
+                value,
+                digits: true,
+            } => (self.completion, Some(value)),
+            _ => (self.completion, self.output),
+        }
+    }
+
+    fn record(&mut self) {
+        (self.completion, self.output) = self.counts();
+    }
+
+    /// `completion_tokens`, else `output_tokens`, of the top-level `usage` object, if any.
     pub fn output_tokens(&self) -> Option<u32> {
-        #[derive(serde::Deserialize)]
-        struct Usage {
-            completion_tokens: Option<u64>,
-            output_tokens: Option<u64>,
-        }
-        if self.capture.is_empty() {
-            return None;
-        }
-        let mut values = serde_json::Deserializer::from_slice(&self.capture).into_iter::<Usage>();
-        let usage = values.next()?.ok()?;
-        let n = usage.completion_tokens.or(usage.output_tokens)?;
+        let (completion, output) = self.counts();
+        let n = completion.or(output)?;
         Some(n.min(u32::MAX as u64) as u32)
     }
 }
@@ -126,45 +240,72 @@ mod tests {
 
     #[test]
     fn reads_each_apis_usage() {
-        let chat = br#"{"choices":[],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens": 7}}"#;
+        let chat = br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens": 7}}"#;
         assert_eq!(count(chat), Some(7));
         assert_eq!(count(b"{}"), None);
         assert_eq!(count(br#"{"usage":null}"#), None);
         // vLLM's /v1/responses and /v1/messages answers.
-        let responses = br#"{"output":[],"usage":{"input_tokens":15,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0,"tool_output_tokens":0},"total_tokens":19},"user":null}"#;
+        let responses = br#"{"output":[],"usage":{"input_tokens":15,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0,"tool_output_tokens":0,"output_tokens_per_turn":[]},"total_tokens":19},"user":null}"#;
         assert_eq!(count(responses), Some(4));
         let messages =
             br#"{"stop_reason":"max_tokens","usage":{"input_tokens":13,"output_tokens":5}}"#;
         assert_eq!(count(messages), Some(5));
-        // Python's json.dumps puts a space after each colon.
-        assert_eq!(count(br#"{"usage" : {"completion_tokens": 3}}"#), Some(3));
+        // Python's json.dumps puts a space after each colon and comma; pretty-printing newlines.
+        assert_eq!(
+            count(b"{\n  \"usage\" : {\n    \"completion_tokens\" : 3\n  }\n}"),
+            Some(3)
+        );
+        // The count is the last thing in a body cut short.
+        assert_eq!(count(br#"{"usage":{"completion_tokens":12"#), Some(12));
     }
 
     #[test]
-    fn the_last_usage_key_counts_wherever_it_is() {
+    fn only_the_top_level_usage_counts() {
         // A tool call's input is the model's own JSON: the usage after it counts.
         let tool = br#"{"content":[{"type":"tool_use","name":"f","input":{"usage":{"output_tokens":3}}}],"usage":{"input_tokens":13,"output_tokens":40}}"#;
         assert_eq!(count(tool), Some(40));
-        // vLLM's enable_response_messages puts messages after usage, beyond any tail.
+        // vLLM's enable_response_messages puts messages after usage, a tool's schema among
+        // them, long past any tail.
         let messages = format!(
-            r#"{{"usage":{{"input_tokens":9,"output_tokens":21}},"output_messages":[{{"role":"assistant","content":"{}"}}]}}"#,
+            r#"{{"usage":{{"input_tokens":9,"output_tokens":21}},"input_messages":[{{"content":[{{"tools":[{{"name":"f","parameters":{{"properties":{{"usage":{{"output_tokens":"x"}}}}}}}}]}}]}}],"output_messages":[{{"role":"assistant","content":"{}"}}]}}"#,
             "x".repeat(10_000)
         );
         assert_eq!(count(messages.as_bytes()), Some(21));
-        // "usage" as a value, or inside a string, is not the key.
-        let value = br#"{"usage":{"completion_tokens":8},"type":"usage","text":"a \"usage\": 99"}"#;
+        // "usage" as a value, inside a string, or as an escaped key is not the key.
+        let value = br#"{"usage":{"completion_tokens":8},"type":"usage","text":"a \"usage\":{\"completion_tokens\":99}"}"#;
         assert_eq!(count(value), Some(8));
+        assert_eq!(count(br#"{"\"usage":{"completion_tokens":99}}"#), None);
+        // A count outside the usage object is not one.
+        assert_eq!(count(br#"{"output_tokens":5,"completion_tokens":9}"#), None);
+        assert_eq!(
+            count(br#"{"usage":{"details":{"completion_tokens":9}},"completion_tokens":9}"#),
+            None
+        );
+        // A repeated usage key: the last one.
+        assert_eq!(
+            count(br#"{"usage":{"completion_tokens":1},"usage":{"output_tokens":2}}"#),
+            Some(2)
+        );
     }
 
     #[test]
-    fn memory_is_bounded() {
-        let mut s = UsageScanner::default();
-        s.feed(br#"{"usage":"#);
-        for _ in 0..1_000 {
-            s.feed(&[b'7'; 1_000]);
+    fn malformed_input_finds_nothing_and_memory_is_constant() {
+        for junk in [
+            &b"}}}]]]\"usage\":{\"completion_tokens\":4}"[..],
+            b"\"\\",
+            b"{\"usage\":{\"completion_tokens\":-3}}",
+            b"{\"usage\":{\"completion_tokens\":\"7\"}}",
+        ] {
+            let mut s = UsageScanner::default();
+            s.feed(junk);
+            assert_eq!(s.output_tokens(), None, "{}", String::from_utf8_lossy(junk));
         }
-        assert!(s.capture.len() <= CAPTURE_BYTES);
-        // A usage object longer than the capture reads as none, not as a wrong count.
-        assert_eq!(s.output_tokens(), None);
+        let mut s = UsageScanner::default();
+        s.feed(br#"{"usage":{"completion_tokens":"#);
+        for _ in 0..1_000 {
+            s.feed(&[b'9'; 1_000]);
+        }
+        assert_eq!(s.output_tokens(), Some(u32::MAX), "saturates");
+        assert!(std::mem::size_of::<UsageScanner>() < 128);
     }
 }
