@@ -95,8 +95,9 @@ pub struct SimulateArgs {
     /// One-way network delay between the router and the engines, ms.
     #[arg(long, default_value_t = 0.0)]
     pub network_delay_ms: f64,
-    /// What tells the router the output length: `header` (only x-expected-output-tokens, when
-    /// the workload sends it) or `max-tokens` (also max_tokens, as the live bench client sends).
+    /// What tells the router the output length: `header` (x-expected-output-tokens, when the
+    /// workload sends it; a completions body carries max_tokens even so, as a real one must) or
+    /// `max-tokens` (also max_tokens on chat, as the live bench client sends).
     #[arg(long, default_value = "header")]
     pub output_hint: OutputHint,
     /// Lognormal jitter of engine iteration times (0.05 ≈ ±5%).
@@ -735,7 +736,7 @@ pub fn to_markdown(out: &SimulateOutput) -> String {
         out.scrape_interval_s,
         out.network_delay_ms,
         match out.output_hint {
-            OutputHint::Header => "the header only (else learned)",
+            OutputHint::Header => "the header (else max_tokens on completions, else learned)",
             OutputHint::MaxTokens => "the header or max_tokens",
         },
         router.concat()

@@ -35,14 +35,14 @@
 //!   default), with `engine_at` telling their age; the router's own load counters and observed
 //!   latencies are fresh, as live.
 //! * **Output lengths.** By default ([`OutputHint::Header`]) the policy learns a request's output
-//!   length only when the workload sends `x-expected-output-tokens`; otherwise the body carries no
-//!   `max_tokens` and the analyzer falls back to the learned per-model estimate (an EWMA of finished
-//!   outputs, starting at 256 tokens, as the router's `LearnedOutput`). This is the realistic case
-//!   for chat clients, and the harder one; a completions body always carries `max_tokens` (without
-//!   it vLLM stops at 16 tokens), so a workload that hides output lengths is a chat workload. The live `bench` client sends `max_tokens` = the true
-//!   output (with `ignore_eos`, as vLLM's benchmark does), which tells the router the length even
-//!   without the header; [`OutputHint::MaxTokens`] reproduces that, for comparing live and
-//!   simulated runs.
+//!   length from `x-expected-output-tokens` when the workload sends it. Otherwise a chat body
+//!   carries no `max_tokens` and the analyzer falls back to the learned per-model estimate (an
+//!   EWMA of finished outputs, as the router's `LearnedOutput`): the realistic case for chat
+//!   clients, and the harder one. A completions body always carries `max_tokens` (without it vLLM
+//!   stops at 16 tokens), so a workload that hides output lengths is a chat workload. The live
+//!   `bench` client sends `max_tokens` = the true output (with `ignore_eos`, as vLLM's benchmark
+//!   does), which tells the router the length even without the header; [`OutputHint::MaxTokens`]
+//!   reproduces that, for comparing live and simulated runs.
 //! * **Network delay** ([`SimConfig::network_delay`], default 0): one way between router and
 //!   engines; a request reaches its engine, and each token reaches the router, that much later.
 //!
@@ -2021,8 +2021,8 @@ fn body_max_tokens(hint: OutputHint, api: Api, output: u32) -> Option<u32> {
     }
 }
 
-/// The JSON body the live `bench` client sends (`stream: true`; `max_tokens` only with
-/// [`OutputHint::MaxTokens`]).
+/// The JSON body the live `bench` client sends (`stream: true`; `max_tokens` when given, see
+/// [`body_max_tokens`]).
 fn request_body(api: Api, model: &str, prompt: &str, max_tokens: Option<u32>) -> Vec<u8> {
     let mut b = Vec::with_capacity(prompt.len() + 160);
     let string = |b: &mut Vec<u8>, s: &str| {
