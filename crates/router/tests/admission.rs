@@ -292,6 +292,24 @@ async fn engine_priority_is_injected_and_unknown_fields_pass_untouched() {
         serde_json::json!({"keep":[1,2,{"me":true}]})
     );
     assert_eq!(sent[1]["priority"], -5, "a client's own priority is kept");
+    // vLLM's Responses API takes the field too; its Anthropic-style Messages API has none.
+    for path in ["/v1/responses", "/v1/messages"] {
+        let ans = post(
+            &c,
+            &format!("{}{path}", r.url),
+            r#"{"model":"m","input":"x","messages":[]}"#,
+            &[("x-request-priority", "3")],
+        )
+        .await;
+        assert_eq!(ans.status, 200, "{path}");
+    }
+    let priority_sent = |path: &str| {
+        let requests = engine.requests();
+        let sent = requests.iter().find(|s| s.path == path).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&sent.body).unwrap()["priority"].clone()
+    };
+    assert_eq!(priority_sent("/v1/responses"), 3);
+    assert_eq!(priority_sent("/v1/messages"), serde_json::Value::Null);
 }
 
 #[tokio::test]
