@@ -342,23 +342,32 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn metrics_content_type(accept: Option<&HeaderValue>) -> &'static str {
-    let wants_openmetrics = accept.and_then(|v| v.to_str().ok()).is_some_and(|v| {
-        v.split(',').any(|kind| {
-            let mut parts = kind.split(';').map(str::trim);
-            let is_openmetrics = parts
-                .next()
-                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
-            // `q=0` means "not this one".
-            let refused = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .and_then(|q| q.parse::<f64>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            is_openmetrics && !refused
-        })
-    });
-    if wants_openmetrics {
+/// OpenMetrics when the `Accept` headers rank it at least as high as the classic text (`text/plain`,
+/// `text/*` or `*/*`) and above 0; the classic text otherwise.
+fn metrics_content_type<'a>(accept: impl Iterator<Item = &'a HeaderValue>) -> &'static str {
+    let (mut openmetrics, mut classic) = (0.0f64, 0.0f64);
+    for range in accept
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        let mut parts = range.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, q)| q.trim().parse::<f64>().unwrap_or(0.0));
+        let q = if q.is_finite() {
+            q.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        match kind.as_str() {
+            "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+            "text/plain" | "text/*" | "*/*" => classic = classic.max(q),
+            _ => {}
+        }
+    }
+    if openmetrics > 0.0 && openmetrics >= classic {
         OPENMETRICS
     } else {
         CLASSIC_TEXT
@@ -377,7 +386,7 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -
     let response_headers = response.headers_mut();
     response_headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(metrics_content_type(headers.get(header::ACCEPT))),
+        HeaderValue::from_static(metrics_content_type(headers.get_all(header::ACCEPT).iter())),
     );
     response_headers.insert(header::VARY, HeaderValue::from_static("accept"));
     response
@@ -449,7 +458,11 @@ mod tests {
     #[test]
     fn metrics_are_labelled_openmetrics_for_a_scraper_that_asks() {
         let kind = |accept: Option<&str>| {
-            metrics_content_type(accept.map(|a| HeaderValue::from_str(a).unwrap()).as_ref())
+            let values: Vec<HeaderValue> = accept
+                .into_iter()
+                .map(|a| HeaderValue::from_str(a).unwrap())
+                .collect();
+            metrics_content_type(values.iter())
         };
         // What Prometheus 2 and 3 send.
         for prometheus in [
@@ -463,10 +476,23 @@ mod tests {
             Some("*/*"),
             Some("text/plain"),
             Some("text/plain, application/openmetrics-text; q=0"),
+            Some("text/plain, application/openmetrics-text; Q=0"),
+            Some("text/plain;q=1, application/openmetrics-text;q=0.1"),
             Some("application/openmetrics-textual"),
         ] {
             assert_eq!(kind(other), CLASSIC_TEXT, "{other:?}");
         }
+        assert_eq!(
+            kind(Some("application/openmetrics-text;q=0.5, */*;q=0.5")),
+            OPENMETRICS,
+            "a tie goes to OpenMetrics, asked for by name"
+        );
+        // Ranges split over two Accept headers count together.
+        let two = [
+            HeaderValue::from_static("text/plain;q=0.2"),
+            HeaderValue::from_static("application/openmetrics-text;version=1.0.0"),
+        ];
+        assert_eq!(metrics_content_type(two.iter()), OPENMETRICS);
     }
 
     async fn status<S>(service: &mut S, method: &str, path: &str, key: Option<&str>) -> StatusCode
