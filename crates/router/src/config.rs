@@ -250,6 +250,11 @@ pub struct RouterConfig {
     /// the header always passes through.
     #[arg(long, env = "QOE_FORWARD_AUTHORIZATION", default_value_t = false)]
     pub forward_authorization: bool,
+    /// Key the endpoints require (vLLM's `--api-key`): sent as `Authorization: Bearer KEY` on
+    /// every request the router makes to them, its own model detection, scrapes and health checks
+    /// included, in place of any client's header.
+    #[arg(long, env = "QOE_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<Secret>,
     /// Origins a browser may call the router from (CORS), comma-separated, or `*` for any. None:
     /// no CORS headers at all (an engine's own are removed too).
     #[arg(long, env = "QOE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
@@ -366,6 +371,14 @@ impl RouterConfig {
     }
 
     /// Checks values that clap cannot, with messages naming the option.
+    /// `Authorization: Bearer KEY` for `--upstream-api-key` (validated: a header value).
+    pub fn upstream_authorization(&self) -> Option<http::HeaderValue> {
+        let key = self.upstream_api_key.as_ref()?;
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         PolicyKind::parse(&self.routing_logic)
             .map_err(|e| anyhow::anyhow!("--routing-logic: {e}"))?;
@@ -486,6 +499,16 @@ impl RouterConfig {
                 "--admin-api-key must differ from every --api-keys key"
             );
         }
+        if let Some(upstream) = &self.upstream_api_key {
+            upstream
+                .validate("--upstream-api-key")
+                .map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                !self.forward_authorization,
+                "--upstream-api-key and --forward-authorization both say what goes to the \
+                 endpoints as Authorization; give one"
+            );
+        }
         crate::security::validate_origins(&self.cors_allow_origin).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
             self.max_header_bytes >= 1024,
@@ -549,6 +572,7 @@ impl RouterConfig {
         let mut table = toml::Table::try_from(self)?;
         table.remove("api_keys");
         table.remove("admin_api_key");
+        table.remove("upstream_api_key");
         let mut qoe = toml::Table::try_from(self.qoe_table()?)?;
         for (field, _) in QOE_FLAGGED {
             qoe.remove(field);
@@ -568,6 +592,9 @@ impl RouterConfig {
         }
         if self.admin_api_key.is_some() {
             out += "# admin_api_key: set, not printed\n";
+        }
+        if self.upstream_api_key.is_some() {
+            out += "# upstream_api_key: set, not printed\n";
         }
         out += &toml::to_string(&table)?;
         Ok(out)
@@ -687,7 +714,9 @@ impl RouterConfig {
             .iter()
             .filter(|key| now.get(**key) != defaults.get(**key))
             .map(|key| match (*key, now.get(*key)) {
-                ("api_keys" | "admin_api_key", _) | (_, None) => key.to_string(),
+                ("api_keys" | "admin_api_key" | "upstream_api_key", _) | (_, None) => {
+                    key.to_string()
+                }
                 (_, Some(value)) => format!("{key} = {value}"),
             })
             .collect();
@@ -761,7 +790,7 @@ const SIMULATED: [&str; 32] = [
 /// The settings it does not: the fleet file gives the engines and `--policies` the policies;
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
 /// in virtual time, and simulated clients always stream (no response timeout).
-const NOT_SIMULATED: [&str; 22] = [
+const NOT_SIMULATED: [&str; 23] = [
     "host",
     "port",
     "service_discovery",
@@ -780,6 +809,7 @@ const NOT_SIMULATED: [&str; 22] = [
     "api_keys",
     "admin_api_key",
     "forward_authorization",
+    "upstream_api_key",
     "cors_allow_origin",
     "max_header_bytes",
     "log_format",

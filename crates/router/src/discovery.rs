@@ -219,12 +219,20 @@ impl Discovery for StaticDiscovery {
         tx: watch::Sender<Vec<BackendSpec>>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            if self.file.is_none() {
-                return;
-            }
+            // SIGHUP is handled with or without a file: its default action would end the
+            // router, and `systemctl reload` or `kill -HUP` mean "re-read", not "stop".
             #[cfg(unix)]
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            if self.file.is_none() {
+                #[cfg(unix)]
+                if let Some(sig) = hangup.as_mut() {
+                    while sig.recv().await.is_some() {
+                        tracing::info!("SIGHUP: no --config file to re-read; nothing changed");
+                    }
+                }
+                return;
+            }
             loop {
                 #[cfg(unix)]
                 let forced = match hangup.as_mut() {

@@ -119,17 +119,27 @@ impl HealthState {
     }
 }
 
+/// An endpoint's configured settings.
+#[derive(Clone, Debug, PartialEq)]
+struct Settings {
+    role: Role,
+    static_models: Vec<String>,
+}
+
 /// One endpoint and everything known about it.
 #[derive(Debug)]
 pub struct Endpoint {
     pub url: String,
     /// Stable hash of the URL (see [`EndpointView::key`]).
     pub key: u64,
-    pub role: Role,
-    static_models: Vec<String>,
+    /// What the configuration says of it (its role, its models); changed in place by a reload,
+    /// so the endpoint keeps its health, breaker, load and statistics.
+    settings: RwLock<Settings>,
     detected_models: RwLock<Vec<String>>,
     /// The model objects of the endpoint's last `/v1/models` answer, served again merged.
     model_cards: RwLock<Vec<serde_json::Value>>,
+    /// A failed model detection was logged as a warning, once until the next success.
+    pub models_warned: std::sync::atomic::AtomicBool,
     pub load: LoadCounters,
     stats: Mutex<RequestStats>,
     engine: Mutex<Option<EngineSample>>,
@@ -158,10 +168,13 @@ impl Endpoint {
         Endpoint {
             url: spec.url.clone(),
             key: hash_bytes(0, spec.url.as_bytes()),
-            role: spec.role,
-            static_models: spec.models.clone(),
+            settings: RwLock::new(Settings {
+                role: spec.role,
+                static_models: spec.models.clone(),
+            }),
             detected_models: RwLock::new(Vec::new()),
             model_cards: RwLock::new(Vec::new()),
+            models_warned: Default::default(),
             load: LoadCounters::default(),
             stats: Mutex::new(RequestStats::new(stats)),
             engine: Mutex::new(None),
@@ -215,32 +228,53 @@ impl Endpoint {
         }
     }
 
+    fn settings(&self) -> std::sync::RwLockReadGuard<'_, Settings> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its role in disaggregated serving (see [`Role`]).
+    pub fn role(&self) -> Role {
+        self.settings().role
+    }
+
     /// Whether the models come from `/v1/models` rather than configuration.
     pub fn detects_models(&self) -> bool {
-        self.static_models.is_empty()
+        self.settings().static_models.is_empty()
+    }
+
+    /// Whether it serves at least one model: configured, or detected already.
+    pub fn knows_models(&self) -> bool {
+        !self.detects_models()
+            || !self
+                .detected_models
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
     }
 
     /// The models this endpoint serves (configured, else detected).
     pub fn models(&self) -> Vec<String> {
-        if self.static_models.is_empty() {
+        let settings = self.settings();
+        if settings.static_models.is_empty() {
             self.detected_models
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
         } else {
-            self.static_models.clone()
+            settings.static_models.clone()
         }
     }
 
     pub fn serves(&self, model: &str) -> bool {
-        if self.static_models.is_empty() {
+        let settings = self.settings();
+        if settings.static_models.is_empty() {
             let detected = self
                 .detected_models
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
             detected.iter().any(|m| m == model)
         } else {
-            self.static_models.iter().any(|m| m == model)
+            settings.static_models.iter().any(|m| m == model)
         }
     }
 
@@ -349,7 +383,7 @@ impl Endpoint {
         EndpointView {
             id: qoe_core::EndpointId(id),
             key: self.key,
-            role: self.role,
+            role: self.role(),
             load: self.load.snapshot(),
             observed: lock(&self.stats).snapshot(now),
             engine: engine.map(|s| s.metrics),
@@ -396,7 +430,8 @@ impl Registry {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the endpoint set; endpoints whose URL and settings stay keep their state.
+    /// Replaces the endpoint set. An endpoint whose URL stays keeps its state (health, breaker,
+    /// load, statistics, connections); a change of its role or models applies in place.
     pub fn apply(&self, specs: &[BackendSpec]) {
         let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
         let old = guard.clone();
@@ -405,8 +440,13 @@ impl Registry {
             .map(|spec| {
                 old.endpoints
                     .iter()
-                    .find(|e| {
-                        e.url == spec.url && e.static_models == spec.models && e.role == spec.role
+                    .find(|e| e.url == spec.url)
+                    .inspect(|e| {
+                        let wanted = Settings {
+                            role: spec.role,
+                            static_models: spec.models.clone(),
+                        };
+                        *e.settings.write().unwrap_or_else(|e| e.into_inner()) = wanted;
                     })
                     .cloned()
                     .unwrap_or_else(|| {
@@ -596,6 +636,40 @@ mod tests {
             "in-flight carried over"
         );
         drop(guard);
+    }
+
+    /// Editing an endpoint's models or role in the file is no reason to forget that it is
+    /// failing or busy: it keeps its state, with the new settings.
+    #[test]
+    fn reload_changes_models_and_role_in_place() {
+        let r = Registry::new(
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
+        r.apply(&[spec("http://a:1")]);
+        let before = r.table().endpoints[0].clone();
+        let _guard = LoadGuard::new(before.clone(), Dispatch::default(), 1, 1);
+        for _ in 0..2 {
+            before.record_health(Err("down".into()), 0, 2, 1);
+        }
+        assert!(!before.is_healthy());
+        let mut edited = spec("http://a:1");
+        edited.models.push("n".into());
+        edited.role = Role::Prefill;
+        r.apply(&[edited]);
+        let after = r.table().endpoints[0].clone();
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(after.models(), ["m", "n"]);
+        assert!(after.serves("n"));
+        assert_eq!(after.role(), Role::Prefill);
+        assert!(!after.is_healthy(), "still failing");
+        assert_eq!(after.load.snapshot().in_prefill, 1, "still busy");
+        // Emptied: detected from /v1/models again, and none known until then.
+        let mut detect = spec("http://a:1");
+        detect.models.clear();
+        r.apply(&[detect]);
+        assert!(after.detects_models() && !after.knows_models());
     }
 
     #[test]

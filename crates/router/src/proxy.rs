@@ -285,16 +285,30 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
             ));
         }
         let models = served_models(state);
+        let known = if models.is_empty() {
+            "none".to_string()
+        } else {
+            models.join(", ")
+        };
+        // An endpoint still starting (vLLM loads its weights before it lists a model) may serve
+        // it: a moment later, not never.
+        let pending = table.endpoints.iter().filter(|e| !e.knows_models()).count();
+        if pending > 0 {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no endpoint serves the model '{model}' so far; {pending} of {} endpoints \
+                     have not listed their models yet (models known: {known})",
+                    table.endpoints.len()
+                ),
+            )
+            .with_param(Some("model".into()));
+            e.retry_after = Some(1);
+            return Err(e);
+        }
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!(
-                "the model '{model}' does not exist; available models: {}",
-                if models.is_empty() {
-                    "none detected yet".to_string()
-                } else {
-                    models.join(", ")
-                }
-            ),
+            format!("the model '{model}' does not exist; available models: {known}"),
         )
         .with_param(Some("model".into())));
     }
@@ -387,8 +401,11 @@ async fn send(
     if let Some(host) = endpoint.pool.host() {
         headers.insert(header::HOST, host.clone());
     }
-    // The router's own keys stay here unless asked otherwise (see `crate::security`).
-    let keep_authorization = state.config.api_keys.is_empty() || state.config.forward_authorization;
+    // The router's own keys stay here unless asked otherwise (see `crate::security`); an
+    // `--upstream-api-key` replaces whatever the client sent.
+    let upstream_key = state.client.authorization();
+    let keep_authorization = upstream_key.is_none()
+        && (state.config.api_keys.is_empty() || state.config.forward_authorization);
     let named = named_by_connection(&parts.headers);
     for (name, value) in &parts.headers {
         if HOP_BY_HOP.contains(&name.as_str())
@@ -402,6 +419,9 @@ async fn send(
         headers.append(name.clone(), value.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(key) = upstream_key {
+        headers.insert(header::AUTHORIZATION, key.clone());
+    }
     let request = builder
         .body(Full::new(body.clone()))
         .map_err(|e| SendError::Other(e.to_string()))?;

@@ -7,6 +7,7 @@
 
 use crate::endpoints::{Clock, Endpoint, Registry};
 use crate::upstream::{get, GetError, UpstreamClient, METRICS_BODY_LIMIT, SMALL_BODY_LIMIT};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,34 +20,52 @@ pub async fn scrape_once(
     clock: &Clock,
     timeout: Duration,
 ) {
-    let url = format!("{}/metrics", endpoint.url);
-    match get(client, &url, timeout, METRICS_BODY_LIMIT).await {
-        Ok(body) => {
-            let text = String::from_utf8_lossy(&body);
-            let mut metrics = qoe_core::engine_metrics::parse_engine_metrics(&text, None);
-            metrics.follow(endpoint.engine_sample().map(|s| s.metrics).as_ref());
-            endpoint.set_engine_metrics(metrics, clock.now());
+    // Both at once: a round takes one timeout at most, so a stuck engine cannot slow the loop
+    // (which waits for every endpoint's round) below one round per interval.
+    let metrics = async {
+        let url = format!("{}/metrics", endpoint.url);
+        match get(client, &url, timeout, METRICS_BODY_LIMIT).await {
+            Ok(body) => {
+                let text = String::from_utf8_lossy(&body);
+                let mut metrics = qoe_core::engine_metrics::parse_engine_metrics(&text, None);
+                metrics.follow(endpoint.engine_sample().map(|s| s.metrics).as_ref());
+                endpoint.set_engine_metrics(metrics, clock.now());
+            }
+            // Not transient: say so where an operator looks.
+            Err(e @ GetError::TooLong(_)) => {
+                tracing::warn!(endpoint = %endpoint.url, "metrics scrape refused: {e}")
+            }
+            Err(e) => tracing::debug!(endpoint = %endpoint.url, "metrics scrape failed: {e}"),
         }
-        // Not transient: say so where an operator looks.
-        Err(e @ GetError::TooLong(_)) => {
-            tracing::warn!(endpoint = %endpoint.url, "metrics scrape refused: {e}")
-        }
-        Err(e) => tracing::debug!(endpoint = %endpoint.url, "metrics scrape failed: {e}"),
-    }
-    refresh_models(client, endpoint, timeout).await;
+    };
+    futures_util::future::join(metrics, refresh_models(client, endpoint, timeout)).await;
 }
 
 /// Reads the endpoint's `/v1/models` (its model list when none was configured, and the model
 /// objects the merged `/v1/models` serves).
 pub async fn refresh_models(client: &UpstreamClient, endpoint: &Endpoint, timeout: Duration) {
     let url = format!("{}/v1/models", endpoint.url);
+    let warned = &endpoint.models_warned;
     match get(client, &url, timeout, SMALL_BODY_LIMIT).await {
         Ok(body) => match parse_model_cards(&body) {
-            Some(cards) => endpoint.set_model_cards(cards),
+            Some(cards) => {
+                endpoint.set_model_cards(cards);
+                warned.store(false, Ordering::Relaxed);
+            }
             None => {
                 tracing::warn!(endpoint = %endpoint.url, "/v1/models answered without a model list")
             }
         },
+        // A healthy endpoint that knows no model takes no request (an engine run with
+        // `--api-key` answers 401 here without `--upstream-api-key`): say why, once, where an
+        // operator looks.
+        Err(e)
+            if (matches!(e, GetError::TooLong(_))
+                || (endpoint.is_healthy() && !endpoint.knows_models()))
+                && !warned.swap(true, Ordering::Relaxed) =>
+        {
+            tracing::warn!(endpoint = %endpoint.url, "model list failed: {e}")
+        }
         Err(e) => tracing::debug!(endpoint = %endpoint.url, "model list failed: {e}"),
     }
 }

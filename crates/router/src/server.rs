@@ -33,6 +33,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     let client = upstream::client(
         Duration::from_millis(config.connect_timeout_ms),
         config.pool_max_idle_per_host,
+        config.upstream_authorization(),
     );
     Ok(Arc::new(AppState {
         analyzer: config.analyzer_config(),
@@ -200,13 +201,13 @@ pub async fn serve_state(
             let specs = rx.borrow_and_update().clone();
             reload_state.registry.apply(&specs);
             let table = reload_state.registry.table();
-            for e in table
+            // New endpoints, and those told to detect their models, learn them now, together.
+            let detections = table
                 .endpoints
                 .iter()
-                .filter(|e| e.engine_sample().is_none())
-            {
-                scrape::refresh_models(&reload_state.client, e, timeout).await;
-            }
+                .filter(|e| e.engine_sample().is_none() || !e.knows_models())
+                .map(|e| scrape::refresh_models(&reload_state.client, e, timeout));
+            futures_util::future::join_all(detections).await;
             tracing::info!(endpoints = table.endpoints.len(), "endpoint set applied");
         }
     }));
@@ -407,7 +408,7 @@ async fn engines(State(state): State<Arc<AppState>>) -> Response {
             json!({
                 "url": e.url,
                 "models": e.models(),
-                "role": e.role,
+                "role": e.role(),
                 "healthy": health.healthy,
                 "health": {
                     "consecutive_failures": health.consecutive_failures,

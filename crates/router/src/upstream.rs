@@ -19,19 +19,40 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+/// The client for the router's own requests to endpoints, with the `Authorization` it sends
+/// (`--upstream-api-key`).
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+    authorization: Option<HeaderValue>,
+}
+
+impl UpstreamClient {
+    /// What the router sends endpoints as `Authorization` (`--upstream-api-key`), if anything.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
+    }
+}
 
 /// Builds the client.
-pub fn client(connect_timeout: Duration, max_idle_per_host: usize) -> UpstreamClient {
+pub fn client(
+    connect_timeout: Duration,
+    max_idle_per_host: usize,
+    authorization: Option<HeaderValue>,
+) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_keepalive(Some(TCP_KEEPALIVE));
-    Client::builder(TokioExecutor::new())
+    let http = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(max_idle_per_host)
-        .build(connector)
+        .build(connector);
+    UpstreamClient {
+        http,
+        authorization,
+    }
 }
 
 /// Settings of every endpoint's [`Pool`].
@@ -284,11 +305,16 @@ pub async fn get(
     limit: usize,
 ) -> Result<Bytes, GetError> {
     let failed = |e: String| GetError::Failed(e);
-    let request = http::Request::get(url)
+    let mut request = http::Request::get(url);
+    if let Some(authorization) = &client.authorization {
+        request = request.header(http::header::AUTHORIZATION, authorization.clone());
+    }
+    let request = request
         .body(Full::new(Bytes::new()))
         .map_err(|e| failed(e.to_string()))?;
     let fetch = async {
         let response = client
+            .http
             .request(request)
             .await
             .map_err(|e| failed(format!("{e:?}")))?;
@@ -359,7 +385,7 @@ mod tests {
                 });
             }
         });
-        let c = client(Duration::from_secs(5), 1);
+        let c = client(Duration::from_secs(5), 1, None);
         let timeout = Duration::from_secs(60);
         let e = get(&c, &format!("http://{addr}/endless"), timeout, 1 << 20)
             .await

@@ -108,3 +108,67 @@ fn print_config_with_a_config_file_prints_the_file_and_exits() {
     assert!(stdout.contains("routing_logic = \"session\""), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `kill -HUP` (what `systemctl reload` sends) re-reads the config file, and without one it is
+/// logged and ignored: its default action would end the router.
+#[cfg(unix)]
+#[test]
+fn sighup_without_a_config_file_does_not_stop_the_router() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qoe-router"))
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--static-backends",
+            "http://127.0.0.1:9",
+            "--static-models",
+            "m",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let health = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    };
+    let started = Instant::now();
+    while health().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(20), "never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Whatever the signal does, it has done it once the router answers again or has exited.
+    let mut alive = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(20));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        alive = health().is_some();
+    }
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        exited.is_none() && alive,
+        "the router ended on SIGHUP: {exited:?}"
+    );
+}

@@ -241,6 +241,28 @@ async fn random_and_power_of_two_use_every_endpoint() {
     }
 }
 
+/// While an endpoint has not listed its models (vLLM still loading), a model no other endpoint
+/// serves may yet be served: 503 with Retry-After, not a 404 clients would not retry.
+#[tokio::test]
+async fn unknown_model_while_an_endpoint_lists_none_yet_is_503() {
+    let (serving, starting) = (mock(&["llama"]).await, mock(&[]).await);
+    let r = router(&["--static-backends", &backends(&[&serving, &starting])]).await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let ans = post(&c, &url, &completion("qwen", "x", false), &[]).await;
+    assert_eq!(ans.status, 503);
+    assert_eq!(ans.header("retry-after"), "1");
+    let err = &ans.json()["error"];
+    assert_eq!(err["param"], "model");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("qwen") && msg.contains("1 of 2") && msg.contains("llama"),
+        "{msg}"
+    );
+    let ans = post(&c, &url, &completion("llama", "x", false), &[]).await;
+    assert_eq!(ans.status, 200);
+}
+
 #[tokio::test]
 async fn models_filter_candidates_merge_and_unknown_is_404() {
     let (a, b) = (

@@ -231,6 +231,65 @@ async fn authorization_reaches_engines_only_when_the_router_does_not_own_it() {
     );
 }
 
+/// An engine run with vLLM's `--api-key` checks every `/v1` request, the router's own model
+/// detection included: `--upstream-api-key` is what the router sends it, whatever the client sent.
+#[tokio::test]
+async fn the_upstream_key_goes_with_every_request_to_the_engines() {
+    let _logs = captured_logs();
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--upstream-api-key",
+        "sk-engine-delta-41",
+        "--api-keys",
+        KEY_A,
+    ])
+    .await;
+    let c = client();
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[("authorization", &bearer(KEY_A))],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    let requests = engine.requests();
+    for path in ["/v1/models", "/v1/completions"] {
+        let seen = requests.iter().find(|s| s.path == path).unwrap();
+        assert_eq!(
+            seen.headers
+                .get_all("authorization")
+                .iter()
+                .collect::<Vec<_>>(),
+            ["Bearer sk-engine-delta-41"],
+            "{path}"
+        );
+    }
+    // It and --forward-authorization would both say what the engines get.
+    let both = qoe_router::RouterConfig::from_args([
+        "x",
+        "--upstream-api-key",
+        "k",
+        "--forward-authorization",
+    ])
+    .unwrap();
+    assert!(both
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("--upstream-api-key"));
+    let printed = qoe_router::RouterConfig::from_args(["x", "--upstream-api-key", "sk-hidden-9"])
+        .unwrap()
+        .effective_toml()
+        .unwrap();
+    assert!(
+        !printed.contains("sk-hidden-9") && printed.contains("upstream_api_key: set"),
+        "{printed}"
+    );
+}
+
 #[tokio::test]
 async fn config_debug_output_hides_keys() {
     let config = qoe_router::RouterConfig::from_args([
