@@ -337,6 +337,27 @@ impl RouterConfig {
         key == "qoe" || !self.from_user.iter().any(|k| k == key)
     }
 
+    /// These settings with what the file's `settings` gave put back to their defaults: the
+    /// flags, variables and defaults a reloaded file is laid over, as at start-up.
+    pub fn without_file(&self, settings: &toml::Table) -> anyhow::Result<Self> {
+        let defaults = serde_json::to_value(RouterConfig::default())?;
+        let mut base = serde_json::to_value(self)?;
+        let fields = base
+            .as_object_mut()
+            .expect("a struct serializes to an object");
+        for key in settings.keys().map(|k| k.replace('-', "_")) {
+            if self.file_sets(&key) {
+                let default = defaults.get(&key).cloned().unwrap_or_default();
+                fields.insert(key, default);
+            }
+        }
+        let mut base: RouterConfig = serde_json::from_value(base)?;
+        base.config = self.config.clone();
+        base.print_config = self.print_config;
+        base.from_user = self.from_user.clone();
+        Ok(base)
+    }
+
     /// These settings with the file's `settings` (read from `path`) laid over those for which
     /// `take(key)` holds; unknown keys and values of the wrong type are errors naming the file.
     pub fn overlay(
@@ -345,10 +366,12 @@ impl RouterConfig {
         path: &Path,
         take: impl Fn(&str) -> bool,
     ) -> anyhow::Result<Self> {
-        let mut merged = serde_json::to_value(self)?;
+        let base = serde_json::to_value(self)?;
+        let mut merged = base.clone();
         let fields = merged
             .as_object_mut()
             .expect("a struct serializes to an object");
+        let mut taken = Vec::new();
         for (key, value) in settings {
             let key = key.replace('-', "_");
             if !fields.contains_key(&key) {
@@ -358,11 +381,22 @@ impl RouterConfig {
                 );
             }
             if take(&key) {
-                fields.insert(key, serde_json::to_value(value)?);
+                let value = serde_json::to_value(value)?;
+                fields.insert(key.clone(), value.clone());
+                taken.push((key, value));
             }
         }
-        let mut merged: RouterConfig = serde_json::from_value(merged)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut merged: RouterConfig = serde_json::from_value(merged).map_err(|e| {
+            // serde names no field: find the key whose value alone fails, to name it.
+            let culprit = taken.iter().find_map(|(key, value)| {
+                let mut one = base.clone();
+                one.as_object_mut()?.insert(key.clone(), value.clone());
+                serde_json::from_value::<RouterConfig>(one)
+                    .err()
+                    .map(|e| format!("{key}: {e}"))
+            });
+            anyhow::anyhow!("{}: {}", path.display(), culprit.unwrap_or(e.to_string()))
+        })?;
         // What serde skips is not a file key: keep these.
         merged.config = Some(path.to_path_buf());
         merged.print_config = self.print_config;
@@ -370,7 +404,6 @@ impl RouterConfig {
         Ok(merged)
     }
 
-    /// Checks values that clap cannot, with messages naming the option.
     /// `Authorization: Bearer KEY` for `--upstream-api-key` (validated: a header value).
     pub fn upstream_authorization(&self) -> Option<http::HeaderValue> {
         let key = self.upstream_api_key.as_ref()?;
@@ -379,6 +412,7 @@ impl RouterConfig {
         Some(value)
     }
 
+    /// Checks values that clap cannot, with messages naming the option.
     pub fn validate(&self) -> anyhow::Result<()> {
         PolicyKind::parse(&self.routing_logic)
             .map_err(|e| anyhow::anyhow!("--routing-logic: {e}"))?;
@@ -919,7 +953,22 @@ impl ConfigFile {
         let backends_listed = listed.is_some();
         let backends = match listed {
             None => Vec::new(),
-            Some(v) => v
+            // Entry by entry, so an error names which one (counting from 1, as in the file).
+            Some(toml::Value::Array(entries)) => entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, entry)| {
+                    let url = entry
+                        .get("url")
+                        .and_then(|u| u.as_str())
+                        .map(str::to_string);
+                    entry.try_into().map_err(|e| match url {
+                        Some(url) => anyhow::anyhow!("[[backends]] entry {} ({url}): {e}", i + 1),
+                        None => anyhow::anyhow!("[[backends]] entry {}: {e}", i + 1),
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+            Some(other) => other
                 .try_into()
                 .map_err(|e| anyhow::anyhow!("[[backends]]: {e}"))?,
         };
@@ -1185,6 +1234,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key 'rooting_logic'"), "{err}");
+        // A bad backend is named by its place in the file.
+        let err = ConfigFile::parse(
+            "[[backends]]\nurl = \"http://a:1\"\n[[backends]]\nmodels = [\"m\"]\n\
+             [[backends]]\nurl = \"http://c:1\"\nmodels = \"m\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[[backends]] entry 2: missing field `url`"),
+            "{err}"
+        );
+        let err = ConfigFile::parse("[[backends]]\nurl = \"http://c:1\"\nmodels = \"m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entry 1 (http://c:1)"), "{err}");
+        // A value of the wrong type is named by its key, among others that are fine.
+        for (text, key) in [
+            ("routing_logic = \"qoe\"\nport = \"eighty\"\n", "port: "),
+            ("max_retries = -1\n", "max_retries: "),
+            ("log_format = \"xml\"\n", "log_format: "),
+            ("queue_max = 1.5\nport = 9001\n", "queue_max: "),
+            ("engine_priority = \"yes\"\n", "engine_priority: "),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = RouterConfig::from_args(["x", "--config", p])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
 
         let yaml = dir.file("router.yaml");
         std::fs::write(&yaml, "routing_logic: qoe\n").unwrap();

@@ -97,8 +97,9 @@ pub struct StaticDiscovery {
     file: Option<PathBuf>,
     poll: Duration,
     last_seen: Option<SystemTime>,
-    /// The settings the router runs with: a reloaded file is checked against them.
-    running: RouterConfig,
+    /// The settings the router runs with, less what the file gave (defaults there): a reloaded
+    /// file is laid over them and checked as at start-up.
+    base: RouterConfig,
     /// The file's settings (other than backends) and its backend count at the last good read.
     file_settings: toml::Table,
     file_backends: usize,
@@ -125,7 +126,7 @@ impl StaticDiscovery {
             file: config.config.clone(),
             poll: Duration::from_secs(1),
             last_seen: None,
-            running: config.clone(),
+            base: config.clone(),
             file_settings: toml::Table::new(),
             file_backends: 0,
         }
@@ -149,8 +150,8 @@ impl StaticDiscovery {
                     self.file_backends
                 );
                 // As at start-up: flags and `QOE_*` variables win over the file.
-                self.running
-                    .overlay(&file.settings, path, |key| self.running.file_sets(key))?
+                self.base
+                    .overlay(&file.settings, path, |key| self.base.file_sets(key))?
                     .validate()
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
                 let changed: Vec<&str> = file
@@ -190,6 +191,9 @@ impl StaticDiscovery {
                     };
                     return Err(bad(format!("'{url}' is listed already, by {by}")));
                 }
+            }
+            if !reload {
+                self.base = self.base.without_file(&file.settings)?;
             }
             self.file_backends = file.backends.len();
             self.file_settings = file.settings;
@@ -389,6 +393,29 @@ mod tests {
         assert!(reload(&mut d, "backends = []\n").unwrap().is_empty());
         // Once empty, a file without backends is no loss.
         assert!(reload(&mut d, "").unwrap().is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A reloaded file is checked as it would be at start-up: a key it no longer sets is back at
+    /// its default, not at the old file's value.
+    #[test]
+    fn reload_checks_the_new_file_alone() {
+        let path =
+            std::env::temp_dir().join(format!("qoe-discovery-alone-{}.toml", std::process::id()));
+        let backend = "[[backends]]\nurl = \"http://127.0.0.1:1\"\n";
+        std::fs::write(&path, format!("admin_api_key = \"key-1\"\n{backend}")).unwrap();
+        let config = RouterConfig::from_args(["x", "--config", path.to_str().unwrap()]).unwrap();
+        config.validate().unwrap();
+        let mut d = StaticDiscovery::new(&config);
+        assert_eq!(d.initial().unwrap().len(), 1);
+        // The same key moved from admin_api_key to api_keys: fine at start, so fine now.
+        let moved = format!("api_keys = [\"key-1\"]\n{backend}");
+        std::fs::write(&path, &moved).unwrap();
+        RouterConfig::from_args(["x", "--config", path.to_str().unwrap()])
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(d.read(true).unwrap().len(), 1);
         let _ = std::fs::remove_file(&path);
     }
 }
