@@ -57,9 +57,25 @@ pub struct LoadCounters {
     in_decode: AtomicU32,
     prefill_tokens: AtomicU64,
     pending_output_tokens: AtomicU64,
+    /// Requests holding a seat under `--max-inflight-per-endpoint` ([`LoadCounters::reserve`]).
+    reserved: AtomicU32,
 }
 
 impl LoadCounters {
+    /// Takes one of `cap` seats, checked and taken in one step, so that requests dispatched at
+    /// the same moment cannot together exceed the cap; `false` when all are taken.
+    pub fn reserve(&self, cap: u32) -> bool {
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn unreserve(&self) {
+        self.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+
     pub fn snapshot(&self) -> Load {
         Load {
             in_prefill: self.in_prefill.load(Ordering::Relaxed),
@@ -475,6 +491,8 @@ pub struct LoadGuard {
     breaker: Option<Dispatch>,
     /// Told when this request's capacity frees.
     admission: Option<Arc<crate::admission::Admission>>,
+    /// Holds a seat taken with [`LoadCounters::reserve`].
+    reserved: bool,
 }
 
 impl LoadGuard {
@@ -500,7 +518,19 @@ impl LoadGuard {
             decoding: false,
             breaker,
             admission: None,
+            reserved: false,
         }
+    }
+
+    /// Gives back the seat taken with [`LoadCounters::reserve`] when this request ends.
+    pub fn holding_seat(mut self) -> Self {
+        self.reserved = true;
+        self
+    }
+
+    /// Gives back a seat taken with [`LoadCounters::reserve`] that no request used.
+    pub fn release_seat(endpoint: &Endpoint) {
+        endpoint.load.unreserve();
     }
 
     /// Tells `admission` when this request's capacity frees.
@@ -562,6 +592,9 @@ impl Drop for LoadGuard {
         }
         load.pending_output_tokens
             .fetch_sub(self.pending_output, Ordering::Relaxed);
+        if self.reserved {
+            load.unreserve();
+        }
         if let Some(admission) = &self.admission {
             let endpoint = &self.endpoint;
             admission.notify(|model| model.is_empty() || endpoint.serves(model));

@@ -483,7 +483,11 @@ async fn dispatch(
         profile.priority,
         profile.sla_ttft_ms.map(|ms| started + ms as u64 * 1_000),
     );
-    let queue_deadline = tokio::time::Instant::now() + admission.config.queue_timeout;
+    // `--queue-timeout` counts from when the request starts to wait, each time: a retry after a
+    // slow failure gets its own wait, not what is left of the first.
+    let mut queue_deadline: Option<tokio::time::Instant> = None;
+    // Endpoints an attempt failed on (at most `--max-retries`): not tried again.
+    let mut failed: Vec<String> = Vec::new();
     // vLLM's `priority` field belongs to the generation and embedding requests only.
     let takes_priority = matches!(
         profile.kind,
@@ -515,11 +519,20 @@ async fn dispatch(
                     // Capacity is open but someone more urgent waits: let them have it first.
                     admission.notify(|m| m == profile.model);
                 }
-                let waited =
-                    wait_in_queue(&state, key, &profile.model, &mut queued, queue_deadline);
+                let deadline = *queue_deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + admission.config.queue_timeout
+                });
+                let waited = wait_in_queue(&state, key, &profile.model, &mut queued, deadline);
                 if let Err(e) = waited.await {
                     return reject(&state, e, &request_id);
                 }
+                // The endpoint set may have changed while it waited (a reload): an endpoint
+                // added is a candidate, one removed is not.
+                pool = match candidates(&state, &profile.model) {
+                    Ok(c) => c,
+                    Err(e) => return reject(&state, e, &request_id),
+                };
+                pool.retain(|e| !failed.contains(&e.url));
                 continue;
             }
             &open_views
@@ -543,7 +556,18 @@ async fn dispatch(
         if let Some(detail) = &decision.detail {
             endpoint.metrics().record_decision(&state.metrics, detail);
         }
+        // The in-flight cap, checked in the views, is taken here in one step: requests picking
+        // the same endpoint at once (on other threads) must not overshoot it together.
+        let cap = admission.config.limits.max_inflight;
+        if cap > 0 && !endpoint.load.reserve(cap) {
+            // Another took the last seat since the views were taken: look again (and queue).
+            tokio::task::yield_now().await;
+            continue;
+        }
         let Some(ticket) = endpoint.try_dispatch(state.clock.now()) else {
+            if cap > 0 {
+                LoadGuard::release_seat(&endpoint);
+            }
             // Its breaker opened, or another request became its half-open probe, since the
             // views were taken: pick again without it.
             continue;
@@ -555,8 +579,10 @@ async fn dispatch(
             profile.expected_output_tokens,
         )
         .notifying(state.admission.clone());
+        let guard = if cap > 0 { guard.holding_seat() } else { guard };
         // Out of the queue with its seat counted (the next waiter is told, `Admission::leave`).
         drop(queued.take());
+        queue_deadline = None;
         let sent = state.clock.now();
         // One timer for the headers and the first frame: both count against the same budget.
         let mut timer = pin!(tokio::time::sleep(first_byte_budget));
@@ -583,7 +609,7 @@ async fn dispatch(
                 // Nothing reached the client yet: try another endpoint.
                 fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
                 state.metrics.retries.inc();
-                pool.remove(chosen);
+                failed.push(pool.remove(chosen).url.clone());
                 backoff(&state, attempt).await;
                 attempt += 1;
             }

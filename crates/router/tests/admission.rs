@@ -358,3 +358,108 @@ async fn sla_enforcement_sheds_priority_3_but_serves_priority_1() {
     .await;
     assert_eq!(easy.status, 200);
 }
+
+/// `--max-inflight-per-endpoint` is a hard cap, also when requests arrive at the same moment on
+/// several threads: counted at the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_inflight_cap_holds_under_concurrent_arrivals() {
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let engine = format!("http://{}", listener.local_addr().unwrap());
+    let (n, m) = (now.clone(), max.clone());
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (now, max) = (n.clone(), m.clone());
+        async move {
+            if req.uri().path() != "/v1/completions" {
+                return "ok".into_response();
+            }
+            max.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            axum::Json(
+                serde_json::json!({"choices":[{"text":"x"}],"usage":{"completion_tokens":1}}),
+            )
+            .into_response()
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let r = router(&[
+        "--static-backends",
+        &engine,
+        "--static-models",
+        "m",
+        "--max-inflight-per-endpoint",
+        "1",
+        "--queue-timeout",
+        "60",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    for _ in 0..25 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, url, barrier) = (c.clone(), url.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    post(&c, &url, &completion("m", "x", false), &[])
+                        .await
+                        .status
+                })
+            })
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), 200);
+        }
+    }
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        1,
+        "requests at once at the engine"
+    );
+}
+
+/// A request waiting in the queue while the endpoint set changes (a reload) goes to an endpoint
+/// of the new set, not to the one removed.
+#[tokio::test]
+async fn a_waiter_follows_a_reload() {
+    let (old, new) = (mock(&["m"]).await, mock(&["m"]).await);
+    let dir = std::env::temp_dir().join(format!("qoe-admission-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    let write = |url: &str| {
+        let text = format!(
+            "max_inflight_per_endpoint = 1\nqueue_timeout = 10.0\n[[backends]]\nurl = \"{url}\"\nmodels = [\"m\"]\n"
+        );
+        std::fs::write(dir.join("router.toml.tmp"), text).unwrap();
+        std::fs::rename(dir.join("router.toml.tmp"), &path).unwrap();
+    };
+    write(&old.url);
+    let r = router(&["--config", path.to_str().unwrap()]).await;
+    let c = client();
+    let (held, response) = hold(&r, &old, &c).await;
+    let waiter = {
+        let (c, url) = (c.clone(), format!("{}/v1/completions", r.url));
+        tokio::spawn(async move { post(&c, &url, &completion("m", "w", false), &[]).await })
+    };
+    // Past the file's modification-time granularity, then the new set.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write(&new.url);
+    let engines = format!("{}/engines", r.url);
+    for _ in 0..500 {
+        let table = get(&c, &engines).await.unwrap().json();
+        if table["endpoints"][0]["url"] == new.url.as_str() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answer = waiter.await.unwrap();
+    drop((held, response));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-qoe-endpoint"), new.url);
+}
