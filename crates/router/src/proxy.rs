@@ -486,8 +486,8 @@ async fn dispatch(
     // `--queue-timeout` counts from when the request starts to wait, each time: a retry after a
     // slow failure gets its own wait, not what is left of the first.
     let mut queue_deadline: Option<tokio::time::Instant> = None;
-    // Endpoints an attempt failed on (at most `--max-retries`): not tried again.
-    let mut failed: Vec<String> = Vec::new();
+    // Counted once in `qoe_router_queued_total`, however often a retry queues it again.
+    let mut ever_queued = false;
     // vLLM's `priority` field belongs to the generation and embedding requests only.
     let takes_priority = matches!(
         profile.kind,
@@ -522,17 +522,25 @@ async fn dispatch(
                 let deadline = *queue_deadline.get_or_insert_with(|| {
                     tokio::time::Instant::now() + admission.config.queue_timeout
                 });
-                let waited = wait_in_queue(&state, key, &profile.model, &mut queued, deadline);
+                let waited = wait_in_queue(
+                    &state,
+                    key,
+                    &profile.model,
+                    &mut queued,
+                    deadline,
+                    &mut ever_queued,
+                );
                 if let Err(e) = waited.await {
                     return reject(&state, e, &request_id);
                 }
                 // The endpoint set may have changed while it waited (a reload): an endpoint
-                // added is a candidate, one removed is not.
+                // added is a candidate, one removed is not. One an earlier attempt failed on is
+                // a candidate again: time has passed, health and the breaker judge it now, and a
+                // waiter that could not use it would hold back newcomers that can.
                 pool = match candidates(&state, &profile.model) {
                     Ok(c) => c,
                     Err(e) => return reject(&state, e, &request_id),
                 };
-                pool.retain(|e| !failed.contains(&e.url));
                 continue;
             }
             &open_views
@@ -609,7 +617,7 @@ async fn dispatch(
                 // Nothing reached the client yet: try another endpoint.
                 fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
                 state.metrics.retries.inc();
-                failed.push(pool.remove(chosen).url.clone());
+                pool.remove(chosen);
                 backoff(&state, attempt).await;
                 attempt += 1;
             }
@@ -749,6 +757,7 @@ async fn wait_in_queue(
     model: &str,
     queued: &mut Option<QueueSlot>,
     deadline: tokio::time::Instant,
+    ever_queued: &mut bool,
 ) -> Result<(), ApiError> {
     let admission = &state.admission;
     let timeout = admission.config.queue_timeout;
@@ -778,7 +787,9 @@ async fn wait_in_queue(
                 admission: admission.clone(),
                 key,
             });
-            state.metrics.queued.inc();
+            if !std::mem::replace(ever_queued, true) {
+                state.metrics.queued.inc();
+            }
             rx
         }
     };

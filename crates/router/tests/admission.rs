@@ -463,3 +463,56 @@ async fn a_waiter_follows_a_reload() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-qoe-endpoint"), new.url);
 }
+
+/// A request retried after a failure that then waits in the queue may use the endpoint it failed
+/// on once that endpoint is open again: it neither waits out its queue timeout beside an idle
+/// endpoint nor holds back newcomers that could use it.
+#[tokio::test]
+async fn a_retried_waiter_takes_the_endpoint_it_failed_on_when_it_recovers() {
+    let (e1, e2) = (mock(&["m"]).await, mock(&["m"]).await);
+    let r = router(&[
+        "--static-backends",
+        &format!("{},{}", e1.url, e2.url),
+        "--max-inflight-per-endpoint",
+        "1",
+        "--max-retries",
+        "1",
+        "--retry-backoff-ms",
+        "1",
+        "--breaker-failures",
+        "100",
+        "--queue-timeout",
+        "30",
+    ])
+    .await;
+    let c = client();
+    *e1.state.fixed.lock().unwrap() = Some((503, r#"{"error":{"message":"busy"}}"#.into()));
+    // E2 busy with a held stream (E1 refuses it with 503; the retry lands on E2).
+    let (held, response) = hold(&r, &e2, &c).await;
+    let url = format!("{}/v1/completions", r.url);
+    let first = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { post(&c, &url, &completion("m", "a", false), &[]).await })
+    };
+    let metrics = format!("{}/metrics", r.url);
+    let mut queued = false;
+    for _ in 0..500 {
+        let text = String::from_utf8_lossy(&get(&c, &metrics).await.unwrap().body).to_string();
+        if text.contains("qoe_router_queue_depth 1") {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(queued, "the retried request waits in the queue");
+    *e1.state.fixed.lock().unwrap() = None;
+    let newcomer = post(&c, &url, &completion("m", "n", false), &[]).await;
+    let first = first.await.unwrap();
+    assert_eq!((first.status, newcomer.status), (200, 200));
+    assert_eq!(
+        first.header("x-qoe-endpoint"),
+        e1.url,
+        "served while E2 is held"
+    );
+    drop((held, response));
+}
