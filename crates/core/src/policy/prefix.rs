@@ -6,9 +6,15 @@
 //! half the capacity, the old map is dropped and the young one becomes old. A lookup hit in the old
 //! generation is promoted. This approximates LRU with O(1) work per operation and never more than
 //! `capacity` entries, however many requests pass.
+//!
+//! The maps hash with foldhash, seeded at random per process: the block hashes are already
+//! well mixed, so SipHash's cost (most of a long prompt's decision time) buys nothing but
+//! resistance to crafted collisions, which a random seed keeps; a fixed hasher would let a client
+//! who knows the block hash fill one bucket chain. No decision depends on the maps' order.
 
 use super::{least_loaded_index, Decision, PolicyConfig, Reason, RoutingPolicy, SharedRng};
 use crate::{EndpointView, Micros, RequestProfile};
+use foldhash::fast::RandomState;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -17,11 +23,13 @@ const WAYS: usize = 4;
 
 type Holders = [u64; WAYS];
 
+type BlockMap = HashMap<u64, Holders, RandomState>;
+
 /// A bounded map from block hash to the endpoint keys that received it last.
 #[derive(Debug)]
 pub struct PrefixIndex {
-    young: HashMap<u64, Holders>,
-    old: HashMap<u64, Holders>,
+    young: BlockMap,
+    old: BlockMap,
     generation_size: usize,
 }
 
@@ -30,8 +38,11 @@ impl PrefixIndex {
     pub fn new(capacity: usize) -> Self {
         let generation_size = (capacity / 2).max(1);
         PrefixIndex {
-            young: HashMap::with_capacity(generation_size.min(1 << 16)),
-            old: HashMap::new(),
+            young: BlockMap::with_capacity_and_hasher(
+                generation_size.min(1 << 16),
+                RandomState::default(),
+            ),
+            old: BlockMap::default(),
             generation_size,
         }
     }

@@ -180,7 +180,12 @@ pub fn utilization(
         + expected_output as f64;
     let u_tok = tokens / cap_tok;
     let u_kv = engine.and_then(kv_fraction).unwrap_or(0.0);
-    let u_wait = extra_waiting(view, engine) / cfg.saturation_inflight.max(1) as f64;
+    let extra = extra_waiting(view, engine);
+    let u_wait = if extra > 0.0 {
+        extra / cfg.saturation_inflight.max(1) as f64
+    } else {
+        0.0
+    };
     let u = u_req.max(u_tok).max(u_kv) + u_wait;
     if u.is_finite() {
         u.min(1e9)
@@ -200,31 +205,62 @@ pub fn resource(util: f64) -> f64 {
 /// `r' = min(r, 1000/itl)`; QoE = min(1, S_actual / S_expected) over the time the last token is
 /// read. In `[0, 1]`, 1 when on schedule.
 pub fn andes_qoe(ttft_ms: f64, itl_ms: f64, n: f64, t0_ms: f64, r: f64) -> f64 {
-    let n = if n.is_finite() { n.max(1.0) } else { 1.0 };
-    let r = if r.is_finite() && r > 0.0 { r } else { 30.0 };
-    let t = (ttft_ms.max(0.0) / 1e3).min(1e9);
-    let t0 = (t0_ms.max(0.0) / 1e3).min(1e9);
-    if t.is_nan() || t0.is_nan() {
-        return 0.0;
+    AndesTarget::new(n, t0_ms, r).qoe(ttft_ms, itl_ms)
+}
+
+/// The request's side of [`andes_qoe`], computed once per decision: what stays the same for
+/// every endpoint (a third of the divisions of a prediction).
+#[derive(Clone, Copy, Debug)]
+pub struct AndesTarget {
+    n: f64,
+    r: f64,
+    t0: f64,
+    /// When the last token is read on schedule: `t0 + n / r`, s.
+    on_time_end: f64,
+    /// The expected timeline's area beyond the first token: `n² / 2r`.
+    ramp: f64,
+}
+
+impl AndesTarget {
+    pub fn new(n: f64, t0_ms: f64, r: f64) -> Self {
+        let n = if n.is_finite() { n.max(1.0) } else { 1.0 };
+        let r = if r.is_finite() && r > 0.0 { r } else { 30.0 };
+        let t0 = (t0_ms.max(0.0) / 1e3).min(1e9);
+        AndesTarget {
+            n,
+            r,
+            t0,
+            on_time_end: t0 + n / r,
+            ramp: n * n / (2.0 * r),
+        }
     }
-    let delivery = if itl_ms.is_finite() && itl_ms > 0.0 {
-        1e3 / itl_ms
-    } else if itl_ms.is_nan() {
-        0.0
-    } else {
-        f64::INFINITY
-    };
-    let r_read = r.min(delivery).max(1e-9);
-    let t_end = t + n / r_read;
-    if t_end <= t0 + n / r {
-        return 1.0;
+
+    /// [`andes_qoe`] for a first token after `ttft_ms` and the rest every `itl_ms`.
+    pub fn qoe(&self, ttft_ms: f64, itl_ms: f64) -> f64 {
+        let (n, t0) = (self.n, self.t0);
+        let t = (ttft_ms.max(0.0) / 1e3).min(1e9);
+        if t.is_nan() || t0.is_nan() {
+            return 0.0;
+        }
+        let delivery = if itl_ms.is_finite() && itl_ms > 0.0 {
+            1e3 / itl_ms
+        } else if itl_ms.is_nan() {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        let r_read = self.r.min(delivery).max(1e-9);
+        let t_end = t + n / r_read;
+        if t_end <= self.on_time_end {
+            return 1.0;
+        }
+        let s_exp = n * (t_end - t0) - self.ramp;
+        let s_act = n * n / (2.0 * r_read);
+        if s_exp.is_nan() || s_exp <= 0.0 || !s_act.is_finite() {
+            return 0.0;
+        }
+        unit(s_act / s_exp, 0.0)
     }
-    let s_exp = n * (t_end - t0) - n * n / (2.0 * r);
-    let s_act = n * n / (2.0 * r_read);
-    if s_exp.is_nan() || s_exp <= 0.0 || !s_act.is_finite() {
-        return 0.0;
-    }
-    unit(s_act / s_exp, 0.0)
 }
 
 /// The sub-weights of the performance term, by phase: (TTFT, ITL, delivery rate, 1 − QoE).
@@ -268,24 +304,54 @@ pub fn performance_parts(
     decode_share: f64,
     cfg: &QoeConfig,
 ) -> PerfParts {
-    let d = unit(decode_share, 1.0);
-    let mix = performance_mix(phase);
-    let mix = [mix[0], d * mix[1], d * mix[2], d * mix[3]];
-    let s_ttft = squash(ttft_ms / t0_ms.max(1.0));
-    let s_itl = squash(itl_ms / cfg.target_itl_ms.max(1e-3));
-    // Optimal rate over the predicted rate (1000/itl): > 1 when slower than a person reads.
-    let s_rate = if mix[2] > 0.0 {
-        squash(itl_ms * cfg.optimal_throughput / 1e3)
-    } else {
-        0.0
-    };
-    let q = andes_qoe(ttft_ms, itl_ms, n, t0_ms, cfg.optimal_throughput);
-    let ttft = mix[0] * s_ttft;
-    let itl = mix[1] * s_itl + mix[2] * s_rate;
-    PerfParts {
-        total: unit(ttft + itl + mix[3] * (1.0 - q), 1.0),
-        ttft,
-        itl,
+    PerfTarget::new(phase, t0_ms, n, decode_share, cfg).parts(ttft_ms, itl_ms)
+}
+
+/// What the performance term holds fixed for one request (its phase mix, targets and expected
+/// output), so that pricing each endpoint is [`PerfTarget::parts`] alone.
+#[derive(Clone, Copy, Debug)]
+pub struct PerfTarget {
+    mix: [f64; 4],
+    /// The TTFT target the ratio divides by, ms (at least 1).
+    ttft_target: f64,
+    itl_target: f64,
+    optimal_throughput: f64,
+    andes: AndesTarget,
+}
+
+impl PerfTarget {
+    pub fn new(phase: Phase, t0_ms: f64, n: f64, decode_share: f64, cfg: &QoeConfig) -> Self {
+        let d = unit(decode_share, 1.0);
+        let mix = performance_mix(phase);
+        PerfTarget {
+            mix: [mix[0], d * mix[1], d * mix[2], d * mix[3]],
+            ttft_target: t0_ms.max(1.0),
+            itl_target: cfg.target_itl_ms.max(1e-3),
+            optimal_throughput: cfg.optimal_throughput,
+            andes: AndesTarget::new(n, t0_ms, cfg.optimal_throughput),
+        }
+    }
+
+    /// The performance term of an endpoint predicted to give this request `ttft_ms` and
+    /// `itl_ms`.
+    pub fn parts(&self, ttft_ms: f64, itl_ms: f64) -> PerfParts {
+        let mix = self.mix;
+        let s_ttft = squash(ttft_ms / self.ttft_target);
+        let s_itl = squash(itl_ms / self.itl_target);
+        // Optimal rate over the predicted rate (1000/itl): > 1 when slower than a person reads.
+        let s_rate = if mix[2] > 0.0 {
+            squash(itl_ms * self.optimal_throughput / 1e3)
+        } else {
+            0.0
+        };
+        let q = self.andes.qoe(ttft_ms, itl_ms);
+        let ttft = mix[0] * s_ttft;
+        let itl = mix[1] * s_itl + mix[2] * s_rate;
+        PerfParts {
+            total: unit(ttft + itl + mix[3] * (1.0 - q), 1.0),
+            ttft,
+            itl,
+        }
     }
 }
 
@@ -305,7 +371,11 @@ pub fn reliability(view: &EndpointView, now: Micros, cfg: &QoeConfig) -> f64 {
         1.0,
     );
     let flaps = avail.flaps as f64;
-    let f = flaps / (flaps + 2.0);
+    let f = if avail.flaps == 0 {
+        0.0
+    } else {
+        flaps / (flaps + 2.0)
+    };
     let staleness_us = cfg.metrics_staleness_ms.max(0.0) * 1e3;
     let st = match view.engine_age(now) {
         Some(age) if (age as f64) > staleness_us => unit(

@@ -303,8 +303,8 @@ struct Ctx<'a> {
     t0: f64,
     now: Micros,
     staleness: Micros,
-    /// [`adapt::Adapt::decode_share`] at this decision.
-    decode_share: f64,
+    /// The performance term's side of the request: its phase mix, targets and expected output.
+    perf: cost::PerfTarget,
 }
 
 fn finite_ms(x: f64) -> f64 {
@@ -394,6 +394,24 @@ impl Qoe {
             Some(ms) if ms > 0 => ms as f64,
             _ => self.cfg.target_ttft_ms,
         };
+        // A client that sends a TTFT deadline (the SLA header) has said the first token matters:
+        // its TTFT is priced as for a prefill-dominant request, whatever its phase. Found by the
+        // fleet simulator (docs/EVALUATION.md): priced by phase, decode-dominant requests with a
+        // tight deadline followed the low ITL of fast engines into their seat queues.
+        // Near saturation the same request stops paying for a faster decoder
+        // ([`adapt::Adapt::decode_share`]), unless engines serve it first wherever it goes
+        // (priority 1 with engine priority): then its seat makes only lower priorities wait.
+        let decode_share = if self.first_in_line(req) {
+            1.0
+        } else {
+            cost::unit(decode_share, 1.0)
+        };
+        let (phase, decode_share) = if req.sla_ttft_ms.is_some() {
+            (Phase::PrefillDominant, decode_share)
+        } else {
+            (req.phase, 1.0)
+        };
+        let n = req.expected_output_tokens as f64;
         Ctx {
             req,
             weights,
@@ -407,8 +425,13 @@ impl Qoe {
             t0,
             now,
             staleness: (self.cfg.metrics_staleness_ms * 1e3) as Micros,
-            decode_share: cost::unit(decode_share, 1.0),
+            perf: cost::PerfTarget::new(phase, t0, n, decode_share, &self.cfg),
         }
+    }
+
+    /// Whether engines serve this request ahead of the queue (priority 1 with engine priority).
+    fn first_in_line(&self, req: &RequestProfile) -> bool {
+        self.cfg.engine_priority && req.priority == Priority::HIGH
     }
 
     /// How much of a line whose last sample is `age` old is still trusted (the rest is the fleet
@@ -463,8 +486,7 @@ impl Qoe {
                 true,
             ),
         };
-        let first_in_line = cfg.engine_priority && req.priority == Priority::HIGH;
-        let seat_wait = cost::seat_wait_ms(view, engine, first_in_line);
+        let seat_wait = cost::seat_wait_ms(view, engine, self.first_in_line(req));
         let ttft = finite_ms(ttft_line.at(queued + own) + seat_wait);
         let running = engine.and_then(|m| cost::nonneg(m.running)).unwrap_or(0.0);
         let batch = cost::in_flight(view).max(running.min(1e9)) + 1.0;
@@ -488,21 +510,7 @@ impl Qoe {
             speed,
             cfg,
         );
-        let n = req.expected_output_tokens as f64;
-        // A client that sends a TTFT deadline (the SLA header) has said the first token matters:
-        // its TTFT is priced as for a prefill-dominant request, whatever its phase. Found by the
-        // fleet simulator (docs/EVALUATION.md): priced by phase, decode-dominant requests with a
-        // tight deadline followed the low ITL of fast engines into their seat queues.
-        // Near saturation the same request stops paying for a faster decoder
-        // ([`adapt::Adapt::decode_share`]), unless engines serve it first wherever it goes
-        // (priority 1 with engine priority): then its seat makes only lower priorities wait.
-        let decode_share = if first_in_line { 1.0 } else { ctx.decode_share };
-        let (phase, decode_share) = if req.sla_ttft_ms.is_some() {
-            (Phase::PrefillDominant, decode_share)
-        } else {
-            (req.phase, 1.0)
-        };
-        let perf = cost::performance_parts(phase, ttft, itl, ctx.t0, n, decode_share, cfg);
+        let perf = ctx.perf.parts(ttft, itl);
         let reliability = cost::reliability(view, ctx.now, cfg);
         let terms = [
             cost::resource(util),
