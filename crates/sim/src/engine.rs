@@ -52,6 +52,7 @@ use crate::histogram::{Histogram, ITL_BOUNDS, REQUEST_LATENCY_BOUNDS, TTFT_BOUND
 use crate::kv::BlockPool;
 use crate::profile::{BatchShape, Profile};
 use crate::rng::SplitMix64;
+use foldhash::fast::RandomState;
 use qoe_core::prompt::BLOCK_TOKENS;
 use qoe_core::Micros;
 use serde::{Deserialize, Serialize};
@@ -449,7 +450,7 @@ pub struct Engine {
     pool: BlockPool,
     slots: Vec<Option<Seq>>,
     free_slots: Vec<u32>,
-    by_id: HashMap<u64, u32>,
+    by_id: HashMap<u64, u32, RandomState>,
     /// Admission order.
     running: Vec<u32>,
     /// (priority key, arrival order) -> slot.
@@ -473,7 +474,7 @@ impl Engine {
             pool: BlockPool::new(blocks),
             slots: Vec::new(),
             free_slots: Vec::new(),
-            by_id: HashMap::new(),
+            by_id: HashMap::default(),
             running: Vec::new(),
             waiting: BTreeMap::new(),
             next_order: 0,
