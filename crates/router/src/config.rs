@@ -351,11 +351,17 @@ impl RouterConfig {
                 fields.insert(key, default);
             }
         }
-        let mut base: RouterConfig = serde_json::from_value(base)?;
-        base.config = self.config.clone();
-        base.print_config = self.print_config;
-        base.from_user = self.from_user.clone();
-        Ok(base)
+        let base: RouterConfig = serde_json::from_value(base)?;
+        Ok(base.keeping_unserialized(self, self.config.clone()))
+    }
+
+    /// These settings with what serde skips (no file key sets it) taken from `of`: the config
+    /// file's path (`config`), `--print-config`, and which settings came from the user.
+    fn keeping_unserialized(mut self, of: &RouterConfig, config: Option<PathBuf>) -> Self {
+        self.config = config;
+        self.print_config = of.print_config;
+        self.from_user = of.from_user.clone();
+        self
     }
 
     /// These settings with the file's `settings` (read from `path`) laid over those for which
@@ -386,7 +392,7 @@ impl RouterConfig {
                 taken.push((key, value));
             }
         }
-        let mut merged: RouterConfig = serde_json::from_value(merged).map_err(|e| {
+        let merged: RouterConfig = serde_json::from_value(merged).map_err(|e| {
             // serde names no field: find the key whose value alone fails, to name it.
             let culprit = taken.iter().find_map(|(key, value)| {
                 let mut one = base.clone();
@@ -397,11 +403,7 @@ impl RouterConfig {
             });
             anyhow::anyhow!("{}: {}", path.display(), culprit.unwrap_or(e.to_string()))
         })?;
-        // What serde skips is not a file key: keep these.
-        merged.config = Some(path.to_path_buf());
-        merged.print_config = self.print_config;
-        merged.from_user = self.from_user.clone();
-        Ok(merged)
+        Ok(merged.keeping_unserialized(self, Some(path.to_path_buf())))
     }
 
     /// `Authorization: Bearer KEY` for `--upstream-api-key` (validated: a header value).

@@ -72,7 +72,8 @@ impl LoadCounters {
             .is_ok()
     }
 
-    fn unreserve(&self) {
+    /// Gives back a seat taken with [`LoadCounters::reserve`].
+    pub fn unreserve(&self) {
         self.reserved.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -526,11 +527,6 @@ impl LoadGuard {
     pub fn holding_seat(mut self) -> Self {
         self.reserved = true;
         self
-    }
-
-    /// Gives back a seat taken with [`LoadCounters::reserve`] that no request used.
-    pub fn release_seat(endpoint: &Endpoint) {
-        endpoint.load.unreserve();
     }
 
     /// Tells `admission` when this request's capacity frees.

@@ -574,7 +574,7 @@ async fn dispatch(
         }
         let Some(ticket) = endpoint.try_dispatch(state.clock.now()) else {
             if cap > 0 {
-                LoadGuard::release_seat(&endpoint);
+                endpoint.load.unreserve();
             }
             // Its breaker opened, or another request became its half-open probe, since the
             // views were taken: pick again without it.

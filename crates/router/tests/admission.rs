@@ -464,27 +464,33 @@ async fn a_waiter_follows_a_reload() {
     assert_eq!(answer.header("x-qoe-endpoint"), new.url);
 }
 
+/// A router in front of `e1` and `e2` with one seat each, `retries` quick retries and a breaker
+/// that opens after `breaker_failures` failures.
+async fn one_seat_each(e1: &Mock, e2: &Mock, retries: &str, breaker_failures: &str) -> TestRouter {
+    router(&[
+        "--static-backends",
+        &format!("{},{}", e1.url, e2.url),
+        "--max-inflight-per-endpoint",
+        "1",
+        "--max-retries",
+        retries,
+        "--retry-backoff-ms",
+        "1",
+        "--breaker-failures",
+        breaker_failures,
+        "--queue-timeout",
+        "30",
+    ])
+    .await
+}
+
 /// A request retried after a failure that then waits in the queue may use the endpoint it failed
 /// on once that endpoint is open again: it neither waits out its queue timeout beside an idle
 /// endpoint nor holds back newcomers that could use it.
 #[tokio::test]
 async fn a_retried_waiter_takes_the_endpoint_it_failed_on_when_it_recovers() {
     let (e1, e2) = (mock(&["m"]).await, mock(&["m"]).await);
-    let r = router(&[
-        "--static-backends",
-        &format!("{},{}", e1.url, e2.url),
-        "--max-inflight-per-endpoint",
-        "1",
-        "--max-retries",
-        "1",
-        "--retry-backoff-ms",
-        "1",
-        "--breaker-failures",
-        "100",
-        "--queue-timeout",
-        "30",
-    ])
-    .await;
+    let r = one_seat_each(&e1, &e2, "1", "100").await;
     let c = client();
     *e1.state.fixed.lock().unwrap() = Some((503, r#"{"error":{"message":"busy"}}"#.into()));
     // E2 busy with a held stream (E1 refuses it with 503; the retry lands on E2).
@@ -515,4 +521,62 @@ async fn a_retried_waiter_takes_the_endpoint_it_failed_on_when_it_recovers() {
         "served while E2 is held"
     );
     drop((held, response));
+}
+
+/// A request that waits, fails on the endpoint it was given and waits again is one queued
+/// request in `qoe_router_queued_total`, not two.
+#[tokio::test]
+async fn a_request_that_waits_twice_is_queued_once() {
+    let (e1, e2) = (mock(&["m"]).await, mock(&["m"]).await);
+    let r = one_seat_each(&e1, &e2, "3", "1").await;
+    let c = client();
+    // One held stream on each endpoint: with one seat each, the second goes where the first is not.
+    let (s1, s2) = (e1.script_next(), e2.script_next());
+    let (p1, p2) = (
+        start_stream(&c, &r.url, "h1"),
+        start_stream(&c, &r.url, "h2"),
+    );
+    let (h1, h2) = (s1.await.unwrap(), s2.await.unwrap());
+    h1.send(first_chunk()).await;
+    h2.send(first_chunk()).await;
+    let (r1, r2) = (p1.await.unwrap(), p2.await.unwrap());
+    let url = format!("{}/v1/completions", r.url);
+    let waiting = spawn_post(&c, &url, "waiting", "2");
+    let depth_is_one = || async {
+        for _ in 0..500 {
+            if metrics_text(&c, &r.url)
+                .await
+                .contains("qoe_router_queue_depth 1")
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(depth_is_one().await, "the request waits for a seat");
+    // E1 frees its seat and then fails the waiter (its breaker opens on that one failure): the
+    // retry waits again, for E2.
+    *e1.state.fixed.lock().unwrap() = Some((503, r#"{"error":{"message":"busy"}}"#.into()));
+    drop((h1, r1));
+    let completions = |m: &Mock| {
+        m.requests()
+            .iter()
+            .filter(|s| s.path == "/v1/completions")
+            .count()
+    };
+    for _ in 0..500 {
+        if completions(&e1) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(completions(&e1), 2, "the waiter was sent to E1");
+    assert!(depth_is_one().await, "the retried request waits again");
+    drop((h2, r2));
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-qoe-endpoint"), e2.url);
+    let metrics = metrics_text(&c, &r.url).await;
+    assert_eq!(metric_sum(&metrics, "qoe_router_queued_total"), 1.0);
 }
