@@ -14,6 +14,12 @@
 //! endpoint wakes the most urgent waiter for a model that endpoint serves. A waiter keeps its
 //! place from the time it joins until it is dispatched or gives up, woken or not, so a newcomer
 //! cannot slip past one that is re-checking.
+//!
+//! No wake-up is lost between looking and waiting. A request that found every endpoint saturated
+//! is not yet listening when it joins (or, re-checking, rejoins) the queue; a wake-up that found
+//! no one listening is counted ([`Admission::lost_wakes`]), and a request that saw a different
+//! count before it looked starts its wait already woken, to look again at once rather than
+//! wait for the next tick.
 
 use qoe_core::{EndpointView, Micros, Priority};
 use std::collections::BTreeMap;
@@ -78,6 +84,8 @@ struct Waiter {
 struct Queue {
     waiters: BTreeMap<QueueKey, Waiter>,
     next_seq: u64,
+    /// Wake-ups that found no waiter listening (see the module docs).
+    lost_wakes: u64,
 }
 
 /// The router's admission queue.
@@ -128,9 +136,22 @@ impl Admission {
             .any(|(_, w)| &*w.model == model)
     }
 
-    /// Joins the queue. Returns the receiver to await, or a refusal when the queue is full of
-    /// requests at least as urgent.
-    pub fn enqueue(&self, key: QueueKey, model: &str) -> Result<oneshot::Receiver<Wake>, Refusal> {
+    /// Wake-ups so far that found no waiter listening: read before looking at the endpoints,
+    /// handed to [`enqueue`](Self::enqueue) or [`rearm`](Self::rearm) when they were all
+    /// saturated.
+    pub fn lost_wakes(&self) -> u64 {
+        self.lock().lost_wakes
+    }
+
+    /// Joins the queue. Returns the receiver to await (already woken when a wake-up was lost
+    /// since `seen`, see [`lost_wakes`](Self::lost_wakes)), or a refusal when the queue is full
+    /// of requests at least as urgent.
+    pub fn enqueue(
+        &self,
+        key: QueueKey,
+        model: &str,
+        seen: u64,
+    ) -> Result<oneshot::Receiver<Wake>, Refusal> {
         let mut q = self.lock();
         if q.waiters.len() >= self.config.queue_max.max(1) {
             let worst = *q.waiters.keys().next_back().expect("full queue has a last");
@@ -142,22 +163,36 @@ impl Admission {
                 let _ = tx.send(Wake::Displaced);
             }
         }
-        let (tx, rx) = oneshot::channel();
+        let missed = q.lost_wakes != seen;
+        let (wake, rx) = Self::listen(missed);
         let waiter = Waiter {
             model: model.into(),
-            wake: Some(tx),
+            wake,
         };
         q.waiters.insert(key, waiter);
         Ok(rx)
     }
 
-    /// Waits again in the same place; `None` when the place was taken meanwhile (displaced).
-    pub fn rearm(&self, key: &QueueKey) -> Option<oneshot::Receiver<Wake>> {
+    /// Waits again in the same place (already woken when a wake-up was lost since `seen`);
+    /// `None` when the place was taken meanwhile (displaced).
+    pub fn rearm(&self, key: &QueueKey, seen: u64) -> Option<oneshot::Receiver<Wake>> {
         let mut q = self.lock();
+        let missed = q.lost_wakes != seen;
         let waiter = q.waiters.get_mut(key)?;
-        let (tx, rx) = oneshot::channel();
-        waiter.wake = Some(tx);
+        let (wake, rx) = Self::listen(missed);
+        waiter.wake = wake;
         Some(rx)
+    }
+
+    /// A waiter's channel: listening, or (`missed`) woken at once and so not listening.
+    fn listen(missed: bool) -> (Option<oneshot::Sender<Wake>>, oneshot::Receiver<Wake>) {
+        let (tx, rx) = oneshot::channel();
+        if missed {
+            let _ = tx.send(Wake::Retry);
+            (None, rx)
+        } else {
+            (Some(tx), rx)
+        }
     }
 
     /// Leaves the queue (dispatched, timed out, or the client left). A waiter that was woken
@@ -190,6 +225,7 @@ impl Admission {
                 }
             }
         }
+        q.lost_wakes += 1;
     }
 }
 
@@ -234,15 +270,15 @@ mod tests {
         let any = |_: &str| true;
         let p3 = a.key(Priority::LOW, None);
         let p2_late = a.key(Priority::DEFAULT, Some(900));
-        let mut rx3 = a.enqueue(p3, "m").unwrap();
-        let rx2 = a.enqueue(p2_late, "m").unwrap();
+        let mut rx3 = a.enqueue(p3, "m", 0).unwrap();
+        let rx2 = a.enqueue(p2_late, "m", 0).unwrap();
         // Full: a priority-2 arrival cannot displace the priority-2 waiter... but can the p3.
         let p2_early = a.key(Priority::DEFAULT, Some(500));
-        let rx2e = a.enqueue(p2_early, "m").unwrap();
+        let rx2e = a.enqueue(p2_early, "m", 0).unwrap();
         assert_eq!(rx3.try_recv(), Ok(Wake::Displaced));
         // Full of priority 2: another priority 3 is refused.
         assert_eq!(
-            a.enqueue(a.key(Priority::LOW, None), "m").unwrap_err(),
+            a.enqueue(a.key(Priority::LOW, None), "m", 0).unwrap_err(),
             Refusal::QueueFull
         );
         assert!(a.behind_someone(&a.key(Priority::DEFAULT, Some(600)), "m"));
@@ -264,36 +300,75 @@ mod tests {
     async fn order_and_wake_ups_are_per_model() {
         let a = Admission::new(config(8));
         let first_b = a.key(Priority::HIGH, None);
-        let mut rx_b = a.enqueue(first_b, "b").unwrap();
+        let mut rx_b = a.enqueue(first_b, "b", 0).unwrap();
         let later_a = a.key(Priority::LOW, None);
         assert!(
             !a.behind_someone(&later_a, "a"),
             "b's waiter holds no a back"
         );
         assert!(a.behind_someone(&a.key(Priority::LOW, None), "b"));
-        let rx_a = a.enqueue(later_a, "a").unwrap();
+        let rx_a = a.enqueue(later_a, "a", 0).unwrap();
         // Capacity freed on an endpoint serving only a: a's waiter, not the more urgent b.
         a.notify(|m| m == "a");
         assert_eq!(rx_a.await, Ok(Wake::Retry));
         assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
         // A woken waiter that leaves (dispatched, or giving up) wakes the next for its model.
         let next_a = a.key(Priority::LOW, None);
-        let rx_next = a.enqueue(next_a, "a").unwrap();
+        let rx_next = a.enqueue(next_a, "a", 0).unwrap();
         a.leave(&later_a);
         assert_eq!(rx_next.await, Ok(Wake::Retry));
         assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
         // One that leaves while waiting (it was never woken) passes nothing on.
         let waiting_b = a.key(Priority::LOW, None);
-        let _rx_waiting = a.enqueue(waiting_b, "b").unwrap();
+        let _rx_waiting = a.enqueue(waiting_b, "b", 0).unwrap();
         a.leave(&waiting_b);
         assert_eq!(rx_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
         // Displaced while re-checking: told when it would wait again.
         let small = Admission::new(config(1));
         let low = small.key(Priority::LOW, None);
-        let rx = small.enqueue(low, "a").unwrap();
+        let rx = small.enqueue(low, "a", 0).unwrap();
         small.notify(|_| true);
         assert_eq!(rx.await, Ok(Wake::Retry));
-        small.enqueue(small.key(Priority::HIGH, None), "a").unwrap();
-        assert!(small.rearm(&low).is_none());
+        small
+            .enqueue(small.key(Priority::HIGH, None), "a", 0)
+            .unwrap();
+        assert!(small.rearm(&low, 0).is_none());
+    }
+
+    /// A wake-up that finds no one listening is not lost on a request that was looking at the
+    /// endpoints meanwhile: its wait starts woken. One that looked after it waits as usual.
+    #[tokio::test]
+    async fn a_wake_up_while_looking_is_not_lost() {
+        let a = Admission::new(config(8));
+        // A newcomer looks (every endpoint saturated); capacity frees before it joins.
+        let seen = a.lost_wakes();
+        a.notify(|_| true);
+        let first = a.key(Priority::DEFAULT, None);
+        let mut rx = a.enqueue(first, "m", seen).unwrap();
+        assert_eq!(rx.try_recv(), Ok(Wake::Retry), "it looks again at once");
+        // Re-checking, it finds everything saturated again; the next wait is a real one.
+        let seen = a.lost_wakes();
+        let mut rx = a.rearm(&first, seen).unwrap();
+        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        // Woken; while it re-checks, more capacity frees and finds no one listening.
+        a.notify(|_| true);
+        assert_eq!(rx.await, Ok(Wake::Retry));
+        let seen = a.lost_wakes();
+        a.notify(|_| true);
+        let mut rx = a.rearm(&first, seen).unwrap();
+        assert_eq!(
+            rx.try_recv(),
+            Ok(Wake::Retry),
+            "the wake-up it missed is not lost"
+        );
+        // A wake-up that reached a listening waiter is no one's loss.
+        let second = a.key(Priority::LOW, None);
+        let seen = a.lost_wakes();
+        let rx2 = a.enqueue(second, "m", seen).unwrap();
+        let seen_first = a.lost_wakes();
+        a.notify(|_| true);
+        assert_eq!(rx2.await, Ok(Wake::Retry));
+        let mut rx = a.rearm(&first, seen_first).unwrap();
+        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));
     }
 }

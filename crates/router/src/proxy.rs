@@ -499,6 +499,12 @@ async fn dispatch(
         body
     };
     loop {
+        // Read before looking: a wake-up lost while it looks makes its wait end at once.
+        let seen = if admission.config.enabled() {
+            admission.lost_wakes()
+        } else {
+            0
+        };
         let now = state.clock.now();
         views.clear();
         views.extend(
@@ -529,6 +535,7 @@ async fn dispatch(
                     &mut queued,
                     deadline,
                     &mut ever_queued,
+                    seen,
                 );
                 if let Err(e) = waited.await {
                     return reject(&state, e, &request_id);
@@ -750,7 +757,8 @@ impl Drop for QueueSlot {
 
 /// Waits in the admission queue (joining it the first time, keeping the place after) until
 /// woken, or a tick passes; refuses when the queue is full, the place was taken by a more urgent
-/// request, or the wait is over.
+/// request, or the wait is over. `seen`: [`crate::admission::Admission::lost_wakes`] read before
+/// the endpoints were looked at (a wake-up lost since then ends the wait at once).
 async fn wait_in_queue(
     state: &AppState,
     key: QueueKey,
@@ -758,6 +766,7 @@ async fn wait_in_queue(
     queued: &mut Option<QueueSlot>,
     deadline: tokio::time::Instant,
     ever_queued: &mut bool,
+    seen: u64,
 ) -> Result<(), ApiError> {
     let admission = &state.admission;
     let timeout = admission.config.queue_timeout;
@@ -770,9 +779,9 @@ async fn wait_in_queue(
         )
     };
     let rx = match queued {
-        Some(_) => admission.rearm(&key).ok_or_else(displaced)?,
+        Some(_) => admission.rearm(&key, seen).ok_or_else(displaced)?,
         None => {
-            let rx = admission.enqueue(key, model).map_err(|_| {
+            let rx = admission.enqueue(key, model, seen).map_err(|_| {
                 shed(
                     state,
                     key.priority,
