@@ -32,7 +32,8 @@
 //!   several tokens per chunk.
 //! * Responses API (`/v1/responses`) and Anthropic-style (`/v1/messages`) streams: an event whose
 //!   `type` ends in `.delta` (`response.output_text.delta`, `response.reasoning_text.delta`,
-//!   `response.function_call_arguments.delta`, ...) or is `content_block_delta` counts one token.
+//!   `response.function_call_arguments.delta`, ...; not `response.audio.delta`, base64 audio) or
+//!   is `content_block_delta` counts one token.
 //!   Their usage (`response.usage` of `response.completed`; the top-level `usage` of
 //!   `message_delta`, `input_tokens` / `output_tokens`) is read as a usage report; a `type` of
 //!   `error` or `response.failed` is an error.
@@ -686,7 +687,8 @@ enum EventKind {
 
 impl Leaf for EventKind {
     fn from_str(s: &str) -> Self {
-        if s.ends_with(".delta") || s == "content_block_delta" {
+        // Audio bytes are not tokens; their transcript (`response.audio.transcript.delta`) is.
+        if (s.ends_with(".delta") && s != "response.audio.delta") || s == "content_block_delta" {
             EventKind::Delta
         } else if s == "error" || s == "response.failed" {
             EventKind::Error
@@ -884,6 +886,10 @@ mod tests {
         assert_eq!(ev(delta), [tok(1)]);
         let reasoning = r#"{"delta":"hm","item_id":"rs_1","output_index":0,"type":"response.reasoning_text.delta"}"#;
         assert_eq!(ev(reasoning), [tok(1)]);
+        let audio = r#"{"delta":"UklGRg==","item_id":"msg_2","output_index":1,"type":"response.audio.delta"}"#;
+        assert_eq!(ev(audio), [SseEvent::Other]);
+        let transcript = r#"{"delta":"hi","item_id":"msg_2","output_index":1,"type":"response.audio.transcript.delta"}"#;
+        assert_eq!(ev(transcript), [tok(1)]);
         let done = r#"{"content_index":0,"item_id":"msg_1","output_index":0,"text":"bo tute its","type":"response.output_text.done"}"#;
         assert_eq!(ev(done), [SseEvent::Other]);
         let completed = r#"{"response":{"id":"resp_1","output":[{"content":[{"text":"bo tute its","type":"output_text"}]}],"status":"completed","usage":{"input_tokens":15,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"total_tokens":19}},"sequence_number":11,"type":"response.completed"}"#;
