@@ -773,6 +773,21 @@ struct Live {
     queued: bool,
 }
 
+impl Live {
+    /// What the router tells the policy about this request at `endpoint_key`.
+    fn feedback(&self, endpoint_key: u64, event: FeedbackEvent) -> Feedback {
+        Feedback {
+            endpoint_key,
+            priority: self.priority,
+            prompt_tokens: self.prompt_tokens,
+            sla_ttft_ms: self.sla_ttft_ms,
+            load_at_dispatch: self.load_at_dispatch,
+            detail: self.detail,
+            event,
+        }
+    }
+}
+
 /// Admission order: priority, then TTFT deadline (`Micros::MAX` without an SLA), then arrival.
 type QueueKey = (Priority, Micros, u64);
 
@@ -1698,15 +1713,7 @@ impl<'a> Sim<'a> {
                     load.prefill_tokens -= l.prompt_tokens as u64;
                     load.in_decode += 1;
                 }
-                let fb = Feedback {
-                    endpoint_key: ep.key,
-                    priority: l.priority,
-                    prompt_tokens: l.prompt_tokens,
-                    sla_ttft_ms: l.sla_ttft_ms,
-                    load_at_dispatch: l.load_at_dispatch,
-                    detail: l.detail,
-                    event: FeedbackEvent::FirstToken { ttft },
-                };
+                let fb = l.feedback(ep.key, FeedbackEvent::FirstToken { ttft });
                 self.policy.feedback(&fb, now);
             }
             Some(last) => {
@@ -1771,20 +1778,15 @@ impl<'a> Sim<'a> {
         ep.stats_dirty = true;
         let mean_itl_ms = (l.tokens > 1 && decode_time > 0)
             .then(|| decode_time as f64 / 1e3 / (l.tokens - 1) as f64);
-        let fb = Feedback {
-            endpoint_key: ep.key,
-            priority: l.priority,
-            prompt_tokens: l.prompt_tokens,
-            sla_ttft_ms: l.sla_ttft_ms,
-            load_at_dispatch: l.load_at_dispatch,
-            detail: l.detail,
-            event: FeedbackEvent::Finished {
+        let fb = l.feedback(
+            ep.key,
+            FeedbackEvent::Finished {
                 ttft,
                 output_tokens: l.tokens,
                 mean_itl_ms,
                 failed,
             },
-        };
+        );
         self.policy.feedback(&fb, now);
     }
 
