@@ -32,7 +32,7 @@
 //!   several tokens per chunk.
 //! * Responses API (`/v1/responses`) and Anthropic-style (`/v1/messages`) streams: an event whose
 //!   `type` ends in `.delta` (`response.output_text.delta`, `response.reasoning_text.delta`,
-//!   `response.function_call_arguments.delta`, ...; not `response.audio.delta`, base64 audio) or
+//!   `response.function_call_arguments.delta`, ...; not the base64 audio of an `audio.delta`) or
 //!   is `content_block_delta` counts one token.
 //!   Their usage (`response.usage` of `response.completed`; the top-level `usage` of
 //!   `message_delta`, `input_tokens` / `output_tokens`) is read as a usage report; a `type` of
@@ -687,8 +687,9 @@ enum EventKind {
 
 impl Leaf for EventKind {
     fn from_str(s: &str) -> Self {
-        // Audio bytes are not tokens; their transcript (`response.audio.transcript.delta`) is.
-        if (s.ends_with(".delta") && s != "response.audio.delta") || s == "content_block_delta" {
+        // Audio bytes are not tokens (`response.audio.delta`, `response.output_audio.delta`);
+        // their transcript (`response.audio.transcript.delta`) is.
+        if (s.ends_with(".delta") && !s.ends_with("audio.delta")) || s == "content_block_delta" {
             EventKind::Delta
         } else if s == "error" || s == "response.failed" {
             EventKind::Error
@@ -887,6 +888,8 @@ mod tests {
         let reasoning = r#"{"delta":"hm","item_id":"rs_1","output_index":0,"type":"response.reasoning_text.delta"}"#;
         assert_eq!(ev(reasoning), [tok(1)]);
         let audio = r#"{"delta":"UklGRg==","item_id":"msg_2","output_index":1,"type":"response.audio.delta"}"#;
+        assert_eq!(ev(audio), [SseEvent::Other]);
+        let audio = r#"{"delta":"UklGRg==","item_id":"msg_2","output_index":1,"type":"response.output_audio.delta"}"#;
         assert_eq!(ev(audio), [SseEvent::Other]);
         let transcript = r#"{"delta":"hi","item_id":"msg_2","output_index":1,"type":"response.audio.transcript.delta"}"#;
         assert_eq!(ev(transcript), [tok(1)]);

@@ -203,29 +203,31 @@ impl Admission {
         if let Some(waiter) = q.waiters.remove(key) {
             // Not waiting at the moment (woken, or between ticks): it was re-checking.
             if waiter.wake.as_ref().is_none_or(|tx| tx.is_closed()) {
-                Self::wake_first(&mut q, |model| model == &*waiter.model);
+                let _ = Self::wake_first(&mut q, |model| model == &*waiter.model);
             }
         }
     }
 
     /// Capacity freed on an endpoint serving the models for which `serves` holds: wake the most
-    /// urgent waiter for one of them to try again.
-    pub fn notify(&self, serves: impl Fn(&str) -> bool) {
-        Self::wake_first(&mut self.lock(), serves);
+    /// urgent waiter for one of them to try again. `false` when no one was listening: the
+    /// wake-up counted as lost ([`lost_wakes`](Self::lost_wakes)).
+    pub fn notify(&self, serves: impl Fn(&str) -> bool) -> bool {
+        Self::wake_first(&mut self.lock(), serves)
     }
 
-    fn wake_first(q: &mut Queue, serves: impl Fn(&str) -> bool) {
+    fn wake_first(q: &mut Queue, serves: impl Fn(&str) -> bool) -> bool {
         for waiter in q.waiters.values_mut() {
             if waiter.wake.is_none() || !serves(&waiter.model) {
                 continue;
             }
             if let Some(tx) = waiter.wake.take() {
                 if tx.send(Wake::Retry).is_ok() {
-                    return;
+                    return true;
                 }
             }
         }
         q.lost_wakes += 1;
+        false
     }
 }
 
@@ -342,7 +344,7 @@ mod tests {
         let a = Admission::new(config(8));
         // A newcomer looks (every endpoint saturated); capacity frees before it joins.
         let seen = a.lost_wakes();
-        a.notify(|_| true);
+        assert!(!a.notify(|_| true), "no one listens yet");
         let first = a.key(Priority::DEFAULT, None);
         let mut rx = a.enqueue(first, "m", seen).unwrap();
         assert_eq!(rx.try_recv(), Ok(Wake::Retry), "it looks again at once");
@@ -351,7 +353,7 @@ mod tests {
         let mut rx = a.rearm(&first, seen).unwrap();
         assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));
         // Woken; while it re-checks, more capacity frees and finds no one listening.
-        a.notify(|_| true);
+        assert!(a.notify(|_| true));
         assert_eq!(rx.await, Ok(Wake::Retry));
         let seen = a.lost_wakes();
         a.notify(|_| true);
@@ -366,7 +368,7 @@ mod tests {
         let seen = a.lost_wakes();
         let rx2 = a.enqueue(second, "m", seen).unwrap();
         let seen_first = a.lost_wakes();
-        a.notify(|_| true);
+        assert!(a.notify(|_| true));
         assert_eq!(rx2.await, Ok(Wake::Retry));
         let mut rx = a.rearm(&first, seen_first).unwrap();
         assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));

@@ -500,7 +500,7 @@ async fn dispatch(
     };
     loop {
         // Read before looking: a wake-up lost while it looks makes its wait end at once.
-        let seen = if admission.config.enabled() {
+        let mut seen = if admission.config.enabled() {
             admission.lost_wakes()
         } else {
             0
@@ -521,9 +521,11 @@ async fn dispatch(
             open_views.extend(views.iter().filter(|v| !admission.config.saturated(v, now)));
             let behind = admission.behind_someone(&key, &profile.model);
             if open_views.is_empty() || behind {
-                if !open_views.is_empty() {
-                    // Capacity is open but someone more urgent waits: let them have it first.
-                    admission.notify(|m| m == profile.model);
+                // Capacity is open but someone more urgent waits: let them have it first. If
+                // no one was listening, that lost wake-up is theirs to see, not this request's
+                // (it would only wake itself, and spin).
+                if !open_views.is_empty() && !admission.notify(|m| m == profile.model) {
+                    seen += 1;
                 }
                 let deadline = *queue_deadline.get_or_insert_with(|| {
                     tokio::time::Instant::now() + admission.config.queue_timeout
@@ -802,12 +804,8 @@ async fn wait_in_queue(
             rx
         }
     };
-    let now = tokio::time::Instant::now();
-    let tick = deadline.saturating_duration_since(now).min(QUEUE_TICK);
-    match tokio::time::timeout(tick, rx).await {
-        Ok(Ok(Wake::Displaced)) => Err(displaced()),
-        Ok(_) => Ok(()),
-        Err(_) if tokio::time::Instant::now() >= deadline => Err(shed(
+    let timed_out = || {
+        shed(
             state,
             key.priority,
             "queue_timeout",
@@ -815,7 +813,18 @@ async fn wait_in_queue(
                 "every endpoint stayed saturated for {} s (--queue-timeout); retry later",
                 timeout.as_secs_f64()
             ),
-        )),
+        )
+    };
+    let now = tokio::time::Instant::now();
+    // Checked before waiting too: a wait that starts woken returns at once, every time.
+    if now >= deadline {
+        return Err(timed_out());
+    }
+    let tick = deadline.saturating_duration_since(now).min(QUEUE_TICK);
+    match tokio::time::timeout(tick, rx).await {
+        Ok(Ok(Wake::Displaced)) => Err(displaced()),
+        Ok(_) => Ok(()),
+        Err(_) if tokio::time::Instant::now() >= deadline => Err(timed_out()),
         Err(_) => Ok(()),
     }
 }

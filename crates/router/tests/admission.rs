@@ -540,6 +540,12 @@ async fn a_request_that_waits_twice_is_queued_once() {
     h1.send(first_chunk()).await;
     h2.send(first_chunk()).await;
     let (r1, r2) = (p1.await.unwrap(), p2.await.unwrap());
+    // Which client's stream each endpoint holds.
+    let on = |r: &hyper::Response<hyper::body::Incoming>, m: &Mock| {
+        r.headers().get("x-qoe-endpoint").unwrap().to_str().unwrap() == m.url
+    };
+    let (r1, r2) = if on(&r1, &e1) { (r1, r2) } else { (r2, r1) };
+    assert!(on(&r1, &e1) && on(&r2, &e2));
     let url = format!("{}/v1/completions", r.url);
     let waiting = spawn_post(&c, &url, "waiting", "2");
     let depth_is_one = || async {

@@ -7,10 +7,10 @@
 //! generation is promoted. This approximates LRU with O(1) work per operation and never more than
 //! `capacity` entries, however many requests pass.
 //!
-//! The maps hash with foldhash, seeded at random per process: the block hashes are already
-//! well mixed, so SipHash's cost (most of a long prompt's decision time) buys nothing but
-//! resistance to crafted collisions, which a random seed keeps; a fixed hasher would let a client
-//! who knows the block hash fill one bucket chain. No decision depends on the maps' order.
+//! The maps hash with foldhash, seeded at random: the block hashes are already well mixed, so
+//! SipHash's cost (most of a long prompt's decision time) buys nothing but resistance to crafted
+//! collisions, which a random seed keeps; a fixed hasher would let a client who knows the block
+//! hash crowd one probe sequence. No decision depends on the maps' order.
 
 use super::{least_loaded_index, Decision, PolicyConfig, Reason, RoutingPolicy, SharedRng};
 use crate::{EndpointView, Micros, RequestProfile};
