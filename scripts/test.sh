@@ -8,8 +8,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p qoe-router --all-targets --features tokenizer --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== cargo test (--features tokenizer)"
+cargo test -p qoe-router --features tokenizer --locked --lib --test tokenizer
 echo "== end-to-end (openai client)"
 cargo build --locked --bin qoe-router
 if [ ! -x .venv/bin/python ]; then

@@ -8,7 +8,7 @@
 //! taken when well formed and ignored otherwise.
 
 use crate::profile::OutputSource;
-use crate::prompt::{estimate_tokens_from_len, hash_bytes, prefix_block_hashes};
+use crate::prompt::{estimate_tokens_from_len, hash_bytes, prefix_block_hashes, PromptTokenizer};
 use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
 use serde_json::Value;
 
@@ -32,6 +32,8 @@ pub struct AnalyzerConfig {
     pub nominal_prefill_tokens_per_ms: f64,
     /// Nominal decode time per output token used by the phase rule, ms (the ITL target).
     pub nominal_itl_ms: f64,
+    /// Counts prompt text exactly; `None`: estimated from its length (see [`crate::prompt`]).
+    pub tokenizer: Option<PromptTokenizer>,
 }
 
 impl Default for AnalyzerConfig {
@@ -44,6 +46,7 @@ impl Default for AnalyzerConfig {
             max_prefix_blocks: 256,
             nominal_prefill_tokens_per_ms: 8.0,
             nominal_itl_ms: 50.0,
+            tokenizer: None,
         }
     }
 }
@@ -300,7 +303,7 @@ pub fn analyze<'h>(
         .map(|v| hash_bytes(1, v))
         .or(body_session_key);
 
-    let prompt_tokens = prompt.tokens();
+    let prompt_tokens = prompt.tokens(config.tokenizer.as_ref());
     let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
     let decode_ms = expected_output_tokens as f64 * config.nominal_itl_ms;
     let phase = if stage == Stage::Whole && prefill_ms >= decode_ms {
@@ -408,9 +411,15 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 impl body::PromptText {
-    fn tokens(&self) -> u32 {
+    /// Prompt tokens: the text's, counted by `tokenizer` or estimated, plus those given as ids.
+    fn tokens(&self, tokenizer: Option<&PromptTokenizer>) -> u32 {
         let ids = self.token_ids.min(u32::MAX as u64) as u32;
-        estimate_tokens_from_len(self.text.len()).saturating_add(ids)
+        let text = match tokenizer {
+            Some(t) if !self.text.is_empty() => t.count(&self.text),
+            Some(_) => 0,
+            None => estimate_tokens_from_len(self.text.len()),
+        };
+        text.saturating_add(ids)
     }
 }
 
@@ -527,6 +536,37 @@ mod tests {
             (p.expected_output_tokens, p.output_source),
             (200, OutputSource::Learned)
         );
+    }
+
+    /// Counts words: a stand-in tokenizer whose counts differ from the length estimate.
+    struct Words;
+
+    impl crate::prompt::TokenCounter for Words {
+        fn count(&self, text: &str) -> u32 {
+            text.split_whitespace().count() as u32
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_counts_the_prompt_text_exactly() {
+        let config = AnalyzerConfig {
+            tokenizer: Some(PromptTokenizer(std::sync::Arc::new(Words))),
+            ..AnalyzerConfig::default()
+        };
+        let count = |route: Route, body: &str| {
+            analyze(route, body.as_bytes(), |_| None, &config, |_| 200)
+                .unwrap()
+                .prompt_tokens
+        };
+        let chat = r#"{"model":"m","messages":[{"role":"user","content":"one two three four five six seven eight"}]}"#;
+        // "user: one two ... eight\n": 9 words, where the estimate says 12 tokens (46 bytes).
+        assert_eq!(count(CHAT, chat), 9);
+        assert_eq!(run(CHAT, chat, &[]).unwrap().prompt_tokens, 12);
+        let completion = r#"{"model":"m","prompt":"a b c","max_tokens":1}"#;
+        assert_eq!(count(COMPLETION, completion), 3);
+        // Token ids are counted one each, whatever the tokenizer.
+        let ids = r#"{"model":"m","prompt":[1,2,3,4],"max_tokens":1}"#;
+        assert_eq!(count(COMPLETION, ids), 4);
     }
 
     #[test]

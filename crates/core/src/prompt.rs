@@ -25,6 +25,35 @@ pub fn estimate_tokens_from_len(len: usize) -> u32 {
     len.div_ceil(BYTES_PER_TOKEN).min(u32::MAX as usize) as u32
 }
 
+/// Exact token counts of prompt text (the router's `--tokenizer`, a Hugging Face
+/// `tokenizer.json`); without one the analyzer estimates ([`estimate_tokens`]).
+pub trait TokenCounter: Send + Sync {
+    /// Tokens the engine would make of `text`, its tokenizer's special tokens included.
+    fn count(&self, text: &str) -> u32;
+}
+
+/// A shared [`TokenCounter`]: cheap to clone, equal only to itself.
+#[derive(Clone)]
+pub struct PromptTokenizer(pub std::sync::Arc<dyn TokenCounter>);
+
+impl PromptTokenizer {
+    pub fn count(&self, text: &str) -> u32 {
+        self.0.count(text)
+    }
+}
+
+impl std::fmt::Debug for PromptTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PromptTokenizer")
+    }
+}
+
+impl PartialEq for PromptTokenizer {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// A fast 64-bit hash of `bytes`, eight bytes at a time (prompts can be hundreds of KB, and this
 /// runs on every request). Stable across platforms and releases.
 pub fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {

@@ -117,6 +117,10 @@ pub struct RouterConfig {
     /// Header carrying the TTFT deadline in milliseconds.
     #[arg(long, env = "QOE_SLA_HEADER", default_value = "x-sla-target-ms")]
     pub sla_header: String,
+    /// Hugging Face `tokenizer.json` of the served model: prompt tokens counted exactly instead of
+    /// estimated (one per 4 bytes). Needs a build with `--features tokenizer`; read at start.
+    #[arg(long, env = "QOE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
     /// TTFT target, ms (used when a request has no SLA header).
     #[arg(long, env = "QOE_TARGET_TTFT", default_value_t = QoeConfig::default().target_ttft_ms)]
     pub target_ttft: f64,
@@ -825,8 +829,9 @@ const SIMULATED: [&str; 32] = [
 
 /// The settings it does not: the fleet file gives the engines and `--policies` the policies;
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
-/// in virtual time, and simulated clients always stream (no response timeout).
-const NOT_SIMULATED: [&str; 23] = [
+/// in virtual time, simulated clients always stream (no response timeout), and simulated
+/// engines count tokens by the estimate rule (no tokenizer).
+const NOT_SIMULATED: [&str; 24] = [
     "host",
     "port",
     "service_discovery",
@@ -848,6 +853,7 @@ const NOT_SIMULATED: [&str; 23] = [
     "upstream_api_key",
     "cors_allow_origin",
     "max_header_bytes",
+    "tokenizer",
     "log_format",
     "log_level",
 ];

@@ -395,6 +395,7 @@ impl<B: Body> ObservedBody<B> {
             status = code,
             outcome,
             ttft_ms = self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent) as f64 / 1e3),
+            prompt_tokens = self.ctx.prompt_tokens,
             tokens = output_tokens,
             duration_ms = e2e as f64 / 1e3,
             "request"

@@ -35,8 +35,12 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         config.pool_max_idle_per_host,
         config.upstream_authorization(),
     );
+    let mut analyzer = config.analyzer_config();
+    if let Some(path) = &config.tokenizer {
+        analyzer.tokenizer = Some(crate::tokenizer::load(path)?);
+    }
     Ok(Arc::new(AppState {
-        analyzer: config.analyzer_config(),
+        analyzer,
         registry: Arc::new(Registry::new(
             config.stats_config(),
             config.breaker_config(),
