@@ -8,7 +8,10 @@
 //! taken when well formed and ignored otherwise.
 
 use crate::profile::OutputSource;
-use crate::prompt::{estimate_tokens_from_len, hash_bytes, prefix_block_hashes, PromptTokenizer};
+use crate::prompt::{
+    estimate_tokens_from_len, hash_bytes, prefix_block_hashes, PromptTokenizer, BLOCK_BYTES,
+    BLOCK_TOKENS,
+};
 use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
 use serde_json::Value;
 
@@ -312,6 +315,7 @@ pub fn analyze<'h>(
         Phase::DecodeDominant
     };
     let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
+    let block_tokens = prompt.block_tokens(prompt_tokens);
 
     Ok(RequestProfile {
         model,
@@ -324,6 +328,7 @@ pub fn analyze<'h>(
         sla_ttft_ms,
         session_key,
         prefix_hashes,
+        block_tokens,
         phase,
         stage,
     })
@@ -420,6 +425,19 @@ impl body::PromptText {
             None => estimate_tokens_from_len(self.text.len()),
         };
         text.saturating_add(ids)
+    }
+
+    /// Tokens per prefix block of the text: the estimate rule's [`BLOCK_TOKENS`] unless the
+    /// count of `prompt_tokens` came from a tokenizer at another density.
+    fn block_tokens(&self, prompt_tokens: u32) -> f64 {
+        let estimated = estimate_tokens_from_len(self.text.len());
+        let ids = self.token_ids.min(u32::MAX as u64) as u32;
+        let text_tokens = prompt_tokens.saturating_sub(ids);
+        if self.text.is_empty() || text_tokens == estimated {
+            BLOCK_TOKENS as f64
+        } else {
+            text_tokens as f64 * BLOCK_BYTES as f64 / self.text.len() as f64
+        }
     }
 }
 
@@ -538,12 +556,12 @@ mod tests {
         );
     }
 
-    /// Counts words: a stand-in tokenizer whose counts differ from the length estimate.
+    /// Counts words and a BOS: a stand-in tokenizer whose counts differ from the estimate.
     struct Words;
 
     impl crate::prompt::TokenCounter for Words {
         fn count(&self, text: &str) -> u32 {
-            text.split_whitespace().count() as u32
+            1 + text.split_whitespace().count() as u32
         }
     }
 
@@ -553,20 +571,30 @@ mod tests {
             tokenizer: Some(PromptTokenizer(std::sync::Arc::new(Words))),
             ..AnalyzerConfig::default()
         };
-        let count = |route: Route, body: &str| {
-            analyze(route, body.as_bytes(), |_| None, &config, |_| 200)
-                .unwrap()
-                .prompt_tokens
+        let profile = |route: Route, body: &str| {
+            analyze(route, body.as_bytes(), |_| None, &config, |_| 200).unwrap()
         };
+        let count = |route: Route, body: &str| profile(route, body).prompt_tokens;
         let chat = r#"{"model":"m","messages":[{"role":"user","content":"one two three four five six seven eight"}]}"#;
-        // "user: one two ... eight\n": 9 words, where the estimate says 12 tokens (46 bytes).
-        assert_eq!(count(CHAT, chat), 9);
+        // "user: one two ... eight\n": 9 words and the BOS, where the estimate says 12 tokens
+        // (46 bytes).
+        assert_eq!(count(CHAT, chat), 10);
         assert_eq!(run(CHAT, chat, &[]).unwrap().prompt_tokens, 12);
         let completion = r#"{"model":"m","prompt":"a b c","max_tokens":1}"#;
-        assert_eq!(count(COMPLETION, completion), 3);
-        // Token ids are counted one each, whatever the tokenizer.
+        assert_eq!(count(COMPLETION, completion), 4);
+        // Token ids are counted one each, whatever the tokenizer (no text, no BOS).
         let ids = r#"{"model":"m","prompt":[1,2,3,4],"max_tokens":1}"#;
         assert_eq!(count(COMPLETION, ids), 4);
+        // A prefix block (64 bytes) holds the text's own density of tokens: 32 two-byte words
+        // and the BOS in 64 bytes.
+        let dense = format!(
+            r#"{{"model":"m","prompt":"{}","max_tokens":1}}"#,
+            "a ".repeat(32)
+        );
+        let p = profile(COMPLETION, &dense);
+        assert_eq!((p.prompt_tokens, p.prefix_hashes.len()), (33, 1));
+        assert_eq!(p.block_tokens, 33.0);
+        assert_eq!(run(COMPLETION, &dense, &[]).unwrap().block_tokens, 16.0);
     }
 
     #[test]

@@ -98,6 +98,10 @@ pub struct RequestProfile {
     pub session_key: Option<u64>,
     /// Chained hashes of the prompt's full blocks (see [`crate::prompt`]).
     pub prefix_hashes: Vec<u64>,
+    /// Prompt tokens per prefix block: [`crate::prompt::BLOCK_TOKENS`] by the estimate rule, the
+    /// text's own density when a tokenizer counted it (a cached prefix of `k` blocks is
+    /// `k × block_tokens` of `prompt_tokens`).
+    pub block_tokens: f64,
     pub phase: Phase,
     pub stage: Stage,
 }
@@ -116,6 +120,7 @@ impl RequestProfile {
             sla_ttft_ms: None,
             session_key: None,
             prefix_hashes: Vec::new(),
+            block_tokens: crate::prompt::BLOCK_TOKENS as f64,
             phase: Phase::DecodeDominant,
             stage: Stage::Whole,
         }

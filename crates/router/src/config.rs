@@ -429,6 +429,10 @@ impl RouterConfig {
             ("--target-itl", self.target_itl),
             ("--saturation-kv-usage", self.saturation_kv_usage),
         ];
+        if let Some(path) = &self.tokenizer {
+            // Read at start (`build_state`); here only what a check can say without loading it.
+            crate::tokenizer::check(path)?;
+        }
         // A config file (TOML) holds signed 64-bit integers: a larger seed could not be saved.
         anyhow::ensure!(
             self.seed <= i64::MAX as u64,
@@ -671,6 +675,8 @@ impl RouterConfig {
         }
     }
 
+    /// The analyzer's settings, without the tokenizer (loaded from `tokenizer` by
+    /// [`crate::server::build_state`]).
     pub fn analyzer_config(&self) -> AnalyzerConfig {
         AnalyzerConfig {
             priority_header: self.priority_header.to_ascii_lowercase(),

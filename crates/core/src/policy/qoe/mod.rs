@@ -35,7 +35,6 @@ use super::{
     Decision, DecisionDetail, Feedback, FeedbackEvent, PolicyConfig, PrefixIndex, Reason,
     RoutingPolicy, SharedRng,
 };
-use crate::prompt::BLOCK_TOKENS;
 use crate::{EndpointView, Micros, Phase, Priority, RequestProfile, Stage};
 use adapt::{normalize, Adapt, Bounds};
 use predictor::{Kind, Line, ModelTable};
@@ -460,7 +459,7 @@ impl Qoe {
         // A decode-stage request's KV was computed elsewhere: its whole prompt counts as cached.
         let cached = match req.stage {
             Stage::Decode => prompt,
-            Stage::Whole => (blocks.saturating_mul(BLOCK_TOKENS)).min(prompt as usize) as u32,
+            Stage::Whole => (blocks as f64 * req.block_tokens).min(prompt as f64) as u32,
         };
         let own = (prompt - cached) as f64;
         let model = models.get(view.key);
@@ -598,7 +597,7 @@ impl Qoe {
                 models,
                 best.index,
                 &endpoints[best.index],
-                (runner.cached as usize).div_ceil(BLOCK_TOKENS),
+                blocks_of(runner.cached, ctx.req.block_tokens),
             );
             if without.cost >= runner.cost - TIE_EPSILON {
                 return Reason::QoePrefix;
@@ -632,6 +631,16 @@ impl Qoe {
                 _ => Reason::QoeResource,
             },
         }
+    }
+}
+
+/// Prefix blocks that hold `tokens` cached tokens at `block_tokens` per block (rounded up).
+fn blocks_of(tokens: u32, block_tokens: f64) -> usize {
+    let blocks = (tokens as f64 / block_tokens.max(1e-9)).ceil();
+    if blocks.is_finite() {
+        blocks as usize
+    } else {
+        0
     }
 }
 

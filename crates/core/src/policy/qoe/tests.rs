@@ -303,6 +303,10 @@ fn prefix_affinity_lowers_predicted_ttft() {
             assert!(all[home].predicted_ttft_ms < d.predicted_ttft_ms - 100.0);
         }
     }
+    // Counted by a tokenizer at 10 tokens a block, the same blocks hold that many tokens.
+    let mut r3 = r2.clone();
+    r3.block_tokens = 10.0;
+    assert_eq!(p.evaluate(&r3, &v, NOW)[home].cached_tokens, blocks * 10);
     let second = p.pick(&r2, &v, NOW).unwrap();
     assert_eq!((second.index, second.reason), (home, Reason::QoePrefix));
     // Feedback with the decision's detail learns from the uncached part only.
