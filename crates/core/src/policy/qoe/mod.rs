@@ -459,7 +459,7 @@ impl Qoe {
         // A decode-stage request's KV was computed elsewhere: its whole prompt counts as cached.
         let cached = match req.stage {
             Stage::Decode => prompt,
-            Stage::Whole => (blocks as f64 * req.block_tokens).min(prompt as f64) as u32,
+            Stage::Whole => (blocks as f64 * block_tokens(req)).min(prompt as f64) as u32,
         };
         let own = (prompt - cached) as f64;
         let model = models.get(view.key);
@@ -597,7 +597,7 @@ impl Qoe {
                 models,
                 best.index,
                 &endpoints[best.index],
-                blocks_of(runner.cached, ctx.req.block_tokens),
+                blocks_of(runner.cached, block_tokens(ctx.req)),
             );
             if without.cost >= runner.cost - TIE_EPSILON {
                 return Reason::QoePrefix;
@@ -631,6 +631,15 @@ impl Qoe {
                 _ => Reason::QoeResource,
             },
         }
+    }
+}
+
+/// The request's tokens per prefix block, the estimate rule's when it is not a positive number.
+fn block_tokens(req: &RequestProfile) -> f64 {
+    if req.block_tokens.is_finite() && req.block_tokens > 0.0 {
+        req.block_tokens
+    } else {
+        crate::prompt::BLOCK_TOKENS as f64
     }
 }
 

@@ -652,22 +652,26 @@ fn any_request() -> impl Strategy<Value = RequestProfile> {
         any::<bool>(),
         any::<bool>(),
         proptest::collection::vec(0u64..8, 0..6),
+        proptest::num::f64::ANY,
     )
-        .prop_map(|(prompt, out, prio, sla, prefill, decode_stage, hashes)| {
-            let mut r = RequestProfile::new("m", prompt, out);
-            r.priority = Priority::new(prio).unwrap();
-            r.sla_ttft_ms = sla;
-            r.phase = if prefill {
-                Phase::PrefillDominant
-            } else {
-                Phase::DecodeDominant
-            };
-            if decode_stage {
-                r.stage = Stage::Decode;
-            }
-            r.prefix_hashes = hashes;
-            r
-        })
+        .prop_map(
+            |(prompt, out, prio, sla, prefill, decode_stage, hashes, block_tokens)| {
+                let mut r = RequestProfile::new("m", prompt, out);
+                r.block_tokens = block_tokens;
+                r.priority = Priority::new(prio).unwrap();
+                r.sla_ttft_ms = sla;
+                r.phase = if prefill {
+                    Phase::PrefillDominant
+                } else {
+                    Phase::DecodeDominant
+                };
+                if decode_stage {
+                    r.stage = Stage::Decode;
+                }
+                r.prefix_hashes = hashes;
+                r
+            },
+        )
 }
 
 fn any_feedback() -> impl Strategy<Value = Feedback> {
