@@ -9,8 +9,8 @@
 
 use crate::profile::OutputSource;
 use crate::prompt::{
-    estimate_tokens_from_len, hash_bytes, prefix_block_hashes, PromptTokenizer, BLOCK_BYTES,
-    BLOCK_TOKENS,
+    estimate_tokens_from_len, hash_bytes, prefix_block_hashes, ChatMessage, PromptTokenizer,
+    BLOCK_BYTES, BLOCK_TOKENS,
 };
 use crate::{ApiKind, Phase, Priority, RequestProfile, Stage};
 use serde_json::Value;
@@ -416,10 +416,23 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 impl body::PromptText {
-    /// Prompt tokens: the text's, counted by `tokenizer` or estimated, plus those given as ids.
+    /// Prompt tokens: the text's, counted by `tokenizer` (a chat's messages through its chat
+    /// template when it has one) or estimated, plus those given as ids.
     fn tokens(&self, tokenizer: Option<&PromptTokenizer>) -> u32 {
         let ids = self.token_ids.min(u32::MAX as u64) as u32;
         let text = match tokenizer {
+            Some(t) if !self.messages.is_empty() => {
+                let messages: Vec<ChatMessage<'_>> = self
+                    .messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: &self.text[m.role.clone()],
+                        content: &self.text[m.content.clone()],
+                    })
+                    .collect();
+                t.count_chat(&messages)
+                    .unwrap_or_else(|| t.count(&self.text))
+            }
             Some(t) if !self.text.is_empty() => t.count(&self.text),
             Some(_) => 0,
             None => estimate_tokens_from_len(self.text.len()),
@@ -595,6 +608,50 @@ mod tests {
         assert_eq!((p.prompt_tokens, p.prefix_hashes.len()), (33, 1));
         assert_eq!(p.block_tokens, 33.0);
         assert_eq!(run(COMPLETION, &dense, &[]).unwrap().block_tokens, 16.0);
+    }
+
+    /// A chat template stand-in: 100 tokens per message plus its content's words.
+    struct Templated;
+
+    impl crate::prompt::TokenCounter for Templated {
+        fn count(&self, text: &str) -> u32 {
+            text.split_whitespace().count() as u32
+        }
+        fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
+            let words: usize = messages
+                .iter()
+                .map(|m| self.count(m.content) as usize)
+                .sum();
+            (messages[0].role != "fail").then_some(100 * messages.len() as u32 + words as u32)
+        }
+    }
+
+    #[test]
+    fn a_chat_is_counted_through_the_tokenizers_template() {
+        let config = AnalyzerConfig {
+            tokenizer: Some(PromptTokenizer(std::sync::Arc::new(Templated))),
+            ..AnalyzerConfig::default()
+        };
+        let count = |route: Route, body: &str| {
+            analyze(route, body.as_bytes(), |_| None, &config, |_| 200)
+                .unwrap()
+                .prompt_tokens
+        };
+        // Either key first, content as a string or as text parts.
+        let chat = r#"{"model":"m","messages":[{"content":"a b","role":"system"},
+            {"role":"user","content":[{"type":"text","text":"c d e"}]}]}"#;
+        assert_eq!(count(CHAT, chat), 205);
+        // A template that cannot render these messages: the flattened text's count.
+        let failing = r#"{"model":"m","messages":[{"role":"fail","content":"a b"}]}"#;
+        assert_eq!(count(CHAT, failing), 3, "'fail: a b'");
+        // Not a chat route: no template.
+        let route = Route {
+            kind: ApiKind::Messages,
+            model_required: true,
+        };
+        let anthropic =
+            r#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"a b"}]}"#;
+        assert_eq!(count(route, anthropic), 3);
     }
 
     #[test]
@@ -1024,11 +1081,11 @@ mod tests {
                         match obj.get(field) {
                             Some(Value::String(s)) => prompt.text.push_str(s),
                             Some(Value::Array(parts)) => {
-                                for part in parts {
-                                    if let Some(Value::String(t)) = part.get("text") {
-                                        prompt.text.push_str(t);
-                                    }
-                                }
+                                let texts: Vec<&str> = parts
+                                    .iter()
+                                    .filter_map(|part| part.get("text").and_then(Value::as_str))
+                                    .collect();
+                                prompt.text.push_str(&texts.join("\n"));
                             }
                             _ => {}
                         }
@@ -1080,17 +1137,19 @@ mod tests {
                     format!("messages[{i}].role must be a string"),
                 ));
             };
+            let start = p.text.len();
             p.text.push_str(role);
             p.text.push_str(": ");
+            let content_start = p.text.len();
             match m.get("content") {
                 None | Some(Value::Null) => {}
                 Some(Value::String(s)) => p.text.push_str(s),
                 Some(Value::Array(parts)) => {
-                    for part in parts {
-                        if let Some(Value::String(t)) = part.get("text") {
-                            p.text.push_str(t);
-                        }
-                    }
+                    let texts: Vec<&str> = parts
+                        .iter()
+                        .filter_map(|part| part.get("text").and_then(Value::as_str))
+                        .collect();
+                    p.text.push_str(&texts.join("\n"));
                 }
                 Some(_) => {
                     return Err(BadRequest::new(
@@ -1099,6 +1158,10 @@ mod tests {
                     ))
                 }
             }
+            p.messages.push(super::super::body::MessageSpan {
+                role: start..start + role.len(),
+                content: content_start..p.text.len(),
+            });
             p.text.push('\n');
             Ok(())
         }

@@ -30,6 +30,20 @@ pub fn estimate_tokens_from_len(len: usize) -> u32 {
 pub trait TokenCounter: Send + Sync {
     /// Tokens the engine would make of `text`, its tokenizer's special tokens included.
     fn count(&self, text: &str) -> u32;
+
+    /// Tokens of a chat's prompt as the engine builds it (through the model's chat template);
+    /// `None` when this counter has no template, or it cannot render these messages.
+    fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
+        let _ = messages;
+        None
+    }
+}
+
+/// One message of a chat, as the analyzer read it (text parts of its content joined).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChatMessage<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
 }
 
 /// A shared [`TokenCounter`]: cheap to clone, equal only to itself.
@@ -39,6 +53,10 @@ pub struct PromptTokenizer(pub std::sync::Arc<dyn TokenCounter>);
 impl PromptTokenizer {
     pub fn count(&self, text: &str) -> u32 {
         self.0.count(text)
+    }
+
+    pub fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
+        self.0.count_chat(messages)
     }
 }
 

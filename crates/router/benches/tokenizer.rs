@@ -3,7 +3,8 @@
 //! bench's own variable, default the word-level test fixture; the router's setting is
 //! `--tokenizer` / `QOE_TOKENIZER`) on 1, 4 and 16 KiB of varied English-like text (words drawn
 //! from a list by a fixed-seed generator, so word caches do not flatter it), against the length
-//! estimate it replaces.
+//! estimate it replaces; and the same text as a four-message chat through the model's chat
+//! template (`count-chat`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -14,7 +15,7 @@ fn bench(c: &mut Criterion) {
         || {
             PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/words-tokenizer.json"
+                "/tests/fixtures/words/tokenizer.json"
             ))
         },
         PathBuf::from,
@@ -29,6 +30,29 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("estimate", kib), &text, |b, t| {
             b.iter(|| qoe_core::prompt::estimate_tokens(black_box(t)))
+        });
+        // The same text as a four-message chat, through the model's chat template if it has one.
+        let quarter = text.len() / 4;
+        let parts: Vec<&str> = (0..4)
+            .map(|i| {
+                let (mut a, mut b) = (i * quarter, ((i + 1) * quarter).min(text.len()));
+                while !text.is_char_boundary(a) {
+                    a -= 1;
+                }
+                while !text.is_char_boundary(b) {
+                    b -= 1;
+                }
+                &text[a..b]
+            })
+            .collect();
+        let roles = ["system", "user", "assistant", "user"];
+        let chat: Vec<qoe_core::prompt::ChatMessage<'_>> = roles
+            .iter()
+            .zip(&parts)
+            .map(|(role, content)| qoe_core::prompt::ChatMessage { role, content })
+            .collect();
+        group.bench_with_input(BenchmarkId::new("count-chat", kib), &chat, |b, m| {
+            b.iter(|| tokenizer.count_chat(black_box(m)))
         });
     }
     group.finish();

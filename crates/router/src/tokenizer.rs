@@ -5,8 +5,12 @@
 //! tokenizer unlike Llama 3's, and a prompt's size is what the TTFT prediction and the phase rule
 //! start from; but the `tokenizers` crate is a large dependency (regex engines, a thread pool),
 //! so it is compiled in only with `--features tokenizer`. Counts include the tokenizer's special
-//! tokens (the BOS a completion prompt gets from vLLM); a chat prompt is counted as the analyzer
-//! flattens it (`role: content` lines), not through the model's chat template.
+//! tokens (the BOS a completion prompt gets from vLLM). A chat is rendered through the model's
+//! chat template, as vLLM renders it (transformers' Jinja settings, `add_generation_prompt`), and
+//! its text counted without added special tokens, when the template is beside the tokenizer:
+//! `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`. Without a template, or
+//! for messages it cannot render, a chat is counted as the analyzer flattens it (`role: content`
+//! lines).
 
 use qoe_core::prompt::PromptTokenizer;
 use std::path::Path;
@@ -33,37 +37,147 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(feature = "tokenizer")]
 mod imp {
-    use qoe_core::prompt::{estimate_tokens, PromptTokenizer, TokenCounter};
+    use qoe_core::prompt::{estimate_tokens, ChatMessage, PromptTokenizer, TokenCounter};
     use std::path::Path;
     use std::sync::Arc;
 
-    struct HfTokenizer(tokenizers::Tokenizer);
+    struct HfTokenizer {
+        tokenizer: tokenizers::Tokenizer,
+        chat: Option<ChatTemplate>,
+    }
+
+    /// A model's chat template and the special tokens it refers to.
+    struct ChatTemplate {
+        env: minijinja::Environment<'static>,
+        bos_token: String,
+        eos_token: String,
+    }
+
+    impl ChatTemplate {
+        fn render(&self, messages: &[ChatMessage<'_>]) -> Option<String> {
+            let messages: Vec<_> = messages
+                .iter()
+                .map(|m| minijinja::context! { role => m.role, content => m.content })
+                .collect();
+            let ctx = minijinja::context! {
+                messages,
+                add_generation_prompt => true,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            };
+            self.env.get_template("chat").ok()?.render(ctx).ok()
+        }
+    }
+
+    /// The chat template beside `tokenizer_json`, if there is one that compiles and renders a
+    /// one-message chat.
+    fn chat_template(tokenizer_json: &Path) -> anyhow::Result<Option<ChatTemplate>> {
+        let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
+        let config: serde_json::Value = match std::fs::read(dir.join("tokenizer_config.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("tokenizer_config.json beside it: {e}"))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token = |key: &str| match &config[key] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v["content"].as_str().unwrap_or_default().to_string(),
+        };
+        let source = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(text) => text,
+            Err(_) => match &config["chat_template"] {
+                serde_json::Value::String(s) => s.clone(),
+                // A list of named templates: the default one.
+                serde_json::Value::Array(named) => named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .or(named.first())
+                    .and_then(|t| t["template"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                _ => String::new(),
+            },
+        };
+        if source.is_empty() {
+            return Ok(None);
+        }
+        let mut env = minijinja::Environment::new();
+        // As transformers renders chat templates.
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        // Templates that date their system prompt: a date of the same shape.
+        env.add_function("strftime_now", |_format: String| "01 Jan 2026".to_string());
+        env.add_template_owned("chat", source)
+            .map_err(|e| anyhow::anyhow!("its chat template does not compile: {e}"))?;
+        let template = ChatTemplate {
+            env,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+        };
+        let probe = [ChatMessage {
+            role: "user",
+            content: "hello",
+        }];
+        if template.render(&probe).is_none() {
+            tracing::warn!(
+                "--tokenizer: the chat template beside {} cannot render a one-message chat; chats are counted without it",
+                tokenizer_json.display()
+            );
+            return Ok(None);
+        }
+        Ok(Some(template))
+    }
 
     /// Text counted exactly at most (≈ 13 ms of CPU at 5 MB/s, on the request's own thread);
     /// beyond it the count is extrapolated at the density of what was counted.
     const EXACT_MAX_BYTES: usize = 64 * 1024;
 
     impl HfTokenizer {
-        fn exact(&self, text: &str) -> u32 {
-            match self.0.encode_fast(text, true) {
+        fn exact(&self, text: &str, special: bool) -> u32 {
+            match self.tokenizer.encode_fast(text, special) {
                 Ok(encoding) => encoding.len().min(u32::MAX as usize) as u32,
                 // Not expected for text (a model that cannot tokenize some input): estimated.
                 Err(_) => estimate_tokens(text),
             }
         }
-    }
 
-    impl TokenCounter for HfTokenizer {
-        fn count(&self, text: &str) -> u32 {
+        /// Exact up to [`EXACT_MAX_BYTES`], extrapolated beyond. `special`: add the tokenizer's
+        /// special tokens (a completion prompt; a rendered chat template has its own).
+        fn bounded(&self, text: &str, special: bool) -> u32 {
             if text.len() <= EXACT_MAX_BYTES {
-                return self.exact(text);
+                return self.exact(text, special);
             }
             let mut end = EXACT_MAX_BYTES;
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            let head = self.exact(&text[..end]) as f64;
+            let head = self.exact(&text[..end], special) as f64;
             (head * text.len() as f64 / end as f64).min(u32::MAX as f64) as u32
+        }
+    }
+
+    impl TokenCounter for HfTokenizer {
+        fn count(&self, text: &str) -> u32 {
+            self.bounded(text, true)
+        }
+
+        fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
+            let rendered = self.chat.as_ref()?.render(messages)?;
+            Some(self.bounded(&rendered, false))
         }
     }
 
@@ -76,7 +190,8 @@ mod imp {
             .with_truncation(None)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_padding(None);
-        Ok(PromptTokenizer(Arc::new(HfTokenizer(tokenizer))))
+        let chat = chat_template(path)?;
+        Ok(PromptTokenizer(Arc::new(HfTokenizer { tokenizer, chat })))
     }
 }
 
@@ -101,7 +216,7 @@ mod tests {
     /// and, saved in the file, truncation to 4 tokens.
     const WORDS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/words-tokenizer.json"
+        "/tests/fixtures/words/tokenizer.json"
     );
 
     #[test]
@@ -114,6 +229,26 @@ mod tests {
         let long = "a ".repeat(100 * 1024);
         let n = t.count(&long) as f64;
         assert!((n - 102_400.0).abs() < 10.0, "{n}");
+    }
+
+    #[test]
+    fn a_chat_is_rendered_through_the_template_beside_the_tokenizer() {
+        use qoe_core::prompt::ChatMessage;
+        let t = load(Path::new(WORDS)).unwrap();
+        let m = |role, content| ChatMessage { role, content };
+        // "<s> system be brief\n<s> user hello world\n<s> assistant": the template's own BOS
+        // tokens, no added one; `.strip()` (Python's, through pycompat) trims the content.
+        let chat = [m("system", "  be brief  "), m("user", "hello world")];
+        assert_eq!(t.count_chat(&chat), Some(10));
+        // A template that raises for these messages: no count (the analyzer falls back).
+        assert_eq!(t.count_chat(&[m("tool", "x")]), None);
+        // A tokenizer with no template beside it.
+        let dir = std::env::temp_dir().join(format!("qoe-tok-plain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(WORDS, dir.join("tokenizer.json")).unwrap();
+        let plain = load(&dir.join("tokenizer.json")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(plain.count_chat(&chat), None);
     }
 
     #[test]

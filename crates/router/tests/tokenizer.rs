@@ -6,8 +6,19 @@ mod common;
 
 use common::*;
 
-/// The in-prefill prompt tokens the router counts for one held request.
+const WORDS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/words/tokenizer.json"
+);
+
+/// The in-prefill prompt tokens the router counts for one held completion.
 async fn prefill_tokens_of(prompt: &str, tokenizer: Option<&str>) -> f64 {
+    held_prefill_tokens("/v1/completions", completion("m", prompt, true), tokenizer).await
+}
+
+/// The in-prefill prompt tokens the router counts for one request to `path` with `body`, held
+/// before its first token.
+async fn held_prefill_tokens(path: &str, body: String, tokenizer: Option<&str>) -> f64 {
     let engine = mock(&["m"]).await;
     let mut args = vec!["--static-backends", engine.url.as_str()];
     if let Some(path) = tokenizer {
@@ -16,7 +27,11 @@ async fn prefill_tokens_of(prompt: &str, tokenizer: Option<&str>) -> f64 {
     let r = router(&args).await;
     let c = client();
     let script = engine.script_next();
-    let pending = start_stream(&c, &r.url, prompt);
+    let req = http::Request::post(format!("{}{path}", r.url))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let pending = tokio::spawn(c.request(req));
     // Held before its first token: in prefill, its prompt counted.
     let held = script.await.unwrap();
     let metrics = metrics_text(&c, &r.url).await;
@@ -27,14 +42,27 @@ async fn prefill_tokens_of(prompt: &str, tokenizer: Option<&str>) -> f64 {
 
 #[tokio::test]
 async fn prompt_tokens_are_counted_by_the_tokenizer() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/words-tokenizer.json"
-    );
     let prompt = "hello world hello world hello world";
     // Six words and the BOS; the length estimate says 9 (35 bytes).
-    assert_eq!(prefill_tokens_of(prompt, Some(path)).await, 7.0);
+    assert_eq!(prefill_tokens_of(prompt, Some(WORDS)).await, 7.0);
     assert_eq!(prefill_tokens_of(prompt, None).await, 9.0);
+}
+
+#[tokio::test]
+async fn a_chat_is_counted_through_the_models_chat_template() {
+    let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 4, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
+    ]})
+    .to_string();
+    // "<s> system be brief\n<s> user hello\nworld\n<s> assistant" (tests/fixtures/words/).
+    let n = held_prefill_tokens("/v1/chat/completions", body.clone(), Some(WORDS)).await;
+    assert_eq!(n, 10.0);
+    // Estimated: "system: be brief\nuser: hello\nworld\n", 36 bytes.
+    assert_eq!(
+        held_prefill_tokens("/v1/chat/completions", body, None).await,
+        9.0
+    );
 }
 
 #[tokio::test]

@@ -49,16 +49,31 @@ pub(super) const PREAMBLE_FIELDS: [&str; 2] = ["instructions", "system"];
 pub(super) struct PromptText {
     pub(super) text: String,
     pub(super) token_ids: u64,
+    /// Chat messages, where their role and content are in `text` (for a chat template).
+    pub(super) messages: Vec<MessageSpan>,
+}
+
+/// Where one chat message's role and content are in its prompt's text.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct MessageSpan {
+    pub(super) role: std::ops::Range<usize>,
+    pub(super) content: std::ops::Range<usize>,
 }
 
 impl PromptText {
     fn append(&mut self, other: PromptText) {
+        let shift = self.text.len();
         if self.text.is_empty() {
             self.text = other.text;
         } else {
             self.text.push_str(&other.text);
         }
         self.token_ids += other.token_ids;
+        self.messages
+            .extend(other.messages.into_iter().map(|m| MessageSpan {
+                role: m.role.start + shift..m.role.end + shift,
+                content: m.content.start + shift..m.content.end + shift,
+            }));
     }
 }
 
@@ -271,7 +286,13 @@ impl<'de> Visitor<'de> for Top<'_> {
                     };
                     parts[i] = Some(map.next_value_seed(field)?);
                 }
-                Key::OtherMessages => other_messages = map.next_value_seed(Messages)?.ok(),
+                // Read for their text only: no chat template applies to them here.
+                Key::OtherMessages => {
+                    other_messages = map.next_value_seed(Messages)?.ok().map(|mut p| {
+                        p.messages.clear();
+                        p
+                    })
+                }
                 Key::Preamble(i) => {
                     let mut text = String::new();
                     let ok = map.next_value_seed(Content { text: &mut text })?;
@@ -386,6 +407,7 @@ impl<'de> Visitor<'de> for Messages {
         let mut i = 0;
         while let Some(result) = seq.next_element_seed(Message {
             text: &mut prompt.text,
+            spans: &mut prompt.messages,
             i,
         })? {
             if let Err(e) = result {
@@ -406,9 +428,10 @@ impl<'de> Visitor<'de> for Messages {
     others!(Prompt, not_an_array());
 }
 
-/// One chat message, appended to `text`.
+/// One chat message, appended to `text`, its place recorded in `spans`.
 struct Message<'t> {
     text: &'t mut String,
+    spans: &'t mut Vec<MessageSpan>,
     i: usize,
 }
 
@@ -486,6 +509,11 @@ impl<'de> Visitor<'de> for Message<'_> {
                 ),
             )));
         }
+        let end = self.text.len();
+        self.spans.push(MessageSpan {
+            role: start..start + prefix - 2,
+            content: (start + prefix).min(end)..end,
+        });
         self.text.push('\n');
         Ok(Ok(()))
     }
@@ -529,8 +557,13 @@ impl<'de> Visitor<'de> for Content<'_> {
         Ok(true)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        // Text parts joined by a newline, as vLLM joins them for the chat template.
+        let mut first = true;
         while let Some(Part(text)) = seq.next_element()? {
             if let Some(t) = text {
+                if !std::mem::take(&mut first) {
+                    self.text.push('\n');
+                }
                 self.text.push_str(&t);
             }
         }
@@ -629,7 +662,7 @@ impl<'de> Visitor<'de> for PromptField {
     fn visit_str<E>(self, s: &str) -> Result<Prompt, E> {
         Ok(Ok(PromptText {
             text: s.to_owned(),
-            token_ids: 0,
+            ..PromptText::default()
         }))
     }
     fn visit_unit<E>(self) -> Result<Prompt, E> {
