@@ -8,9 +8,11 @@
 //! tokens (the BOS a completion prompt gets from vLLM). A chat is rendered through the model's
 //! chat template, as vLLM renders it (transformers' Jinja settings, `add_generation_prompt`), and
 //! its text counted without added special tokens, when the template is beside the tokenizer:
-//! `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`. Without a template, or
-//! for messages it cannot render, a chat is counted as the analyzer flattens it (`role: content`
-//! lines).
+//! `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`. Without a usable
+//! template, or for messages it cannot render, a chat is counted as the analyzer flattens it
+//! (`role: content` lines). Not passed to the template: the request's `tools`, a message's
+//! `tool_calls`, `chat_template_kwargs`, and an engine's own `--chat-template`; chats that use
+//! them count short.
 
 use qoe_core::prompt::PromptTokenizer;
 use std::path::Path;
@@ -47,14 +49,19 @@ mod imp {
     }
 
     /// A model's chat template and the special tokens it refers to.
-    struct ChatTemplate {
+    pub(super) struct ChatTemplate {
         env: minijinja::Environment<'static>,
         bos_token: String,
         eos_token: String,
+        unk_token: String,
+        pad_token: String,
     }
 
     impl ChatTemplate {
-        fn render(&self, messages: &[ChatMessage<'_>]) -> Option<String> {
+        /// The prompt text vLLM would build for `messages`, as transformers renders it: no
+        /// tools, no documents (the router does not pass a request's `tools` on), a generation
+        /// prompt.
+        pub(super) fn render(&self, messages: &[ChatMessage<'_>]) -> Option<String> {
             let messages: Vec<_> = messages
                 .iter()
                 .map(|m| minijinja::context! { role => m.role, content => m.content })
@@ -62,16 +69,34 @@ mod imp {
             let ctx = minijinja::context! {
                 messages,
                 add_generation_prompt => true,
+                tools => (),
+                documents => (),
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                unk_token => &self.unk_token,
+                pad_token => &self.pad_token,
             };
             self.env.get_template("chat").ok()?.render(ctx).ok()
         }
     }
 
     /// The chat template beside `tokenizer_json`, if there is one that compiles and renders a
-    /// one-message chat.
-    fn chat_template(tokenizer_json: &Path) -> anyhow::Result<Option<ChatTemplate>> {
+    /// one-message chat; otherwise chats are counted as flattened text (with a warning when a
+    /// template was there but unusable): the tokenizer itself still counts.
+    pub(super) fn chat_template(tokenizer_json: &Path) -> Option<ChatTemplate> {
+        match try_chat_template(tokenizer_json) {
+            Ok(template) => template,
+            Err(e) => {
+                tracing::warn!(
+                    "--tokenizer {}: {e}; chats are counted without a chat template",
+                    tokenizer_json.display()
+                );
+                None
+            }
+        }
+    }
+
+    fn try_chat_template(tokenizer_json: &Path) -> anyhow::Result<Option<ChatTemplate>> {
         let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
         let config: serde_json::Value = match std::fs::read(dir.join("tokenizer_config.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -127,18 +152,17 @@ mod imp {
             env,
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
+            unk_token: token("unk_token"),
+            pad_token: token("pad_token"),
         };
         let probe = [ChatMessage {
             role: "user",
             content: "hello",
         }];
-        if template.render(&probe).is_none() {
-            tracing::warn!(
-                "--tokenizer: the chat template beside {} cannot render a one-message chat; chats are counted without it",
-                tokenizer_json.display()
-            );
-            return Ok(None);
-        }
+        anyhow::ensure!(
+            template.render(&probe).is_some(),
+            "its chat template cannot render a one-message chat"
+        );
         Ok(Some(template))
     }
 
@@ -190,7 +214,7 @@ mod imp {
             .with_truncation(None)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_padding(None);
-        let chat = chat_template(path)?;
+        let chat = chat_template(path);
         Ok(PromptTokenizer(Arc::new(HfTokenizer { tokenizer, chat })))
     }
 }
@@ -249,6 +273,35 @@ mod tests {
         let plain = load(&dir.join("tokenizer.json")).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(plain.count_chat(&chat), None);
+    }
+
+    /// Renders as transformers does: a newline after a block tag is dropped, the indentation
+    /// before one stripped; `tools` is none; a template that does not compile leaves no
+    /// template (and the tokenizer still loads).
+    #[test]
+    fn templates_render_with_transformers_settings_and_fail_safe() {
+        use qoe_core::prompt::ChatMessage;
+        let dir = std::env::temp_dir().join(format!("qoe-tok-tpl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tokenizer = dir.join("tokenizer.json");
+        std::fs::copy(WORDS, &tokenizer).unwrap();
+        let template = "{% for m in messages %}\n    {% if tools is not none %}TOOLS{% endif %}\n[{{ m.role }}] {{ m.content }}\n{% endfor %}\n{{ eos_token }}";
+        std::fs::write(dir.join("chat_template.jinja"), template).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": {"content": "</s>"}}"#,
+        )
+        .unwrap();
+        let t = super::imp::chat_template(&tokenizer).unwrap();
+        let m = [ChatMessage {
+            role: "user",
+            content: "hi",
+        }];
+        assert_eq!(t.render(&m).unwrap(), "[user] hi\n</s>");
+        std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}").unwrap();
+        assert!(super::imp::chat_template(&tokenizer).is_none());
+        assert_eq!(load(&tokenizer).unwrap().count_chat(&m), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -52,16 +52,17 @@ async fn prompt_tokens_are_counted_by_the_tokenizer() {
 async fn a_chat_is_counted_through_the_models_chat_template() {
     let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 4, "messages": [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
+        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world!!"}]},
     ]})
     .to_string();
-    // "<s> system be brief\n<s> user hello\nworld\n<s> assistant" (tests/fixtures/words/).
+    // "<s> system be brief\n<s> user hello\nworld!!\n<s> assistant" (tests/fixtures/words/).
     let n = held_prefill_tokens("/v1/chat/completions", body.clone(), Some(WORDS)).await;
     assert_eq!(n, 10.0);
-    // Estimated: "system: be brief\nuser: hello\nworld\n", 36 bytes.
+    // Estimated: "system: be brief\nuser: hello\nworld!!\n", 37 bytes (36, 9 tokens, if the
+    // parts were not joined by a newline).
     assert_eq!(
         held_prefill_tokens("/v1/chat/completions", body, None).await,
-        9.0
+        10.0
     );
 }
 
