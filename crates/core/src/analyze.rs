@@ -1392,6 +1392,33 @@ mod tests {
                 check(route, run_any(route, &body, &[None, None, None]))?;
             }
 
+            /// With a tokenizer, every chat message's role and content are sliced out of the
+            /// prompt text: never out of range or off a character boundary, whatever the body.
+            #[test]
+            fn a_tokenizer_sees_any_body_without_panicking(
+                route in arb_route(),
+                body in arb_body(),
+                at in any::<prop::sample::Index>(),
+                cut in 0usize..16,
+                junk in prop::collection::vec(any::<u8>(), 0..8),
+            ) {
+                let config = AnalyzerConfig {
+                    tokenizer: Some(PromptTokenizer(std::sync::Arc::new(super::Templated))),
+                    ..AnalyzerConfig::default()
+                };
+                let chat = r#"{"model":"m","messages":[{"role":"é","content":"数 🙂"},{"content":[{"type":"text","text":"🙂x"},{"text":"é"}],"role":"用户"}]}"#;
+                let valid = serde_json::to_vec(&body).unwrap();
+                let spliced = splice(chat.as_bytes(), at, cut, &junk);
+                for (route, bytes) in [
+                    (route, splice(&valid, at, cut, &junk)),
+                    (route, valid),
+                    (CHAT, chat.as_bytes().to_vec()),
+                    (CHAT, spliced),
+                ] {
+                    let _ = analyze(route, &bytes, |_| None, &config, |_| 200);
+                }
+            }
+
             #[test]
             fn one_pass_agrees_with_the_tree(route in arb_route(), body in arb_body()) {
                 let bytes = serde_json::to_vec(&body).unwrap();
