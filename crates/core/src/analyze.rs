@@ -306,7 +306,8 @@ pub fn analyze<'h>(
         .map(|v| hash_bytes(1, v))
         .or(body_session_key);
 
-    let prompt_tokens = prompt.tokens(config.tokenizer.as_ref());
+    let text_tokens = prompt.text_tokens(config.tokenizer.as_ref());
+    let prompt_tokens = text_tokens.saturating_add(prompt.token_ids.min(u32::MAX as u64) as u32);
     let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
     let decode_ms = expected_output_tokens as f64 * config.nominal_itl_ms;
     let phase = if stage == Stage::Whole && prefill_ms >= decode_ms {
@@ -315,7 +316,13 @@ pub fn analyze<'h>(
         Phase::DecodeDominant
     };
     let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
-    let block_tokens = prompt.block_tokens(prompt_tokens);
+    let block_tokens = match &config.tokenizer {
+        // The text's own density: what a 64-byte block holds of the tokenizer's count.
+        Some(_) if !prompt.text.is_empty() => {
+            text_tokens as f64 * BLOCK_BYTES as f64 / prompt.text.len() as f64
+        }
+        _ => BLOCK_TOKENS as f64,
+    };
 
     Ok(RequestProfile {
         model,
@@ -416,11 +423,10 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 impl body::PromptText {
-    /// Prompt tokens: the text's, counted by `tokenizer` (a chat's messages through its chat
-    /// template when it has one) or estimated, plus those given as ids.
-    fn tokens(&self, tokenizer: Option<&PromptTokenizer>) -> u32 {
-        let ids = self.token_ids.min(u32::MAX as u64) as u32;
-        let text = match tokenizer {
+    /// The prompt text's tokens (not those given as ids): counted by `tokenizer` (a chat's
+    /// messages through its chat template when it has one), else estimated.
+    fn text_tokens(&self, tokenizer: Option<&PromptTokenizer>) -> u32 {
+        match tokenizer {
             Some(t) if !self.messages.is_empty() => {
                 let messages: Vec<ChatMessage<'_>> = self
                     .messages
@@ -436,20 +442,6 @@ impl body::PromptText {
             Some(t) if !self.text.is_empty() => t.count(&self.text),
             Some(_) => 0,
             None => estimate_tokens_from_len(self.text.len()),
-        };
-        text.saturating_add(ids)
-    }
-
-    /// Tokens per prefix block of the text: the estimate rule's [`BLOCK_TOKENS`] unless the
-    /// count of `prompt_tokens` came from a tokenizer at another density.
-    fn block_tokens(&self, prompt_tokens: u32) -> f64 {
-        let estimated = estimate_tokens_from_len(self.text.len());
-        let ids = self.token_ids.min(u32::MAX as u64) as u32;
-        let text_tokens = prompt_tokens.saturating_sub(ids);
-        if self.text.is_empty() || text_tokens == estimated {
-            BLOCK_TOKENS as f64
-        } else {
-            text_tokens as f64 * BLOCK_BYTES as f64 / self.text.len() as f64
         }
     }
 }
@@ -569,6 +561,14 @@ mod tests {
         );
     }
 
+    /// The default analyzer with `counter` as its tokenizer.
+    fn counted_by(counter: impl crate::prompt::TokenCounter + 'static) -> AnalyzerConfig {
+        AnalyzerConfig {
+            tokenizer: Some(PromptTokenizer(std::sync::Arc::new(counter))),
+            ..AnalyzerConfig::default()
+        }
+    }
+
     /// Counts words and a BOS: a stand-in tokenizer whose counts differ from the estimate.
     struct Words;
 
@@ -580,10 +580,7 @@ mod tests {
 
     #[test]
     fn a_tokenizer_counts_the_prompt_text_exactly() {
-        let config = AnalyzerConfig {
-            tokenizer: Some(PromptTokenizer(std::sync::Arc::new(Words))),
-            ..AnalyzerConfig::default()
-        };
+        let config = counted_by(Words);
         let profile = |route: Route, body: &str| {
             analyze(route, body.as_bytes(), |_| None, &config, |_| 200).unwrap()
         };
@@ -628,10 +625,7 @@ mod tests {
 
     #[test]
     fn a_chat_is_counted_through_the_tokenizers_template() {
-        let config = AnalyzerConfig {
-            tokenizer: Some(PromptTokenizer(std::sync::Arc::new(Templated))),
-            ..AnalyzerConfig::default()
-        };
+        let config = counted_by(Templated);
         let count = |route: Route, body: &str| {
             analyze(route, body.as_bytes(), |_| None, &config, |_| 200)
                 .unwrap()
@@ -1402,10 +1396,7 @@ mod tests {
                 cut in 0usize..16,
                 junk in prop::collection::vec(any::<u8>(), 0..8),
             ) {
-                let config = AnalyzerConfig {
-                    tokenizer: Some(PromptTokenizer(std::sync::Arc::new(super::Templated))),
-                    ..AnalyzerConfig::default()
-                };
+                let config = super::counted_by(super::Templated);
                 let chat = r#"{"model":"m","messages":[{"role":"é","content":"数 🙂"},{"content":[{"type":"text","text":"🙂x"},{"text":"é"}],"role":"用户"}]}"#;
                 let valid = serde_json::to_vec(&body).unwrap();
                 let spliced = splice(chat.as_bytes(), at, cut, &junk);
