@@ -306,7 +306,7 @@ pub fn analyze<'h>(
         .map(|v| hash_bytes(1, v))
         .or(body_session_key);
 
-    let text_tokens = prompt.text_tokens(config.tokenizer.as_ref());
+    let text_tokens = prompt.text_tokens(config.tokenizer.as_ref(), body);
     let prompt_tokens = text_tokens.saturating_add(prompt.token_ids.min(u32::MAX as u64) as u32);
     let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
     let decode_ms = expected_output_tokens as f64 * config.nominal_itl_ms;
@@ -424,8 +424,8 @@ fn type_name(v: &Value) -> &'static str {
 
 impl body::PromptText {
     /// The prompt text's tokens (not those given as ids): counted by `tokenizer` (a chat's
-    /// messages through its chat template when it has one), else estimated.
-    fn text_tokens(&self, tokenizer: Option<&PromptTokenizer>) -> u32 {
+    /// messages through its chat template when it has one, `body` the request), else estimated.
+    fn text_tokens(&self, tokenizer: Option<&PromptTokenizer>, body: &[u8]) -> u32 {
         match tokenizer {
             Some(t) if !self.messages.is_empty() => {
                 let messages: Vec<ChatMessage<'_>> = self
@@ -436,7 +436,7 @@ impl body::PromptText {
                         content: &self.text[m.content.clone()],
                     })
                     .collect();
-                t.count_chat(&messages)
+                t.count_chat(&messages, body)
                     .unwrap_or_else(|| t.count(&self.text))
             }
             Some(t) if !self.text.is_empty() => t.count(&self.text),
@@ -614,7 +614,7 @@ mod tests {
         fn count(&self, text: &str) -> u32 {
             text.split_whitespace().count() as u32
         }
-        fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
+        fn count_chat(&self, messages: &[ChatMessage<'_>], _: &[u8]) -> Option<u32> {
             let words: usize = messages
                 .iter()
                 .map(|m| self.count(m.content) as usize)

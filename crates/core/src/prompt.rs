@@ -32,9 +32,12 @@ pub trait TokenCounter: Send + Sync {
     fn count(&self, text: &str) -> u32;
 
     /// Tokens of a chat's prompt as the engine builds it (through the model's chat template);
-    /// `None` when this counter has no template, or it cannot render these messages.
-    fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
-        let _ = messages;
+    /// `None` when this counter has no template, or it cannot render these messages. `request`
+    /// is the whole request body (JSON), for what a template reads besides each message's role
+    /// and text: `tools`, a message's `tool_calls` or `name`, `add_generation_prompt`,
+    /// `chat_template_kwargs`, ...
+    fn count_chat(&self, messages: &[ChatMessage<'_>], request: &[u8]) -> Option<u32> {
+        let _ = (messages, request);
         None
     }
 }
@@ -55,8 +58,8 @@ impl PromptTokenizer {
         self.0.count(text)
     }
 
-    pub fn count_chat(&self, messages: &[ChatMessage<'_>]) -> Option<u32> {
-        self.0.count_chat(messages)
+    pub fn count_chat(&self, messages: &[ChatMessage<'_>], request: &[u8]) -> Option<u32> {
+        self.0.count_chat(messages, request)
     }
 }
 

@@ -51,8 +51,17 @@ fn bench(c: &mut Criterion) {
             .zip(&parts)
             .map(|(role, content)| qoe_core::prompt::ChatMessage { role, content })
             .collect();
+        // The request the messages came from, which the template reads too.
+        let request = serde_json::json!({
+            "model": "m",
+            "messages": chat
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                .collect::<Vec<_>>(),
+        })
+        .to_string();
         group.bench_with_input(BenchmarkId::new("count-chat", kib), &chat, |b, m| {
-            b.iter(|| tokenizer.count_chat(black_box(m)))
+            b.iter(|| tokenizer.count_chat(black_box(m), black_box(request.as_bytes())))
         });
     }
     group.finish();

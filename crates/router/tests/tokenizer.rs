@@ -46,6 +46,10 @@ async fn prompt_tokens_are_counted_by_the_tokenizer() {
     // Six words and the BOS; the length estimate says 9 (35 bytes).
     assert_eq!(prefill_tokens_of(prompt, Some(WORDS)).await, 7.0);
     assert_eq!(prefill_tokens_of(prompt, None).await, 9.0);
+    // A body long enough to be counted off the worker thread, counted the same way.
+    let long = "hello world ".repeat(400);
+    assert_eq!(prefill_tokens_of(&long, Some(WORDS)).await, 801.0);
+    assert_eq!(prefill_tokens_of(&long, None).await, 1200.0);
 }
 
 #[tokio::test]
@@ -64,6 +68,14 @@ async fn a_chat_is_counted_through_the_models_chat_template() {
         held_prefill_tokens("/v1/chat/completions", body, None).await,
         10.0
     );
+    // The request's own settings reach the template: no generation prompt, "<s> assistant".
+    let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 4,
+        "add_generation_prompt": false,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+    })
+    .to_string();
+    let n = held_prefill_tokens("/v1/chat/completions", body, Some(WORDS)).await;
+    assert_eq!(n, 7.0);
 }
 
 #[tokio::test]
