@@ -20,7 +20,8 @@ fn bench(c: &mut Criterion) {
         },
         PathBuf::from,
     );
-    let tokenizer = qoe_router::tokenizer::load(&path).expect("a tokenizer.json");
+    let tokenizer =
+        qoe_router::tokenizer::load(&path, Default::default()).expect("a tokenizer.json");
     let mut group = c.benchmark_group("tokenizer");
     for kib in [1usize, 4, 16] {
         let text = varied_text(kib * 1024);

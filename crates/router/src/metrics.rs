@@ -103,6 +103,8 @@ pub struct RouterMetrics {
     pub rejected: Family<CodeLabel, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub retries: Counter,
+    /// Chats counted as flattened text because the chat template could not render them.
+    pub chat_template_fallbacks: Counter,
     pub ttft: Family<EndpointLabel, Histogram, fn() -> Histogram>,
     pub itl: Family<EndpointLabel, Histogram, fn() -> Histogram>,
     pub e2e: Family<EndpointLabel, Histogram, fn() -> Histogram>,
@@ -350,6 +352,12 @@ impl RouterMetrics {
             "Requests re-sent to another endpoint (connect failure, 429/5xx, or a connection closed before the first byte)",
             retries.clone(),
         );
+        let chat_template_fallbacks = Counter::default();
+        registry.register(
+            "chat_template_fallbacks",
+            "Chats whose prompt tokens (--tokenizer) were counted as their flattened text because the model's chat template could not render them (it raised, or ran past its bounds)",
+            chat_template_fallbacks.clone(),
+        );
         let ttft = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "time_to_first_token_seconds",
@@ -442,6 +450,7 @@ impl RouterMetrics {
             rejected,
             failures,
             retries,
+            chat_template_fallbacks,
             ttft,
             itl,
             e2e,

@@ -35,9 +35,11 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         config.pool_max_idle_per_host,
         config.upstream_authorization(),
     );
+    let metrics = RouterMetrics::new();
     let mut analyzer = config.analyzer_config();
     if let Some(path) = &config.tokenizer {
-        analyzer.tokenizer = Some(crate::tokenizer::load(path)?);
+        let fallbacks = metrics.chat_template_fallbacks.clone();
+        analyzer.tokenizer = Some(crate::tokenizer::load(path, fallbacks)?);
     }
     Ok(Arc::new(AppState {
         analyzer,
@@ -52,7 +54,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         )),
         policy: build_policy(config.policy_kind(), &config.policy_config()),
         client,
-        metrics: RouterMetrics::new(),
+        metrics,
         clock: Clock::new(),
         learned_output: LearnedOutput::new(config.default_output_tokens),
         first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),

@@ -14,12 +14,14 @@
 //! analyzer flattens it (`role: content` lines). An engine's own `--chat-template` is not known
 //! here: the same file beside the tokenizer gives the same count.
 
+use prometheus_client::metrics::counter::Counter;
 use qoe_core::prompt::PromptTokenizer;
 use std::path::Path;
 
-/// Loads the tokenizer at `path` (the `--tokenizer` setting), or says why it cannot.
-pub fn load(path: &Path) -> anyhow::Result<PromptTokenizer> {
-    imp::load(path).map_err(|e| anyhow::anyhow!("--tokenizer {}: {e}", path.display()))
+/// Loads the tokenizer at `path` (the `--tokenizer` setting), or says why it cannot;
+/// `fallbacks` counts the chats its template could not render.
+pub fn load(path: &Path, fallbacks: Counter) -> anyhow::Result<PromptTokenizer> {
+    imp::load(path, fallbacks).map_err(|e| anyhow::anyhow!("--tokenizer {}: {e}", path.display()))
 }
 
 /// What can be checked of the setting without loading it (`--print-config`, a reloaded file):
@@ -41,14 +43,26 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 mod imp {
     use indexmap::IndexMap;
     use minijinja::value::{Kwargs, Value, ValueKind};
+    use prometheus_client::metrics::counter::Counter;
     use qoe_core::prompt::{estimate_tokens, ChatMessage, PromptTokenizer, TokenCounter};
     use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+    use std::time::Instant;
 
     struct HfTokenizer {
         tokenizer: tokenizers::Tokenizer,
         chat: Option<ChatTemplate>,
+        /// Chats counted as flattened text (`qoe_router_chat_template_fallbacks_total`).
+        fallbacks: Counter,
+        /// When a failed render was last logged, in seconds of [`Instant`] since `started`.
+        warned_at: AtomicU64,
+        started: Instant,
     }
+
+    /// Failed renders are logged at most once a minute (with the template's error); every one
+    /// is counted.
+    const WARN_EVERY_SECS: u64 = 60;
 
     /// A model's chat template and the special tokens it refers to.
     pub(super) struct ChatTemplate {
@@ -64,12 +78,13 @@ mod imp {
         /// them) of the chat `request`, as transformers renders it: the request's `tools`,
         /// `documents`, `add_generation_prompt` (default on), `continue_final_message` and
         /// `chat_template_kwargs`, and each message's `name`, `tool_call_id` and `tool_calls`, as
-        /// vLLM passes them on. `None` when the template raises for them.
+        /// vLLM passes them on. An error when the template raises for them, or runs past its
+        /// bounds.
         pub(super) fn render(
             &self,
             messages: &[ChatMessage<'_>],
             request: &[u8],
-        ) -> Option<String> {
+        ) -> Result<String, String> {
             // Keys in the order sent (the `preserve_order` feature), as Python reads them.
             let request: Value = serde_json::from_slice(request).unwrap_or_default();
             let sent = request.get_attr("messages").unwrap_or_default();
@@ -117,22 +132,23 @@ mod imp {
                 .last()
                 .map(|m| m.get_attr("content").unwrap_or_default());
             ctx.insert(Value::from("messages"), Value::from(messages));
-            let template = self.env.get_template("chat").ok()?;
+            let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
             let mut out = BoundedText::default();
             template
                 .render_captured_to(Value::from_object(ctx), &mut out)
-                .ok()?;
-            let rendered = String::from_utf8(out.0).ok()?;
+                .map_err(|e| e.to_string())?;
+            let rendered = String::from_utf8(out.0).map_err(|e| e.to_string())?;
             if !continue_final {
-                return Some(rendered);
+                return Ok(rendered);
             }
             // As transformers: the text ends where the final message's content last appears
             // (or, failing that, its content stripped); a template that drops it is an error.
             let final_text = last.as_ref().and_then(|v| v.as_str()).unwrap_or_default();
             let end = [final_text, final_text.trim()]
                 .into_iter()
-                .find_map(|end| rendered.rfind(end).map(|at| at + end.len()))?;
-            Some(rendered[..end].to_string())
+                .find_map(|end| rendered.rfind(end).map(|at| at + end.len()))
+                .ok_or("continue_final_message: the final message is not in the rendered text")?;
+            Ok(rendered[..end].to_string())
         }
     }
 
@@ -508,7 +524,7 @@ mod imp {
             content: "hello",
         }];
         anyhow::ensure!(
-            template.render(&probe, b"{}").is_some(),
+            template.render(&probe, b"{}").is_ok(),
             "its chat template cannot render a one-message chat"
         );
         Ok(Some(template))
@@ -548,12 +564,38 @@ mod imp {
         }
 
         fn count_chat(&self, messages: &[ChatMessage<'_>], request: &[u8]) -> Option<u32> {
-            let rendered = self.chat.as_ref()?.render(messages, request)?;
-            Some(self.bounded(&rendered, false))
+            match self.chat.as_ref()?.render(messages, request) {
+                Ok(rendered) => Some(self.bounded(&rendered, false)),
+                Err(e) => {
+                    self.fallbacks.inc();
+                    self.warn_at_most_once_a_minute(&e);
+                    None
+                }
+            }
         }
     }
 
-    pub fn load(path: &Path) -> anyhow::Result<PromptTokenizer> {
+    impl HfTokenizer {
+        fn warn_at_most_once_a_minute(&self, error: &str) {
+            let now = self.started.elapsed().as_secs() + WARN_EVERY_SECS;
+            let last = self.warned_at.load(Ordering::Relaxed);
+            let due = last == 0 || now >= last + WARN_EVERY_SECS;
+            if due
+                && self
+                    .warned_at
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    "--tokenizer: the chat template could not render a request ({error}); \
+                     such chats are counted as their flattened text \
+                     (qoe_router_chat_template_fallbacks_total)"
+                );
+            }
+        }
+    }
+
+    pub fn load(path: &Path, fallbacks: Counter) -> anyhow::Result<PromptTokenizer> {
         let bytes = std::fs::read(path)?;
         let mut tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow::anyhow!("not a Hugging Face tokenizer.json: {e}"))?;
@@ -563,7 +605,13 @@ mod imp {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_padding(None);
         let chat = chat_template(path);
-        Ok(PromptTokenizer(Arc::new(HfTokenizer { tokenizer, chat })))
+        Ok(PromptTokenizer(Arc::new(HfTokenizer {
+            tokenizer,
+            chat,
+            fallbacks,
+            warned_at: AtomicU64::new(0),
+            started: Instant::now(),
+        })))
     }
 }
 
@@ -575,7 +623,10 @@ mod imp {
     pub const WITHOUT: &str = "this qoe-router was built without tokenizer support; build it \
                                with `cargo build --release --features tokenizer`";
 
-    pub fn load(_: &Path) -> anyhow::Result<PromptTokenizer> {
+    pub fn load(
+        _: &Path,
+        _: prometheus_client::metrics::counter::Counter,
+    ) -> anyhow::Result<PromptTokenizer> {
         anyhow::bail!(WITHOUT)
     }
 }
@@ -593,7 +644,7 @@ mod tests {
 
     #[test]
     fn counts_words_and_the_bos_without_the_files_truncation() {
-        let t = load(Path::new(WORDS)).unwrap();
+        let t = load(Path::new(WORDS), Counter::default()).unwrap();
         assert_eq!(t.count("hello world"), 3);
         // Unknown words are one token each; the file's truncation to 4 is lifted.
         assert_eq!(t.count("hello there big wide world"), 6);
@@ -606,19 +657,24 @@ mod tests {
     #[test]
     fn a_chat_is_rendered_through_the_template_beside_the_tokenizer() {
         use qoe_core::prompt::ChatMessage;
-        let t = load(Path::new(WORDS)).unwrap();
+        let fallbacks = Counter::default();
+        let t = load(Path::new(WORDS), fallbacks.clone()).unwrap();
         let m = |role, content| ChatMessage { role, content };
         // "<s> system be brief\n<s> user hello world\n<s> assistant": the template's own BOS
         // tokens, no added one; `.strip()` (Python's, through pycompat) trims the content.
         let chat = [m("system", "  be brief  "), m("user", "hello world")];
         assert_eq!(t.count_chat(&chat, b"{}"), Some(10));
-        // A template that raises for these messages: no count (the analyzer falls back).
+        assert_eq!(fallbacks.get(), 0);
+        // A template that raises for these messages: no count (the analyzer falls back), and
+        // each such chat is counted.
         assert_eq!(t.count_chat(&[m("tool", "x")], b"{}"), None);
+        assert_eq!(t.count_chat(&[m("tool", "y")], b"{}"), None);
+        assert_eq!(fallbacks.get(), 2);
         // A tokenizer with no template beside it.
         let dir = std::env::temp_dir().join(format!("qoe-tok-plain-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(WORDS, dir.join("tokenizer.json")).unwrap();
-        let plain = load(&dir.join("tokenizer.json")).unwrap();
+        let plain = load(&dir.join("tokenizer.json"), Counter::default()).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(plain.count_chat(&chat, b"{}"), None);
     }
@@ -648,7 +704,12 @@ mod tests {
         assert_eq!(t.render(&m, b"{}").unwrap(), "[user] hi\n</s>");
         std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}").unwrap();
         assert!(super::imp::chat_template(&tokenizer).is_none());
-        assert_eq!(load(&tokenizer).unwrap().count_chat(&m, b"{}"), None);
+        assert_eq!(
+            load(&tokenizer, Counter::default())
+                .unwrap()
+                .count_chat(&m, b"{}"),
+            None
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -751,7 +812,7 @@ mod tests {
         ));
         assert_eq!(looping.render(&m, b"{}").unwrap(), "hi");
         let spin = br#"{"chat_template_kwargs": {"spin": true}}"#;
-        assert_eq!(looping.render(&m, spin), None);
+        assert!(looping.render(&m, spin).is_err());
         let copies = template_beside_words("{{ x }}{{ x }}{{ x }}{{ x }}{{ x }}{{ x }}");
         let x = |bytes: usize| {
             format!(
@@ -759,7 +820,7 @@ mod tests {
                 "a".repeat(bytes)
             )
         };
-        assert_eq!(copies.render(&m, x(1 << 20).as_bytes()), None);
+        assert!(copies.render(&m, x(1 << 20).as_bytes()).is_err());
         assert_eq!(
             copies.render(&m, x(1 << 10).as_bytes()).unwrap().len(),
             6 << 10
@@ -785,11 +846,11 @@ mod tests {
     fn a_file_that_is_not_a_tokenizer_is_an_error_naming_the_setting() {
         let path = std::env::temp_dir().join(format!("qoe-tok-bad-{}.json", std::process::id()));
         std::fs::write(&path, "{\"model\": 3}").unwrap();
-        let err = load(&path).err().unwrap().to_string();
+        let err = load(&path, Counter::default()).err().unwrap().to_string();
         let _ = std::fs::remove_file(&path);
         assert!(err.starts_with("--tokenizer "), "{err}");
         assert!(err.contains("not a Hugging Face tokenizer.json"), "{err}");
-        let err = load(Path::new("/nonexistent/tokenizer.json"))
+        let err = load(Path::new("/nonexistent/tokenizer.json"), Counter::default())
             .err()
             .unwrap()
             .to_string();
@@ -808,7 +869,7 @@ mod tests {
     #[test]
     fn without_the_feature_the_setting_says_how_to_get_it() {
         for err in [
-            load(Path::new("t.json")).err().unwrap(),
+            load(Path::new("t.json"), Counter::default()).err().unwrap(),
             check(Path::new("t.json")).err().unwrap(),
         ] {
             let err = err.to_string();

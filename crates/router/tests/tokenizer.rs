@@ -19,6 +19,12 @@ async fn prefill_tokens_of(prompt: &str, tokenizer: Option<&str>) -> f64 {
 /// The in-prefill prompt tokens the router counts for one request to `path` with `body`, held
 /// before its first token.
 async fn held_prefill_tokens(path: &str, body: String, tokenizer: Option<&str>) -> f64 {
+    let metrics = held_metrics(path, body, tokenizer).await;
+    metric_sum(&metrics, "qoe_router_in_prefill_tokens")
+}
+
+/// The router's metrics while one request to `path` with `body` is held before its first token.
+async fn held_metrics(path: &str, body: String, tokenizer: Option<&str>) -> String {
     let engine = mock(&["m"]).await;
     let mut args = vec!["--static-backends", engine.url.as_str()];
     if let Some(path) = tokenizer {
@@ -37,7 +43,7 @@ async fn held_prefill_tokens(path: &str, body: String, tokenizer: Option<&str>) 
     let metrics = metrics_text(&c, &r.url).await;
     drop(held);
     let _ = pending.await;
-    metric_sum(&metrics, "qoe_router_in_prefill_tokens")
+    metrics
 }
 
 #[tokio::test]
@@ -76,6 +82,21 @@ async fn a_chat_is_counted_through_the_models_chat_template() {
     .to_string();
     let n = held_prefill_tokens("/v1/chat/completions", body, Some(WORDS)).await;
     assert_eq!(n, 7.0);
+}
+
+#[tokio::test]
+async fn a_chat_the_template_cannot_render_is_counted_flat_and_in_the_metrics() {
+    // The fixture's template raises for a tool message.
+    let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 4,
+        "messages": [{"role": "tool", "content": "x"}]})
+    .to_string();
+    let metrics = held_metrics("/v1/chat/completions", body, Some(WORDS)).await;
+    // "tool: x\n" as words, and the BOS.
+    assert_eq!(metric_sum(&metrics, "qoe_router_in_prefill_tokens"), 3.0);
+    assert_eq!(
+        metric_sum(&metrics, "qoe_router_chat_template_fallbacks_total"),
+        1.0
+    );
 }
 
 #[tokio::test]
