@@ -23,6 +23,7 @@
 
 use qoe_core::{EndpointView, Micros, Priority};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -84,8 +85,6 @@ struct Waiter {
 struct Queue {
     waiters: BTreeMap<QueueKey, Waiter>,
     next_seq: u64,
-    /// Wake-ups that found no waiter listening (see the module docs).
-    lost_wakes: u64,
 }
 
 /// The router's admission queue.
@@ -93,6 +92,10 @@ struct Queue {
 pub struct Admission {
     pub config: AdmissionConfig,
     queue: Mutex<Queue>,
+    /// Wake-ups that found no waiter listening (see the module docs). Written only with the
+    /// queue locked, so that joining the queue and this count are one step for a waker; read
+    /// without the lock before looking at the endpoints.
+    lost_wakes: AtomicU64,
 }
 
 impl Admission {
@@ -100,6 +103,7 @@ impl Admission {
         Admission {
             config,
             queue: Mutex::new(Queue::default()),
+            lost_wakes: AtomicU64::new(0),
         }
     }
 
@@ -140,7 +144,9 @@ impl Admission {
     /// handed to [`enqueue`](Self::enqueue) or [`rearm`](Self::rearm) when they were all
     /// saturated.
     pub fn lost_wakes(&self) -> u64 {
-        self.lock().lost_wakes
+        // SeqCst: what freed the capacity happened before the count moved, so a request that
+        // reads the new count also sees the capacity when it looks.
+        self.lost_wakes.load(Ordering::SeqCst)
     }
 
     /// Joins the queue. Returns the receiver to await (already woken when a wake-up was lost
@@ -163,7 +169,7 @@ impl Admission {
                 let _ = tx.send(Wake::Displaced);
             }
         }
-        let missed = q.lost_wakes != seen;
+        let missed = self.lost_wakes() != seen;
         let (wake, rx) = Self::listen(missed);
         let waiter = Waiter {
             model: model.into(),
@@ -177,7 +183,7 @@ impl Admission {
     /// `None` when the place was taken meanwhile (displaced).
     pub fn rearm(&self, key: &QueueKey, seen: u64) -> Option<oneshot::Receiver<Wake>> {
         let mut q = self.lock();
-        let missed = q.lost_wakes != seen;
+        let missed = self.lost_wakes() != seen;
         let waiter = q.waiters.get_mut(key)?;
         let (wake, rx) = Self::listen(missed);
         waiter.wake = wake;
@@ -203,7 +209,7 @@ impl Admission {
         if let Some(waiter) = q.waiters.remove(key) {
             // Not waiting at the moment (woken, or between ticks): it was re-checking.
             if waiter.wake.as_ref().is_none_or(|tx| tx.is_closed()) {
-                let _ = Self::wake_first(&mut q, |model| model == &*waiter.model);
+                let _ = self.wake_first(&mut q, |model| model == &*waiter.model);
             }
         }
     }
@@ -212,10 +218,11 @@ impl Admission {
     /// urgent waiter for one of them to try again. `false` when no one was listening: the
     /// wake-up counted as lost ([`lost_wakes`](Self::lost_wakes)).
     pub fn notify(&self, serves: impl Fn(&str) -> bool) -> bool {
-        Self::wake_first(&mut self.lock(), serves)
+        self.wake_first(&mut self.lock(), serves)
     }
 
-    fn wake_first(q: &mut Queue, serves: impl Fn(&str) -> bool) -> bool {
+    /// `q`: the queue, locked.
+    fn wake_first(&self, q: &mut Queue, serves: impl Fn(&str) -> bool) -> bool {
         for waiter in q.waiters.values_mut() {
             if waiter.wake.is_none() || !serves(&waiter.model) {
                 continue;
@@ -226,7 +233,7 @@ impl Admission {
                 }
             }
         }
-        q.lost_wakes += 1;
+        self.lost_wakes.fetch_add(1, Ordering::SeqCst);
         false
     }
 }
