@@ -35,8 +35,27 @@ pub struct AnalyzerConfig {
     pub nominal_prefill_tokens_per_ms: f64,
     /// Nominal decode time per output token used by the phase rule, ms (the ITL target).
     pub nominal_itl_ms: f64,
-    /// Counts prompt text exactly; `None`: estimated from its length (see [`crate::prompt`]).
+    /// Counts prompt text exactly for every model without its own in `model_tokenizers`;
+    /// `None`: estimated from its length (see [`crate::prompt`]).
     pub tokenizer: Option<PromptTokenizer>,
+    /// Tokenizers of particular models (by the request's `model`), ahead of `tokenizer`.
+    pub model_tokenizers: Vec<(String, PromptTokenizer)>,
+}
+
+impl AnalyzerConfig {
+    /// The tokenizer that counts `model`'s prompts: its own, else the one for every model.
+    pub fn tokenizer_for(&self, model: &str) -> Option<&PromptTokenizer> {
+        self.model_tokenizers
+            .iter()
+            .find(|(m, _)| m == model)
+            .map(|(_, t)| t)
+            .or(self.tokenizer.as_ref())
+    }
+
+    /// Whether any prompt is counted by a tokenizer.
+    pub fn has_tokenizer(&self) -> bool {
+        self.tokenizer.is_some() || !self.model_tokenizers.is_empty()
+    }
 }
 
 impl Default for AnalyzerConfig {
@@ -50,6 +69,7 @@ impl Default for AnalyzerConfig {
             nominal_prefill_tokens_per_ms: 8.0,
             nominal_itl_ms: 50.0,
             tokenizer: None,
+            model_tokenizers: Vec::new(),
         }
     }
 }
@@ -306,7 +326,8 @@ pub fn analyze<'h>(
         .map(|v| hash_bytes(1, v))
         .or(body_session_key);
 
-    let text_tokens = prompt.text_tokens(config.tokenizer.as_ref(), body);
+    let tokenizer = config.tokenizer_for(&model);
+    let text_tokens = prompt.text_tokens(tokenizer, body);
     let prompt_tokens = text_tokens.saturating_add(prompt.token_ids.min(u32::MAX as u64) as u32);
     let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
     let decode_ms = expected_output_tokens as f64 * config.nominal_itl_ms;
@@ -316,7 +337,7 @@ pub fn analyze<'h>(
         Phase::DecodeDominant
     };
     let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
-    let block_tokens = match &config.tokenizer {
+    let block_tokens = match tokenizer {
         // The text's own density: what a 64-byte block holds of the tokenizer's count.
         Some(_) if !prompt.text.is_empty() => {
             text_tokens as f64 * BLOCK_BYTES as f64 / prompt.text.len() as f64
@@ -605,6 +626,28 @@ mod tests {
         assert_eq!((p.prompt_tokens, p.prefix_hashes.len()), (33, 1));
         assert_eq!(p.block_tokens, 33.0);
         assert_eq!(run(COMPLETION, &dense, &[]).unwrap().block_tokens, 16.0);
+    }
+
+    /// A model's own tokenizer counts its prompts; the others take the one for every model, or
+    /// the estimate when there is none.
+    #[test]
+    fn each_model_is_counted_by_its_own_tokenizer() {
+        let mut config = AnalyzerConfig {
+            model_tokenizers: vec![("m".into(), PromptTokenizer(std::sync::Arc::new(Words)))],
+            ..AnalyzerConfig::default()
+        };
+        assert!(config.has_tokenizer());
+        let count = |config: &AnalyzerConfig, model: &str| {
+            let body = format!(r#"{{"model":"{model}","prompt":"a b c","max_tokens":1}}"#);
+            analyze(COMPLETION, body.as_bytes(), |_| None, config, |_| 1)
+                .unwrap()
+                .prompt_tokens
+        };
+        // Three words and the BOS; "a b c" estimated is 2 tokens (5 bytes).
+        assert_eq!((count(&config, "m"), count(&config, "other")), (4, 2));
+        config.tokenizer = Some(PromptTokenizer(std::sync::Arc::new(Templated)));
+        assert_eq!((count(&config, "m"), count(&config, "other")), (4, 3));
+        assert!(!AnalyzerConfig::default().has_tokenizer());
     }
 
     /// A chat template stand-in: 100 tokens per message plus its content's words.

@@ -117,10 +117,18 @@ pub struct RouterConfig {
     /// Header carrying the TTFT deadline in milliseconds.
     #[arg(long, env = "QOE_SLA_HEADER", default_value = "x-sla-target-ms")]
     pub sla_header: String,
-    /// Hugging Face `tokenizer.json` of the served model: prompt tokens counted exactly instead of
-    /// estimated (one per 4 bytes). Needs a build with `--features tokenizer`; read at start.
-    #[arg(long, env = "QOE_TOKENIZER")]
-    pub tokenizer: Option<PathBuf>,
+    /// Hugging Face `tokenizer.json` of the served models: prompt tokens counted exactly instead
+    /// of estimated (one per 4 bytes). `PATH` counts every model's prompts, `MODEL=PATH` one
+    /// model's (comma-separated; a model without its own takes the `PATH` one, else the
+    /// estimate). Needs a build with `--features tokenizer`; read at start.
+    #[arg(
+        long,
+        env = "QOE_TOKENIZER",
+        value_delimiter = ',',
+        value_name = "[MODEL=]PATH"
+    )]
+    #[serde(deserialize_with = "one_or_many")]
+    pub tokenizer: Vec<String>,
     /// TTFT target, ms (used when a request has no SLA header).
     #[arg(long, env = "QOE_TARGET_TTFT", default_value_t = QoeConfig::default().target_ttft_ms)]
     pub target_ttft: f64,
@@ -429,9 +437,9 @@ impl RouterConfig {
             ("--target-itl", self.target_itl),
             ("--saturation-kv-usage", self.saturation_kv_usage),
         ];
-        if let Some(path) = &self.tokenizer {
+        for spec in self.tokenizers()? {
             // Read at start (`build_state`); here only what a check can say without loading it.
-            crate::tokenizer::check(path)?;
+            crate::tokenizer::check(&spec.path)?;
         }
         // A config file (TOML) holds signed 64-bit integers: a larger seed could not be saved.
         anyhow::ensure!(
@@ -688,6 +696,37 @@ impl RouterConfig {
         }
     }
 
+    /// The `--tokenizer` entries: which model each is for and its file; at most one for every
+    /// model and one per model.
+    pub fn tokenizers(&self) -> anyhow::Result<Vec<TokenizerSpec>> {
+        let mut specs: Vec<TokenizerSpec> = Vec::new();
+        for entry in &self.tokenizer {
+            // `MODEL=PATH`; `PATH` (or `=PATH`, for a path with `=` in it) for every model.
+            let (model, path) = match entry.split_once('=') {
+                Some(("", path)) => (None, path),
+                Some((model, path)) => (Some(model.trim().to_string()), path),
+                None => (None, entry.as_str()),
+            };
+            anyhow::ensure!(
+                !path.trim().is_empty(),
+                "--tokenizer '{entry}': no path (give [MODEL=]PATH)"
+            );
+            if specs.iter().any(|s| s.model == model) {
+                anyhow::bail!(match &model {
+                    Some(m) => format!("--tokenizer: two tokenizers for the model '{m}'"),
+                    None => "--tokenizer: two tokenizers for every model; name the model of \
+                             one as MODEL=PATH"
+                        .to_string(),
+                });
+            }
+            specs.push(TokenizerSpec {
+                model,
+                path: PathBuf::from(path.trim()),
+            });
+        }
+        Ok(specs)
+    }
+
     pub fn stats_config(&self) -> StatsConfig {
         StatsConfig {
             window: (self.request_stats_window * 1e6) as u64,
@@ -780,6 +819,28 @@ impl RouterConfig {
     pub fn health_check_interval(&self) -> Duration {
         Duration::from_secs_f64(self.health_check_interval)
     }
+}
+
+/// One `--tokenizer` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenizerSpec {
+    /// The model whose prompts it counts; `None`: every model without its own.
+    pub model: Option<String>,
+    pub path: PathBuf,
+}
+
+/// A list setting that a config file may also give as one string (`tokenizer = "PATH"`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// One endpoint in the config file.
@@ -1341,6 +1402,57 @@ mod tests {
         );
         let e = err("qoe = 3\n");
         assert!(e.contains("[qoe] must be a table"), "{e}");
+    }
+
+    /// `--tokenizer [MODEL=]PATH,...`, or `tokenizer` in the file as one path or a list.
+    #[test]
+    fn tokenizers_are_named_by_model_or_for_every_model() {
+        let spec = |model: Option<&str>, path: &str| TokenizerSpec {
+            model: model.map(str::to_string),
+            path: PathBuf::from(path),
+        };
+        let c = RouterConfig::from_args([
+            "x",
+            "--tokenizer",
+            "meta-llama/Llama-3.1-8B=/m/llama/tokenizer.json,/m/any/tokenizer.json",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tokenizers().unwrap(),
+            [
+                spec(Some("meta-llama/Llama-3.1-8B"), "/m/llama/tokenizer.json"),
+                spec(None, "/m/any/tokenizer.json"),
+            ]
+        );
+        let c = RouterConfig::from_args(["x", "--tokenizer", "=/m/a=b/tokenizer.json"]).unwrap();
+        assert_eq!(
+            c.tokenizers().unwrap(),
+            [spec(None, "/m/a=b/tokenizer.json")]
+        );
+        for (args, says) in [
+            ("/a.json,/b.json", "two tokenizers for every model"),
+            ("m=/a.json,m=/b.json", "two tokenizers for the model 'm'"),
+            ("m=", "no path"),
+        ] {
+            let c = RouterConfig::from_args(["x", "--tokenizer", args]).unwrap();
+            let err = c.tokenizers().unwrap_err().to_string();
+            assert!(err.contains(says), "{args}: {err}");
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{args}: {err}");
+        }
+        let dir = TestDir::new("tokenizers");
+        let path = dir.file("router.toml");
+        for (text, expected) in [
+            ("tokenizer = \"/t.json\"\n", vec![spec(None, "/t.json")]),
+            (
+                "tokenizer = [\"a=/a.json\", \"/t.json\"]\n",
+                vec![spec(Some("a"), "/a.json"), spec(None, "/t.json")],
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let c = RouterConfig::from_args(["x", "--config", path.to_str().unwrap()]).unwrap();
+            assert_eq!(c.tokenizers().unwrap(), expected, "{text}");
+        }
     }
 
     #[test]

@@ -280,7 +280,7 @@ async fn analyzed(
             |m| state.learned_output.estimate(model.unwrap_or(m)),
         )
     };
-    if state.analyzer.tokenizer.is_none() || body.len() <= COUNT_OFF_WORKER_BYTES {
+    if !state.analyzer.has_tokenizer() || body.len() <= COUNT_OFF_WORKER_BYTES {
         return run(state, body, headers, model.as_deref());
     }
     let Ok(slot) = counting_slots().acquire_owned().await else {

@@ -37,9 +37,22 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     );
     let metrics = RouterMetrics::new();
     let mut analyzer = config.analyzer_config();
-    if let Some(path) = &config.tokenizer {
-        let fallbacks = metrics.chat_template_fallbacks.clone();
-        analyzer.tokenizer = Some(crate::tokenizer::load(path, fallbacks)?);
+    let mut loaded: Vec<(std::path::PathBuf, qoe_core::prompt::PromptTokenizer)> = Vec::new();
+    for spec in config.tokenizers()? {
+        // A file named for several models is read once.
+        let tokenizer = match loaded.iter().find(|(path, _)| *path == spec.path) {
+            Some((_, t)) => t.clone(),
+            None => {
+                let fallbacks = metrics.chat_template_fallbacks.clone();
+                let t = crate::tokenizer::load(&spec.path, fallbacks)?;
+                loaded.push((spec.path.clone(), t.clone()));
+                t
+            }
+        };
+        match spec.model {
+            Some(model) => analyzer.model_tokenizers.push((model, tokenizer)),
+            None => analyzer.tokenizer = Some(tokenizer),
+        }
     }
     Ok(Arc::new(AppState {
         analyzer,

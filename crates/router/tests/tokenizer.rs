@@ -25,7 +25,17 @@ async fn held_prefill_tokens(path: &str, body: String, tokenizer: Option<&str>) 
 
 /// The router's metrics while one request to `path` with `body` is held before its first token.
 async fn held_metrics(path: &str, body: String, tokenizer: Option<&str>) -> String {
-    let engine = mock(&["m"]).await;
+    held_metrics_of(&["m"], path, body, tokenizer).await
+}
+
+/// [`held_metrics`] with an engine that serves `models`; `tokenizer`: the `--tokenizer` value.
+async fn held_metrics_of(
+    models: &[&str],
+    path: &str,
+    body: String,
+    tokenizer: Option<&str>,
+) -> String {
+    let engine = mock(models).await;
     let mut args = vec!["--static-backends", engine.url.as_str()];
     if let Some(path) = tokenizer {
         args.extend(["--tokenizer", path]);
@@ -82,6 +92,22 @@ async fn a_chat_is_counted_through_the_models_chat_template() {
     .to_string();
     let n = held_prefill_tokens("/v1/chat/completions", body, Some(WORDS)).await;
     assert_eq!(n, 7.0);
+}
+
+#[tokio::test]
+async fn each_model_is_counted_by_its_own_tokenizer() {
+    let prompt = "hello world hello world hello world";
+    let held = |model: &'static str, tokenizer: String| async move {
+        let body = completion(model, prompt, true);
+        let metrics = held_metrics_of(&["m", "n"], "/v1/completions", body, Some(&tokenizer)).await;
+        metric_sum(&metrics, "qoe_router_in_prefill_tokens")
+    };
+    // Six words and the BOS for `m`, which has a tokenizer; `n` has none: 35 bytes, 9 tokens.
+    let only_m = format!("m={WORDS}");
+    assert_eq!(held("m", only_m.clone()).await, 7.0);
+    assert_eq!(held("n", only_m).await, 9.0);
+    // The tokenizer for every model counts `n`; `m` keeps its own (the same file here).
+    assert_eq!(held("n", format!("m={WORDS},{WORDS}")).await, 7.0);
 }
 
 #[tokio::test]
