@@ -262,8 +262,23 @@ fn counting_slots() -> Arc<tokio::sync::Semaphore> {
         .clone()
 }
 
+/// Whether a tokenizer may count `body`'s prompt: there is one for every model, or the name of
+/// a model with its own is `model` or appears in the body (a cheap look; a false positive costs
+/// only the hand-over to the blocking pool).
+fn may_be_counted(
+    analyzer: &qoe_core::analyze::AnalyzerConfig,
+    body: &[u8],
+    model: &Option<String>,
+) -> bool {
+    analyzer.tokenizer.is_some()
+        || analyzer.model_tokenizers.iter().any(|(name, _)| {
+            model.as_deref() == Some(name) || memchr::memmem::find(body, name.as_bytes()).is_some()
+        })
+}
+
 /// The request's profile (`model` stands in for the body's when the router supplies it: the
-/// learned output length), analyzed off the worker thread when a tokenizer counts a long body.
+/// learned output length and the tokenizer), analyzed off the worker thread when a tokenizer
+/// counts a long body.
 async fn analyzed(
     state: &Arc<AppState>,
     route: Route,
@@ -272,15 +287,28 @@ async fn analyzed(
     model: Option<String>,
 ) -> Result<RequestProfile, qoe_core::analyze::BadRequest> {
     let run = move |state: &AppState, body: &[u8], headers: &HeaderMap, model: Option<&str>| {
+        // A body without `model` is counted by the tokenizer of the model the router supplies.
+        let supplied;
+        let config = match model {
+            Some(m) if !state.analyzer.model_tokenizers.is_empty() => {
+                supplied = qoe_core::analyze::AnalyzerConfig {
+                    tokenizer: state.analyzer.tokenizer_for(m).cloned(),
+                    model_tokenizers: Vec::new(),
+                    ..state.analyzer.clone()
+                };
+                &supplied
+            }
+            _ => &state.analyzer,
+        };
         analyze(
             route,
             body,
             |name| headers.get(name).map(|v| v.as_bytes()),
-            &state.analyzer,
+            config,
             |m| state.learned_output.estimate(model.unwrap_or(m)),
         )
     };
-    if !state.analyzer.has_tokenizer() || body.len() <= COUNT_OFF_WORKER_BYTES {
+    if body.len() <= COUNT_OFF_WORKER_BYTES || !may_be_counted(&state.analyzer, body, &model) {
         return run(state, body, headers, model.as_deref());
     }
     let Ok(slot) = counting_slots().acquire_owned().await else {

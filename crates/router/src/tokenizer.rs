@@ -53,6 +53,8 @@ mod imp {
     struct HfTokenizer {
         tokenizer: tokenizers::Tokenizer,
         chat: Option<ChatTemplate>,
+        /// The `tokenizer.json`, for what is logged.
+        path: std::path::PathBuf,
         /// Chats counted as flattened text (`qoe_router_chat_template_fallbacks_total`).
         fallbacks: Counter,
         /// When a failed render was last logged, in seconds of [`Instant`] since `started`.
@@ -141,13 +143,20 @@ mod imp {
             if !continue_final {
                 return Ok(rendered);
             }
-            // As transformers: the text ends where the final message's content last appears
-            // (or, failing that, its content stripped); a template that drops it is an error.
+            // As transformers: the text ends where the final message's content, stripped, last
+            // appears, with its trailing spaces if the template kept them; a template that
+            // drops it is an error.
             let final_text = last.as_ref().and_then(|v| v.as_str()).unwrap_or_default();
-            let end = [final_text, final_text.trim()]
-                .into_iter()
-                .find_map(|end| rendered.rfind(end).map(|at| at + end.len()))
+            let stripped = final_text.trim();
+            let at = rendered
+                .rfind(stripped)
                 .ok_or("continue_final_message: the final message is not in the rendered text")?;
+            let kept = final_text.trim_start().len();
+            let end = if rendered.get(at..at + kept) == Some(final_text) {
+                at + kept
+            } else {
+                at + stripped.len()
+            };
             Ok(rendered[..end].to_string())
         }
     }
@@ -530,8 +539,9 @@ mod imp {
         Ok(Some(template))
     }
 
-    /// Text counted exactly at most (≈ 13 ms of CPU at 5 MB/s, on the request's own thread);
-    /// beyond it the count is extrapolated at the density of what was counted.
+    /// Text counted exactly at most (≈ 13 ms of CPU at 5 MB/s, on tokio's blocking pool for a
+    /// long body: see the proxy); beyond it the count is extrapolated at the density of what
+    /// was counted.
     const EXACT_MAX_BYTES: usize = 64 * 1024;
 
     impl HfTokenizer {
@@ -587,9 +597,10 @@ mod imp {
                     .is_ok()
             {
                 tracing::warn!(
-                    "--tokenizer: the chat template could not render a request ({error}); \
+                    "--tokenizer {}: the chat template could not render a request ({error}); \
                      such chats are counted as their flattened text \
-                     (qoe_router_chat_template_fallbacks_total)"
+                     (qoe_router_chat_template_fallbacks_total)",
+                    self.path.display()
                 );
             }
         }
@@ -608,6 +619,7 @@ mod imp {
         Ok(PromptTokenizer(Arc::new(HfTokenizer {
             tokenizer,
             chat,
+            path: path.to_path_buf(),
             fallbacks,
             warned_at: AtomicU64::new(0),
             started: Instant::now(),
@@ -787,6 +799,16 @@ mod tests {
         assert_eq!(
             t.render(&chat, in_kwargs.as_bytes()).unwrap(),
             "-[user] hi\n[assistant] Sure, \n"
+        );
+        // The final message continued where its stripped text last appears, its trailing
+        // space kept only if the template kept it (here `trim` drops it).
+        let trimming = template_beside_words(
+            "{% for m in messages %}[{{ m.role }}] {{ m.content | trim }}{{ '\\n' }}{% endfor %}",
+        );
+        let chat = [m("user", "Sure, go"), m("assistant", "Sure, ")];
+        assert_eq!(
+            trimming.render(&chat, continued.as_bytes()).unwrap(),
+            "[user] Sure, go\n[assistant] Sure,"
         );
         // `json.dumps(indent=2)`: one item per line, empty containers kept short.
         let shaped = r#"{"chat_template_kwargs": {"shape": {"a": [1, {}], "b": []}},

@@ -108,6 +108,20 @@ async fn each_model_is_counted_by_its_own_tokenizer() {
     assert_eq!(held("n", only_m).await, 9.0);
     // The tokenizer for every model counts `n`; `m` keeps its own (the same file here).
     assert_eq!(held("n", format!("m={WORDS},{WORDS}")).await, 7.0);
+    // A body without `model`, to a fleet of one model: counted as that model's, by its own
+    // tokenizer (a long one too, counted off the worker thread).
+    for (prompt, tokens) in [(prompt.to_string(), 7.0), ("hello ".repeat(500), 501.0)] {
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": 4, "stream": true});
+        let tokenizer = format!("m={WORDS}");
+        let metrics = held_metrics_of(
+            &["m"],
+            "/v1/completions",
+            body.to_string(),
+            Some(&tokenizer),
+        )
+        .await;
+        assert_eq!(metric_sum(&metrics, "qoe_router_in_prefill_tokens"), tokens);
+    }
 }
 
 #[tokio::test]
