@@ -152,7 +152,13 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 ])?,
                 None => RouterConfig::from_args(["qoe-router-serve"])?,
             };
-            router
+            // The simulated engines count tokens by the estimate rule: a tokenizer is not read
+            // (the report lists it among the settings not simulated).
+            let checked = RouterConfig {
+                tokenizer: Vec::new(),
+                ..router.clone()
+            };
+            checked
                 .validate()
                 .map_err(|e| anyhow::anyhow!("simulate, the router's settings: {e}"))?;
             qoe_bench::simulate::run(args, &router.simulation_settings())

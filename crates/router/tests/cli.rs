@@ -33,6 +33,42 @@ fn a_reader_that_stops_early_is_not_an_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `simulate --config FILE` with a tokenizer set: the simulator does not read it (its engines
+/// count by the estimate rule), so it neither needs the file nor a build with the feature, and
+/// the report says the setting was not simulated.
+#[test]
+fn simulate_ignores_the_routers_tokenizer_and_says_so() {
+    let dir = std::env::temp_dir().join(format!("qoe-cli-sim-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(&config, "tokenizer = \"/nonexistent/tokenizer.json\"\n").unwrap();
+    let out = run_bounded(
+        &[
+            "simulate",
+            "--fleet",
+            &repo_file("bench/fleets/hetero-4.toml"),
+            "--workload",
+            &repo_file("bench/workloads/smoke.toml"),
+            "--policies",
+            "roundrobin",
+            "--quiet",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("tokenizer = [\"/nonexistent/tokenizer.json\"]"),
+        "{stdout}"
+    );
+}
+
 /// Runs the binary with `args`; a process still running after 20 s (a server that should have
 /// exited) is killed and fails the test.
 fn run_bounded(args: &[&str], env: &[(&str, &str)]) -> Output {
