@@ -819,6 +819,54 @@ mod tests {
         );
     }
 
+    /// Requests of the wrong shapes (which vLLM refuses) render or fail, never panic: the
+    /// template sees what it can of them.
+    #[test]
+    fn a_template_survives_requests_of_any_shape() {
+        use qoe_core::prompt::ChatMessage;
+        let t = template_beside_words(concat!(
+            "{% for t in tools %}{{ t | tojson }}{{ t.function.name }}{% endfor %}",
+            "{% for m in messages %}{{ m.role }} {{ m.content }}",
+            "{% for c in m.tool_calls %}{{ c.function.arguments | tojson(indent=1) }}{% endfor %}",
+            "{% endfor %}{{ greeting }}",
+        ));
+        let m = [
+            ChatMessage {
+                role: "assistant",
+                content: "é",
+            },
+            ChatMessage {
+                role: "user",
+                content: "x",
+            },
+        ];
+        for request in [
+            "",
+            "not json",
+            "[1, 2]",
+            r#"{"tools": {"a": 1}, "messages": "no"}"#,
+            r#"{"tools": ["f", 3, null, {"function": "g"}, {"function": {"name": [1]}}]}"#,
+            r#"{"messages": [{"tool_calls": "x"}, {"tool_calls": [1, "a", {"function": 5}]}]}"#,
+            r#"{"messages": [{"tool_calls": [{"function": {"arguments": 7}},
+                {"function": {"arguments": "[1, {\"a\": null}]"}},
+                {"function": {"arguments": "\"é\""}}]}]}"#,
+            r#"{"chat_template_kwargs": [1, 2], "add_generation_prompt": {"a": 1},
+                "continue_final_message": "yes"}"#,
+            r#"{"chat_template_kwargs": {"messages": 1, "tools": "t", "greeting": {"a": [1]}}}"#,
+            r#"{"messages": [{"reasoning": 5, "name": 3, "tool_call_id": [1]}], "documents": 1}"#,
+        ] {
+            let _ = t.render(&m, request.as_bytes());
+            let _ = t.render(&[], request.as_bytes());
+        }
+        // Decoded arguments keep their JSON: a list, and a string.
+        let request = r#"{"messages": [{"role": "assistant", "tool_calls": [
+            {"function": {"arguments": "[1, {\"a\": null}]"}}]}]}"#;
+        assert_eq!(
+            t.render(&m[..1], request.as_bytes()).unwrap(),
+            "assistant é[\n 1,\n {\n  \"a\": null\n }\n]"
+        );
+    }
+
     /// A template's work and output are bounded: past either bound the render fails and the
     /// chat is counted as its flattened text.
     #[test]
