@@ -340,7 +340,8 @@ pub fn analyze<'h>(
     let block_tokens = match tokenizer {
         // The text's own density: what a 64-byte block holds of the tokenizer's count.
         Some(_) if !prompt.text.is_empty() => {
-            text_tokens as f64 * BLOCK_BYTES as f64 / prompt.text.len() as f64
+            let bytes = prompt.text.len() + prompt.tool_bytes;
+            text_tokens as f64 * BLOCK_BYTES as f64 / bytes as f64
         }
         _ => BLOCK_TOKENS as f64,
     };
@@ -445,9 +446,11 @@ fn type_name(v: &Value) -> &'static str {
 
 impl body::PromptText {
     /// The prompt text's tokens (not those given as ids): counted by `tokenizer` (a chat's
-    /// messages through its chat template when it has one, `body` the request), else estimated.
+    /// messages through its chat template when it has one, `body` the request, tools and all),
+    /// else estimated; tool definitions not rendered by a template are estimated.
     fn text_tokens(&self, tokenizer: Option<&PromptTokenizer>, body: &[u8]) -> u32 {
-        match tokenizer {
+        let tools = estimate_tokens_from_len(self.tool_bytes);
+        let text = match tokenizer {
             Some(t) if !self.messages.is_empty() => {
                 let messages: Vec<ChatMessage<'_>> = self
                     .messages
@@ -457,13 +460,16 @@ impl body::PromptText {
                         content: &self.text[m.content.clone()],
                     })
                     .collect();
-                t.count_chat(&messages, body)
-                    .unwrap_or_else(|| t.count(&self.text))
+                if let Some(rendered) = t.count_chat(&messages, body) {
+                    return rendered;
+                }
+                t.count(&self.text)
             }
             Some(t) if !self.text.is_empty() => t.count(&self.text),
             Some(_) => 0,
-            None => estimate_tokens_from_len(self.text.len()),
-        }
+            None => return estimate_tokens_from_len(self.text.len() + self.tool_bytes),
+        };
+        text.saturating_add(tools)
     }
 }
 
@@ -648,6 +654,40 @@ mod tests {
         config.tokenizer = Some(PromptTokenizer(std::sync::Arc::new(Templated)));
         assert_eq!((count(&config, "m"), count(&config, "other")), (4, 3));
         assert!(!AnalyzerConfig::default().has_tokenizer());
+    }
+
+    /// Tool definitions are part of the prompt on the routes whose template renders them: their
+    /// JSON text estimated with the rest, or, with a tokenizer, rendered by the chat template
+    /// (else estimated beside the counted text).
+    #[test]
+    fn tools_count_as_prompt_where_a_template_renders_them() {
+        let tools = r#"[{"type":"function","function":{"name":"get_weather","parameters":{}}}]"#;
+        let chat = format!(
+            r#"{{"model":"m","tools":{tools},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        // "user: hi\n" (9 bytes) and the 71 bytes of the tools: 80 bytes, 20 tokens.
+        assert_eq!(tools.len(), 71);
+        assert_eq!(run(CHAT, &chat, &[]).unwrap().prompt_tokens, 20);
+        let none = r#"{"model":"m","tools":null,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(run(CHAT, none, &[]).unwrap().prompt_tokens, 3);
+        // A completion renders no tools: "hi" only.
+        let completion = format!(r#"{{"model":"m","prompt":"hi","max_tokens":1,"tools":{tools}}}"#);
+        assert_eq!(run(COMPLETION, &completion, &[]).unwrap().prompt_tokens, 1);
+        let responses = format!(r#"{{"model":"m","input":"hi","tools":{tools}}}"#);
+        let route = Route {
+            kind: ApiKind::Responses,
+            model_required: true,
+        };
+        assert_eq!(run(route, &responses, &[]).unwrap().prompt_tokens, 19);
+        let count = |config: &AnalyzerConfig| {
+            analyze(CHAT, chat.as_bytes(), |_| None, config, |_| 1)
+                .unwrap()
+                .prompt_tokens
+        };
+        // A tokenizer without a template: "user: hi" as 2 words and the BOS, the tools
+        // estimated (18 tokens); a template renders them itself: 100 + 1 word.
+        assert_eq!(count(&counted_by(Words)), 3 + 18);
+        assert_eq!(count(&counted_by(Templated)), 101);
     }
 
     /// A chat template stand-in: 100 tokens per message plus its content's words.
@@ -1151,6 +1191,13 @@ mod tests {
                     }
                 }
             }
+            if super::super::body::renders_tools(route.kind) {
+                let raw: std::collections::HashMap<String, &serde_json::value::RawValue> =
+                    serde_json::from_slice(body).unwrap_or_default();
+                prompt.tool_bytes = raw
+                    .get("tools")
+                    .map_or(0, |t| super::super::body::tool_list_bytes(t.get()));
+            }
             Ok(BodyFacts {
                 model,
                 stream,
@@ -1266,6 +1313,7 @@ mod tests {
                     "prompt", "input", "text", "query", "documents", "role", "content",
                     "max_output_tokens", "instructions", "system",
                     "kv_transfer_params", "do_remote_prefill", "x-session-id", "type",
+                    "tools",
                 ])
                 .prop_map(str::to_string),
                 1 => any::<String>(),

@@ -51,6 +51,9 @@ pub(super) struct PromptText {
     pub(super) token_ids: u64,
     /// Chat messages, where their role and content are in `text` (for a chat template).
     pub(super) messages: Vec<MessageSpan>,
+    /// Bytes of the request's `tools` (chat, Responses and Messages routes): tool definitions
+    /// are rendered into the prompt, ahead of the messages.
+    pub(super) tool_bytes: usize,
 }
 
 /// Where one chat message's role and content are in its prompt's text.
@@ -163,6 +166,8 @@ enum Key {
     OtherMessages,
     /// Not a chat route: index into [`PREAMBLE_FIELDS`].
     Preamble(usize),
+    /// `tools`, on the routes whose prompt renders them.
+    Tools,
     /// Index into [`PROMPT_FIELDS`].
     Prompt(usize),
     Session,
@@ -200,6 +205,7 @@ impl<'de> Visitor<'de> for KeyVisitor<'_> {
             "kv_transfer_params" => Key::KvTransferParams,
             "messages" if chat => Key::Messages,
             "messages" => Key::OtherMessages,
+            "tools" if renders_tools(self.0.kind) => Key::Tools,
             _ if chat && k == self.0.session_key => Key::Session,
             _ if chat => Key::Other,
             _ => {
@@ -266,6 +272,7 @@ impl<'de> Visitor<'de> for Top<'_> {
         let mut parts: [Option<Result<PromptText, BadRequest>>; 5] = Default::default();
         let mut preamble: [Option<String>; 2] = Default::default();
         let mut other_messages = None;
+        let mut tool_bytes = 0;
         while let Some(key) = map.next_key_seed(self)? {
             match key {
                 Key::Model => fields.model = Some(map.next_value()?),
@@ -298,12 +305,19 @@ impl<'de> Visitor<'de> for Top<'_> {
                     let ok = map.next_value_seed(Content { text: &mut text })?;
                     preamble[i] = ok.then_some(text);
                 }
+                Key::Tools => {
+                    let raw: &serde_json::value::RawValue = map.next_value()?;
+                    tool_bytes = tool_list_bytes(raw.get());
+                }
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        let mut prompt = PromptText::default();
+        let mut prompt = PromptText {
+            tool_bytes,
+            ..PromptText::default()
+        };
         for text in preamble.into_iter().flatten() {
             prompt.text.push_str(&text);
         }
@@ -331,6 +345,21 @@ impl<'de> Visitor<'de> for Top<'_> {
         Ok(Fields::empty())
     }
     others!(Fields, Fields::empty());
+}
+
+/// Whether requests of `kind` have their `tools` rendered into the prompt (by the chat template).
+pub(super) fn renders_tools(kind: ApiKind) -> bool {
+    matches!(kind, ApiKind::Chat | ApiKind::Responses | ApiKind::Messages)
+}
+
+/// The bytes a `tools` value adds to the prompt: its JSON text when it is a list, else none
+/// (`null`, or a value vLLM refuses).
+pub(super) fn tool_list_bytes(raw: &str) -> usize {
+    if raw.trim_start().starts_with('[') {
+        raw.len()
+    } else {
+        0
+    }
 }
 
 /// Skips the rest of an array; returns how many elements it had.
