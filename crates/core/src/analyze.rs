@@ -336,11 +336,19 @@ pub fn analyze<'h>(
     } else {
         Phase::DecodeDominant
     };
-    let prefix_hashes = prefix_block_hashes(prompt.text.as_bytes(), config.max_prefix_blocks);
+    // The tool definitions come first in the prompt, and are cached with it.
+    let with_tools;
+    let hashed = if prompt.tools.is_empty() {
+        prompt.text.as_bytes()
+    } else {
+        with_tools = [&body[prompt.tools.clone()], prompt.text.as_bytes()].concat();
+        &with_tools
+    };
+    let prefix_hashes = prefix_block_hashes(hashed, config.max_prefix_blocks);
     let block_tokens = match tokenizer {
         // The text's own density: what a 64-byte block holds of the tokenizer's count.
         Some(_) if !prompt.text.is_empty() => {
-            let bytes = prompt.text.len() + prompt.tool_bytes;
+            let bytes = prompt.text.len() + prompt.tool_bytes();
             text_tokens as f64 * BLOCK_BYTES as f64 / bytes as f64
         }
         _ => BLOCK_TOKENS as f64,
@@ -449,7 +457,7 @@ impl body::PromptText {
     /// messages through its chat template when it has one, `body` the request, tools and all),
     /// else estimated; tool definitions not rendered by a template are estimated.
     fn text_tokens(&self, tokenizer: Option<&PromptTokenizer>, body: &[u8]) -> u32 {
-        let tools = estimate_tokens_from_len(self.tool_bytes);
+        let tools = estimate_tokens_from_len(self.tool_bytes());
         let text = match tokenizer {
             Some(t) if !self.messages.is_empty() => {
                 let messages: Vec<ChatMessage<'_>> = self
@@ -467,7 +475,7 @@ impl body::PromptText {
             }
             Some(t) if !self.text.is_empty() => t.count(&self.text),
             Some(_) => 0,
-            None => return estimate_tokens_from_len(self.text.len() + self.tool_bytes),
+            None => return estimate_tokens_from_len(self.text.len() + self.tool_bytes()),
         };
         text.saturating_add(tools)
     }
@@ -688,6 +696,32 @@ mod tests {
         // estimated (18 tokens); a template renders them itself: 100 + 1 word.
         assert_eq!(count(&counted_by(Words)), 3 + 18);
         assert_eq!(count(&counted_by(Templated)), 101);
+        // The definitions head the prompt, and so its prefix blocks: chats that share them
+        // share a cached prefix whatever their messages.
+        let hashes = |tools: &str, content: &str| {
+            let body = format!(
+                r#"{{"model":"m","tools":{tools},"messages":[{{"role":"user","content":"{content}"}}]}}"#
+            );
+            run(CHAT, &body, &[]).unwrap().prefix_hashes
+        };
+        let (a, b) = (
+            hashes(tools, &"a".repeat(60)),
+            hashes(tools, &"b".repeat(60)),
+        );
+        assert_eq!(
+            (a.len(), b.len()),
+            (2, 2),
+            "71 + 69 bytes: two whole blocks"
+        );
+        assert_eq!(a[0], b[0]);
+        assert_ne!(a[1], b[1]);
+        let other = tools.replace("get_weather", "get_climate");
+        assert_ne!(hashes(&other, &"a".repeat(60))[0], a[0]);
+        assert_eq!(
+            hashes("null", &"a".repeat(60)).len(),
+            1,
+            "69 bytes: one block"
+        );
     }
 
     /// A chat template stand-in: 100 tokens per message plus its content's words.
@@ -1194,9 +1228,10 @@ mod tests {
             if super::super::body::renders_tools(route.kind) {
                 let raw: std::collections::HashMap<String, &serde_json::value::RawValue> =
                     serde_json::from_slice(body).unwrap_or_default();
-                prompt.tool_bytes = raw
+                let body = std::str::from_utf8(body).unwrap_or_default();
+                prompt.tools = raw
                     .get("tools")
-                    .map_or(0, |t| super::super::body::tool_list_bytes(t.get()));
+                    .map_or(0..0, |t| super::super::body::tool_list(body, t.get()));
             }
             Ok(BodyFacts {
                 model,

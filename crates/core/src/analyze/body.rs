@@ -51,9 +51,17 @@ pub(super) struct PromptText {
     pub(super) token_ids: u64,
     /// Chat messages, where their role and content are in `text` (for a chat template).
     pub(super) messages: Vec<MessageSpan>,
-    /// Bytes of the request's `tools` (chat, Responses and Messages routes): tool definitions
-    /// are rendered into the prompt, ahead of the messages.
-    pub(super) tool_bytes: usize,
+    /// Where the request's `tools` list is in the body (chat, Responses and Messages routes;
+    /// empty without one): tool definitions are rendered into the prompt, ahead of the
+    /// messages.
+    pub(super) tools: std::ops::Range<usize>,
+}
+
+impl PromptText {
+    /// Bytes of the request's tool definitions.
+    pub(super) fn tool_bytes(&self) -> usize {
+        self.tools.len()
+    }
 }
 
 /// Where one chat message's role and content are in its prompt's text.
@@ -147,7 +155,11 @@ pub(super) fn read(body: &[u8], kind: ApiKind, session_key: &str) -> Result<Fiel
         .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let fields = (&mut de)
-        .deserialize_any(Top { kind, session_key })
+        .deserialize_any(Top {
+            kind,
+            session_key,
+            body: text,
+        })
         .and_then(|fields| de.end().map(|()| fields))
         .map_err(|e| e.to_string())?;
     Ok(fields)
@@ -178,6 +190,8 @@ enum Key {
 struct Top<'k> {
     kind: ApiKind,
     session_key: &'k str,
+    /// The whole body, which borrowed values (`tools`) are slices of.
+    body: &'k str,
 }
 
 impl<'de> DeserializeSeed<'de> for Top<'_> {
@@ -272,7 +286,7 @@ impl<'de> Visitor<'de> for Top<'_> {
         let mut parts: [Option<Result<PromptText, BadRequest>>; 5] = Default::default();
         let mut preamble: [Option<String>; 2] = Default::default();
         let mut other_messages = None;
-        let mut tool_bytes = 0;
+        let mut tools = 0..0;
         while let Some(key) = map.next_key_seed(self)? {
             match key {
                 Key::Model => fields.model = Some(map.next_value()?),
@@ -307,7 +321,7 @@ impl<'de> Visitor<'de> for Top<'_> {
                 }
                 Key::Tools => {
                     let raw: &serde_json::value::RawValue = map.next_value()?;
-                    tool_bytes = tool_list_bytes(raw.get());
+                    tools = tool_list(self.body, raw.get());
                 }
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
@@ -315,7 +329,7 @@ impl<'de> Visitor<'de> for Top<'_> {
             }
         }
         let mut prompt = PromptText {
-            tool_bytes,
+            tools,
             ..PromptText::default()
         };
         for text in preamble.into_iter().flatten() {
@@ -352,13 +366,14 @@ pub(super) fn renders_tools(kind: ApiKind) -> bool {
     matches!(kind, ApiKind::Chat | ApiKind::Responses | ApiKind::Messages)
 }
 
-/// The bytes a `tools` value adds to the prompt: its JSON text when it is a list, else none
-/// (`null`, or a value vLLM refuses).
-pub(super) fn tool_list_bytes(raw: &str) -> usize {
-    if raw.trim_start().starts_with('[') {
-        raw.len()
-    } else {
-        0
+/// Where a `tools` value, `raw` (a slice of `body`), is in `body` when it is a list; else
+/// empty (`null`, or a value vLLM refuses).
+pub(super) fn tool_list(body: &str, raw: &str) -> std::ops::Range<usize> {
+    let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let end = start.wrapping_add(raw.len());
+    match body.get(start..end) {
+        Some(slice) if std::ptr::eq(slice, raw) && raw.starts_with('[') => start..end,
+        _ => 0..0,
     }
 }
 
