@@ -722,6 +722,16 @@ mod tests {
             1,
             "69 bytes: one block"
         );
+        // An assistant's tool calls are rendered too: their JSON text is estimated (and not
+        // hashed: the calls sit among the messages).
+        let calls = r#"[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]"#;
+        let history = format!(
+            r#"{{"model":"m","messages":[{{"role":"assistant","content":null,"tool_calls":{calls}}}]}}"#
+        );
+        // "assistant: \n" (12 bytes) and the calls' 72: 84 bytes, 21 tokens.
+        assert_eq!(calls.len(), 72);
+        let p = run(CHAT, &history, &[]).unwrap();
+        assert_eq!((p.prompt_tokens, p.prefix_hashes.len()), (21, 0));
     }
 
     /// A chat template stand-in: 100 tokens per message plus its content's words.
@@ -1178,6 +1188,7 @@ mod tests {
                         for (i, m) in messages.iter().enumerate() {
                             add_message(&mut prompt, m, i)?;
                         }
+                        prompt.call_bytes = call_bytes(body);
                     }
                     Some(_) => {
                         return Err(BadRequest::new("messages", "'messages' must be an array"))
@@ -1209,6 +1220,7 @@ mod tests {
                             .all(|(i, m)| add_message(&mut read, m, i).is_ok());
                         if ok {
                             prompt.text.push_str(&read.text);
+                            prompt.call_bytes = call_bytes(body);
                         }
                     }
                     for field in ["prompt", "input", "text", "query", "documents"] {
@@ -1241,6 +1253,24 @@ mod tests {
                 session_key: session_hash(obj.get(&config.session_key)),
                 stage: stage(obj.get("kv_transfer_params")),
             })
+        }
+
+        /// Bytes of the messages' `tool_calls` lists, as sent.
+        fn call_bytes(body: &[u8]) -> usize {
+            use serde_json::value::RawValue;
+            use std::collections::HashMap;
+            let text = std::str::from_utf8(body).unwrap_or_default();
+            let top: HashMap<String, &RawValue> = serde_json::from_str(text).unwrap_or_default();
+            let Some(messages) = top.get("messages") else {
+                return 0;
+            };
+            let messages: Vec<HashMap<String, &RawValue>> =
+                serde_json::from_str(messages.get()).unwrap_or_default();
+            messages
+                .iter()
+                .filter_map(|m| m.get("tool_calls"))
+                .map(|calls| super::super::body::tool_list(text, calls.get()).len())
+                .sum()
         }
 
         fn add_message(p: &mut PromptText, message: &Value, i: usize) -> Result<(), BadRequest> {
@@ -1348,7 +1378,7 @@ mod tests {
                     "prompt", "input", "text", "query", "documents", "role", "content",
                     "max_output_tokens", "instructions", "system",
                     "kv_transfer_params", "do_remote_prefill", "x-session-id", "type",
-                    "tools",
+                    "tools", "tool_calls",
                 ])
                 .prop_map(str::to_string),
                 1 => any::<String>(),

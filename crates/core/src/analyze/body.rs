@@ -55,12 +55,14 @@ pub(super) struct PromptText {
     /// empty without one): tool definitions are rendered into the prompt, ahead of the
     /// messages.
     pub(super) tools: std::ops::Range<usize>,
+    /// Bytes of the messages' `tool_calls` lists, which the chat template renders too.
+    pub(super) call_bytes: usize,
 }
 
 impl PromptText {
-    /// Bytes of the request's tool definitions.
+    /// Bytes of the request's tool definitions and of its messages' tool calls.
     pub(super) fn tool_bytes(&self) -> usize {
-        self.tools.len()
+        self.tools.len() + self.call_bytes
     }
 }
 
@@ -80,6 +82,7 @@ impl PromptText {
             self.text.push_str(&other.text);
         }
         self.token_ids += other.token_ids;
+        self.call_bytes += other.call_bytes;
         self.messages
             .extend(other.messages.into_iter().map(|m| MessageSpan {
                 role: m.role.start + shift..m.role.end + shift,
@@ -298,7 +301,7 @@ impl<'de> Visitor<'de> for Top<'_> {
                 Key::Session => fields.session = Some(map.next_value()?),
                 Key::Messages => {
                     fields.has_messages = true;
-                    parts[0] = Some(map.next_value_seed(Messages)?);
+                    parts[0] = Some(map.next_value_seed(Messages { body: self.body })?);
                 }
                 Key::Prompt(i) => {
                     let field = PromptField {
@@ -309,7 +312,8 @@ impl<'de> Visitor<'de> for Top<'_> {
                 }
                 // Read for their text only: no chat template applies to them here.
                 Key::OtherMessages => {
-                    other_messages = map.next_value_seed(Messages)?.ok().map(|mut p| {
+                    let messages = Messages { body: self.body };
+                    other_messages = map.next_value_seed(messages)?.ok().map(|mut p| {
                         p.messages.clear();
                         p
                     })
@@ -366,8 +370,8 @@ pub(super) fn renders_tools(kind: ApiKind) -> bool {
     matches!(kind, ApiKind::Chat | ApiKind::Responses | ApiKind::Messages)
 }
 
-/// Where a `tools` value, `raw` (a slice of `body`), is in `body` when it is a list; else
-/// empty (`null`, or a value vLLM refuses).
+/// Where a `tools` (or `tool_calls`) value, `raw` (a slice of `body`), is in `body` when it is
+/// a list; else empty (`null`, or a value vLLM refuses).
 pub(super) fn tool_list(body: &str, raw: &str) -> std::ops::Range<usize> {
     let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
     let end = start.wrapping_add(raw.len());
@@ -426,7 +430,10 @@ impl<'de> Visitor<'de> for StrVisitor {
 }
 
 /// `messages`: an array of `{role, content}` objects, joined as `role: content\n`.
-struct Messages;
+struct Messages<'k> {
+    /// The whole body, which borrowed values (`tool_calls`) are slices of.
+    body: &'k str,
+}
 
 type Prompt = Result<PromptText, BadRequest>;
 
@@ -434,14 +441,14 @@ fn not_an_array() -> Prompt {
     Err(BadRequest::new("messages", "'messages' must be an array"))
 }
 
-impl<'de> DeserializeSeed<'de> for Messages {
+impl<'de> DeserializeSeed<'de> for Messages<'_> {
     type Value = Prompt;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Prompt, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Messages {
+impl<'de> Visitor<'de> for Messages<'_> {
     type Value = Prompt;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
@@ -452,6 +459,8 @@ impl<'de> Visitor<'de> for Messages {
         while let Some(result) = seq.next_element_seed(Message {
             text: &mut prompt.text,
             spans: &mut prompt.messages,
+            call_bytes: &mut prompt.call_bytes,
+            body: self.body,
             i,
         })? {
             if let Err(e) = result {
@@ -476,6 +485,9 @@ impl<'de> Visitor<'de> for Messages {
 struct Message<'t> {
     text: &'t mut String,
     spans: &'t mut Vec<MessageSpan>,
+    /// Where a message's `tool_calls` bytes are added.
+    call_bytes: &'t mut usize,
+    body: &'t str,
     i: usize,
 }
 
@@ -513,6 +525,7 @@ impl<'de> Visitor<'de> for Message<'_> {
         let mut content_start = None;
         let mut role_is_string = false;
         let mut content_ok = true;
+        let mut calls = 0;
         while let Some(Str(key)) = map.next_key::<Str>()? {
             match key.as_deref() {
                 Some("role") => {
@@ -532,6 +545,10 @@ impl<'de> Visitor<'de> for Message<'_> {
                     content_ok = map.next_value_seed(Content {
                         text: &mut *self.text,
                     })?;
+                }
+                Some("tool_calls") => {
+                    let raw: &serde_json::value::RawValue = map.next_value()?;
+                    calls = tool_list(self.body, raw.get()).len();
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -553,6 +570,7 @@ impl<'de> Visitor<'de> for Message<'_> {
                 ),
             )));
         }
+        *self.call_bytes += calls;
         let end = self.text.len();
         self.spans.push(MessageSpan {
             role: start..start + prefix - 2,
