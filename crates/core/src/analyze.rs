@@ -51,11 +51,6 @@ impl AnalyzerConfig {
             .map(|(_, t)| t)
             .or(self.tokenizer.as_ref())
     }
-
-    /// Whether any prompt is counted by a tokenizer.
-    pub fn has_tokenizer(&self) -> bool {
-        self.tokenizer.is_some() || !self.model_tokenizers.is_empty()
-    }
 }
 
 impl Default for AnalyzerConfig {
@@ -650,7 +645,6 @@ mod tests {
             model_tokenizers: vec![("m".into(), PromptTokenizer(std::sync::Arc::new(Words)))],
             ..AnalyzerConfig::default()
         };
-        assert!(config.has_tokenizer());
         let count = |config: &AnalyzerConfig, model: &str| {
             let body = format!(r#"{{"model":"{model}","prompt":"a b c","max_tokens":1}}"#);
             analyze(COMPLETION, body.as_bytes(), |_| None, config, |_| 1)
@@ -661,7 +655,6 @@ mod tests {
         assert_eq!((count(&config, "m"), count(&config, "other")), (4, 2));
         config.tokenizer = Some(PromptTokenizer(std::sync::Arc::new(Templated)));
         assert_eq!((count(&config, "m"), count(&config, "other")), (4, 3));
-        assert!(!AnalyzerConfig::default().has_tokenizer());
     }
 
     /// Tool definitions are part of the prompt on the routes whose template renders them: their

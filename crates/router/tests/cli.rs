@@ -38,10 +38,7 @@ fn a_reader_that_stops_early_is_not_an_error() {
 /// the report says the setting was not simulated.
 #[test]
 fn simulate_ignores_the_routers_tokenizer_and_says_so() {
-    let dir = std::env::temp_dir().join(format!("qoe-cli-sim-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("router.toml");
-    std::fs::write(&config, "tokenizer = \"/nonexistent/tokenizer.json\"\n").unwrap();
+    let (dir, config) = config_file("sim-tok", "tokenizer = \"/nonexistent/tokenizer.json\"\n");
     let out = run_bounded(
         &[
             "simulate",
@@ -67,6 +64,15 @@ fn simulate_ignores_the_routers_tokenizer_and_says_so() {
         stdout.contains("tokenizer = [\"/nonexistent/tokenizer.json\"]"),
         "{stdout}"
     );
+}
+
+/// A directory of this test process's own (tagged `tag`) holding `router.toml` with `text`.
+fn config_file(tag: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("qoe-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
 }
 
 /// Runs the binary with `args`; a process still running after 20 s (a server that should have
@@ -122,10 +128,7 @@ fn print_config_prints_the_settings_and_exits() {
 /// With a config file too: the file's settings are printed, and the flag still means print.
 #[test]
 fn print_config_with_a_config_file_prints_the_file_and_exits() {
-    let dir = std::env::temp_dir().join(format!("qoe-cli-print-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("router.toml");
-    std::fs::write(&path, "routing_logic = \"session\"\nport = 0\n").unwrap();
+    let (dir, path) = config_file("print", "routing_logic = \"session\"\nport = 0\n");
     let out = run_bounded(
         &[
             "serve",
