@@ -1,11 +1,14 @@
 """Opt-in: the router in front of a REAL vLLM engine (see docs/REAL-VLLM.md).
 
 Runs only when REAL_VLLM_URL points at a running vLLM server, e.g. one started with
-../shared/real-vllm/serve.sh 8100 (then REAL_VLLM_URL=http://127.0.0.1:8100).
+../shared/real-vllm/serve.sh 8100 (then REAL_VLLM_URL=http://127.0.0.1:8100). For an engine
+served over https (vLLM's --ssl-certfile), REAL_VLLM_CA_FILE names the PEM file of the CA that
+signed its certificate; the router gets it as --upstream-ca-file.
 """
 
 import json
 import os
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -16,6 +19,7 @@ from openai import OpenAI
 from conftest import BIN, free_port, wait_ready
 
 REAL = os.environ.get("REAL_VLLM_URL")
+CA_FILE = os.environ.get("REAL_VLLM_CA_FILE")
 pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_VLLM_URL to a running vLLM server")
 
 
@@ -23,7 +27,8 @@ pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_VLLM_URL to a running
 def router():
     port = free_port()
     proc = subprocess.Popen(
-        [BIN, "serve", "--port", str(port), "--static-backends", REAL, "--engine-stats-interval", "0.5"],
+        [BIN, "serve", "--port", str(port), "--static-backends", REAL, "--engine-stats-interval", "0.5"]
+        + (["--upstream-ca-file", CA_FILE] if CA_FILE else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -124,8 +129,9 @@ def test_counts_responses_api_stream_tokens(router):
 def status_of(base, path, body):
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
+    tls = ssl.create_default_context(cafile=CA_FILE) if base.startswith("https:") else None
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=tls) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code

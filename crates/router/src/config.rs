@@ -267,6 +267,11 @@ pub struct RouterConfig {
     /// included, in place of any client's header.
     #[arg(long, env = "QOE_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<Secret>,
+    /// PEM file of CA certificates that `https` endpoints' certificates may chain to, besides the
+    /// public web roots built in: a private CA's, or the machine's bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`). Read at start.
+    #[arg(long, env = "QOE_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
     /// Origins a browser may call the router from (CORS), comma-separated, or `*` for any. None:
     /// no CORS headers at all (an engine's own are removed too).
     #[arg(long, env = "QOE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
@@ -898,7 +903,7 @@ const SIMULATED: [&str; 32] = [
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 24] = [
+const NOT_SIMULATED: [&str; 25] = [
     "host",
     "port",
     "service_discovery",
@@ -918,6 +923,7 @@ const NOT_SIMULATED: [&str; 24] = [
     "admin_api_key",
     "forward_authorization",
     "upstream_api_key",
+    "upstream_ca_file",
     "cors_allow_origin",
     "max_header_bytes",
     "tokenizer",

@@ -30,8 +30,8 @@ pub trait Discovery: Send + 'static {
     fn run(self: Box<Self>, tx: watch::Sender<Vec<BackendSpec>>) -> tokio::task::JoinHandle<()>;
 }
 
-/// Checks an endpoint URL: `http://host[:port]` with an optional path prefix under which the
-/// engine serves `/v1/...`. What the router would silently get wrong is refused: a port out of
+/// Checks an endpoint URL: `http://host[:port]` or `https://host[:port]` with an optional path
+/// prefix under which the engine serves `/v1/...`. What the router would silently get wrong is refused: a port out of
 /// range, credentials (they would show in headers, logs and metrics labels), a query or
 /// fragment, and a path ending in `/v1` (every request would go to `/v1/v1/...`).
 pub fn validate_url(url: &str) -> Result<(), String> {
@@ -39,10 +39,10 @@ pub fn validate_url(url: &str) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("'{url}' is not a valid URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
+        Some("http" | "https") => {}
         Some(other) => {
             return Err(format!(
-                "'{url}': scheme '{other}' is not supported; use http"
+                "'{url}': scheme '{other}' is not supported; use http or https"
             ))
         }
         None => return Err(format!("'{url}' needs a scheme, e.g. http://{url}")),
@@ -289,9 +289,13 @@ mod tests {
         assert!(validate_url("127.0.0.1:8100")
             .unwrap_err()
             .contains("scheme"));
-        assert!(validate_url("https://x").unwrap_err().contains("https"));
+        assert!(validate_url("ftp://x")
+            .unwrap_err()
+            .contains("http or https"));
         for ok in [
             "http://engine-1",
+            "https://engine-1",
+            "https://10.0.0.7:8443/prefix",
             "http://[::1]:8100",
             "http://10.0.0.7:65535/prefix/",
             "http://h:8000/v1beta",

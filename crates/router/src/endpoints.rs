@@ -471,7 +471,7 @@ impl Registry {
                             spec,
                             self.stats_config,
                             self.breaker_config,
-                            self.pool_config,
+                            self.pool_config.clone(),
                         ))
                     })
             })

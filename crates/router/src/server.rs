@@ -30,10 +30,12 @@ use tokio::sync::watch;
 /// fills it from discovery.
 pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     config.validate()?;
+    let tls = crate::tls::UpstreamTls::new(config.upstream_ca_file.as_deref())?;
     let client = upstream::client(
         Duration::from_millis(config.connect_timeout_ms),
         config.pool_max_idle_per_host,
         config.upstream_authorization(),
+        &tls,
     );
     let metrics = RouterMetrics::new();
     let mut analyzer = config.analyzer_config();
@@ -63,6 +65,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
                 connect_timeout: Duration::from_millis(config.connect_timeout_ms),
                 max_idle: config.pool_max_idle_per_host,
                 idle_timeout: upstream::POOL_IDLE_TIMEOUT,
+                tls: Some(tls),
             },
         )),
         policy: build_policy(config.policy_kind(), &config.policy_config()),

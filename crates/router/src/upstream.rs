@@ -8,11 +8,16 @@
 //!   [`crate::observe`]), and a connection found closed before a request went out is replaced
 //!   transparently.
 //! * [`UpstreamClient`]: hyper-util's general client, for scrapes and health checks.
+//!
+//! Both speak `https` to an endpoint whose URL says so ([`crate::tls`]); the pool's TLS
+//! handshake counts toward the connect timeout.
 
+use crate::tls::UpstreamTls;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,7 +28,7 @@ use std::time::{Duration, Instant};
 /// (`--upstream-api-key`).
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     authorization: Option<HeaderValue>,
 }
 
@@ -39,11 +44,20 @@ pub fn client(
     connect_timeout: Duration,
     max_idle_per_host: usize,
     authorization: Option<HeaderValue>,
+    tls: &UpstreamTls,
 ) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_keepalive(Some(TCP_KEEPALIVE));
+    // `http` URLs stay plain; `https` ones get TLS (the connector refuses nothing by scheme:
+    // discovery has already checked it).
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls.config()).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     let http = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -56,13 +70,15 @@ pub fn client(
 }
 
 /// Settings of every endpoint's [`Pool`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Idle connections kept per endpoint.
     pub max_idle: usize,
     /// An idle connection older than this is closed rather than reused.
     pub idle_timeout: Duration,
+    /// TLS toward `https` endpoints; `None`: such an endpoint cannot be connected to.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Default for PoolConfig {
@@ -71,6 +87,7 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(5),
             max_idle: 256,
             idle_timeout: POOL_IDLE_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -105,6 +122,8 @@ pub struct Pool {
     config: PoolConfig,
     /// Where to connect, from the endpoint URL (an error message if it has no usable host).
     target: Result<(String, u16), String>,
+    /// Whether the URL is `https`.
+    https: bool,
     /// The `Host` header: the URL's authority, without a default port.
     host: Option<HeaderValue>,
     /// The URL's path, prefixed to every request's path ("" for none).
@@ -123,14 +142,18 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool toward `url` (`http://host[:port][/path]`, as validated by discovery).
+    /// A pool toward `url` (`http[s]://host[:port][/path]`, as validated by discovery).
     pub fn new(url: &str, config: PoolConfig) -> Self {
         let uri = url.parse::<http::Uri>();
+        let https = uri
+            .as_ref()
+            .is_ok_and(|u| u.scheme() == Some(&http::uri::Scheme::HTTPS));
+        let default_port = if https { 443 } else { 80 };
         let target = match &uri {
             Ok(uri) => match uri.host() {
                 Some(host) => {
                     let host = host.trim_start_matches('[').trim_end_matches(']');
-                    Ok((host.to_string(), uri.port_u16().unwrap_or(80)))
+                    Ok((host.to_string(), uri.port_u16().unwrap_or(default_port)))
                 }
                 None => Err(format!("'{url}' has no host")),
             },
@@ -138,7 +161,12 @@ impl Pool {
         };
         let host = uri.as_ref().ok().and_then(|u| {
             let authority = u.authority()?.as_str();
-            let authority = authority.strip_suffix(":80").unwrap_or(authority);
+            let authority = match u.port_u16() {
+                Some(port) if port == default_port => authority
+                    .strip_suffix(&format!(":{port}"))
+                    .unwrap_or(authority),
+                _ => authority,
+            };
             HeaderValue::from_str(authority).ok()
         });
         let base_path = uri
@@ -148,6 +176,7 @@ impl Pool {
         Pool {
             config,
             target,
+            https,
             host,
             base_path,
             idle: Mutex::new(Vec::new()),
@@ -261,16 +290,41 @@ impl Pool {
         if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
             tracing::debug!("TCP keep-alive not set: {e}");
         }
-        let (conn, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| PoolError::Connect(format!("{host}:{port}: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("upstream connection ended: {e}");
-            }
-        });
-        Ok(conn)
+        if !self.https {
+            return handshake(tcp, host, *port).await;
+        }
+        let Some(tls) = &self.config.tls else {
+            return Err(PoolError::Connect(format!(
+                "{host}:{port}: no TLS configured for https endpoints"
+            )));
+        };
+        let securing = tls.connect(host, tcp);
+        match tokio::time::timeout(self.config.connect_timeout, securing).await {
+            Err(_) => Err(PoolError::Connect(format!(
+                "the TLS handshake with {host}:{port} timed out after {:?}",
+                self.config.connect_timeout
+            ))),
+            Ok(Err(e)) => Err(PoolError::Connect(format!("{host}:{port}: {e}"))),
+            Ok(Ok(stream)) => handshake(stream, host, *port).await,
+        }
     }
+}
+
+/// The HTTP/1.1 handshake over a connected (and, for https, secured) stream; the connection's
+/// task runs until the connection ends.
+async fn handshake<T>(io: T, host: &str, port: u16) -> Result<Conn, PoolError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (conn, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| PoolError::Connect(format!("{host}:{port}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("upstream connection ended: {e}");
+        }
+    });
+    Ok(conn)
 }
 
 /// The largest `/metrics` body the router reads: vLLM's is tens of kilobytes; an engine behind
@@ -317,7 +371,7 @@ pub async fn get(
             .http
             .request(request)
             .await
-            .map_err(|e| failed(format!("{e:?}")))?;
+            .map_err(|e| failed(error_chain(&e)))?;
         let status = response.status();
         let body = http_body_util::Limited::new(response.into_body(), limit)
             .collect()
@@ -336,6 +390,22 @@ pub async fn get(
     tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+}
+
+/// An error and its causes, `outer: inner: ...` (hyper-util's own message is only "client error
+/// (Connect)"; the cause, such as a refused connection or an untrusted certificate, is below).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // io::Error repeats its inner error's message as its own.
+        if !out.ends_with(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = cause.source();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -360,6 +430,38 @@ mod tests {
         let p = Pool::new("http://[::1]:8100", PoolConfig::default());
         assert_eq!(p.target, Ok(("::1".to_string(), 8100)));
         assert_eq!(p.host().unwrap(), "[::1]:8100");
+        assert!(!p.https);
+
+        // https: port 443 unless given, and left out of `Host` only when it is 443.
+        let p = Pool::new("https://engine-1/prefix", PoolConfig::default());
+        assert_eq!(p.target, Ok(("engine-1".to_string(), 443)));
+        assert_eq!(p.host().unwrap(), "engine-1");
+        assert!(p.https);
+        let p = Pool::new("https://engine-1:443", PoolConfig::default());
+        assert_eq!(p.host().unwrap(), "engine-1");
+        let p = Pool::new("https://engine-1:80", PoolConfig::default());
+        assert_eq!(p.target, Ok(("engine-1".to_string(), 80)));
+        assert_eq!(p.host().unwrap(), "engine-1:80");
+        let p = Pool::new("http://engine-1:443", PoolConfig::default());
+        assert_eq!(p.host().unwrap(), "engine-1:443");
+    }
+
+    /// Without TLS configured an https endpoint is a connect error that says so, not a plain
+    /// HTTP request sent to a TLS port.
+    #[tokio::test]
+    async fn https_without_tls_is_a_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let p = Pool::new(
+            &format!("https://{}", listener.local_addr().unwrap()),
+            PoolConfig::default(),
+        );
+        let request = http::Request::get("/v1/models")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        match p.send(request).await {
+            Err(PoolError::Connect(e)) => assert!(e.contains("no TLS configured"), "{e}"),
+            other => panic!("{:?}", other.map(|(r, _)| r.status())),
+        }
     }
 
     /// An endpoint that answers without end is cut off at the limit, long before the timeout,
@@ -385,7 +487,12 @@ mod tests {
                 });
             }
         });
-        let c = client(Duration::from_secs(5), 1, None);
+        let c = client(
+            Duration::from_secs(5),
+            1,
+            None,
+            &UpstreamTls::new(None).unwrap(),
+        );
         let timeout = Duration::from_secs(60);
         let e = get(&c, &format!("http://{addr}/endless"), timeout, 1 << 20)
             .await
@@ -395,6 +502,15 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.to_string(), "the answer is longer than 1048576 bytes");
+        // A refused connection says so, not only "client error (Connect)".
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = format!("http://{}/x", closed.local_addr().unwrap());
+        drop(closed);
+        let e = get(&c, &refused, timeout, 5).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("client error (Connect): ") && e.to_lowercase().contains("refused"),
+            "{e}"
+        );
         let body = get(&c, &format!("http://{addr}/small"), timeout, 5).await;
         assert_eq!(body.unwrap(), "hello");
         let e = get(&c, &format!("http://{addr}/small"), timeout, 4).await;

@@ -1,0 +1,191 @@
+//! Endpoints served over https: a mock engine behind a TLS terminator on 127.0.0.1 whose
+//! certificate a test CA signed, with the router in front.
+
+mod common;
+
+use common::*;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A CA, and a server certificate it signed for 127.0.0.1 and localhost.
+struct TestPki {
+    ca_pem: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+fn pki() -> TestPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "qoe-router test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    TestPki {
+        ca_pem: ca_cert.pem(),
+        chain: vec![server_cert.der().clone(), ca_cert.der().clone()],
+        key: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
+    }
+}
+
+/// Accepts TLS on 127.0.0.1 and relays the bytes to `backend` (`http://host:port`); returns
+/// the `https://` URL.
+async fn tls_terminator(pki: &TestPki, backend: &str) -> String {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(pki.chain.clone(), PrivateKeyDer::Pkcs8(pki.key.clone_key()))
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let backend = backend.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the certificate ends the handshake: nothing to do.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    url
+}
+
+fn ca_file(pki: &TestPki, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qoe-tls-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, &pki.ca_pem).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn https_endpoints_are_detected_scraped_and_streamed_through() {
+    let pki = pki();
+    let engine = mock(&["m"]).await;
+    *engine.state.metrics.lock().unwrap() =
+        "vllm:num_requests_running{model_name=\"m\"} 3\nvllm:num_requests_waiting{model_name=\"m\"} 1\n"
+            .to_string();
+    let https = tls_terminator(&pki, &engine.url).await;
+    let ca = ca_file(&pki, "detected.pem");
+    let r = router(&[
+        "--static-backends",
+        &https,
+        "--upstream-ca-file",
+        ca.to_str().unwrap(),
+        "--engine-stats-interval",
+        "1",
+    ])
+    .await;
+    let c = client();
+
+    // The model comes from the endpoint's own /v1/models, read over TLS.
+    let mut models = serde_json::Value::Null;
+    for _ in 0..300 {
+        models = get(&c, &format!("{}/v1/models", r.url))
+            .await
+            .unwrap()
+            .json();
+        if models["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(models["data"][0]["id"], "m", "{models}");
+
+    // A streamed completion arrives byte for byte; the engine saw its own host as `Host`.
+    let answer = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "hi", true),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.header("x-qoe-endpoint"), https);
+    assert_eq!(
+        String::from_utf8(answer.body.to_vec()).unwrap(),
+        sse_chunks(4).concat()
+    );
+    let seen = engine.requests();
+    let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
+    assert_eq!(
+        proxied.headers["host"],
+        https.trim_start_matches("https://"),
+        "Host names the endpoint's authority"
+    );
+
+    // The engine's metrics are scraped over TLS too.
+    let mut engines = serde_json::Value::Null;
+    for _ in 0..300 {
+        engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        if !engines["endpoints"][0]["engine_metrics"]["running"].is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let endpoint = &engines["endpoints"][0];
+    assert_eq!(endpoint["url"], https.as_str(), "{engines}");
+    assert_eq!(endpoint["engine_metrics"]["running"], 3.0, "{engines}");
+    assert_eq!(endpoint["engine_metrics"]["waiting"], 1.0, "{engines}");
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_bad_gateway_that_says_why() {
+    let pki = pki();
+    let engine = mock(&["m"]).await;
+    let https = tls_terminator(&pki, &engine.url).await;
+    // The built-in web roots do not include the test CA.
+    let r = router(&["--static-backends", &https, "--static-models", "m"]).await;
+    let c = client();
+    let answer = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "hi", false),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let message = answer.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("TLS handshake with 127.0.0.1") && message.contains("certificate"),
+        "{message}"
+    );
+    assert!(
+        !engine
+            .requests()
+            .iter()
+            .any(|s| s.path == "/v1/completions"),
+        "nothing reached the engine"
+    );
+}
