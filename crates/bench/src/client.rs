@@ -17,26 +17,29 @@ use qoe_core::sse::{SseEvent, SseParser};
 use qoe_core::Micros;
 use qoe_sim::report::{RequestRecord, RequestTracker, Status};
 use qoe_sim::workload::{Api, PlannedRequest};
+use qoe_tls::HttpsConnector;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// The pooled HTTP/1 client every request of a run shares.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A pooled client with `TCP_NODELAY` (so a token chunk is never held back by Nagle's algorithm,
-/// on our side either), at most `max_idle` idle connections per host, and a connect timeout.
-pub fn http_client(max_idle: usize) -> HttpClient {
+/// on our side either), at most `max_idle` idle connections per host, and a connect timeout;
+/// `https` targets over `tls`.
+pub fn http_client(max_idle: usize, tls: &qoe_tls::ClientTls) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    let connector = tls.https_or_http(connector);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(max_idle)
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector)
 }
 
-/// A target's base URL, checked: `http://host:port`, optionally with a path prefix (`/v1` is
-/// understood and not doubled).
+/// A target's base URL, checked: `http://host:port` or `https://...`, optionally with a path
+/// prefix (`/v1` is understood and not doubled).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// As given, without a trailing slash.
@@ -52,9 +55,9 @@ impl Target {
             .parse()
             .map_err(|e| anyhow::anyhow!("--target {url}: not a URL ({e})"))?;
         match uri.scheme_str() {
-            Some("http") => {}
+            Some("http" | "https") => {}
             Some(other) => anyhow::bail!(
-                "--target {url}: only http:// is supported (got {other}://); put a TLS proxy in front"
+                "--target {url}: only http:// and https:// are supported (got {other}://)"
             ),
             None => anyhow::bail!("--target {url}: give the scheme, e.g. http://127.0.0.1:8000"),
         }
@@ -315,7 +318,12 @@ mod tests {
         assert_eq!(t.authority(), "127.0.0.1:8000");
         let t = Target::parse("http://h:1/v1").unwrap();
         assert_eq!(t.url("/v1/models"), "http://h:1/v1/models");
-        assert!(Target::parse("https://h:1").is_err());
+        let t = Target::parse("https://api.example/v1").unwrap();
+        assert_eq!(t.url("/v1/models"), "https://api.example/v1/models");
+        assert!(Target::parse("ftp://h:1")
+            .unwrap_err()
+            .to_string()
+            .contains("https://"));
         assert!(Target::parse("127.0.0.1:8000").is_err());
     }
 

@@ -48,8 +48,8 @@ use tokio::time::Instant;
 /// Options of `qoe-router bench`.
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// Base URL of an OpenAI-compatible server (http://host:port). Repeat, or separate with
-    /// commas, to run several targets in turn with --compare.
+    /// Base URL of an OpenAI-compatible server (http://host:port or https://...). Repeat, or
+    /// separate with commas, to run several targets in turn with --compare.
     #[arg(long = "target", required = true, value_delimiter = ',')]
     pub targets: Vec<String>,
     /// Workload file (TOML, see bench/workloads/).
@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// with --api-key). Prefer the environment variable: command lines are visible to local users.
     #[arg(long, env = "QOE_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM file of CA certificates an https target's certificate may chain to, besides the
+    /// public web roots built in.
+    #[arg(long, env = "QOE_BENCH_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Most requests in flight at once; a request planned beyond it is counted as a
     /// `client_overload` error, never queued.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -261,7 +265,8 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         "workload `{}` plans no requests with seed {seed}: raise its rate or duration",
         workload.name()
     );
-    let client = http_client(args.max_in_flight as usize);
+    let tls = qoe_tls::ClientTls::new(args.ca_file.as_deref(), "--ca-file")?;
+    let client = http_client(args.max_in_flight as usize, &tls);
     let mut labels: Vec<String> = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
         let mut label = args.labels.get(i).cloned().unwrap_or_else(|| t.authority());

@@ -1,5 +1,6 @@
 //! End to end: two simulated engines (`tiny` profile) and a router on 127.0.0.1 ephemeral ports,
-//! the smoke workload run for 2 s against the router and against one engine directly with
+//! the smoke workload run for 2 s against the router, against one engine directly, and against
+//! that engine over https (a TLS terminator in front, its CA given with `--ca-file`) with
 //! `--compare`, and the written report checked for structure and counts (no timing thresholds).
 
 use bytes::Bytes;
@@ -162,8 +163,12 @@ async fn smoke_against_a_router_and_an_engine() {
     for url in engines.iter().chain([&router]) {
         wait_healthy(&format!("{url}/health")).await;
     }
+    let pki = qoe_tls::testing::TestPki::new();
+    let engine_tls = pki.terminator(&engines[0]).await;
 
     let out = temp_dir();
+    let ca = out.join("ca.pem");
+    pki.write_ca(&ca);
     let workload = smoke_workload();
     let duration = DURATION_S.to_string();
     let seed = SEED.to_string();
@@ -172,9 +177,13 @@ async fn smoke_against_a_router_and_an_engine() {
         &router,
         "--target",
         &engines[0],
+        "--target",
+        &engine_tls,
+        "--ca-file",
+        ca.to_str().unwrap(),
         "--compare",
         "--label",
-        "router,engine",
+        "router,engine,engine-tls",
         "--workload",
         workload.to_str().unwrap(),
         "--duration",
@@ -195,7 +204,7 @@ async fn smoke_against_a_router_and_an_engine() {
         out.to_str().unwrap(),
     ])
     .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), qoe_bench::run(args))
+    tokio::time::timeout(Duration::from_secs(45), qoe_bench::run(args))
         .await
         .expect("the bench finishes")
         .unwrap();
@@ -211,18 +220,23 @@ async fn smoke_against_a_router_and_an_engine() {
 
     let json = std::fs::read_to_string(out.join("report.json")).unwrap();
     let set = ReportSet::from_json(&json).unwrap();
-    assert_eq!(set.reports.len(), 2);
+    assert_eq!(set.reports.len(), 3);
     assert_eq!(set.reports[0].label, "router");
     assert_eq!(set.reports[1].label, "engine");
+    assert_eq!(set.reports[2].label, "engine-tls");
     for r in &set.reports {
         assert_eq!(r.workload, "smoke");
         assert_eq!(r.seed, SEED);
         check_report(r, planned);
     }
-    // The same plan, so the same tokens were asked of both.
+    // The same plan, so the same tokens were asked of each.
     assert_eq!(
         set.reports[0].overall.output_tokens,
         set.reports[1].overall.output_tokens
+    );
+    assert_eq!(
+        set.reports[1].overall.output_tokens,
+        set.reports[2].overall.output_tokens
     );
     // One record per planned request and target; through the router each names the engine
     // that served it, going direct none does.

@@ -34,7 +34,6 @@ pub mod scrape;
 pub mod security;
 pub mod server;
 pub mod state;
-pub mod tls;
 pub mod tokenizer;
 pub mod upstream;
 pub mod usage;

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 /// fills it from discovery.
 pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     config.validate()?;
-    let tls = crate::tls::UpstreamTls::new(config.upstream_ca_file.as_deref())?;
+    let tls = qoe_tls::ClientTls::new(config.upstream_ca_file.as_deref(), "--upstream-ca-file")?;
     let client = upstream::client(
         Duration::from_millis(config.connect_timeout_ms),
         config.pool_max_idle_per_host,

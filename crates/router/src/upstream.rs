@@ -9,18 +9,17 @@
 //!   transparently.
 //! * [`UpstreamClient`]: hyper-util's general client, for scrapes and health checks.
 //!
-//! Both speak `https` to an endpoint whose URL says so ([`crate::tls`]); the pool's TLS
+//! Both speak `https` to an endpoint whose URL says so ([`qoe_tls`]); the pool's TLS
 //! handshake counts toward the connect timeout.
 
-use crate::tls::UpstreamTls;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use qoe_tls::{ClientTls, HttpsConnector};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -44,20 +43,13 @@ pub fn client(
     connect_timeout: Duration,
     max_idle_per_host: usize,
     authorization: Option<HeaderValue>,
-    tls: &UpstreamTls,
+    tls: &ClientTls,
 ) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_keepalive(Some(TCP_KEEPALIVE));
-    // `http` URLs stay plain; `https` ones get TLS (the connector refuses nothing by scheme:
-    // discovery has already checked it).
-    connector.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls.config()).clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
+    let connector = tls.https_or_http(connector);
     let http = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -78,7 +70,7 @@ pub struct PoolConfig {
     /// An idle connection older than this is closed rather than reused.
     pub idle_timeout: Duration,
     /// TLS toward `https` endpoints; `None`: such an endpoint cannot be connected to.
-    pub tls: Option<UpstreamTls>,
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for PoolConfig {
@@ -491,7 +483,7 @@ mod tests {
             Duration::from_secs(5),
             1,
             None,
-            &UpstreamTls::new(None).unwrap(),
+            &ClientTls::new(None, "--upstream-ca-file").unwrap(),
         );
         let timeout = Duration::from_secs(60);
         let e = get(&c, &format!("http://{addr}/endless"), timeout, 1 << 20)

@@ -1,89 +1,28 @@
 //! Endpoints served over https: a mock engine behind a TLS terminator on 127.0.0.1 whose
-//! certificate a test CA signed, with the router in front.
+//! certificate a test CA signed (`qoe_tls::testing`), with the router in front.
 
 mod common;
 
 use common::*;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use qoe_tls::testing::TestPki;
 use std::path::PathBuf;
-use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
-
-/// A CA, and a server certificate it signed for 127.0.0.1 and localhost.
-struct TestPki {
-    ca_pem: String,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivatePkcs8KeyDer<'static>,
-}
-
-fn pki() -> TestPki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "qoe-router test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    TestPki {
-        ca_pem: ca_cert.pem(),
-        chain: vec![server_cert.der().clone(), ca_cert.der().clone()],
-        key: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
-    }
-}
-
-/// Accepts TLS on 127.0.0.1 and relays the bytes to `backend` (`http://host:port`); returns
-/// the `https://` URL.
-async fn tls_terminator(pki: &TestPki, backend: &str) -> String {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(pki.chain.clone(), PrivateKeyDer::Pkcs8(pki.key.clone_key()))
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}", listener.local_addr().unwrap());
-    let backend = backend.trim_start_matches("http://").to_string();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, backend) = (acceptor.clone(), backend.clone());
-            tokio::spawn(async move {
-                // A client that does not trust the certificate ends the handshake: nothing to do.
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut plain = TcpStream::connect(backend).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
-        }
-    });
-    url
-}
 
 fn ca_file(pki: &TestPki, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qoe-tls-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::write(&path, &pki.ca_pem).unwrap();
+    pki.write_ca(&path);
     path
 }
 
 #[tokio::test]
 async fn https_endpoints_are_detected_scraped_and_streamed_through() {
-    let pki = pki();
+    let pki = TestPki::new();
     let engine = mock(&["m"]).await;
     *engine.state.metrics.lock().unwrap() =
         "vllm:num_requests_running{model_name=\"m\"} 3\nvllm:num_requests_waiting{model_name=\"m\"} 1\n"
             .to_string();
-    let https = tls_terminator(&pki, &engine.url).await;
+    let https = pki.terminator(&engine.url).await;
     let ca = ca_file(&pki, "detected.pem");
     let r = router(&[
         "--static-backends",
@@ -154,9 +93,9 @@ async fn https_endpoints_are_detected_scraped_and_streamed_through() {
 
 #[tokio::test]
 async fn an_untrusted_certificate_is_a_bad_gateway_that_says_why() {
-    let pki = pki();
+    let pki = TestPki::new();
     let engine = mock(&["m"]).await;
-    let https = tls_terminator(&pki, &engine.url).await;
+    let https = pki.terminator(&engine.url).await;
     // The built-in web roots do not include the test CA.
     let r = router(&["--static-backends", &https, "--static-models", "m"]).await;
     let c = client();

@@ -1,0 +1,85 @@
+//! Test support (feature `test-support`): a throw-away CA, a server certificate it signed for
+//! 127.0.0.1 and localhost, and a TLS terminator on 127.0.0.1 that relays to a plain-HTTP
+//! server, so any test can put an `https` face on the mock or simulated engine it already has.
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A CA and a server certificate it signed for 127.0.0.1 and localhost, made at run time.
+pub struct TestPki {
+    /// The CA's certificate, PEM: what a client must trust.
+    pub ca_pem: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "qoe test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("server params")
+            .signed_by(&key, &issuer)
+            .expect("server certificate");
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            chain: vec![cert.der().clone(), ca_cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        }
+    }
+
+    /// Writes the CA certificate to `path` (for a `--*-ca-file` option).
+    pub fn write_ca(&self, path: &Path) {
+        std::fs::write(path, &self.ca_pem).expect("write the CA file");
+    }
+
+    /// Accepts TLS on an ephemeral port of 127.0.0.1 and relays each connection's bytes to
+    /// `backend` (`http://host:port` or `host:port`); returns the `https://127.0.0.1:PORT` URL.
+    /// A client that does not trust the certificate is dropped after its failed handshake.
+    pub async fn terminator(&self, backend: &str) -> String {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                self.chain.clone(),
+                PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            )
+            .expect("server certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("https://{}", listener.local_addr().expect("address"));
+        let backend = backend.trim_start_matches("http://").to_string();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        url
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
