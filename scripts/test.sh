@@ -19,4 +19,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+# The https test makes its certificates with the openssl command (Debian's `openssl`).
+if ! command -v openssl >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq openssl) >/dev/null 2>&1 \
+    || echo "openssl could not be installed: the https end-to-end test will be skipped"
+fi
 QOE_ROUTER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/qoe-router" .venv/bin/python -m pytest -q tests/e2e

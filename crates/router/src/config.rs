@@ -279,6 +279,13 @@ pub struct RouterConfig {
     /// Largest total size of a request's headers, bytes; larger gets 431.
     #[arg(long, env = "QOE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
+    /// Serve TLS on the router's port with this PEM certificate chain (the router's own
+    /// certificate first, then intermediates); needs --tls-key-file. Re-read when it changes.
+    #[arg(long, env = "QOE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert-file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "QOE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<std::path::PathBuf>,
 
     /// The qoe policy's settings that have no flag: the config file's `[qoe]` table, keys named
     /// as the fields of `qoe_core::QoeConfig` (docs/QOE.md, "Configuration"). Read at start.
@@ -567,6 +574,10 @@ impl RouterConfig {
             );
         }
         crate::security::validate_origins(&self.cors_allow_origin).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            self.tls_cert_file.is_some() == self.tls_key_file.is_some(),
+            "--tls-cert-file and --tls-key-file go together: give both or neither"
+        );
         anyhow::ensure!(
             self.max_header_bytes >= 1024,
             "--max-header-bytes must be at least 1024, got {}",
@@ -903,7 +914,7 @@ const SIMULATED: [&str; 32] = [
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 25] = [
+const NOT_SIMULATED: [&str; 27] = [
     "host",
     "port",
     "service_discovery",
@@ -926,6 +937,8 @@ const NOT_SIMULATED: [&str; 25] = [
     "upstream_ca_file",
     "cors_allow_origin",
     "max_header_bytes",
+    "tls_cert_file",
+    "tls_key_file",
     "tokenizer",
     "log_format",
     "log_level",

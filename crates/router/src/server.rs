@@ -31,6 +31,14 @@ use tokio::sync::watch;
 pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     config.validate()?;
     let tls = qoe_tls::ClientTls::new(config.upstream_ca_file.as_deref(), "--upstream-ca-file")?;
+    let server_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(qoe_tls::ServerTls::new(
+            cert,
+            key,
+            qoe_tls::server::RELOAD_CHECK,
+        )?),
+        _ => None,
+    };
     let client = upstream::client(
         Duration::from_millis(config.connect_timeout_ms),
         config.pool_max_idle_per_host,
@@ -77,6 +85,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         response_timeout: Duration::from_millis(config.response_timeout_ms),
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         admission: Arc::new(crate::admission::Admission::new(config.admission_config())),
+        server_tls,
         config,
     }))
 }
@@ -270,9 +279,15 @@ pub async fn serve_state(
         );
     }
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, policy = state.policy.name(), "qoe-router listening");
+    let scheme = if state.server_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, scheme, policy = state.policy.name(), "qoe-router listening");
     let header_timeout = Duration::from_millis(config.request_read_timeout_ms);
-    serve_connections(listener, Front::new(state), header_timeout, shutdown).await;
+    let tls = state.server_tls.clone();
+    serve_connections(listener, Front::new(state), tls, header_timeout, shutdown).await;
     for t in tasks {
         t.abort();
     }
@@ -282,10 +297,12 @@ pub async fn serve_state(
 /// Accepts connections and serves each with `front` until `shutdown` completes, then waits for
 /// the open ones to finish their requests. Headers must arrive within `header_timeout` (hyper
 /// closes the connection otherwise): a client that opens connections and never finishes a
-/// request would otherwise hold a socket each, forever.
+/// request would otherwise hold a socket each, forever. With `tls`, each connection's handshake
+/// runs in its own task, within the same `header_timeout`.
 async fn serve_connections(
     listener: TcpListener,
     front: Front,
+    tls: Option<qoe_tls::ServerTls>,
     header_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -317,9 +334,25 @@ async fn serve_connections(
             let mut front = front.clone();
             tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        let Some(tls) = &tls else {
+            let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("client connection ended: {e}");
+                }
+            });
+            continue;
+        };
+        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let stream = match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                // A plain-HTTP client, a scanner, an untrusting client: nothing to serve.
+                Ok(Err(e)) => return tracing::debug!("TLS handshake failed: {e}"),
+                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!("client connection ended: {e}");
             }
         });

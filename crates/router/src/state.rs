@@ -23,6 +23,8 @@ pub struct AppState {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub admission: Arc<crate::admission::Admission>,
+    /// TLS on the router's own port (`--tls-cert-file`), if any.
+    pub server_tls: Option<qoe_tls::ServerTls>,
 }
 
 /// Running estimate of output length per model, for requests that give neither the header nor

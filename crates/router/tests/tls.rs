@@ -15,6 +15,17 @@ fn ca_file(pki: &TestPki, name: &str) -> PathBuf {
     path
 }
 
+/// A streamed completion for the mock's model `m` through `base`: 200, the mock's stream byte
+/// for byte.
+async fn streamed_completion<C: Connect>(c: &AnyClient<C>, base: &str) -> Answer {
+    let body = completion("m", "hi", true);
+    let answer = post(c, &format!("{base}/v1/completions"), &body, &[]).await;
+    let text = String::from_utf8_lossy(&answer.body).to_string();
+    assert_eq!(answer.status, 200, "{text}");
+    assert_eq!(text, sse_chunks(4).concat());
+    answer
+}
+
 #[tokio::test]
 async fn https_endpoints_are_detected_scraped_and_streamed_through() {
     let pki = TestPki::new();
@@ -50,24 +61,8 @@ async fn https_endpoints_are_detected_scraped_and_streamed_through() {
     assert_eq!(models["data"][0]["id"], "m", "{models}");
 
     // A streamed completion arrives byte for byte; the engine saw its own host as `Host`.
-    let answer = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "hi", true),
-        &[],
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    let answer = streamed_completion(&c, &r.url).await;
     assert_eq!(answer.header("x-qoe-endpoint"), https);
-    assert_eq!(
-        String::from_utf8(answer.body.to_vec()).unwrap(),
-        sse_chunks(4).concat()
-    );
     let seen = engine.requests();
     let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
     assert_eq!(
@@ -127,4 +122,56 @@ async fn an_untrusted_certificate_is_a_bad_gateway_that_says_why() {
             .any(|s| s.path == "/v1/completions"),
         "nothing reached the engine"
     );
+}
+
+#[tokio::test]
+async fn the_router_serves_https_on_its_own_port() {
+    let pki = TestPki::new();
+    let dir = std::env::temp_dir().join(format!("qoe-tls-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("router-cert.pem"), dir.join("router-key.pem"));
+    pki.write_server(&cert, &key);
+    let engine = mock(&["m"]).await;
+    let config = qoe_router::RouterConfig::from_args([
+        "qoe-router",
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        "m",
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ])
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(qoe_router::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+
+    // A client that trusts the test CA, as the OpenAI client would with its CA bundle.
+    let tls = qoe_tls::ClientTls::new(Some(&ca_file(&pki, "router-ca.pem")), "--ca").unwrap();
+    let https: AnyClient<_> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(tls.https_or_http(hyper_util::client::legacy::connect::HttpConnector::new()));
+    let url = format!("https://{addr}");
+    let mut health = None;
+    for _ in 0..300 {
+        if let Ok(answer) = get(&https, &format!("{url}/health")).await {
+            health = Some(answer);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(health.expect("the router answers over https").status, 200);
+    streamed_completion(&https, &url).await;
+
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = get(&client(), &format!("http://{addr}/health")).await;
+    assert!(plain.is_err(), "{:?}", plain.map(|a| a.status));
+
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
 }

@@ -1,8 +1,9 @@
 //! # qoe-tls
 //!
-//! The client side of TLS for every connection the project makes to an `https` server: the
-//! router toward endpoints (vLLM's `--ssl-certfile` and `--ssl-keyfile`, or an engine behind a
-//! TLS-terminating proxy) and the live benchmark toward its targets.
+//! TLS wherever the project speaks it, on rustls: [`ServerTls`] on the router's own port
+//! (module [`server`]), and [`ClientTls`] for every connection the project makes to an `https`
+//! server: the router toward endpoints (vLLM's `--ssl-certfile` and `--ssl-keyfile`, or an
+//! engine behind a TLS-terminating proxy) and the live benchmark toward its targets.
 //!
 //! One rustls client configuration per process, built at start: it trusts the public web roots
 //! compiled in (Mozilla's, from `webpki-roots`, so the binary needs no CA bundle on the machine)
@@ -12,8 +13,11 @@
 //! post-quantum hybrid key exchange), passed explicitly, so no process-wide default needs
 //! installing.
 
-#[cfg(feature = "test-support")]
+pub mod server;
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+
+pub use server::ServerTls;
 
 pub use hyper_rustls::HttpsConnector;
 

@@ -13,6 +13,10 @@ pub struct TestPki {
     pub ca_pem: String,
     chain: Vec<CertificateDer<'static>>,
     key: PrivatePkcs8KeyDer<'static>,
+    /// The server's certificate then the CA's, PEM (for `--tls-cert-file`).
+    chain_pem: String,
+    /// The server's private key, PKCS#8 PEM (for `--tls-key-file`).
+    key_pem: String,
 }
 
 impl TestPki {
@@ -33,12 +37,21 @@ impl TestPki {
             ca_pem: ca_cert.pem(),
             chain: vec![cert.der().clone(), ca_cert.der().clone()],
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            chain_pem: format!("{}{}", cert.pem(), ca_cert.pem()),
+            key_pem: key.serialize_pem(),
         }
     }
 
     /// Writes the CA certificate to `path` (for a `--*-ca-file` option).
     pub fn write_ca(&self, path: &Path) {
         std::fs::write(path, &self.ca_pem).expect("write the CA file");
+    }
+
+    /// Writes the server's certificate chain and private key (for `--tls-cert-file` and
+    /// `--tls-key-file`).
+    pub fn write_server(&self, cert: &Path, key: &Path) {
+        std::fs::write(cert, &self.chain_pem).expect("write the certificate file");
+        std::fs::write(key, &self.key_pem).expect("write the key file");
     }
 
     /// Accepts TLS on an ephemeral port of 127.0.0.1 and relays each connection's bytes to

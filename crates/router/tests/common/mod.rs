@@ -259,14 +259,22 @@ impl Answer {
     }
 }
 
-pub async fn get(c: &TestClient, url: &str) -> Result<Answer, String> {
+/// A pooled client over any connector (plain, or TLS for the https tests).
+pub type AnyClient<C> = Client<C, Full<Bytes>>;
+
+pub async fn get<C: Connect>(c: &AnyClient<C>, url: &str) -> Result<Answer, String> {
     let req = http::Request::get(url)
         .body(Full::new(Bytes::new()))
         .unwrap();
     send(c, req).await
 }
 
-pub async fn post(c: &TestClient, url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+pub async fn post<C: Connect>(
+    c: &AnyClient<C>,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let mut req = http::Request::post(url).header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -279,7 +287,21 @@ pub async fn post(c: &TestClient, url: &str, body: &str, headers: &[(&str, &str)
     .unwrap()
 }
 
-async fn send(c: &TestClient, req: http::Request<Full<Bytes>>) -> Result<Answer, String> {
+/// What a test client's connector must be.
+pub trait Connect:
+    hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static
+{
+}
+
+impl<C> Connect for C where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static
+{
+}
+
+async fn send<C: Connect>(
+    c: &AnyClient<C>,
+    req: http::Request<Full<Bytes>>,
+) -> Result<Answer, String> {
     let fut = async {
         let resp = c.request(req).await.map_err(|e| e.to_string())?;
         let (parts, body) = resp.into_parts();

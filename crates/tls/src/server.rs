@@ -1,0 +1,226 @@
+//! The server side: TLS on the router's own port (`--tls-cert-file`, `--tls-key-file`), for a
+//! router that faces its clients directly, as vLLM does with `--ssl-certfile`.
+//!
+//! Certificates rotate (cert-manager, ACME): the files are checked for a new modification time
+//! at most once per [`RELOAD_CHECK`] during handshakes, and a changed pair is loaded for the
+//! handshakes after it. A pair that fails to load (a half-written file, a key that does not
+//! match) keeps the previous one in use and is logged, so a botched rotation never takes the
+//! router down; the router refuses to start only on a pair that is bad at start.
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often, at most, the certificate files are checked for a change.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
+
+/// TLS for accepted connections: hands each accepted TCP stream to [`ServerTls::accept`].
+#[derive(Clone)]
+pub struct ServerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    resolver: Arc<ReloadingCert>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("cert", &self.resolver.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Serves the certificate chain of the PEM file `cert` (the server's certificate first,
+    /// then its intermediates) with the private key of the PEM file `key`, re-read when they
+    /// change (checked at most every `reload_check`).
+    pub fn new(cert: &Path, key: &Path, reload_check: Duration) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let loaded = load_pair(cert, key, &provider)?;
+        let resolver = Arc::new(ReloadingCert {
+            cert_path: cert.to_path_buf(),
+            key_path: key.to_path_buf(),
+            provider: provider.clone(),
+            reload_check,
+            state: Mutex::new(Current {
+                key: Arc::new(loaded),
+                stamps: stamps(cert, key),
+                checked: Instant::now(),
+            }),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow::anyhow!("TLS server configuration: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            resolver,
+        })
+    }
+
+    /// The TLS handshake of an accepted connection.
+    pub async fn accept(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        self.acceptor.accept(tcp).await
+    }
+}
+
+/// The pair in use, when its files were last seen changed and when they were checked.
+#[derive(Debug)]
+struct Current {
+    key: Arc<CertifiedKey>,
+    stamps: Option<(SystemTime, SystemTime)>,
+    checked: Instant,
+}
+
+#[derive(Debug)]
+struct ReloadingCert {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    reload_check: Duration,
+    state: Mutex<Current>,
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if current.checked.elapsed() >= self.reload_check {
+            current.checked = Instant::now();
+            let now = stamps(&self.cert_path, &self.key_path);
+            if now.is_some() && now != current.stamps {
+                match load_pair(&self.cert_path, &self.key_path, &self.provider) {
+                    Ok(loaded) => {
+                        current.key = Arc::new(loaded);
+                        current.stamps = now;
+                        tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
+                    }
+                    // Tried again at the next check: the files may still be being written.
+                    Err(e) => tracing::warn!(
+                        "TLS certificate not reloaded, the previous one stays: {e:#}"
+                    ),
+                }
+            }
+        }
+        Some(current.key.clone())
+    }
+}
+
+/// The two files' modification times (`None` if either cannot be read).
+fn stamps(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert)?, modified(key)?))
+}
+
+fn load_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+    let (shown_cert, shown_key) = (cert.display(), key.display());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("--tls-cert-file {shown_cert}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--tls-cert-file {shown_cert}: {e}"))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "--tls-cert-file {shown_cert}: no certificate in it (expected PEM blocks \
+         '-----BEGIN CERTIFICATE-----', the server's own first)"
+    );
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        anyhow::anyhow!(
+            "--tls-key-file {shown_key}: {e} (expected a PEM private key: PKCS#8, PKCS#1 or SEC1)"
+        )
+    })?;
+    CertifiedKey::from_der(chain, private, provider).map_err(|e| {
+        anyhow::anyhow!("--tls-cert-file {shown_cert} with --tls-key-file {shown_key}: {e}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestPki;
+    use crate::ClientTls;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("qoe-tls-server-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// One handshake over loopback: whether a client trusting `ca` accepts the server.
+    async fn handshake(server: &ServerTls, ca: &Path) -> Result<(), String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = server.clone();
+        let accepted = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            server.accept(tcp).await.map(|_| ())
+        });
+        let client = ClientTls::new(Some(ca), "--ca").unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let outcome = client.connect("127.0.0.1", tcp).await.map(|_| ());
+        let _ = accepted.await;
+        outcome
+    }
+
+    #[test]
+    fn bad_pairs_are_refused_with_the_option_named() {
+        let dir = temp_dir("bad");
+        let (a, b) = (TestPki::new(), TestPki::new());
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let e = ServerTls::new(&dir.join("none.pem"), &key, RELOAD_CHECK).unwrap_err();
+        assert!(e.to_string().starts_with("--tls-cert-file "), "{e}");
+        a.write_server(&cert, &key);
+        std::fs::write(&key, "no key here\n").unwrap();
+        let e = ServerTls::new(&cert, &key, RELOAD_CHECK).unwrap_err();
+        assert!(e.to_string().starts_with("--tls-key-file "), "{e}");
+        // A's certificate with B's key.
+        b.write_server(&dir.join("b-cert.pem"), &key);
+        let e = ServerTls::new(&cert, &key, RELOAD_CHECK)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--tls-cert-file") && e.contains("--tls-key-file"),
+            "{e}"
+        );
+        a.write_server(&cert, &key);
+        assert!(ServerTls::new(&cert, &key, RELOAD_CHECK).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_certificate_is_served_and_a_broken_one_is_not() {
+        let dir = temp_dir("reload");
+        let (a, b) = (TestPki::new(), TestPki::new());
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let (ca_a, ca_b) = (dir.join("ca-a.pem"), dir.join("ca-b.pem"));
+        a.write_ca(&ca_a);
+        b.write_ca(&ca_b);
+        a.write_server(&cert, &key);
+        let server = ServerTls::new(&cert, &key, Duration::ZERO).unwrap();
+        assert_eq!(handshake(&server, &ca_a).await, Ok(()));
+        assert!(
+            handshake(&server, &ca_b).await.is_err(),
+            "B's CA did not sign A"
+        );
+
+        // Rotated: B's pair from the next handshake on. (The modification time must move.)
+        std::thread::sleep(Duration::from_millis(20));
+        b.write_server(&cert, &key);
+        assert_eq!(handshake(&server, &ca_b).await, Ok(()));
+        assert!(handshake(&server, &ca_a).await.is_err());
+
+        // Half-written: B stays in use.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert_eq!(handshake(&server, &ca_b).await, Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
