@@ -3,7 +3,9 @@
 Runs only when REAL_VLLM_URL points at a running vLLM server, e.g. one started with
 ../shared/real-vllm/serve.sh 8100 (then REAL_VLLM_URL=http://127.0.0.1:8100). For an engine
 served over https (vLLM's --ssl-certfile), REAL_VLLM_CA_FILE names the PEM file of the CA that
-signed its certificate; the router gets it as --upstream-ca-file.
+signed its certificate; the router gets it as --upstream-ca-file. For one that requires client
+certificates (--ssl-ca-certs, --ssl-cert-reqs 2), REAL_VLLM_CLIENT_CERT and REAL_VLLM_CLIENT_KEY
+name the router's (--upstream-client-cert, --upstream-client-key).
 """
 
 import json
@@ -20,6 +22,8 @@ from conftest import BIN, free_port, wait_ready
 
 REAL = os.environ.get("REAL_VLLM_URL")
 CA_FILE = os.environ.get("REAL_VLLM_CA_FILE")
+CLIENT_CERT = os.environ.get("REAL_VLLM_CLIENT_CERT")
+CLIENT_KEY = os.environ.get("REAL_VLLM_CLIENT_KEY")
 pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_VLLM_URL to a running vLLM server")
 
 
@@ -28,7 +32,8 @@ def router():
     port = free_port()
     proc = subprocess.Popen(
         [BIN, "serve", "--port", str(port), "--static-backends", REAL, "--engine-stats-interval", "0.5"]
-        + (["--upstream-ca-file", CA_FILE] if CA_FILE else []),
+        + (["--upstream-ca-file", CA_FILE] if CA_FILE else [])
+        + (["--upstream-client-cert", CLIENT_CERT, "--upstream-client-key", CLIENT_KEY] if CLIENT_CERT else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -129,7 +134,11 @@ def test_counts_responses_api_stream_tokens(router):
 def status_of(base, path, body):
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
-    tls = ssl.create_default_context(cafile=CA_FILE) if base.startswith("https:") else None
+    tls = None
+    if base.startswith("https:"):
+        tls = ssl.create_default_context(cafile=CA_FILE)
+        if CLIENT_CERT:
+            tls.load_cert_chain(CLIENT_CERT, CLIENT_KEY)
     try:
         with urllib.request.urlopen(req, timeout=30, context=tls) as r:
             return r.status

@@ -265,7 +265,8 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         "workload `{}` plans no requests with seed {seed}: raise its rate or duration",
         workload.name()
     );
-    let tls = qoe_tls::ClientTls::new(args.ca_file.as_deref(), "--ca-file")?;
+    let ca = args.ca_file.as_deref();
+    let tls = qoe_tls::ClientTls::new(ca.map(|p| qoe_tls::PemFile::new(p, "--ca-file")), None)?;
     let client = http_client(args.max_in_flight as usize, &tls);
     let mut labels: Vec<String> = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {

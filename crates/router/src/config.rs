@@ -272,6 +272,13 @@ pub struct RouterConfig {
     /// (`/etc/ssl/certs/ca-certificates.crt`). Read at start.
     #[arg(long, env = "QOE_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain the router presents to https endpoints that ask for one (vLLM run
+    /// with `--ssl-ca-certs` and `--ssl-cert-reqs 2`); needs --upstream-client-key. Read at start.
+    #[arg(long, env = "QOE_UPSTREAM_CLIENT_CERT")]
+    pub upstream_client_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --upstream-client-cert.
+    #[arg(long, env = "QOE_UPSTREAM_CLIENT_KEY")]
+    pub upstream_client_key: Option<std::path::PathBuf>,
     /// Origins a browser may call the router from (CORS), comma-separated, or `*` for any. None:
     /// no CORS headers at all (an engine's own are removed too).
     #[arg(long, env = "QOE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
@@ -286,6 +293,10 @@ pub struct RouterConfig {
     /// The PEM private key of --tls-cert-file (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "QOE_TLS_KEY_FILE")]
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// Require every client of the https port to present a certificate that chains to one in
+    /// this PEM file (mutual TLS). Read at start.
+    #[arg(long, env = "QOE_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<std::path::PathBuf>,
 
     /// The qoe policy's settings that have no flag: the config file's `[qoe]` table, keys named
     /// as the fields of `qoe_core::QoeConfig` (docs/QOE.md, "Configuration"). Read at start.
@@ -577,6 +588,15 @@ impl RouterConfig {
         anyhow::ensure!(
             self.tls_cert_file.is_some() == self.tls_key_file.is_some(),
             "--tls-cert-file and --tls-key-file go together: give both or neither"
+        );
+        anyhow::ensure!(
+            self.tls_client_ca_file.is_none() || self.tls_cert_file.is_some(),
+            "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (client certificates \
+             are asked for in the TLS handshake)"
+        );
+        anyhow::ensure!(
+            self.upstream_client_cert.is_some() == self.upstream_client_key.is_some(),
+            "--upstream-client-cert and --upstream-client-key go together: give both or neither"
         );
         anyhow::ensure!(
             self.max_header_bytes >= 1024,
@@ -914,7 +934,7 @@ const SIMULATED: [&str; 32] = [
 /// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 27] = [
+const NOT_SIMULATED: [&str; 30] = [
     "host",
     "port",
     "service_discovery",
@@ -935,10 +955,13 @@ const NOT_SIMULATED: [&str; 27] = [
     "forward_authorization",
     "upstream_api_key",
     "upstream_ca_file",
+    "upstream_client_cert",
+    "upstream_client_key",
     "cors_allow_origin",
     "max_header_bytes",
     "tls_cert_file",
     "tls_key_file",
+    "tls_client_ca_file",
     "tokenizer",
     "log_format",
     "log_level",

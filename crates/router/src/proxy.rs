@@ -505,7 +505,7 @@ async fn send(
     match before(timer, endpoint.pool.send(request)).await {
         None => Err(SendError::Timeout),
         Some(Err(PoolError::Connect(e))) => Err(SendError::Connect(e)),
-        Some(Err(PoolError::Send(e))) => Err(SendError::Broken(format!("{e:?}"))),
+        Some(Err(PoolError::Send(e))) => Err(SendError::Broken(crate::upstream::error_chain(&e))),
         Some(Ok(sent)) => Ok(sent),
     }
 }

@@ -30,11 +30,24 @@ use tokio::sync::watch;
 /// fills it from discovery.
 pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     config.validate()?;
-    let tls = qoe_tls::ClientTls::new(config.upstream_ca_file.as_deref(), "--upstream-ca-file")?;
+    let pem = qoe_tls::PemFile::new;
+    let identity = match (&config.upstream_client_cert, &config.upstream_client_key) {
+        (Some(cert), Some(key)) => Some((
+            pem(cert, "--upstream-client-cert"),
+            pem(key, "--upstream-client-key"),
+        )),
+        _ => None,
+    };
+    let ca = config.upstream_ca_file.as_deref();
+    let tls = qoe_tls::ClientTls::new(ca.map(|p| pem(p, "--upstream-ca-file")), identity)?;
     let server_tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(qoe_tls::ServerTls::new(
-            cert,
-            key,
+            pem(cert, "--tls-cert-file"),
+            pem(key, "--tls-key-file"),
+            config
+                .tls_client_ca_file
+                .as_deref()
+                .map(|p| pem(p, "--tls-client-ca-file")),
             qoe_tls::server::RELOAD_CHECK,
         )?),
         _ => None,

@@ -386,7 +386,7 @@ pub async fn get(
 
 /// An error and its causes, `outer: inner: ...` (hyper-util's own message is only "client error
 /// (Connect)"; the cause, such as a refused connection or an untrusted certificate, is below).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -483,7 +483,7 @@ mod tests {
             Duration::from_secs(5),
             1,
             None,
-            &ClientTls::new(None, "--upstream-ca-file").unwrap(),
+            &ClientTls::new(None, None).unwrap(),
         );
         let timeout = Duration::from_secs(60);
         let e = get(&c, &format!("http://{addr}/endless"), timeout, 1 << 20)

@@ -4,13 +4,21 @@
 mod common;
 
 use common::*;
+use hyper_util::client::legacy::connect::HttpConnector;
 use qoe_tls::testing::TestPki;
 use std::path::PathBuf;
 
-fn ca_file(pki: &TestPki, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qoe-tls-test-{}", std::process::id()));
+/// A fresh directory for certificate files (tests run in parallel: none shares one).
+fn test_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("qoe-tls-test-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    dir
+}
+
+fn ca_file(pki: &TestPki, name: &str) -> PathBuf {
+    let path = test_dir().join(name);
     pki.write_ca(&path);
     path
 }
@@ -124,15 +132,19 @@ async fn an_untrusted_certificate_is_a_bad_gateway_that_says_why() {
     );
 }
 
-#[tokio::test]
-async fn the_router_serves_https_on_its_own_port() {
-    let pki = TestPki::new();
-    let dir = std::env::temp_dir().join(format!("qoe-tls-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A router serving https with `pki`'s server certificate in front of `engine`, plus `extra`
+/// flags; its URL, and what stops it.
+struct HttpsRouter {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn https_router(pki: &TestPki, engine: &Mock, extra: &[&str]) -> HttpsRouter {
+    let dir = test_dir();
     let (cert, key) = (dir.join("router-cert.pem"), dir.join("router-key.pem"));
     pki.write_server(&cert, &key);
-    let engine = mock(&["m"]).await;
-    let config = qoe_router::RouterConfig::from_args([
+    let mut args = vec![
         "qoe-router",
         "--static-backends",
         &engine.url,
@@ -142,36 +154,130 @@ async fn the_router_serves_https_on_its_own_port() {
         cert.to_str().unwrap(),
         "--tls-key-file",
         key.to_str().unwrap(),
-    ])
-    .unwrap();
+    ];
+    args.extend_from_slice(extra);
+    let config = qoe_router::RouterConfig::from_args(args).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(qoe_router::serve(config, listener, async {
         let _ = stopped.await;
     }));
+    HttpsRouter { url, stop, served }
+}
 
-    // A client that trusts the test CA, as the OpenAI client would with its CA bundle.
-    let tls = qoe_tls::ClientTls::new(Some(&ca_file(&pki, "router-ca.pem")), "--ca").unwrap();
-    let https: AnyClient<_> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(tls.https_or_http(hyper_util::client::legacy::connect::HttpConnector::new()));
-    let url = format!("https://{addr}");
-    let mut health = None;
+/// A client that trusts `trust`'s CA (as the OpenAI client would with its CA bundle),
+/// presenting the client certificate of `identity`, if any.
+fn https_client(
+    trust: &TestPki,
+    identity: Option<&TestPki>,
+) -> AnyClient<qoe_tls::HttpsConnector<HttpConnector>> {
+    let dir = test_dir();
+    let ca = ca_file(trust, "client-side-ca.pem");
+    let (cert, key) = (dir.join("client-side.pem"), dir.join("client-side.key"));
+    if let Some(pki) = identity {
+        pki.write_client(&cert, &key);
+    }
+    let pem = qoe_tls::PemFile::new;
+    let identity = identity.map(|_| (pem(&cert, "--cert"), pem(&key, "--key")));
+    let tls = qoe_tls::ClientTls::new(Some(pem(&ca, "--ca")), identity).unwrap();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(tls.https_or_http(HttpConnector::new()))
+}
+
+/// `/health` of `url`, once the router listens.
+async fn health<C: Connect>(c: &AnyClient<C>, url: &str) -> Result<Answer, String> {
+    let mut last = Err("never tried".to_string());
     for _ in 0..300 {
-        if let Ok(answer) = get(&https, &format!("{url}/health")).await {
-            health = Some(answer);
+        last = get(c, &format!("{url}/health")).await;
+        if last.is_ok() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(health.expect("the router answers over https").status, 200);
-    streamed_completion(&https, &url).await;
+    last
+}
+
+#[tokio::test]
+async fn the_router_serves_https_on_its_own_port() {
+    let pki = TestPki::new();
+    let engine = mock(&["m"]).await;
+    let r = https_router(&pki, &engine, &[]).await;
+    let https = https_client(&pki, None);
+    assert_eq!(health(&https, &r.url).await.unwrap().status, 200);
+    streamed_completion(&https, &r.url).await;
 
     // Plain HTTP to the TLS port gets no answer.
-    let plain = get(&client(), &format!("http://{addr}/health")).await;
+    let plain_url = r.url.replace("https://", "http://");
+    let plain = get(&client(), &format!("{plain_url}/health")).await;
     assert!(plain.is_err(), "{:?}", plain.map(|a| a.status));
 
-    let _ = stop.send(());
-    served.await.unwrap().unwrap();
+    let _ = r.stop.send(());
+    r.served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_https_port_can_require_client_certificates() {
+    let pki = TestPki::new();
+    let engine = mock(&["m"]).await;
+    let ca = ca_file(&pki, "clients-ca.pem");
+    let r = https_router(
+        &pki,
+        &engine,
+        &["--tls-client-ca-file", ca.to_str().unwrap()],
+    )
+    .await;
+    let with_identity = https_client(&pki, Some(&pki));
+    assert_eq!(health(&with_identity, &r.url).await.unwrap().status, 200);
+    streamed_completion(&with_identity, &r.url).await;
+    let anonymous = https_client(&pki, None);
+    let refused = get(&anonymous, &format!("{}/health", r.url)).await;
+    assert!(refused.is_err(), "{:?}", refused.map(|a| a.status));
+    // A client whose certificate another CA signed is refused too.
+    let stranger = https_client(&pki, Some(&TestPki::new()));
+    assert!(get(&stranger, &format!("{}/health", r.url)).await.is_err());
+}
+
+#[tokio::test]
+async fn endpoints_that_require_client_certificates_get_the_routers() {
+    let pki = TestPki::new();
+    let engine = mock(&["m"]).await;
+    let https = pki.terminator_for(&engine.url, true).await;
+    let dir = test_dir();
+    let ca = ca_file(&pki, "mutual-ca.pem");
+    let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
+    pki.write_client(&cert, &key);
+    let to_https = [
+        "--static-backends",
+        &https,
+        "--static-models",
+        "m",
+        "--upstream-ca-file",
+        ca.to_str().unwrap(),
+    ];
+    let identity = [
+        "--upstream-client-cert",
+        cert.to_str().unwrap(),
+        "--upstream-client-key",
+        key.to_str().unwrap(),
+    ];
+    let with_identity = router(&[&to_https[..], &identity].concat()).await;
+    let c = client();
+    streamed_completion(&c, &with_identity.url).await;
+
+    let without = router(&[&to_https[..], &["--max-retries", "0"]].concat()).await;
+    let body = completion("m", "hi", false);
+    let answer = post(&c, &format!("{}/v1/completions", without.url), &body, &[]).await;
+    let text = String::from_utf8_lossy(&answer.body).to_string();
+    assert_eq!(answer.status, 502, "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    let served = engine.requests();
+    assert_eq!(
+        served
+            .iter()
+            .filter(|s| s.path == "/v1/completions")
+            .count(),
+        1,
+        "only the router with a certificate reached the engine"
+    );
 }

@@ -23,7 +23,7 @@ pub use hyper_rustls::HttpsConnector;
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use std::path::Path;
 use std::sync::Arc;
@@ -42,37 +42,120 @@ impl std::fmt::Debug for ClientTls {
     }
 }
 
+/// The client's one certificate, offered to every server that asks.
+#[derive(Debug)]
+struct Identity(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Identity {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A PEM file and the option that named it (errors say both).
+#[derive(Clone, Copy, Debug)]
+pub struct PemFile<'a> {
+    pub path: &'a Path,
+    pub option: &'a str,
+}
+
+impl<'a> PemFile<'a> {
+    pub fn new(path: &'a Path, option: &'a str) -> Self {
+        PemFile { path, option }
+    }
+
+    /// Every certificate in the file, in order; an error if there is none.
+    pub fn certificates(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let (option, shown) = (self.option, self.path.display());
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(self.path)
+            .map_err(|e| anyhow::anyhow!("{option} {shown}: {e}"))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("{option} {shown}: {e}"))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "{option} {shown}: no certificate in it (expected PEM blocks \
+             '-----BEGIN CERTIFICATE-----')"
+        );
+        Ok(certs)
+    }
+
+    /// The file's private key.
+    pub fn private_key(&self) -> anyhow::Result<PrivateKeyDer<'static>> {
+        PrivateKeyDer::from_pem_file(self.path).map_err(|e| {
+            anyhow::anyhow!(
+                "{} {}: {e} (expected a PEM private key: PKCS#8, PKCS#1 or SEC1)",
+                self.option,
+                self.path.display()
+            )
+        })
+    }
+
+    /// The file's certificates as trust anchors.
+    pub fn roots(&self) -> anyhow::Result<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(self.certificates()?);
+        anyhow::ensure!(
+            ignored == 0,
+            "{} {}: {ignored} of {} certificates could not be read (not X.509 DER inside the \
+             PEM blocks)",
+            self.option,
+            self.path.display(),
+            added + ignored
+        );
+        Ok(roots)
+    }
+}
+
+/// A certificate chain and its private key, checked to match.
+pub fn certified_key(
+    cert: PemFile<'_>,
+    key: PemFile<'_>,
+    provider: &rustls::crypto::CryptoProvider,
+) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    rustls::sign::CertifiedKey::from_der(cert.certificates()?, key.private_key()?, provider)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} {} with {} {}: {e}",
+                cert.option,
+                cert.path.display(),
+                key.option,
+                key.path.display()
+            )
+        })
+}
+
 impl ClientTls {
-    /// Trusts the built-in web roots and, if given, every certificate in the PEM file `ca_file`
-    /// (given as the option `option`, which errors name).
-    pub fn new(ca_file: Option<&Path>, option: &str) -> anyhow::Result<Self> {
+    /// Trusts the built-in web roots and, if given, every certificate of `ca`; presents the
+    /// certificate chain and key of `identity` to servers that ask for one (mutual TLS).
+    pub fn new(
+        ca: Option<PemFile<'_>>,
+        identity: Option<(PemFile<'_>, PemFile<'_>)>,
+    ) -> anyhow::Result<Self> {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = ca_file {
-            let shown = path.display();
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| anyhow::anyhow!("{option} {shown}: {e}"))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| anyhow::anyhow!("{option} {shown}: {e}"))?;
-            anyhow::ensure!(
-                !certs.is_empty(),
-                "{option} {shown}: no certificate in it (expected PEM blocks \
-                 '-----BEGIN CERTIFICATE-----')"
-            );
-            let (added, ignored) = roots.add_parsable_certificates(certs);
-            anyhow::ensure!(
-                ignored == 0,
-                "{option} {shown}: {ignored} of {} certificates could not be read \
-                 (not X.509 DER inside the PEM blocks)",
-                added + ignored
-            );
+        if let Some(ca) = ca {
+            roots.roots.extend(ca.roots()?.roots);
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow::anyhow!("TLS client configuration: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let pair = certified_key(cert, key, &provider)?;
+                builder.with_client_cert_resolver(Arc::new(Identity(Arc::new(pair))))
+            }
+        };
         let mut pooled = config.clone();
         pooled.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ClientTls {
@@ -117,17 +200,17 @@ mod tests {
     fn ca_files_must_hold_ca_certificates() {
         let dir = std::env::temp_dir().join(format!("qoe-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(ClientTls::new(None, "--ca").is_ok());
+        assert!(ClientTls::new(None, None).is_ok());
 
         let missing = dir.join("missing.pem");
-        let e = ClientTls::new(Some(&missing), "--ca")
+        let e = ClientTls::new(Some(PemFile::new(&missing, "--ca")), None)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("--ca ") && e.contains("missing.pem"), "{e}");
 
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        let e = ClientTls::new(Some(&empty), "--ca")
+        let e = ClientTls::new(Some(PemFile::new(&empty, "--ca")), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no certificate"), "{e}");
@@ -138,7 +221,7 @@ mod tests {
             "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
-        let e = ClientTls::new(Some(&garbage), "--ca")
+        let e = ClientTls::new(Some(PemFile::new(&garbage, "--ca")), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("1 of 1 certificates could not be read"), "{e}");
@@ -146,7 +229,7 @@ mod tests {
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()]).unwrap();
         let good = dir.join("ca.pem");
         std::fs::write(&good, ca.cert.pem()).unwrap();
-        assert!(ClientTls::new(Some(&good), "--ca").is_ok());
+        assert!(ClientTls::new(Some(PemFile::new(&good, "--ca")), None).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,10 +7,9 @@
 //! match) keeps the previous one in use and is logged, so a botched rotation never takes the
 //! router down; the router refuses to start only on a pair that is bad at start.
 
+use crate::{certified_key, PemFile};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,26 +36,42 @@ impl std::fmt::Debug for ServerTls {
 impl ServerTls {
     /// Serves the certificate chain of the PEM file `cert` (the server's certificate first,
     /// then its intermediates) with the private key of the PEM file `key`, re-read when they
-    /// change (checked at most every `reload_check`).
-    pub fn new(cert: &Path, key: &Path, reload_check: Duration) -> anyhow::Result<Self> {
+    /// change (checked at most every `reload_check`). With `client_ca`, every client must
+    /// present a certificate that chains to one of its certificates (mutual TLS).
+    pub fn new(
+        cert: PemFile<'_>,
+        key: PemFile<'_>,
+        client_ca: Option<PemFile<'_>>,
+        reload_check: Duration,
+    ) -> anyhow::Result<Self> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let loaded = load_pair(cert, key, &provider)?;
+        let loaded = certified_key(cert, key, &provider)?;
         let resolver = Arc::new(ReloadingCert {
-            cert_path: cert.to_path_buf(),
-            key_path: key.to_path_buf(),
+            cert_path: cert.path.to_path_buf(),
+            key_path: key.path.to_path_buf(),
+            options: (cert.option.to_string(), key.option.to_string()),
             provider: provider.clone(),
             reload_check,
             state: Mutex::new(Current {
                 key: Arc::new(loaded),
-                stamps: stamps(cert, key),
+                stamps: stamps(cert.path, key.path),
                 checked: Instant::now(),
             }),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| anyhow::anyhow!("TLS server configuration: {e}"))?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
+            .map_err(|e| anyhow::anyhow!("TLS server configuration: {e}"))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let roots = Arc::new(ca.roots()?);
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("{} {}: {e}", ca.option, ca.path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
@@ -85,6 +100,8 @@ struct Current {
 struct ReloadingCert {
     cert_path: PathBuf,
     key_path: PathBuf,
+    /// The options that named the two files.
+    options: (String, String),
     provider: Arc<CryptoProvider>,
     reload_check: Duration,
     state: Mutex<Current>,
@@ -97,7 +114,9 @@ impl ResolvesServerCert for ReloadingCert {
             current.checked = Instant::now();
             let now = stamps(&self.cert_path, &self.key_path);
             if now.is_some() && now != current.stamps {
-                match load_pair(&self.cert_path, &self.key_path, &self.provider) {
+                let cert = PemFile::new(&self.cert_path, &self.options.0);
+                let key = PemFile::new(&self.key_path, &self.options.1);
+                match certified_key(cert, key, &self.provider) {
                     Ok(loaded) => {
                         current.key = Arc::new(loaded);
                         current.stamps = now;
@@ -120,27 +139,6 @@ fn stamps(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
     Some((modified(cert)?, modified(key)?))
 }
 
-fn load_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    let (shown_cert, shown_key) = (cert.display(), key.display());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| anyhow::anyhow!("--tls-cert-file {shown_cert}: {e}"))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| anyhow::anyhow!("--tls-cert-file {shown_cert}: {e}"))?;
-    anyhow::ensure!(
-        !chain.is_empty(),
-        "--tls-cert-file {shown_cert}: no certificate in it (expected PEM blocks \
-         '-----BEGIN CERTIFICATE-----', the server's own first)"
-    );
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        anyhow::anyhow!(
-            "--tls-key-file {shown_key}: {e} (expected a PEM private key: PKCS#8, PKCS#1 or SEC1)"
-        )
-    })?;
-    CertifiedKey::from_der(chain, private, provider).map_err(|e| {
-        anyhow::anyhow!("--tls-cert-file {shown_cert} with --tls-key-file {shown_key}: {e}")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,8 +152,22 @@ mod tests {
         dir
     }
 
-    /// One handshake over loopback: whether a client trusting `ca` accepts the server.
-    async fn handshake(server: &ServerTls, ca: &Path) -> Result<(), String> {
+    fn server(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<ServerTls> {
+        ServerTls::new(
+            PemFile::new(cert, "--tls-cert-file"),
+            PemFile::new(key, "--tls-key-file"),
+            client_ca.map(|p| PemFile::new(p, "--tls-client-ca-file")),
+            Duration::ZERO,
+        )
+    }
+
+    /// One handshake over loopback: whether a client trusting `ca` (and presenting `identity`)
+    /// and the server agree.
+    async fn handshake(
+        server: &ServerTls,
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = server.clone();
@@ -163,11 +175,14 @@ mod tests {
             let (tcp, _) = listener.accept().await.unwrap();
             server.accept(tcp).await.map(|_| ())
         });
-        let client = ClientTls::new(Some(ca), "--ca").unwrap();
+        let identity = identity.map(|(c, k)| (PemFile::new(c, "--cert"), PemFile::new(k, "--key")));
+        let client = ClientTls::new(Some(PemFile::new(ca, "--ca")), identity).unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let outcome = client.connect("127.0.0.1", tcp).await.map(|_| ());
-        let _ = accepted.await;
-        outcome
+        let connected = client.connect("127.0.0.1", tcp).await.map(|_| ());
+        // TLS 1.3 clients finish before the server has checked their certificate: the server's
+        // side tells.
+        let accepted = accepted.await.unwrap().map_err(|e| e.to_string());
+        connected.and(accepted)
     }
 
     #[test]
@@ -175,23 +190,23 @@ mod tests {
         let dir = temp_dir("bad");
         let (a, b) = (TestPki::new(), TestPki::new());
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let e = ServerTls::new(&dir.join("none.pem"), &key, RELOAD_CHECK).unwrap_err();
+        let e = server(&dir.join("none.pem"), &key, None).unwrap_err();
         assert!(e.to_string().starts_with("--tls-cert-file "), "{e}");
         a.write_server(&cert, &key);
         std::fs::write(&key, "no key here\n").unwrap();
-        let e = ServerTls::new(&cert, &key, RELOAD_CHECK).unwrap_err();
+        let e = server(&cert, &key, None).unwrap_err();
         assert!(e.to_string().starts_with("--tls-key-file "), "{e}");
         // A's certificate with B's key.
         b.write_server(&dir.join("b-cert.pem"), &key);
-        let e = ServerTls::new(&cert, &key, RELOAD_CHECK)
-            .unwrap_err()
-            .to_string();
+        let e = server(&cert, &key, None).unwrap_err().to_string();
         assert!(
             e.contains("--tls-cert-file") && e.contains("--tls-key-file"),
             "{e}"
         );
         a.write_server(&cert, &key);
-        assert!(ServerTls::new(&cert, &key, RELOAD_CHECK).is_ok());
+        assert!(server(&cert, &key, None).is_ok());
+        let e = server(&cert, &key, Some(&dir.join("none.pem"))).unwrap_err();
+        assert!(e.to_string().starts_with("--tls-client-ca-file "), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -204,23 +219,49 @@ mod tests {
         a.write_ca(&ca_a);
         b.write_ca(&ca_b);
         a.write_server(&cert, &key);
-        let server = ServerTls::new(&cert, &key, Duration::ZERO).unwrap();
-        assert_eq!(handshake(&server, &ca_a).await, Ok(()));
+        let tls = server(&cert, &key, None).unwrap();
+        assert_eq!(handshake(&tls, &ca_a, None).await, Ok(()));
         assert!(
-            handshake(&server, &ca_b).await.is_err(),
+            handshake(&tls, &ca_b, None).await.is_err(),
             "B's CA did not sign A"
         );
 
         // Rotated: B's pair from the next handshake on. (The modification time must move.)
         std::thread::sleep(Duration::from_millis(20));
         b.write_server(&cert, &key);
-        assert_eq!(handshake(&server, &ca_b).await, Ok(()));
-        assert!(handshake(&server, &ca_a).await.is_err());
+        assert_eq!(handshake(&tls, &ca_b, None).await, Ok(()));
+        assert!(handshake(&tls, &ca_a, None).await.is_err());
 
         // Half-written: B stays in use.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
-        assert_eq!(handshake(&server, &ca_b).await, Ok(()));
+        assert_eq!(handshake(&tls, &ca_b, None).await, Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn with_a_client_ca_only_its_clients_get_in() {
+        let dir = temp_dir("mutual");
+        let (a, b) = (TestPki::new(), TestPki::new());
+        let (cert, key, ca) = (
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+            dir.join("ca.pem"),
+        );
+        a.write_server(&cert, &key);
+        a.write_ca(&ca);
+        let (a_cert, a_key) = (dir.join("a-client.pem"), dir.join("a-client.key"));
+        let (b_cert, b_key) = (dir.join("b-client.pem"), dir.join("b-client.key"));
+        a.write_client(&a_cert, &a_key);
+        b.write_client(&b_cert, &b_key);
+        let tls = server(&cert, &key, Some(&ca)).unwrap();
+        assert_eq!(handshake(&tls, &ca, Some((&a_cert, &a_key))).await, Ok(()));
+        let e = handshake(&tls, &ca, None).await.unwrap_err();
+        assert!(e.contains("certificate"), "no certificate: {e}");
+        assert!(handshake(&tls, &ca, Some((&b_cert, &b_key))).await.is_err());
+        // Without a client CA, a client's certificate is not asked for.
+        let open = server(&cert, &key, None).unwrap();
+        assert_eq!(handshake(&open, &ca, None).await, Ok(()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

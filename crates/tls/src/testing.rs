@@ -17,6 +17,9 @@ pub struct TestPki {
     chain_pem: String,
     /// The server's private key, PKCS#8 PEM (for `--tls-key-file`).
     key_pem: String,
+    /// A client certificate the CA signed, then the CA's, PEM, and its key (mutual TLS).
+    client_chain_pem: String,
+    client_key_pem: String,
 }
 
 impl TestPki {
@@ -33,7 +36,16 @@ impl TestPki {
             .expect("server params")
             .signed_by(&key, &issuer)
             .expect("server certificate");
+        let client_key = rcgen::KeyPair::generate().expect("client key");
+        let mut client =
+            rcgen::CertificateParams::new(vec!["qoe-router".into()]).expect("client params");
+        client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client
+            .signed_by(&client_key, &issuer)
+            .expect("client certificate");
         TestPki {
+            client_chain_pem: format!("{}{}", client_cert.pem(), ca_cert.pem()),
+            client_key_pem: client_key.serialize_pem(),
             ca_pem: ca_cert.pem(),
             chain: vec![cert.der().clone(), ca_cert.der().clone()],
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
@@ -47,6 +59,12 @@ impl TestPki {
         std::fs::write(path, &self.ca_pem).expect("write the CA file");
     }
 
+    /// Writes the client certificate chain and its key (a client's identity for mutual TLS).
+    pub fn write_client(&self, cert: &Path, key: &Path) {
+        std::fs::write(cert, &self.client_chain_pem).expect("write the certificate file");
+        std::fs::write(key, &self.client_key_pem).expect("write the key file");
+    }
+
     /// Writes the server's certificate chain and private key (for `--tls-cert-file` and
     /// `--tls-key-file`).
     pub fn write_server(&self, cert: &Path, key: &Path) {
@@ -58,11 +76,30 @@ impl TestPki {
     /// `backend` (`http://host:port` or `host:port`); returns the `https://127.0.0.1:PORT` URL.
     /// A client that does not trust the certificate is dropped after its failed handshake.
     pub async fn terminator(&self, backend: &str) -> String {
+        self.terminator_for(backend, false).await
+    }
+
+    /// [`TestPki::terminator`] that, with `require_clients`, accepts only clients presenting a
+    /// certificate this CA signed ([`TestPki::write_client`]).
+    pub async fn terminator_for(&self, backend: &str, require_clients: bool) -> String {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
+            .expect("protocol versions");
+        let builder = if require_clients {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.chain[1].clone()).expect("the CA as a root");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
             .with_single_cert(
                 self.chain.clone(),
                 PrivateKeyDer::Pkcs8(self.key.clone_key()),
