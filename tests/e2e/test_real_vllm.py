@@ -24,6 +24,9 @@ REAL = os.environ.get("REAL_VLLM_URL")
 CA_FILE = os.environ.get("REAL_VLLM_CA_FILE")
 CLIENT_CERT = os.environ.get("REAL_VLLM_CLIENT_CERT")
 CLIENT_KEY = os.environ.get("REAL_VLLM_CLIENT_KEY")
+assert (CLIENT_CERT is None) == (
+    CLIENT_KEY is None
+), "set REAL_VLLM_CLIENT_CERT and REAL_VLLM_CLIENT_KEY together"
 pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_VLLM_URL to a running vLLM server")
 
 

@@ -74,8 +74,8 @@ pub struct BenchArgs {
     /// with --api-key). Prefer the environment variable: command lines are visible to local users.
     #[arg(long, env = "QOE_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// PEM file of CA certificates an https target's certificate may chain to, besides the
-    /// public web roots built in.
+    /// PEM file of CA certificates an https target's certificate must chain to, in place of the
+    /// public web roots built in (as `curl --cacert`).
     #[arg(long, env = "QOE_BENCH_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Most requests in flight at once; a request planned beyond it is counted as a

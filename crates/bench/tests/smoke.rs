@@ -240,7 +240,7 @@ async fn smoke_against_a_router_and_an_engine() {
     );
     // One record per planned request and target; through the router each names the engine
     // that served it, going direct none does.
-    for (r, via_router) in set.reports.iter().zip([true, false]) {
+    for (r, via_router) in set.reports.iter().zip([true, false, false]) {
         let text = std::fs::read_to_string(out.join(format!("requests-{}.jsonl", r.label)));
         let lines: Vec<RequestLine> = text
             .unwrap()

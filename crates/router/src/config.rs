@@ -267,9 +267,9 @@ pub struct RouterConfig {
     /// included, in place of any client's header.
     #[arg(long, env = "QOE_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<Secret>,
-    /// PEM file of CA certificates that `https` endpoints' certificates may chain to, besides the
-    /// public web roots built in: a private CA's, or the machine's bundle
-    /// (`/etc/ssl/certs/ca-certificates.crt`). Read at start.
+    /// PEM file of CA certificates that `https` endpoints' certificates must chain to, in place
+    /// of the public web roots built in (as `curl --cacert`): a private CA's, or the machine's
+    /// bundle (`/etc/ssl/certs/ca-certificates.crt`). Read at start.
     #[arg(long, env = "QOE_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<std::path::PathBuf>,
     /// PEM certificate chain the router presents to https endpoints that ask for one (vLLM run
@@ -449,6 +449,33 @@ impl RouterConfig {
         Some(value)
     }
 
+    /// TLS toward endpoints and, with `--tls-cert-file`, on the router's port, from the files
+    /// the options name (read now: an error names the option and the file).
+    pub fn tls(&self) -> anyhow::Result<(qoe_tls::ClientTls, Option<qoe_tls::ServerTls>)> {
+        let pem = qoe_tls::PemFile::new;
+        let identity = match (&self.upstream_client_cert, &self.upstream_client_key) {
+            (Some(cert), Some(key)) => Some((
+                pem(cert, "--upstream-client-cert"),
+                pem(key, "--upstream-client-key"),
+            )),
+            _ => None,
+        };
+        let ca = self.upstream_ca_file.as_deref();
+        let client = qoe_tls::ClientTls::new(ca.map(|p| pem(p, "--upstream-ca-file")), identity)?;
+        let server = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(qoe_tls::ServerTls::new(
+                pem(cert, "--tls-cert-file"),
+                pem(key, "--tls-key-file"),
+                self.tls_client_ca_file
+                    .as_deref()
+                    .map(|p| pem(p, "--tls-client-ca-file")),
+                qoe_tls::server::RELOAD_CHECK,
+            )?),
+            _ => None,
+        };
+        Ok((client, server))
+    }
+
     /// Checks values that clap cannot, with messages naming the option.
     pub fn validate(&self) -> anyhow::Result<()> {
         PolicyKind::parse(&self.routing_logic)
@@ -598,6 +625,8 @@ impl RouterConfig {
             self.upstream_client_cert.is_some() == self.upstream_client_key.is_some(),
             "--upstream-client-cert and --upstream-client-key go together: give both or neither"
         );
+        // The certificate and key files are read, so that a check of the settings catches them.
+        self.tls()?;
         anyhow::ensure!(
             self.max_header_bytes >= 1024,
             "--max-header-bytes must be at least 1024, got {}",
@@ -1580,5 +1609,51 @@ mod tests {
             let c = RouterConfig::from_args(["x", flag, value]).unwrap();
             c.validate().unwrap();
         }
+    }
+
+    /// TLS options that only work together are refused alone, naming both; files are read at
+    /// the check.
+    #[test]
+    fn tls_options_come_in_pairs_and_their_files_are_read() {
+        let refused = |args: &[&str]| {
+            let mut argv = vec!["x"];
+            argv.extend_from_slice(args);
+            let c = RouterConfig::from_args(argv).unwrap();
+            c.validate().unwrap_err().to_string()
+        };
+        let e = refused(&["--tls-cert-file", "/c.pem"]);
+        assert!(
+            e.contains("--tls-cert-file and --tls-key-file go together"),
+            "{e}"
+        );
+        let e = refused(&["--tls-key-file", "/k.pem"]);
+        assert!(
+            e.contains("--tls-cert-file and --tls-key-file go together"),
+            "{e}"
+        );
+        let e = refused(&["--tls-client-ca-file", "/ca.pem"]);
+        assert!(
+            e.contains("--tls-client-ca-file needs --tls-cert-file"),
+            "{e}"
+        );
+        let e = refused(&["--upstream-client-cert", "/c.pem"]);
+        assert!(
+            e.contains("--upstream-client-cert and --upstream-client-key go together"),
+            "{e}"
+        );
+        let e = refused(&["--upstream-client-key", "/k.pem"]);
+        assert!(e.contains("go together"), "{e}");
+        let e = refused(&["--upstream-ca-file", "/nonexistent/ca.pem"]);
+        assert!(
+            e.starts_with("--upstream-ca-file /nonexistent/ca.pem: "),
+            "{e}"
+        );
+        let e = refused(&[
+            "--tls-cert-file",
+            "/nonexistent/c.pem",
+            "--tls-key-file",
+            "/k.pem",
+        ]);
+        assert!(e.starts_with("--tls-cert-file /nonexistent/c.pem: "), "{e}");
     }
 }

@@ -85,7 +85,7 @@ pub async fn run_demo(
         urls.push(format!("http://{}", listener.local_addr()?));
         engines.push(tokio::spawn(qoe_engine::serve(args, listener, stopped())));
     }
-    let config = RouterConfig::from_args([
+    let mut config = RouterConfig::from_args([
         "qoe-router",
         "--host",
         &demo.host,
@@ -100,6 +100,11 @@ pub async fn run_demo(
         "--log-level",
         &demo.log_level,
     ])?;
+    // The demo's router speaks plain HTTP, as its banner says, whatever QOE_TLS_* the
+    // environment holds.
+    config.tls_cert_file = None;
+    config.tls_key_file = None;
+    config.tls_client_ca_file = None;
     config.validate()?;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await

@@ -505,7 +505,11 @@ async fn send(
     match before(timer, endpoint.pool.send(request)).await {
         None => Err(SendError::Timeout),
         Some(Err(PoolError::Connect(e))) => Err(SendError::Connect(e)),
-        Some(Err(PoolError::Send(e))) => Err(SendError::Broken(crate::upstream::error_chain(&e))),
+        Some(Err(PoolError::Send(e))) => Err(SendError::Broken(format!(
+            "{}{}",
+            crate::upstream::error_chain(&e),
+            endpoint.pool.broken_hint()
+        ))),
         Some(Ok(sent)) => Ok(sent),
     }
 }

@@ -30,28 +30,7 @@ use tokio::sync::watch;
 /// fills it from discovery.
 pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
     config.validate()?;
-    let pem = qoe_tls::PemFile::new;
-    let identity = match (&config.upstream_client_cert, &config.upstream_client_key) {
-        (Some(cert), Some(key)) => Some((
-            pem(cert, "--upstream-client-cert"),
-            pem(key, "--upstream-client-key"),
-        )),
-        _ => None,
-    };
-    let ca = config.upstream_ca_file.as_deref();
-    let tls = qoe_tls::ClientTls::new(ca.map(|p| pem(p, "--upstream-ca-file")), identity)?;
-    let server_tls = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => Some(qoe_tls::ServerTls::new(
-            pem(cert, "--tls-cert-file"),
-            pem(key, "--tls-key-file"),
-            config
-                .tls_client_ca_file
-                .as_deref()
-                .map(|p| pem(p, "--tls-client-ca-file")),
-            qoe_tls::server::RELOAD_CHECK,
-        )?),
-        _ => None,
-    };
+    let (tls, server_tls) = config.tls()?;
     let client = upstream::client(
         Duration::from_millis(config.connect_timeout_ms),
         config.pool_max_idle_per_host,
@@ -311,7 +290,8 @@ pub async fn serve_state(
 /// the open ones to finish their requests. Headers must arrive within `header_timeout` (hyper
 /// closes the connection otherwise): a client that opens connections and never finishes a
 /// request would otherwise hold a socket each, forever. With `tls`, each connection's handshake
-/// runs in its own task, within the same `header_timeout`.
+/// runs in its own task, within [`TLS_HANDSHAKE_TIMEOUT`] (or `header_timeout` if shorter) and
+/// abandoned at shutdown; a connection that opens with plain HTTP gets a 400 saying so.
 async fn serve_connections(
     listener: TcpListener,
     front: Front,
@@ -326,6 +306,9 @@ async fn serve_connections(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
+    // Handshakes in progress stop when this turns true (shutdown waits for their tasks).
+    let (closing, closing_rx) = watch::channel(false);
+    let handshake_timeout = TLS_HANDSHAKE_TIMEOUT.min(header_timeout);
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -357,12 +340,16 @@ async fn serve_connections(
             continue;
         };
         let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
+        let mut closing = closing_rx.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                // A plain-HTTP client, a scanner, an untrusting client: nothing to serve.
-                Ok(Err(e)) => return tracing::debug!("TLS handshake failed: {e}"),
-                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            let handshake = tokio::time::timeout(handshake_timeout, secure(&tls, tcp));
+            let stream = tokio::select! {
+                secured = handshake => match secured {
+                    Ok(Some(stream)) => stream,
+                    Ok(None) => return,
+                    Err(_) => return tracing::debug!("TLS handshake timed out"),
+                },
+                _ = closing.wait_for(|c| *c) => return,
             };
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(connection).await {
@@ -371,7 +358,50 @@ async fn serve_connections(
         });
     }
     drop(listener);
+    let _ = closing.send(true);
     graceful.shutdown().await;
+}
+
+/// The longest a client may take over its TLS handshake (the handshake is a few round trips).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS handshake of an accepted connection; `None` if it failed. A client that speaks plain
+/// HTTP to the https port (its first byte is not a TLS record's, 0x16) is told so in a 400
+/// instead of a silently closed connection.
+async fn secure(
+    tls: &qoe_tls::ServerTls,
+    tcp: tokio::net::TcpStream,
+) -> Option<qoe_tls::server::ServerStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; 1];
+    if !matches!(tcp.peek(&mut first).await, Ok(1)) {
+        return None;
+    }
+    if first[0] != 0x16 {
+        let body = crate::errors::ApiError::new(
+            http::StatusCode::BAD_REQUEST,
+            "this port speaks https: use https:// in the URL",
+        )
+        .body_json()
+        .to_string();
+        let response = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut tcp = tcp;
+        let _ = tcp.write_all(response.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+        return None;
+    }
+    match tls.accept(tcp).await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            // A scanner, a client that does not trust the certificate, one without the client
+            // certificate asked for.
+            tracing::debug!("TLS handshake failed: {e}");
+            None
+        }
+    }
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

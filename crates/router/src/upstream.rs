@@ -264,15 +264,18 @@ impl Pool {
             .target
             .as_ref()
             .map_err(|e| PoolError::Connect(e.clone()))?;
+        // The TCP connect and the TLS handshake share one deadline.
+        let timeout = self.config.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let at = authority(host, *port);
         let connecting = tokio::net::TcpStream::connect((host.as_str(), *port));
-        let tcp = match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+        let tcp = match tokio::time::timeout_at(deadline, connecting).await {
             Err(_) => {
                 return Err(PoolError::Connect(format!(
-                    "connecting to {host}:{port} timed out after {:?}",
-                    self.config.connect_timeout
+                    "connecting to {at} timed out after {timeout:?}"
                 )))
             }
-            Ok(Err(e)) => return Err(PoolError::Connect(format!("{host}:{port}: {e}"))),
+            Ok(Err(e)) => return Err(PoolError::Connect(format!("{at}: {e}"))),
             Ok(Ok(tcp)) => tcp,
         };
         if let Err(e) = tcp.set_nodelay(true) {
@@ -283,34 +286,54 @@ impl Pool {
             tracing::debug!("TCP keep-alive not set: {e}");
         }
         if !self.https {
-            return handshake(tcp, host, *port).await;
+            return handshake(tcp, &at).await;
         }
         let Some(tls) = &self.config.tls else {
             return Err(PoolError::Connect(format!(
-                "{host}:{port}: no TLS configured for https endpoints"
+                "{at}: no TLS configured for https endpoints"
             )));
         };
-        let securing = tls.connect(host, tcp);
-        match tokio::time::timeout(self.config.connect_timeout, securing).await {
+        match tokio::time::timeout_at(deadline, tls.connect(host, tcp)).await {
             Err(_) => Err(PoolError::Connect(format!(
-                "the TLS handshake with {host}:{port} timed out after {:?}",
-                self.config.connect_timeout
+                "connecting to {at} timed out after {timeout:?} (in the TLS handshake)"
             ))),
-            Ok(Err(e)) => Err(PoolError::Connect(format!("{host}:{port}: {e}"))),
-            Ok(Ok(stream)) => handshake(stream, host, *port).await,
+            Ok(Err(e)) => Err(PoolError::Connect(format!(
+                "{at}: {e}{}",
+                tls.identity_hint()
+            ))),
+            Ok(Ok(stream)) => handshake(stream, &at).await,
         }
+    }
+
+    /// What to add to the message of a connection that broke on its first request: for an https
+    /// endpoint that asked for a client certificate the router does not have, a hint (under TLS
+    /// 1.3 such an endpoint refuses the client only after the handshake, by closing).
+    pub fn broken_hint(&self) -> &'static str {
+        match &self.config.tls {
+            Some(tls) if self.https => tls.identity_hint(),
+            _ => "",
+        }
+    }
+}
+
+/// `host:port` as a URL writes it (an IPv6 address in brackets).
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
 /// The HTTP/1.1 handshake over a connected (and, for https, secured) stream; the connection's
 /// task runs until the connection ends.
-async fn handshake<T>(io: T, host: &str, port: u16) -> Result<Conn, PoolError>
+async fn handshake<T>(io: T, authority: &str) -> Result<Conn, PoolError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let (conn, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| PoolError::Connect(format!("{host}:{port}: {e}")))?;
+        .map_err(|e| PoolError::Connect(format!("{authority}: {e}")))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("upstream connection ended: {e}");
@@ -436,6 +459,14 @@ mod tests {
         assert_eq!(p.host().unwrap(), "engine-1:80");
         let p = Pool::new("http://engine-1:443", PoolConfig::default());
         assert_eq!(p.host().unwrap(), "engine-1:443");
+        let p = Pool::new("https://[::1]:8443", PoolConfig::default());
+        assert_eq!(p.target, Ok(("::1".to_string(), 8443)));
+        assert_eq!(p.host().unwrap(), "[::1]:8443");
+        let p = Pool::new("https://[::1]", PoolConfig::default());
+        assert_eq!(p.target, Ok(("::1".to_string(), 443)));
+        assert_eq!(p.host().unwrap(), "[::1]");
+        assert_eq!(authority("::1", 443), "[::1]:443");
+        assert_eq!(authority("10.0.0.7", 8443), "10.0.0.7:8443");
     }
 
     /// Without TLS configured an https endpoint is a connect error that says so, not a plain

@@ -7,9 +7,9 @@
 //!
 //! One rustls client configuration per process, built at start: it trusts the public web roots
 //! compiled in (Mozilla's, from `webpki-roots`, so the binary needs no CA bundle on the machine)
-//! plus every certificate of a PEM file the operator names (a private CA, or the machine's
-//! bundle), verifies the server's certificate against the URL's host name or IP address, and
-//! speaks HTTP/1.1 only. Cryptography is aws-lc-rs' (rustls' default provider, with
+//! or, instead, every certificate of a PEM file the operator names (a private CA, or the
+//! machine's bundle), verifies the server's certificate against the URL's host name or IP
+//! address, and speaks HTTP/1.1 only. Cryptography is aws-lc-rs' (rustls' default provider, with
 //! post-quantum hybrid key exchange), passed explicitly, so no process-wide default needs
 //! installing.
 
@@ -26,19 +26,48 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The client side of TLS: shared, cheap to clone.
 #[derive(Clone)]
 pub struct ClientTls {
-    /// Without ALPN: hyper-rustls' connector sets its own.
+    /// Without ALPN (hyper-rustls' connector offers none when it speaks HTTP/1.1 only; the
+    /// pool's connector offers `http/1.1`).
     config: Arc<ClientConfig>,
     connector: tokio_rustls::TlsConnector,
+    /// Without a client certificate: whether a server asked for one.
+    no_identity: Option<Arc<NoIdentity>>,
 }
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTls").finish_non_exhaustive()
+    }
+}
+
+/// No client certificate; remembers that a server asked for one, and says so once in the log
+/// (under TLS 1.3 such a server refuses the client only after the handshake, by closing: the
+/// client sees a closed connection, nothing about certificates).
+#[derive(Debug, Default)]
+struct NoIdentity {
+    asked: AtomicBool,
+}
+
+impl rustls::client::ResolvesClientCert for NoIdentity {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        if !self.asked.swap(true, Ordering::Relaxed) {
+            tracing::warn!("an https server asked for a client certificate and none is configured");
+        }
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
     }
 }
 
@@ -98,18 +127,23 @@ impl<'a> PemFile<'a> {
         })
     }
 
-    /// The file's certificates as trust anchors.
+    /// The file's certificates as trust anchors. One that cannot be read is left out with a
+    /// warning (a machine's bundle may hold an odd one); none readable is an error.
     pub fn roots(&self) -> anyhow::Result<RootCertStore> {
         let mut roots = RootCertStore::empty();
         let (added, ignored) = roots.add_parsable_certificates(self.certificates()?);
+        let (option, shown) = (self.option, self.path.display());
         anyhow::ensure!(
-            ignored == 0,
-            "{} {}: {ignored} of {} certificates could not be read (not X.509 DER inside the \
-             PEM blocks)",
-            self.option,
-            self.path.display(),
-            added + ignored
+            added > 0,
+            "{option} {shown}: {ignored} of {ignored} certificates could not be read (not X.509 \
+             DER inside the PEM blocks)"
         );
+        if ignored > 0 {
+            tracing::warn!(
+                "{option} {shown}: {ignored} of {} certificates could not be read and are left out",
+                added + ignored
+            );
+        }
         Ok(roots)
     }
 }
@@ -133,27 +167,33 @@ pub fn certified_key(
 }
 
 impl ClientTls {
-    /// Trusts the built-in web roots and, if given, every certificate of `ca`; presents the
-    /// certificate chain and key of `identity` to servers that ask for one (mutual TLS).
+    /// Trusts the certificates of `ca`, or without it the built-in web roots (as curl's
+    /// `--cacert` replaces its bundle: a private CA's file pins the endpoints to that CA);
+    /// presents the certificate chain and key of `identity` to servers that ask for one.
     pub fn new(
         ca: Option<PemFile<'_>>,
         identity: Option<(PemFile<'_>, PemFile<'_>)>,
     ) -> anyhow::Result<Self> {
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = ca {
-            roots.roots.extend(ca.roots()?.roots);
-        }
+        let roots = match ca {
+            Some(ca) => ca.roots()?,
+            None => RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+        };
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow::anyhow!("TLS client configuration: {e}"))?
             .with_root_certificates(roots);
-        let config = match identity {
-            None => builder.with_no_client_auth(),
+        let (config, no_identity) = match identity {
+            None => {
+                let none = Arc::new(NoIdentity::default());
+                (builder.with_client_cert_resolver(none.clone()), Some(none))
+            }
             Some((cert, key)) => {
                 let pair = certified_key(cert, key, &provider)?;
-                builder.with_client_cert_resolver(Arc::new(Identity(Arc::new(pair))))
+                let identity = Arc::new(Identity(Arc::new(pair)));
+                (builder.with_client_cert_resolver(identity), None)
             }
         };
         let mut pooled = config.clone();
@@ -161,7 +201,19 @@ impl ClientTls {
         Ok(ClientTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(pooled)),
             config: Arc::new(config),
+            no_identity,
         })
+    }
+
+    /// For an error message: a hint when a server has asked for a client certificate and this
+    /// client has none, else "".
+    pub fn identity_hint(&self) -> &'static str {
+        match &self.no_identity {
+            Some(n) if n.asked.load(Ordering::Relaxed) => {
+                " (a server asked for a client certificate and none is configured)"
+            }
+            _ => "",
+        }
     }
 
     /// hyper-util's connector `http` with TLS for `https` URLs (plain `http` ones pass as
@@ -188,7 +240,7 @@ impl ClientTls {
         self.connector
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS handshake with {host}: {e}"))
+            .map_err(|e| format!("TLS handshake: {e}"))
     }
 }
 

@@ -1,8 +1,9 @@
 //! The server side: TLS on the router's own port (`--tls-cert-file`, `--tls-key-file`), for a
 //! router that faces its clients directly, as vLLM does with `--ssl-certfile`.
 //!
-//! Certificates rotate (cert-manager, ACME): the files are checked for a new modification time
-//! at most once per [`RELOAD_CHECK`] during handshakes, and a changed pair is loaded for the
+//! Certificates rotate (cert-manager, ACME): the files are checked for a change (modification
+//! time, length, inode) at most once per [`RELOAD_CHECK`], by the handshake that finds the check
+//! due and outside the lock every handshake takes, and a changed pair is loaded for the
 //! handshakes after it. A pair that fails to load (a half-written file, a key that does not
 //! match) keeps the previous one in use and is logged, so a botched rotation never takes the
 //! router down; the router refuses to start only on a pair that is bad at start.
@@ -14,6 +15,9 @@ use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+/// An accepted connection after its handshake.
+pub type ServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// How often, at most, the certificate files are checked for a change.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
@@ -45,6 +49,8 @@ impl ServerTls {
         reload_check: Duration,
     ) -> anyhow::Result<Self> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        // Seen before the load: a rotation in between is loaded at the first check.
+        let seen = stamps(cert.path, key.path);
         let loaded = certified_key(cert, key, &provider)?;
         let resolver = Arc::new(ReloadingCert {
             cert_path: cert.path.to_path_buf(),
@@ -54,7 +60,7 @@ impl ServerTls {
             reload_check,
             state: Mutex::new(Current {
                 key: Arc::new(loaded),
-                stamps: stamps(cert.path, key.path),
+                stamps: seen,
                 checked: Instant::now(),
             }),
         });
@@ -80,19 +86,19 @@ impl ServerTls {
     }
 
     /// The TLS handshake of an accepted connection.
-    pub async fn accept(
-        &self,
-        tcp: tokio::net::TcpStream,
-    ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    pub async fn accept(&self, tcp: tokio::net::TcpStream) -> std::io::Result<ServerStream> {
         self.acceptor.accept(tcp).await
     }
 }
 
-/// The pair in use, when its files were last seen changed and when they were checked.
+/// What tells that a file changed: its modification time, length and inode.
+type Stamp = (SystemTime, u64, u64);
+
+/// The pair in use, what its files looked like when it was loaded, and when they were checked.
 #[derive(Debug)]
 struct Current {
     key: Arc<CertifiedKey>,
-    stamps: Option<(SystemTime, SystemTime)>,
+    stamps: Option<(Stamp, Stamp)>,
     checked: Instant,
 }
 
@@ -109,34 +115,47 @@ struct ReloadingCert {
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if current.checked.elapsed() >= self.reload_check {
+        let (key, seen) = {
+            let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if current.checked.elapsed() < self.reload_check {
+                return Some(current.key.clone());
+            }
+            // This handshake checks; the others go on with the pair in use meanwhile.
             current.checked = Instant::now();
-            let now = stamps(&self.cert_path, &self.key_path);
-            if now.is_some() && now != current.stamps {
-                let cert = PemFile::new(&self.cert_path, &self.options.0);
-                let key = PemFile::new(&self.key_path, &self.options.1);
-                match certified_key(cert, key, &self.provider) {
-                    Ok(loaded) => {
-                        current.key = Arc::new(loaded);
-                        current.stamps = now;
-                        tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
-                    }
-                    // Tried again at the next check: the files may still be being written.
-                    Err(e) => tracing::warn!(
-                        "TLS certificate not reloaded, the previous one stays: {e:#}"
-                    ),
-                }
+            (current.key.clone(), current.stamps)
+        };
+        let now = stamps(&self.cert_path, &self.key_path);
+        if now.is_none() || now == seen {
+            return Some(key);
+        }
+        let cert = PemFile::new(&self.cert_path, &self.options.0);
+        let key_file = PemFile::new(&self.key_path, &self.options.1);
+        match certified_key(cert, key_file, &self.provider) {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
+                let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                current.key = loaded.clone();
+                current.stamps = now;
+                tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
+                Some(loaded)
+            }
+            // Tried again at the next check: the files may still be being written.
+            Err(e) => {
+                tracing::warn!("TLS certificate not reloaded, the previous one stays: {e:#}");
+                Some(key)
             }
         }
-        Some(current.key.clone())
     }
 }
 
-/// The two files' modification times (`None` if either cannot be read).
-fn stamps(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((modified(cert)?, modified(key)?))
+/// The two files' stamps (`None` if either cannot be read).
+fn stamps(cert: &Path, key: &Path) -> Option<(Stamp, Stamp)> {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    };
+    Some((stamp(cert)?, stamp(key)?))
 }
 
 #[cfg(test)]
@@ -236,6 +255,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
         assert_eq!(handshake(&tls, &ca_b, None).await, Ok(()));
+        // Written whole at last: A again.
+        std::thread::sleep(Duration::from_millis(20));
+        a.write_server(&cert, &key);
+        assert_eq!(handshake(&tls, &ca_a, None).await, Ok(()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
