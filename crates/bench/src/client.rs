@@ -227,11 +227,13 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Checks that `target` answers before a run (`GET /v1/models`, at most 10 s), and returns the
+/// Checks that `target` answers before a run (`GET /v1/models`, at most 10 s; a target that
+/// asked `tls` for a client certificate it does not have is told apart), and returns the
 /// model to request: `model` if given (refused if the target lists models without it), else the
 /// first the target lists.
 pub async fn check_target(
     client: &HttpClient,
+    tls: &qoe_tls::ClientTls,
     target: &Target,
     model: Option<&str>,
 ) -> anyhow::Result<String> {
@@ -244,9 +246,10 @@ pub async fn check_target(
     let fetch = async {
         let resp = client.request(req).await.map_err(|e| {
             anyhow::anyhow!(
-                "--target {}: cannot connect ({})",
+                "--target {}: cannot connect ({}){}",
                 target.base,
-                with_causes(&e)
+                with_causes(&e),
+                tls.identity_hint()
             )
         })?;
         let status = resp.status();

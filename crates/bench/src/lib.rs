@@ -78,6 +78,13 @@ pub struct BenchArgs {
     /// public web roots built in (as `curl --cacert`).
     #[arg(long, env = "QOE_BENCH_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to https targets that ask for one (a router run with
+    /// --tls-client-ca-file, vLLM with --ssl-cert-reqs 2); needs --client-key.
+    #[arg(long, env = "QOE_BENCH_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The PEM private key of --client-cert.
+    #[arg(long, env = "QOE_BENCH_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Most requests in flight at once; a request planned beyond it is counted as a
     /// `client_overload` error, never queued.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -265,8 +272,13 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         "workload `{}` plans no requests with seed {seed}: raise its rate or duration",
         workload.name()
     );
-    let ca = args.ca_file.as_deref();
-    let tls = qoe_tls::ClientTls::new(ca.map(|p| qoe_tls::PemFile::new(p, "--ca-file")), None)?;
+    let pem = qoe_tls::PemFile::new;
+    let ca = args.ca_file.as_deref().map(|p| pem(p, "--ca-file"));
+    let identity = match (&args.client_cert, &args.client_key) {
+        (Some(cert), Some(key)) => Some((pem(cert, "--client-cert"), pem(key, "--client-key"))),
+        _ => None,
+    };
+    let tls = qoe_tls::ClientTls::new(ca, identity)?;
     let client = http_client(args.max_in_flight as usize, &tls);
     let mut labels: Vec<String> = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
@@ -282,7 +294,7 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
     let model = args.model.clone().or_else(|| workload.spec().model.clone());
     let mut models = Vec::with_capacity(targets.len());
     for target in &targets {
-        models.push(client::check_target(&client, target, model.as_deref()).await?);
+        models.push(client::check_target(&client, &tls, target, model.as_deref()).await?);
     }
     for (i, ((target, label), model)) in targets.iter().zip(labels).zip(models).enumerate() {
         if !args.quiet {
@@ -544,6 +556,14 @@ mod tests {
             "0"
         ])
         .is_err());
+        // A client certificate comes with its key.
+        let base = ["--target", "https://a:1", "--workload", "w"];
+        let half = BenchArgs::from_flags(base.iter().copied().chain(["--client-cert", "c.pem"]));
+        let err = half.unwrap_err().to_string();
+        assert!(err.contains("--client-key"), "{err}");
+        let both = ["--client-cert", "c.pem", "--client-key", "k.pem"];
+        let a = BenchArgs::from_flags(base.iter().copied().chain(both)).unwrap();
+        assert_eq!(a.client_key.as_deref(), Some(Path::new("k.pem")));
     }
 
     #[tokio::test]

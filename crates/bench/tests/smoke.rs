@@ -1,7 +1,8 @@
 //! End to end: two simulated engines (`tiny` profile) and a router on 127.0.0.1 ephemeral ports,
 //! the smoke workload run for 2 s against the router, against one engine directly, and against
-//! that engine over https (a TLS terminator in front, its CA given with `--ca-file`) with
-//! `--compare`, and the written report checked for structure and counts (no timing thresholds).
+//! that engine over https (a TLS terminator in front that asks for a client certificate, its CA
+//! given with `--ca-file`, the bench's certificate with `--client-cert`) with `--compare`, and
+//! the written report checked for structure and counts (no timing thresholds).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -164,11 +165,14 @@ async fn smoke_against_a_router_and_an_engine() {
         wait_healthy(&format!("{url}/health")).await;
     }
     let pki = qoe_tls::testing::TestPki::new();
-    let engine_tls = pki.terminator(&engines[0]).await;
+    // It asks for a client certificate (mutual TLS): without --client-cert every request fails.
+    let engine_tls = pki.terminator_for(&engines[0], true).await;
 
     let out = temp_dir();
     let ca = out.join("ca.pem");
     pki.write_ca(&ca);
+    let (client_cert, client_key) = (out.join("client.pem"), out.join("client.key"));
+    pki.write_client(&client_cert, &client_key);
     let workload = smoke_workload();
     let duration = DURATION_S.to_string();
     let seed = SEED.to_string();
@@ -181,6 +185,10 @@ async fn smoke_against_a_router_and_an_engine() {
         &engine_tls,
         "--ca-file",
         ca.to_str().unwrap(),
+        "--client-cert",
+        client_cert.to_str().unwrap(),
+        "--client-key",
+        client_key.to_str().unwrap(),
         "--compare",
         "--label",
         "router,engine,engine-tls",
@@ -302,6 +310,11 @@ async fn bad_targets_fail_fast() {
     let workload = smoke_workload();
     let file = workload.to_str().unwrap();
     let out = temp_dir();
+    // The engine behind TLS that asks for a client certificate; the bench has none.
+    let pki = qoe_tls::testing::TestPki::new();
+    let wants_a_certificate = pki.terminator_for(&engine, true).await;
+    let ca = out.join("ca.pem");
+    pki.write_ca(&ca);
     let under_a_file = out.join("report.toml");
     std::fs::write(&under_a_file, "").unwrap();
     let under_a_file = under_a_file.join("out");
@@ -324,6 +337,15 @@ async fn bad_targets_fail_fast() {
         (
             vec!["--target", &engine, "--request-timeout", "1e300"],
             "--request-timeout",
+        ),
+        (
+            vec![
+                "--target",
+                &wants_a_certificate,
+                "--ca-file",
+                ca.to_str().unwrap(),
+            ],
+            "(a server asked for a client certificate and none is configured)",
         ),
     ];
     let huge = (
