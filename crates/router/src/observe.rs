@@ -10,7 +10,7 @@
 use crate::endpoints::{Clock, Endpoint, LoadGuard};
 use crate::errors::ApiError;
 use crate::state::AppState;
-use crate::upstream::Conn;
+use crate::upstream::{Conn, PolledFrame};
 use crate::usage::UsageScanner;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
@@ -62,9 +62,9 @@ pub struct ObservedBody<B: Body> {
     pending: Option<(Frame<Bytes>, Micros)>,
     state: Arc<AppState>,
     endpoint: Arc<Endpoint>,
-    /// The connection the body comes on, returned to the endpoint's pool when the body was read
-    /// to its end (otherwise dropped: hyper closes a connection whose response was not read
-    /// through, which is what aborts the request on the engine when the client leaves).
+    /// The connection the body comes on, driven when the body waits for it, and returned to
+    /// the endpoint's pool when the body was read to its end (otherwise dropped, which closes
+    /// it: that is what aborts the request on the engine when the client leaves).
     conn: Option<Conn>,
     guard: Option<LoadGuard>,
     ctx: RequestContext,
@@ -402,6 +402,14 @@ impl<B: Body> ObservedBody<B> {
         );
     }
 
+    /// The next frame of the upstream body, its connection driven as needed (see [`Conn`]).
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> PolledFrame<B> {
+        match self.conn.as_mut() {
+            Some(conn) => conn.poll_frame(self.inner.as_mut(), cx),
+            None => self.inner.as_mut().poll_frame(cx),
+        }
+    }
+
     /// Whether nothing came for the idle timeout since the last frame; otherwise the timer is
     /// armed (and will wake `cx`) for when that would be.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
@@ -462,7 +470,7 @@ where
         loop {
             let (frame, at) = match this.pending.take() {
                 Some(first) => first,
-                None => match this.inner.as_mut().poll_frame(cx) {
+                None => match this.poll_inner(cx) {
                     Poll::Ready(Some(Ok(frame))) => (frame, this.clock().now()),
                     Poll::Ready(Some(Err(e))) => {
                         let message = format!("the endpoint broke the response off: {e}");

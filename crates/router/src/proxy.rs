@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Body as _, Frame};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use qoe_core::analyze::{analyze, Route};
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
 use std::future::Future;
@@ -521,12 +521,14 @@ type FirstFrame = Option<(Frame<Bytes>, Micros)>;
 async fn first_frame(
     state: &AppState,
     body: &mut hyper::body::Incoming,
+    conn: &mut Conn,
     timer: Pin<&mut Sleep>,
 ) -> Result<FirstFrame, SendError> {
     if body.is_end_stream() {
         return Ok(None);
     }
-    match before(timer, body.frame()).await {
+    let frame = std::future::poll_fn(|cx| conn.poll_frame(Pin::new(&mut *body), cx));
+    match before(timer, frame).await {
         None => Err(SendError::Timeout),
         Some(None) => Ok(None),
         Some(Some(Err(e))) => Err(SendError::Broken(format!(
@@ -697,9 +699,11 @@ async fn dispatch(
             Ok((response, _)) if may_retry && is_retryable(response.status()) => {
                 Err(SendError::Status(response.status()))
             }
-            Ok((mut response, conn)) => first_frame(&state, response.body_mut(), timer.as_mut())
-                .await
-                .map(|first| (response, conn, first)),
+            Ok((mut response, mut conn)) => {
+                first_frame(&state, response.body_mut(), &mut conn, timer.as_mut())
+                    .await
+                    .map(|first| (response, conn, first))
+            }
             Err(e) => Err(e),
         };
         match result {

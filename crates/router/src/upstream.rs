@@ -6,7 +6,12 @@
 //!   endpoint's own lock, with no per-request task, URI rewriting or `Host` formatting; the
 //!   connection goes back when its response body has been read to the end (see
 //!   [`crate::observe`]), and a connection found closed before a request went out is replaced
-//!   transparently.
+//!   transparently. A connection has no task of its own: whoever is waiting on it (the request
+//!   being sent, then the response body as the client's connection reads it) drives it
+//!   ([`Conn::poll_frame`]), so the chunks of one burst from the engine are decoded in the same
+//!   pass and leave toward the client in one write (docs/PERFORMANCE.md, "Run of 2026-12-07").
+//!   The pool drives an idle connection when it takes it, which is when an engine's close of it
+//!   is seen.
 //! * [`UpstreamClient`]: hyper-util's general client, for scrapes and health checks.
 //!
 //! Both speak `https` to an endpoint whose URL says so ([`qoe_tls`]); the pool's TLS
@@ -15,12 +20,15 @@
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1::SendRequest, TrySendError};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use qoe_tls::{ClientTls, HttpsConnector};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// The client for the router's own requests to endpoints, with the `Authorization` it sends
@@ -92,8 +100,83 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// A connection ready for one request; hand it back with [`Pool::put`] once the response has
-/// been read to its end.
-pub type Conn = SendRequest<Full<Bytes>>;
+/// been read to its end. Nothing reads or writes it but [`Conn::poll_frame`] and the sending of
+/// a request: whoever waits on it drives it (module docs).
+pub struct Conn {
+    send: SendRequest<Full<Bytes>>,
+    /// hyper's connection future; `None` once it has ended.
+    driver: Option<Driver>,
+}
+
+type Driver = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+
+/// What polling a body for its next frame gives.
+pub type PolledFrame<B> = Poll<
+    Option<Result<http_body::Frame<<B as http_body::Body>::Data>, <B as http_body::Body>::Error>>,
+>;
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("ended", &self.driver.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// The next frame of `body`, this connection's response body: what hyper already decoded
+    /// into it, else what driving the connection decodes now.
+    pub fn poll_frame<B>(&mut self, mut body: Pin<&mut B>, cx: &mut Context<'_>) -> PolledFrame<B>
+    where
+        B: http_body::Body + ?Sized,
+    {
+        if let ready @ Poll::Ready(_) = body.as_mut().poll_frame(cx) {
+            return ready;
+        }
+        drive(&mut self.driver, cx);
+        body.poll_frame(cx)
+    }
+
+    /// Drives the connection as far as it goes without waiting (for a connection nobody waits
+    /// on: one back in the pool, or taken from it).
+    fn settle(&mut self) {
+        drive(&mut self.driver, &mut Context::from_waker(Waker::noop()));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.driver.is_none() || self.send.is_closed()
+    }
+
+    /// Sends `request` and waits for the response's head, driving the connection meanwhile.
+    async fn send(
+        &mut self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, TrySendError<http::Request<Full<Bytes>>>>
+    {
+        let Conn { send, driver } = self;
+        let mut response = std::pin::pin!(send.try_send_request(request));
+        // A connection that ends first fails the response future (with the request if unsent).
+        std::future::poll_fn(|cx| {
+            drive(driver, cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// Moves a connection along: writes what its request has to send, reads and decodes what arrived
+/// into the response body (one frame at a time: hyper's body channel holds one). `cx` is woken
+/// when there is more to do.
+fn drive(driver: &mut Option<Driver>, cx: &mut Context<'_>) {
+    if let Some(connection) = driver.as_mut() {
+        if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+            if let Err(e) = result {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+            *driver = None;
+        }
+    }
+}
 
 /// Why [`Pool::send`] produced no response.
 #[derive(Debug)]
@@ -213,7 +296,7 @@ impl Pool {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            match conn.try_send_request(request).await {
+            match conn.send(request).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => request = unsent,
@@ -238,24 +321,35 @@ impl Pool {
     }
 
     /// The most recently returned connection that can take a request now. Closed and expired
-    /// ones are dropped on the way; one not ready yet (its connection task has not yet seen the
-    /// end of the last response) is kept for later.
+    /// ones are dropped on the way; one not ready yet (hyper has not yet seen the end of its
+    /// last response) is kept for later. Each is driven outside the pool's lock.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let mut not_ready = Vec::new();
-        let mut found = None;
-        while let Some(i) = idle.pop() {
-            if i.conn.is_closed() || now.duration_since(i.since) >= self.config.idle_timeout {
+        let found = loop {
+            let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(mut i) = popped else {
+                break None;
+            };
+            if now.duration_since(i.since) >= self.config.idle_timeout {
                 continue;
             }
-            if i.conn.is_ready() {
-                found = Some(i.conn);
-                break;
+            // Reads what came since it was last driven: the end of its last response (hyper
+            // then marks it ready), or the engine closing it.
+            i.conn.settle();
+            if i.conn.is_closed() {
+                continue;
+            }
+            if i.conn.send.is_ready() {
+                break Some(i.conn);
             }
             not_ready.push(i);
+        };
+        if !not_ready.is_empty() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let room = self.config.max_idle.saturating_sub(idle.len());
+            idle.extend(not_ready.into_iter().rev().take(room));
         }
-        idle.extend(not_ready.into_iter().rev());
         found
     }
 
@@ -325,21 +419,19 @@ fn authority(host: &str, port: u16) -> String {
     }
 }
 
-/// The HTTP/1.1 handshake over a connected (and, for https, secured) stream; the connection's
-/// task runs until the connection ends.
+/// The HTTP/1.1 handshake over a connected (and, for https, secured) stream (no I/O yet: the
+/// connection is driven by its users, see [`Conn`]).
 async fn handshake<T>(io: T, authority: &str) -> Result<Conn, PoolError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (conn, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| PoolError::Connect(format!("{authority}: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("upstream connection ended: {e}");
-        }
-    });
-    Ok(conn)
+    Ok(Conn {
+        send,
+        driver: Some(Box::pin(connection)),
+    })
 }
 
 /// The largest `/metrics` body the router reads: vLLM's is tens of kilobytes; an engine behind
@@ -426,6 +518,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn targets_host_headers_and_paths_come_from_the_url() {
@@ -485,6 +578,114 @@ mod tests {
             Err(PoolError::Connect(e)) => assert!(e.contains("no TLS configured"), "{e}"),
             other => panic!("{:?}", other.map(|(r, _)| r.status())),
         }
+    }
+
+    /// An engine on 127.0.0.1 that answers every request on a connection with `chunks` chunks
+    /// written at once (chunked encoding), then closes the connection if `close_after_one`;
+    /// counts the connections it accepted.
+    async fn bursty_engine(
+        chunks: usize,
+        close_after_one: bool,
+    ) -> (
+        String,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let (count, notify) = (accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    let mut answer =
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    for i in 0..chunks {
+                        let event = format!("data: {i}\n\n");
+                        answer.extend(format!("{:x}\r\n{event}\r\n", event.len()).bytes());
+                    }
+                    answer.extend(b"0\r\n\r\n");
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            if socket.write_all(&answer).await.is_err() {
+                                return;
+                            }
+                            if close_after_one {
+                                drop(socket);
+                                notify.notify_one();
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted, closed)
+    }
+
+    /// Sends a GET on `pool` and reads the body to its end, driving the connection as the
+    /// router's response body does; the connection goes back to the pool.
+    async fn fetch(pool: &Pool) -> String {
+        let request = http::Request::get("/v1/x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (response, mut conn) = pool.send(request).await.expect("an answer");
+        let mut body = response.into_body();
+        let mut text = Vec::new();
+        loop {
+            let frame = std::future::poll_fn(|cx| conn.poll_frame(Pin::new(&mut body), cx));
+            match tokio::time::timeout(Duration::from_secs(10), frame).await {
+                Ok(Some(Ok(frame))) => text.extend_from_slice(frame.data_ref().unwrap()),
+                Ok(None) => break,
+                other => panic!("{:?}", other.map(|f| f.map(|f| f.is_ok()))),
+            }
+        }
+        pool.put(conn);
+        String::from_utf8(text).unwrap()
+    }
+
+    /// Connections have no task of their own: the reader of a response drives it, the pool
+    /// settles it, and it is still reused for the next request, every chunk read through.
+    #[tokio::test]
+    async fn a_connection_driven_by_its_reader_is_read_through_and_reused() {
+        // A burst longer than one read of hyper's buffer and than one pass of its connection.
+        let (url, accepted, _) = bursty_engine(3_000, false).await;
+        let pool = Pool::new(&url, PoolConfig::default());
+        let expected: String = (0..3_000).map(|i| format!("data: {i}\n\n")).collect();
+        for _ in 0..3 {
+            assert_eq!(fetch(&pool).await, expected);
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A pooled connection the engine closed while it sat idle is seen to be closed when taken,
+    /// and the request goes out on a new one: the client never sees the old one's end.
+    #[tokio::test]
+    async fn an_idle_connection_the_engine_closed_is_replaced() {
+        let (url, accepted, closed) = bursty_engine(2, true).await;
+        let pool = Pool::new(&url, PoolConfig::default());
+        let expected = "data: 0\n\ndata: 1\n\n";
+        assert_eq!(fetch(&pool).await, expected);
+        closed.notified().await;
+        // Lets the runtime's reactor see the engine's FIN before the next checkout.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(fetch(&pool).await, expected);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     /// An endpoint that answers without end is cut off at the limit, long before the timeout,
