@@ -20,6 +20,7 @@ pub async fn scrape_once(
     clock: &Clock,
     timeout: Duration,
 ) {
+    endpoint.pool.prune();
     // Both at once: a round takes one timeout at most, so a stuck engine cannot slow the loop
     // (which waits for every endpoint's round) below one round per interval.
     let metrics = async {

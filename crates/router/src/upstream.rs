@@ -10,8 +10,8 @@
 //!   being sent, then the response body as the client's connection reads it) drives it
 //!   ([`Conn::poll_frame`]), so the chunks of one burst from the engine are decoded in the same
 //!   pass and leave toward the client in one write (docs/PERFORMANCE.md, "Run of 2026-12-07").
-//!   The pool drives an idle connection when it takes it, which is when an engine's close of it
-//!   is seen.
+//!   The pool drives a connection when it is given back and when it is taken, which is when an
+//!   engine's close of it is seen, and closes those idle past the timeout ([`Pool::prune`]).
 //! * [`UpstreamClient`]: hyper-util's general client, for scrapes and health checks.
 //!
 //! Both speak `https` to an endpoint whose URL says so ([`qoe_tls`]); the pool's TLS
@@ -25,6 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use qoe_tls::{ClientTls, HttpsConnector};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -204,7 +205,7 @@ pub struct Pool {
     /// The URL's path, prefixed to every request's path ("" for none).
     base_path: String,
     /// Most recently returned last.
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<VecDeque<Idle>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -254,7 +255,7 @@ impl Pool {
             https,
             host,
             base_path,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -306,18 +307,47 @@ impl Pool {
         }
     }
 
-    /// Takes back a connection whose response was read to the end.
-    pub fn put(&self, conn: Conn) {
+    /// Takes back a connection whose response was read to the end. Connections that sat idle
+    /// past the idle timeout go on the way (see [`Pool::prune`]).
+    pub fn put(&self, mut conn: Conn) {
+        // Sees an engine's close if it came with the response's end, and leaves nothing
+        // registered to wake the task that read the response.
+        conn.settle();
         if conn.is_closed() || self.config.max_idle == 0 {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let expired = self.take_expired(&mut idle, now);
         if idle.len() < self.config.max_idle {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { conn, since: now });
         }
+        drop(idle);
+        drop(expired);
+    }
+
+    /// Closes the connections that sat idle past the idle timeout. Nothing reads an idle
+    /// connection, so an engine's close of one is only seen when it is taken; this keeps such
+    /// sockets from lingering while the busier ones above them are reused (called on every
+    /// put and every metrics scrape).
+    pub fn prune(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let expired = self.take_expired(&mut idle, Instant::now());
+        drop(idle);
+        drop(expired);
+    }
+
+    /// The expired connections at the bottom of the stack (the longest idle), to be dropped
+    /// once the lock is released.
+    fn take_expired(&self, idle: &mut VecDeque<Idle>, now: Instant) -> Vec<Idle> {
+        let mut expired = Vec::new();
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= self.config.idle_timeout)
+        {
+            expired.extend(idle.pop_front());
+        }
+        expired
     }
 
     /// The most recently returned connection that can take a request now. Closed and expired
@@ -327,7 +357,11 @@ impl Pool {
         let now = Instant::now();
         let mut not_ready = Vec::new();
         let found = loop {
-            let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let popped = self
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_back();
             let Some(mut i) = popped else {
                 break None;
             };
@@ -346,9 +380,13 @@ impl Pool {
             not_ready.push(i);
         };
         if !not_ready.is_empty() {
+            // Back on top, the most recent first kept; any beyond the bound closed unlocked.
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             let room = self.config.max_idle.saturating_sub(idle.len());
-            idle.extend(not_ready.into_iter().rev().take(room));
+            let surplus = not_ready.split_off(room.min(not_ready.len()));
+            idle.extend(not_ready.into_iter().rev());
+            drop(idle);
+            drop(surplus);
         }
         found
     }
@@ -581,11 +619,12 @@ mod tests {
     }
 
     /// An engine on 127.0.0.1 that answers every request on a connection with `chunks` chunks
-    /// written at once (chunked encoding), then closes the connection if `close_after_one`;
+    /// written at once (chunked encoding); with `close_on`, after the first answer it waits for
+    /// that signal, then closes the connection and notifies the `Notify` it returns;
     /// counts the connections it accepted.
     async fn bursty_engine(
         chunks: usize,
-        close_after_one: bool,
+        close_on: Option<Arc<tokio::sync::Notify>>,
     ) -> (
         String,
         Arc<std::sync::atomic::AtomicUsize>,
@@ -600,7 +639,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let notify = notify.clone();
+                let (notify, close_on) = (notify.clone(), close_on.clone());
                 tokio::spawn(async move {
                     let mut answer =
                         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
@@ -624,7 +663,8 @@ mod tests {
                             if socket.write_all(&answer).await.is_err() {
                                 return;
                             }
-                            if close_after_one {
+                            if let Some(close_on) = &close_on {
+                                close_on.notified().await;
                                 drop(socket);
                                 notify.notify_one();
                                 return;
@@ -662,8 +702,8 @@ mod tests {
     /// settles it, and it is still reused for the next request, every chunk read through.
     #[tokio::test]
     async fn a_connection_driven_by_its_reader_is_read_through_and_reused() {
-        // A burst longer than one read of hyper's buffer and than one pass of its connection.
-        let (url, accepted, _) = bursty_engine(3_000, false).await;
+        // A burst longer than one read into hyper's buffer.
+        let (url, accepted, _) = bursty_engine(3_000, None).await;
         let pool = Pool::new(&url, PoolConfig::default());
         let expected: String = (0..3_000).map(|i| format!("data: {i}\n\n")).collect();
         for _ in 0..3 {
@@ -677,15 +717,51 @@ mod tests {
     /// and the request goes out on a new one: the client never sees the old one's end.
     #[tokio::test]
     async fn an_idle_connection_the_engine_closed_is_replaced() {
-        let (url, accepted, closed) = bursty_engine(2, true).await;
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (url, accepted, closed) = bursty_engine(2, Some(close.clone())).await;
         let pool = Pool::new(&url, PoolConfig::default());
         let expected = "data: 0\n\ndata: 1\n\n";
         assert_eq!(fetch(&pool).await, expected);
+        assert_eq!(pool.idle_count(), 1);
+        close.notify_one();
         closed.notified().await;
         // Lets the runtime's reactor see the engine's FIN before the next checkout.
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // Seen closed when taken, not handed out for a request.
+        assert!(pool.checkout().is_none());
+        assert_eq!(pool.idle_count(), 0);
         assert_eq!(fetch(&pool).await, expected);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// Idle connections past the idle timeout are closed by `prune` (and on the next `put`),
+    /// not kept until a checkout reaches them.
+    #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_pruned() {
+        let (url, _, _) = bursty_engine(1, None).await;
+        let with_timeout = |idle_timeout| {
+            Pool::new(
+                &url,
+                PoolConfig {
+                    idle_timeout,
+                    ..PoolConfig::default()
+                },
+            )
+        };
+        let (patient, brief) = (
+            with_timeout(Duration::from_secs(3_600)),
+            with_timeout(Duration::from_millis(50)),
+        );
+        for pool in [&patient, &brief] {
+            assert_eq!(fetch(pool).await, "data: 0\n\n");
+            assert_eq!(pool.idle_count(), 1);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for pool in [&patient, &brief] {
+            pool.prune();
+        }
+        assert_eq!(patient.idle_count(), 1);
+        assert_eq!(brief.idle_count(), 0);
     }
 
     /// An endpoint that answers without end is cut off at the limit, long before the timeout,
