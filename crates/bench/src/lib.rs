@@ -272,12 +272,15 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         "workload `{}` plans no requests with seed {seed}: raise its rate or duration",
         workload.name()
     );
-    let pem = qoe_tls::PemFile::new;
-    let ca = args.ca_file.as_deref().map(|p| pem(p, "--ca-file"));
-    let identity = match (&args.client_cert, &args.client_key) {
-        (Some(cert), Some(key)) => Some((pem(cert, "--client-cert"), pem(key, "--client-key"))),
-        _ => None,
-    };
+    use qoe_tls::PemFile;
+    let ca = args
+        .ca_file
+        .as_deref()
+        .map(|p| PemFile::new(p, "--ca-file"));
+    let identity = PemFile::pair(
+        (args.client_cert.as_deref(), "--client-cert"),
+        (args.client_key.as_deref(), "--client-key"),
+    );
     let tls = qoe_tls::ClientTls::new(ca, identity)?;
     let client = http_client(args.max_in_flight as usize, &tls);
     let mut labels: Vec<String> = Vec::with_capacity(targets.len());

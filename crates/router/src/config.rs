@@ -452,32 +452,45 @@ impl RouterConfig {
     /// TLS toward endpoints and, with `--tls-cert-file`, on the router's port, from the files
     /// the options name (read now: an error names the option and the file).
     pub fn tls(&self) -> anyhow::Result<(qoe_tls::ClientTls, Option<qoe_tls::ServerTls>)> {
-        let pem = qoe_tls::PemFile::new;
-        let identity = match (&self.upstream_client_cert, &self.upstream_client_key) {
-            (Some(cert), Some(key)) => Some((
-                pem(cert, "--upstream-client-cert"),
-                pem(key, "--upstream-client-key"),
-            )),
-            _ => None,
-        };
+        use qoe_tls::PemFile;
+        let identity = PemFile::pair(
+            (
+                self.upstream_client_cert.as_deref(),
+                "--upstream-client-cert",
+            ),
+            (self.upstream_client_key.as_deref(), "--upstream-client-key"),
+        );
         let ca = self.upstream_ca_file.as_deref();
-        let client = qoe_tls::ClientTls::new(ca.map(|p| pem(p, "--upstream-ca-file")), identity)?;
-        let server = match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(cert), Some(key)) => Some(qoe_tls::ServerTls::new(
-                pem(cert, "--tls-cert-file"),
-                pem(key, "--tls-key-file"),
+        let client =
+            qoe_tls::ClientTls::new(ca.map(|p| PemFile::new(p, "--upstream-ca-file")), identity)?;
+        let served = PemFile::pair(
+            (self.tls_cert_file.as_deref(), "--tls-cert-file"),
+            (self.tls_key_file.as_deref(), "--tls-key-file"),
+        );
+        let server = match served {
+            Some((cert, key)) => Some(qoe_tls::ServerTls::new(
+                cert,
+                key,
                 self.tls_client_ca_file
                     .as_deref()
-                    .map(|p| pem(p, "--tls-client-ca-file")),
+                    .map(|p| PemFile::new(p, "--tls-client-ca-file")),
                 qoe_tls::server::RELOAD_CHECK,
             )?),
-            _ => None,
+            None => None,
         };
         Ok((client, server))
     }
 
-    /// Checks values that clap cannot, with messages naming the option.
+    /// Checks values that clap cannot, with messages naming the option, and reads the TLS
+    /// files the options name, so that a check of the settings catches a bad one.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_settings()?;
+        self.tls().map(drop)
+    }
+
+    /// [`RouterConfig::validate`] without reading any file (for a caller that builds the TLS
+    /// configs next, with [`RouterConfig::tls`]).
+    pub fn validate_settings(&self) -> anyhow::Result<()> {
         PolicyKind::parse(&self.routing_logic)
             .map_err(|e| anyhow::anyhow!("--routing-logic: {e}"))?;
         // (Seconds have their own range below.)
@@ -625,8 +638,6 @@ impl RouterConfig {
             self.upstream_client_cert.is_some() == self.upstream_client_key.is_some(),
             "--upstream-client-cert and --upstream-client-key go together: give both or neither"
         );
-        // The certificate and key files are read, so that a check of the settings catches them.
-        self.tls()?;
         anyhow::ensure!(
             self.max_header_bytes >= 1024,
             "--max-header-bytes must be at least 1024, got {}",

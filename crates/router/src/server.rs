@@ -29,7 +29,7 @@ use tokio::sync::watch;
 /// Builds the router's state from a validated config. The endpoint table starts empty; [`serve`]
 /// fills it from discovery.
 pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
-    config.validate()?;
+    config.validate_settings()?;
     let (tls, server_tls) = config.tls()?;
     let client = upstream::client(
         Duration::from_millis(config.connect_timeout_ms),

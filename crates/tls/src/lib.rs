@@ -101,6 +101,15 @@ impl<'a> PemFile<'a> {
         PemFile { path, option }
     }
 
+    /// A certificate file and its key file, named by their options, when both are given (the
+    /// options' own checks refuse one without the other).
+    pub fn pair(
+        cert: (Option<&'a Path>, &'a str),
+        key: (Option<&'a Path>, &'a str),
+    ) -> Option<(Self, Self)> {
+        Some((PemFile::new(cert.0?, cert.1), PemFile::new(key.0?, key.1)))
+    }
+
     /// Every certificate in the file, in order; an error if there is none.
     pub fn certificates(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
         let (option, shown) = (self.option, self.path.display());
