@@ -273,7 +273,8 @@ pub struct RouterConfig {
     #[arg(long, env = "QOE_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<std::path::PathBuf>,
     /// PEM certificate chain the router presents to https endpoints that ask for one (vLLM run
-    /// with `--ssl-ca-certs` and `--ssl-cert-reqs 2`); needs --upstream-client-key. Read at start.
+    /// with `--ssl-ca-certs` and `--ssl-cert-reqs 2`); needs --upstream-client-key. Re-read, with the key, when the files
+    /// change (checked at most every 10 s) for the connections opened after.
     #[arg(long, env = "QOE_UPSTREAM_CLIENT_CERT")]
     pub upstream_client_cert: Option<std::path::PathBuf>,
     /// The PEM private key of --upstream-client-cert.
@@ -474,7 +475,7 @@ impl RouterConfig {
                 self.tls_client_ca_file
                     .as_deref()
                     .map(|p| PemFile::new(p, "--tls-client-ca-file")),
-                qoe_tls::server::RELOAD_CHECK,
+                qoe_tls::RELOAD_CHECK,
             )?),
             None => None,
         };

@@ -13,10 +13,12 @@
 //! post-quantum hybrid key exchange), passed explicitly, so no process-wide default needs
 //! installing.
 
+pub mod reload;
 pub mod server;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
+pub use reload::RELOAD_CHECK;
 pub use server::ServerTls;
 
 pub use hyper_rustls::HttpsConnector;
@@ -71,9 +73,10 @@ impl rustls::client::ResolvesClientCert for NoIdentity {
     }
 }
 
-/// The client's one certificate, offered to every server that asks.
+/// The client's one certificate, offered to every server that asks, re-read when its files
+/// change ([`reload`]).
 #[derive(Debug)]
-struct Identity(Arc<rustls::sign::CertifiedKey>);
+struct Identity(reload::ReloadingPair);
 
 impl rustls::client::ResolvesClientCert for Identity {
     fn resolve(
@@ -81,7 +84,7 @@ impl rustls::client::ResolvesClientCert for Identity {
         _: &[&[u8]],
         _: &[rustls::SignatureScheme],
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.0.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -178,10 +181,21 @@ pub fn certified_key(
 impl ClientTls {
     /// Trusts the certificates of `ca`, or without it the built-in web roots (as curl's
     /// `--cacert` replaces its bundle: a private CA's file pins the endpoints to that CA);
-    /// presents the certificate chain and key of `identity` to servers that ask for one.
+    /// presents the certificate chain and key of `identity` to servers that ask for one,
+    /// re-read when the files change (checked at most every [`RELOAD_CHECK`]).
     pub fn new(
         ca: Option<PemFile<'_>>,
         identity: Option<(PemFile<'_>, PemFile<'_>)>,
+    ) -> anyhow::Result<Self> {
+        Self::with_reload_check(ca, identity, RELOAD_CHECK)
+    }
+
+    /// [`ClientTls::new`], with the identity's files checked for a change at most every
+    /// `reload_check`.
+    pub fn with_reload_check(
+        ca: Option<PemFile<'_>>,
+        identity: Option<(PemFile<'_>, PemFile<'_>)>,
+        reload_check: std::time::Duration,
     ) -> anyhow::Result<Self> {
         let roots = match ca {
             Some(ca) => ca.roots()?,
@@ -200,8 +214,8 @@ impl ClientTls {
                 (builder.with_client_cert_resolver(none.clone()), Some(none))
             }
             Some((cert, key)) => {
-                let pair = certified_key(cert, key, &provider)?;
-                let identity = Arc::new(Identity(Arc::new(pair)));
+                let pair = reload::ReloadingPair::load(cert, key, provider, reload_check)?;
+                let identity = Arc::new(Identity(pair));
                 (builder.with_client_cert_resolver(identity), None)
             }
         };

@@ -1,38 +1,29 @@
 //! The server side: TLS on the router's own port (`--tls-cert-file`, `--tls-key-file`), for a
 //! router that faces its clients directly, as vLLM does with `--ssl-certfile`.
 //!
-//! Certificates rotate (cert-manager, ACME): the files are checked for a change (modification
-//! time, length, inode) at most once per [`RELOAD_CHECK`], by the handshake that finds the check
-//! due and outside the lock every handshake takes, and a changed pair is loaded for the
-//! handshakes after it. A pair that fails to load (a half-written file, a key that does not
-//! match) keeps the previous one in use and is logged, so a botched rotation never takes the
-//! router down; the router refuses to start only on a pair that is bad at start.
+//! The certificate rotates: it is re-read when its files change ([`crate::reload`]).
 
-use crate::{certified_key, PemFile};
-use rustls::crypto::CryptoProvider;
+use crate::reload::ReloadingPair;
+use crate::PemFile;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// An accepted connection after its handshake.
 pub type ServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// How often, at most, the certificate files are checked for a change.
-pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 
 /// TLS for accepted connections: hands each accepted TCP stream to [`ServerTls::accept`].
 #[derive(Clone)]
 pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
-    resolver: Arc<ReloadingCert>,
+    resolver: Arc<ServerCert>,
 }
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
-            .field("cert", &self.resolver.cert_path)
+            .field("cert", &self.resolver.0.cert_path())
             .finish_non_exhaustive()
     }
 }
@@ -49,21 +40,8 @@ impl ServerTls {
         reload_check: Duration,
     ) -> anyhow::Result<Self> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        // Seen before the load: a rotation in between is loaded at the first check.
-        let seen = stamps(cert.path, key.path);
-        let loaded = certified_key(cert, key, &provider)?;
-        let resolver = Arc::new(ReloadingCert {
-            cert_path: cert.path.to_path_buf(),
-            key_path: key.path.to_path_buf(),
-            options: (cert.option.to_string(), key.option.to_string()),
-            provider: provider.clone(),
-            reload_check,
-            state: Mutex::new(Current {
-                key: Arc::new(loaded),
-                stamps: seen,
-                checked: Instant::now(),
-            }),
-        });
+        let pair = ReloadingPair::load(cert, key, provider.clone(), reload_check)?;
+        let resolver = Arc::new(ServerCert(pair));
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow::anyhow!("TLS server configuration: {e}"))?;
@@ -91,71 +69,14 @@ impl ServerTls {
     }
 }
 
-/// What tells that a file changed: its modification time, length and inode.
-type Stamp = (SystemTime, u64, u64);
-
-/// The pair in use, what its files looked like when it was loaded, and when they were checked.
+/// The router's certificate, the same for every client.
 #[derive(Debug)]
-struct Current {
-    key: Arc<CertifiedKey>,
-    stamps: Option<(Stamp, Stamp)>,
-    checked: Instant,
-}
+struct ServerCert(ReloadingPair);
 
-#[derive(Debug)]
-struct ReloadingCert {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    /// The options that named the two files.
-    options: (String, String),
-    provider: Arc<CryptoProvider>,
-    reload_check: Duration,
-    state: Mutex<Current>,
-}
-
-impl ResolvesServerCert for ReloadingCert {
+impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let (key, seen) = {
-            let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if current.checked.elapsed() < self.reload_check {
-                return Some(current.key.clone());
-            }
-            // This handshake checks; the others go on with the pair in use meanwhile.
-            current.checked = Instant::now();
-            (current.key.clone(), current.stamps)
-        };
-        let now = stamps(&self.cert_path, &self.key_path);
-        if now.is_none() || now == seen {
-            return Some(key);
-        }
-        let cert = PemFile::new(&self.cert_path, &self.options.0);
-        let key_file = PemFile::new(&self.key_path, &self.options.1);
-        match certified_key(cert, key_file, &self.provider) {
-            Ok(loaded) => {
-                let loaded = Arc::new(loaded);
-                let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                current.key = loaded.clone();
-                current.stamps = now;
-                tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
-                Some(loaded)
-            }
-            // Tried again at the next check: the files may still be being written.
-            Err(e) => {
-                tracing::warn!("TLS certificate not reloaded, the previous one stays: {e:#}");
-                Some(key)
-            }
-        }
+        Some(self.0.current())
     }
-}
-
-/// The two files' stamps (`None` if either cannot be read).
-fn stamps(cert: &Path, key: &Path) -> Option<(Stamp, Stamp)> {
-    use std::os::unix::fs::MetadataExt;
-    let stamp = |p: &Path| {
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len(), m.ino()))
-    };
-    Some((stamp(cert)?, stamp(key)?))
 }
 
 #[cfg(test)]
@@ -163,6 +84,7 @@ mod tests {
     use super::*;
     use crate::testing::TestPki;
     use crate::ClientTls;
+    use std::path::{Path, PathBuf};
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir =
@@ -187,6 +109,12 @@ mod tests {
         ca: &Path,
         identity: Option<(&Path, &Path)>,
     ) -> Result<(), String> {
+        let identity = identity.map(|(c, k)| (PemFile::new(c, "--cert"), PemFile::new(k, "--key")));
+        let client = ClientTls::new(Some(PemFile::new(ca, "--ca")), identity).unwrap();
+        handshake_with(server, &client).await
+    }
+
+    async fn handshake_with(server: &ServerTls, client: &ClientTls) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = server.clone();
@@ -194,8 +122,6 @@ mod tests {
             let (tcp, _) = listener.accept().await.unwrap();
             server.accept(tcp).await.map(|_| ())
         });
-        let identity = identity.map(|(c, k)| (PemFile::new(c, "--cert"), PemFile::new(k, "--key")));
-        let client = ClientTls::new(Some(PemFile::new(ca, "--ca")), identity).unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let connected = client.connect("127.0.0.1", tcp).await.map(|_| ());
         // TLS 1.3 clients finish before the server has checked their certificate: the server's
@@ -262,10 +188,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[tokio::test]
-    async fn with_a_client_ca_only_its_clients_get_in() {
-        let dir = temp_dir("mutual");
-        let (a, b) = (TestPki::new(), TestPki::new());
+    /// A's server pair and A's CA, written in `dir`: (certificate, key, CA).
+    fn a_server_and_its_ca(a: &TestPki, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         let (cert, key, ca) = (
             dir.join("cert.pem"),
             dir.join("key.pem"),
@@ -273,6 +197,14 @@ mod tests {
         );
         a.write_server(&cert, &key);
         a.write_ca(&ca);
+        (cert, key, ca)
+    }
+
+    #[tokio::test]
+    async fn with_a_client_ca_only_its_clients_get_in() {
+        let dir = temp_dir("mutual");
+        let (a, b) = (TestPki::new(), TestPki::new());
+        let (cert, key, ca) = a_server_and_its_ca(&a, &dir);
         let (a_cert, a_key) = (dir.join("a-client.pem"), dir.join("a-client.key"));
         let (b_cert, b_key) = (dir.join("b-client.pem"), dir.join("b-client.key"));
         a.write_client(&a_cert, &a_key);
@@ -285,6 +217,47 @@ mod tests {
         // Without a client CA, a client's certificate is not asked for.
         let open = server(&cert, &key, None).unwrap();
         assert_eq!(handshake(&open, &ca, None).await, Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_client_certificate_is_presented_and_a_broken_one_is_not() {
+        let dir = temp_dir("client-reload");
+        let (a, b) = (TestPki::new(), TestPki::new());
+        let (cert, key, ca) = a_server_and_its_ca(&a, &dir);
+        let (id_cert, id_key) = (dir.join("client.pem"), dir.join("client.key"));
+        b.write_client(&id_cert, &id_key);
+        let client = ClientTls::with_reload_check(
+            Some(PemFile::new(&ca, "--ca")),
+            Some((
+                PemFile::new(&id_cert, "--cert"),
+                PemFile::new(&id_key, "--key"),
+            )),
+            Duration::ZERO,
+        )
+        .unwrap();
+        // A server of its own for every handshake: no session to resume, so each one shows
+        // which certificate the client presents.
+        let fresh = || server(&cert, &key, Some(&ca)).unwrap();
+        assert!(
+            handshake_with(&fresh(), &client).await.is_err(),
+            "B's client certificate is not signed by A's CA"
+        );
+
+        // Rotated to A's pair: presented from the next handshake on.
+        std::thread::sleep(Duration::from_millis(20));
+        a.write_client(&id_cert, &id_key);
+        assert_eq!(handshake_with(&fresh(), &client).await, Ok(()));
+
+        // Half-written: A's stays in use.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&id_cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert_eq!(handshake_with(&fresh(), &client).await, Ok(()));
+
+        // B's again, written whole.
+        std::thread::sleep(Duration::from_millis(20));
+        b.write_client(&id_cert, &id_key);
+        assert!(handshake_with(&fresh(), &client).await.is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
