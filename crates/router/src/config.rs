@@ -140,7 +140,7 @@ pub struct RouterConfig {
     pub optimal_throughput: f64,
     /// QoE policy base weights α,β,γ,δ (resource, performance, reliability, priority);
     /// normalized to sum 1.
-    #[arg(long, env = "QOE_WEIGHTS", value_delimiter = ',', num_args = 4,
+    #[arg(long, env = "QOE_WEIGHTS", value_delimiter = ',', num_args = 1..=4,
           default_values_t = QoeConfig::default().weights)]
     pub qoe_weights: Vec<f64>,
     /// Whether the QoE weights adapt to fleet conditions (within their bounds).
@@ -1174,6 +1174,20 @@ mod tests {
         assert_eq!(c.optimal_throughput, 30.0);
         assert_eq!(c.priority_header, "x-request-priority");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn weights_are_taken_comma_or_space_separated() {
+        for args in [
+            &["--qoe-weights", "0.5,0.2,0.2,0.1"][..],
+            &["--qoe-weights", "0.5", "0.2", "0.2", "0.1"][..],
+        ] {
+            let c =
+                RouterConfig::from_args(std::iter::once("x").chain(args.iter().copied())).unwrap();
+            assert_eq!(c.qoe_weights, [0.5, 0.2, 0.2, 0.1], "{args:?}");
+        }
+        let two = RouterConfig::from_args(["x", "--qoe-weights", "0.5,0.5"]).unwrap();
+        assert!(two.validate().is_err());
     }
 
     #[test]

@@ -168,7 +168,13 @@ pub struct Endpoint {
     metrics: EndpointMetrics,
     /// Connections for requests proxied here.
     pub pool: Pool,
+    /// When it joined the endpoint set.
+    added: std::time::Instant,
 }
+
+/// How long an endpoint that is down and has listed no model yet may still be starting (a large
+/// model loads for minutes) before a model no other endpoint serves is taken not to exist.
+pub const MODEL_LISTING_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Locks `m`, poisoned or not: a request that panicked must not stop the others.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -201,6 +207,7 @@ impl Endpoint {
             header_value: http::HeaderValue::from_str(&spec.url).ok(),
             metrics: EndpointMetrics::new(&spec.url),
             pool: Pool::new(&spec.url, pool),
+            added: std::time::Instant::now(),
         }
     }
 
@@ -267,6 +274,14 @@ impl Endpoint {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
+    }
+
+    /// Whether it may yet list a model it does not list now: it lists none, and it answers its
+    /// health checks or joined less than [`MODEL_LISTING_GRACE`] before `now`.
+    pub fn may_list_models(&self, now: std::time::Instant) -> bool {
+        !self.knows_models()
+            && (self.is_healthy()
+                || now.saturating_duration_since(self.added) < MODEL_LISTING_GRACE)
     }
 
     /// The models this endpoint serves (configured, else detected).
@@ -717,5 +732,35 @@ mod tests {
         assert!(e.is_healthy());
         assert_eq!(e.health().flaps(30, 100), 2);
         assert_eq!(e.health().flaps(1_000, 100), 0);
+    }
+
+    #[test]
+    fn an_endpoint_down_past_the_grace_may_not_list_models_any_more() {
+        let mut detect = spec("http://a:1");
+        detect.models.clear();
+        let e = Endpoint::new(
+            &detect,
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
+        let now = std::time::Instant::now();
+        let later = now + MODEL_LISTING_GRACE;
+        assert!(
+            e.may_list_models(now) && e.may_list_models(later),
+            "healthy"
+        );
+        e.record_health(Err("refused".into()), 10, 1, 1);
+        assert!(e.may_list_models(now), "down, but maybe still loading");
+        assert!(!e.may_list_models(later), "down for the whole grace");
+        e.record_health(Ok(()), 20, 1, 1);
+        assert!(e.may_list_models(later), "answering again");
+        let listed = Endpoint::new(
+            &spec("http://b:1"),
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
+        assert!(!listed.may_list_models(now), "its models are configured");
     }
 }

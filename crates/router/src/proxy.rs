@@ -65,6 +65,28 @@ pub fn route_of(path: &str) -> Option<Route> {
     })
 }
 
+/// Routes vLLM serves for POST only: another method gets 405 here rather than a body error, or
+/// the engine's bare 405.
+fn post_only(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/embeddings"
+            | "/v1/responses"
+            | "/v1/messages"
+            | "/v1/rerank"
+            | "/v1/score"
+            | "/tokenize"
+            | "/detokenize"
+            | "/pooling"
+            | "/classify"
+            | "/score"
+            | "/rerank"
+            | "/invocations"
+    )
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1): not forwarded either way, nor any header a
 /// `Connection` header names ([`named_by_connection`]).
 const HOP_BY_HOP: [&str; 9] = [
@@ -167,6 +189,21 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         .with_code("unknown_route");
         return reject(&state, error, &request_id);
     };
+    if parts.method != http::Method::POST && post_only(parts.uri.path()) {
+        let error = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{} is not allowed on {}; use POST",
+                parts.method,
+                parts.uri.path()
+            ),
+        );
+        let mut response = reject(&state, error, &request_id);
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -356,10 +393,13 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
         .collect();
     if serving.is_empty() {
         if table.endpoints.is_empty() {
-            return Err(ApiError::new(
+            // A reload may add some.
+            let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no endpoints are configured",
-            ));
+            );
+            e.retry_after = Some(1);
+            return Err(e);
         }
         let models = served_models(state);
         let known = if models.is_empty() {
@@ -368,8 +408,13 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiEr
             models.join(", ")
         };
         // An endpoint still starting (vLLM loads its weights before it lists a model) may serve
-        // it: a moment later, not never.
-        let pending = table.endpoints.iter().filter(|e| !e.knows_models()).count();
+        // it: a moment later, not never. One down for longer than that, never.
+        let now = std::time::Instant::now();
+        let pending = table
+            .endpoints
+            .iter()
+            .filter(|e| e.may_list_models(now))
+            .count();
         if pending > 0 {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -275,6 +275,18 @@ async fn wrong_methods_unknown_routes_and_refusals_are_openai_errors() {
     assert_eq!(ans.header("allow"), "GET, HEAD");
     let ans = request(&c, "DELETE", &format!("{}/health", r.url), "", &[]).await;
     assert_eq!(ans.status, 405);
+    // A proxied route vLLM serves for POST only: 405 from the router, in its shape.
+    for (method, body) in [("GET", ""), ("PUT", "{\"model\":\"m\"}")] {
+        let url = format!("{}/v1/chat/completions", r.url);
+        let ans = request(&c, method, &url, body, &key).await;
+        assert_eq!(ans.status, 405, "{method}");
+        let err = assert_openai_error(std::str::from_utf8(&ans.body).unwrap(), 405, None);
+        assert!(
+            err["message"].as_str().unwrap().contains("use POST"),
+            "{err}"
+        );
+        assert_eq!(ans.header("allow"), "POST");
+    }
 
     let ans = request(&c, "GET", &format!("{}/nope", r.url), "", &key).await;
     assert_eq!(ans.status, 404);

@@ -539,6 +539,10 @@ async fn not_ready_without_endpoints_or_models() {
     let ready = get(&c, &format!("{}/ready", empty.url)).await.unwrap();
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["reason"], "no endpoints are configured");
+    let url = format!("{}/v1/completions", empty.url);
+    let ans = post(&c, &url, &completion("m", "x", false), &[]).await;
+    assert_eq!(ans.status, 503);
+    assert_eq!(ans.header("retry-after"), "1", "a reload may add endpoints");
     // An endpoint that was never checked healthy (refused connections, models configured) is
     // not ready, though it counts as healthy until enough checks fail.
     let dead = router(&[
