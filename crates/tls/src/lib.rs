@@ -73,25 +73,6 @@ impl rustls::client::ResolvesClientCert for NoIdentity {
     }
 }
 
-/// The client's one certificate, offered to every server that asks, re-read when its files
-/// change ([`reload`]).
-#[derive(Debug)]
-struct Identity(reload::ReloadingPair);
-
-impl rustls::client::ResolvesClientCert for Identity {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[rustls::SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.current())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
 /// A PEM file and the option that named it (errors say both).
 #[derive(Clone, Copy, Debug)]
 pub struct PemFile<'a> {
@@ -214,8 +195,13 @@ impl ClientTls {
                 (builder.with_client_cert_resolver(none.clone()), Some(none))
             }
             Some((cert, key)) => {
-                let pair = reload::ReloadingPair::load(cert, key, provider, reload_check)?;
-                let identity = Arc::new(Identity(pair));
+                // Re-read when its files change (`reload`).
+                let identity = Arc::new(reload::ReloadingPair::load(
+                    cert,
+                    key,
+                    provider,
+                    reload_check,
+                )?);
                 (builder.with_client_cert_resolver(identity), None)
             }
         };

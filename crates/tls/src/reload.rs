@@ -113,6 +113,24 @@ impl ReloadingPair {
     }
 }
 
+/// The router's own certificate: the same for every client.
+impl rustls::server::ResolvesServerCert for ReloadingPair {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// The client's one certificate, offered to every server that asks.
+impl rustls::client::ResolvesClientCert for ReloadingPair {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The two files' stamps (`None` if either cannot be read).
 fn stamps(cert: &Path, key: &Path) -> Option<(Stamp, Stamp)> {
     use std::os::unix::fs::MetadataExt;

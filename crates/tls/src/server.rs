@@ -5,8 +5,7 @@
 
 use crate::reload::ReloadingPair;
 use crate::PemFile;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
+use rustls::server::WebPkiClientVerifier;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +16,13 @@ pub type ServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 #[derive(Clone)]
 pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
-    resolver: Arc<ServerCert>,
+    resolver: Arc<ReloadingPair>,
 }
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
-            .field("cert", &self.resolver.0.cert_path())
+            .field("cert", &self.resolver.cert_path())
             .finish_non_exhaustive()
     }
 }
@@ -40,8 +39,12 @@ impl ServerTls {
         reload_check: Duration,
     ) -> anyhow::Result<Self> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let pair = ReloadingPair::load(cert, key, provider.clone(), reload_check)?;
-        let resolver = Arc::new(ServerCert(pair));
+        let resolver = Arc::new(ReloadingPair::load(
+            cert,
+            key,
+            provider.clone(),
+            reload_check,
+        )?);
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow::anyhow!("TLS server configuration: {e}"))?;
@@ -66,16 +69,6 @@ impl ServerTls {
     /// The TLS handshake of an accepted connection.
     pub async fn accept(&self, tcp: tokio::net::TcpStream) -> std::io::Result<ServerStream> {
         self.acceptor.accept(tcp).await
-    }
-}
-
-/// The router's certificate, the same for every client.
-#[derive(Debug)]
-struct ServerCert(ReloadingPair);
-
-impl ResolvesServerCert for ServerCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current())
     }
 }
 
