@@ -34,12 +34,16 @@ pub enum Command {
     Simulate(qoe_bench::simulate::SimulateArgs),
 }
 
-/// Sets up logging: `format` text or JSON, `filter` in tracing's env-filter syntax.
+/// Sets up logging: `format` text or JSON, `filter` in tracing's env-filter syntax. Text is
+/// coloured only on a terminal (and not under `NO_COLOR`): a log file or journal gets plain lines.
 pub fn init_logging(format: LogFormat, filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

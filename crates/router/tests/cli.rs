@@ -211,3 +211,53 @@ fn sighup_without_a_config_file_does_not_stop_the_router() {
         "the router ended on SIGHUP: {exited:?}"
     );
 }
+
+/// Logs written to a pipe or file are plain text: no colour escapes to strip from a journal.
+#[test]
+fn logs_to_a_pipe_are_not_coloured() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qoe-router"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--static-backends",
+            "http://127.0.0.1:9",
+            "--static-models",
+            "m",
+        ])
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let listening = line.contains("listening");
+            let _ = tx.send(line);
+            if listening {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        let listening = line.contains("listening");
+        lines.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines.iter().any(|l| l.contains("qoe-router listening")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "{lines:?}");
+}
