@@ -299,6 +299,38 @@ fn counting_slots() -> Arc<tokio::sync::Semaphore> {
         .clone()
 }
 
+/// A priority, SLA or expected-output header sent more than once with different values: which
+/// one the client meant cannot be told, so it is refused rather than one of them taken.
+fn conflicting_qoe_header(
+    analyzer: &qoe_core::analyze::AnalyzerConfig,
+    headers: &HeaderMap,
+) -> Result<(), qoe_core::analyze::BadRequest> {
+    // Every header name once: nothing to look at (the usual case, without a lookup).
+    if headers.len() == headers.keys_len() {
+        return Ok(());
+    }
+    for name in [
+        &analyzer.priority_header,
+        &analyzer.expected_output_len_header,
+        &analyzer.sla_header,
+    ] {
+        let mut values = headers.get_all(name.as_str()).iter();
+        let Some(first) = values.next() else { continue };
+        if let Some(other) = values.find(|v| *v != first) {
+            return Err(qoe_core::analyze::BadRequest {
+                param: Some(name.clone()),
+                message: format!(
+                    "header {name} is given more than once with different values ('{}', '{}'); \
+                     send it once",
+                    String::from_utf8_lossy(first.as_bytes()),
+                    String::from_utf8_lossy(other.as_bytes()),
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether a tokenizer may count `body`'s prompt: there is one for every model, or the name of
 /// a model with its own is `model` or appears in the body (a cheap look; a false positive costs
 /// only the hand-over to the blocking pool).
@@ -323,6 +355,7 @@ async fn analyzed(
     headers: &HeaderMap,
     model: Option<String>,
 ) -> Result<RequestProfile, qoe_core::analyze::BadRequest> {
+    conflicting_qoe_header(&state.analyzer, headers)?;
     let run = move |state: &AppState, body: &[u8], headers: &HeaderMap, model: Option<&str>| {
         // A body without `model` is counted by the tokenizer of the model the router supplies.
         let supplied;

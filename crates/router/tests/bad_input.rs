@@ -169,6 +169,35 @@ async fn invalid_utf8_in_the_body_and_in_header_values() {
     // A wrong or missing key on a route with keys: see tests/security.rs.
 }
 
+/// A QoE header sent twice with different values is refused, naming it; twice the same is fine.
+#[tokio::test]
+async fn a_qoe_header_given_twice_with_different_values_is_refused() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let host = r.url.trim_start_matches("http://");
+    let good = br#"{"model":"m","prompt":"x","max_tokens":2}"#;
+    for (name, a, b) in [
+        ("x-request-priority", "1", "3"),
+        ("x-sla-target-ms", "500", "2000"),
+        ("x-expected-output-tokens", "10", "900"),
+    ] {
+        let (first, second) = (format!("{name}: {a}"), format!("{name}: {b}"));
+        let lines: [&[u8]; 3] = [first.as_bytes(), b"x-other: y", second.as_bytes()];
+        let ans = raw(&r.url, &raw_post("/v1/completions", host, &lines, good)).await;
+        assert_eq!(ans.status, 400, "{name}: {ans:?}");
+        let err = assert_openai_error(&ans.body, 400, Some(name));
+        let message = err["message"].as_str().unwrap();
+        assert!(
+            message.contains("more than once") && message.contains(&format!("'{a}', '{b}'")),
+            "{message}"
+        );
+        let same = [first.as_bytes(), first.as_bytes()];
+        let ans = raw(&r.url, &raw_post("/v1/completions", host, &same, good)).await;
+        assert_eq!(ans.status, 200, "{name} twice alike: {ans:?}");
+    }
+    assert_eq!(completions_seen(&engine), 3, "only the unambiguous ones");
+}
+
 #[tokio::test]
 async fn huge_and_malformed_headers_are_refused() {
     let engine = mock(&["m"]).await;
