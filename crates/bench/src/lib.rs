@@ -504,6 +504,7 @@ impl Run<'_> {
             .finish(ReportMeta {
                 label: self.label,
                 target: Some(self.target.base.clone()),
+                model: Some(self.model.clone()),
                 workload: self.workload.name().to_string(),
                 seed: self.seed,
                 max_send_lag_ms: Some(max_lag.load(Ordering::Relaxed) as f64 / 1e3),

@@ -235,6 +235,7 @@ async fn smoke_against_a_router_and_an_engine() {
     for r in &set.reports {
         assert_eq!(r.workload, "smoke");
         assert_eq!(r.seed, SEED);
+        assert_eq!(r.model.as_deref(), Some(MODEL));
         check_report(r, planned);
     }
     // The same plan, so the same tokens were asked of each.
@@ -280,6 +281,7 @@ async fn smoke_against_a_router_and_an_engine() {
         md.contains("### router") && md.contains("### engine"),
         "{md}"
     );
+    assert!(md.contains("(model `sim-llama`)"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 
     let _ = stop_tx.send(true);

@@ -682,6 +682,8 @@ pub struct ReportMeta {
     pub label: String,
     /// The URL driven (live), or the fleet (simulated).
     pub target: Option<String>,
+    /// The model the requests named (live runs).
+    pub model: Option<String>,
     pub workload: String,
     pub seed: u64,
     /// How late, at worst, a request was sent after its planned time (live runs).
@@ -749,6 +751,7 @@ impl ReportBuilder {
         Report {
             label: meta.label,
             target: meta.target,
+            model: meta.model,
             workload: meta.workload,
             seed: meta.seed,
             duration_s,
@@ -770,6 +773,9 @@ impl ReportBuilder {
 pub struct Report {
     pub label: String,
     pub target: Option<String>,
+    /// The model the requests named (live runs; simulated ones have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     pub workload: String,
     pub seed: u64,
     /// First request sent to last request finished, seconds.
@@ -806,9 +812,14 @@ impl Report {
             .as_deref()
             .map(|t| format!(" against `{t}`"))
             .unwrap_or_default();
+        let model = self
+            .model
+            .as_deref()
+            .map(|m| format!(" (model `{}`)", m.replace('`', "'")))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "Workload `{}`{target}, seed {}: {} requests in {:.1} s (offered {:.2} req/s){}.\n",
+            "Workload `{}`{target}{model}, seed {}: {} requests in {:.1} s (offered {:.2} req/s){}.\n",
             self.workload,
             self.seed,
             self.overall.requests,

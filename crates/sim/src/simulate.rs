@@ -1883,6 +1883,7 @@ impl<'a> Sim<'a> {
         let report = self.builder.finish(ReportMeta {
             label: label.to_string(),
             target: Some(format!("fleet {} ({} engines)", fleet.name(), fleet.len())),
+            model: None,
             workload: workload.name().to_string(),
             seed: self.cfg.seed,
             max_send_lag_ms: None,
