@@ -120,6 +120,10 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             let config = config.with_file(subcommand_matches(matches, "serve"))?;
             if config.print_config {
                 config.validate()?;
+                // The file's backends, checked as `serve` checks them.
+                crate::discovery::Discovery::initial(&mut crate::discovery::StaticDiscovery::new(
+                    &config,
+                ))?;
                 return qoe_bench::print_report(config.effective_toml()?.trim_end());
             }
             init_logging(config.log_format, &config.log_level);

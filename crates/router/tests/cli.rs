@@ -129,15 +129,7 @@ fn print_config_prints_the_settings_and_exits() {
 #[test]
 fn print_config_with_a_config_file_prints_the_file_and_exits() {
     let (dir, path) = config_file("print", "routing_logic = \"session\"\nport = 0\n");
-    let out = run_bounded(
-        &[
-            "serve",
-            "--print-config",
-            "--config",
-            path.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = print_config_of(&path);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -146,6 +138,39 @@ fn print_config_with_a_config_file_prints_the_file_and_exits() {
     );
     assert!(stdout.contains("routing_logic = \"session\""), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `serve --print-config --config PATH`.
+fn print_config_of(path: &std::path::Path) -> Output {
+    run_bounded(
+        &[
+            "serve",
+            "--print-config",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+/// `--print-config` checks the file's `[[backends]]` as `serve` does: a bad one fails it.
+#[test]
+fn print_config_refuses_a_bad_backend_in_the_file() {
+    for (tag, entry, says) in [
+        ("port", "url = \"http://127.0.0.1:99999\"", "99999"),
+        (
+            "role",
+            "url = \"http://127.0.0.1:1\"\nrole = \"kv_both\"",
+            "kv_both",
+        ),
+    ] {
+        let (dir, path) = config_file(tag, &format!("[[backends]]\n{entry}\n"));
+        let out = print_config_of(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{tag}: accepted");
+        assert!(stderr.contains(says), "{stderr}");
+    }
 }
 
 /// `kill -HUP` (what `systemctl reload` sends) re-reads the config file, and without one it is
