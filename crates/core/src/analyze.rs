@@ -233,13 +233,19 @@ fn session_hash(field: Option<&Value>) -> Option<u64> {
     }
 }
 
-/// A request carrying `kv_transfer_params.do_remote_prefill: true` is a decode-stage request.
+/// A request carrying `kv_transfer_params.do_remote_prefill: true` is a decode-stage request,
+/// one carrying `do_remote_decode: true` a prefill-stage one.
 fn stage(kv_transfer_params: Option<&Value>) -> Stage {
-    match kv_transfer_params {
-        Some(Value::Object(p)) if p.get("do_remote_prefill") == Some(&Value::Bool(true)) => {
-            Stage::Decode
-        }
-        _ => Stage::Whole,
+    let Some(Value::Object(p)) = kv_transfer_params else {
+        return Stage::Whole;
+    };
+    let set = |key: &str| p.get(key) == Some(&Value::Bool(true));
+    if set("do_remote_prefill") {
+        Stage::Decode
+    } else if set("do_remote_decode") {
+        Stage::Prefill
+    } else {
+        Stage::Whole
     }
 }
 
@@ -326,10 +332,11 @@ pub fn analyze<'h>(
     let prompt_tokens = text_tokens.saturating_add(prompt.token_ids.min(u32::MAX as u64) as u32);
     let prefill_ms = prompt_tokens as f64 / config.nominal_prefill_tokens_per_ms.max(1e-9);
     let decode_ms = expected_output_tokens as f64 * config.nominal_itl_ms;
-    let phase = if stage == Stage::Whole && prefill_ms >= decode_ms {
-        Phase::PrefillDominant
-    } else {
-        Phase::DecodeDominant
+    let phase = match stage {
+        Stage::Prefill => Phase::PrefillDominant,
+        Stage::Decode => Phase::DecodeDominant,
+        Stage::Whole if prefill_ms >= decode_ms => Phase::PrefillDominant,
+        Stage::Whole => Phase::DecodeDominant,
     };
     // The tool definitions come first in the prompt, and are cached with it.
     let with_tools;
@@ -793,6 +800,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.stage, Stage::Decode);
+        assert_eq!(p.phase, Phase::DecodeDominant);
+    }
+
+    #[test]
+    fn remote_decode_is_a_prefill_stage_and_false_flags_are_ordinary() {
+        let prefill = r#"{"model":"m","prompt":"hi","max_tokens":500,"kv_transfer_params":{"do_remote_decode":true}}"#;
+        let p = run(COMPLETION, prefill, &[]).unwrap();
+        assert_eq!(p.stage, Stage::Prefill);
+        assert_eq!(p.phase, Phase::PrefillDominant);
+        let off = r#"{"model":"m","prompt":"hi","kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":false}}"#;
+        assert_eq!(run(COMPLETION, off, &[]).unwrap().stage, Stage::Whole);
     }
 
     #[test]

@@ -23,6 +23,17 @@ pub enum Role {
     Decode,
 }
 
+impl Role {
+    /// Whether an endpoint of this role can take a request of `stage`: an engine set up for one
+    /// stage refuses the other's requests (`kv_transfer_params`), and serves ordinary ones.
+    pub fn takes(self, stage: crate::Stage) -> bool {
+        !matches!(
+            (self, stage),
+            (Role::Prefill, crate::Stage::Decode) | (Role::Decode, crate::Stage::Prefill)
+        )
+    }
+}
+
 /// The router's own accounting of requests in flight on an endpoint. The same for every policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Load {

@@ -67,6 +67,9 @@ pub enum Phase {
 pub enum Stage {
     /// Ordinary request: one engine does both.
     Whole,
+    /// Carries `kv_transfer_params.do_remote_decode`: its KV goes on to another engine, which
+    /// decodes.
+    Prefill,
     /// Carries `kv_transfer_params.do_remote_prefill`: its KV was computed elsewhere.
     Decode,
 }

@@ -298,8 +298,15 @@ impl Endpoint {
     }
 
     pub fn serves(&self, model: &str) -> bool {
+        self.role_if_serving(model).is_some()
+    }
+
+    /// Its role, if it serves `model` (an empty name: any); one read of its settings for both.
+    pub fn role_if_serving(&self, model: &str) -> Option<Role> {
         let settings = self.settings();
-        if settings.static_models.is_empty() {
+        let serving = if model.is_empty() {
+            true
+        } else if settings.static_models.is_empty() {
             let detected = self
                 .detected_models
                 .read()
@@ -307,7 +314,8 @@ impl Endpoint {
             detected.iter().any(|m| m == model)
         } else {
             settings.static_models.iter().any(|m| m == model)
-        }
+        };
+        serving.then_some(settings.role)
     }
 
     /// Stores what `/v1/models` answered: its model objects, and their ids as the served models

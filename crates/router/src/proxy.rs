@@ -30,6 +30,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Body as _, Frame};
 use http_body_util::Full;
 use qoe_core::analyze::{analyze, Route};
+use qoe_core::Role;
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
 use std::future::Future;
 use std::io::Write as _;
@@ -415,15 +416,44 @@ fn only_model(state: &AppState) -> Option<String> {
 }
 
 /// Endpoints serving the model (healthy or not: health and breakers are checked before every
-/// pick, since a request may wait in the queue or retry).
-fn candidates(state: &AppState, model: &str) -> Result<Vec<Arc<Endpoint>>, ApiError> {
+/// pick, since a request may wait in the queue or retry) whose role takes the request's stage.
+/// An ordinary request goes to the endpoints of role `both` when some serve the model: a
+/// prefill or decode engine serves it too, but it is kept for its own stage.
+fn candidates(
+    state: &AppState,
+    model: &str,
+    stage: qoe_core::Stage,
+) -> Result<Vec<Arc<Endpoint>>, ApiError> {
     let table = state.registry.table();
-    let serving: Vec<_> = table
-        .endpoints
-        .iter()
-        .filter(|e| model.is_empty() || e.serves(model))
-        .cloned()
-        .collect();
+    let mut serving = Vec::new();
+    let (mut serving_model, mut both) = (0usize, 0usize);
+    for e in table.endpoints.iter() {
+        let Some(role) = e.role_if_serving(model) else {
+            continue;
+        };
+        serving_model += 1;
+        if role.takes(stage) {
+            both += usize::from(role == Role::Both);
+            serving.push(e.clone());
+        }
+    }
+    if stage == qoe_core::Stage::Whole && both > 0 && both < serving.len() {
+        serving.retain(|e| e.role() == Role::Both);
+    }
+    if serving.is_empty() && serving_model > 0 {
+        let role = match stage {
+            qoe_core::Stage::Prefill => "prefill",
+            _ => "decode",
+        };
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no endpoint of role {role} or both serves the model '{model}' for this \
+                 kv_transfer_params stage (roles are set per backend in the config file)"
+            ),
+        )
+        .with_param(Some("kv_transfer_params".into())));
+    }
     if serving.is_empty() {
         if table.endpoints.is_empty() {
             // A reload may add some.
@@ -624,7 +654,7 @@ async fn dispatch(
     request_id: HeaderValue,
     started: Micros,
 ) -> Response {
-    let mut pool = match candidates(&state, &profile.model) {
+    let mut pool = match candidates(&state, &profile.model, profile.stage) {
         Ok(c) => c,
         Err(e) => return reject(&state, e, &request_id),
     };
@@ -707,7 +737,7 @@ async fn dispatch(
                 // added is a candidate, one removed is not. One an earlier attempt failed on is
                 // a candidate again: time has passed, health and the breaker judge it now, and a
                 // waiter that could not use it would hold back newcomers that can.
-                pool = match candidates(&state, &profile.model) {
+                pool = match candidates(&state, &profile.model, profile.stage) {
                     Ok(c) => c,
                     Err(e) => return reject(&state, e, &request_id),
                 };

@@ -1149,3 +1149,113 @@ async fn upstream_connections_are_kept_alive_and_replaced_when_the_engine_closes
     assert_eq!(a.status, 200);
     assert_eq!(accepted.load(Ordering::SeqCst) - before, 2);
 }
+
+/// Disaggregated serving: a decode-stage request (`do_remote_prefill`) never goes to a prefill
+/// engine, a prefill-stage one (`do_remote_decode`) never to a decode engine, and ordinary
+/// requests stay on the engines of role `both`; a stage no endpoint takes gets a 503 naming it.
+#[tokio::test]
+async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
+    let (prefill, decode, both) = (mock(&["m"]).await, mock(&["m"]).await, mock(&["m"]).await);
+    let dir = std::env::temp_dir().join(format!("qoe-roles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    let backends = |list: &[(&str, &str)]| {
+        let mut text = String::from("routing_logic = \"roundrobin\"\n");
+        for (url, role) in list {
+            text.push_str(&format!(
+                "[[backends]]\nurl = \"{url}\"\nmodels = [\"m\"]\nrole = \"{role}\"\n"
+            ));
+        }
+        text
+    };
+    std::fs::write(
+        &path,
+        backends(&[
+            (&prefill.url, "prefill"),
+            (&decode.url, "decode"),
+            (&both.url, "both"),
+        ]),
+    )
+    .unwrap();
+    let r = router(&["--config", path.to_str().unwrap()]).await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let staged = |flag: &str| {
+        format!(
+            r#"{{"model":"m","prompt":"x","max_tokens":2,"kv_transfer_params":{{"{flag}":true}}}}"#
+        )
+    };
+    let seen = |body: &str| {
+        let (c, url, body) = (c.clone(), url.clone(), body.to_string());
+        async move {
+            let ans = post(&c, &url, &body, &[]).await;
+            assert_eq!(ans.status, 200, "{body}");
+            ans.header("x-qoe-endpoint")
+        }
+    };
+    let mut decode_stage = HashSet::new();
+    let mut prefill_stage = HashSet::new();
+    let mut ordinary = HashSet::new();
+    for _ in 0..6 {
+        decode_stage.insert(seen(&staged("do_remote_prefill")).await);
+        prefill_stage.insert(seen(&staged("do_remote_decode")).await);
+        ordinary.insert(seen(&completion("m", "x", false)).await);
+    }
+    assert_eq!(
+        decode_stage,
+        HashSet::from([decode.url.clone(), both.url.clone()])
+    );
+    assert_eq!(
+        prefill_stage,
+        HashSet::from([prefill.url.clone(), both.url.clone()])
+    );
+    assert_eq!(ordinary, HashSet::from([both.url.clone()]));
+
+    // Without an engine of role both, ordinary requests use the others; a fleet with prefill
+    // engines only refuses decode-stage requests, naming the parameter.
+    let (r2, r3) = {
+        let two = dir.join("pd.toml");
+        std::fs::write(
+            &two,
+            backends(&[(&prefill.url, "prefill"), (&decode.url, "decode")]),
+        )
+        .unwrap();
+        let one = dir.join("p.toml");
+        std::fs::write(&one, backends(&[(&prefill.url, "prefill")])).unwrap();
+        (
+            router(&["--config", two.to_str().unwrap()]).await,
+            router(&["--config", one.to_str().unwrap()]).await,
+        )
+    };
+    let mut anywhere = HashSet::new();
+    for _ in 0..4 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r2.url),
+            &completion("m", "x", false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+        anywhere.insert(ans.header("x-qoe-endpoint"));
+    }
+    assert_eq!(anywhere.len(), 2, "{anywhere:?}");
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r3.url),
+        &staged("do_remote_prefill"),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 503);
+    let err = ans.json();
+    assert_eq!(err["error"]["param"], "kv_transfer_params", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("role decode"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

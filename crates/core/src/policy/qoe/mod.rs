@@ -459,7 +459,9 @@ impl Qoe {
         // A decode-stage request's KV was computed elsewhere: its whole prompt counts as cached.
         let cached = match req.stage {
             Stage::Decode => prompt,
-            Stage::Whole => (blocks as f64 * block_tokens(req)).min(prompt as f64) as u32,
+            Stage::Whole | Stage::Prefill => {
+                (blocks as f64 * block_tokens(req)).min(prompt as f64) as u32
+            }
         };
         let own = (prompt - cached) as f64;
         let model = models.get(view.key);
@@ -590,7 +592,7 @@ impl Qoe {
         if ties > 1 {
             return Reason::QoeTie;
         }
-        if best.cached > runner.cached && ctx.req.stage == Stage::Whole {
+        if best.cached > runner.cached && ctx.req.stage != Stage::Decode {
             // Would it still have won outright with only the runner-up's cache hit?
             let without = self.eval(
                 ctx,
