@@ -46,8 +46,9 @@ pub enum Reason {
     PrefixOverloaded,
     /// No known prefix: least-loaded.
     PrefixMiss,
-    // The `qoe` policy's reasons: which cost term made the chosen endpoint beat the runner-up
-    // (the largest weighted term difference), checked in this order: tie, prefix, then the term.
+    // The `qoe` policy's reasons: what overrode the cheapest endpoint (prefix affinity, the
+    // deadline overflow), else why it beat the runner-up: tie, prefix, then the term with the
+    // largest weighted difference (docs/QOE.md).
     /// qoe: several endpoints had the same lowest cost (within 1e-9); one was drawn at random.
     QoeTie,
     /// qoe: the chosen endpoint's prefix-cache hit made the difference: with only the runner-up's
