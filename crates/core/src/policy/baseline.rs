@@ -2,13 +2,15 @@
 //! power-of-two choices.
 
 use super::{least_loaded_index, Decision, Reason, RoutingPolicy, SharedRng};
-use crate::{EndpointView, Micros, RequestProfile};
+use crate::{EndpointView, Micros, RequestProfile, Stage};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Cycles through the candidates in order.
+/// Cycles through the candidates in order, one cycle per request stage: the two stages of a
+/// disaggregated request pick from different endpoints, and one shared counter would advance
+/// twice per request, leaving every other prefill (or decode) endpoint idle.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    next: AtomicUsize,
+    next: [AtomicUsize; 3],
 }
 
 impl RoutingPolicy for RoundRobin {
@@ -16,11 +18,21 @@ impl RoutingPolicy for RoundRobin {
         "roundrobin"
     }
 
-    fn pick(&self, _: &RequestProfile, endpoints: &[EndpointView], _: Micros) -> Option<Decision> {
+    fn pick(
+        &self,
+        req: &RequestProfile,
+        endpoints: &[EndpointView],
+        _: Micros,
+    ) -> Option<Decision> {
         if endpoints.is_empty() {
             return None;
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        let counter = &self.next[match req.stage {
+            Stage::Whole => 0,
+            Stage::Prefill => 1,
+            Stage::Decode => 2,
+        }];
+        let index = counter.fetch_add(1, Ordering::Relaxed) % endpoints.len();
         Some(Decision::new(endpoints, index, Reason::RoundRobin))
     }
 }
@@ -127,6 +139,22 @@ mod tests {
             .map(|_| p.pick(&request(), &v, 0).unwrap().index)
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn roundrobin_cycles_each_stage_on_its_own() {
+        let p = RoundRobin::default();
+        let (prefills, decodes) = (views(&[0, 0]), views(&[0, 0]));
+        let stage = |stage| RequestProfile { stage, ..request() };
+        // Each request picks a prefill endpoint, then a decode one: both sets still alternate.
+        let picks: Vec<_> = (0..4)
+            .map(|_| {
+                let a = p.pick(&stage(Stage::Prefill), &prefills, 0).unwrap().index;
+                let b = p.pick(&stage(Stage::Decode), &decodes, 0).unwrap().index;
+                (a, b)
+            })
+            .collect();
+        assert_eq!(picks, [(0, 0), (1, 1), (0, 0), (1, 1)]);
     }
 
     #[test]
