@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod scrape;
 pub mod security;
 pub mod server;
+pub mod stages;
 pub mod state;
 pub mod tokenizer;
 pub mod upstream;

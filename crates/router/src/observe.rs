@@ -17,7 +17,9 @@ use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use qoe_core::qoe_metric::{QoeAccumulator, QoeParams};
 use qoe_core::sse::{SseConfig, SseEvent, SseParser};
-use qoe_core::{DecisionDetail, Feedback, FeedbackEvent, Load, Micros, Priority, RequestOutcome};
+use qoe_core::{
+    DecisionDetail, Feedback, FeedbackEvent, Load, Micros, Priority, RequestOutcome, Stage,
+};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -39,6 +41,11 @@ pub struct RequestContext {
     /// The chosen endpoint's load when it was picked, and what the policy predicted.
     pub load_at_dispatch: Load,
     pub detail: Option<DecisionDetail>,
+    /// The request's stage of disaggregated serving (see [`crate::stages`]). A prefill stage's
+    /// answer, one token not streamed, arrives at its first token and says nothing of the
+    /// model's answer lengths; a decode stage's first token comes after no prefill, so it does
+    /// not teach the policy the endpoint's prefill.
+    pub stage: qoe_core::Stage,
 }
 
 enum Mode {
@@ -80,6 +87,8 @@ pub struct ObservedBody<B: Body> {
     /// The TTFT deadline: the request's SLA, else the target.
     deadline: Micros,
     first_token_at: Option<Micros>,
+    /// When the response's first body frame arrived.
+    first_byte_at: Micros,
     last_token_at: Option<Micros>,
     tokens: u32,
     usage_tokens: Option<u32>,
@@ -153,6 +162,7 @@ impl<B: Body> ObservedBody<B> {
             ctx,
             mode,
             first_token_at: None,
+            first_byte_at: last_frame,
             last_token_at: None,
             tokens: 0,
             usage_tokens: None,
@@ -253,8 +263,10 @@ impl<B: Body> ObservedBody<B> {
                 self.qoe.push_n_micros(felt, tokens as u64);
                 guard.first_token();
                 guard.tokens(tokens);
-                let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
-                self.state.policy.feedback(&feedback, now);
+                if self.ctx.stage != Stage::Decode {
+                    let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
+                    self.state.policy.feedback(&feedback, now);
+                }
                 self.last_token_at = Some(now);
                 self.tokens += tokens;
                 return;
@@ -320,7 +332,18 @@ impl<B: Body> ObservedBody<B> {
         let e2e = now.saturating_sub(self.ctx.started);
         // A client that leaves says nothing about the endpoint: no outcome recorded for it.
         if end != End::ClientGone {
-            let ttft = self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent));
+            let first_token_at = self.first_token_at.or_else(|| {
+                (self.ctx.stage == Stage::Prefill && !failed && status.is_success())
+                    .then_some(self.first_byte_at)
+            });
+            let ttft = first_token_at.map(|t| t.saturating_sub(self.ctx.sent));
+            if let (None, Some(ttft)) = (self.first_token_at, ttft) {
+                // A prefill stage: its TTFT was not seen as a token, so recorded and fed back
+                // here (the policy learns the endpoint's prefill from it).
+                endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
+                let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
+                self.state.policy.feedback(&feedback, now);
+            }
             let decode_time = match (self.first_token_at, self.last_token_at) {
                 (Some(a), Some(b)) => b.saturating_sub(a),
                 _ => 0,
@@ -349,7 +372,11 @@ impl<B: Body> ObservedBody<B> {
                 },
             );
             self.state.policy.feedback(&feedback, now);
-            if !failed && status.is_success() && output_tokens > 0 {
+            if self.ctx.stage != Stage::Prefill
+                && !failed
+                && status.is_success()
+                && output_tokens > 0
+            {
                 self.state
                     .learned_output
                     .record(&self.ctx.model, output_tokens);

@@ -156,7 +156,7 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// Answers an error the router produced itself, counting and logging it.
-fn reject(state: &AppState, error: ApiError, request_id: &HeaderValue) -> Response {
+pub(crate) fn reject(state: &AppState, error: ApiError, request_id: &HeaderValue) -> Response {
     state
         .metrics
         .rejected
@@ -279,6 +279,9 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         },
         Err(e) => return reject(&state, e.into(), &request_id),
     };
+    if crate::stages::splits(&state, &profile) {
+        return crate::stages::run(state, parts, body, profile, request_id, started).await;
+    }
     dispatch(state, parts, body, profile, request_id, started).await
 }
 
@@ -646,7 +649,8 @@ async fn first_frame(
     }
 }
 
-async fn dispatch(
+/// Routes one request (or one stage of one, see [`crate::stages`]) and answers it.
+pub(crate) async fn dispatch(
     state: Arc<AppState>,
     parts: http::request::Parts,
     body: Bytes,
@@ -842,6 +846,7 @@ async fn dispatch(
                         .map(|v| v.load)
                         .unwrap_or_default(),
                     detail: decision.detail,
+                    stage: profile.stage,
                 };
                 return respond(
                     state.clone(),

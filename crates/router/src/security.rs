@@ -243,7 +243,8 @@ fn limit_headers(state: &AppState, request: &Request) -> Option<Response> {
 }
 
 /// Response headers a browser may read, when CORS is on.
-const EXPOSED: &str = "x-qoe-endpoint, x-qoe-reason, x-request-id, retry-after";
+const EXPOSED: &str =
+    "x-qoe-endpoint, x-qoe-prefill-endpoint, x-qoe-reason, x-request-id, retry-after";
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
 
 /// Removes every `Access-Control-*` header (an engine's CORS answer is not the router's).

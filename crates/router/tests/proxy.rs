@@ -1152,7 +1152,8 @@ async fn upstream_connections_are_kept_alive_and_replaced_when_the_engine_closes
 
 /// Disaggregated serving: a decode-stage request (`do_remote_prefill`) never goes to a prefill
 /// engine, a prefill-stage one (`do_remote_decode`) never to a decode engine, and ordinary
-/// requests stay on the engines of role `both`; a stage no endpoint takes gets a 503 naming it.
+/// requests (not split without a decode engine) stay on the engines of role `both`; a stage no
+/// endpoint takes gets a 503 naming it. The split itself: tests/disaggregated.rs.
 #[tokio::test]
 async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
     let (prefill, decode, both) = (mock(&["m"]).await, mock(&["m"]).await, mock(&["m"]).await);
@@ -1195,11 +1196,9 @@ async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
     };
     let mut decode_stage = HashSet::new();
     let mut prefill_stage = HashSet::new();
-    let mut ordinary = HashSet::new();
     for _ in 0..6 {
         decode_stage.insert(seen(&staged("do_remote_prefill")).await);
         prefill_stage.insert(seen(&staged("do_remote_decode")).await);
-        ordinary.insert(seen(&completion("m", "x", false)).await);
     }
     assert_eq!(
         decode_stage,
@@ -1209,15 +1208,15 @@ async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
         prefill_stage,
         HashSet::from([prefill.url.clone(), both.url.clone()])
     );
-    assert_eq!(ordinary, HashSet::from([both.url.clone()]));
 
-    // Without an engine of role both, ordinary requests use the others; a fleet with prefill
-    // engines only refuses decode-stage requests, naming the parameter.
+    // With prefill engines and engines of role both (no decode engine: nothing to split),
+    // ordinary requests stay on the latter; with prefill engines only, they use those, and
+    // decode-stage requests are refused, naming the parameter.
     let (r2, r3) = {
-        let two = dir.join("pd.toml");
+        let two = dir.join("pb.toml");
         std::fs::write(
             &two,
-            backends(&[(&prefill.url, "prefill"), (&decode.url, "decode")]),
+            backends(&[(&prefill.url, "prefill"), (&both.url, "both")]),
         )
         .unwrap();
         let one = dir.join("p.toml");
@@ -1227,7 +1226,7 @@ async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
             router(&["--config", one.to_str().unwrap()]).await,
         )
     };
-    let mut anywhere = HashSet::new();
+    let mut ordinary = HashSet::new();
     for _ in 0..4 {
         let ans = post(
             &c,
@@ -1237,9 +1236,17 @@ async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
         )
         .await;
         assert_eq!(ans.status, 200);
-        anywhere.insert(ans.header("x-qoe-endpoint"));
+        ordinary.insert(ans.header("x-qoe-endpoint"));
     }
-    assert_eq!(anywhere.len(), 2, "{anywhere:?}");
+    assert_eq!(ordinary, HashSet::from([both.url.clone()]));
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r3.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(ans.header("x-qoe-endpoint"), prefill.url);
     let ans = post(
         &c,
         &format!("{}/v1/completions", r3.url),
