@@ -441,6 +441,8 @@ impl Endpoint {
 #[derive(Debug, Default)]
 pub struct Table {
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Whether any endpoint has role prefill or decode (roles change only with the set).
+    pub staged_roles: bool,
 }
 
 /// The live endpoint set.
@@ -499,7 +501,11 @@ impl Registry {
                     })
             })
             .collect();
-        *guard = Arc::new(Table { endpoints });
+        let staged_roles = specs.iter().any(|s| s.role != Role::Both);
+        *guard = Arc::new(Table {
+            endpoints,
+            staged_roles,
+        });
     }
 }
 

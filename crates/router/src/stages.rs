@@ -36,6 +36,9 @@ pub fn splits(state: &AppState, profile: &RequestProfile) -> bool {
         return false;
     }
     let table = state.registry.table();
+    if !table.staged_roles {
+        return false;
+    }
     let (mut prefill, mut decode) = (false, false);
     for e in table.endpoints.iter() {
         match e.role_if_serving(&profile.model) {
