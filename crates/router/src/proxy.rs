@@ -282,7 +282,7 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
     if crate::stages::splits(&state, &profile) {
         return crate::stages::run(state, parts, body, profile, request_id, started).await;
     }
-    dispatch(state, parts, body, profile, request_id, started).await
+    dispatch(state, parts, body, profile, request_id, started, false).await
 }
 
 /// Request bodies past which a tokenizer's count runs on tokio's blocking pool: ≈ 0.35 ms of CPU
@@ -426,6 +426,7 @@ fn candidates(
     state: &AppState,
     model: &str,
     stage: qoe_core::Stage,
+    split: bool,
 ) -> Result<Vec<Arc<Endpoint>>, ApiError> {
     let table = state.registry.table();
     let mut serving = Vec::new();
@@ -435,7 +436,7 @@ fn candidates(
             continue;
         };
         serving_model += 1;
-        if role.takes(stage) {
+        if role.takes(stage) && !(split && role == Role::Both) {
             both += usize::from(role == Role::Both);
             serving.push(e.clone());
         }
@@ -650,6 +651,8 @@ async fn first_frame(
 }
 
 /// Routes one request (or one stage of one, see [`crate::stages`]) and answers it.
+/// `split`: a stage of the router's own split ([`crate::stages`]), which only endpoints of that
+/// stage's role take.
 pub(crate) async fn dispatch(
     state: Arc<AppState>,
     parts: http::request::Parts,
@@ -657,8 +660,9 @@ pub(crate) async fn dispatch(
     mut profile: RequestProfile,
     request_id: HeaderValue,
     started: Micros,
+    split: bool,
 ) -> Response {
-    let mut pool = match candidates(&state, &profile.model, profile.stage) {
+    let mut pool = match candidates(&state, &profile.model, profile.stage, split) {
         Ok(c) => c,
         Err(e) => return reject(&state, e, &request_id),
     };
@@ -668,7 +672,9 @@ pub(crate) async fn dispatch(
     let mut attempt = 0u32;
     let admission = &state.admission;
     // A non-streamed answer comes whole, after the last token: its first byte is its end.
-    let (first_byte_budget, budget_flag) = match profile.stream {
+    // A prefill stage's answer is its first token.
+    let first_byte_budget_applies = profile.stream || profile.stage == qoe_core::Stage::Prefill;
+    let (first_byte_budget, budget_flag) = match first_byte_budget_applies {
         true => (state.first_byte_timeout, "--first-byte-timeout-ms"),
         false => (state.response_timeout, "--response-timeout-ms"),
     };
@@ -741,7 +747,7 @@ pub(crate) async fn dispatch(
                 // added is a candidate, one removed is not. One an earlier attempt failed on is
                 // a candidate again: time has passed, health and the breaker judge it now, and a
                 // waiter that could not use it would hold back newcomers that can.
-                pool = match candidates(&state, &profile.model, profile.stage) {
+                pool = match candidates(&state, &profile.model, profile.stage, split) {
                     Ok(c) => c,
                     Err(e) => return reject(&state, e, &request_id),
                 };
@@ -784,10 +790,15 @@ pub(crate) async fn dispatch(
             // views were taken: pick again without it.
             continue;
         };
+        // A decode stage's prompt was prefilled elsewhere: no prefill work on this endpoint.
+        let prefill_tokens = match profile.stage {
+            qoe_core::Stage::Decode => 0,
+            _ => profile.prompt_tokens,
+        };
         let guard = LoadGuard::new(
             endpoint.clone(),
             ticket,
-            profile.prompt_tokens,
+            prefill_tokens,
             profile.expected_output_tokens,
         )
         .notifying(state.admission.clone());

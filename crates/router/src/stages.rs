@@ -27,9 +27,11 @@ pub const X_QOE_PREFILL_ENDPOINT: &str = "x-qoe-prefill-endpoint";
 /// Prefill answers are one token and the transfer parameters: more than this is not one.
 const MAX_PREFILL_ANSWER_BYTES: usize = 1 << 20;
 
-/// Whether `profile` is split in two stages: an ordinary chat or completion for a model some
-/// endpoints of role `prefill` and some of role `decode` serve. A request that already names its
-/// stage (`kv_transfer_params`) is the client's own split and goes as it is.
+/// Whether `profile` is split in two stages: an ordinary chat or completion for a model that
+/// endpoints of role `prefill` and of role `decode` serve, at least one of each admitting
+/// requests now (with the whole prefill tier down, the decode engines serve requests whole). A
+/// request that already names its stage (`kv_transfer_params`) is the client's own split and
+/// goes as it is.
 pub fn splits(state: &AppState, profile: &RequestProfile) -> bool {
     if profile.stage != Stage::Whole || !matches!(profile.kind, ApiKind::Chat | ApiKind::Completion)
     {
@@ -40,7 +42,8 @@ pub fn splits(state: &AppState, profile: &RequestProfile) -> bool {
         return false;
     }
     let (mut prefill, mut decode) = (false, false);
-    for e in table.endpoints.iter() {
+    let now = state.clock.now();
+    for e in table.endpoints.iter().filter(|e| e.admits(now)) {
         match e.role_if_serving(&profile.model) {
             Some(Role::Prefill) => prefill = true,
             Some(Role::Decode) => decode = true,
@@ -63,6 +66,9 @@ pub async fn run(
         let error = ApiError::bad_request("request body is not a JSON object");
         return reject(&state, error, &request_id);
     };
+    if !splittable(&request) {
+        return dispatch(state, parts, body, profile, request_id, started, false).await;
+    }
     let prefill_profile = RequestProfile {
         stream: false,
         expected_output_tokens: 1,
@@ -70,13 +76,17 @@ pub async fn run(
         stage: Stage::Prefill,
         ..profile.clone()
     };
+    let mut prefill_parts = copy_parts(&parts);
+    // Its answer is read here, not relayed: plain JSON.
+    prefill_parts.headers.remove(http::header::ACCEPT_ENCODING);
     let answer = dispatch(
         state.clone(),
-        copy_parts(&parts),
+        prefill_parts,
         prefill_request(&request),
         prefill_profile,
         request_id.clone(),
         started,
+        true,
     )
     .await;
     let prefill_endpoint = answer.headers().get(&crate::proxy::X_QOE_ENDPOINT).cloned();
@@ -96,11 +106,21 @@ pub async fn run(
                 StatusCode::BAD_GATEWAY,
                 format!("the prefill endpoint {endpoint} answered without usable kv_transfer_params: {why}"),
             );
-            return reject(&state, error, &request_id);
+            let mut response = reject(&state, error, &request_id);
+            if let Some(endpoint) = prefill_endpoint {
+                response
+                    .headers_mut()
+                    .insert(X_QOE_PREFILL_ENDPOINT, endpoint);
+            }
+            return response;
         }
     };
     let mut decode_request = request;
-    decode_request.insert("kv_transfer_params".into(), params);
+    // Null when the prefill stopped at its first token (EOS, a stop string): vLLM then keeps no
+    // KV to hand over, and the decode engine serves the request whole, as vLLM's own proxy does.
+    if let Some(params) = params {
+        decode_request.insert("kv_transfer_params".into(), params);
+    }
     let decode_profile = RequestProfile {
         phase: Phase::DecodeDominant,
         stage: Stage::Decode,
@@ -113,6 +133,7 @@ pub async fn run(
         decode_profile,
         request_id,
         started,
+        true,
     )
     .await;
     if let Some(endpoint) = prefill_endpoint {
@@ -123,6 +144,36 @@ pub async fn run(
     response
 }
 
+/// Whether the request is one sequence, which one prefill hands over: not `n` > 1 (or
+/// `best_of`), not a batch of prompts. Those are served whole.
+fn splittable(request: &Map<String, Value>) -> bool {
+    let more_than_one = |key: &str| {
+        request
+            .get(key)
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > 1)
+    };
+    let batched = match request.get("prompt") {
+        Some(Value::Array(items)) => items.iter().any(|i| i.is_string() || i.is_array()),
+        _ => false,
+    };
+    !more_than_one("n") && !more_than_one("best_of") && !batched
+}
+
+/// Fields of the client's request that ask for something of the answer the prefill stage's one
+/// token is not: its log-probabilities, the prompt echoed, token ids, a minimum length.
+const NOT_FOR_THE_PREFILL: [&str; 9] = [
+    "stream_options",
+    "min_tokens",
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+    "echo",
+    "return_token_ids",
+    "return_tokens_as_token_ids",
+    "stop_token_ids",
+];
+
 /// The prefill stage's copy of the request: one token, not streamed, its KV kept for a decode
 /// engine to fetch.
 fn prefill_request(request: &Map<String, Value>) -> Bytes {
@@ -132,7 +183,9 @@ fn prefill_request(request: &Map<String, Value>) -> Bytes {
         copy.insert("max_completion_tokens".into(), json!(1));
     }
     copy.insert("stream".into(), json!(false));
-    copy.remove("stream_options");
+    for key in NOT_FOR_THE_PREFILL {
+        copy.remove(key);
+    }
     copy.insert(
         "kv_transfer_params".into(),
         json!({
@@ -147,8 +200,9 @@ fn prefill_request(request: &Map<String, Value>) -> Bytes {
     Bytes::from(serde_json::to_vec(&copy).expect("a JSON map serializes"))
 }
 
-/// The `kv_transfer_params` object of a prefill engine's answer.
-async fn transfer_params(answer: Response) -> Result<Value, String> {
+/// The `kv_transfer_params` object of a prefill engine's answer; `None` when it is null (the
+/// prefill stopped at its first token).
+async fn transfer_params(answer: Response) -> Result<Option<Value>, String> {
     let body = http_body_util::Limited::new(answer.into_body(), MAX_PREFILL_ANSWER_BYTES)
         .collect()
         .await
@@ -156,9 +210,15 @@ async fn transfer_params(answer: Response) -> Result<Value, String> {
         .to_bytes();
     let mut value: Value =
         serde_json::from_slice(&body).map_err(|e| format!("its answer is not JSON: {e}"))?;
+    let stopped = value["choices"][0]["finish_reason"] == "stop";
     match value.get_mut("kv_transfer_params").map(Value::take) {
-        Some(params @ Value::Object(_)) => Ok(params),
-        Some(_) | None => Err("no kv_transfer_params object in its answer".into()),
+        Some(params @ Value::Object(_)) => Ok(Some(params)),
+        Some(Value::Null) | None if stopped => Ok(None),
+        Some(_) | None => Err(
+            "no kv_transfer_params object in its answer (is it an engine \
+             with a KV connector?)"
+                .into(),
+        ),
     }
 }
 

@@ -20,6 +20,25 @@ fn config(dir: &std::path::Path, backends: &[(&str, &str)]) -> std::path::PathBu
     path
 }
 
+/// A router (roundrobin) in front of `backends` (url, role), and its scratch directory.
+async fn fleet(tag: &str, backends: &[(&str, &str)]) -> (TestRouter, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("qoe-pd-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = config(&dir, backends);
+    let r = router(&["--config", path.to_str().unwrap(), "--max-retries", "0"]).await;
+    (r, dir)
+}
+
+async fn complete(c: &TestClient, r: &TestRouter, body: &serde_json::Value) -> Answer {
+    post(
+        c,
+        &format!("{}/v1/completions", r.url),
+        &body.to_string(),
+        &[],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn an_ordinary_request_runs_its_prefill_and_its_decode_on_engines_of_those_roles() {
     let prefill = [
@@ -102,10 +121,11 @@ async fn an_ordinary_request_runs_its_prefill_and_its_decode_on_engines_of_those
 async fn a_failed_prefill_is_the_answer() {
     let prefill = Engine::start(&["--role", "prefill"]).await;
     let decode = Engine::start(&["--role", "decode"]).await;
-    let dir = std::env::temp_dir().join(format!("qoe-pd-fail-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = config(&dir, &[(&prefill.url, "prefill"), (&decode.url, "decode")]);
-    let r = router(&["--config", path.to_str().unwrap(), "--max-retries", "0"]).await;
+    let (r, dir) = fleet(
+        "fail",
+        &[(&prefill.url, "prefill"), (&decode.url, "decode")],
+    )
+    .await;
     let c = client();
     // Longer than the tiny profile's context: the prefill engine refuses it with a 400.
     let long = "word ".repeat(40_000);
@@ -115,5 +135,69 @@ async fn a_failed_prefill_is_the_answer() {
     assert_eq!(ans.header("x-qoe-endpoint"), prefill.url);
     let stats = decode.stats(&c).await;
     assert_eq!(stats["submitted"], 0, "{stats}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What one prefill cannot hand over is served whole: `n` > 1 and batched prompts are not split.
+#[tokio::test]
+async fn several_sequences_are_not_split() {
+    let prefill = Engine::start(&["--role", "prefill"]).await;
+    let decode = Engine::start(&["--role", "decode"]).await;
+    let (r, dir) = fleet("n", &[(&prefill.url, "prefill"), (&decode.url, "decode")]).await;
+    let c = client();
+    for body in [
+        serde_json::json!({"model": MODEL, "prompt": "x", "max_tokens": 3, "n": 2}),
+        serde_json::json!({"model": MODEL, "prompt": ["a", "b"], "max_tokens": 3}),
+    ] {
+        let ans = complete(&c, &r, &body).await;
+        assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+        assert!(
+            ans.headers.get("x-qoe-prefill-endpoint").is_none(),
+            "{body}"
+        );
+        let v = ans.json();
+        assert_eq!(v["choices"].as_array().unwrap().len(), 2, "{v}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A prefill endpoint that answers without `kv_transfer_params` (an engine without a KV
+/// connector) is a 502 that names it; the decode engine is not asked.
+#[tokio::test]
+async fn a_prefill_answer_without_transfer_params_is_a_502_naming_the_endpoint() {
+    let plain = mock(&[MODEL]).await;
+    let decode = Engine::start(&["--role", "decode"]).await;
+    let (r, dir) = fleet("plain", &[(&plain.url, "prefill"), (&decode.url, "decode")]).await;
+    let c = client();
+    let body = serde_json::json!({"model": MODEL, "prompt": "x", "max_tokens": 3,
+        "min_tokens": 2, "logprobs": 1, "stream": true, "stream_options": {"include_usage": true}});
+    let ans = complete(&c, &r, &body).await;
+    assert_eq!(ans.status, 502, "{}", String::from_utf8_lossy(&ans.body));
+    assert_eq!(ans.header("x-qoe-prefill-endpoint"), plain.url);
+    let err = ans.json();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kv_transfer_params"),
+        "{err}"
+    );
+    // What the prefill stage was sent: one token, not streamed, without what asks for more.
+    let seen = plain.requests();
+    let completions: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("completions"))
+        .collect();
+    assert_eq!(completions.len(), 1);
+    let sent: serde_json::Value = serde_json::from_slice(&completions[0].body).unwrap();
+    assert_eq!(
+        (sent["max_tokens"].clone(), sent["stream"].clone()),
+        (1.into(), false.into())
+    );
+    for gone in ["min_tokens", "logprobs", "stream_options"] {
+        assert!(sent.get(gone).is_none(), "{gone}: {sent}");
+    }
+    assert_eq!(sent["kv_transfer_params"]["do_remote_decode"], true);
+    assert_eq!(decode.stats(&c).await["submitted"], 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
