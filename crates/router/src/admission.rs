@@ -9,7 +9,8 @@
 //! otherwise the arrival itself is refused. The endpoint is chosen at dispatch time, when
 //! capacity frees, by the routing policy as usual.
 //!
-//! Order holds among requests for the same model: they compete for the same endpoints. A waiter
+//! Order holds among requests for the same model (and stage of disaggregated serving, see
+//! [`lane`]): they compete for the same endpoints. A waiter
 //! for another model neither holds a request back nor takes its wake-up: capacity freed on an
 //! endpoint wakes the most urgent waiter for a model that endpoint serves. A waiter keeps its
 //! place from the time it joins until it is dispatched or gives up, woken or not, so a newcomer
@@ -21,7 +22,7 @@
 //! count before it looked starts its wait already woken, to look again at once rather than
 //! wait for the next tick.
 
-use qoe_core::{EndpointView, Micros, Priority};
+use qoe_core::{EndpointView, Micros, Priority, Stage};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -67,6 +68,29 @@ pub enum Wake {
     Displaced,
 }
 
+/// The lane a request waits in: its model, and for a stage of disaggregated serving the stage
+/// too. Requests compete for the same endpoints only within a lane: a decode stage neither
+/// waits behind prefill stages nor takes the wake-up of a prefill endpoint's capacity.
+pub fn lane(model: &str, stage: Stage) -> String {
+    match stage {
+        Stage::Whole => model.to_string(),
+        Stage::Prefill => format!("{model}{LANE_MARK}prefill"),
+        Stage::Decode => format!("{model}{LANE_MARK}decode"),
+    }
+}
+
+/// Separates a lane's model from its stage (a character no model name has).
+const LANE_MARK: char = '\u{1f}';
+
+/// The model and stage of a [`lane`].
+pub fn lane_parts(lane: &str) -> (&str, Stage) {
+    match lane.split_once(LANE_MARK) {
+        Some((model, "prefill")) => (model, Stage::Prefill),
+        Some((model, "decode")) => (model, Stage::Decode),
+        _ => (lane, Stage::Whole),
+    }
+}
+
 /// Why a request could not wait.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -76,6 +100,7 @@ pub enum Refusal {
 
 #[derive(Debug)]
 struct Waiter {
+    /// Its [`lane`]: the model, and the stage of a disaggregated request.
     model: Box<str>,
     /// `None` once woken (or timed out), until the waiter waits again.
     wake: Option<oneshot::Sender<Wake>>,
@@ -302,6 +327,32 @@ mod tests {
         a.leave(&p2_early);
         a.leave(&p2_late);
         assert!(a.is_empty());
+    }
+
+    /// The stages of disaggregated requests wait in lanes of their own: a decode stage is not
+    /// behind an earlier prefill stage of its model, and a decode endpoint's capacity wakes it.
+    #[tokio::test]
+    async fn each_stage_waits_in_its_own_lane() {
+        let a = Admission::new(config(8));
+        let (prefill, decode) = (lane("m", Stage::Prefill), lane("m", Stage::Decode));
+        assert_eq!(lane_parts(&prefill), ("m", Stage::Prefill));
+        assert_eq!(lane_parts(&decode), ("m", Stage::Decode));
+        assert_eq!(lane_parts(&lane("m", Stage::Whole)), ("m", Stage::Whole));
+        let mut rx_prefill = a.enqueue(a.key(Priority::HIGH, None), &prefill, 0).unwrap();
+        let later = a.key(Priority::LOW, None);
+        assert!(!a.behind_someone(&later, &decode));
+        assert!(a.behind_someone(&a.key(Priority::LOW, None), &prefill));
+        let rx_decode = a.enqueue(later, &decode, 0).unwrap();
+        // What a decode endpoint of m takes (its role's stages).
+        a.notify(|l| {
+            let (model, stage) = lane_parts(l);
+            model == "m" && qoe_core::Role::Decode.takes(stage)
+        });
+        assert_eq!(rx_decode.await, Ok(Wake::Retry));
+        assert_eq!(
+            rx_prefill.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
     }
 
     /// Waiters for another model neither hold a request back nor take its wake-up.

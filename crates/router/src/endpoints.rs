@@ -622,7 +622,12 @@ impl Drop for LoadGuard {
         }
         if let Some(admission) = &self.admission {
             let endpoint = &self.endpoint;
-            admission.notify(|model| model.is_empty() || endpoint.serves(model));
+            admission.notify(|lane| {
+                let (model, stage) = crate::admission::lane_parts(lane);
+                endpoint
+                    .role_if_serving(model)
+                    .is_some_and(|role| role.takes(stage))
+            });
         }
     }
 }

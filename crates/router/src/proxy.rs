@@ -687,6 +687,10 @@ pub(crate) async fn dispatch(
     // `--queue-timeout` counts from when the request starts to wait, each time: a retry after a
     // slow failure gets its own wait, not what is left of the first.
     let mut queue_deadline: Option<tokio::time::Instant> = None;
+    let lane = match admission.config.enabled() {
+        true => crate::admission::lane(&profile.model, profile.stage),
+        false => String::new(),
+    };
     // Counted once in `qoe_router_queued_total`, however often a retry queues it again.
     let mut ever_queued = false;
     // vLLM's `priority` field belongs to the generation and embedding requests only.
@@ -720,12 +724,12 @@ pub(crate) async fn dispatch(
         let open: &[EndpointView] = if admission.config.enabled() {
             open_views.clear();
             open_views.extend(views.iter().filter(|v| !admission.config.saturated(v, now)));
-            let behind = admission.behind_someone(&key, &profile.model);
+            let behind = admission.behind_someone(&key, &lane);
             if open_views.is_empty() || behind {
                 // Capacity is open but someone more urgent waits: let them have it first. If
                 // no one was listening, that lost wake-up is theirs to see, not this request's
                 // (it would only wake itself, and spin).
-                if !open_views.is_empty() && !admission.notify(|m| m == profile.model) {
+                if !open_views.is_empty() && !admission.notify(|l| l == lane) {
                     seen += 1;
                 }
                 let deadline = *queue_deadline.get_or_insert_with(|| {
@@ -734,7 +738,7 @@ pub(crate) async fn dispatch(
                 let waited = wait_in_queue(
                     &state,
                     key,
-                    &profile.model,
+                    &lane,
                     &mut queued,
                     deadline,
                     &mut ever_queued,
@@ -973,7 +977,7 @@ impl Drop for QueueSlot {
 async fn wait_in_queue(
     state: &AppState,
     key: QueueKey,
-    model: &str,
+    lane: &str,
     queued: &mut Option<QueueSlot>,
     deadline: tokio::time::Instant,
     ever_queued: &mut bool,
@@ -992,7 +996,7 @@ async fn wait_in_queue(
     let rx = match queued {
         Some(_) => admission.rearm(&key, seen).ok_or_else(displaced)?,
         None => {
-            let rx = admission.enqueue(key, model, seen).map_err(|_| {
+            let rx = admission.enqueue(key, lane, seen).map_err(|_| {
                 shed(
                     state,
                     key.priority,

@@ -22,10 +22,20 @@ fn config(dir: &std::path::Path, backends: &[(&str, &str)]) -> std::path::PathBu
 
 /// A router (roundrobin) in front of `backends` (url, role), and its scratch directory.
 async fn fleet(tag: &str, backends: &[(&str, &str)]) -> (TestRouter, std::path::PathBuf) {
+    fleet_with(tag, backends, &[]).await
+}
+
+async fn fleet_with(
+    tag: &str,
+    backends: &[(&str, &str)],
+    flags: &[&str],
+) -> (TestRouter, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("qoe-pd-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = config(&dir, backends);
-    let r = router(&["--config", path.to_str().unwrap(), "--max-retries", "0"]).await;
+    let mut args = vec!["--config", path.to_str().unwrap(), "--max-retries", "0"];
+    args.extend_from_slice(flags);
+    let r = router(&args).await;
     (r, dir)
 }
 
@@ -200,4 +210,52 @@ async fn a_prefill_answer_without_transfer_params_is_a_502_naming_the_endpoint()
     assert_eq!(sent["kv_transfer_params"]["do_remote_decode"], true);
     assert_eq!(decode.stats(&c).await["submitted"], 0);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With admission control (one request in flight per endpoint), concurrent split requests all
+/// get through, each stage waiting for a seat of its own role (the lanes themselves:
+/// `admission::tests::each_stage_waits_in_its_own_lane`).
+#[tokio::test]
+async fn split_requests_pass_admission_control_stage_by_stage() {
+    let prefill = Engine::start(&["--role", "prefill"]).await;
+    let decode = Engine::start(&["--role", "decode"]).await;
+    let (r, dir) = fleet_with(
+        "admit",
+        &[(&prefill.url, "prefill"), (&decode.url, "decode")],
+        &["--max-inflight-per-endpoint", "1", "--queue-timeout", "30"],
+    )
+    .await;
+    let c = client();
+    let body = serde_json::json!({"model": MODEL, "prompt": "a story", "max_tokens": 4,
+        "ignore_eos": true});
+    let answers = answers_of(
+        (0..6)
+            .map(|_| {
+                let (c, r, body) = (c.clone(), r.url.clone(), body.to_string());
+                tokio::spawn(
+                    async move { post(&c, &format!("{r}/v1/completions"), &body, &[]).await },
+                )
+            })
+            .collect(),
+    )
+    .await;
+    for ans in answers {
+        assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+        assert_eq!(ans.header("x-qoe-endpoint"), decode.url);
+    }
+    assert_eq!(decode.stats(&c).await["submitted"], 6);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn answers_of(tasks: Vec<tokio::task::JoinHandle<Answer>>) -> Vec<Answer> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(
+            tokio::time::timeout(std::time::Duration::from_secs(60), t)
+                .await
+                .expect("answered in time")
+                .unwrap(),
+        );
+    }
+    out
 }
