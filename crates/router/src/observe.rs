@@ -332,18 +332,24 @@ impl<B: Body> ObservedBody<B> {
         let e2e = now.saturating_sub(self.ctx.started);
         // A client that leaves says nothing about the endpoint: no outcome recorded for it.
         if end != End::ClientGone {
-            let first_token_at = self.first_token_at.or_else(|| {
-                (self.ctx.stage == Stage::Prefill && !failed && status.is_success())
-                    .then_some(self.first_byte_at)
-            });
-            let ttft = first_token_at.map(|t| t.saturating_sub(self.ctx.sent));
-            if let (None, Some(ttft)) = (self.first_token_at, ttft) {
-                // A prefill stage: its TTFT was not seen as a token, so recorded and fed back
-                // here (the policy learns the endpoint's prefill from it).
+            if self.first_token_at.is_none()
+                && self.ctx.stage == Stage::Prefill
+                && !failed
+                && status.is_success()
+            {
+                // A prefill stage's answer is its first token: its TTFT is recorded and fed
+                // back here (the policy learns the endpoint's prefill from it).
+                let ttft = self.first_byte_at.saturating_sub(self.ctx.sent);
+                self.first_token_at = Some(self.first_byte_at);
                 endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
+                endpoint
+                    .metrics()
+                    .ttft(&self.state.metrics)
+                    .observe(ttft as f64 / 1e6);
                 let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
                 self.state.policy.feedback(&feedback, now);
             }
+            let ttft = self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent));
             let decode_time = match (self.first_token_at, self.last_token_at) {
                 (Some(a), Some(b)) => b.saturating_sub(a),
                 _ => 0,

@@ -109,6 +109,21 @@ async fn an_ordinary_request_runs_its_prefill_and_its_decode_on_engines_of_those
     let submitted = |stats: serde_json::Value| stats["submitted"].as_u64().unwrap();
     let on_prefill = submitted(prefill[0].stats(&c).await) + submitted(prefill[1].stats(&c).await);
     assert_eq!((on_prefill, submitted(decode.stats(&c).await)), (4, 4));
+    // The prefill stages' answers are their first tokens: observed as each endpoint's TTFT.
+    let text = metrics_text(&c, &r.url).await;
+    let ttfts: f64 = prefill
+        .iter()
+        .map(|e| {
+            metric_sum(
+                &text,
+                &format!(
+                    "qoe_router_time_to_first_token_seconds_count{{endpoint=\"{}\"}}",
+                    e.url
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(ttfts, 4.0, "{text}");
 
     // A request that already names its stage is the client's own split: it goes as it is.
     let ans = post(
