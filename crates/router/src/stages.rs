@@ -1,8 +1,10 @@
 //! Disaggregated serving: one request, two engines. When the endpoints of a model include some
-//! of role `prefill` and some of role `decode`, an ordinary chat or completion request is split
-//! as vLLM's NIXL connector expects (FIELD-NOTES): a copy with `max_tokens: 1`, no streaming and
-//! `kv_transfer_params.do_remote_decode` goes to a prefill endpoint; the `kv_transfer_params` it
-//! answers with go, in the original request, to a decode endpoint, whose answer is the client's.
+//! of role `prefill` and some of role `decode`, an ordinary chat or completion request of one
+//! sequence is split as vLLM's NIXL connector expects: a copy with `max_tokens: 1`, no streaming
+//! and `kv_transfer_params.do_remote_decode` goes to a prefill endpoint; the `kv_transfer_params`
+//! it answers with go, in the original request, to a decode endpoint, whose answer is the
+//! client's. Only endpoints of those two roles take the stages: an engine of role `both` may
+//! have no KV connector.
 //!
 //! Each stage is routed as a request of its own, through the same policy, load accounting,
 //! admission, retries and observation: the prefill pick sees a prefill-dominant request (the
