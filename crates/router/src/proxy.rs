@@ -449,6 +449,18 @@ fn candidates(
             qoe_core::Stage::Prefill => "prefill",
             _ => "decode",
         };
+        if split {
+            // The router's own split: the stage's endpoints went since it began (a reload).
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no endpoint of role {role} serves the model '{model}' any more for the \
+                     {role} stage of this request"
+                ),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
