@@ -23,6 +23,7 @@
 //! wait for the next tick.
 
 use qoe_core::{EndpointView, Micros, Priority, Stage};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -71,11 +72,11 @@ pub enum Wake {
 /// The lane a request waits in: its model, and for a stage of disaggregated serving the stage
 /// too. Requests compete for the same endpoints only within a lane: a decode stage neither
 /// waits behind prefill stages nor takes the wake-up of a prefill endpoint's capacity.
-pub fn lane(model: &str, stage: Stage) -> String {
+pub fn lane(model: &str, stage: Stage) -> Cow<'_, str> {
     match stage {
-        Stage::Whole => model.to_string(),
-        Stage::Prefill => format!("{model}{LANE_MARK}prefill"),
-        Stage::Decode => format!("{model}{LANE_MARK}decode"),
+        Stage::Whole => Cow::Borrowed(model),
+        Stage::Prefill => Cow::Owned(format!("{model}{LANE_MARK}prefill")),
+        Stage::Decode => Cow::Owned(format!("{model}{LANE_MARK}decode")),
     }
 }
 

@@ -244,6 +244,21 @@ impl<B: Body> ObservedBody<B> {
         (!self.held.is_empty()).then(|| Frame::data(Bytes::from(std::mem::take(&mut self.held))))
     }
 
+    /// The endpoint's side of a first token: its TTFT in the endpoint's statistics and
+    /// histogram, and in the policy's feedback unless a decode stage's (no prefill before it).
+    fn record_endpoint_ttft(&self, ttft: Micros, now: Micros) {
+        let endpoint = &self.endpoint;
+        endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
+        endpoint
+            .metrics()
+            .ttft(&self.state.metrics)
+            .observe(ttft as f64 / 1e6);
+        if self.ctx.stage != Stage::Decode {
+            let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
+            self.state.policy.feedback(&feedback, now);
+        }
+    }
+
     fn on_tokens(&mut self, tokens: u32, now: Micros) {
         let Some(guard) = self.guard.as_mut() else {
             return;
@@ -253,20 +268,14 @@ impl<B: Body> ObservedBody<B> {
         let level = self.ctx.priority.level();
         match self.last_token_at {
             None => {
-                let ttft = now.saturating_sub(self.ctx.sent);
                 self.first_token_at = Some(now);
-                endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
-                endpoint.metrics().ttft(metrics).observe(ttft as f64 / 1e6);
                 let felt = now.saturating_sub(self.ctx.started);
                 metrics.priority_ttft(level).observe(felt as f64 / 1e6);
                 metrics.sla(level, felt <= self.deadline).inc();
                 self.qoe.push_n_micros(felt, tokens as u64);
                 guard.first_token();
                 guard.tokens(tokens);
-                if self.ctx.stage != Stage::Decode {
-                    let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
-                    self.state.policy.feedback(&feedback, now);
-                }
+                self.record_endpoint_ttft(now.saturating_sub(self.ctx.sent), now);
                 self.last_token_at = Some(now);
                 self.tokens += tokens;
                 return;
@@ -339,15 +348,8 @@ impl<B: Body> ObservedBody<B> {
             {
                 // A prefill stage's answer is its first token: its TTFT is recorded and fed
                 // back here (the policy learns the endpoint's prefill from it).
-                let ttft = self.first_byte_at.saturating_sub(self.ctx.sent);
                 self.first_token_at = Some(self.first_byte_at);
-                endpoint.with_stats(|s| s.record_ttft(self.ctx.prompt_tokens, ttft));
-                endpoint
-                    .metrics()
-                    .ttft(&self.state.metrics)
-                    .observe(ttft as f64 / 1e6);
-                let feedback = self.feedback(endpoint.key, FeedbackEvent::FirstToken { ttft });
-                self.state.policy.feedback(&feedback, now);
+                self.record_endpoint_ttft(self.first_byte_at.saturating_sub(self.ctx.sent), now);
             }
             let ttft = self.first_token_at.map(|t| t.saturating_sub(self.ctx.sent));
             let decode_time = match (self.first_token_at, self.last_token_at) {

@@ -699,10 +699,8 @@ pub(crate) async fn dispatch(
     // `--queue-timeout` counts from when the request starts to wait, each time: a retry after a
     // slow failure gets its own wait, not what is left of the first.
     let mut queue_deadline: Option<tokio::time::Instant> = None;
-    let lane = match admission.config.enabled() {
-        true => crate::admission::lane(&profile.model, profile.stage),
-        false => String::new(),
-    };
+    // The model itself for an ordinary request: nothing allocated.
+    let lane = crate::admission::lane(&profile.model, profile.stage);
     // Counted once in `qoe_router_queued_total`, however often a retry queues it again.
     let mut ever_queued = false;
     // vLLM's `priority` field belongs to the generation and embedding requests only.
