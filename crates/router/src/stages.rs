@@ -11,6 +11,10 @@
 //! qoe policy weighs its TTFT), the decode pick a decode-stage one whose prompt is cached (its
 //! ITL decides). Why not one pick for both: the two stages want different engines, which is the
 //! point of running them apart.
+//!
+//! The stages' bodies are the client's bytes with members replaced, added or removed at the top
+//! level: every other member keeps its place and its exact text (a `seed` beyond 64 bits stays
+//! an integer, key order stays the client's).
 
 use crate::errors::ApiError;
 use crate::proxy::{dispatch, reject};
@@ -20,7 +24,9 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use qoe_core::{ApiKind, Micros, Phase, RequestProfile, Role, Stage};
-use serde_json::{json, Map, Value};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::sync::Arc;
 
 /// The response header naming the endpoint that ran the prefill stage.
@@ -64,11 +70,11 @@ pub async fn run(
     request_id: HeaderValue,
     started: Micros,
 ) -> Response {
-    let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(request) = Members::parse(&body) else {
         let error = ApiError::bad_request("request body is not a JSON object");
         return reject(&state, error, &request_id);
     };
-    if !splittable(&request) {
+    if !request.splittable() {
         return dispatch(state, parts, body, profile, request_id, started, false).await;
     }
     let prefill_profile = RequestProfile {
@@ -84,7 +90,7 @@ pub async fn run(
     let answer = dispatch(
         state.clone(),
         prefill_parts,
-        prefill_request(&request),
+        request.prefill_stage(),
         prefill_profile,
         request_id.clone(),
         started,
@@ -117,12 +123,12 @@ pub async fn run(
             return response;
         }
     };
-    let mut decode_request = request;
-    // Null when the prefill stopped at its first token (EOS, a stop string): vLLM then keeps no
+    // None when the prefill stopped at its first token (EOS, a stop string): vLLM then keeps no
     // KV to hand over, and the decode engine serves the request whole, as vLLM's own proxy does.
-    if let Some(params) = params {
-        decode_request.insert("kv_transfer_params".into(), params);
-    }
+    let decode_request = match params {
+        Some(params) => request.edited(&[("kv_transfer_params", params.get())], &[], &[]),
+        None => body.clone(),
+    };
     let decode_profile = RequestProfile {
         phase: Phase::DecodeDominant,
         stage: Stage::Decode,
@@ -131,7 +137,7 @@ pub async fn run(
     let mut response = dispatch(
         state,
         parts,
-        Bytes::from(serde_json::to_vec(&decode_request).expect("a JSON map serializes")),
+        decode_request,
         decode_profile,
         request_id,
         started,
@@ -144,22 +150,6 @@ pub async fn run(
             .insert(X_QOE_PREFILL_ENDPOINT, endpoint);
     }
     response
-}
-
-/// Whether the request is one sequence, which one prefill hands over: not `n` > 1 (or
-/// `best_of`), not a batch of prompts. Those are served whole.
-fn splittable(request: &Map<String, Value>) -> bool {
-    let more_than_one = |key: &str| {
-        request
-            .get(key)
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n > 1)
-    };
-    let batched = match request.get("prompt") {
-        Some(Value::Array(items)) => items.iter().any(|i| i.is_string() || i.is_array()),
-        _ => false,
-    };
-    !more_than_one("n") && !more_than_one("best_of") && !batched
 }
 
 /// Fields of the client's request that ask for something of the answer the prefill stage's one
@@ -176,47 +166,149 @@ const NOT_FOR_THE_PREFILL: [&str; 9] = [
     "stop_token_ids",
 ];
 
-/// The prefill stage's copy of the request: one token, not streamed, its KV kept for a decode
-/// engine to fetch.
-fn prefill_request(request: &Map<String, Value>) -> Bytes {
-    let mut copy = request.clone();
-    copy.insert("max_tokens".into(), json!(1));
-    if copy.contains_key("max_completion_tokens") {
-        copy.insert("max_completion_tokens".into(), json!(1));
+/// What the prefill stage asks its engine for: keep the KV for a decode engine to fetch.
+const DO_REMOTE_DECODE: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+
+/// The top-level members of a JSON object in the order the client wrote them, each value as
+/// its exact text.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'a> Members<'a> {
+    fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let members = de.deserialize_map(MembersVisitor)?;
+        de.end()?;
+        Ok(members)
     }
-    copy.insert("stream".into(), json!(false));
-    for key in NOT_FOR_THE_PREFILL {
-        copy.remove(key);
+
+    /// The value of `key`; the last one when the client sent it twice (as a JSON parser reads it).
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
-    copy.insert(
-        "kv_transfer_params".into(),
-        json!({
-            "do_remote_decode": true,
-            "do_remote_prefill": false,
-            "remote_engine_id": null,
-            "remote_block_ids": null,
-            "remote_host": null,
-            "remote_port": null,
-        }),
-    );
-    Bytes::from(serde_json::to_vec(&copy).expect("a JSON map serializes"))
+
+    /// Whether the request is one sequence, which one prefill hands over: not `n` > 1 (or
+    /// `best_of`), not a batch of prompts. Those are served whole.
+    fn splittable(&self) -> bool {
+        let more_than_one = |key: &str| {
+            self.get(key)
+                .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+                .is_some_and(|n| n > 1)
+        };
+        let batched = self.get("prompt").is_some_and(|prompt| {
+            serde_json::from_str::<Vec<&RawValue>>(prompt.get())
+                .is_ok_and(|items| items.iter().any(|i| i.get().starts_with(['"', '['])))
+        });
+        !more_than_one("n") && !more_than_one("best_of") && !batched
+    }
+
+    /// The prefill stage's copy of the request: one token, not streamed, its KV kept for a
+    /// decode engine to fetch.
+    fn prefill_stage(&self) -> Bytes {
+        self.edited(
+            &[
+                ("max_tokens", "1"),
+                ("stream", "false"),
+                ("kv_transfer_params", DO_REMOTE_DECODE),
+            ],
+            &[("max_completion_tokens", "1")],
+            &NOT_FOR_THE_PREFILL,
+        )
+    }
+
+    /// The object with `set` members given these values (in place, or added at the end),
+    /// `replace` members given theirs only where present, and `remove` members left out. A key
+    /// the client sent twice that is set or replaced appears once.
+    fn edited(&self, set: &[(&str, &str)], replace: &[(&str, &str)], remove: &[&str]) -> Bytes {
+        let len = self
+            .0
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>();
+        let mut out = Vec::with_capacity(len + 256);
+        let mut written: Vec<&str> = Vec::new();
+        for (key, value) in &self.0 {
+            let new = set.iter().chain(replace).find(|(k, _)| k == key);
+            match new {
+                Some(&(k, v)) if !written.contains(&k) => {
+                    member(&mut out, key, v);
+                    written.push(k);
+                }
+                Some(_) => {}
+                None if remove.contains(&key.as_str()) => {}
+                None => member(&mut out, key, value.get()),
+            }
+        }
+        for &(k, v) in set {
+            if !written.contains(&k) {
+                member(&mut out, k, v);
+            }
+        }
+        if out.is_empty() {
+            out.push(b'{');
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
 }
 
-/// The `kv_transfer_params` object of a prefill engine's answer; `None` when it is null (the
-/// prefill stopped at its first token).
-async fn transfer_params(answer: Response) -> Result<Option<Value>, String> {
+/// Appends `"key":value` to the object being written in `out`.
+fn member(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.push(if out.is_empty() { b'{' } else { b',' });
+    serde_json::to_writer(&mut *out, key).expect("a string serializes");
+    out.push(b':');
+    out.extend_from_slice(value.as_bytes());
+}
+
+struct MembersVisitor;
+
+impl<'de> Visitor<'de> for MembersVisitor {
+    type Value = Members<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+            members.push(entry);
+        }
+        Ok(Members(members))
+    }
+}
+
+/// What the router reads of a prefill engine's answer.
+#[derive(Deserialize)]
+struct PrefillAnswer {
+    #[serde(default)]
+    choices: Vec<PrefillChoice>,
+    kv_transfer_params: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct PrefillChoice {
+    finish_reason: Option<String>,
+}
+
+/// The `kv_transfer_params` object of a prefill engine's answer, as the engine wrote it; `None`
+/// when it is null (the prefill stopped at its first token).
+async fn transfer_params(answer: Response) -> Result<Option<Box<RawValue>>, String> {
     let body = http_body_util::Limited::new(answer.into_body(), MAX_PREFILL_ANSWER_BYTES)
         .collect()
         .await
         .map_err(|e| format!("its answer could not be read: {e}"))?
         .to_bytes();
-    let mut value: Value =
+    let answer: PrefillAnswer =
         serde_json::from_slice(&body).map_err(|e| format!("its answer is not JSON: {e}"))?;
-    let stopped = value["choices"][0]["finish_reason"] == "stop";
-    match value.get_mut("kv_transfer_params").map(Value::take) {
-        Some(params @ Value::Object(_)) => Ok(Some(params)),
-        Some(Value::Null) | None if stopped => Ok(None),
-        Some(_) | None => Err(
+    let stopped = answer
+        .choices
+        .first()
+        .is_some_and(|c| c.finish_reason.as_deref() == Some("stop"));
+    // A JSON null reads as `None` here, like an absent member.
+    match answer.kv_transfer_params {
+        Some(params) if params.get().starts_with('{') => Ok(Some(params)),
+        None if stopped => Ok(None),
+        _ => Err(
             "no kv_transfer_params object in its answer (is it an engine \
              with a KV connector?)"
                 .into(),
@@ -233,4 +325,62 @@ fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
     copy.version = parts.version;
     copy.headers = parts.headers.clone();
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(bytes: Bytes) -> String {
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn edits_keep_every_other_member_as_the_client_wrote_it() {
+        let body = br#"{ "stream" : true, "seed": 18446744073709551617, "model":"m",
+            "logprobs": 2, "temperature": 0.70, "x\"y": [1, 2] }"#;
+        let members = Members::parse(body).unwrap();
+        assert_eq!(
+            text(members.prefill_stage()),
+            format!(
+                r#"{{"stream":false,"seed":18446744073709551617,"model":"m","temperature":0.70,"x\"y":[1, 2],"max_tokens":1,"kv_transfer_params":{DO_REMOTE_DECODE}}}"#
+            )
+        );
+        let edited = members.edited(&[("kv_transfer_params", r#"{"a":1}"#)], &[], &[]);
+        let value: serde_json::Value = serde_json::from_slice(&edited).unwrap();
+        assert_eq!(value["kv_transfer_params"]["a"], 1);
+        assert!(text(edited).starts_with(r#"{"stream":true,"seed":18446744073709551617,"#));
+    }
+
+    #[test]
+    fn a_member_sent_twice_and_set_appears_once_where_it_first_was() {
+        let body = br#"{"max_tokens":5,"model":"m","max_tokens":7,"max_completion_tokens":9}"#;
+        let members = Members::parse(body).unwrap();
+        assert_eq!(members.get("max_tokens").unwrap().get(), "7");
+        assert_eq!(
+            text(members.prefill_stage()),
+            format!(
+                r#"{{"max_tokens":1,"model":"m","max_completion_tokens":1,"stream":false,"kv_transfer_params":{DO_REMOTE_DECODE}}}"#
+            )
+        );
+        // Replaced only where present; an empty object stays an object.
+        let empty = Members::parse(b"{}").unwrap();
+        assert_eq!(text(empty.edited(&[], &[("n", "1")], &[])), "{}");
+    }
+
+    #[test]
+    fn one_sequence_splits_several_do_not() {
+        let splits = |body: &str| Members::parse(body.as_bytes()).unwrap().splittable();
+        assert!(splits(r#"{"prompt":"x","n":1}"#));
+        assert!(splits(r#"{"prompt":[1,2,3]}"#));
+        assert!(splits(
+            r#"{"messages":[{"role":"user","content":"x"}],"best_of":1}"#
+        ));
+        assert!(!splits(r#"{"prompt":"x","n":2}"#));
+        assert!(!splits(r#"{"prompt":"x","best_of":3}"#));
+        assert!(!splits(r#"{"prompt":["a","b"]}"#));
+        assert!(!splits(r#"{"prompt":[[1],[2]]}"#));
+        assert!(Members::parse(b"[1]").is_err());
+        assert!(Members::parse(br#"{"a":1} x"#).is_err());
+    }
 }

@@ -227,6 +227,43 @@ async fn a_prefill_answer_without_transfer_params_is_a_502_naming_the_endpoint()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The decode stage is the client's request as the client wrote it, plus the prefill engine's
+/// `kv_transfer_params`: key order and a seed beyond 64 bits survive the split.
+#[tokio::test]
+async fn the_decode_stage_gets_the_clients_bytes_and_the_transfer_params() {
+    let prefill = Engine::start(&["--role", "prefill"]).await;
+    let recorder = mock(&[MODEL]).await;
+    let (r, dir) = fleet(
+        "bytes",
+        &[(&prefill.url, "prefill"), (&recorder.url, "decode")],
+    )
+    .await;
+    let c = client();
+    let body = format!(
+        r#"{{"seed": 18446744073709551617, "model": "{MODEL}", "prompt": "x", "max_tokens": 3}}"#
+    );
+    let ans = post(&c, &format!("{}/v1/completions", r.url), &body, &[]).await;
+    assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+    assert_eq!(ans.header("x-qoe-prefill-endpoint"), prefill.url);
+    let seen = recorder.requests();
+    let sent = seen
+        .iter()
+        .find(|s| s.path.ends_with("completions"))
+        .expect("the decode stage reached its endpoint");
+    let sent = String::from_utf8(sent.body.to_vec()).unwrap();
+    let (client_part, params) = sent
+        .split_once(r#","kv_transfer_params":"#)
+        .expect("transfer params added");
+    assert_eq!(
+        client_part,
+        format!(r#"{{"seed":18446744073709551617,"model":"{MODEL}","prompt":"x","max_tokens":3"#)
+    );
+    let params: serde_json::Value =
+        serde_json::from_str(params.strip_suffix('}').unwrap()).unwrap();
+    assert_eq!(params["do_remote_prefill"], true, "{params}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// With admission control (one request in flight per endpoint), concurrent split requests all
 /// get through, each stage waiting for a seat of its own role (the lanes themselves:
 /// `admission::tests::each_stage_waits_in_its_own_lane`).
