@@ -52,27 +52,59 @@ pub fn init_logging(format: LogFormat, filter: &str) {
     };
 }
 
-/// Resolves when the process gets Ctrl-C or SIGTERM.
+/// Resolves when the process gets Ctrl-C or SIGTERM; a second one ends the process at once
+/// (the first started a drain that may last `--shutdown-timeout-ms`).
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let mut signals = StopSignals::new();
+    let first = signals.next().await;
+    tracing::info!("{first}: shutting down (send it again to exit at once)");
+    tokio::spawn(async move {
+        let second = signals.next().await;
+        tracing::warn!("{second} again: exiting without waiting for the requests in flight");
+        std::process::exit(1);
+    });
+}
+
+/// Ctrl-C and SIGTERM, listened to from creation on: one arriving while the previous is handled
+/// is not lost.
+struct StopSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    listeners: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listeners = signal(SignalKind::interrupt())
+                .and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+                .map_err(|e| tracing::warn!("cannot listen for Ctrl-C or SIGTERM: {e}"))
+                .ok();
+            Self { listeners }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Self {}
     }
-    tracing::info!("shutting down");
+
+    /// The next one, by name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            let Some((interrupt, terminate)) = &mut self.listeners else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = interrupt.recv() => "interrupt",
+                _ = terminate.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupt"
+        }
+    }
 }
 
 fn subcommand_matches<'a>(matches: &'a ArgMatches, name: &str) -> &'a ArgMatches {

@@ -215,6 +215,12 @@ pub struct RouterConfig {
     /// Longest silence allowed inside a streamed response body, ms.
     #[arg(long, env = "QOE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
+    /// On SIGTERM or Ctrl-C the router stops accepting connections and lets the requests in
+    /// flight finish for up to this long, ms; then it closes what remains (engines abort those
+    /// requests) and exits. Below Kubernetes' default 30 s grace period, so the router, not a
+    /// SIGKILL, ends the last streams. 0 closes them at once; a second signal exits at once.
+    #[arg(long, env = "QOE_SHUTDOWN_TIMEOUT_MS", default_value_t = 25_000)]
+    pub shutdown_timeout_ms: u64,
     /// Idle upstream keep-alive connections kept per endpoint.
     #[arg(long, env = "QOE_POOL_MAX_IDLE_PER_HOST", default_value_t = 256)]
     pub pool_max_idle_per_host: usize,
@@ -972,10 +978,10 @@ const SIMULATED: [&str; 32] = [
 ];
 
 /// The settings it does not: the fleet file gives the engines and `--policies` the policies;
-/// the rest (HTTP, security, breaker, connect and idle timeouts, logging) have no counterpart
+/// the rest (HTTP, security, breaker, connect, idle and shutdown timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 30] = [
+const NOT_SIMULATED: [&str; 31] = [
     "host",
     "port",
     "service_discovery",
@@ -990,6 +996,7 @@ const NOT_SIMULATED: [&str; 30] = [
     "response_timeout_ms",
     "request_read_timeout_ms",
     "idle_timeout_ms",
+    "shutdown_timeout_ms",
     "pool_max_idle_per_host",
     "api_keys",
     "admin_api_key",

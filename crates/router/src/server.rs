@@ -277,26 +277,38 @@ pub async fn serve_state(
         "http"
     };
     tracing::info!(%addr, scheme, policy = state.policy.name(), "qoe-router listening");
-    let header_timeout = Duration::from_millis(config.request_read_timeout_ms);
+    let timeouts = ConnectionTimeouts {
+        header: Duration::from_millis(config.request_read_timeout_ms),
+        shutdown: Duration::from_millis(config.shutdown_timeout_ms),
+    };
     let tls = state.server_tls.clone();
-    serve_connections(listener, Front::new(state), tls, header_timeout, shutdown).await;
+    serve_connections(listener, Front::new(state), tls, timeouts, shutdown).await;
     for t in tasks {
         t.abort();
     }
     Ok(())
 }
 
-/// Accepts connections and serves each with `front` until `shutdown` completes, then waits for
-/// the open ones to finish their requests. Headers must arrive within `header_timeout` (hyper
-/// closes the connection otherwise): a client that opens connections and never finishes a
-/// request would otherwise hold a socket each, forever. With `tls`, each connection's handshake
-/// runs in its own task, within [`TLS_HANDSHAKE_TIMEOUT`] (or `header_timeout` if shorter) and
-/// abandoned at shutdown; a connection that opens with plain HTTP gets a 400 saying so.
+/// How long a client may take over its request's headers, and how long the requests in flight
+/// at shutdown may take to finish.
+struct ConnectionTimeouts {
+    header: Duration,
+    shutdown: Duration,
+}
+
+/// Accepts connections and serves each with `front` until `shutdown` completes, then lets the
+/// open ones finish their requests for up to `timeouts.shutdown` and closes what remains (its
+/// requests' upstream connections are dropped with them: the engines abort them). Headers must
+/// arrive within `timeouts.header` (hyper closes the connection otherwise): a client that opens
+/// connections and never finishes a request would otherwise hold a socket each, forever. With
+/// `tls`, each connection's handshake runs in its own task, within [`TLS_HANDSHAKE_TIMEOUT`] (or
+/// the header timeout if shorter) and abandoned at shutdown; a connection that opens with plain
+/// HTTP gets a 400 saying so.
 async fn serve_connections(
     listener: TcpListener,
     front: Front,
     tls: Option<qoe_tls::ServerTls>,
-    header_timeout: Duration,
+    timeouts: ConnectionTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -304,11 +316,13 @@ async fn serve_connections(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(timeouts.header);
     let mut shutdown = std::pin::pin!(shutdown);
-    // Handshakes in progress stop when this turns true (shutdown waits for their tasks).
+    // Handshakes in progress stop when `closing` turns true (shutdown waits for their tasks);
+    // connections still open when `aborting` does are closed.
     let (closing, closing_rx) = watch::channel(false);
-    let handshake_timeout = TLS_HANDSHAKE_TIMEOUT.min(header_timeout);
+    let (aborting, aborting_rx) = watch::channel(false);
+    let handshake_timeout = TLS_HANDSHAKE_TIMEOUT.min(timeouts.header);
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -330,11 +344,15 @@ async fn serve_connections(
             let mut front = front.clone();
             tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
         });
+        let mut aborted = aborting_rx.clone();
         let Some(tls) = &tls else {
             let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!("client connection ended: {e}");
+                tokio::select! {
+                    served = connection => if let Err(e) = served {
+                        tracing::debug!("client connection ended: {e}");
+                    },
+                    _ = aborted.wait_for(|a| *a) => {}
                 }
             });
             continue;
@@ -351,15 +369,35 @@ async fn serve_connections(
                 },
                 _ = closing.wait_for(|c| *c) => return,
             };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!("client connection ended: {e}");
+            let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+            tokio::select! {
+                served = connection => if let Err(e) = served {
+                    tracing::debug!("client connection ended: {e}");
+                },
+                _ = aborted.wait_for(|a| *a) => {}
             }
         });
     }
     drop(listener);
     let _ = closing.send(true);
-    graceful.shutdown().await;
+    tracing::info!(
+        timeout_ms = timeouts.shutdown.as_millis() as u64,
+        "not accepting connections; waiting for the requests in flight"
+    );
+    if tokio::time::timeout(timeouts.shutdown, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        // Every connection's task holds a receiver.
+        drop(aborting_rx);
+        tracing::warn!(
+            connections = aborting.receiver_count(),
+            "requests still in flight after --shutdown-timeout-ms: closing their connections"
+        );
+        let _ = aborting.send(true);
+        // Each task ends at its next poll, dropping its receiver.
+        let _ = tokio::time::timeout(Duration::from_secs(1), aborting.closed()).await;
+    }
 }
 
 /// The longest a client may take over its TLS handshake (the handshake is a few round trips).

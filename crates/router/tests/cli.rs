@@ -173,47 +173,65 @@ fn print_config_refuses_a_bad_backend_in_the_file() {
     }
 }
 
-/// `kill -HUP` (what `systemctl reload` sends) re-reads the config file, and without one it is
-/// logged and ignored: its default action would end the router.
-#[cfg(unix)]
-#[test]
-fn sighup_without_a_config_file_does_not_stop_the_router() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A free port on 127.0.0.1 (free when asked: the router binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// `qoe-router serve` on `port` with `args`, its output discarded, once `/health` answers.
+fn serving(port: u16, args: &[&str]) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_qoe-router"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--static-backends",
-            "http://127.0.0.1:9",
-            "--static-models",
-            "m",
-            "--log-level",
-            "warn",
-        ])
+        .args(["serve", "--port", &port.to_string(), "--log-level", "warn"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let health = || {
-        use std::io::{Read, Write};
+    let started = Instant::now();
+    while !healthy(port) {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("never served");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Whether the router on `port` answers `/health` with 200.
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let answer = || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .ok()?;
         let mut answer = String::new();
         s.read_to_string(&mut answer).ok()?;
-        answer.starts_with("HTTP/1.1 200").then_some(())
+        Some(answer)
     };
-    let started = Instant::now();
-    while health().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(20), "never served");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    answer().is_some_and(|a| a.starts_with("HTTP/1.1 200"))
+}
+
+/// `kill -HUP` (what `systemctl reload` sends) re-reads the config file, and without one it is
+/// logged and ignored: its default action would end the router.
+#[cfg(unix)]
+#[test]
+fn sighup_without_a_config_file_does_not_stop_the_router() {
+    let port = free_port();
+    let mut child = serving(
+        port,
+        &[
+            "--static-backends",
+            "http://127.0.0.1:9",
+            "--static-models",
+            "m",
+        ],
+    );
     let hup = Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
@@ -226,7 +244,7 @@ fn sighup_without_a_config_file_does_not_stop_the_router() {
         if child.try_wait().unwrap().is_some() {
             break;
         }
-        alive = health().is_some();
+        alive = healthy(port);
     }
     let exited = child.try_wait().unwrap();
     let _ = child.kill();
@@ -285,4 +303,85 @@ fn logs_to_a_pipe_are_not_coloured() {
         "{lines:?}"
     );
     assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "{lines:?}");
+}
+
+/// SIGTERM starts a drain that waits for the requests in flight; a second SIGTERM ends the
+/// process at once (status 1), without waiting for them.
+#[cfg(unix)]
+#[test]
+fn a_second_sigterm_exits_without_waiting_for_the_drain() {
+    use std::io::{Read, Write};
+    // An engine that reads what it is sent and never answers; it reports each request line.
+    let engine = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let engine_url = format!("http://{}", engine.local_addr().unwrap());
+    let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for mut conn in engine.incoming().map_while(Result::ok) {
+            let mut head = [0u8; 256];
+            let n = conn.read(&mut head).unwrap_or(0);
+            let line = String::from_utf8_lossy(&head[..n]);
+            let _ = seen_tx.send(line.lines().next().unwrap_or_default().to_string());
+            open.push(conn);
+        }
+    });
+    let port = free_port();
+    let mut child = serving(
+        port,
+        &[
+            "--static-backends",
+            &engine_url,
+            "--static-models",
+            "m",
+            "--engine-stats-interval",
+            "0.2",
+            "--shutdown-timeout-ms",
+            "600000",
+        ],
+    );
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = r#"{"model":"m","prompt":"x","max_tokens":2}"#;
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // In flight once it reached the engine.
+    loop {
+        let line = seen
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the request reached the engine");
+        if line.starts_with("POST /v1/completions") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    let term = || {
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+    };
+    term();
+    // Draining once it stops listening: it waits for the request in flight.
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "draining, not exited");
+    term();
+    let mut status = None;
+    for _ in 0..1000 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{status:?}");
 }

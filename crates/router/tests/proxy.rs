@@ -948,6 +948,44 @@ async fn shutdown_drains_the_stream_in_flight() {
         .is_ok());
 }
 
+/// A stream still going when `--shutdown-timeout-ms` runs out is closed, toward the client and
+/// toward the engine (which aborts it), and `serve` returns.
+#[tokio::test]
+async fn shutdown_closes_what_outlasts_its_timeout() {
+    let engine = mock(&["m"]).await;
+    let mut r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--shutdown-timeout-ms",
+        "200",
+    ])
+    .await;
+    let c = client();
+    let script = engine.script_next();
+    let pending = start_stream(&c, &r.url, "x");
+    let scripted = script.await.unwrap();
+    scripted.send(first_chunk()).await;
+    let mut body = pending.await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+
+    r.shutdown.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), &mut r.task)
+        .await
+        .expect("serve returns after its shutdown timeout")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), scripted.chunks.closed())
+        .await
+        .expect("the upstream request was dropped");
+    let end = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the client's stream ended");
+    assert!(
+        !matches!(end, Some(Ok(ref f)) if f.is_data()),
+        "no more data after the close: {end:?}"
+    );
+}
+
 /// A stream whose last event lacks its blank line still delivers it, and its usage counts.
 #[tokio::test]
 async fn an_unterminated_last_event_is_delivered_and_counted() {
