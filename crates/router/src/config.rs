@@ -8,7 +8,7 @@
 //! are read at start.
 
 use crate::breaker::BreakerConfig;
-use crate::security::Secret;
+use crate::security::{PriorityKey, Secret};
 use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 use qoe_core::analyze::AnalyzerConfig;
 use qoe_core::policy::QoeConfig;
@@ -259,6 +259,16 @@ pub struct RouterConfig {
         hide_env_values = true
     )]
     pub api_keys: Vec<Secret>,
+    /// API keys bound to a priority, `KEY=PRIORITY` (1 high, 2 default, 3 low), accepted like
+    /// --api-keys: a request with one is served at its priority, or at a lower one its priority
+    /// header asks for, never a higher one. Without them the priority header is the client's word.
+    #[arg(
+        long,
+        env = "QOE_API_KEY_PRIORITIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key_priorities: Vec<PriorityKey>,
     /// Key the admin routes (`/engines`, `/metrics`) require as `Authorization: Bearer KEY`
     /// (unset: open). `/health` is always open.
     #[arg(long, env = "QOE_ADMIN_API_KEY", hide_env_values = true)]
@@ -612,6 +622,20 @@ impl RouterConfig {
         for key in self.api_keys.iter() {
             key.validate("--api-keys").map_err(anyhow::Error::msg)?;
         }
+        for (i, bound) in self.api_key_priorities.iter().enumerate() {
+            let flag = "--api-key-priorities";
+            bound.key.validate(flag).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                self.api_key_priorities[..i]
+                    .iter()
+                    .all(|other| other.key != bound.key || other.priority == bound.priority),
+                "{flag} binds one key to two priorities"
+            );
+            anyhow::ensure!(
+                self.admin_api_key.as_ref() != Some(&bound.key),
+                "--admin-api-key must differ from every {flag} key"
+            );
+        }
         if let Some(admin) = &self.admin_api_key {
             admin
                 .validate("--admin-api-key")
@@ -700,12 +724,19 @@ impl RouterConfig {
         Ok(q)
     }
 
+    /// Whether the router checks API keys on the API routes (`--api-keys` or
+    /// `--api-key-priorities`).
+    pub fn checks_api_keys(&self) -> bool {
+        !self.api_keys.is_empty() || !self.api_key_priorities.is_empty()
+    }
+
     /// The settings in effect as a config file `--config` reads back to the same settings: every
     /// key, the `[qoe]` table in full, the file's `[[backends]]`. API keys are left out (a comment
     /// says how many are set): this text goes to terminals and tickets.
     pub fn effective_toml(&self) -> anyhow::Result<String> {
         let mut table = toml::Table::try_from(self)?;
         table.remove("api_keys");
+        table.remove("api_key_priorities");
         table.remove("admin_api_key");
         table.remove("upstream_api_key");
         let mut qoe = toml::Table::try_from(self.qoe_table()?)?;
@@ -724,6 +755,12 @@ impl RouterConfig {
         );
         if !self.api_keys.is_empty() {
             out += &format!("# api_keys: {} set, not printed\n", self.api_keys.len());
+        }
+        if !self.api_key_priorities.is_empty() {
+            out += &format!(
+                "# api_key_priorities: {} set, not printed\n",
+                self.api_key_priorities.len()
+            );
         }
         if self.admin_api_key.is_some() {
             out += "# admin_api_key: set, not printed\n";
@@ -882,9 +919,8 @@ impl RouterConfig {
             .iter()
             .filter(|key| now.get(**key) != defaults.get(**key))
             .map(|key| match (*key, now.get(*key)) {
-                ("api_keys" | "admin_api_key" | "upstream_api_key", _) | (_, None) => {
-                    key.to_string()
-                }
+                ("api_keys" | "api_key_priorities" | "admin_api_key" | "upstream_api_key", _)
+                | (_, None) => key.to_string(),
                 (_, Some(value)) => format!("{key} = {value}"),
             })
             .collect();
@@ -981,7 +1017,7 @@ const SIMULATED: [&str; 32] = [
 /// the rest (HTTP, security, breaker, connect, idle and shutdown timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 31] = [
+const NOT_SIMULATED: [&str; 32] = [
     "host",
     "port",
     "service_discovery",
@@ -999,6 +1035,7 @@ const NOT_SIMULATED: [&str; 31] = [
     "shutdown_timeout_ms",
     "pool_max_idle_per_host",
     "api_keys",
+    "api_key_priorities",
     "admin_api_key",
     "forward_authorization",
     "upstream_api_key",
@@ -1565,7 +1602,7 @@ mod tests {
         let path = dir.file("router.toml");
         std::fs::write(
             &path,
-            "api_keys = [\"sk-file-1\", \"sk-file-2\"]\nadmin_api_key = \"adm-file\"\ncors_allow_origin = [\"https://a.example\"]\n",
+            "api_keys = [\"sk-file-1\", \"sk-file-2\"]\napi_key_priorities = [\"sk-file-gold=1\"]\nadmin_api_key = \"adm-file\"\ncors_allow_origin = [\"https://a.example\"]\n",
         )
         .unwrap();
         let c = RouterConfig::from_args(["x", "--config", path.to_str().unwrap()]).unwrap();
@@ -1573,6 +1610,11 @@ mod tests {
         assert_eq!(c.api_keys.len(), 2);
         assert_eq!(c.api_keys[1].expose(), "sk-file-2");
         assert_eq!(c.admin_api_key.as_ref().unwrap().expose(), "adm-file");
+        let gold = &c.api_key_priorities[0];
+        assert_eq!(
+            (gold.key.expose(), gold.priority),
+            ("sk-file-gold", qoe_core::Priority::HIGH)
+        );
         let debug = format!("{c:?}");
         assert!(
             !debug.contains("sk-file") && !debug.contains("adm-file"),

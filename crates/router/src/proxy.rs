@@ -279,10 +279,34 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         },
         Err(e) => return reject(&state, e.into(), &request_id),
     };
+    let profile = with_key_priority(&state, &parts, profile);
     if crate::stages::splits(&state, &profile) {
         return crate::stages::run(state, parts, body, profile, request_id, started).await;
     }
     dispatch(state, parts, body, profile, request_id, started, false).await
+}
+
+/// The request's priority when its API key is bound to one (`--api-key-priorities`): the key's,
+/// or the lower one the priority header asks for.
+fn with_key_priority(
+    state: &AppState,
+    parts: &http::request::Parts,
+    profile: qoe_core::RequestProfile,
+) -> qoe_core::RequestProfile {
+    let Some(&crate::security::KeyPriority(bound)) = parts.extensions.get() else {
+        return profile;
+    };
+    let asked = parts.headers.contains_key(&state.analyzer.priority_header);
+    // Priority 1 is the most urgent: the larger level is the lower priority.
+    let priority = if asked {
+        profile.priority.max(bound)
+    } else {
+        bound
+    };
+    qoe_core::RequestProfile {
+        priority,
+        ..profile
+    }
 }
 
 /// Request bodies past which a tokenizer's count runs on tokio's blocking pool: ≈ 0.35 ms of CPU
@@ -606,7 +630,7 @@ async fn send(
     // `--upstream-api-key` replaces whatever the client sent.
     let upstream_key = state.client.authorization();
     let keep_authorization = upstream_key.is_none()
-        && (state.config.api_keys.is_empty() || state.config.forward_authorization);
+        && (!state.config.checks_api_keys() || state.config.forward_authorization);
     let named = named_by_connection(&parts.headers);
     for (name, value) in &parts.headers {
         if HOP_BY_HOP.contains(&name.as_str())

@@ -7,13 +7,16 @@
 //! |---|---|---|
 //! | `/health`, `/ready` | nothing | liveness and readiness probes carry no credentials; they reveal only endpoint counts |
 //! | `/engines`, `/metrics` | `--admin-api-key` | they reveal endpoint URLs, load and traffic |
-//! | everything else (`/v1/...`, the other proxied routes, unknown paths) | `--api-keys` | the OpenAI API, and no route probing without a key |
+//! | everything else (`/v1/...`, the other proxied routes, unknown paths) | `--api-keys`, `--api-key-priorities` | the OpenAI API, and no route probing without a key |
 //!
 //! Each guard is off until its key is set: with `--api-keys` alone the admin routes stay open
 //! (a warning is logged at start), so a Prometheus without credentials keeps scraping. Keys are
 //! presented as `Authorization: Bearer KEY` (the scheme is case-insensitive, RFC 9110 §11.1) and
 //! compared in constant time ([`ct_eq`]). A refusal is a 401 in OpenAI's shape with
 //! `WWW-Authenticate: Bearer`; the message never echoes what was presented.
+//!
+//! Keys of `--api-key-priorities` are API keys bound to a priority ([`PriorityKey`]): the proxy
+//! caps the request's priority at the key's, so a client cannot claim priority 1 by a header.
 //!
 //! Keys are [`Secret`]s: their `Debug` prints `***`, `--help` hides their environment values, and
 //! nothing logs request headers. When the router checks keys itself, the client's `Authorization`
@@ -33,6 +36,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use qoe_core::Priority;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -81,6 +85,56 @@ impl std::str::FromStr for Secret {
         Ok(Secret(s.to_string()))
     }
 }
+
+/// An API key bound to a priority (`--api-key-priorities KEY=PRIORITY`): its requests are served
+/// at that priority, or a lower one the priority header asks for, never a higher one. Written
+/// `KEY=PRIORITY` in flags, environment and the config file alike; the last `=` splits, so a key
+/// may itself contain `=` (base64 padding).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PriorityKey {
+    pub key: Secret,
+    pub priority: Priority,
+}
+
+impl std::str::FromStr for PriorityKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || "expected KEY=PRIORITY, with PRIORITY 1 (high), 2 or 3 (low)".to_string();
+        let (key, level) = s.rsplit_once('=').ok_or_else(bad)?;
+        let priority = level
+            .parse::<u8>()
+            .ok()
+            .and_then(Priority::new)
+            .ok_or_else(bad)?;
+        Ok(PriorityKey {
+            key: Secret::new(key),
+            priority,
+        })
+    }
+}
+
+impl std::fmt::Debug for PriorityKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PriorityKey(***={})", self.priority.level())
+    }
+}
+
+impl Serialize for PriorityKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}={}", self.key.expose(), self.priority.level()))
+    }
+}
+
+impl<'de> Deserialize<'de> for PriorityKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The priority a request's API key binds it to, for the proxy (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyPriority(pub Priority);
 
 /// Compares `presented` with `key` in time that depends on the two lengths only, never on the
 /// bytes' content or on where they differ.
@@ -176,36 +230,63 @@ where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
-    let checked = |request: Request| async {
-        let refusal = limit_headers(state, &request).or_else(|| authenticate(state, &request));
-        if let Some(mut refusal) = refusal {
-            // Like every answer, a refusal carries the request's id.
-            let id = crate::proxy::request_id(request.headers());
-            refusal
-                .headers_mut()
-                .insert(crate::proxy::X_REQUEST_ID.clone(), id);
-            return refusal;
+    let checked = |mut request: Request| async {
+        let checked = match limit_headers(state, &request) {
+            Some(refusal) => Err(refusal),
+            None => authenticate(state, &request)
+                .map_err(|(guard, presented)| unauthorized(state, guard, presented)),
+        };
+        match checked {
+            Ok(None) => {}
+            Ok(Some(priority)) => {
+                request.extensions_mut().insert(KeyPriority(priority));
+            }
+            Err(mut refusal) => {
+                // Like every answer, a refusal carries the request's id.
+                let id = crate::proxy::request_id(request.headers());
+                refusal
+                    .headers_mut()
+                    .insert(crate::proxy::X_REQUEST_ID.clone(), id);
+                return refusal;
+            }
         }
         inner(request).await
     };
     cors(state, request, checked).await
 }
 
-/// The API and admin keys: a 401 for a request without the key its route needs.
-fn authenticate(state: &AppState, request: &Request) -> Option<Response> {
+/// The API and admin keys: the priority the request's API key binds it to, if any
+/// (`--api-key-priorities`); for a request without the key its route needs, its guard and
+/// whether a key was presented at all (for the 401).
+fn authenticate(state: &AppState, request: &Request) -> Result<Option<Priority>, (Guard, bool)> {
+    let config = &state.config;
     let guard = guard_of(request.uri().path());
-    let keys: &[Secret] = match guard {
-        Guard::Open => &[],
-        Guard::Admin => state.config.admin_api_key.as_slice(),
-        Guard::Api => &state.config.api_keys,
+    let (keys, bound): (&[Secret], &[PriorityKey]) = match guard {
+        Guard::Open => (&[], &[]),
+        Guard::Admin => (config.admin_api_key.as_slice(), &[]),
+        Guard::Api => (&config.api_keys, &config.api_key_priorities),
     };
-    if !keys.is_empty() {
-        match bearer(request.headers()) {
-            Some(token) if matches_any(token, keys) => {}
-            token => return Some(unauthorized(state, guard, token.is_some())),
+    if keys.is_empty() && bound.is_empty() {
+        return Ok(None);
+    }
+    let Some(token) = bearer(request.headers()) else {
+        return Err((guard, false));
+    };
+    let mut found = matches_any(token, keys);
+    let mut priority = None;
+    // Every key compared, match or not.
+    for key in bound {
+        let matched = ct_eq(token, key.key.expose().as_bytes());
+        found |= matched;
+        if matched {
+            priority = Some(key.priority);
         }
     }
-    None
+    if found {
+        Ok(priority)
+    } else {
+        Err((guard, true))
+    }
 }
 
 /// Total size of the request's headers as they came on the wire (names, values, `: ` and CRLF).

@@ -265,9 +265,9 @@ pub async fn serve_state(
         },
     ));
 
-    if !config.api_keys.is_empty() && config.admin_api_key.is_none() {
+    if config.checks_api_keys() && config.admin_api_key.is_none() {
         tracing::warn!(
-            "--api-keys is set but --admin-api-key is not: /engines and /metrics are open to anyone who can reach the router"
+            "API keys are set but --admin-api-key is not: /engines and /metrics are open to anyone who can reach the router"
         );
     }
     let addr = listener.local_addr()?;

@@ -290,6 +290,106 @@ async fn the_upstream_key_goes_with_every_request_to_the_engines() {
     );
 }
 
+/// A key bound to a priority sets its requests' priority: the key's without the header, the
+/// header's only when it is lower. Keys without one leave the header the client's word. Seen in
+/// the `priority` field the router writes for engines that schedule by it.
+#[tokio::test]
+async fn keys_bound_to_a_priority_cap_what_the_header_may_ask() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--engine-priority",
+        "--api-keys",
+        KEY_A,
+        "--api-key-priorities",
+        "sk-gold=1,sk-batch==3",
+    ])
+    .await;
+    let c = client();
+    let cases = [
+        ("sk-gold", None, 1),
+        ("sk-gold", Some("2"), 2),
+        ("sk-gold", Some("1"), 1),
+        // The last `=` splits: this key is `sk-batch=`.
+        ("sk-batch=", None, 3),
+        ("sk-batch=", Some("1"), 3),
+        (KEY_A, Some("1"), 1),
+        (KEY_A, None, 2),
+    ];
+    let complete = |headers: Vec<(&'static str, String)>| {
+        let (c, url) = (c.clone(), format!("{}/v1/completions", r.url));
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post(&c, &url, &completion("m", "x", false), &headers)
+                .await
+                .status
+        }
+    };
+    for (key, header, _) in cases {
+        let mut headers = vec![("authorization", bearer(key))];
+        if let Some(level) = header {
+            headers.push(("x-request-priority", level.to_string()));
+        }
+        assert_eq!(complete(headers).await, 200, "{key} {header:?}");
+    }
+    let sent: Vec<i64> = engine
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .map(|s| {
+            serde_json::from_slice::<serde_json::Value>(&s.body).unwrap()["priority"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let expected: Vec<i64> = cases.iter().map(|c| c.2).collect();
+    assert_eq!(sent, expected);
+    // The bound keys are API keys like the others: without one, or with another, 401.
+    for auth in [None, Some(bearer("sk-batch")), Some(bearer("sk-gold=1"))] {
+        let headers = auth.iter().map(|a| ("authorization", a.clone())).collect();
+        assert_eq!(complete(headers).await, 401, "{auth:?}");
+    }
+    // The router owns these keys: the client's Authorization stays here.
+    assert!(engine
+        .requests()
+        .iter()
+        .all(|s| s.headers.get("authorization").is_none()));
+}
+
+#[test]
+fn priority_keys_are_checked_and_never_printed() {
+    let parse = |value: &str| {
+        qoe_router::RouterConfig::from_args(["x", "--api-key-priorities", value])
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string()))
+    };
+    for bad in [
+        "sk-x",
+        "sk-x=0",
+        "sk-x=4",
+        "sk-x=high",
+        "=1",
+        "a b=1",
+        "k=1,k=2",
+    ] {
+        let err = parse(bad).expect_err(bad);
+        assert!(
+            err.contains("--api-key-priorities") || err.contains("KEY=PRIORITY"),
+            "{bad}: {err}"
+        );
+    }
+    let config = parse("sk-hidden-gold=1,sk-hidden-gold=1").unwrap();
+    assert!(config.checks_api_keys());
+    let printed = format!("{config:?}\n{}", config.effective_toml().unwrap());
+    assert!(!printed.contains("sk-hidden"), "{printed}");
+    assert!(
+        printed.contains("# api_key_priorities: 2 set, not printed"),
+        "{printed}"
+    );
+}
+
 #[tokio::test]
 async fn config_debug_output_hides_keys() {
     let config = qoe_router::RouterConfig::from_args([
@@ -304,15 +404,16 @@ async fn config_debug_output_hides_keys() {
     let debug = format!("{config:?}");
     assert!(!debug.contains("visible-nowhere"), "{debug}");
     assert_eq!(config.api_keys.len(), 2);
-    // The same key for both is refused; so is a key with a space.
-    let same =
-        qoe_router::RouterConfig::from_args(["x", "--api-keys", "k1", "--admin-api-key", "k1"])
+    // The same key for API and admin is refused; so is a key with a space.
+    for (flag, value) in [("--api-keys", "k1"), ("--api-key-priorities", "k1=1")] {
+        let same = qoe_router::RouterConfig::from_args(["x", flag, value, "--admin-api-key", "k1"])
             .unwrap();
-    assert!(same
-        .validate()
-        .unwrap_err()
-        .to_string()
-        .contains("--admin-api-key"));
+        assert!(same
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--admin-api-key"));
+    }
     let spaced = qoe_router::RouterConfig::from_args(["x", "--api-keys", "a b"]).unwrap();
     assert!(spaced.validate().is_err());
 }
