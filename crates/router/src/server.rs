@@ -318,11 +318,12 @@ async fn serve_connections(
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header);
     let mut shutdown = std::pin::pin!(shutdown);
-    // Handshakes in progress stop when `closing` turns true (shutdown waits for their tasks);
-    // connections still open when `aborting` does are closed.
+    // Handshakes in progress stop when this turns true (shutdown waits for their tasks).
     let (closing, closing_rx) = watch::channel(false);
-    let (aborting, aborting_rx) = watch::channel(false);
     let handshake_timeout = TLS_HANDSHAKE_TIMEOUT.min(timeouts.header);
+    // Every connection's task, to close what outlasts the shutdown timeout. Finished ones are
+    // reaped at each accept, so it holds at most the connections open at the last accept.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -336,6 +337,7 @@ async fn serve_connections(
             },
             () = &mut shutdown => break,
         };
+        while connections.try_join_next().is_some() {}
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY not set: {e}");
         }
@@ -344,22 +346,18 @@ async fn serve_connections(
             let mut front = front.clone();
             tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
         });
-        let mut aborted = aborting_rx.clone();
         let Some(tls) = &tls else {
             let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
-            tokio::spawn(async move {
-                tokio::select! {
-                    served = connection => if let Err(e) = served {
-                        tracing::debug!("client connection ended: {e}");
-                    },
-                    _ = aborted.wait_for(|a| *a) => {}
+            connections.spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("client connection ended: {e}");
                 }
             });
             continue;
         };
         let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
         let mut closing = closing_rx.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let handshake = tokio::time::timeout(handshake_timeout, secure(&tls, tcp));
             let stream = tokio::select! {
                 secured = handshake => match secured {
@@ -369,12 +367,9 @@ async fn serve_connections(
                 },
                 _ = closing.wait_for(|c| *c) => return,
             };
-            let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
-            tokio::select! {
-                served = connection => if let Err(e) = served {
-                    tracing::debug!("client connection ended: {e}");
-                },
-                _ = aborted.wait_for(|a| *a) => {}
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!("client connection ended: {e}");
             }
         });
     }
@@ -388,16 +383,15 @@ async fn serve_connections(
         .await
         .is_err()
     {
-        // Every connection's task holds a receiver.
-        drop(aborting_rx);
+        while connections.try_join_next().is_some() {}
         tracing::warn!(
-            connections = aborting.receiver_count(),
+            connections = connections.len(),
             "requests still in flight after --shutdown-timeout-ms: closing their connections"
         );
-        let _ = aborting.send(true);
-        // Each task ends at its next poll, dropping its receiver.
-        let _ = tokio::time::timeout(Duration::from_secs(1), aborting.closed()).await;
     }
+    // Aborts what is left (dropping a connection drops its requests' upstream connections too)
+    // and waits for it.
+    connections.shutdown().await;
 }
 
 /// The longest a client may take over its TLS handshake (the handshake is a few round trips).
