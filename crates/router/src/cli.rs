@@ -53,20 +53,25 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM; a second one ends the process at once
-/// (the first started a drain that may last `--shutdown-timeout-ms`).
-pub async fn shutdown_signal() {
+/// (the first started a drain that may last `--shutdown-timeout-ms`). The signals are listened
+/// to from this call on (in a runtime), so one that arrives while the router is still starting
+/// shuts it down once it listens instead of killing it. For the binary: the watch for a second
+/// signal outlives the router.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut signals = StopSignals::new();
-    let first = signals.next().await;
-    tracing::info!("{first}: shutting down (send it again to exit at once)");
-    tokio::spawn(async move {
-        let second = signals.next().await;
-        tracing::warn!("{second} again: exiting without waiting for the requests in flight");
-        std::process::exit(1);
-    });
+    async move {
+        let first = signals.next().await;
+        tracing::info!("{first}: shutting down (send it again to exit at once)");
+        tokio::spawn(async move {
+            let second = signals.next().await;
+            tracing::warn!("{second} again: exiting without waiting for the requests in flight");
+            std::process::exit(1);
+        });
+    }
 }
 
-/// Ctrl-C and SIGTERM, listened to from creation on: one arriving while the previous is handled
-/// is not lost.
+/// Ctrl-C and SIGTERM, listened to from creation on (on Unix): one arriving while the previous
+/// is handled is not lost; two arriving together count as one.
 struct StopSignals {
     #[cfg(unix)]
     listeners: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,

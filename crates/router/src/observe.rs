@@ -415,8 +415,14 @@ impl<B: Body> ObservedBody<B> {
         if let Some(kind) = failure_kind {
             self.state.metrics.count_failure(&endpoint.url, kind);
         }
+        let closed_here = || {
+            self.state
+                .closing_connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
         let outcome = match end {
             End::Complete => "complete",
+            End::ClientGone if closed_here() => "closed_at_shutdown",
             End::ClientGone => "client_closed",
             End::UpstreamBroken => "upstream_broken",
             End::IdleTimeout => "idle_timeout",

@@ -78,6 +78,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         admission: Arc::new(crate::admission::Admission::new(config.admission_config())),
         server_tls,
+        closing_connections: Default::default(),
         config,
     }))
 }
@@ -388,6 +389,10 @@ async fn serve_connections(
             connections = connections.len(),
             "requests still in flight after --shutdown-timeout-ms: closing their connections"
         );
+        front
+            .state
+            .closing_connections
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
     // Aborts what is left (dropping a connection drops its requests' upstream connections too)
     // and waits for it.

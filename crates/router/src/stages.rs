@@ -12,8 +12,8 @@
 //! ITL decides). Why not one pick for both: the two stages want different engines, which is the
 //! point of running them apart.
 //!
-//! The stages' bodies are the client's bytes with members replaced, added or removed at the top
-//! level: every other member keeps its place and its exact text (a `seed` beyond 64 bits stays
+//! The stages' bodies are the client's top-level members with some replaced, added or removed:
+//! every other member keeps its place and its value's exact text (a `seed` beyond 64 bits stays
 //! an integer, key order stays the client's).
 
 use crate::errors::ApiError;
@@ -25,7 +25,6 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use qoe_core::{ApiKind, Micros, Phase, RequestProfile, Role, Stage};
 use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -277,37 +276,23 @@ impl<'de> Visitor<'de> for MembersVisitor {
     }
 }
 
-/// What the router reads of a prefill engine's answer.
-#[derive(Deserialize)]
-struct PrefillAnswer {
-    #[serde(default)]
-    choices: Vec<PrefillChoice>,
-    kv_transfer_params: Option<Box<RawValue>>,
-}
-
-#[derive(Deserialize)]
-struct PrefillChoice {
-    finish_reason: Option<String>,
-}
-
-/// The `kv_transfer_params` object of a prefill engine's answer, as the engine wrote it; `None`
-/// when it is null (the prefill stopped at its first token).
+/// The `kv_transfer_params` object of a prefill engine's answer; `None` when it is null or
+/// absent and the prefill stopped at its first token.
 async fn transfer_params(answer: Response) -> Result<Option<Box<RawValue>>, String> {
     let body = http_body_util::Limited::new(answer.into_body(), MAX_PREFILL_ANSWER_BYTES)
         .collect()
         .await
         .map_err(|e| format!("its answer could not be read: {e}"))?
         .to_bytes();
-    let answer: PrefillAnswer =
+    // Read loosely, as a JSON value: only these two members matter, whatever the rest holds.
+    let answer: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| format!("its answer is not JSON: {e}"))?;
-    let stopped = answer
-        .choices
-        .first()
-        .is_some_and(|c| c.finish_reason.as_deref() == Some("stop"));
-    // A JSON null reads as `None` here, like an absent member.
-    match answer.kv_transfer_params {
-        Some(params) if params.get().starts_with('{') => Ok(Some(params)),
-        None if stopped => Ok(None),
+    let stopped = answer["choices"][0]["finish_reason"] == "stop";
+    match answer.get("kv_transfer_params") {
+        Some(params @ serde_json::Value::Object(_)) => serde_json::value::to_raw_value(params)
+            .map(Some)
+            .map_err(|e| format!("its kv_transfer_params could not be written: {e}")),
+        Some(serde_json::Value::Null) | None if stopped => Ok(None),
         _ => Err(
             "no kv_transfer_params object in its answer (is it an engine \
              with a KV connector?)"

@@ -25,6 +25,9 @@ pub struct AppState {
     pub admission: Arc<crate::admission::Admission>,
     /// TLS on the router's own port (`--tls-cert-file`), if any.
     pub server_tls: Option<qoe_tls::ServerTls>,
+    /// Set when the shutdown timeout ran out and the router closes the connections left: their
+    /// requests end by its hand, not their clients'.
+    pub closing_connections: std::sync::atomic::AtomicBool,
 }
 
 /// Running estimate of output length per model, for requests that give neither the header nor

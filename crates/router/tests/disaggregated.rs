@@ -264,6 +264,38 @@ async fn the_decode_stage_gets_the_clients_bytes_and_the_transfer_params() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A prefill answer is read loosely: only its `kv_transfer_params` (passed on) and its first
+/// choice's `finish_reason` matter, whatever shape the rest has.
+#[tokio::test]
+async fn only_the_transfer_params_of_a_prefill_answer_matter() {
+    let (prefill, decode) = (mock(&[MODEL]).await, mock(&[MODEL]).await);
+    *prefill.state.fixed.lock().unwrap() = Some((
+        200,
+        r#"{"choices": null, "kv_transfer_params": {"remote_engine_id": "e-1"}, "kv_transfer_params": {"remote_engine_id": "e-2"}}"#.into(),
+    ));
+    let (r, dir) = fleet(
+        "loose",
+        &[(&prefill.url, "prefill"), (&decode.url, "decode")],
+    )
+    .await;
+    let c = client();
+    let body = serde_json::json!({"model": MODEL, "prompt": "x", "max_tokens": 3});
+    let ans = complete(&c, &r, &body).await;
+    assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+    let sent = decode.requests();
+    let sent = sent
+        .iter()
+        .find(|s| s.path.ends_with("completions"))
+        .expect("the decode stage was sent");
+    let sent: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    // The last of a member sent twice, as a JSON parser reads it.
+    assert_eq!(
+        sent["kv_transfer_params"]["remote_engine_id"], "e-2",
+        "{sent}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// With admission control (one request in flight per endpoint), concurrent split requests all
 /// get through, each stage waiting for a seat of its own role (the lanes themselves:
 /// `admission::tests::each_stage_waits_in_its_own_lane`).
