@@ -17,6 +17,7 @@ pub mod lax;
 pub mod policy;
 pub mod profile;
 pub mod prompt;
+pub mod retry_budget;
 pub mod saturation;
 pub mod stats;
 

@@ -12,6 +12,7 @@ use crate::security::{PriorityKey, Secret};
 use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 use qoe_core::analyze::AnalyzerConfig;
 use qoe_core::policy::QoeConfig;
+use qoe_core::retry_budget::RetryBudgetConfig;
 use qoe_core::{PolicyConfig, PolicyKind, StatsConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -185,6 +186,14 @@ pub struct RouterConfig {
     /// First pause before a retry, ms; each further retry waits 1.5× longer (±50% jitter).
     #[arg(long, env = "QOE_RETRY_BACKOFF_MS", default_value_t = 50)]
     pub retry_backoff_ms: u64,
+    /// Retry budget: over the last 10 s, retries may add at most this share of the requests
+    /// (0.2: one retry per five requests), plus --retry-budget-min-per-sec; past it a failure is
+    /// answered as if no retry were left. Keeps a fleet failing under load from a retry storm.
+    #[arg(long, env = "QOE_RETRY_BUDGET_RATIO", default_value_t = RetryBudgetConfig::default().ratio)]
+    pub retry_budget_ratio: f64,
+    /// Retries per second the budget allows whatever the traffic (a quiet router still retries).
+    #[arg(long, env = "QOE_RETRY_BUDGET_MIN_PER_SEC", default_value_t = RetryBudgetConfig::default().min_per_sec)]
+    pub retry_budget_min_per_sec: f64,
     /// Consecutive failures that open an endpoint's circuit breaker.
     #[arg(long, env = "QOE_BREAKER_FAILURES", default_value_t = BreakerConfig::default().failure_threshold)]
     pub breaker_failures: u32,
@@ -576,6 +585,15 @@ impl RouterConfig {
                 "{flag} must be between 0.001 and 1e9 seconds, got {v:?}"
             );
         }
+        for (flag, v) in [
+            ("--retry-budget-ratio", self.retry_budget_ratio),
+            ("--retry-budget-min-per-sec", self.retry_budget_min_per_sec),
+        ] {
+            anyhow::ensure!(
+                (0.0..=1e6).contains(&v),
+                "{flag} must be between 0 and 1e6, got {v:?}"
+            );
+        }
         anyhow::ensure!(
             self.saturation_kv_usage <= 1.0,
             "--saturation-kv-usage is a fraction of the KV cache in (0, 1] (1: no limit), got {}",
@@ -722,6 +740,14 @@ impl RouterConfig {
         let q: QoeConfig = serde_json::from_value(merged)?;
         check_qoe(&q)?;
         Ok(q)
+    }
+
+    /// The retry budget's settings.
+    pub fn retry_budget(&self) -> RetryBudgetConfig {
+        RetryBudgetConfig {
+            ratio: self.retry_budget_ratio,
+            min_per_sec: self.retry_budget_min_per_sec,
+        }
     }
 
     /// Whether the router checks API keys on the API routes (`--api-keys` or
@@ -891,6 +917,7 @@ impl RouterConfig {
                 default_output_tokens: self.default_output_tokens,
                 max_retries: self.max_retries,
                 retry_backoff: self.retry_backoff_ms.saturating_mul(1_000),
+                retry_budget: self.retry_budget(),
                 first_byte_timeout: self.first_byte_timeout_ms.saturating_mul(1_000),
                 stats: self.stats_config(),
                 analyzer: self.analyzer_config(),
@@ -978,7 +1005,7 @@ pub struct BackendEntry {
 /// The settings the fleet simulator models (`simulation_settings`), as they serialize; the
 /// test keeps this list and `NOT_SIMULATED` covering every setting exactly once.
 #[cfg(test)]
-const SIMULATED: [&str; 32] = [
+const SIMULATED: [&str; 34] = [
     "seed",
     "session_key",
     "session_load_factor",
@@ -1002,6 +1029,8 @@ const SIMULATED: [&str; 32] = [
     "request_stats_window",
     "max_retries",
     "retry_backoff_ms",
+    "retry_budget_ratio",
+    "retry_budget_min_per_sec",
     "first_byte_timeout_ms",
     "max_inflight_per_endpoint",
     "saturation_kv_usage",

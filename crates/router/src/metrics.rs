@@ -103,6 +103,8 @@ pub struct RouterMetrics {
     pub rejected: Family<CodeLabel, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub retries: Counter,
+    /// Retries the retry budget refused (the failure was answered instead).
+    pub retries_refused: Counter,
     /// Chats counted as flattened text because the chat template could not render them.
     pub chat_template_fallbacks: Counter,
     pub ttft: Family<EndpointLabel, Histogram, fn() -> Histogram>,
@@ -352,6 +354,12 @@ impl RouterMetrics {
             "Requests re-sent to another endpoint (connect failure, 429/5xx, or a connection closed before the first byte)",
             retries.clone(),
         );
+        let retries_refused = Counter::default();
+        registry.register(
+            "retries_refused",
+            "Retries the retry budget refused (--retry-budget-ratio, --retry-budget-min-per-sec): the failure was answered instead",
+            retries_refused.clone(),
+        );
         let chat_template_fallbacks = Counter::default();
         registry.register(
             "chat_template_fallbacks",
@@ -450,6 +458,7 @@ impl RouterMetrics {
             rejected,
             failures,
             retries,
+            retries_refused,
             chat_template_fallbacks,
             ttft,
             itl,

@@ -702,6 +702,7 @@ pub(crate) async fn dispatch(
         Ok(c) => c,
         Err(e) => return reject(&state, e, &request_id),
     };
+    state.retry_budget.record_request(state.clock.now());
     let mut views: Vec<EndpointView> = Vec::with_capacity(pool.len());
     // Filled only when admission control is on; otherwise every view is open.
     let mut open_views: Vec<EndpointView> = Vec::new();
@@ -856,8 +857,16 @@ pub(crate) async fn dispatch(
             &request_id,
             timer.as_mut(),
         );
+        // The retry budget is asked only once a retry is due (a granted retry counts).
+        let budget = || {
+            let granted = state.retry_budget.try_retry(state.clock.now());
+            if !granted {
+                state.metrics.retries_refused.inc();
+            }
+            granted
+        };
         let result = match sending.await {
-            Ok((response, _)) if may_retry && is_retryable(response.status()) => {
+            Ok((response, _)) if may_retry && is_retryable(response.status()) && budget() => {
                 Err(SendError::Status(response.status()))
             }
             Ok((mut response, mut conn)) => {
@@ -868,7 +877,12 @@ pub(crate) async fn dispatch(
             Err(e) => Err(e),
         };
         match result {
-            Err(e) if may_retry && e.retryable() => {
+            // A retryable status asked the budget already, above.
+            Err(e)
+                if may_retry
+                    && e.retryable()
+                    && (matches!(e, SendError::Status(_)) || budget()) =>
+            {
                 // Nothing reached the client yet: try another endpoint.
                 fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
                 state.metrics.retries.inc();

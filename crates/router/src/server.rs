@@ -77,6 +77,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         response_timeout: Duration::from_millis(config.response_timeout_ms),
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         admission: Arc::new(crate::admission::Admission::new(config.admission_config())),
+        retry_budget: qoe_core::retry_budget::RetryBudget::new(config.retry_budget()),
         server_tls,
         closing_connections: Default::default(),
         config,

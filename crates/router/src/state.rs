@@ -23,6 +23,7 @@ pub struct AppState {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub admission: Arc<crate::admission::Admission>,
+    pub retry_budget: qoe_core::retry_budget::RetryBudget,
     /// TLS on the router's own port (`--tls-cert-file`), if any.
     pub server_tls: Option<qoe_tls::ServerTls>,
     /// Set when the shutdown timeout ran out and the router closes the connections left: their

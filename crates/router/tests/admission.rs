@@ -242,13 +242,7 @@ async fn the_wait_is_bounded() {
     .await;
     let c = client();
     let (_held, _response) = hold(&r, &engine, &c).await;
-    let ans = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let ans = post_completion(&c, &r.url).await;
     assert_eq!(ans.status, 429);
     assert!(ans.json()["error"]["message"]
         .as_str()

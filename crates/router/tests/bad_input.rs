@@ -251,13 +251,7 @@ async fn huge_and_malformed_headers_are_refused() {
     assert_eq!(completions_seen(&engine), 0, "nothing reached the engine");
     // The router is unharmed.
     let c = client();
-    let ans = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let ans = post_completion(&c, &r.url).await;
     assert_eq!(ans.status, 200);
 }
 

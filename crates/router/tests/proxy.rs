@@ -82,13 +82,7 @@ async fn roundrobin_cycles_and_headers_are_set() {
         .headers
         .get("x-request-id")
         .is_some_and(|v| v.to_str().unwrap().starts_with("req-"))));
-    let ans = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let ans = post_completion(&c, &r.url).await;
     assert!(ans.header("x-request-id").starts_with("qoe-"));
     // Every completed request was recorded in its endpoint's statistics, usage tokens included.
     let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
@@ -133,13 +127,7 @@ async fn least_loaded_avoids_the_endpoint_holding_a_stream() {
         .unwrap()
         .to_string();
     for _ in 0..5 {
-        let ans = post(
-            &c,
-            &format!("{}/v1/completions", r.url),
-            &completion("m", "x", false),
-            &[],
-        )
-        .await;
+        let ans = post_completion(&c, &r.url).await;
         assert_eq!(ans.header("x-qoe-reason"), "least-loaded");
         assert_ne!(
             ans.header("x-qoe-endpoint"),
@@ -179,13 +167,7 @@ async fn session_and_prefix_policies_keep_affinity() {
             );
         }
     }
-    let no_key = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let no_key = post_completion(&c, &r.url).await;
     assert_eq!(no_key.header("x-qoe-reason"), "session-no-key");
     drop(r);
 
@@ -227,13 +209,7 @@ async fn random_and_power_of_two_use_every_endpoint() {
         let r = router(&["--static-backends", &fleet, "--routing-logic", policy]).await;
         let mut seen = HashSet::new();
         for _ in 0..60 {
-            let ans = post(
-                &c,
-                &format!("{}/v1/completions", r.url),
-                &completion("m", "x", false),
-                &[],
-            )
-            .await;
+            let ans = post_completion(&c, &r.url).await;
             assert_eq!(ans.header("x-qoe-reason"), policy);
             seen.insert(ans.header("x-qoe-endpoint"));
         }
@@ -333,13 +309,7 @@ async fn connect_failure_retries_another_endpoint() {
     .await;
     let c = client();
     for _ in 0..6 {
-        let ans = post(
-            &c,
-            &format!("{}/v1/completions", r.url),
-            &completion("m", "x", false),
-            &[],
-        )
-        .await;
+        let ans = post_completion(&c, &r.url).await;
         assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
         assert_eq!(ans.header("x-qoe-endpoint"), good.url);
     }
@@ -459,24 +429,12 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     // Upstream errors pass through with their bodies.
     *engine.state.fixed.lock().unwrap() =
         Some((500, r#"{"error":{"message":"engine exploded"}}"#.into()));
-    let ans = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let ans = post_completion(&c, &r.url).await;
     assert_eq!(ans.status, 500);
     assert!(String::from_utf8_lossy(&ans.body).contains("engine exploded"));
     *engine.state.fixed.lock().unwrap() =
         Some((400, r#"{"error":{"message":"context too long"}}"#.into()));
-    let ans = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let ans = post_completion(&c, &r.url).await;
     assert_eq!(ans.status, 400);
     assert!(String::from_utf8_lossy(&ans.body).contains("context too long"));
 }
@@ -628,13 +586,7 @@ async fn config_file_reload_changes_endpoints_live() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(moved, "endpoint set reloaded");
-    let ans = post(
-        &c,
-        &format!("{}/v1/completions", r.url),
-        &completion("m", "x", false),
-        &[],
-    )
-    .await;
+    let ans = post_completion(&c, &r.url).await;
     assert_eq!(ans.header("x-qoe-endpoint"), b.url);
     for chunk in &chunks[1..] {
         scripted.send(chunk.clone()).await;
@@ -739,6 +691,49 @@ async fn upstream_5xx_is_retried_elsewhere_before_any_byte_is_sent() {
         .filter(|s| s.path == "/v1/completions")
         .count();
     assert!(bad_hits >= 1, "round-robin tried the failing endpoint");
+}
+
+/// When the whole fleet fails, retries stay within the budget (here one per ten requests, no
+/// floor): the rest are answered with the engine's own error at once instead of re-sent.
+#[tokio::test]
+async fn retries_stay_within_the_retry_budget_when_every_endpoint_fails() {
+    let (a, b) = (mock(&["m"]).await, mock(&["m"]).await);
+    for e in [&a, &b] {
+        *e.state.fixed.lock().unwrap() =
+            Some((503, r#"{"error":{"message":"queue full"}}"#.into()));
+    }
+    let r = router(&[
+        "--static-backends",
+        &backends(&[&a, &b]),
+        "--max-retries",
+        "1",
+        "--retry-backoff-ms",
+        "1",
+        "--retry-budget-ratio",
+        "0.1",
+        "--retry-budget-min-per-sec",
+        "0",
+        // The failures must not open the breakers: every request reaches an engine.
+        "--breaker-failures",
+        "1000",
+    ])
+    .await;
+    let c = client();
+    for _ in 0..30 {
+        let ans = post_completion(&c, &r.url).await;
+        assert_eq!(ans.status, 503);
+        assert!(String::from_utf8_lossy(&ans.body).contains("queue full"));
+    }
+    let hits = |e: &Mock| {
+        e.requests()
+            .iter()
+            .filter(|s| s.path == "/v1/completions")
+            .count()
+    };
+    assert_eq!(hits(&a) + hits(&b), 33, "30 requests and 3 retries");
+    let text = metrics_text(&c, &r.url).await;
+    assert_eq!(metric_sum(&text, "qoe_router_retries_total"), 3.0, "{text}");
+    assert_eq!(metric_sum(&text, "qoe_router_retries_refused_total"), 27.0);
 }
 
 #[tokio::test]

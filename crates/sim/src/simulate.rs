@@ -18,7 +18,7 @@
 //! | policy feedback: `FirstToken` for streamed responses, `Finished` for every request the endpoint answered | the same [`Feedback`] values |
 //! | `/metrics` scraped every `--engine-stats-interval` (1 s), stamped with the scrape time | [`EngineStats`](crate::EngineStats) copied into [`EngineMetrics`] every [`SimConfig::scrape_interval`], and only then |
 //! | health checks every 2 s, unhealthy after 2 failures, healthy after 1 success | the same, against the fleet file's `available` changes |
-//! | nothing reaches the client before the engine's first byte (the first token of a stream); until then a connect failure, a 429/5xx answer (an engine's full queue is a 503) or a connection closed (an engine going down) goes to another endpoint, up to 2 retries, backoff 50 ms × 1.5ⁿ ±50%, with a failed outcome recorded and nothing fed back | the same, with a seeded jitter |
+//! | nothing reaches the client before the engine's first byte (the first token of a stream); until then a connect failure, a 429/5xx answer (an engine's full queue is a 503) or a connection closed (an engine going down) goes to another endpoint, up to 2 retries within the retry budget (10 s: 20% of requests + 10/s), backoff 50 ms × 1.5ⁿ ±50%, with a failed outcome recorded and nothing fed back | the same, with a seeded jitter and the same `qoe_core::retry_budget` in virtual time |
 //! | no first byte within `--first-byte-timeout-ms` (60 s): 504, not retried | the same |
 //! | a stream that breaks after its first byte: an SSE error event, a failed outcome, `Finished { failed }` | the same |
 //!
@@ -91,6 +91,7 @@ use qoe_core::analyze::{analyze, AnalyzerConfig, Route};
 use qoe_core::policy::{DecisionDetail, Feedback, FeedbackEvent, RoutingPolicy};
 use qoe_core::prompt::{hash_bytes, BLOCK_TOKENS};
 use qoe_core::qoe_metric::GOODPUT_ATTAINMENT;
+use qoe_core::retry_budget::{RetryBudget, RetryBudgetConfig};
 use qoe_core::{
     ApiKind, EndpointId, EndpointView, EngineMetrics, Load, Micros, Priority, RequestOutcome,
     RequestProfile, RequestStats, StatsConfig, MICROS_PER_SEC,
@@ -154,6 +155,8 @@ pub struct SimConfig {
     pub max_retries: u32,
     /// Base of the retry backoff (`--retry-backoff-ms`, 50 ms), × 1.5ⁿ, ±50%.
     pub retry_backoff: Micros,
+    /// The retry budget (`--retry-budget-ratio`, `--retry-budget-min-per-sec`).
+    pub retry_budget: RetryBudgetConfig,
     /// Time allowed for an engine's first byte, the first token of a stream
     /// (`--first-byte-timeout-ms`, 60 s); then the router answers 504. (The idle timeout between
     /// later chunks is not modelled: simulated engines never stall mid-stream.)
@@ -242,6 +245,7 @@ impl Default for SimConfig {
             default_output_tokens: 256,
             max_retries: 2,
             retry_backoff: 50_000,
+            retry_budget: RetryBudgetConfig::default(),
             first_byte_timeout: 60 * MICROS_PER_SEC,
             request_timeout: 300 * MICROS_PER_SEC,
             jitter: 0.0,
@@ -388,6 +392,9 @@ pub struct SimCounters {
     /// Policy decisions (retries included).
     pub picks: u64,
     pub retries: u64,
+    /// Retries the retry budget refused (the failure was answered instead).
+    #[serde(default)]
+    pub retries_refused: u64,
     /// Engine iterations.
     pub iterations: u64,
     /// Tokens delivered to the router side.
@@ -766,6 +773,7 @@ struct Live {
     tokens: u32,
     tracker: Option<RequestTracker>,
     excluded: Vec<u32>,
+    /// What a retry needs, until the first token.
     unsent: Option<Box<Unsent>>,
     /// Place in the admission queue: (priority, TTFT deadline, arrival order).
     key: QueueKey,
@@ -830,6 +838,7 @@ struct Sim<'a> {
     ttft: LatencyHistogram,
     reasons: BTreeMap<&'static str, u64>,
     counters: SimCounters,
+    retry_budget: RetryBudget,
     rng: SplitMix64,
     bucket_width: Micros,
     engine_hash_blocks: usize,
@@ -931,6 +940,7 @@ impl<'a> Sim<'a> {
             ttft: LatencyHistogram::new(),
             reasons: BTreeMap::new(),
             counters: SimCounters::default(),
+            retry_budget: RetryBudget::new(cfg.retry_budget),
             rng: SplitMix64::new(mix64(cfg.seed ^ 0x7265_7472_7921)),
             bucket_width: (stats.window / buckets).max(1),
             // The engine hashes every block of the prompt (as `qoe-engine` does).
@@ -1210,6 +1220,7 @@ impl<'a> Sim<'a> {
 
     fn on_arrival(&mut self, p: PlannedRequest) {
         self.counters.requests += 1;
+        self.retry_budget.record_request(self.now);
         let (profile, sim) = self.analyze(&p);
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -1501,9 +1512,9 @@ impl<'a> Sim<'a> {
         req.id = rid;
         match self.eps[e].engine.submit(req, self.now) {
             Ok(()) => {
-                let l = &mut self.live[s];
-                l.at_engine = true;
-                l.unsent = None;
+                // Its profile and engine request stay until its first token: an engine going
+                // down before then sends it elsewhere (`take_down`, `Early::Broken`).
+                self.live[s].at_engine = true;
                 self.step(e);
             }
             Err(err) => {
@@ -1540,8 +1551,13 @@ impl<'a> Sim<'a> {
             .filter(|(i, ep)| ep.health.healthy && !self.live[s].excluded.contains(&(*i as u32)))
             .count();
         let may_retry = self.live[s].attempt <= self.cfg.max_retries && pool > 1;
+        let retry = may_retry && why.retryable() && {
+            let granted = self.retry_budget.try_retry(now);
+            self.counters.retries_refused += u64::from(!granted);
+            granted
+        };
         if let Early::Status(code) = why {
-            if !(may_retry && why.retryable()) {
+            if !retry {
                 self.end_failed(slot, Status::Http(code), true);
                 return;
             }
@@ -1559,7 +1575,7 @@ impl<'a> Sim<'a> {
         self.eps[e].stats.record_outcome(&outcome, now);
         self.eps[e].stats_dirty = true;
         self.release_load(slot);
-        if may_retry && why.retryable() {
+        if retry {
             let l = &mut self.live[s];
             l.excluded.push(e as u32);
             let rid = rid_of(slot, l.gen);
@@ -1702,6 +1718,8 @@ impl<'a> Sim<'a> {
             None => {
                 let ttft = now.saturating_sub(l.sent);
                 l.first_token_at = Some(now);
+                // Bytes reached the client: no retry from here on.
+                l.unsent = None;
                 ep.stats.record_ttft(l.prompt_tokens, ttft);
                 ep.stats_dirty = true;
                 ep.ttft_sum += ttft;
@@ -2452,6 +2470,47 @@ mod tests {
             assert!(o.completed > planned / share, "{o:?}");
             assert_eq!(o.errors, o.errors_by_kind.values().sum::<u64>());
         }
+    }
+
+    /// The retry budget holds in virtual time as live: with none, an outage's failures are
+    /// answered, not retried; with a floor of one per second, at most ten retries per 10 s.
+    #[test]
+    fn retries_stay_within_the_retry_budget() {
+        let fleet = Fleet::from_toml_str(
+            "[[engines]]\nprofile = \"tiny\"\ncount = 2\n\
+             [[changes]]\nat_s = 1.0\nengine = 0\navailable = false\n",
+        )
+        .unwrap();
+        let workload = Workload::from_toml_str(
+            "duration_s = 4\nmax_context_tokens = 2048\n[arrivals]\nkind = \"poisson\"\nrate = 200\n\
+             [prompt]\nkind = \"fixed\"\ntokens = 64\n[output]\nkind = \"fixed\"\ntokens = 8\n",
+        )
+        .unwrap();
+        let run = |ratio: f64, min_per_sec: f64| {
+            let cfg = SimConfig {
+                seed: 5,
+                retry_budget: RetryBudgetConfig { ratio, min_per_sec },
+                ..SimConfig::default()
+            };
+            let policy = qoe_core::build_policy(
+                qoe_core::PolicyKind::RoundRobin,
+                &qoe_core::PolicyConfig::default(),
+            );
+            let mut sim = Sim::new(&fleet, &workload, policy.as_ref(), &cfg).unwrap();
+            sim.run();
+            sim.counters
+        };
+        let unlimited = run(f64::INFINITY, 0.0);
+        assert!(unlimited.retries > 10, "{unlimited:?}");
+        assert_eq!(unlimited.retries_refused, 0);
+        let none = run(0.0, 0.0);
+        assert_eq!(none.retries, 0);
+        // Each failure refused once (a retry may fail again, so the unlimited run retries a
+        // little more).
+        assert!(none.retries_refused > 10, "{none:?}");
+        assert!(none.retries_refused <= unlimited.retries, "{none:?}");
+        let floor = run(0.0, 1.0);
+        assert_eq!(floor.retries, 10, "{floor:?}");
     }
 
     #[test]

@@ -345,6 +345,12 @@ pub fn first_chunk() -> Bytes {
     Bytes::from(sse_chunks(2)[0].clone())
 }
 
+/// A non-streamed completion of model `m` through the router at `router_url`.
+pub async fn post_completion(c: &TestClient, router_url: &str) -> Answer {
+    let url = format!("{router_url}/v1/completions");
+    post(c, &url, &completion("m", "x", false), &[]).await
+}
+
 /// A completion request body for `model`.
 pub fn completion(model: &str, prompt: &str, stream: bool) -> String {
     serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 4, "stream": stream})
