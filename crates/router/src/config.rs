@@ -460,7 +460,17 @@ impl RouterConfig {
                 one.as_object_mut()?.insert(key.clone(), value.clone());
                 serde_json::from_value::<RouterConfig>(one)
                     .err()
-                    .map(|e| format!("{key}: {e}"))
+                    .map(|e| match SECRET_SETTINGS.contains(&key.as_str()) {
+                        // serde's message quotes the value: a key.
+                        true => {
+                            let expected = match key.as_str() {
+                                "api_keys" | "api_key_priorities" => "a list of strings",
+                                _ => "a string",
+                            };
+                            format!("{key}: expected {expected} (the value is not shown: it holds keys)")
+                        }
+                        false => format!("{key}: {e}"),
+                    })
             });
             anyhow::anyhow!("{}: {}", path.display(), culprit.unwrap_or(e.to_string()))
         })?;
@@ -642,6 +652,12 @@ impl RouterConfig {
         }
         for (i, bound) in self.api_key_priorities.iter().enumerate() {
             let flag = "--api-key-priorities";
+            anyhow::ensure!(
+                bound.priority.is_some(),
+                "{flag}: entry {} is not KEY=PRIORITY with PRIORITY 1 (high), 2 or 3 (low) \
+                 (not shown: it holds a key)",
+                i + 1
+            );
             bound.key.validate(flag).map_err(anyhow::Error::msg)?;
             anyhow::ensure!(
                 self.api_key_priorities[..i]
@@ -988,6 +1004,14 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
         OneOrMany::Many(v) => v,
     })
 }
+
+/// Settings that hold credentials: their values are never printed, errors included.
+const SECRET_SETTINGS: [&str; 4] = [
+    "api_keys",
+    "api_key_priorities",
+    "admin_api_key",
+    "upstream_api_key",
+];
 
 /// One endpoint in the config file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1642,7 +1666,7 @@ mod tests {
         let gold = &c.api_key_priorities[0];
         assert_eq!(
             (gold.key.expose(), gold.priority),
-            ("sk-file-gold", qoe_core::Priority::HIGH)
+            ("sk-file-gold", Some(qoe_core::Priority::HIGH))
         );
         let debug = format!("{c:?}");
         assert!(

@@ -279,7 +279,7 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         },
         Err(e) => return reject(&state, e.into(), &request_id),
     };
-    let profile = with_key_priority(&state, &parts, profile);
+    let (profile, body) = with_key_priority(&state, &parts, profile, body);
     if crate::stages::splits(&state, &profile) {
         return crate::stages::run(state, parts, body, profile, request_id, started).await;
     }
@@ -287,14 +287,16 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
 }
 
 /// The request's priority when its API key is bound to one (`--api-key-priorities`): the key's,
-/// or the lower one the priority header asks for.
+/// or the lower one the priority header asks for. vLLM's own `priority` field in the body (lower
+/// runs first) is capped the same way: a value more urgent than the key allows becomes the key's.
 fn with_key_priority(
     state: &AppState,
     parts: &http::request::Parts,
     profile: qoe_core::RequestProfile,
-) -> qoe_core::RequestProfile {
+    body: Bytes,
+) -> (qoe_core::RequestProfile, Bytes) {
     let Some(&crate::security::KeyPriority(bound)) = parts.extensions.get() else {
-        return profile;
+        return (profile, body);
     };
     let asked = parts.headers.contains_key(&state.analyzer.priority_header);
     // Priority 1 is the most urgent: the larger level is the lower priority.
@@ -303,10 +305,29 @@ fn with_key_priority(
     } else {
         bound
     };
-    qoe_core::RequestProfile {
-        priority,
-        ..profile
+    let body = capped_engine_priority(body, bound.level());
+    (
+        qoe_core::RequestProfile {
+            priority,
+            ..profile
+        },
+        body,
+    )
+}
+
+/// `body` with a top-level `priority` below `floor` (or not an integer) set to `floor`; the rest
+/// as it was.
+fn capped_engine_priority(body: Bytes, floor: u8) -> Bytes {
+    let Ok(members) = crate::members::Members::parse(&body) else {
+        return body;
+    };
+    let allowed = members.get("priority").is_none_or(|p| {
+        serde_json::from_str::<i64>(p.get()).is_ok_and(|level| level >= i64::from(floor))
+    });
+    if allowed {
+        return body;
     }
+    members.edited(&[], &[("priority", &floor.to_string())], &[])
 }
 
 /// Request bodies past which a tokenizer's count runs on tokio's blocking pool: ≈ 0.35 ms of CPU
@@ -857,16 +878,15 @@ pub(crate) async fn dispatch(
             &request_id,
             timer.as_mut(),
         );
-        // The retry budget is asked only once a retry is due (a granted retry counts).
-        let budget = || {
-            let granted = state.retry_budget.try_retry(state.clock.now());
-            if !granted {
-                state.metrics.retries_refused.inc();
-            }
-            granted
-        };
+        // The retry budget is asked only once a retry is due (a granted retry counts), and not
+        // again in the same attempt once it refused.
+        let mut budget_refused = false;
         let result = match sending.await {
-            Ok((response, _)) if may_retry && is_retryable(response.status()) && budget() => {
+            Ok((response, _))
+                if may_retry
+                    && is_retryable(response.status())
+                    && retry_granted(&state, &mut budget_refused) =>
+            {
                 Err(SendError::Status(response.status()))
             }
             Ok((mut response, mut conn)) => {
@@ -881,7 +901,8 @@ pub(crate) async fn dispatch(
             Err(e)
                 if may_retry
                     && e.retryable()
-                    && (matches!(e, SendError::Status(_)) || budget()) =>
+                    && (matches!(e, SendError::Status(_))
+                        || retry_granted(&state, &mut budget_refused)) =>
             {
                 // Nothing reached the client yet: try another endpoint.
                 fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
@@ -950,6 +971,11 @@ pub(crate) async fn dispatch(
                         ApiError::new(StatusCode::BAD_GATEWAY, format!("the endpoint failed: {e}"))
                     }
                 };
+                let mut error = error;
+                if budget_refused {
+                    error.message += "; not retried elsewhere: the retry budget is spent \
+                                      (--retry-budget-ratio, --retry-budget-min-per-sec)";
+                }
                 fail(&state, guard, &endpoint, kind, started, &error.message);
                 let mut response = reject(&state, error, &request_id);
                 add_routing_headers(response.headers_mut(), &endpoint, decision.reason.as_str());
@@ -957,6 +983,20 @@ pub(crate) async fn dispatch(
             }
         }
     }
+}
+
+/// Whether the retry budget takes one more retry (counted if so); a refusal is counted and
+/// noted in `refused`, and once refused it is not asked again.
+fn retry_granted(state: &AppState, refused: &mut bool) -> bool {
+    if *refused {
+        return false;
+    }
+    let granted = state.retry_budget.try_retry(state.clock.now());
+    if !granted {
+        *refused = true;
+        state.metrics.retries_refused.inc();
+    }
+    granted
 }
 
 fn fail(

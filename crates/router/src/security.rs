@@ -90,45 +90,57 @@ impl std::str::FromStr for Secret {
 /// at that priority, or a lower one the priority header asks for, never a higher one. Written
 /// `KEY=PRIORITY` in flags, environment and the config file alike; the last `=` splits, so a key
 /// may itself contain `=` (base64 padding).
+///
+/// Parsing never fails: an entry that is not `KEY=PRIORITY` keeps its text as the key, without
+/// a priority, and [`crate::RouterConfig::validate`] refuses it with a message that does not
+/// show it (a parse error would echo the whole value, key included).
 #[derive(Clone, PartialEq, Eq)]
 pub struct PriorityKey {
     pub key: Secret,
-    pub priority: Priority,
+    /// `None` for an entry that is not `KEY=PRIORITY` (refused at start).
+    pub priority: Option<Priority>,
 }
 
 impl std::str::FromStr for PriorityKey {
-    type Err = String;
+    type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || "expected KEY=PRIORITY, with PRIORITY 1 (high), 2 or 3 (low)".to_string();
-        let (key, level) = s.rsplit_once('=').ok_or_else(bad)?;
-        let priority = level
-            .parse::<u8>()
-            .ok()
-            .and_then(Priority::new)
-            .ok_or_else(bad)?;
-        Ok(PriorityKey {
-            key: Secret::new(key),
-            priority,
-        })
+        let parsed = s.rsplit_once('=').and_then(|(key, level)| {
+            let priority = level.parse::<u8>().ok().and_then(Priority::new)?;
+            Some(PriorityKey {
+                key: Secret::new(key),
+                priority: Some(priority),
+            })
+        });
+        Ok(parsed.unwrap_or_else(|| PriorityKey {
+            key: Secret::new(s),
+            priority: None,
+        }))
     }
 }
 
 impl std::fmt::Debug for PriorityKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PriorityKey(***={})", self.priority.level())
+        match self.priority {
+            Some(p) => write!(f, "PriorityKey(***={})", p.level()),
+            None => f.write_str("PriorityKey(***)"),
+        }
     }
 }
 
 impl Serialize for PriorityKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}={}", self.key.expose(), self.priority.level()))
+        match self.priority {
+            Some(p) => s.serialize_str(&format!("{}={}", self.key.expose(), p.level())),
+            None => s.serialize_str(self.key.expose()),
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for PriorityKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
+        let Ok(key) = text.parse();
+        Ok(key)
     }
 }
 
@@ -197,7 +209,7 @@ fn unauthorized(state: &AppState, guard: Guard, presented: bool) -> Response {
         .inc();
     let (what, flag) = match guard {
         Guard::Admin => ("admin key", "--admin-api-key"),
-        _ => ("API key", "--api-keys"),
+        _ => ("API key", "--api-keys and --api-key-priorities"),
     };
     let message = if presented {
         format!(
@@ -279,7 +291,7 @@ fn authenticate(state: &AppState, request: &Request) -> Result<Option<Priority>,
         let matched = ct_eq(token, key.key.expose().as_bytes());
         found |= matched;
         if matched {
-            priority = Some(key.priority);
+            priority = key.priority;
         }
     }
     if found {

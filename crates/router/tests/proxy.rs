@@ -734,6 +734,33 @@ async fn retries_stay_within_the_retry_budget_when_every_endpoint_fails() {
     let text = metrics_text(&c, &r.url).await;
     assert_eq!(metric_sum(&text, "qoe_router_retries_total"), 3.0, "{text}");
     assert_eq!(metric_sum(&text, "qoe_router_retries_refused_total"), 27.0);
+    // A connect failure the budget does not retry says so.
+    let dead = |_| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let dead: Vec<String> = (0..2).map(dead).collect();
+    let r = router(&[
+        "--static-backends",
+        &dead.join(","),
+        "--static-models",
+        "m",
+        "--retry-budget-ratio",
+        "0",
+        "--retry-budget-min-per-sec",
+        "0",
+    ])
+    .await;
+    let ans = post_completion(&c, &r.url).await;
+    assert_eq!(ans.status, 502);
+    assert!(
+        ans.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the retry budget is spent"),
+        "{}",
+        String::from_utf8_lossy(&ans.body)
+    );
 }
 
 #[tokio::test]

@@ -346,6 +346,29 @@ async fn keys_bound_to_a_priority_cap_what_the_header_may_ask() {
         .collect();
     let expected: Vec<i64> = cases.iter().map(|c| c.2).collect();
     assert_eq!(sent, expected);
+    // vLLM's own field in the body is capped too: a batch key's -100 runs as 3, not first; a
+    // priority-1 key may ask for 5.
+    for (key, field, capped) in [
+        ("sk-batch=", "-100", "3"),
+        ("sk-batch=", "null", "3"),
+        ("sk-gold", "5", "5"),
+    ] {
+        let body = format!(r#"{{"model":"m","prompt":"x","max_tokens":2,"priority":{field}}}"#);
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &body,
+            &[("authorization", &bearer(key))],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+        let seen = engine.requests();
+        let last = String::from_utf8(seen.last().unwrap().body.to_vec()).unwrap();
+        assert_eq!(
+            last,
+            format!(r#"{{"model":"m","prompt":"x","max_tokens":2,"priority":{capped}}}"#)
+        );
+    }
     // The bound keys are API keys like the others: without one, or with another, 401.
     for auth in [None, Some(bearer("sk-batch")), Some(bearer("sk-gold=1"))] {
         let headers = auth.iter().map(|a| ("authorization", a.clone())).collect();
@@ -375,11 +398,29 @@ fn priority_keys_are_checked_and_never_printed() {
         "k=1,k=2",
     ] {
         let err = parse(bad).expect_err(bad);
+        assert!(err.contains("--api-key-priorities"), "{bad}: {err}");
+        // The message never shows the key.
         assert!(
-            err.contains("--api-key-priorities") || err.contains("KEY=PRIORITY"),
+            !err.contains("sk-x") && !err.contains("a b"),
             "{bad}: {err}"
         );
     }
+    // Nor does the config file's error for a value of the wrong type.
+    let dir = std::env::temp_dir().join(format!("qoe-keyprio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    for text in [
+        "api_key_priorities = \"sk-hidden-file=1\"\n",
+        "api_keys = \"sk-hidden-file\"\n",
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = qoe_router::RouterConfig::from_args(["x", "--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected a list of strings"), "{err}");
+        assert!(!err.contains("sk-hidden"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     let config = parse("sk-hidden-gold=1,sk-hidden-gold=1").unwrap();
     assert!(config.checks_api_keys());
     let printed = format!("{config:?}\n{}", config.effective_toml().unwrap());
