@@ -53,20 +53,23 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM; a second one ends the process at once
-/// (the first started a drain that may last `--shutdown-timeout-ms`). The signals are listened
-/// to from this call on (in a runtime), so one that arrives while the router is still starting
-/// shuts it down once it listens instead of killing it. For the binary: the watch for a second
-/// signal outlives the router.
+/// (the first started a drain that may last `--shutdown-timeout-ms`). The signals are handled
+/// from this call on (in a runtime), by a task of their own: one that arrives while the router
+/// is still starting shuts it down once it listens, and a second one then exits at once too.
+/// For the binary: the task outlives the router.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut signals = StopSignals::new();
-    async move {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
         let first = signals.next().await;
         tracing::info!("{first}: shutting down (send it again to exit at once)");
-        tokio::spawn(async move {
-            let second = signals.next().await;
-            tracing::warn!("{second} again: exiting without waiting for the requests in flight");
-            std::process::exit(1);
-        });
+        let _ = first_tx.send(());
+        let second = signals.next().await;
+        tracing::warn!("{second} again: exiting without waiting for the requests in flight");
+        std::process::exit(1);
+    });
+    async move {
+        let _ = first_rx.await;
     }
 }
 
@@ -164,6 +167,9 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 ))?;
                 return qoe_bench::print_report(config.effective_toml()?.trim_end());
             }
+            // Before the slow part of starting (the first scrape round): a SIGTERM meanwhile
+            // stops the router cleanly once it listens.
+            let shutdown = shutdown_signal();
             init_logging(config.log_format, &config.log_level);
             config.validate()?;
             let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
@@ -171,7 +177,7 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 .map_err(|e| {
                     anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port)
                 })?;
-            crate::serve(config, listener, shutdown_signal()).await
+            crate::serve(config, listener, shutdown).await
         }
         Command::Engine(args) => {
             init_logging(LogFormat::Text, "info");
