@@ -42,6 +42,9 @@ pub enum SlaEnforcement {
 pub enum DiscoveryKind {
     /// `--static-backends` (and `[[backends]]` in the config file, re-read live).
     Static,
+    /// The ready pods of `--k8s-label-selector` in `--k8s-namespace`, listed from the
+    /// Kubernetes API every `--k8s-poll-interval`.
+    K8s,
 }
 
 /// `qoe-router serve`: every option of the router.
@@ -73,6 +76,24 @@ pub struct RouterConfig {
     /// How endpoints are discovered.
     #[arg(long, env = "QOE_SERVICE_DISCOVERY", value_enum, default_value_t = DiscoveryKind::Static)]
     pub service_discovery: DiscoveryKind,
+    /// Kubernetes discovery: the namespace of the engine pods (default: the router's own, from
+    /// its service account; else `default`).
+    #[arg(long, env = "QOE_K8S_NAMESPACE")]
+    pub k8s_namespace: Option<String>,
+    /// Kubernetes discovery: the label selector of the engine pods, e.g. `app=vllm` (required).
+    #[arg(long, env = "QOE_K8S_LABEL_SELECTOR", default_value = "")]
+    pub k8s_label_selector: String,
+    /// Kubernetes discovery: the port the engines serve on in their pods.
+    #[arg(long, env = "QOE_K8S_PORT", default_value_t = 8000)]
+    pub k8s_port: u16,
+    /// Kubernetes discovery: the API server's URL (default: in the cluster, from
+    /// `KUBERNETES_SERVICE_HOST` and `_PORT`, with the service account's token and CA; outside,
+    /// e.g. `http://127.0.0.1:8001` for `kubectl proxy`).
+    #[arg(long, env = "QOE_K8S_API_SERVER")]
+    pub k8s_api_server: Option<String>,
+    /// Kubernetes discovery: seconds between two listings of the pods.
+    #[arg(long, env = "QOE_K8S_POLL_INTERVAL", default_value_t = 2.0)]
+    pub k8s_poll_interval: f64,
     /// Comma-separated endpoint base URLs, e.g. `http://127.0.0.1:8100,http://127.0.0.1:8101`.
     #[arg(long, env = "QOE_STATIC_BACKENDS", value_delimiter = ',')]
     pub static_backends: Vec<String>,
@@ -588,6 +609,7 @@ impl RouterConfig {
             ("--request-stats-window", self.request_stats_window),
             ("--breaker-open-secs", self.breaker_open_secs),
             ("--queue-timeout", self.queue_timeout),
+            ("--k8s-poll-interval", self.k8s_poll_interval),
         ];
         for (flag, v) in seconds {
             anyhow::ensure!(
@@ -639,6 +661,22 @@ impl RouterConfig {
             "--session-load-factor must be a finite number of at least 1.0, got {}",
             self.session_load_factor
         );
+        if self.service_discovery == DiscoveryKind::K8s {
+            anyhow::ensure!(
+                !self.k8s_label_selector.trim().is_empty(),
+                "--service-discovery k8s needs --k8s-label-selector (e.g. app=vllm): the engine \
+                 pods are those it selects"
+            );
+            anyhow::ensure!(
+                self.static_backends.is_empty(),
+                "--service-discovery k8s takes the endpoints from the pods: --static-backends \
+                 is for --service-discovery static"
+            );
+            if let Some(url) = &self.k8s_api_server {
+                crate::discovery::validate_url(url)
+                    .map_err(|e| anyhow::anyhow!("--k8s-api-server: {e}"))?;
+            }
+        }
         if self.static_models.len() > 1 {
             anyhow::ensure!(
                 self.static_models.len() == self.static_backends.len(),
@@ -1070,10 +1108,15 @@ const SIMULATED: [&str; 34] = [
 /// the rest (HTTP, security, breaker, connect, idle and shutdown timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 32] = [
+const NOT_SIMULATED: [&str; 37] = [
     "host",
     "port",
     "service_discovery",
+    "k8s_namespace",
+    "k8s_label_selector",
+    "k8s_port",
+    "k8s_api_server",
+    "k8s_poll_interval",
     "static_backends",
     "static_models",
     "routing_logic",

@@ -4,7 +4,8 @@
 //! applies each new list to its endpoint table (endpoints that stay keep their state and in-flight
 //! requests; removed ones finish what they carry). The static discovery combines
 //! `--static-backends` with the config file's `[[backends]]`, re-read when the file changes or on
-//! SIGHUP. Kubernetes discovery will be another implementation of the same trait.
+//! SIGHUP. Kubernetes discovery (`crate::kubernetes`) is the other implementation: the ready
+//! pods of a label selector.
 
 use crate::config::{BackendEntry, ConfigFile, RouterConfig};
 use qoe_core::Role;
@@ -89,6 +90,43 @@ fn parse_role(role: Option<&str>, url: &str) -> anyhow::Result<Role> {
         "decode" => Role::Decode,
         other => anyhow::bail!("backend {url}: role '{other}' is not one of both, prefill, decode"),
     })
+}
+
+/// SIGHUP, caught: `systemctl reload` and `kill -HUP` ask a discovery to look again at once,
+/// and the signal's default action would end the router.
+pub(crate) struct Hangup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    pub(crate) fn new() -> Self {
+        Hangup {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// Waits for SIGHUP (then true) or `period` (then false), whichever comes first.
+    pub(crate) async fn or_sleep(&mut self, period: Duration) -> bool {
+        #[cfg(unix)]
+        if let Some(signal) = self.signal.as_mut() {
+            return tokio::select! {
+                _ = signal.recv() => true,
+                _ = sleep_for(period) => false,
+            };
+        }
+        sleep_for(period).await;
+        false
+    }
+}
+
+/// `tokio::time::sleep`, forever for `Duration::MAX`.
+async fn sleep_for(period: Duration) {
+    match tokio::time::Instant::now().checked_add(period) {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Static endpoints from flags plus the config file's `[[backends]]`, watched for changes.
@@ -225,35 +263,15 @@ impl Discovery for StaticDiscovery {
         tokio::spawn(async move {
             // SIGHUP is handled with or without a file: its default action would end the
             // router, and `systemctl reload` or `kill -HUP` mean "re-read", not "stop".
-            #[cfg(unix)]
-            let mut hangup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut hangup = Hangup::new();
             if self.file.is_none() {
-                #[cfg(unix)]
-                if let Some(sig) = hangup.as_mut() {
-                    while sig.recv().await.is_some() {
-                        tracing::info!("SIGHUP: no --config file to re-read; nothing changed");
-                    }
+                loop {
+                    hangup.or_sleep(Duration::MAX).await;
+                    tracing::info!("SIGHUP: no --config file to re-read; nothing changed");
                 }
-                return;
             }
             loop {
-                #[cfg(unix)]
-                let forced = match hangup.as_mut() {
-                    Some(sig) => tokio::select! {
-                        _ = sig.recv() => true,
-                        _ = tokio::time::sleep(self.poll) => false,
-                    },
-                    None => {
-                        tokio::time::sleep(self.poll).await;
-                        false
-                    }
-                };
-                #[cfg(not(unix))]
-                let forced = {
-                    tokio::time::sleep(self.poll).await;
-                    false
-                };
+                let forced = hangup.or_sleep(self.poll).await;
                 if tx.is_closed() {
                     return;
                 }

@@ -27,6 +27,7 @@ pub mod demo;
 pub mod discovery;
 pub mod endpoints;
 pub mod errors;
+pub mod kubernetes;
 pub mod members;
 pub mod metrics;
 pub mod observe;

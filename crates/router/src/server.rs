@@ -1,7 +1,7 @@
 //! The router's HTTP face: its own endpoints (`/health`, `/ready`, `/metrics`, `/engines`, the merged
 //! `/v1/models`) and the proxy for everything else, plus start-up and graceful shutdown.
 
-use crate::config::RouterConfig;
+use crate::config::{DiscoveryKind, RouterConfig};
 use crate::discovery::{Discovery, StaticDiscovery};
 use crate::endpoints::{Clock, Registry};
 use crate::metrics::RouterMetrics;
@@ -195,9 +195,12 @@ pub async fn serve_state(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = &state.config;
-    let mut discovery: Box<dyn Discovery> = Box::new(StaticDiscovery::new(config));
+    let mut discovery: Box<dyn Discovery> = match config.service_discovery {
+        DiscoveryKind::Static => Box::new(StaticDiscovery::new(config)),
+        DiscoveryKind::K8s => Box::new(crate::kubernetes::K8sDiscovery::new(config)?),
+    };
     let initial = discovery.initial()?;
-    if initial.is_empty() {
+    if initial.is_empty() && config.service_discovery == DiscoveryKind::Static {
         tracing::warn!(
             "no endpoints configured yet: add --static-backends or [[backends]] in --config"
         );

@@ -45,6 +45,14 @@ impl UpstreamClient {
     pub fn authorization(&self) -> Option<&HeaderValue> {
         self.authorization.as_ref()
     }
+
+    /// The same client (its connections shared) sending `authorization` instead.
+    pub fn with_authorization(&self, authorization: Option<HeaderValue>) -> UpstreamClient {
+        UpstreamClient {
+            http: self.http.clone(),
+            authorization,
+        }
+    }
 }
 
 /// Builds the client.

@@ -1,0 +1,378 @@
+//! Kubernetes discovery (`--service-discovery k8s`): the endpoints are the ready pods that
+//! `--k8s-label-selector` selects in `--k8s-namespace`, each at `http://POD_IP:--k8s-port`, as in
+//! vLLM's production-stack router (same flag names).
+//!
+//! The pods are listed from the API server every `--k8s-poll-interval` (and at once on SIGHUP)
+//! rather than watched: a list is one GET, needs only `list` on pods in the namespace, has no
+//! stream to resume after the API server restarts, and at a few seconds' period is as fresh as
+//! the engines' own readiness probes. A pod counts while it runs, its `Ready` condition is true
+//! and it is not being deleted, so a rolling update drains: the pod leaves the set when it turns
+//! unready or terminating, and the requests it carries finish (the endpoint table keeps an
+//! endpoint's in-flight requests). A failed listing keeps the last set; it never empties it.
+//!
+//! In the cluster, the API server, the service account's token (re-read at every listing, as
+//! the kubelet rotates it) and its CA come from the standard places; `--k8s-api-server` points
+//! elsewhere, e.g. `kubectl proxy` on `http://127.0.0.1:8001` from outside. A pod's label
+//! `qoe-router/role` (`both`, `prefill`, `decode`) gives its role; models are detected from each
+//! engine's `/v1/models`.
+
+use crate::config::RouterConfig;
+use crate::discovery::{BackendSpec, Discovery};
+use crate::upstream::{self, UpstreamClient};
+use http::HeaderValue;
+use qoe_core::Role;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Where a pod finds its service account's credentials.
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The pod label that gives an engine's role.
+pub const ROLE_LABEL: &str = "qoe-router/role";
+/// Largest pod list read (a label selector keeps it far smaller).
+const MAX_LIST_BYTES: usize = 32 << 20;
+/// The longest one listing may take.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct K8sDiscovery {
+    /// The pods' list URL, selector included.
+    list_url: String,
+    port: u16,
+    poll: Duration,
+    /// The service account's token, when there is one to send.
+    token_file: Option<PathBuf>,
+    client: UpstreamClient,
+    /// What the last listing's error said, to log a failure once, not every period.
+    last_error: Option<String>,
+}
+
+impl K8sDiscovery {
+    pub fn new(config: &RouterConfig) -> anyhow::Result<Self> {
+        Self::with_service_account(config, Path::new(SERVICE_ACCOUNT))
+    }
+
+    /// As [`K8sDiscovery::new`], the service account's files read from `account`.
+    pub fn with_service_account(config: &RouterConfig, account: &Path) -> anyhow::Result<Self> {
+        let in_cluster = || {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            let host = match host.contains(':') {
+                true => format!("[{host}]"),
+                false => host,
+            };
+            Some(format!("https://{host}:{port}"))
+        };
+        let api = match &config.k8s_api_server {
+            Some(url) => crate::discovery::normalize_url(url),
+            None => in_cluster().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--service-discovery k8s outside a cluster needs --k8s-api-server (e.g. \
+                     http://127.0.0.1:8001 for `kubectl proxy`): KUBERNETES_SERVICE_HOST is not set"
+                )
+            })?,
+        };
+        let namespace = match &config.k8s_namespace {
+            Some(ns) => ns.clone(),
+            None => std::fs::read_to_string(account.join("namespace"))
+                .map(|ns| ns.trim().to_string())
+                .unwrap_or_else(|_| "default".into()),
+        };
+        let ca = account.join("ca.crt");
+        let tls = match api.starts_with("https://") && ca.exists() {
+            true => qoe_tls::ClientTls::new(
+                Some(qoe_tls::PemFile::new(&ca, "the service account's ca.crt")),
+                None,
+            )?,
+            false => qoe_tls::ClientTls::new(None, None)?,
+        };
+        let token_file = Some(account.join("token")).filter(|t| t.exists());
+        let selector = percent_encoding::utf8_percent_encode(
+            config.k8s_label_selector.trim(),
+            percent_encoding::NON_ALPHANUMERIC,
+        );
+        Ok(K8sDiscovery {
+            list_url: format!("{api}/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"),
+            port: config.k8s_port,
+            poll: Duration::from_secs_f64(config.k8s_poll_interval),
+            token_file,
+            client: upstream::client(
+                Duration::from_millis(config.connect_timeout_ms),
+                1,
+                None,
+                &tls,
+            ),
+            last_error: None,
+        })
+    }
+
+    /// The endpoints of the pods listed now.
+    async fn list(&self) -> anyhow::Result<Vec<BackendSpec>> {
+        let authorization = match &self.token_file {
+            Some(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read the service account token {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    .map_err(|_| {
+                        anyhow::anyhow!("the service account token is not a header value")
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let client = self.client.with_authorization(authorization);
+        let body = upstream::get(&client, &self.list_url, LIST_TIMEOUT, MAX_LIST_BYTES)
+            .await
+            .map_err(|e| anyhow::anyhow!("listing the pods ({}): {e}", self.list_url))?;
+        endpoints_of(&body, self.port).map_err(|e| anyhow::anyhow!("the pod list: {e}"))
+    }
+
+    /// Lists the pods and publishes a changed set; a failure keeps the current one.
+    async fn refresh(&mut self, tx: &watch::Sender<Vec<BackendSpec>>) {
+        match self.list().await {
+            Ok(specs) => {
+                if self.last_error.take().is_some() {
+                    tracing::info!("listing the pods works again");
+                }
+                tx.send_if_modified(|current| {
+                    let changed = *current != specs;
+                    if changed {
+                        tracing::info!(
+                            endpoints = specs.len(),
+                            "pods listed: endpoint set changed"
+                        );
+                    }
+                    *current = specs;
+                    changed
+                });
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                if self.last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!("keeping the current endpoints: {text}");
+                }
+                self.last_error = Some(text);
+            }
+        }
+    }
+}
+
+impl Discovery for K8sDiscovery {
+    /// Empty: the first listing is the run's first step, moments after the router starts (an API
+    /// server slow to answer must not hold up the router's own health and readiness routes).
+    fn initial(&mut self) -> anyhow::Result<Vec<BackendSpec>> {
+        Ok(Vec::new())
+    }
+
+    fn run(
+        mut self: Box<Self>,
+        tx: watch::Sender<Vec<BackendSpec>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            // SIGHUP lists at once.
+            let mut hangup = crate::discovery::Hangup::new();
+            while !tx.is_closed() {
+                self.refresh(&tx).await;
+                if hangup.or_sleep(self.poll).await {
+                    tracing::info!("SIGHUP: listing the pods");
+                }
+            }
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct PodList {
+    #[serde(default)]
+    items: Vec<Pod>,
+}
+
+#[derive(Deserialize)]
+struct Pod {
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    status: Status,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    deletion_timestamp: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default)]
+    conditions: Vec<Condition>,
+}
+
+#[derive(Deserialize)]
+struct Condition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+}
+
+/// The endpoints of a pod list (the API's `PodList` JSON): one per running, ready pod that is
+/// not being deleted and has an IP, at `http://IP:port`, sorted by URL. A pod whose role label
+/// is not a role is left out, with a warning.
+pub fn endpoints_of(list: &[u8], port: u16) -> Result<Vec<BackendSpec>, String> {
+    let list: PodList = serde_json::from_slice(list).map_err(|e| e.to_string())?;
+    let mut specs: Vec<BackendSpec> = list
+        .items
+        .into_iter()
+        .filter(|pod| {
+            let ready = pod
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.kind == "Ready" && c.status == "True");
+            ready
+                && pod.status.phase.as_deref() == Some("Running")
+                && pod.metadata.deletion_timestamp.is_none()
+        })
+        .filter_map(|pod| {
+            let ip: std::net::IpAddr = pod.status.pod_ip.as_deref()?.parse().ok()?;
+            let role = match pod.metadata.labels.get(ROLE_LABEL).map(String::as_str) {
+                None | Some("both") => Role::Both,
+                Some("prefill") => Role::Prefill,
+                Some("decode") => Role::Decode,
+                Some(other) => {
+                    tracing::warn!(
+                        pod = %pod.metadata.name,
+                        "pod left out: label {ROLE_LABEL}={other} is not both, prefill or decode"
+                    );
+                    return None;
+                }
+            };
+            let url = match ip {
+                std::net::IpAddr::V4(ip) => format!("http://{ip}:{port}"),
+                std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
+            };
+            Some(BackendSpec {
+                url,
+                models: Vec::new(),
+                role,
+            })
+        })
+        .collect();
+    specs.sort_by(|a, b| a.url.cmp(&b.url));
+    specs.dedup_by(|a, b| a.url == b.url);
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ip: &str, ready: bool, extra: &str) -> String {
+        format!(
+            r#"{{"metadata":{{"name":"{name}"{extra}}},"status":{{"phase":"Running","podIP":"{ip}",
+            "conditions":[{{"type":"Initialized","status":"True"}},{{"type":"Ready","status":"{}"}}]}}}}"#,
+            if ready { "True" } else { "False" }
+        )
+    }
+
+    #[test]
+    fn ready_pods_are_the_endpoints() {
+        let list = format!(
+            r#"{{"kind":"PodList","items":[{},{},{},{},{},{}, {{"metadata":{{"name":"pending"}},"status":{{"phase":"Pending"}}}}]}}"#,
+            pod("b", "10.0.0.2", true, ""),
+            pod(
+                "a",
+                "10.0.0.1",
+                true,
+                r#","labels":{"app":"vllm","qoe-router/role":"prefill"}"#
+            ),
+            pod("unready", "10.0.0.3", false, ""),
+            pod(
+                "leaving",
+                "10.0.0.4",
+                true,
+                r#","deletionTimestamp":"2026-12-07T10:00:00Z""#
+            ),
+            pod("v6", "fd00::7", true, ""),
+            pod(
+                "odd-role",
+                "10.0.0.5",
+                true,
+                r#","labels":{"qoe-router/role":"kv_both"}"#
+            ),
+        );
+        let specs = endpoints_of(list.as_bytes(), 8000).unwrap();
+        let urls: Vec<(&str, Role)> = specs.iter().map(|s| (s.url.as_str(), s.role)).collect();
+        assert_eq!(
+            urls,
+            [
+                ("http://10.0.0.1:8000", Role::Prefill),
+                ("http://10.0.0.2:8000", Role::Both),
+                ("http://[fd00::7]:8000", Role::Both),
+            ]
+        );
+        assert!(
+            specs.iter().all(|s| s.models.is_empty()),
+            "models are detected"
+        );
+        assert_eq!(endpoints_of(br#"{"items":[]}"#, 1).unwrap(), []);
+        assert!(endpoints_of(b"<html>", 1).is_err());
+    }
+
+    #[test]
+    fn the_list_url_carries_the_namespace_and_the_encoded_selector() {
+        let dir = std::env::temp_dir().join(format!("qoe-k8s-sa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("namespace"), "serving\n").unwrap();
+        let config = RouterConfig::from_args([
+            "x",
+            "--service-discovery",
+            "k8s",
+            "--k8s-label-selector",
+            "app=vllm,tier in (a,b)",
+            "--k8s-api-server",
+            "http://127.0.0.1:8001/",
+        ])
+        .unwrap();
+        config.validate().unwrap();
+        let d = K8sDiscovery::with_service_account(&config, &dir).unwrap();
+        assert_eq!(
+            d.list_url,
+            "http://127.0.0.1:8001/api/v1/namespaces/serving/pods?labelSelector=app%3Dvllm%2Ctier%20in%20%28a%2Cb%29"
+        );
+        assert!(d.token_file.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+        // Without a selector, or with static backends too, it does not start.
+        for args in [
+            vec!["x", "--service-discovery", "k8s"],
+            vec![
+                "x",
+                "--service-discovery",
+                "k8s",
+                "--k8s-label-selector",
+                "app=vllm",
+                "--static-backends",
+                "http://127.0.0.1:1",
+            ],
+        ] {
+            let err = RouterConfig::from_args(args)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains("--service-discovery k8s"), "{err}");
+        }
+    }
+}
