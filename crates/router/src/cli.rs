@@ -161,10 +161,17 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             let config = config.with_file(subcommand_matches(matches, "serve"))?;
             if config.print_config {
                 config.validate()?;
-                // The file's backends, checked as `serve` checks them.
-                crate::discovery::Discovery::initial(&mut crate::discovery::StaticDiscovery::new(
-                    &config,
-                ))?;
+                // The endpoints' source, checked as `serve` checks it.
+                match config.service_discovery {
+                    crate::config::DiscoveryKind::Static => {
+                        crate::discovery::Discovery::initial(
+                            &mut crate::discovery::StaticDiscovery::new(&config),
+                        )?;
+                    }
+                    crate::config::DiscoveryKind::K8s => {
+                        crate::kubernetes::K8sDiscovery::new(&config)?;
+                    }
+                }
                 return qoe_bench::print_report(config.effective_toml()?.trim_end());
             }
             // Before the slow part of starting (the first scrape round): a SIGTERM meanwhile

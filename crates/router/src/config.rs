@@ -668,12 +668,14 @@ impl RouterConfig {
                  pods are those it selects"
             );
             anyhow::ensure!(
-                self.static_backends.is_empty(),
-                "--service-discovery k8s takes the endpoints from the pods: --static-backends \
-                 is for --service-discovery static"
+                self.static_backends.is_empty() && self.static_models.is_empty(),
+                "--service-discovery k8s takes the endpoints from the pods and their models from \
+                 the engines: --static-backends and --static-models are for --service-discovery \
+                 static"
             );
+            anyhow::ensure!(self.k8s_port >= 1, "--k8s-port must be a port, 1 to 65535");
             if let Some(url) = &self.k8s_api_server {
-                crate::discovery::validate_url(url)
+                crate::kubernetes::validate_api_server(url)
                     .map_err(|e| anyhow::anyhow!("--k8s-api-server: {e}"))?;
             }
         }
@@ -801,6 +803,14 @@ impl RouterConfig {
         RetryBudgetConfig {
             ratio: self.retry_budget_ratio,
             min_per_sec: self.retry_budget_min_per_sec,
+        }
+    }
+
+    /// Why the endpoint set is empty, for a 503 and `/ready`.
+    pub fn no_endpoints_reason(&self) -> &'static str {
+        match self.service_discovery {
+            DiscoveryKind::Static => "no endpoints are configured",
+            DiscoveryKind::K8s => "no ready pod matches --k8s-label-selector",
         }
     }
 

@@ -111,10 +111,14 @@ impl Hangup {
     pub(crate) async fn or_sleep(&mut self, period: Duration) -> bool {
         #[cfg(unix)]
         if let Some(signal) = self.signal.as_mut() {
-            return tokio::select! {
-                _ = signal.recv() => true,
-                _ = sleep_for(period) => false,
-            };
+            tokio::select! {
+                got = signal.recv() => match got {
+                    Some(()) => return true,
+                    // No more signals to come: sleep from now on.
+                    None => self.signal = None,
+                },
+                _ = sleep_for(period) => return false,
+            }
         }
         sleep_for(period).await;
         false

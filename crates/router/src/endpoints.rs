@@ -449,6 +449,10 @@ pub struct Table {
 #[derive(Debug)]
 pub struct Registry {
     table: RwLock<Arc<Table>>,
+    /// Endpoints removed from the set that requests in flight still hold: one whose URL comes
+    /// back (a Kubernetes pod unready for a moment) is taken up again with its load, breaker and
+    /// statistics, not started afresh beside it. Bounded: an entry goes once nothing holds it.
+    retired: std::sync::Mutex<Vec<std::sync::Weak<Endpoint>>>,
     stats_config: StatsConfig,
     breaker_config: BreakerConfig,
     pool_config: PoolConfig,
@@ -463,6 +467,7 @@ impl Registry {
         Registry {
             pool_config,
             table: RwLock::new(Arc::new(Table::default())),
+            retired: Default::default(),
             stats_config,
             breaker_config,
         }
@@ -473,15 +478,19 @@ impl Registry {
     }
 
     /// Replaces the endpoint set. An endpoint whose URL stays keeps its state (health, breaker,
-    /// load, statistics, connections); a change of its role or models applies in place.
+    /// load, statistics, connections); a change of its role or models applies in place. So does
+    /// one removed earlier whose requests in flight still run when its URL comes back.
     pub fn apply(&self, specs: &[BackendSpec]) {
         let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
         let old = guard.clone();
-        let endpoints = specs
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let held: Vec<Arc<Endpoint>> = retired.iter().filter_map(|w| w.upgrade()).collect();
+        let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|spec| {
                 old.endpoints
                     .iter()
+                    .chain(&held)
                     .find(|e| e.url == spec.url)
                     .inspect(|e| {
                         let wanted = Settings {
@@ -501,6 +510,12 @@ impl Registry {
                     })
             })
             .collect();
+        let gone = old
+            .endpoints
+            .iter()
+            .chain(&held)
+            .filter(|e| !endpoints.iter().any(|kept| Arc::ptr_eq(kept, e)));
+        *retired = gone.map(Arc::downgrade).collect();
         let staged_roles = specs.iter().any(|s| s.role != Role::Both);
         *guard = Arc::new(Table {
             endpoints,
@@ -699,6 +714,39 @@ mod tests {
             "in-flight carried over"
         );
         drop(guard);
+    }
+
+    /// An endpoint removed while requests still run on it, then listed again (a pod unready for
+    /// a moment), is the same endpoint, its load counted; once nothing runs on it, a return is a
+    /// fresh start, and nothing of it stays behind.
+    #[test]
+    fn an_endpoint_back_while_its_requests_run_is_the_same_one() {
+        let r = Registry::new(
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
+        r.apply(&[spec("http://a:1")]);
+        let first = r.table().endpoints[0].clone();
+        let guard = LoadGuard::new(first.clone(), Dispatch::default(), 1, 1);
+        r.apply(&[]);
+        r.apply(&[spec("http://b:1")]);
+        r.apply(&[spec("http://a:1"), spec("http://b:1")]);
+        let back = r.table().endpoints[0].clone();
+        assert!(Arc::ptr_eq(&first, &back));
+        assert_eq!(back.load.snapshot().in_prefill, 1);
+        drop((guard, back, first));
+        r.apply(&[spec("http://b:1")]);
+        let weak = Arc::downgrade(&r.table().endpoints[0]);
+        r.apply(&[]);
+        r.apply(&[]);
+        assert!(
+            weak.upgrade().is_none(),
+            "nothing holds a removed idle endpoint"
+        );
+        assert!(r.retired.lock().unwrap().is_empty());
+        r.apply(&[spec("http://a:1")]);
+        assert_eq!(r.table().endpoints[0].load.snapshot().in_prefill, 0);
     }
 
     /// Editing an endpoint's models or role in the file is no reason to forget that it is

@@ -16,7 +16,7 @@
 //! `qoe-router/role` (`both`, `prefill`, `decode`) gives its role; models are detected from each
 //! engine's `/v1/models`.
 
-use crate::config::RouterConfig;
+use crate::config::{ConfigFile, RouterConfig};
 use crate::discovery::{BackendSpec, Discovery};
 use crate::upstream::{self, UpstreamClient};
 use http::HeaderValue;
@@ -46,6 +46,10 @@ pub struct K8sDiscovery {
     client: UpstreamClient,
     /// What the last listing's error said, to log a failure once, not every period.
     last_error: Option<String>,
+    /// The last listing's pods with a bad role label, to warn of each once.
+    bad_roles: Vec<(String, String)>,
+    /// Whether a listing has succeeded yet.
+    listed: bool,
 }
 
 impl K8sDiscovery {
@@ -55,6 +59,14 @@ impl K8sDiscovery {
 
     /// As [`K8sDiscovery::new`], the service account's files read from `account`.
     pub fn with_service_account(config: &RouterConfig, account: &Path) -> anyhow::Result<Self> {
+        if let Some(path) = &config.config {
+            anyhow::ensure!(
+                ConfigFile::read(path)?.backends.is_empty(),
+                "{}: [[backends]] are for --service-discovery static; with k8s the endpoints \
+                 are the pods",
+                path.display()
+            );
+        }
         let in_cluster = || {
             let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
             let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
@@ -79,21 +91,31 @@ impl K8sDiscovery {
                 .map(|ns| ns.trim().to_string())
                 .unwrap_or_else(|_| "default".into()),
         };
+        anyhow::ensure!(
+            is_dns_label(&namespace),
+            "--k8s-namespace: '{namespace}' is not a namespace name (lower-case letters, digits \
+             and '-', at most 63)"
+        );
+        // The service account's token and CA go only to an https API server: never in clear.
+        let https = api.starts_with("https://");
         let ca = account.join("ca.crt");
-        let tls = match api.starts_with("https://") && ca.exists() {
+        let tls = match https && ca.exists() {
             true => qoe_tls::ClientTls::new(
                 Some(qoe_tls::PemFile::new(&ca, "the service account's ca.crt")),
                 None,
             )?,
             false => qoe_tls::ClientTls::new(None, None)?,
         };
-        let token_file = Some(account.join("token")).filter(|t| t.exists());
+        let token_file = Some(account.join("token")).filter(|t| https && t.exists());
         let selector = percent_encoding::utf8_percent_encode(
             config.k8s_label_selector.trim(),
             percent_encoding::NON_ALPHANUMERIC,
         );
         Ok(K8sDiscovery {
-            list_url: format!("{api}/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"),
+            // resourceVersion=0: from the API server's cache, not a quorum read of etcd.
+            list_url: format!(
+                "{api}/api/v1/namespaces/{namespace}/pods?labelSelector={selector}&resourceVersion=0"
+            ),
             port: config.k8s_port,
             poll: Duration::from_secs_f64(config.k8s_poll_interval),
             token_file,
@@ -104,11 +126,13 @@ impl K8sDiscovery {
                 &tls,
             ),
             last_error: None,
+            bad_roles: Vec::new(),
+            listed: false,
         })
     }
 
     /// The endpoints of the pods listed now.
-    async fn list(&self) -> anyhow::Result<Vec<BackendSpec>> {
+    async fn list(&self) -> anyhow::Result<Listed> {
         let authorization = match &self.token_file {
             Some(path) => {
                 let token = std::fs::read_to_string(path).map_err(|e| {
@@ -136,10 +160,24 @@ impl K8sDiscovery {
     /// Lists the pods and publishes a changed set; a failure keeps the current one.
     async fn refresh(&mut self, tx: &watch::Sender<Vec<BackendSpec>>) {
         match self.list().await {
-            Ok(specs) => {
+            Ok(Listed {
+                endpoints: specs,
+                bad_roles,
+            }) => {
                 if self.last_error.take().is_some() {
                     tracing::info!("listing the pods works again");
                 }
+                for (pod, value) in bad_roles.iter().filter(|b| !self.bad_roles.contains(b)) {
+                    tracing::warn!(
+                        pod = %pod,
+                        "pod left out: label {ROLE_LABEL}={value} is not both, prefill or decode"
+                    );
+                }
+                self.bad_roles = bad_roles;
+                if specs.is_empty() && (!self.listed || !tx.borrow().is_empty()) {
+                    tracing::warn!("no ready pod matches the label selector: no endpoints");
+                }
+                self.listed = true;
                 tx.send_if_modified(|current| {
                     let changed = *current != specs;
                     if changed {
@@ -187,9 +225,37 @@ impl Discovery for K8sDiscovery {
     }
 }
 
+/// A namespace name: an RFC 1123 label.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Checks `--k8s-api-server`: `http(s)://host[:port]`, nothing after it.
+pub fn validate_api_server(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("'{url}' is not a URL: {e}"))?;
+    let plain = uri.path() == "/" || uri.path().is_empty();
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.authority().is_some() && plain && uri.query().is_none() => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "'{url}' is not http(s)://host[:port] (the API server's address, no path)"
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 struct PodList {
-    #[serde(default)]
+    /// `PodList`; an API server answering anything else (a `Status`) has listed nothing.
+    kind: Option<String>,
+    /// Required: a 200 without it is not a listing, and must not empty the set.
     items: Vec<Pod>,
 }
 
@@ -228,11 +294,23 @@ struct Condition {
     status: String,
 }
 
+/// What one listing found: the endpoints, and the pods left out for a role label that is not a
+/// role (name, label value).
+#[derive(Debug, Default, PartialEq)]
+pub struct Listed {
+    pub endpoints: Vec<BackendSpec>,
+    pub bad_roles: Vec<(String, String)>,
+}
+
 /// The endpoints of a pod list (the API's `PodList` JSON): one per running, ready pod that is
 /// not being deleted and has an IP, at `http://IP:port`, sorted by URL. A pod whose role label
-/// is not a role is left out, with a warning.
-pub fn endpoints_of(list: &[u8], port: u16) -> Result<Vec<BackendSpec>, String> {
+/// is not a role is left out (and named in [`Listed::bad_roles`]).
+pub fn endpoints_of(list: &[u8], port: u16) -> Result<Listed, String> {
     let list: PodList = serde_json::from_slice(list).map_err(|e| e.to_string())?;
+    if let Some(kind) = list.kind.as_deref().filter(|k| *k != "PodList") {
+        return Err(format!("a {kind}, not a PodList"));
+    }
+    let mut bad_roles = Vec::new();
     let mut specs: Vec<BackendSpec> = list
         .items
         .into_iter()
@@ -253,10 +331,7 @@ pub fn endpoints_of(list: &[u8], port: u16) -> Result<Vec<BackendSpec>, String> 
                 Some("prefill") => Role::Prefill,
                 Some("decode") => Role::Decode,
                 Some(other) => {
-                    tracing::warn!(
-                        pod = %pod.metadata.name,
-                        "pod left out: label {ROLE_LABEL}={other} is not both, prefill or decode"
-                    );
+                    bad_roles.push((pod.metadata.name.clone(), other.to_string()));
                     return None;
                 }
             };
@@ -273,7 +348,10 @@ pub fn endpoints_of(list: &[u8], port: u16) -> Result<Vec<BackendSpec>, String> 
         .collect();
     specs.sort_by(|a, b| a.url.cmp(&b.url));
     specs.dedup_by(|a, b| a.url == b.url);
-    Ok(specs)
+    Ok(Listed {
+        endpoints: specs,
+        bad_roles,
+    })
 }
 
 #[cfg(test)]
@@ -314,7 +392,12 @@ mod tests {
                 r#","labels":{"qoe-router/role":"kv_both"}"#
             ),
         );
-        let specs = endpoints_of(list.as_bytes(), 8000).unwrap();
+        let listed = endpoints_of(list.as_bytes(), 8000).unwrap();
+        assert_eq!(
+            listed.bad_roles,
+            [("odd-role".to_string(), "kv_both".to_string())]
+        );
+        let specs = listed.endpoints;
         let urls: Vec<(&str, Role)> = specs.iter().map(|s| (s.url.as_str(), s.role)).collect();
         assert_eq!(
             urls,
@@ -328,8 +411,23 @@ mod tests {
             specs.iter().all(|s| s.models.is_empty()),
             "models are detected"
         );
-        assert_eq!(endpoints_of(br#"{"items":[]}"#, 1).unwrap(), []);
-        assert!(endpoints_of(b"<html>", 1).is_err());
+        assert_eq!(
+            endpoints_of(br#"{"items":[]}"#, 1).unwrap(),
+            Listed::default()
+        );
+        // What is not a listing does not empty the set.
+        for not_a_list in [
+            &b"<html>"[..],
+            b"{}",
+            br#"{"items":null}"#,
+            br#"{"kind":"Status","items":[]}"#,
+        ] {
+            assert!(
+                endpoints_of(not_a_list, 1).is_err(),
+                "{}",
+                String::from_utf8_lossy(not_a_list)
+            );
+        }
     }
 
     #[test]
@@ -337,6 +435,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qoe-k8s-sa-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("namespace"), "serving\n").unwrap();
+        // A token is never sent over plain http.
+        std::fs::write(dir.join("token"), "tok-1").unwrap();
         let config = RouterConfig::from_args([
             "x",
             "--service-discovery",
@@ -351,10 +451,30 @@ mod tests {
         let d = K8sDiscovery::with_service_account(&config, &dir).unwrap();
         assert_eq!(
             d.list_url,
-            "http://127.0.0.1:8001/api/v1/namespaces/serving/pods?labelSelector=app%3Dvllm%2Ctier%20in%20%28a%2Cb%29"
+            "http://127.0.0.1:8001/api/v1/namespaces/serving/pods?labelSelector=app%3Dvllm%2Ctier%20in%20%28a%2Cb%29&resourceVersion=0"
         );
         assert!(d.token_file.is_none());
-        let _ = std::fs::remove_dir_all(&dir);
+        // A namespace that is not a name, an API server with a path: refused.
+        for (flag, value) in [("--k8s-namespace", "a/b?c"), ("--k8s-namespace", "")] {
+            let bad = RouterConfig::from_args([
+                "x",
+                "--service-discovery",
+                "k8s",
+                "--k8s-label-selector",
+                "app=vllm",
+                "--k8s-api-server",
+                "http://127.0.0.1:8001",
+                flag,
+                value,
+            ])
+            .unwrap();
+            let err = K8sDiscovery::with_service_account(&bad, &dir)
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains("--k8s-namespace"), "{err}");
+        }
+        assert!(validate_api_server("https://10.0.0.1:443").is_ok());
+        assert!(validate_api_server("http://127.0.0.1:8001/api").is_err());
         // Without a selector, or with static backends too, it does not start.
         for args in [
             vec!["x", "--service-discovery", "k8s"],
@@ -374,5 +494,6 @@ mod tests {
                 .unwrap_err();
             assert!(err.to_string().contains("--service-discovery k8s"), "{err}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

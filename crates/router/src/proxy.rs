@@ -520,7 +520,7 @@ fn candidates(
             // A reload may add some.
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no endpoints are configured",
+                state.config.no_endpoints_reason(),
             );
             e.retry_after = Some(1);
             return Err(e);

@@ -466,7 +466,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         return Json(body).into_response();
     }
     let reason = if table.endpoints.is_empty() {
-        "no endpoints are configured"
+        state.config.no_endpoints_reason()
     } else {
         "no endpoint passed its last health check with its breaker not open and a model served"
     };

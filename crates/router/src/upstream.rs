@@ -537,12 +537,25 @@ pub async fn get(
         if status.is_success() {
             Ok(body)
         } else {
-            Err(failed(format!("status {status}")))
+            Err(failed(format!("status {status}{}", excerpt(&body))))
         }
     };
     tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+}
+
+/// `": "` and the start of an error answer's body on one line (an API server's `Status` says
+/// who may not do what), or nothing for an empty body.
+fn excerpt(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match (line.is_empty(), body.len() > MAX) {
+        (true, _) => String::new(),
+        (false, false) => format!(": {line}"),
+        (false, true) => format!(": {line}..."),
+    }
 }
 
 /// An error and its causes, `outer: inner: ...` (hyper-util's own message is only "client error

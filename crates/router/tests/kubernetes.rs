@@ -85,23 +85,35 @@ async fn the_endpoints_follow_the_ready_pods() {
     assert_eq!(ans.header("x-qoe-endpoint"), engine.url);
     assert_eq!(
         api.listings.lock().unwrap()[0],
-        "/api/v1/namespaces/serving/pods?labelSelector=app%3Dvllm"
+        "/api/v1/namespaces/serving/pods?labelSelector=app%3Dvllm&resourceVersion=0"
     );
-    // Unready: no endpoint left.
+    // Unready: no endpoint left, and the 503 says why.
     *api.answer.lock().unwrap() = (200, pods(false));
     until_status(&c, &r.url, 503).await;
+    let ans = post_completion(&c, &r.url).await;
+    assert!(
+        String::from_utf8_lossy(&ans.body).contains("no ready pod matches"),
+        "{}",
+        String::from_utf8_lossy(&ans.body)
+    );
     // Ready again, then the API server fails: the endpoint stays through several failed
     // listings.
     *api.answer.lock().unwrap() = (200, pods(true));
     until_status(&c, &r.url, 200).await;
-    *api.answer.lock().unwrap() = (500, r#"{"kind":"Status","code":500}"#.into());
-    let failing_from = api.listings.lock().unwrap().len();
-    for _ in 0..500 {
-        if api.listings.lock().unwrap().len() >= failing_from + 4 {
-            break;
+    // A 500, and a 200 that is not a pod list (a Status): neither is an empty listing.
+    for answer in [
+        (500, r#"{"kind":"Status","code":500}"#),
+        (200, r#"{"kind":"Status","status":"Failure","code":410}"#),
+    ] {
+        *api.answer.lock().unwrap() = (answer.0, answer.1.into());
+        let failing_from = api.listings.lock().unwrap().len();
+        for _ in 0..500 {
+            if api.listings.lock().unwrap().len() >= failing_from + 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(api.listings.lock().unwrap().len() >= failing_from + 4);
+        assert_eq!(post_completion(&c, &r.url).await.status, 200, "{answer:?}");
     }
-    assert!(api.listings.lock().unwrap().len() >= failing_from + 4);
-    assert_eq!(post_completion(&c, &r.url).await.status, 200);
 }
