@@ -225,18 +225,31 @@ pub async fn serve_state(
 
     let reload_state = state.clone();
     tasks.push(tokio::spawn(async move {
+        // The detection of the last set's new endpoints, running beside the next change: an
+        // engine slow to list its models must not hold up a removal (a pod going away).
+        let mut detecting: Option<tokio::task::JoinHandle<()>> = None;
         while rx.changed().await.is_ok() {
             let specs = rx.borrow_and_update().clone();
             reload_state.registry.apply(&specs);
             let table = reload_state.registry.table();
-            // New endpoints, and those told to detect their models, learn them now, together.
-            let detections = table
-                .endpoints
-                .iter()
-                .filter(|e| e.engine_sample().is_none() || !e.knows_models())
-                .map(|e| scrape::refresh_models(&reload_state.client, e, timeout));
-            futures_util::future::join_all(detections).await;
             tracing::info!(endpoints = table.endpoints.len(), "endpoint set applied");
+            // New endpoints, and those told to detect their models, learn them now, together
+            // (what a superseded round left undetected, this one takes up).
+            if let Some(previous) = detecting.take() {
+                previous.abort();
+            }
+            let state = reload_state.clone();
+            detecting = Some(tokio::spawn(async move {
+                let detections = table
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.engine_sample().is_none() || !e.knows_models())
+                    .map(|e| scrape::refresh_models(&state.client, e, timeout));
+                futures_util::future::join_all(detections).await;
+            }));
+        }
+        if let Some(detecting) = detecting {
+            detecting.abort();
         }
     }));
     let s = state.clone();
