@@ -157,6 +157,8 @@ pub struct Endpoint {
     model_cards: RwLock<Vec<serde_json::Value>>,
     /// A failed model detection was logged as a warning, once until the next success.
     pub models_warned: std::sync::atomic::AtomicBool,
+    /// A detection of its models started by a change of the endpoint set is running.
+    pub detecting_models: std::sync::atomic::AtomicBool,
     pub load: LoadCounters,
     stats: Mutex<RequestStats>,
     engine: Mutex<Option<EngineSample>>,
@@ -198,6 +200,7 @@ impl Endpoint {
             detected_models: RwLock::new(Vec::new()),
             model_cards: RwLock::new(Vec::new()),
             models_warned: Default::default(),
+            detecting_models: Default::default(),
             load: LoadCounters::default(),
             stats: Mutex::new(RequestStats::new(stats)),
             engine: Mutex::new(None),
@@ -477,6 +480,16 @@ impl Registry {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The URLs of endpoints removed from the set that something (a request in flight) still
+    /// holds: their metrics stay, as they may come back ([`Registry::apply`]).
+    pub fn retired_urls(&self) -> Vec<String> {
+        let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired
+            .iter()
+            .filter_map(|w| w.upgrade().map(|e| e.url.clone()))
+            .collect()
+    }
+
     /// Replaces the endpoint set. An endpoint whose URL stays keeps its state (health, breaker,
     /// load, statistics, connections); a change of its role or models applies in place. So does
     /// one removed earlier whose requests in flight still run when its URL comes back.
@@ -488,10 +501,16 @@ impl Registry {
         let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|spec| {
+                let rejoining = || {
+                    let e = held.iter().find(|e| e.url == spec.url)?;
+                    // Not checked while it was out of the set: readiness waits for a check.
+                    lock(&e.health).last_check = None;
+                    Some(e)
+                };
                 old.endpoints
                     .iter()
-                    .chain(&held)
                     .find(|e| e.url == spec.url)
+                    .or_else(rejoining)
                     .inspect(|e| {
                         let wanted = Settings {
                             role: spec.role,
@@ -728,6 +747,7 @@ mod tests {
         );
         r.apply(&[spec("http://a:1")]);
         let first = r.table().endpoints[0].clone();
+        first.record_health(Ok(()), 1, 2, 1);
         let guard = LoadGuard::new(first.clone(), Dispatch::default(), 1, 1);
         r.apply(&[]);
         r.apply(&[spec("http://b:1")]);
@@ -735,6 +755,10 @@ mod tests {
         let back = r.table().endpoints[0].clone();
         assert!(Arc::ptr_eq(&first, &back));
         assert_eq!(back.load.snapshot().in_prefill, 1);
+        assert!(
+            back.health().last_check.is_none(),
+            "readiness waits for a new check"
+        );
         drop((guard, back, first));
         r.apply(&[spec("http://b:1")]);
         let weak = Arc::downgrade(&r.table().endpoints[0]);

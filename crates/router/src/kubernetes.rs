@@ -153,7 +153,16 @@ impl K8sDiscovery {
         let client = self.client.with_authorization(authorization);
         let body = upstream::get(&client, &self.list_url, LIST_TIMEOUT, MAX_LIST_BYTES)
             .await
-            .map_err(|e| anyhow::anyhow!("listing the pods ({}): {e}", self.list_url))?;
+            .map_err(|e| match e {
+                // The API server's Status says what was refused (it never echoes the token).
+                upstream::GetError::Status(status, said) if !said.is_empty() => {
+                    anyhow::anyhow!(
+                        "listing the pods ({}): status {status}: {said}",
+                        self.list_url
+                    )
+                }
+                e => anyhow::anyhow!("listing the pods ({}): {e}", self.list_url),
+            })?;
         endpoints_of(&body, self.port).map_err(|e| anyhow::anyhow!("the pod list: {e}"))
     }
 
@@ -241,6 +250,13 @@ pub fn validate_api_server(url: &str) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("'{url}' is not a URL: {e}"))?;
     let plain = uri.path() == "/" || uri.path().is_empty();
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "credentials in the URL are not sent: the router authenticates with the \
+                    service account's token"
+                .into(),
+        );
+    }
     match uri.scheme_str() {
         Some("http" | "https") if uri.authority().is_some() && plain && uri.query().is_none() => {
             Ok(())
@@ -253,8 +269,6 @@ pub fn validate_api_server(url: &str) -> Result<(), String> {
 
 #[derive(Deserialize)]
 struct PodList {
-    /// `PodList`; an API server answering anything else (a `Status`) has listed nothing.
-    kind: Option<String>,
     /// Required: a 200 without it is not a listing, and must not empty the set.
     items: Vec<Pod>,
 }
@@ -306,10 +320,22 @@ pub struct Listed {
 /// not being deleted and has an IP, at `http://IP:port`, sorted by URL. A pod whose role label
 /// is not a role is left out (and named in [`Listed::bad_roles`]).
 pub fn endpoints_of(list: &[u8], port: u16) -> Result<Listed, String> {
-    let list: PodList = serde_json::from_slice(list).map_err(|e| e.to_string())?;
-    if let Some(kind) = list.kind.as_deref().filter(|k| *k != "PodList") {
-        return Err(format!("a {kind}, not a PodList"));
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Option<String>,
+        message: Option<String>,
     }
+    if let Ok(Kind {
+        kind: Some(kind),
+        message,
+    }) = serde_json::from_slice::<Kind>(list)
+    {
+        if kind != "PodList" {
+            let said = message.map(|m| format!(": {m}")).unwrap_or_default();
+            return Err(format!("a {kind}, not a PodList{said}"));
+        }
+    }
+    let list: PodList = serde_json::from_slice(list).map_err(|e| e.to_string())?;
     let mut bad_roles = Vec::new();
     let mut specs: Vec<BackendSpec> = list
         .items
@@ -428,6 +454,11 @@ mod tests {
                 String::from_utf8_lossy(not_a_list)
             );
         }
+        let status = br#"{"kind":"Status","status":"Failure","message":"too old resource version","code":410}"#;
+        assert_eq!(
+            endpoints_of(status, 1).unwrap_err(),
+            "a Status, not a PodList: too old resource version"
+        );
     }
 
     #[test]
@@ -475,6 +506,8 @@ mod tests {
         }
         assert!(validate_api_server("https://10.0.0.1:443").is_ok());
         assert!(validate_api_server("http://127.0.0.1:8001/api").is_err());
+        let creds = validate_api_server("http://admin:hunter2@127.0.0.1:8001").unwrap_err();
+        assert!(!creds.contains("hunter2"), "{creds}");
         // Without a selector, or with static backends too, it does not start.
         for args in [
             vec!["x", "--service-discovery", "k8s"],

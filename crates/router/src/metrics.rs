@@ -570,9 +570,16 @@ impl RouterMetrics {
     }
 
     /// Refreshes the per-endpoint gauges from `table` and drops the labels of endpoints that left.
-    pub fn refresh(&self, table: &Table, now: Micros) {
+    pub fn refresh(&self, table: &Table, retired: &[String], now: Micros) {
         let mut known = lock(&self.known);
-        let current: HashSet<String> = table.endpoints.iter().map(|e| e.url.clone()).collect();
+        // A removed endpoint that requests still hold keeps its series: it may be taken up
+        // again with the handles it holds (`Registry::apply`).
+        let current: HashSet<String> = table
+            .endpoints
+            .iter()
+            .map(|e| e.url.clone())
+            .chain(retired.iter().cloned())
+            .collect();
         for gone in known.difference(&current) {
             let label = EndpointLabel {
                 endpoint: gone.clone(),

@@ -20,6 +20,7 @@ use serde_json::json;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -225,31 +226,35 @@ pub async fn serve_state(
 
     let reload_state = state.clone();
     tasks.push(tokio::spawn(async move {
-        // The detection of the last set's new endpoints, running beside the next change: an
-        // engine slow to list its models must not hold up a removal (a pod going away).
-        let mut detecting: Option<tokio::task::JoinHandle<()>> = None;
+        // New endpoints' model detections run beside the next change (an engine slow to list
+        // its models must not hold up a removal), one at a time per endpoint; they end with
+        // this task.
+        let mut detecting = tokio::task::JoinSet::new();
         while rx.changed().await.is_ok() {
             let specs = rx.borrow_and_update().clone();
             reload_state.registry.apply(&specs);
             let table = reload_state.registry.table();
             tracing::info!(endpoints = table.endpoints.len(), "endpoint set applied");
-            // New endpoints, and those told to detect their models, learn them now, together
-            // (what a superseded round left undetected, this one takes up).
-            if let Some(previous) = detecting.take() {
-                previous.abort();
+            while detecting.try_join_next().is_some() {}
+            // New endpoints, and those told to detect their models, learn them now, together.
+            let claimed: Vec<_> = table
+                .endpoints
+                .iter()
+                .filter(|e| e.engine_sample().is_none() || !e.knows_models())
+                .filter(|e| !e.detecting_models.swap(true, Ordering::AcqRel))
+                .cloned()
+                .collect();
+            if claimed.is_empty() {
+                continue;
             }
             let state = reload_state.clone();
-            detecting = Some(tokio::spawn(async move {
-                let detections = table
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.engine_sample().is_none() || !e.knows_models())
-                    .map(|e| scrape::refresh_models(&state.client, e, timeout));
+            detecting.spawn(async move {
+                let detections = claimed.iter().map(|e| async {
+                    scrape::refresh_models(&state.client, e, timeout).await;
+                    e.detecting_models.store(false, Ordering::Release);
+                });
                 futures_util::future::join_all(detections).await;
-            }));
-        }
-        if let Some(detecting) = detecting {
-            detecting.abort();
+            });
         }
     }));
     let s = state.clone();
@@ -528,9 +533,11 @@ fn metrics_content_type<'a>(accept: impl Iterator<Item = &'a HeaderValue>) -> &'
 }
 
 async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
-    state
-        .metrics
-        .refresh(&state.registry.table(), state.clock.now());
+    state.metrics.refresh(
+        &state.registry.table(),
+        &state.registry.retired_urls(),
+        state.clock.now(),
+    );
     state
         .metrics
         .refresh_weights(state.policy.state_json().as_ref());

@@ -491,6 +491,9 @@ pub const SMALL_BODY_LIMIT: usize = 1 << 20;
 pub enum GetError {
     /// The body exceeded the limit (bytes): a misconfigured endpoint, not a passing fault.
     TooLong(usize),
+    /// An answer other than 2xx, and the start of its body (not shown by `Display`: a server
+    /// may echo the credentials it refused, and these messages reach logs and `/engines`).
+    Status(http::StatusCode, String),
     Failed(String),
 }
 
@@ -498,6 +501,7 @@ impl std::fmt::Display for GetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             GetError::TooLong(limit) => write!(f, "the answer is longer than {limit} bytes"),
+            GetError::Status(status, _) => write!(f, "status {status}"),
             GetError::Failed(why) => f.write_str(why),
         }
     }
@@ -537,7 +541,7 @@ pub async fn get(
         if status.is_success() {
             Ok(body)
         } else {
-            Err(failed(format!("status {status}{}", excerpt(&body))))
+            Err(GetError::Status(status, excerpt(&body)))
         }
     };
     tokio::time::timeout(timeout, fetch)
@@ -545,16 +549,19 @@ pub async fn get(
         .map_err(|_| failed(format!("no answer within {timeout:?}")))?
 }
 
-/// `": "` and the start of an error answer's body on one line (an API server's `Status` says
-/// who may not do what), or nothing for an empty body.
+/// The start of an error answer's body on one line, control characters dropped (an API
+/// server's `Status` says who may not do what).
 fn excerpt(body: &[u8]) -> String {
     const MAX: usize = 200;
     let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match (line.is_empty(), body.len() > MAX) {
-        (true, _) => String::new(),
-        (false, false) => format!(": {line}"),
-        (false, true) => format!(": {line}..."),
+    let line = text
+        .split_whitespace()
+        .map(|word| word.chars().filter(|c| !c.is_control()).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match body.len() > MAX {
+        true => format!("{line}..."),
+        false => line,
     }
 }
 
