@@ -201,6 +201,12 @@ pub async fn serve_state(
         DiscoveryKind::K8s => Box::new(crate::kubernetes::K8sDiscovery::new(config)?),
     };
     let initial = discovery.initial()?;
+    let k8s_set = config.k8s_namespace.is_some()
+        || !config.k8s_label_selector.is_empty()
+        || config.k8s_api_server.is_some();
+    if k8s_set && config.service_discovery == DiscoveryKind::Static {
+        tracing::warn!("--k8s-* settings are ignored without --service-discovery k8s");
+    }
     if initial.is_empty() && config.service_discovery == DiscoveryKind::Static {
         tracing::warn!(
             "no endpoints configured yet: add --static-backends or [[backends]] in --config"
