@@ -182,6 +182,57 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
     let started = state.clock.now();
     let (parts, body) = request.into_parts();
     let request_id = request_id(&parts.headers);
+    let mut unanswered = Unanswered {
+        state: &state,
+        request_id: &request_id,
+        started,
+        answered: false,
+    };
+    let response = handle(&state, parts, body, &request_id, started).await;
+    unanswered.answered = true;
+    response
+}
+
+/// Logs the request's line when it ends before any answer: its client left (or the router shut
+/// down) while it waited in the admission queue or for its endpoint's first byte. Every other
+/// end logs its own line (`reject`, the observed response).
+struct Unanswered<'a> {
+    state: &'a AppState,
+    request_id: &'a HeaderValue,
+    started: Micros,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let at_shutdown = self
+            .state
+            .closing_connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let duration = self.state.clock.now().saturating_sub(self.started);
+        tracing::info!(
+            request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
+            // nginx's code for a request its client closed before the answer.
+            status = 499,
+            outcome = if at_shutdown { "closed_at_shutdown" } else { "client_closed" },
+            duration_ms = duration as f64 / 1e3,
+            "request ended before an answer"
+        );
+    }
+}
+
+async fn handle(
+    state: &Arc<AppState>,
+    parts: http::request::Parts,
+    body: axum::body::Body,
+    request_id: &HeaderValue,
+    started: Micros,
+) -> Response {
+    let state = state.clone();
+    let request_id = request_id.clone();
     let Some(route) = route_of(parts.uri.path()) else {
         let error = ApiError::new(
             StatusCode::NOT_FOUND,

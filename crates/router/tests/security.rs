@@ -431,6 +431,44 @@ fn priority_keys_are_checked_and_never_printed() {
     );
 }
 
+/// A request whose client leaves before any answer (here while its engine is silent) still
+/// logs its line, status 499. (In this binary because it holds the log capture.)
+#[tokio::test]
+async fn a_request_left_before_its_answer_logs_a_line() {
+    let logs = captured_logs();
+    let engine = mock(&["m"]).await;
+    *engine.state.first_chunk_delay_ms.lock().unwrap() = 10_000;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let id = "left-before-the-answer-7c1";
+    let url = format!("{}/v1/completions", r.url);
+    let body = completion("m", "x", false);
+    let left = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        post(&c, &url, &body, &[("x-request-id", id)]),
+    )
+    .await;
+    assert!(left.is_err(), "the client left before the answer");
+    drop(c);
+    let mut line = None;
+    for _ in 0..500 {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        line = text
+            .lines()
+            .find(|l| l.contains(id) && l.contains("before an answer"))
+            .map(str::to_string);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let line = line.expect("a log line for the request");
+    assert!(
+        line.contains("status=499") && line.contains("client_closed"),
+        "{line}"
+    );
+}
+
 #[tokio::test]
 async fn config_debug_output_hides_keys() {
     let config = qoe_router::RouterConfig::from_args([
