@@ -30,6 +30,17 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} not ready within {timeout}s")
 
 
+def stop(procs) -> None:
+    """Ends the processes a fixture started: SIGTERM, then SIGKILL for any still up after 10 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 @pytest.fixture(scope="session")
 def fleet():
     procs = []
@@ -53,10 +64,4 @@ def fleet():
         wait_ready(router + "/v1/models")
         yield {"router": router, "engines": engines}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)

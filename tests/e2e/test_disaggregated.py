@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from openai import OpenAI
 
-from conftest import BIN, free_port, wait_ready
+from conftest import BIN, free_port, stop, wait_ready
 
 MODEL = "sim-llama"
 
@@ -42,13 +42,7 @@ def split_fleet():
             wait_ready(router + "/ready")
             yield {"router": router, **engines}
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import BIN, free_port, wait_ready
+from conftest import BIN, free_port, stop, wait_ready
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -63,10 +63,7 @@ def https_router(pki):
             time.sleep(0.05)
         yield url
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
+        stop(procs)
 
 
 def test_chat_and_completions_over_https(https_router, pki):

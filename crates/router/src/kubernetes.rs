@@ -267,10 +267,14 @@ pub fn validate_api_server(url: &str) -> Result<(), String> {
     }
 }
 
+/// A `PodList`, or whatever else the API server answered in its place (a `Status`, with its
+/// message), read in one pass.
 #[derive(Deserialize)]
 struct PodList {
-    /// Required: a 200 without it is not a listing, and must not empty the set.
-    items: Vec<Pod>,
+    kind: Option<String>,
+    message: Option<String>,
+    /// Required of a listing: a 200 without it must not empty the set.
+    items: Option<Vec<Pod>>,
 }
 
 #[derive(Deserialize)]
@@ -320,25 +324,16 @@ pub struct Listed {
 /// not being deleted and has an IP, at `http://IP:port`, sorted by URL. A pod whose role label
 /// is not a role is left out (and named in [`Listed::bad_roles`]).
 pub fn endpoints_of(list: &[u8], port: u16) -> Result<Listed, String> {
-    #[derive(Deserialize)]
-    struct Kind {
-        kind: Option<String>,
-        message: Option<String>,
-    }
-    if let Ok(Kind {
-        kind: Some(kind),
-        message,
-    }) = serde_json::from_slice::<Kind>(list)
-    {
-        if kind != "PodList" {
-            let said = message.map(|m| format!(": {m}")).unwrap_or_default();
-            return Err(format!("a {kind}, not a PodList{said}"));
-        }
-    }
     let list: PodList = serde_json::from_slice(list).map_err(|e| e.to_string())?;
+    if let Some(kind) = list.kind.as_deref().filter(|k| *k != "PodList") {
+        let said = list.message.map(|m| format!(": {m}")).unwrap_or_default();
+        return Err(format!("a {kind}, not a PodList{said}"));
+    }
+    let Some(items) = list.items else {
+        return Err("no items: not a pod list".into());
+    };
     let mut bad_roles = Vec::new();
-    let mut specs: Vec<BackendSpec> = list
-        .items
+    let mut specs: Vec<BackendSpec> = items
         .into_iter()
         .filter(|pod| {
             let ready = pod
