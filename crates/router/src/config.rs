@@ -810,7 +810,10 @@ impl RouterConfig {
     pub fn no_endpoints_reason(&self) -> &'static str {
         match self.service_discovery {
             DiscoveryKind::Static => "no endpoints are configured",
-            DiscoveryKind::K8s => "no ready pod matches --k8s-label-selector",
+            DiscoveryKind::K8s => {
+                "no ready pod matches --k8s-label-selector, or the pods could not be listed \
+                 (the router's log says which)"
+            }
         }
     }
 
@@ -1256,7 +1259,7 @@ impl ConfigFile {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
-        let mut settings: toml::Table = text.parse()?;
+        let mut settings: toml::Table = text.parse().map_err(|e| syntax_error(text, &e))?;
         let listed = settings.remove("backends");
         let backends_listed = listed.is_some();
         let backends = match listed {
@@ -1288,9 +1291,46 @@ impl ConfigFile {
     }
 }
 
+/// A TOML syntax error. toml's message quotes the offending line, which in a file that sets
+/// credentials may be (or continue) one of them: there it says only where, and what was expected.
+fn syntax_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    if !SECRET_SETTINGS.iter().any(|key| text.contains(key)) {
+        return anyhow::anyhow!("{e}");
+    }
+    let Some(span) = e.span() else {
+        return anyhow::anyhow!(
+            "TOML syntax error: {} (the line is not shown: the file holds keys)",
+            e.message()
+        );
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    anyhow::anyhow!(
+        "TOML syntax error at line {line}, column {column}: {} (the line is not shown: the file \
+         holds keys)",
+        e.message().trim_end()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TOML syntax error in a file that sets keys says where, never what the line holds;
+    /// elsewhere it quotes the line as toml does.
+    #[test]
+    fn a_syntax_error_beside_keys_does_not_quote_them() {
+        let text = "port = 8000\napi_keys = [\n  \"sk-one-SECRET\"\n  \"sk-two\",\n]\n";
+        let e = format!("{:#}", ConfigFile::parse(text).unwrap_err());
+        assert!(!e.contains("SECRET") && !e.contains("sk-two"), "{e}");
+        assert!(e.contains("line 4, column 3"), "{e}");
+        let e = format!(
+            "{:#}",
+            ConfigFile::parse("port = 8000\nlog_level = \"info\" x\n").unwrap_err()
+        );
+        assert!(e.contains("log_level = \"info\" x"), "{e}");
+    }
 
     /// A directory for one test's config files, removed when the test ends (pass or fail).
     struct TestDir(PathBuf);
