@@ -452,9 +452,10 @@ pub struct Table {
 #[derive(Debug)]
 pub struct Registry {
     table: RwLock<Arc<Table>>,
-    /// Endpoints removed from the set that requests in flight still hold: one whose URL comes
-    /// back (a Kubernetes pod unready for a moment) is taken up again with its load, breaker and
-    /// statistics, not started afresh beside it. Bounded: an entry goes once nothing holds it.
+    /// Endpoints removed from the set that something still holds (requests in flight, or a
+    /// scrape or health round under way): one whose URL comes back (a Kubernetes pod unready for
+    /// a moment) is taken up again with its load, breaker and statistics, not started afresh
+    /// beside it. Bounded: an entry goes once nothing holds it.
     retired: std::sync::Mutex<Vec<std::sync::Weak<Endpoint>>>,
     stats_config: StatsConfig,
     breaker_config: BreakerConfig,

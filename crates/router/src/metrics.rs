@@ -614,6 +614,16 @@ impl RouterMetrics {
         });
         *known = current;
         drop(known);
+        // Its counters and histograms stay for its return; its state gauges (health, load,
+        // engine samples) go with it, as nothing refreshes them out of the set.
+        for url in retired {
+            let label = EndpointLabel {
+                endpoint: url.clone(),
+            };
+            for (_, family) in &self.gauges {
+                family.remove(&label);
+            }
+        }
         for (i, e) in table.endpoints.iter().enumerate() {
             let v = e.view(i as u32, now, 60_000_000);
             let url = e.url.as_str();
@@ -662,5 +672,58 @@ impl RouterMetrics {
 impl Default for RouterMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::{BreakerConfig, Dispatch};
+    use crate::discovery::BackendSpec;
+    use crate::endpoints::{LoadGuard, Registry};
+    use crate::upstream::PoolConfig;
+    use qoe_core::StatsConfig;
+
+    /// An endpoint out of the set while its requests still run keeps its counters (it may come
+    /// back, and a counter must not restart) but not its state gauges, which nothing refreshes
+    /// there; back in the set, its gauges are back.
+    #[test]
+    fn a_retired_endpoint_keeps_its_counters_not_its_gauges() {
+        let metrics = RouterMetrics::new();
+        let registry = Registry::new(
+            StatsConfig::default(),
+            BreakerConfig::default(),
+            PoolConfig::default(),
+        );
+        let spec = BackendSpec {
+            url: "http://a:1".into(),
+            models: vec!["m".into()],
+            role: qoe_core::Role::Both,
+        };
+        let refresh = || {
+            metrics.refresh(&registry.table(), &registry.retired_urls(), 0);
+            metrics.encode()
+        };
+        let healthy = "qoe_router_healthy{endpoint=\"http://a:1\"}";
+        let failures = "upstream_failures_total{endpoint=\"http://a:1\",kind=\"connect\"}";
+        registry.apply(std::slice::from_ref(&spec));
+        metrics.count_failure("http://a:1", "connect");
+        let text = refresh();
+        assert!(text.contains(healthy) && text.contains(failures), "{text}");
+        let endpoint = registry.table().endpoints[0].clone();
+        let in_flight = LoadGuard::new(endpoint, Dispatch::default(), 1, 1);
+        registry.apply(&[]);
+        let text = refresh();
+        assert!(!text.contains(healthy), "{text}");
+        assert!(text.contains(failures), "{text}");
+        registry.apply(std::slice::from_ref(&spec));
+        assert!(refresh().contains(healthy));
+        drop(in_flight);
+        registry.apply(&[]);
+        let text = refresh();
+        assert!(
+            !text.contains(healthy) && !text.contains(failures),
+            "{text}"
+        );
     }
 }
