@@ -34,13 +34,17 @@ impl Default for RetryBudgetConfig {
     }
 }
 
+/// Fixed-point unit of the ratio and the floor: millionths, so that any ratio the settings
+/// accept above 1e-6 counts.
+const UNIT: u64 = 1_000_000;
+
 /// Requests and retries over the last [`WINDOW_SECS`] seconds, and whether one more retry fits.
 #[derive(Debug)]
 pub struct RetryBudget {
-    /// The ratio in thousandths.
-    ratio_milli: u64,
-    /// The floor over the whole window, in thousandths of a retry.
-    floor_milli: u64,
+    /// The ratio in millionths.
+    ratio_micro: u64,
+    /// The floor over the whole window, in millionths of a retry.
+    floor_micro: u64,
     window: Mutex<Window>,
 }
 
@@ -77,16 +81,16 @@ impl Window {
 impl RetryBudget {
     pub fn new(config: RetryBudgetConfig) -> Self {
         // NaN and what is not positive: nothing; infinity: without limit.
-        let milli = |x: f64| {
+        let micro = |x: f64| {
             if x > 0.0 {
-                (x * 1000.0).round().min(u64::MAX as f64 / 4.0) as u64
+                (x * UNIT as f64).round().min(u64::MAX as f64 / 4.0) as u64
             } else {
                 0
             }
         };
         RetryBudget {
-            ratio_milli: milli(config.ratio),
-            floor_milli: milli(config.min_per_sec).saturating_mul(WINDOW_SECS as u64),
+            ratio_micro: micro(config.ratio),
+            floor_micro: micro(config.min_per_sec).saturating_mul(WINDOW_SECS as u64),
             window: Mutex::new(Window::default()),
         }
     }
@@ -103,9 +107,9 @@ impl RetryBudget {
         window.advance(now);
         let (requests, retries) = window.totals();
         let allowed = requests
-            .saturating_mul(self.ratio_milli)
-            .saturating_add(self.floor_milli);
-        if retries.saturating_add(1).saturating_mul(1000) > allowed {
+            .saturating_mul(self.ratio_micro)
+            .saturating_add(self.floor_micro);
+        if retries.saturating_add(1).saturating_mul(UNIT) > allowed {
             return false;
         }
         window.advance(now).1 += 1;
@@ -132,6 +136,12 @@ mod tests {
         // One per ten requests: at the 10th, 20th, ... 50th.
         assert_eq!(granted, 5);
         assert!(!b.try_retry(50_000));
+        // A small ratio is not rounded away: 0.0004 of 10,000 requests is 4 retries.
+        let b = budget(0.0004, 0.0);
+        for _ in 0..10_000 {
+            b.record_request(0);
+        }
+        assert_eq!((0..10).filter(|_| b.try_retry(0)).count(), 4);
     }
 
     #[test]
