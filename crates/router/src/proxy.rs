@@ -212,13 +212,25 @@ impl Drop for Unanswered<'_> {
             .state
             .closing_connections
             .load(std::sync::atomic::Ordering::Relaxed);
-        let duration = self.state.clock.now().saturating_sub(self.started);
+        let duration_ms = self.state.clock.now().saturating_sub(self.started) as f64 / 1e3;
+        let request_id = String::from_utf8_lossy(self.request_id.as_bytes());
+        if std::thread::panicking() {
+            // A bug of the router's, not a client leaving: its connection is dropped.
+            tracing::error!(
+                request_id = %request_id,
+                status = 500,
+                outcome = "router_panic",
+                duration_ms,
+                "request ended by a panic in the router"
+            );
+            return;
+        }
         tracing::info!(
-            request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
+            request_id = %request_id,
             // nginx's code for a request its client closed before the answer.
             status = 499,
             outcome = if at_shutdown { "closed_at_shutdown" } else { "client_closed" },
-            duration_ms = duration as f64 / 1e3,
+            duration_ms,
             "request ended before an answer"
         );
     }
@@ -339,7 +351,9 @@ async fn handle(
 
 /// The request's priority when its API key is bound to one (`--api-key-priorities`): the key's,
 /// or the lower one the priority header asks for. vLLM's own `priority` field in the body (lower
-/// runs first) is capped the same way: a value more urgent than the key allows becomes the key's.
+/// runs first) is capped too, on the scale the engines see: with `--engine-priority` the router's
+/// levels (a value more urgent than the key allows becomes the key's), without it vLLM's own,
+/// where a request that leaves the field out runs at 0 (a more urgent value becomes 0).
 fn with_key_priority(
     state: &AppState,
     parts: &http::request::Parts,
@@ -356,7 +370,11 @@ fn with_key_priority(
     } else {
         bound
     };
-    let body = capped_engine_priority(body, bound.level());
+    let floor = match state.config.engine_priority {
+        true => i64::from(bound.level()),
+        false => VLLM_DEFAULT_PRIORITY,
+    };
+    let body = capped_engine_priority(body, floor);
     (
         qoe_core::RequestProfile {
             priority,
@@ -366,15 +384,18 @@ fn with_key_priority(
     )
 }
 
+/// vLLM's `priority` for a request without the field.
+const VLLM_DEFAULT_PRIORITY: i64 = 0;
+
 /// `body` with a top-level `priority` below `floor` (or not an integer) set to `floor`; the rest
 /// as it was.
-fn capped_engine_priority(body: Bytes, floor: u8) -> Bytes {
+fn capped_engine_priority(body: Bytes, floor: i64) -> Bytes {
     let Ok(members) = crate::members::Members::parse(&body) else {
         return body;
     };
-    let allowed = members.get("priority").is_none_or(|p| {
-        serde_json::from_str::<i64>(p.get()).is_ok_and(|level| level >= i64::from(floor))
-    });
+    let allowed = members
+        .get("priority")
+        .is_none_or(|p| serde_json::from_str::<i64>(p.get()).is_ok_and(|level| level >= floor));
     if allowed {
         return body;
     }
@@ -774,7 +795,10 @@ pub(crate) async fn dispatch(
         Ok(c) => c,
         Err(e) => return reject(&state, e, &request_id),
     };
-    state.retry_budget.record_request(state.clock.now());
+    // A request the router splits counts once, at its prefill stage.
+    if !(split && profile.stage == qoe_core::Stage::Decode) {
+        state.retry_budget.record_request(state.clock.now());
+    }
     let mut views: Vec<EndpointView> = Vec::with_capacity(pool.len());
     // Filled only when admission control is on; otherwise every view is open.
     let mut open_views: Vec<EndpointView> = Vec::new();
@@ -996,6 +1020,9 @@ pub(crate) async fn dispatch(
             }
             Err(err) => {
                 let kind = err.kind();
+                // What ended it is what the budget was asked about (a 5xx whose body then timed
+                // out is a timeout, never retried anyway).
+                let budget_refused = budget_refused && err.retryable();
                 let error = match err {
                     SendError::Timeout => ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -1304,6 +1331,56 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panic while a request waits is the router's failure, logged as such: not a client that
+    /// left (status 499).
+    #[test]
+    fn a_panic_before_the_answer_is_logged_as_the_routers() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let state = crate::server::build_state(crate::config::RouterConfig::default()).unwrap();
+        let request_id = HeaderValue::from_static("req-1");
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let left = Unanswered {
+                state: &state,
+                request_id: &request_id,
+                started: state.clock.now(),
+                answered: false,
+            };
+            drop(left);
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _waiting = Unanswered {
+                    state: &state,
+                    request_id: &request_id,
+                    started: state.clock.now(),
+                    answered: false,
+                };
+                panic!("a bug");
+            }));
+            assert!(panicked.is_err());
+        });
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = logged.lines().collect();
+        assert_eq!(lines.len(), 2, "{logged}");
+        assert!(lines[0].contains("status=499") && lines[0].contains("client_closed"));
+        assert!(lines[1].contains("status=500") && lines[1].contains("router_panic"));
+        assert!(lines.iter().all(|l| l.contains("req-1")));
+    }
 
     #[test]
     fn engine_priority_is_written_into_the_text_and_the_rest_kept() {

@@ -346,28 +346,43 @@ async fn keys_bound_to_a_priority_cap_what_the_header_may_ask() {
         .collect();
     let expected: Vec<i64> = cases.iter().map(|c| c.2).collect();
     assert_eq!(sent, expected);
-    // vLLM's own field in the body is capped too: a batch key's -100 runs as 3, not first; a
-    // priority-1 key may ask for 5.
-    for (key, field, capped) in [
-        ("sk-batch=", "-100", "3"),
-        ("sk-batch=", "null", "3"),
-        ("sk-gold", "5", "5"),
+    // vLLM's own field in the body is capped too, on the scale the engines see. With
+    // --engine-priority the router's: a batch key's -100 runs as 3, not first; a priority-1 key
+    // may ask for 5. Without it vLLM's own, where a request without the field runs at 0: no key
+    // may run ahead of that, and a priority-1 key's 0 stays 0.
+    let native = router(&[
+        "--static-backends",
+        &engine.url,
+        "--api-key-priorities",
+        "sk-gold=1,sk-batch==3",
+    ])
+    .await;
+    let with_field =
+        |field: &str| format!(r#"{{"model":"m","prompt":"x","max_tokens":2,"priority":{field}}}"#);
+    for (url, key, field, capped) in [
+        (&r.url, "sk-batch=", "-100", "3"),
+        (&r.url, "sk-batch=", "null", "3"),
+        (&r.url, "sk-gold", "5", "5"),
+        (&native.url, "sk-gold", "0", "0"),
+        (&native.url, "sk-gold", "-1", "0"),
+        (&native.url, "sk-batch=", "-100", "0"),
+        (&native.url, "sk-batch=", "2", "2"),
     ] {
-        let body = format!(r#"{{"model":"m","prompt":"x","max_tokens":2,"priority":{field}}}"#);
+        let headers = [("authorization", bearer(key))];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let ans = post(
             &c,
-            &format!("{}/v1/completions", r.url),
-            &body,
-            &[("authorization", &bearer(key))],
+            &format!("{url}/v1/completions"),
+            &with_field(field),
+            &headers,
         )
         .await;
         assert_eq!(ans.status, 200);
+        // The last completion: both routers' health checks reach the engine meanwhile.
         let seen = engine.requests();
-        let last = String::from_utf8(seen.last().unwrap().body.to_vec()).unwrap();
-        assert_eq!(
-            last,
-            format!(r#"{{"model":"m","prompt":"x","max_tokens":2,"priority":{capped}}}"#)
-        );
+        let last = seen.iter().rev().find(|s| s.path == "/v1/completions");
+        let last = String::from_utf8(last.unwrap().body.to_vec()).unwrap();
+        assert_eq!(last, with_field(capped), "{url} {key} {field}");
     }
     // The bound keys are API keys like the others: without one, or with another, 401.
     for auth in [None, Some(bearer("sk-batch")), Some(bearer("sk-gold=1"))] {
