@@ -95,7 +95,7 @@ impl RetryBudget {
         }
     }
 
-    /// Counts a request that arrived (its first attempt).
+    /// Counts a request sent (its first attempt; one refused before it is sent is not counted).
     pub fn record_request(&self, now: Micros) {
         let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
         window.advance(now).0 += 1;

@@ -795,10 +795,6 @@ pub(crate) async fn dispatch(
         Ok(c) => c,
         Err(e) => return reject(&state, e, &request_id),
     };
-    // A request the router splits counts once, at its prefill stage.
-    if !(split && profile.stage == qoe_core::Stage::Decode) {
-        state.retry_budget.record_request(state.clock.now());
-    }
     let mut views: Vec<EndpointView> = Vec::with_capacity(pool.len());
     // Filled only when admission control is on; otherwise every view is open.
     let mut open_views: Vec<EndpointView> = Vec::new();
@@ -942,6 +938,11 @@ pub(crate) async fn dispatch(
         drop(queued.take());
         queue_deadline = None;
         let sent = state.clock.now();
+        // The retry budget counts requests sent, once each: not those refused before (by
+        // admission control, a lost deadline, no endpoint), nor the second stage of a split.
+        if attempt == 0 && !(split && profile.stage == qoe_core::Stage::Decode) {
+            state.retry_budget.record_request(sent);
+        }
         // One timer for the headers and the first frame: both count against the same budget.
         let mut timer = pin!(tokio::time::sleep(first_byte_budget));
         let may_retry = attempt < state.config.max_retries && views.len() > 1;

@@ -18,7 +18,7 @@
 //! | policy feedback: `FirstToken` for streamed responses, `Finished` for every request the endpoint answered | the same [`Feedback`] values |
 //! | `/metrics` scraped every `--engine-stats-interval` (1 s), stamped with the scrape time | [`EngineStats`](crate::EngineStats) copied into [`EngineMetrics`] every [`SimConfig::scrape_interval`], and only then |
 //! | health checks every 2 s, unhealthy after 2 failures, healthy after 1 success | the same, against the fleet file's `available` changes |
-//! | nothing reaches the client before the engine's first byte (the first token of a stream); until then a connect failure, a 429/5xx answer (an engine's full queue is a 503) or a connection closed (an engine going down) goes to another endpoint, up to 2 retries within the retry budget (10 s: 20% of requests + 10/s), backoff 50 ms × 1.5ⁿ ±50%, with a failed outcome recorded and nothing fed back | the same, with a seeded jitter and the same `qoe_core::retry_budget` in virtual time |
+//! | nothing reaches the client before the engine's first byte (the first token of a stream); until then a connect failure, a 429/5xx answer (an engine's full queue is a 503) or a connection closed (an engine going down) goes to another endpoint, up to 2 retries within the retry budget (10 s: 20% of the requests sent + 10/s), backoff 50 ms × 1.5ⁿ ±50%, with a failed outcome recorded and nothing fed back | the same, with a seeded jitter and the same `qoe_core::retry_budget` in virtual time |
 //! | no first byte within `--first-byte-timeout-ms` (60 s): 504, not retried | the same |
 //! | a stream that breaks after its first byte: an SSE error event, a failed outcome, `Finished { failed }` | the same |
 //!
@@ -1220,7 +1220,6 @@ impl<'a> Sim<'a> {
 
     fn on_arrival(&mut self, p: PlannedRequest) {
         self.counters.requests += 1;
-        self.retry_budget.record_request(self.now);
         let (profile, sim) = self.analyze(&p);
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -1477,6 +1476,10 @@ impl<'a> Sim<'a> {
         l.attempt += 1;
         let (rid, attempt) = (rid_of(slot, l.gen), l.attempt);
         let up = ep.up;
+        if attempt == 1 {
+            // Counted once sent, as `proxy.rs::dispatch` does: not when refused before.
+            self.retry_budget.record_request(now);
+        }
         self.push(
             now.saturating_add(self.cfg.first_byte_timeout),
             Ev::FirstByteTimeout { rid, attempt },
@@ -2511,6 +2514,48 @@ mod tests {
         assert!(none.retries_refused <= unlimited.retries, "{none:?}");
         let floor = run(0.0, 1.0);
         assert_eq!(floor.retries, 10, "{floor:?}");
+    }
+
+    /// Requests refused before they are sent (here by a full admission queue) are not requests
+    /// the budget grows with: under overload retries stay a share of what reached an engine.
+    #[test]
+    fn requests_refused_before_sending_earn_no_retries() {
+        let fleet = Fleet::from_toml_str(
+            "[[engines]]\nprofile = \"tiny\"\ncount = 2\n\
+             [[changes]]\nat_s = 1.0\nengine = 0\navailable = false\n",
+        )
+        .unwrap();
+        let workload = Workload::from_toml_str(
+            "duration_s = 4\nmax_context_tokens = 2048\n[arrivals]\nkind = \"poisson\"\nrate = 800\n\
+             [prompt]\nkind = \"fixed\"\ntokens = 64\n[output]\nkind = \"fixed\"\ntokens = 64\n",
+        )
+        .unwrap();
+        let mut admission = AdmissionSpec {
+            queue_max: 4,
+            ..AdmissionSpec::default()
+        };
+        admission.limits.max_inflight = 8;
+        let cfg = SimConfig {
+            seed: 5,
+            admission,
+            retry_budget: RetryBudgetConfig {
+                ratio: 0.1,
+                min_per_sec: 0.0,
+            },
+            ..SimConfig::default()
+        };
+        let policy = qoe_core::build_policy(
+            qoe_core::PolicyKind::RoundRobin,
+            &qoe_core::PolicyConfig::default(),
+        );
+        let mut sim = Sim::new(&fleet, &workload, policy.as_ref(), &cfg).unwrap();
+        sim.run();
+        let c = sim.counters;
+        assert!(c.shed > c.requests / 5, "{c:?}");
+        assert!(c.retries_refused > 0, "{c:?}");
+        // The whole run fits one 10 s window: a tenth of the requests sent, which are at most
+        // those not refused plus those refused only when their retry queued.
+        assert!(c.retries * 10 <= c.requests - c.shed + c.retries, "{c:?}");
     }
 
     #[test]
