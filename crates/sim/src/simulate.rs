@@ -2475,33 +2475,40 @@ mod tests {
         }
     }
 
-    /// The retry budget holds in virtual time as live: with none, an outage's failures are
-    /// answered, not retried; with a floor of one per second, at most ten retries per 10 s.
-    #[test]
-    fn retries_stay_within_the_retry_budget() {
+    /// Round robin on two tiny engines, the first of which goes down after 1 s, under `rate`
+    /// requests/s for 4 s (one retry budget window): what the retry tests count.
+    fn outage_counters(rate: u32, output_tokens: u32, cfg: SimConfig) -> SimCounters {
         let fleet = Fleet::from_toml_str(
             "[[engines]]\nprofile = \"tiny\"\ncount = 2\n\
              [[changes]]\nat_s = 1.0\nengine = 0\navailable = false\n",
         )
         .unwrap();
-        let workload = Workload::from_toml_str(
-            "duration_s = 4\nmax_context_tokens = 2048\n[arrivals]\nkind = \"poisson\"\nrate = 200\n\
-             [prompt]\nkind = \"fixed\"\ntokens = 64\n[output]\nkind = \"fixed\"\ntokens = 8\n",
-        )
+        let workload = Workload::from_toml_str(&format!(
+            "duration_s = 4\nmax_context_tokens = 2048\n[arrivals]\nkind = \"poisson\"\n\
+             rate = {rate}\n[prompt]\nkind = \"fixed\"\ntokens = 64\n[output]\nkind = \"fixed\"\n\
+             tokens = {output_tokens}\n"
+        ))
         .unwrap();
+        let policy = qoe_core::build_policy(
+            qoe_core::PolicyKind::RoundRobin,
+            &qoe_core::PolicyConfig::default(),
+        );
+        let mut sim = Sim::new(&fleet, &workload, policy.as_ref(), &cfg).unwrap();
+        sim.run();
+        sim.counters
+    }
+
+    /// The retry budget holds in virtual time as live: with none, an outage's failures are
+    /// answered, not retried; with a floor of one per second, at most ten retries per 10 s.
+    #[test]
+    fn retries_stay_within_the_retry_budget() {
         let run = |ratio: f64, min_per_sec: f64| {
             let cfg = SimConfig {
                 seed: 5,
                 retry_budget: RetryBudgetConfig { ratio, min_per_sec },
                 ..SimConfig::default()
             };
-            let policy = qoe_core::build_policy(
-                qoe_core::PolicyKind::RoundRobin,
-                &qoe_core::PolicyConfig::default(),
-            );
-            let mut sim = Sim::new(&fleet, &workload, policy.as_ref(), &cfg).unwrap();
-            sim.run();
-            sim.counters
+            outage_counters(200, 8, cfg)
         };
         let unlimited = run(f64::INFINITY, 0.0);
         assert!(unlimited.retries > 10, "{unlimited:?}");
@@ -2520,16 +2527,6 @@ mod tests {
     /// the budget grows with: under overload retries stay a share of what reached an engine.
     #[test]
     fn requests_refused_before_sending_earn_no_retries() {
-        let fleet = Fleet::from_toml_str(
-            "[[engines]]\nprofile = \"tiny\"\ncount = 2\n\
-             [[changes]]\nat_s = 1.0\nengine = 0\navailable = false\n",
-        )
-        .unwrap();
-        let workload = Workload::from_toml_str(
-            "duration_s = 4\nmax_context_tokens = 2048\n[arrivals]\nkind = \"poisson\"\nrate = 800\n\
-             [prompt]\nkind = \"fixed\"\ntokens = 64\n[output]\nkind = \"fixed\"\ntokens = 64\n",
-        )
-        .unwrap();
         let mut admission = AdmissionSpec {
             queue_max: 4,
             ..AdmissionSpec::default()
@@ -2544,13 +2541,7 @@ mod tests {
             },
             ..SimConfig::default()
         };
-        let policy = qoe_core::build_policy(
-            qoe_core::PolicyKind::RoundRobin,
-            &qoe_core::PolicyConfig::default(),
-        );
-        let mut sim = Sim::new(&fleet, &workload, policy.as_ref(), &cfg).unwrap();
-        sim.run();
-        let c = sim.counters;
+        let c = outage_counters(800, 64, cfg);
         assert!(c.shed > c.requests / 5, "{c:?}");
         assert!(c.retries_refused > 0, "{c:?}");
         // The whole run fits one 10 s window: a tenth of the requests sent, which are at most
