@@ -1,5 +1,5 @@
 //! The router's one configuration struct, with one set of defaults, fed by flags, environment
-//! variables and a config file (TOML), in that order of precedence.
+//! variables and a config file (TOML, YAML or JSON), in that order of precedence.
 //!
 //! The defaults live only in the clap attributes below. A config file uses the same names as the
 //! flags (`routing_logic` or `routing-logic`); a key given there replaces the default but not a flag
@@ -51,7 +51,7 @@ pub enum DiscoveryKind {
 #[derive(Clone, Debug, Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
-    /// Config file (TOML) with these same keys and `[[backends]]` tables; re-read on change or SIGHUP.
+    /// Config file (TOML; YAML if named .yaml or .yml, JSON if .json) with these same keys and `[[backends]]` tables; re-read on change or SIGHUP.
     #[arg(long, env = "QOE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -1241,25 +1241,75 @@ pub struct ConfigFile {
     pub backends_listed: bool,
 }
 
+/// What a config file is written in, by its name: `.yaml` or `.yml` YAML, `.json` JSON, any
+/// other TOML. The keys and values are the same in all three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    Toml,
+    Yaml,
+    Json,
+}
+
+impl FileFormat {
+    pub fn of(path: &Path) -> FileFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml") => {
+                FileFormat::Yaml
+            }
+            Some(e) if e.eq_ignore_ascii_case("json") => FileFormat::Json,
+            _ => FileFormat::Toml,
+        }
+    }
+}
+
+/// `value` with every `null` member of an object left out: in YAML and JSON a key set to null
+/// (`static_models:` with nothing after it) is a setting not given, as an absent TOML key.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(members) => members
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k, without_nulls(v)))
+            .collect(),
+        serde_json::Value::Array(items) => items.into_iter().map(without_nulls).collect(),
+        other => other,
+    }
+}
+
 impl ConfigFile {
     pub fn read(path: &Path) -> anyhow::Result<ConfigFile> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        let yaml = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        );
-        Self::parse(&text).map_err(|e| match yaml {
-            true => anyhow::anyhow!(
-                "{}: the config file is TOML (keys as in --print-config); YAML and JSON are not read: {e}",
-                path.display()
-            ),
-            false => anyhow::anyhow!("{}: {e}", path.display()),
-        })
+        Self::parse_as(&text, FileFormat::of(path))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
+    /// A TOML config file's text.
     pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
-        let mut settings: toml::Table = text.parse().map_err(|e| syntax_error(text, &e))?;
+        Self::parse_as(text, FileFormat::Toml)
+    }
+
+    pub fn parse_as(text: &str, format: FileFormat) -> anyhow::Result<ConfigFile> {
+        let tree = |parsed: Option<serde_json::Value>| -> anyhow::Result<toml::Table> {
+            match parsed.map(without_nulls) {
+                // An empty document: no settings.
+                None => Ok(toml::Table::new()),
+                Some(serde_json::Value::Object(members)) => {
+                    serde_json::from_value(serde_json::Value::Object(members))
+                        .map_err(|e| anyhow::anyhow!("{e} (a list may not hold null)"))
+                }
+                Some(_) => anyhow::bail!("the file is not a mapping of settings to values"),
+            }
+        };
+        let mut settings: toml::Table = match format {
+            FileFormat::Toml => text.parse().map_err(|e| syntax_error(text, &e))?,
+            FileFormat::Yaml => {
+                tree(serde_yaml_ng::from_str(text).map_err(|e| anyhow::anyhow!("YAML: {e}"))?)?
+            }
+            FileFormat::Json => {
+                tree(serde_json::from_str(text).map_err(|e| anyhow::anyhow!("JSON: {e}"))?)?
+            }
+        };
         let listed = settings.remove("backends");
         let backends_listed = listed.is_some();
         let backends = match listed {
@@ -1625,13 +1675,69 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
 
-        let yaml = dir.file("router.yaml");
-        std::fs::write(&yaml, "routing_logic: qoe\n").unwrap();
-        let err = RouterConfig::from_args(["x", "--config", yaml.to_str().unwrap()])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("the config file is TOML"), "{err}");
+    /// The same settings in TOML, YAML and JSON are the same config, `[[backends]]` and the
+    /// `[qoe]` table included; a key set to null in YAML or JSON is a setting not given.
+    #[test]
+    fn yaml_and_json_files_say_what_toml_says() {
+        let dir = TestDir::new("formats");
+        let files = [
+            (
+                "router.toml",
+                "routing_logic = \"least-loaded\"\nengine_stats_interval = 1.5\n\
+                 api_keys = [\"sk-a\"]\n[qoe]\nprefix_affinity = 0.5\n\
+                 [[backends]]\nurl = \"http://127.0.0.1:9001\"\nmodels = [\"m\"]\n\
+                 [[backends]]\nurl = \"http://127.0.0.1:9002\"\nrole = \"decode\"\n",
+            ),
+            (
+                "router.yaml",
+                "# the same, in YAML\nrouting_logic: least-loaded\nengine_stats_interval: 1.5\n\
+                 api_keys: [sk-a]\nstatic_models:\nqoe:\n  prefix_affinity: 0.5\nbackends:\n\
+                 \x20 - url: http://127.0.0.1:9001\n    models: [m]\n\
+                 \x20 - url: http://127.0.0.1:9002\n    role: decode\n",
+            ),
+            (
+                "router.JSON",
+                r#"{"routing_logic": "least-loaded", "engine_stats_interval": 1.5,
+                    "api_keys": ["sk-a"], "static_models": null, "qoe": {"prefix_affinity": 0.5},
+                    "backends": [{"url": "http://127.0.0.1:9001", "models": ["m"]},
+                                 {"url": "http://127.0.0.1:9002", "role": "decode"}]}"#,
+            ),
+        ];
+        let mut seen = Vec::new();
+        for (name, text) in files {
+            let path = dir.file(name);
+            std::fs::write(&path, text).unwrap();
+            let config = RouterConfig::from_args(["x", "--config", path.to_str().unwrap()])
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(config.routing_logic, "least-loaded", "{name}");
+            let keys: Vec<&str> = config.api_keys.iter().map(|k| k.expose()).collect();
+            assert_eq!(keys, ["sk-a"], "{name}");
+            let backends = ConfigFile::read(&path).unwrap().backends;
+            seen.push((config.effective_toml().unwrap(), format!("{backends:?}")));
+        }
+        assert!(seen[0].1.contains("9002") && seen[0].0.contains("prefix_affinity = 0.5"));
+        assert_eq!(seen[0], seen[1]);
+        assert_eq!(seen[0], seen[2]);
+        // An empty YAML file sets nothing; one that is not a mapping, or does not parse, says so,
+        // and never quotes what it holds.
+        let yaml = dir.file("router.yml");
+        std::fs::write(&yaml, "# nothing yet\n").unwrap();
+        assert!(ConfigFile::read(&yaml).unwrap().settings.is_empty());
+        for (text, said) in [
+            ("- routing_logic\n", "not a mapping"),
+            ("api_keys: [sk-SECRET\nport: 1\n", "YAML: "),
+            ("api_keys: [sk-SECRET, null]\n", "null"),
+        ] {
+            std::fs::write(&yaml, text).unwrap();
+            let err = format!("{:#}", ConfigFile::read(&yaml).unwrap_err());
+            assert!(
+                err.contains(said) && err.contains("router.yml"),
+                "{text}: {err}"
+            );
+            assert!(!err.contains("SECRET"), "{text}: {err}");
+        }
     }
 
     #[test]
