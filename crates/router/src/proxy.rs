@@ -66,6 +66,19 @@ pub fn route_of(path: &str) -> Option<Route> {
     })
 }
 
+/// Whether `path` has a `.` or `..` segment, as it is or percent-encoded (`%2e`). The path goes
+/// upstream as it is, and a hop that resolves dot segments (nginx and many gateways do) would
+/// take the request out of the endpoint's base path and past the routes proxied.
+fn has_dot_segment(path: &str) -> bool {
+    if memchr::memchr2(b'.', b'%', path.as_bytes()).is_none() {
+        return false;
+    }
+    path.split('/').any(|segment| {
+        let dots = segment.replace("%2e", ".").replace("%2E", ".");
+        dots == "." || dots == ".."
+    })
+}
+
 /// Routes vLLM serves for POST only: another method gets 405 here rather than a body error, or
 /// the engine's bare 405.
 fn post_only(path: &str) -> bool {
@@ -131,7 +144,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     if let Some(v) = headers.get(&X_REQUEST_ID) {
-        if !v.is_empty() && v.len() <= 256 {
+        // Printable ASCII without spaces, quotes or backslashes: an id goes into every log line
+        // as it is, where a space or a quote would let a client write fields of its own.
+        let plain = |b: &u8| b.is_ascii_graphic() && *b != b'"' && *b != b'\\';
+        if !v.is_empty() && v.len() <= 256 && v.as_bytes().iter().all(plain) {
             return v.clone();
         }
     }
@@ -245,6 +261,15 @@ async fn handle(
 ) -> Response {
     let state = state.clone();
     let request_id = request_id.clone();
+    if has_dot_segment(parts.uri.path()) {
+        let error = ApiError::bad_request(format!(
+            "the path {} has a '.' or '..' segment: not allowed (the router forwards paths as \
+             they are)",
+            parts.uri.path()
+        ))
+        .with_code("invalid_path");
+        return reject(&state, error, &request_id);
+    }
     let Some(route) = route_of(parts.uri.path()) else {
         let error = ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1316,9 +1341,11 @@ fn respond(
     let reason = ctx.reason;
     let (mut parts, upstream) = response.into_parts();
     // Hop-by-hop headers stay on their hop. A JSON body's length is the body's own; a stream's
-    // is not (the router may end it with an error event).
+    // is not (the router may end it with an error event), nor one the engine also sent chunked
+    // (the chunks decide where it ends, RFC 9112 §6.3: a length beside them is wrong).
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     strip_hop_by_hop(&mut parts.headers);
-    if ctx.streaming {
+    if ctx.streaming || chunked {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     add_routing_headers(&mut parts.headers, endpoint, reason);
@@ -1429,6 +1456,29 @@ mod tests {
     }
 
     #[test]
+    fn dot_segments_are_found_however_written() {
+        for path in [
+            "/v1/../x",
+            "/v1/..",
+            "/v1/./chat/completions",
+            "/v1/%2e%2e/x",
+            "/v1/.%2E/x",
+            "/v1/%2e/x",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/files/a.b",
+            "/v1/...",
+            "/v1/%2e%2e%2e",
+            "/v1/x%20y",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
+
+    #[test]
     fn request_ids_are_kept_or_created() {
         let mut h = HeaderMap::new();
         let a = request_id(&h);
@@ -1439,7 +1489,19 @@ mod tests {
         assert!(a.starts_with("qoe-"), "{a}");
         assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
         assert_ne!(&a[4..], "0000000000000000");
-        h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc"));
-        assert_eq!(request_id(&h), "abc");
+        for kept in ["abc", "0af7651916cd43dd8448eb211c80319c", "a-b_c.d:e/f+g=="] {
+            h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static(kept));
+            assert_eq!(request_id(&h), kept);
+        }
+        for replaced in ["x model=gpt-4o status=500", "a\"b", "a\\b", "tab\there", ""] {
+            h.insert(
+                X_REQUEST_ID.clone(),
+                HeaderValue::from_str(replaced).unwrap(),
+            );
+            assert!(request_id(&h).as_bytes().starts_with(b"qoe-"), "{replaced}");
+        }
+        let obs_text = HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap();
+        h.insert(X_REQUEST_ID.clone(), obs_text);
+        assert!(request_id(&h).as_bytes().starts_with(b"qoe-"));
     }
 }

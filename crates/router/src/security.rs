@@ -332,7 +332,40 @@ fn limit_headers(state: &AppState, request: &Request) -> Option<Response> {
             .into_response(),
         );
     }
-    None
+    let refusal = framing_error(request)?;
+    state
+        .metrics
+        .rejected
+        .get_or_create(&CodeLabel {
+            code: refusal.status.as_u16(),
+        })
+        .inc();
+    tracing::info!(error = %refusal.message, "request rejected");
+    Some(refusal.into_response())
+}
+
+/// What is wrong with how the request says where it goes and how its body is sent, if anything,
+/// refused as nginx refuses it: an HTTP/1.1 request needs exactly one `Host` (RFC 9112 §3.2),
+/// and a transfer coding other than `chunked` would reach the engine still encoded.
+fn framing_error(request: &Request) -> Option<ApiError> {
+    let headers = request.headers();
+    if request.version() == http::Version::HTTP_11
+        && headers.get_all(header::HOST).iter().count() != 1
+    {
+        return Some(ApiError::bad_request(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    // Transfer-Encoding beside Content-Length never reaches here: hyper lets the chunks decide
+    // and closes the connection after the answer, as RFC 9112 §6.1 asks.
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let chunked_only = codings.all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    (!chunked_only).then(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "Transfer-Encoding: only chunked is supported",
+        )
+    })
 }
 
 /// Response headers a browser may read, when CORS is on.

@@ -351,3 +351,118 @@ async fn stalled_headers_and_bodies_are_cut_off() {
         .contains("--request-read-timeout-ms"));
     assert_eq!(completions_seen(&engine), 0);
 }
+
+/// A path with a `.` or `..` segment, as it is or percent-encoded, is refused: forwarded as it
+/// is, a hop that resolves it would take the request out of the endpoint's base path.
+#[tokio::test]
+async fn paths_with_dot_segments_are_refused() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    for path in ["/v1/../admin", "/v1/%2e%2e/%2E%2e/x", "/v1/./completions"] {
+        let ans = raw(&r.url, &raw_post(path, "h", &[], br#"{"model":"m"}"#)).await;
+        assert_eq!(ans.status, 400, "{path}: {ans:?}");
+        let err = assert_openai_error(&ans.body, 400, None);
+        assert_eq!(err["code"], "invalid_path", "{path}");
+    }
+    let requests = engine.requests();
+    assert!(
+        requests.iter().all(|s| !s.path.contains("..")),
+        "{requests:?}"
+    );
+    assert_eq!(completions_seen(&engine), 0);
+}
+
+/// What nginx refuses is refused here too, in OpenAI's shape: an HTTP/1.1 request without
+/// exactly one Host, and a transfer coding other than chunked (it would reach the engine still
+/// encoded). HTTP/1.0 needs no Host; with Content-Length beside chunked, the chunks decide.
+#[tokio::test]
+async fn ambiguous_framing_and_missing_hosts_are_refused() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let body = br#"{"model":"m","prompt":"x","max_tokens":2}"#;
+    let chunked = |coding: &str, extra: &str| {
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: h\r\ncontent-type: application/json\r\n\
+             transfer-encoding: {coding}\r\n{extra}connection: close\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            body.len(),
+            std::str::from_utf8(body).unwrap()
+        )
+    };
+    let cases: [(Vec<u8>, u16, &str); 3] = [
+        (
+            chunked("gzip, chunked", "").into_bytes(),
+            501,
+            "only chunked",
+        ),
+        (
+            b"GET /v1/models HTTP/1.1\r\nconnection: close\r\n\r\n".to_vec(),
+            400,
+            "Host",
+        ),
+        (
+            b"GET /v1/models HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n".to_vec(),
+            400,
+            "Host",
+        ),
+    ];
+    for (request, status, said) in cases {
+        let ans = raw(&r.url, &request).await;
+        assert_eq!(ans.status, status, "{ans:?}");
+        let err = assert_openai_error(&ans.body, status, None);
+        assert!(err["message"].as_str().unwrap().contains(said), "{err}");
+    }
+    assert_eq!(completions_seen(&engine), 0);
+    // What passes: chunked, alone or beside a (wrong) length, and HTTP/1.0 without a Host.
+    for extra in ["", "content-length: 4\r\n"] {
+        let ans = raw(&r.url, chunked("chunked", extra).as_bytes()).await;
+        assert_eq!(ans.status, 200, "{ans:?}");
+    }
+    let ans = raw(&r.url, b"GET /v1/models HTTP/1.0\r\n\r\n").await;
+    assert_eq!(ans.status, 200, "{ans:?}");
+    assert_eq!(completions_seen(&engine), 2);
+    let bodies: Vec<String> = engine
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .map(|s| String::from_utf8_lossy(&s.body).into_owned())
+        .collect();
+    assert!(bodies.iter().all(|b| b.as_bytes() == body), "{bodies:?}");
+}
+
+/// An engine answer with both Content-Length and chunked framing: the chunks say where it ends
+/// (RFC 9112 §6.3), so the client gets the whole body, not as many bytes as the length said.
+#[tokio::test]
+async fn an_engine_length_beside_chunks_is_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                              content-length: 3\r\ntransfer-encoding: chunked\r\n\
+                              connection: close\r\n\r\n9\r\n{\"a\":123}\r\n0\r\n\r\n";
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let r = router(&["--static-backends", &url, "--static-models", "m"]).await;
+    let ans = post(
+        &client(),
+        &format!("{}/v1/completions", r.url),
+        r#"{"model":"m","prompt":"x","max_tokens":2}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(&ans.body[..], br#"{"a":123}"#);
+}
