@@ -271,47 +271,11 @@ pub fn analyze<'h>(
         stage,
     } = facts;
 
-    let priority = match header(&config.priority_header) {
-        None => Priority::DEFAULT,
-        Some(raw) => header_int(raw)
-            .and_then(|n| u8::try_from(n).ok())
-            .and_then(Priority::new)
-            .ok_or_else(|| {
-                BadRequest::new(
-                    &config.priority_header,
-                    format!(
-                        "invalid header {}: '{}'; expected 1 (high), 2 (default) or 3 (low)",
-                        config.priority_header,
-                        String::from_utf8_lossy(raw)
-                    ),
-                )
-            })?,
-    };
-    let header_count = |name: &str, max: u32, what: &str| -> Result<Option<u32>, BadRequest> {
-        match header(name) {
-            None => Ok(None),
-            Some(raw) => match header_int(raw) {
-                Some(n) if n >= 1 && n <= max as u64 => Ok(Some(n as u32)),
-                _ => Err(BadRequest::new(
-                    name,
-                    format!(
-                        "invalid header {name}: '{}'; expected {what}, an integer from 1 to {max}",
-                        String::from_utf8_lossy(raw)
-                    ),
-                )),
-            },
-        }
-    };
-    let expected_header = header_count(
-        &config.expected_output_len_header,
-        MAX_EXPECTED_OUTPUT,
-        "the expected output length in tokens",
-    )?;
-    let sla_ttft_ms = header_count(
-        &config.sla_header,
-        MAX_SLA_MS,
-        "the time-to-first-token deadline in milliseconds",
-    )?;
+    let HeaderFacts {
+        priority,
+        expected_output_tokens: expected_header,
+        sla_ttft_ms,
+    } = read_headers(&header, config)?;
 
     let (expected_output_tokens, output_source) = match (expected_header, max_tokens) {
         (Some(n), _) => (n, OutputSource::Header),
@@ -370,6 +334,69 @@ pub fn analyze<'h>(
         block_tokens,
         phase,
         stage,
+    })
+}
+
+/// What the request's own headers say, checked before its body is read: a request refused for
+/// a header need not upload its body first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderFacts {
+    pub priority: Priority,
+    pub expected_output_tokens: Option<u32>,
+    pub sla_ttft_ms: Option<u32>,
+}
+
+/// The priority, expected output length and SLA headers ([`AnalyzerConfig`]'s names), each
+/// checked as [`analyze`] checks it.
+pub fn read_headers<'h>(
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+    config: &AnalyzerConfig,
+) -> Result<HeaderFacts, BadRequest> {
+    let priority = match header(&config.priority_header) {
+        None => Priority::DEFAULT,
+        Some(raw) => header_int(raw)
+            .and_then(|n| u8::try_from(n).ok())
+            .and_then(Priority::new)
+            .ok_or_else(|| {
+                BadRequest::new(
+                    &config.priority_header,
+                    format!(
+                        "invalid header {}: '{}'; expected 1 (high), 2 (default) or 3 (low)",
+                        config.priority_header,
+                        String::from_utf8_lossy(raw)
+                    ),
+                )
+            })?,
+    };
+    let header_count = |name: &str, max: u32, what: &str| -> Result<Option<u32>, BadRequest> {
+        match header(name) {
+            None => Ok(None),
+            Some(raw) => match header_int(raw) {
+                Some(n) if n >= 1 && n <= max as u64 => Ok(Some(n as u32)),
+                _ => Err(BadRequest::new(
+                    name,
+                    format!(
+                        "invalid header {name}: '{}'; expected {what}, an integer from 1 to {max}",
+                        String::from_utf8_lossy(raw)
+                    ),
+                )),
+            },
+        }
+    };
+    let expected_output_tokens = header_count(
+        &config.expected_output_len_header,
+        MAX_EXPECTED_OUTPUT,
+        "the expected output length in tokens",
+    )?;
+    let sla_ttft_ms = header_count(
+        &config.sla_header,
+        MAX_SLA_MS,
+        "the time-to-first-token deadline in milliseconds",
+    )?;
+    Ok(HeaderFacts {
+        priority,
+        expected_output_tokens,
+        sla_ttft_ms,
     })
 }
 

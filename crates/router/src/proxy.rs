@@ -293,6 +293,17 @@ async fn handle(
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
+    // The headers first: a request they refuse need not upload its body (nor be sent
+    // `100 Continue`).
+    let headers_checked = conflicting_qoe_header(&state.analyzer, &parts.headers).and_then(|()| {
+        qoe_core::analyze::read_headers(
+            |name| parts.headers.get(name).map(|v| v.as_bytes()),
+            &state.analyzer,
+        )
+    });
+    if let Err(e) = headers_checked {
+        return reject(&state, e.into(), &request_id);
+    }
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -501,7 +512,6 @@ async fn analyzed(
     headers: &HeaderMap,
     model: Option<String>,
 ) -> Result<RequestProfile, qoe_core::analyze::BadRequest> {
-    conflicting_qoe_header(&state.analyzer, headers)?;
     let run = move |state: &AppState, body: &[u8], headers: &HeaderMap, model: Option<&str>| {
         // A body without `model` is counted by the tokenizer of the model the router supplies.
         let supplied;

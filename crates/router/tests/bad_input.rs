@@ -466,3 +466,26 @@ async fn an_engine_length_beside_chunks_is_not_forwarded() {
     assert_eq!(ans.status, 200);
     assert_eq!(&ans.body[..], br#"{"a":123}"#);
 }
+
+/// A bad priority, SLA or expected-output header is refused before the body is read: the client
+/// is not sent `100 Continue`, nor kept waiting for a body it never sends.
+#[tokio::test]
+async fn bad_qoe_headers_are_refused_before_the_body() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    for header in [
+        "x-request-priority: 9",
+        "x-sla-target-ms: soon",
+        "x-expected-output-tokens: 0",
+    ] {
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: h\r\ncontent-type: application/json\r\n\
+             content-length: 1000\r\nexpect: 100-continue\r\n{header}\r\n\r\n"
+        );
+        let ans = raw(&r.url, head.as_bytes()).await;
+        assert_eq!(ans.status, 400, "{header}: {ans:?}");
+        let name = header.split(':').next().unwrap();
+        assert_openai_error(&ans.body, 400, Some(name));
+    }
+    assert_eq!(completions_seen(&engine), 0);
+}
