@@ -141,6 +141,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Appends `client` to the request's `X-Forwarded-For` (its lines joined into one, as RFC 9110
+/// §5.3 allows), as a reverse proxy does: the engine sees the router's address, and the last
+/// address in the list is the one the router itself saw, whatever the client claimed before it.
+pub(crate) fn add_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    let mut list = Vec::with_capacity(64);
+    for earlier in headers.get_all(&X_FORWARDED_FOR).iter() {
+        list.extend_from_slice(earlier.as_bytes());
+        list.extend_from_slice(b", ");
+    }
+    write!(&mut list, "{client}").expect("writing to a Vec");
+    if let Ok(value) = HeaderValue::from_bytes(&list) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     if let Some(v) = headers.get(&X_REQUEST_ID) {

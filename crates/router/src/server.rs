@@ -137,6 +137,8 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 pub struct Front {
     state: Arc<AppState>,
     own: axum::Router,
+    /// The client's address, on a connection's own copy: appended to `X-Forwarded-For`.
+    peer: Option<std::net::IpAddr>,
 }
 
 impl Front {
@@ -144,6 +146,7 @@ impl Front {
         Front {
             own: own_routes().with_state(state.clone()),
             state,
+            peer: None,
         }
     }
 }
@@ -158,7 +161,11 @@ impl tower_service::Service<Request> for Front {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let Front { state, mut own } = self.clone();
+        let Front {
+            state,
+            mut own,
+            peer,
+        } = self.clone();
         Box::pin(async move {
             let response = crate::security::guarded(&state, request, |request| async {
                 if is_own_route(request.uri().path()) {
@@ -170,6 +177,10 @@ impl tower_service::Service<Request> for Front {
                         tower_service::Service::<Request>::call(&mut own, request).await;
                     response
                 } else {
+                    let mut request = request;
+                    if let Some(peer) = peer {
+                        crate::proxy::add_forwarded_for(request.headers_mut(), peer);
+                    }
                     proxy(State(state.clone()), request).await
                 }
             })
@@ -354,9 +365,9 @@ async fn serve_connections(
     // reaped at each accept, so it holds at most the connections open at the last accept.
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: give the open ones time to close.
                     tracing::warn!("accepting a connection failed: {e}");
@@ -370,7 +381,10 @@ async fn serve_connections(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY not set: {e}");
         }
-        let front = front.clone();
+        let front = Front {
+            peer: Some(peer.ip().to_canonical()),
+            ..front.clone()
+        };
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let mut front = front.clone();
             tower_service::Service::call(&mut front, request.map(axum::body::Body::new))

@@ -1326,3 +1326,39 @@ async fn requests_go_to_the_endpoints_whose_role_takes_their_stage() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The engine learns who the client is: the router appends the address it saw to
+/// `X-Forwarded-For`, after whatever the client (or a proxy before it) put there.
+#[tokio::test]
+async fn the_clients_address_is_appended_to_x_forwarded_for() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let body = completion("m", "x", false);
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (&[], "127.0.0.1"),
+        (
+            &[("x-forwarded-for", "203.0.113.7")],
+            "203.0.113.7, 127.0.0.1",
+        ),
+        (
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "10.1.2.3"),
+            ],
+            "203.0.113.7, 10.1.2.3, 127.0.0.1",
+        ),
+    ];
+    for (headers, seen) in cases {
+        assert_eq!(post(&c, &url, &body, headers).await.status, 200);
+        let sent = engine.requests();
+        let last = sent
+            .iter()
+            .rev()
+            .find(|s| s.path == "/v1/completions")
+            .unwrap();
+        let values: Vec<_> = last.headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(values, [seen], "{headers:?}");
+    }
+}
