@@ -144,13 +144,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends `client` to the request's `X-Forwarded-For` (its lines joined into one, as RFC 9110
 /// §5.3 allows), as a reverse proxy does: the engine sees the router's address, and the last
 /// address in the list is the one the router itself saw, whatever the client claimed before it.
-pub(crate) fn add_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+pub(crate) fn add_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if earlier.peek().is_none() {
+        // The usual case: the connection's value, shared, not copied.
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+        return;
+    }
     let mut list = Vec::with_capacity(64);
-    for earlier in headers.get_all(&X_FORWARDED_FOR).iter() {
-        list.extend_from_slice(earlier.as_bytes());
+    for value in earlier {
+        list.extend_from_slice(value.as_bytes());
         list.extend_from_slice(b", ");
     }
-    write!(&mut list, "{client}").expect("writing to a Vec");
+    list.extend_from_slice(client.as_bytes());
     if let Ok(value) = HeaderValue::from_bytes(&list) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }

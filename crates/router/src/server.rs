@@ -137,8 +137,9 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 pub struct Front {
     state: Arc<AppState>,
     own: axum::Router,
-    /// The client's address, on a connection's own copy: appended to `X-Forwarded-For`.
-    peer: Option<std::net::IpAddr>,
+    /// The client's address, on a connection's own copy, written once per connection: appended
+    /// to `X-Forwarded-For`.
+    peer: Option<http::HeaderValue>,
 }
 
 impl Front {
@@ -173,13 +174,18 @@ impl tower_service::Service<Request> for Front {
                         tower_service::Service::<Request>::poll_ready(&mut own, cx)
                     });
                     let Ok(()) = ready.await;
-                    let Ok(response) =
+                    // Like every answer, the router's own carry the request's id.
+                    let id = crate::proxy::request_id(request.headers());
+                    let Ok(mut response) =
                         tower_service::Service::<Request>::call(&mut own, request).await;
+                    response
+                        .headers_mut()
+                        .insert(crate::proxy::X_REQUEST_ID.clone(), id);
                     response
                 } else {
                     let mut request = request;
                     if let Some(peer) = peer {
-                        crate::proxy::add_forwarded_for(request.headers_mut(), peer);
+                        crate::proxy::add_forwarded_for(request.headers_mut(), &peer);
                     }
                     proxy(State(state.clone()), request).await
                 }
@@ -382,7 +388,7 @@ async fn serve_connections(
             tracing::debug!("TCP_NODELAY not set: {e}");
         }
         let front = Front {
-            peer: Some(peer.ip().to_canonical()),
+            peer: http::HeaderValue::try_from(peer.ip().to_canonical().to_string()).ok(),
             ..front.clone()
         };
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {

@@ -320,6 +320,12 @@ async fn wrong_methods_unknown_routes_and_refusals_are_openai_errors() {
     let ans = post(&c, &format!("{}/v1/completions", r.url), "{}", &id).await;
     assert_eq!(ans.status, 401);
     assert_eq!(ans.header("x-request-id"), "client-id-7");
+    // The router's own routes answer with the request's id too, or a new one.
+    let ans = get_with(&c, &format!("{}/health", r.url), &id).await;
+    assert_eq!(ans.header("x-request-id"), "client-id-7");
+    let ans = get_with(&c, &format!("{}/v1/models", r.url), &key).await;
+    assert_eq!(ans.status, 200);
+    assert!(ans.header("x-request-id").starts_with("qoe-"));
     assert_eq!(completions_seen(&engine), 0);
 }
 
