@@ -685,7 +685,11 @@ mod tests {
     where
         S: Service<Request, Response = Response, Error = Infallible>,
     {
-        let mut request = http::Request::builder().method(method).uri(path);
+        // As a client sends it: an HTTP/1.1 request without a Host is refused.
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "router");
         if let Some(key) = key {
             request = request.header("authorization", format!("Bearer {key}"));
         }
