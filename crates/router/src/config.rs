@@ -1276,6 +1276,100 @@ fn without_nulls(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// A YAML or JSON document read as TOML would read it: a key given twice in one mapping, or a
+/// number that is not finite (YAML's `.inf`, `.nan`), is an error, not silently the last value
+/// or a setting left out (`serde_json::Value` alone keeps the last and turns them into null).
+struct Strict(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, SeqAccess, Visitor};
+        use serde_json::Value;
+        struct Read;
+        impl<'de> Visitor<'de> for Read {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a setting's value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+                Ok(Strict(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<Strict, E> {
+                serde_json::Number::from_f64(v)
+                    .map(|n| Strict(Value::Number(n)))
+                    .ok_or_else(|| E::custom("a number that is not finite (.inf, .nan)"))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+                Ok(Strict(Value::String(v.to_string())))
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_none<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Strict, D::Error> {
+                Strict::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+                let mut items = Vec::new();
+                while let Some(Strict(item)) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Strict(Value::Array(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+                let mut members = serde_json::Map::new();
+                while let Some((key, Strict(value))) = map.next_entry::<String, Strict>()? {
+                    if members.contains_key(&key) {
+                        return Err(A::Error::custom(format!("the key {key} is given twice")));
+                    }
+                    members.insert(key, value);
+                }
+                Ok(Strict(Value::Object(members)))
+            }
+        }
+        d.deserialize_any(Read)
+    }
+}
+
+/// Whether `text` may hold a credential: a secret setting's name (`api_keys` or `api-keys`), or
+/// a URL's user info (`https://user:password@host`). Its parse errors then say only where.
+fn may_hold_secrets(text: &str) -> bool {
+    text.contains('@')
+        || SECRET_SETTINGS
+            .iter()
+            .any(|key| text.contains(key) || text.contains(&key.replace('_', "-")))
+}
+
+/// A YAML or JSON error: its message, unless it quotes a value (a type error does) in a file that
+/// may hold credentials; then only where.
+fn document_error(
+    format: &str,
+    text: &str,
+    message: String,
+    at: Option<(usize, usize)>,
+) -> anyhow::Error {
+    if !may_hold_secrets(text) || !message.contains(['"', '\'']) {
+        return anyhow::anyhow!("{format}: {message}");
+    }
+    match at {
+        Some((line, column)) => anyhow::anyhow!(
+            "{format}: a value that is not what its setting takes, at line {line}, column \
+             {column} (not shown: the file holds keys)"
+        ),
+        None => anyhow::anyhow!(
+            "{format}: a value that is not what its setting takes (not shown: the file holds keys)"
+        ),
+    }
+}
+
 impl ConfigFile {
     pub fn read(path: &Path) -> anyhow::Result<ConfigFile> {
         let text = std::fs::read_to_string(path)
@@ -1290,8 +1384,8 @@ impl ConfigFile {
     }
 
     pub fn parse_as(text: &str, format: FileFormat) -> anyhow::Result<ConfigFile> {
-        let tree = |parsed: Option<serde_json::Value>| -> anyhow::Result<toml::Table> {
-            match parsed.map(without_nulls) {
+        let tree = |parsed: Option<Strict>| -> anyhow::Result<toml::Table> {
+            match parsed.map(|Strict(value)| without_nulls(value)) {
                 // An empty document: no settings.
                 None => Ok(toml::Table::new()),
                 Some(serde_json::Value::Object(members)) => {
@@ -1303,12 +1397,13 @@ impl ConfigFile {
         };
         let mut settings: toml::Table = match format {
             FileFormat::Toml => text.parse().map_err(|e| syntax_error(text, &e))?,
-            FileFormat::Yaml => {
-                tree(serde_yaml_ng::from_str(text).map_err(|e| anyhow::anyhow!("YAML: {e}"))?)?
-            }
-            FileFormat::Json => {
-                tree(serde_json::from_str(text).map_err(|e| anyhow::anyhow!("JSON: {e}"))?)?
-            }
+            FileFormat::Yaml => tree(serde_yaml_ng::from_str(text).map_err(|e| {
+                let at = e.location().map(|l| (l.line(), l.column()));
+                document_error("YAML", text, e.to_string(), at)
+            })?)?,
+            FileFormat::Json => tree(serde_json::from_str(text).map_err(|e| {
+                document_error("JSON", text, e.to_string(), Some((e.line(), e.column())))
+            })?)?,
         };
         let listed = settings.remove("backends");
         let backends_listed = listed.is_some();
@@ -1344,7 +1439,7 @@ impl ConfigFile {
 /// A TOML syntax error. toml's message quotes the offending line, which in a file that sets
 /// credentials may be (or continue) one of them: there it says only where, and what was expected.
 fn syntax_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
-    if !SECRET_SETTINGS.iter().any(|key| text.contains(key)) {
+    if !may_hold_secrets(text) {
         return anyhow::anyhow!("{e}");
     }
     let Some(span) = e.span() else {
@@ -1375,6 +1470,15 @@ mod tests {
         let e = format!("{:#}", ConfigFile::parse(text).unwrap_err());
         assert!(!e.contains("SECRET") && !e.contains("sk-two"), "{e}");
         assert!(e.contains("line 4, column 3"), "{e}");
+        // Keys spelled as flags, and credentials in a URL, are secrets too.
+        for text in [
+            "admin-api-key = \"sk-SECRET-xyz\n",
+            "api-keys = [\"sk-SECRET-1\" \"sk-2\"]\n",
+            "k8s_api_server = \"https://u:SECRET@h:1\" x\n",
+        ] {
+            let e = format!("{:#}", ConfigFile::parse(text).unwrap_err());
+            assert!(!e.contains("SECRET") && e.contains("line 1"), "{text}: {e}");
+        }
         let e = format!(
             "{:#}",
             ConfigFile::parse("port = 8000\nlog_level = \"info\" x\n").unwrap_err()
@@ -1729,6 +1833,17 @@ mod tests {
             ("- routing_logic\n", "not a mapping"),
             ("api_keys: [sk-SECRET\nport: 1\n", "YAML: "),
             ("api_keys: [sk-SECRET, null]\n", "null"),
+            ("admin_api_key: !!int sk-SECRET\n", "line 1"),
+            ("api-keys: [!!bool sk-SECRET]\n", "line 1"),
+            (
+                "api_keys: [sk-SECRET]\nbackends:\n  - url: http://a:1\nbackends: []\n",
+                "the key backends is given twice",
+            ),
+            (
+                "api_keys: [sk-SECRET]\nretry_budget_ratio: .inf\n",
+                "not finite",
+            ),
+            ("engine_stats_interval: .nan\n", "not finite"),
         ] {
             std::fs::write(&yaml, text).unwrap();
             let err = format!("{:#}", ConfigFile::read(&yaml).unwrap_err());
@@ -1738,6 +1853,10 @@ mod tests {
             );
             assert!(!err.contains("SECRET"), "{text}: {err}");
         }
+        let json = dir.file("router.json");
+        std::fs::write(&json, r#"{"port": 8000, "port": 8001}"#).unwrap();
+        let err = format!("{:#}", ConfigFile::read(&json).unwrap_err());
+        assert!(err.contains("the key port is given twice"), "{err}");
     }
 
     #[test]

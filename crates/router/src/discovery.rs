@@ -187,7 +187,7 @@ impl StaticDiscovery {
                 anyhow::ensure!(
                     file.backends_listed || self.file_backends == 0,
                     "{}: the file lists no backends, which would remove all {} of its endpoints; \
-                     to remove them on purpose write `backends = []`",
+                     to remove them on purpose write `backends = []` (in YAML `backends: []`)",
                     path.display(),
                     self.file_backends
                 );
