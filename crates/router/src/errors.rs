@@ -50,7 +50,9 @@ impl ApiError {
             | StatusCode::METHOD_NOT_ALLOWED
             | StatusCode::REQUEST_TIMEOUT
             | StatusCode::PAYLOAD_TOO_LARGE
-            | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "invalid_request_error",
+            | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            // What the router cannot take is the request's, not a failure of the router's.
+            | StatusCode::NOT_IMPLEMENTED => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",

@@ -73,10 +73,18 @@ fn has_dot_segment(path: &str) -> bool {
     if memchr::memchr2(b'.', b'%', path.as_bytes()).is_none() {
         return false;
     }
-    path.split('/').any(|segment| {
-        let dots = segment.replace("%2e", ".").replace("%2E", ".");
-        dots == "." || dots == ".."
-    })
+    // A hop may decode an encoded slash (or take a backslash for one) before it resolves dots.
+    let decoded = path
+        .replace("%2e", ".")
+        .replace("%2E", ".")
+        .replace("%2f", "/")
+        .replace("%2F", "/")
+        .replace("%5c", "/")
+        .replace("%5C", "/")
+        .replace('\\', "/");
+    decoded
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
 }
 
 /// Routes vLLM serves for POST only: another method gets 405 here rather than a body error, or
@@ -145,6 +153,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// §5.3 allows), as a reverse proxy does: the engine sees the router's address, and the last
 /// address in the list is the one the router itself saw, whatever the client claimed before it.
 pub(crate) fn add_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    // One the client's `Connection` names is the previous hop's: dropped, and the router's own
+    // goes on (`send` forwards it though `Connection` names it).
+    if headers.contains_key(header::CONNECTION)
+        && named_by_connection(headers).contains(&X_FORWARDED_FOR)
+    {
+        headers.remove(&X_FORWARDED_FOR);
+    }
     let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
     if earlier.peek().is_none() {
         // The usual case: the connection's value, shared, not copied.
@@ -206,7 +221,8 @@ pub(crate) fn reject(state: &AppState, error: ApiError, request_id: &HeaderValue
     tracing::info!(
         request_id = %String::from_utf8_lossy(request_id.as_bytes()),
         status = error.status.as_u16(),
-        error = %error.message,
+        // Quoted and escaped: it may hold what the client sent.
+        error = ?error.message,
         "request rejected"
     );
     let mut response = error.into_response();
@@ -786,7 +802,7 @@ async fn send(
     for (name, value) in &parts.headers {
         if HOP_BY_HOP.contains(&name.as_str())
             || NOT_FORWARDED_UPSTREAM.contains(&name.as_str())
-            || named.contains(name)
+            || (named.contains(name) && name != X_FORWARDED_FOR)
             || name == X_REQUEST_ID
             || (name == header::AUTHORIZATION && !keep_authorization)
         {
@@ -1497,6 +1513,10 @@ mod tests {
             "/v1/%2e%2e/x",
             "/v1/.%2E/x",
             "/v1/%2e/x",
+            "/v1/..%2fmetrics",
+            "/v1/%2e%2e%2Fx",
+            "/v1/..%5cx",
+            "/v1/x/..",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }

@@ -231,7 +231,24 @@ fn unauthorized(state: &AppState, guard: Guard, presented: bool) -> Response {
 /// header size limit, then the API and admin keys. One layer rather than three: each axum
 /// middleware layer clones its inner service and boxes a future per request. `serve` runs
 /// [`guarded`] itself, with no layer at all ([`crate::server::Front`]).
-pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn guard(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    // Served with `into_make_service_with_connect_info::<SocketAddr>()`, the client's address
+    // goes on in X-Forwarded-For, as `serve` sends it.
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip().to_canonical());
+    if let Some(peer) = peer {
+        if !crate::server::is_own_route(request.uri().path()) {
+            if let Ok(value) = HeaderValue::try_from(peer.to_string()) {
+                crate::proxy::add_forwarded_for(request.headers_mut(), &value);
+            }
+        }
+    }
     guarded(&state, request, |request| next.run(request)).await
 }
 
@@ -242,6 +259,9 @@ where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
+    // Like every answer, the router's own carry the request's id (a proxied answer has its own).
+    let own_id = crate::server::is_own_route(request.uri().path())
+        .then(|| crate::proxy::request_id(request.headers()));
     let checked = |mut request: Request| async {
         let checked = match limit_headers(state, &request) {
             Some(refusal) => Err(refusal),
@@ -262,7 +282,13 @@ where
                 return refusal;
             }
         }
-        inner(request).await
+        let mut response = inner(request).await;
+        if let Some(id) = own_id {
+            response
+                .headers_mut()
+                .insert(crate::proxy::X_REQUEST_ID.clone(), id);
+        }
+        response
     };
     cors(state, request, checked).await
 }
@@ -340,7 +366,7 @@ fn limit_headers(state: &AppState, request: &Request) -> Option<Response> {
             code: refusal.status.as_u16(),
         })
         .inc();
-    tracing::info!(error = %refusal.message, "request rejected");
+    tracing::info!(error = ?refusal.message, "request rejected");
     Some(refusal.into_response())
 }
 
@@ -349,8 +375,10 @@ fn limit_headers(state: &AppState, request: &Request) -> Option<Response> {
 /// and a transfer coding other than `chunked` would reach the engine still encoded.
 fn framing_error(request: &Request) -> Option<ApiError> {
     let headers = request.headers();
+    // The router's own routes go nowhere further: a probe without a Host still gets its answer.
     if request.version() == http::Version::HTTP_11
         && headers.get_all(header::HOST).iter().count() != 1
+        && !crate::server::is_own_route(request.uri().path())
     {
         return Some(ApiError::bad_request(
             "an HTTP/1.1 request needs exactly one Host header",
@@ -358,13 +386,19 @@ fn framing_error(request: &Request) -> Option<ApiError> {
     }
     // Transfer-Encoding beside Content-Length never reaches here: hyper lets the chunks decide
     // and closes the connection after the answer, as RFC 9112 §6.1 asks.
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    let chunked_only = codings.all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    // Every coding, on one line or several (hyper itself refuses a last coding that is not
+    // chunked, with a bare 400).
+    let chunked_only = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .all(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
     (!chunked_only).then(|| {
         ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
-            "Transfer-Encoding: only chunked is supported",
+            "Transfer-Encoding: only chunked is supported (send the body without another coding)",
         )
+        .with_code("unsupported_transfer_encoding")
     })
 }
 

@@ -109,7 +109,7 @@ async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
 }
 
 /// Whether [`own_routes`] has `path`; every other path is proxied.
-fn is_own_route(path: &str) -> bool {
+pub(crate) fn is_own_route(path: &str) -> bool {
     matches!(
         path,
         "/health" | "/ready" | "/metrics" | "/engines" | "/v1/models"
@@ -117,7 +117,8 @@ fn is_own_route(path: &str) -> bool {
 }
 
 /// The axum application over `state`, for embedding in a larger axum app. ([`serve_state`] runs
-/// the same behaviour as a [`Front`].)
+/// the same behaviour as a [`Front`]; served with `into_make_service_with_connect_info::
+/// <SocketAddr>()`, it appends the client's address to `X-Forwarded-For` as `serve` does.)
 ///
 /// One middleware layer ([`crate::security::guard`]): CORS outermost (answers preflights itself),
 /// then the header size limit, then the API and admin keys; then the routes.
@@ -174,13 +175,8 @@ impl tower_service::Service<Request> for Front {
                         tower_service::Service::<Request>::poll_ready(&mut own, cx)
                     });
                     let Ok(()) = ready.await;
-                    // Like every answer, the router's own carry the request's id.
-                    let id = crate::proxy::request_id(request.headers());
-                    let Ok(mut response) =
+                    let Ok(response) =
                         tower_service::Service::<Request>::call(&mut own, request).await;
-                    response
-                        .headers_mut()
-                        .insert(crate::proxy::X_REQUEST_ID.clone(), id);
                     response
                 } else {
                     let mut request = request;
@@ -697,7 +693,13 @@ mod tests {
         std::future::poll_fn(|cx| service.poll_ready(cx))
             .await
             .unwrap();
-        service.call(request).await.unwrap().status()
+        let response = service.call(request).await.unwrap();
+        // Every answer, own routes' too, carries the request's id.
+        assert!(
+            response.headers().contains_key("x-request-id"),
+            "{method} {path}"
+        );
+        response.status()
     }
 
     /// [`Front`] and [`app`] answer alike: own routes, the guard on both kinds of route, the

@@ -1336,7 +1336,7 @@ async fn the_clients_address_is_appended_to_x_forwarded_for() {
     let c = client();
     let url = format!("{}/v1/completions", r.url);
     let body = completion("m", "x", false);
-    let cases: [(&[(&str, &str)], &str); 3] = [
+    let cases: [(&[(&str, &str)], &str); 4] = [
         (&[], "127.0.0.1"),
         (
             &[("x-forwarded-for", "203.0.113.7")],
@@ -1348,6 +1348,14 @@ async fn the_clients_address_is_appended_to_x_forwarded_for() {
                 ("x-forwarded-for", "10.1.2.3"),
             ],
             "203.0.113.7, 10.1.2.3, 127.0.0.1",
+        ),
+        // Named by the client's Connection, the earlier list is its hop's; the router's stays.
+        (
+            &[
+                ("connection", "keep-alive, x-forwarded-for"),
+                ("x-forwarded-for", "6.6.6.6"),
+            ],
+            "127.0.0.1",
         ),
     ];
     for (headers, seen) in cases {
