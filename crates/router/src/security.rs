@@ -263,22 +263,24 @@ where
     let own_id = crate::server::is_own_route(request.uri().path())
         .then(|| crate::proxy::request_id(request.headers()));
     let checked = |mut request: Request| async {
-        let checked = match limit_headers(state, &request) {
-            Some(refusal) => Err(refusal),
-            None => authenticate(state, &request)
-                .map_err(|(guard, presented)| unauthorized(state, guard, presented)),
+        // Like every answer, a refusal carries the request's id.
+        let id_of = |request: &Request, own_id: Option<HeaderValue>| {
+            own_id.unwrap_or_else(|| crate::proxy::request_id(request.headers()))
         };
-        match checked {
+        if let Some(error) = limit_headers(state, &request) {
+            // Counted and logged as every refusal of the proxy's is.
+            return crate::proxy::reject(state, error, &id_of(&request, own_id));
+        }
+        match authenticate(state, &request) {
             Ok(None) => {}
             Ok(Some(priority)) => {
                 request.extensions_mut().insert(KeyPriority(priority));
             }
-            Err(mut refusal) => {
-                // Like every answer, a refusal carries the request's id.
-                let id = crate::proxy::request_id(request.headers());
+            Err((guard, presented)) => {
+                let mut refusal = unauthorized(state, guard, presented);
                 refusal
                     .headers_mut()
-                    .insert(crate::proxy::X_REQUEST_ID.clone(), id);
+                    .insert(crate::proxy::X_REQUEST_ID.clone(), id_of(&request, own_id));
                 return refusal;
             }
         }
@@ -338,36 +340,20 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
 /// Refuses requests whose headers exceed `--max-header-bytes` with an OpenAI-shaped 431. (Beyond
 /// hyper's own limits, 100 headers or about 400 KiB, hyper answers a bare 431 and closes the
 /// connection before the router sees the request.)
-fn limit_headers(state: &AppState, request: &Request) -> Option<Response> {
+/// Why the request is refused before its key is looked at: headers past `--max-header-bytes`
+/// (431), or framing the router does not take ([`framing_error`]).
+fn limit_headers(state: &AppState, request: &Request) -> Option<ApiError> {
     let size = header_bytes(request.headers());
     let limit = state.config.max_header_bytes;
     if size > limit {
-        state
-            .metrics
-            .rejected
-            .get_or_create(&CodeLabel { code: 431 })
-            .inc();
-        tracing::info!(size, limit, "request rejected: headers too large");
-        return Some(
-            ApiError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!(
-                    "request headers total {size} bytes, over the limit of {limit} bytes (--max-header-bytes)"
-                ),
-            )
-            .into_response(),
-        );
+        return Some(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "request headers total {size} bytes, over the limit of {limit} bytes (--max-header-bytes)"
+            ),
+        ));
     }
-    let refusal = framing_error(request)?;
-    state
-        .metrics
-        .rejected
-        .get_or_create(&CodeLabel {
-            code: refusal.status.as_u16(),
-        })
-        .inc();
-    tracing::info!(error = ?refusal.message, "request rejected");
-    Some(refusal.into_response())
+    framing_error(request)
 }
 
 /// What is wrong with how the request says where it goes and how its body is sent, if anything,
