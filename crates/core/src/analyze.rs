@@ -258,6 +258,20 @@ pub fn analyze<'h>(
     config: &AnalyzerConfig,
     learned_output: impl FnOnce(&str) -> u32,
 ) -> Result<RequestProfile, BadRequest> {
+    let headers_said = read_headers(&header, config);
+    analyze_with(route, body, header, headers_said, config, learned_output)
+}
+
+/// As [`analyze`], with what the headers say already read ([`read_headers`], which the router
+/// runs before it reads the body); a header's error is reported after the body's.
+pub fn analyze_with<'h>(
+    route: Route,
+    body: &[u8],
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+    headers_said: Result<HeaderFacts, BadRequest>,
+    config: &AnalyzerConfig,
+    learned_output: impl FnOnce(&str) -> u32,
+) -> Result<RequestProfile, BadRequest> {
     let facts = match header("content-type").and_then(form::boundary) {
         Some(boundary) => read_form(route, body, boundary)?,
         None => read_body(route, body, config)?,
@@ -275,7 +289,7 @@ pub fn analyze<'h>(
         priority,
         expected_output_tokens: expected_header,
         sla_ttft_ms,
-    } = read_headers(&header, config)?;
+    } = headers_said?;
 
     let (expected_output_tokens, output_source) = match (expected_header, max_tokens) {
         (Some(n), _) => (n, OutputSource::Header),

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Body as _, Frame};
 use http_body_util::Full;
-use qoe_core::analyze::{analyze, Route};
+use qoe_core::analyze::{analyze_with, Route};
 use qoe_core::Role;
 use qoe_core::{ApiKind, EndpointView, Micros, RequestOutcome, RequestProfile};
 use std::future::Future;
@@ -340,9 +340,10 @@ async fn handle(
             &state.analyzer,
         )
     });
-    if let Err(e) = headers_checked {
-        return reject(&state, e.into(), &request_id);
-    }
+    let headers_said = match headers_checked {
+        Ok(said) => said,
+        Err(e) => return reject(&state, e.into(), &request_id),
+    };
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -384,8 +385,9 @@ async fn handle(
             return reject(&state, error, &request_id);
         }
     };
-    let analyze_as =
-        |route: Route, model: Option<String>| analyzed(&state, route, &body, &parts.headers, model);
+    let analyze_as = |route: Route, model: Option<String>| {
+        analyzed(&state, route, &body, &parts.headers, headers_said, model)
+    };
     let profile = match analyze_as(route, None).await {
         Ok(p) => p,
         Err(e) if e.is_missing_model() => match only_model(&state) {
@@ -549,6 +551,7 @@ async fn analyzed(
     route: Route,
     body: &Bytes,
     headers: &HeaderMap,
+    said: qoe_core::analyze::HeaderFacts,
     model: Option<String>,
 ) -> Result<RequestProfile, qoe_core::analyze::BadRequest> {
     let run = move |state: &AppState, body: &[u8], headers: &HeaderMap, model: Option<&str>| {
@@ -565,10 +568,12 @@ async fn analyzed(
             }
             _ => &state.analyzer,
         };
-        analyze(
+        // The headers were read before the body: not again.
+        analyze_with(
             route,
             body,
             |name| headers.get(name).map(|v| v.as_bytes()),
+            Ok(said),
             config,
             |m| state.learned_output.estimate(model.unwrap_or(m)),
         )
