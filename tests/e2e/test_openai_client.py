@@ -76,3 +76,27 @@ def test_router_headers_visible_to_the_client(client, fleet):
     assert raw.headers["x-qoe-endpoint"] in fleet["engines"]
     assert raw.headers["x-qoe-reason"] == "least-loaded"
     assert raw.headers["x-request-id"]
+
+
+def test_http2_with_prior_knowledge(fleet):
+    """A client that speaks only HTTP/2 in cleartext (as a service mesh's sidecar may)."""
+    import httpx
+
+    versions = []
+    hooks = {"response": [lambda response: versions.append(response.http_version)]}
+    with httpx.Client(http1=False, http2=True, event_hooks=hooks) as http:
+        client = OpenAI(base_url=fleet["router"] + "/v1", api_key="unused", max_retries=0, http_client=http)
+        assert [m.id for m in client.models.list().data] == ["sim-llama"]
+        stream = client.chat.completions.create(
+            model="sim-llama", messages=[{"role": "user", "content": "Count"}], max_tokens=8,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        usage = None
+        for chunk in stream:
+            usage = chunk.usage or usage
+        assert usage.completion_tokens == 8
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="sim-llama", messages=[{"role": "user", "content": "x"}],
+                extra_headers={"x-request-priority": "7"})
+        assert "x-request-priority" in refused.value.message
+    assert versions == ["HTTP/2"] * 3

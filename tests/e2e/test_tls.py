@@ -87,3 +87,17 @@ def test_a_client_without_the_ca_is_refused(https_router):
         with pytest.raises(Exception) as refused:
             client.models.list()
         assert "CERTIFICATE_VERIFY_FAILED" in repr(refused.value.__cause__ or refused.value)
+
+
+def test_http2_by_alpn(https_router, pki):
+    versions = []
+    hooks = {"response": [lambda response: versions.append(response.http_version)]}
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with httpx.Client(verify=context, http2=True, event_hooks=hooks) as http:
+        client = OpenAI(base_url=https_router + "/v1", api_key="unused", max_retries=0, http_client=http)
+        stream = client.chat.completions.create(
+            model="sim-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+            stream=True, extra_body={"ignore_eos": True})
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert len(pieces) == 6
+    assert versions == ["HTTP/2"]

@@ -333,6 +333,7 @@ pub async fn serve_state(
 
 /// How long a client may take over its request's headers, and how long the requests in flight
 /// at shutdown may take to finish.
+#[derive(Clone, Copy)]
 struct ConnectionTimeouts {
     header: Duration,
     shutdown: Duration,
@@ -346,6 +347,10 @@ struct ConnectionTimeouts {
 /// `tls`, each connection's handshake runs in its own task, within [`TLS_HANDSHAKE_TIMEOUT`] (or
 /// the header timeout if shorter) and abandoned at shutdown; a connection that opens with plain
 /// HTTP gets a 400 saying so.
+///
+/// HTTP/1.1 and HTTP/2 alike (see [`Protocols`]): over TLS as ALPN agrees, in cleartext by the
+/// connection's first bytes (HTTP/2 with prior knowledge, as gRPC-style clients and service
+/// meshes send it). Toward the engines it is HTTP/1.1 either way.
 async fn serve_connections(
     listener: TcpListener,
     front: Front,
@@ -353,14 +358,11 @@ async fn serve_connections(
     timeouts: ConnectionTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header);
+    let protocols = Protocols::new(&timeouts, front.state.config.max_header_bytes);
     let mut shutdown = std::pin::pin!(shutdown);
-    // Handshakes in progress stop when this turns true (shutdown waits for their tasks).
+    // Handshakes and first reads in progress stop when this turns true (shutdown waits for
+    // their tasks).
     let (closing, closing_rx) = watch::channel(false);
     let handshake_timeout = TLS_HANDSHAKE_TIMEOUT.min(timeouts.header);
     // Every connection's task, to close what outlasts the shutdown timeout. Finished ones are
@@ -391,18 +393,21 @@ async fn serve_connections(
             let mut front = front.clone();
             tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
         });
-        let Some(tls) = &tls else {
-            let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
-            connections.spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!("client connection ended: {e}");
-                }
-            });
-            continue;
-        };
-        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
+        let (tls, protocols, watcher) = (tls.clone(), protocols.clone(), graceful.watcher());
         let mut closing = closing_rx.clone();
         connections.spawn(async move {
+            let Some(tls) = tls else {
+                let first_bytes = tokio::time::timeout(timeouts.header, sniff(&tcp));
+                let protocol = tokio::select! {
+                    sniffed = first_bytes => match sniffed {
+                        Ok(Ok(Some(protocol))) => protocol,
+                        Ok(Ok(None)) | Ok(Err(_)) => return,
+                        Err(_) => return tracing::debug!("no request within the header timeout"),
+                    },
+                    _ = closing.wait_for(|c| *c) => return,
+                };
+                return protocols.serve(protocol, tcp, service, watcher).await;
+            };
             let handshake = tokio::time::timeout(handshake_timeout, secure(&tls, tcp));
             let stream = tokio::select! {
                 secured = handshake => match secured {
@@ -412,10 +417,11 @@ async fn serve_connections(
                 },
                 _ = closing.wait_for(|c| *c) => return,
             };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!("client connection ended: {e}");
-            }
+            let protocol = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            protocols.serve(protocol, stream, service, watcher).await;
         });
     }
     drop(listener);
@@ -441,6 +447,110 @@ async fn serve_connections(
     // Aborts what is left (dropping a connection drops its requests' upstream connections too)
     // and waits for it.
     connections.shutdown().await;
+}
+
+/// The HTTP versions a client connection may speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The most requests one HTTP/2 connection may have in flight at once (hyper's default, stated
+/// here: a client that wants more opens another connection, as with HTTP/1.1).
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 200;
+
+/// How often an idle HTTP/2 connection is pinged; one that does not answer within
+/// [`HTTP2_KEEP_ALIVE_TIMEOUT`] is closed (a client gone without a FIN would otherwise hold its
+/// connection forever).
+const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The connection settings of either HTTP version.
+#[derive(Clone)]
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(timeouts: &ConnectionTimeouts, max_header_bytes: usize) -> Self {
+        use hyper_util::rt::{TokioExecutor, TokioTimer};
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeouts.header);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // HTTP/2 counts 32 bytes more per header than `--max-header-bytes` does: with room to
+        // spare, the router's own check answers an oversized request, in OpenAI's shape.
+        let header_list = max_header_bytes.saturating_mul(2).saturating_add(16 * 1024);
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX))
+            .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
+        Protocols { http1, http2 }
+    }
+
+    /// Serves `io` in `protocol` until the client closes it or the shutdown ends it.
+    async fn serve<I, S>(
+        &self,
+        protocol: Protocol,
+        io: I,
+        service: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = hyper_util::rt::TokioIo::new(io);
+        let served = match protocol {
+            Protocol::Http1 => {
+                watcher
+                    .watch(self.http1.serve_connection(io, service))
+                    .await
+            }
+            Protocol::Http2 => {
+                watcher
+                    .watch(self.http2.serve_connection(io, service))
+                    .await
+            }
+        };
+        if let Err(e) = served {
+            tracing::debug!("client connection ended: {e}");
+        }
+    }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4): what a client with prior knowledge sends first.
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which HTTP a cleartext connection speaks, from its first bytes, left unread for the server:
+/// HTTP/2 if they are the preface, HTTP/1.1 from the first byte that is not. `None` if the
+/// client closed first.
+async fn sniff(tcp: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    loop {
+        let n = tcp.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if first[..n] != HTTP2_PREFACE[..n] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == HTTP2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        // The preface's start only: peek again once more may have arrived (rare: a client
+        // sends the preface in one write).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The longest a client may take over its TLS handshake (the handshake is a few round trips).
@@ -636,6 +746,47 @@ mod tests {
     use axum::body::Body;
     use http::StatusCode;
     use tower_service::Service;
+
+    /// A loopback pair: the client's end and the server's.
+    async fn connected() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_told_http2_by_its_preface_and_nothing_is_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (first, expected) in [
+            (&b"POST /v1/completions HTTP/1.1\r\n"[..], Protocol::Http1),
+            (b"GET /health HTTP/1.1\r\n", Protocol::Http1),
+            (b"PRI * HTTP/1.1\r\n", Protocol::Http1),
+            (HTTP2_PREFACE, Protocol::Http2),
+        ] {
+            let (mut client, mut server) = connected().await;
+            client.write_all(first).await.unwrap();
+            assert_eq!(sniff(&server).await.unwrap(), Some(expected));
+            let mut read = vec![0; first.len()];
+            server.read_exact(&mut read).await.unwrap();
+            assert_eq!(read, first, "the bytes are left for the server");
+        }
+        // A preface in two writes is waited for.
+        let (mut client, server) = connected().await;
+        client.write_all(&HTTP2_PREFACE[..5]).await.unwrap();
+        let sniffing = tokio::spawn(async move { sniff(&server).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            !sniffing.is_finished(),
+            "five bytes of the preface decide nothing"
+        );
+        client.write_all(&HTTP2_PREFACE[5..]).await.unwrap();
+        assert_eq!(sniffing.await.unwrap(), Some(Protocol::Http2));
+        // A client that closes first.
+        let (client, server) = connected().await;
+        drop(client);
+        assert_eq!(sniff(&server).await.unwrap(), None);
+    }
 
     #[test]
     fn metrics_are_labelled_openmetrics_for_a_scraper_that_asks() {

@@ -224,6 +224,62 @@ async fn the_router_serves_https_on_its_own_port() {
     r.served.await.unwrap().unwrap();
 }
 
+/// A client offering `h2` by ALPN gets HTTP/2; one offering only `http/1.1`, or nothing, HTTP/1.1.
+#[tokio::test]
+async fn the_https_port_speaks_http2_to_clients_that_offer_it() {
+    use http_body_util::BodyExt;
+    let pki = TestPki::new();
+    let engine = mock(&["m"]).await;
+    let r = https_router(&pki, &engine, &[]).await;
+    assert_eq!(
+        health(&https_client(&pki, None), &r.url)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let addr: std::net::SocketAddr = r.url.trim_start_matches("https://").parse().unwrap();
+    for (offered, agreed) in [
+        (&[&b"h2"[..], b"http/1.1"][..], Some(&b"h2"[..])),
+        (&[&b"http/1.1"[..]][..], Some(&b"http/1.1"[..])),
+        (&[][..], None),
+    ] {
+        let tls = pki.connect(addr, offered).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), agreed);
+        let request = http::Request::post(format!("{}/v1/completions", r.url))
+            .header("content-type", "application/json")
+            .header("host", addr.to_string())
+            .body(http_body_util::Full::new(bytes::Bytes::from(completion(
+                "m", "hi", true,
+            ))))
+            .unwrap();
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let response = if agreed == Some(b"h2") {
+            let (mut send, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            send.send_request(request).await.unwrap()
+        } else {
+            let (mut send, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(connection);
+            send.send_request(request).await.unwrap()
+        };
+        let expected = if agreed == Some(b"h2") {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(response.version(), expected);
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, sse_chunks(4).concat().as_bytes());
+    }
+    let _ = r.stop.send(());
+    r.served.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn the_https_port_can_require_client_certificates() {
     let pki = TestPki::new();

@@ -72,6 +72,30 @@ impl TestPki {
         std::fs::write(key, &self.key_pem).expect("write the key file");
     }
 
+    /// A TLS connection to `addr` that trusts this CA and offers the ALPN protocols `alpn` (as
+    /// an HTTP/2-capable client offers `h2` first); the protocol agreed is the stream's
+    /// `get_ref().1.alpn_protocol()`.
+    pub async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.chain[1].clone()).expect("the CA as a root");
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::from(addr.ip());
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+    }
+
     /// Accepts TLS on an ephemeral port of 127.0.0.1 and relays each connection's bytes to
     /// `backend` (`http://host:port` or `host:port`); returns the `https://127.0.0.1:PORT` URL.
     /// A client that does not trust the certificate is dropped after its failed handshake.

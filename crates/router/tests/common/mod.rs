@@ -472,3 +472,29 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
 }
+
+/// Shuts `r` down while `body` streams what `scripted` sends, and checks that a stream outlasting
+/// the shutdown timeout is cut: `serve` returns, the engine's request is dropped, and the client's
+/// stream ends with no more data.
+pub async fn shut_down_while_streaming(
+    r: &mut TestRouter,
+    scripted: &Scripted,
+    body: &mut hyper::body::Incoming,
+) {
+    r.shutdown.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), &mut r.task)
+        .await
+        .expect("serve returns after its shutdown timeout")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), scripted.chunks.closed())
+        .await
+        .expect("the upstream request was dropped");
+    let end = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the client's stream ended");
+    assert!(
+        !matches!(end, Some(Ok(ref f)) if f.is_data()),
+        "no more data after the close: {end:?}"
+    );
+}

@@ -1,0 +1,218 @@
+//! Clients speaking HTTP/2: with prior knowledge in cleartext (as service meshes and gRPC-style
+//! clients send it) and by ALPN over TLS. The engines behind are spoken to in HTTP/1.1 as ever.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::Duration;
+
+/// A pooled client that speaks only HTTP/2, with prior knowledge.
+fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// One HTTP/2 connection over `io`, its connection task spawned.
+async fn h2_connection<I>(io: I) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    send
+}
+
+fn completion_request(authority: &str, stream: bool) -> http::Request<Full<Bytes>> {
+    http::Request::post(format!("http://{authority}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(completion("m", "x", stream))))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_routed_and_reaches_the_engine_as_http1() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
+    let c = h2_client();
+    let url = format!("{}/v1/completions", r.url);
+    let body = completion("m", "x", false);
+    let response = c
+        .request(
+            http::Request::post(&url)
+                .header("content-type", "application/json")
+                .header("x-request-id", "h2-one")
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-qoe-endpoint"], engine.url.as_str());
+    assert_eq!(response.headers()["x-request-id"], "h2-one");
+    let answer: serde_json::Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(answer["choices"][0]["text"], "hello");
+
+    // The engine got an ordinary HTTP/1.1 request: its own authority as Host, the body as sent.
+    let seen = engine.requests();
+    let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
+    assert_eq!(
+        proxied.headers["host"],
+        engine.url.trim_start_matches("http://")
+    );
+    assert_eq!(proxied.headers["x-request-id"], "h2-one");
+    assert_eq!(proxied.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(proxied.body, body.as_bytes());
+
+    // The router's own routes and its errors, over HTTP/2 too.
+    let models = get(&c, &format!("{}/v1/models", r.url)).await.unwrap();
+    assert_eq!(models.json()["data"][0]["id"], "m");
+    let bad = post(&c, &url, "{not json", &[]).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["type"], "invalid_request_error");
+    let unknown = post(&c, &url, &completion("nope", "x", false), &[]).await;
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("m"));
+    let bad_priority = post(
+        &c,
+        &url,
+        &completion("m", "x", false),
+        &[("x-request-priority", "0")],
+    )
+    .await;
+    assert_eq!(bad_priority.status, 400);
+    assert!(bad_priority.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("x-request-priority"));
+}
+
+#[tokio::test]
+async fn an_http2_stream_passes_each_event_on_as_it_arrives_and_a_reset_cancels_upstream() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
+    let tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let mut send = h2_connection(tcp).await;
+    let script = engine.script_next();
+    let authority = r.url.trim_start_matches("http://").to_string();
+    let pending = tokio::spawn(send.send_request(completion_request(&authority, true)));
+    let scripted = script.await.unwrap();
+    let chunks = sse_chunks(2);
+    scripted.send(chunks[0].clone()).await;
+    let response = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the router answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    // The first event arrives before the engine has sent the second.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first event was forwarded")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(first, chunks[0].as_bytes());
+    scripted.send(chunks[1].clone()).await;
+    let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(second, chunks[1].as_bytes());
+
+    // Dropping the body resets the stream; the router drops the engine's request.
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(10), scripted.chunks.closed())
+        .await
+        .expect("upstream request cancelled after the client reset its stream");
+    let c = client();
+    let mut load = serde_json::Value::Null;
+    for _ in 0..100 {
+        let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        load = engines["endpoints"][0]["load"].clone();
+        if load["in_prefill"] == 0 && load["in_decode"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (&load["in_prefill"], &load["in_decode"]),
+        (&0.into(), &0.into())
+    );
+}
+
+#[tokio::test]
+async fn many_requests_share_one_http2_connection() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
+    let authority = r.url.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let send = h2_connection(tcp).await;
+    let requests = (0..24).map(|i| {
+        let mut send = send.clone();
+        let request = completion_request(&authority, i % 2 == 0);
+        async move {
+            let response = send.send_request(request).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        }
+    });
+    let answers = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(requests),
+    )
+    .await
+    .expect("every stream answered");
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
+        if i % 2 == 0 {
+            assert_eq!(body, sse_chunks(4).concat().as_bytes());
+        }
+    }
+    let proxied = engine
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .count();
+    assert_eq!(proxied, 24);
+}
+
+#[tokio::test]
+async fn shutdown_ends_http2_streams_that_outlast_its_timeout() {
+    let engine = mock(&["m"]).await;
+    let mut r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        "m",
+        "--shutdown-timeout-ms",
+        "200",
+    ])
+    .await;
+    let authority = r.url.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let mut send = h2_connection(tcp).await;
+    let script = engine.script_next();
+    let pending = tokio::spawn(send.send_request(completion_request(&authority, true)));
+    let scripted = script.await.unwrap();
+    scripted.send(first_chunk()).await;
+    let mut body = pending.await.unwrap().unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+
+    shut_down_while_streaming(&mut r, &scripted, &mut body).await;
+}
