@@ -36,7 +36,9 @@
 //! (default 0: every answer takes the same time and closed-loop clients move in lockstep),
 //! `OVERHEAD_ROUNDS` (default 1) to measure each paced cell that many times, direct, relay and
 //! router in turn, and report the past-schedule percentiles as medians over the rounds (the
-//! first table then has a row per round).
+//! first table then has a row per round), `OVERHEAD_CLIENT=h2` for clients that speak HTTP/2
+//! (prior knowledge) to the router, all the clients' requests multiplexed on one connection as an
+//! HTTP/2 client pools them (the direct and relay runs stay HTTP/1.1).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -369,7 +371,14 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, secs: f64) -> Cell {
+fn measure(
+    target: &str,
+    http2: bool,
+    streaming: bool,
+    concurrency: usize,
+    warmup: Duration,
+    secs: f64,
+) -> Cell {
     JITTER_DRAWS.store(0, Ordering::Relaxed);
     let url = format!("{target}/v1/completions");
     let body = Bytes::from(format!(
@@ -381,6 +390,7 @@ fn measure(target: &str, streaming: bool, concurrency: usize, warmup: Duration, 
         connector.set_nodelay(true);
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
+            .http2_only(http2)
             .build(connector);
         let stop = Arc::new(AtomicBool::new(false));
         let begun = Instant::now();
@@ -494,6 +504,7 @@ impl ProxyThread {
 /// One cell through a proxy, and what the proxy's thread used per request in it.
 fn measure_via(
     proxy: &str,
+    http2: bool,
     thread: &ProxyThread,
     streaming: bool,
     concurrency: usize,
@@ -501,10 +512,17 @@ fn measure_via(
     secs: f64,
 ) -> (Cell, Usage) {
     let (t, before) = (Instant::now(), Usage::of(&thread.dir));
-    let cell = measure(proxy, streaming, concurrency, warmup, secs);
+    let cell = measure(proxy, http2, streaming, concurrency, warmup, secs);
     let used = Usage::of(&thread.dir).since(before, thread.idle_per_s, t.elapsed().as_secs_f64());
     let per_request = used.per(cell.completed);
     (cell, per_request)
+}
+
+/// Whether the load generator speaks HTTP/2 (prior knowledge) to the router (`OVERHEAD_CLIENT=h2`;
+/// default HTTP/1.1). The upstreams and the byte relay are always spoken to in HTTP/1.1, as the
+/// router speaks to them.
+fn client_http2() -> bool {
+    std::env::var("OVERHEAD_CLIENT").is_ok_and(|c| c.eq_ignore_ascii_case("h2"))
 }
 
 const MODES: [(bool, &str); 2] = [(false, "non-stream"), (true, "stream")];
@@ -551,8 +569,16 @@ fn instant(upstream: &str, router: &str, thread: &ProxyThread, secs: f64) {
     for concurrency in concurrency_levels() {
         let mut cpu_plain = f64::NAN;
         for (streaming, mode) in modes() {
-            let d = measure(upstream, streaming, concurrency, warmup, secs);
-            let (r, used) = measure_via(router, thread, streaming, concurrency, warmup, secs);
+            let d = measure(upstream, false, streaming, concurrency, warmup, secs);
+            let (r, used) = measure_via(
+                router,
+                client_http2(),
+                thread,
+                streaming,
+                concurrency,
+                warmup,
+                secs,
+            );
             let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, INSTANT_CHUNKS);
             let used = usage_cells(&used);
             let mode = if streaming {
@@ -615,10 +641,25 @@ fn paced(
             let mut n = [0usize; 3];
             let mut cpu_us: [Vec<f64>; 2] = Default::default();
             for _ in 0..rounds {
-                let d = measure(upstream, streaming, concurrency, warmup, secs);
-                let (b, relay_used) =
-                    measure_via(relay, relay_thread, streaming, concurrency, warmup, secs);
-                let (r, used) = measure_via(router, thread, streaming, concurrency, warmup, secs);
+                let d = measure(upstream, false, streaming, concurrency, warmup, secs);
+                let (b, relay_used) = measure_via(
+                    relay,
+                    false,
+                    relay_thread,
+                    streaming,
+                    concurrency,
+                    warmup,
+                    secs,
+                );
+                let (r, used) = measure_via(
+                    router,
+                    client_http2(),
+                    thread,
+                    streaming,
+                    concurrency,
+                    warmup,
+                    secs,
+                );
                 for (i, c) in [&d, &b, &r].into_iter().enumerate() {
                     late[i].push([c.ttft_late.0, c.e2e_late.0, c.ttft_late.1, c.e2e_late.1]);
                     n[i] += c.n;

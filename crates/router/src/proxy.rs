@@ -87,6 +87,23 @@ fn has_dot_segment(path: &str) -> bool {
         .any(|segment| segment == "." || segment == "..")
 }
 
+/// The methods proxied at all (as `Allow` lists them).
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+fn forwarded_method(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ]
+    .contains(method)
+}
+
 /// Routes vLLM serves for POST only: another method gets 405 here rather than a body error, or
 /// the engine's bare 405.
 fn post_only(path: &str) -> bool {
@@ -308,6 +325,22 @@ async fn handle(
         ))
         .with_code("invalid_path");
         return reject(&state, error, &request_id);
+    }
+    if !forwarded_method(&parts.method) {
+        // TRACE would echo the request, credentials included (cross-site tracing); CONNECT
+        // would ask for a tunnel; no engine serves either, nor an extension method.
+        let error = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{} is not allowed: the router forwards {FORWARDED_METHODS}",
+                parts.method
+            ),
+        );
+        let mut response = reject(&state, error, &request_id);
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+        return response;
     }
     let Some(route) = route_of(parts.uri.path()) else {
         let error = ApiError::new(

@@ -311,6 +311,27 @@ async fn wrong_methods_unknown_routes_and_refusals_are_openai_errors() {
         assert_eq!(ans.header("allow"), "POST");
     }
 
+    // TRACE (it would echo the credentials back), CONNECT and extension methods go nowhere.
+    for method in ["TRACE", "CONNECT", "PROPFIND"] {
+        let url = format!("{}/v1/models/m", r.url);
+        let ans = request(&c, method, &url, "", &key).await;
+        assert_eq!(ans.status, 405, "{method}");
+        let err = assert_openai_error(std::str::from_utf8(&ans.body).unwrap(), 405, None);
+        let message = err["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{method} is not allowed")),
+            "{message}"
+        );
+        assert_eq!(
+            ans.header("allow"),
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
+    }
+    assert!(
+        !engine.requests().iter().any(|s| s.path == "/v1/models/m"),
+        "nothing reached the engine"
+    );
+
     let ans = request(&c, "GET", &format!("{}/nope", r.url), "", &key).await;
     assert_eq!(ans.status, 404);
     let err = assert_openai_error(std::str::from_utf8(&ans.body).unwrap(), 404, None);
