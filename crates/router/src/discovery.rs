@@ -142,9 +142,22 @@ pub struct StaticDiscovery {
     /// The settings the router runs with, less what the file gave (defaults there): a reloaded
     /// file is laid over them and checked as at start-up.
     base: RouterConfig,
-    /// The file's settings (other than backends) and its backend count at the last good read.
-    file_settings: toml::Table,
+    /// The settings the router runs with, key by key: what a reloaded file is compared with to
+    /// say which of its settings wait for a restart.
+    running: serde_json::Map<String, serde_json::Value>,
+    /// The file's backend count at the last good read.
     file_backends: usize,
+    /// What the last reload left waiting (see [`StaticDiscovery::pending`]).
+    last_reload: Pending,
+}
+
+/// The settings names a reloaded file has that do not apply now.
+#[derive(Debug, Default, PartialEq)]
+struct Pending {
+    /// Differ from the running settings: they apply at the next start.
+    differ: Vec<String>,
+    /// Overridden by a flag or `QOE_*` variable.
+    overridden: Vec<String>,
 }
 
 impl StaticDiscovery {
@@ -169,8 +182,12 @@ impl StaticDiscovery {
             poll: Duration::from_secs(1),
             last_seen: None,
             base: config.clone(),
-            file_settings: toml::Table::new(),
+            running: match serde_json::to_value(config) {
+                Ok(serde_json::Value::Object(fields)) => fields,
+                _ => serde_json::Map::new(),
+            },
             file_backends: 0,
+            last_reload: Pending::default(),
         }
     }
 
@@ -192,27 +209,26 @@ impl StaticDiscovery {
                     self.file_backends
                 );
                 // As at start-up: flags and `QOE_*` variables win over the file.
-                self.base
-                    .overlay(&file.settings, path, |key| self.base.file_sets(key))?
-                    .validate()
+                let next = self
+                    .base
+                    .overlay(&file.settings, path, |key| self.base.file_sets(key))?;
+                next.validate()
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
-                let changed: Vec<&str> = file
-                    .settings
-                    .iter()
-                    .filter(|(k, v)| self.file_settings.get(*k) != Some(*v))
-                    .map(|(k, _)| k.as_str())
-                    .chain(
-                        self.file_settings
-                            .keys()
-                            .filter(|k| !file.settings.contains_key(*k))
-                            .map(|k| k.as_str()),
-                    )
-                    .collect();
-                if !changed.is_empty() {
+                self.last_reload = self.pending(&next, &file.settings);
+                let Pending { differ, overridden } = &self.last_reload;
+                if !differ.is_empty() {
                     tracing::warn!(
-                        "{}: settings other than [[backends]] take effect at the next start: {} changed",
+                        "{}: settings other than [[backends]] take effect at the next start: {} \
+                         differ from the running settings",
                         path.display(),
-                        changed.join(", ")
+                        differ.join(", ")
+                    );
+                }
+                if !overridden.is_empty() {
+                    tracing::info!(
+                        "{}: {} set by a flag or QOE_* variable, which wins over the file",
+                        path.display(),
+                        overridden.join(", ")
                     );
                 }
             }
@@ -229,7 +245,7 @@ impl StaticDiscovery {
                     let by = if twice {
                         "the file"
                     } else {
-                        "--static-backends"
+                        "--static-backends (or the static_backends key)"
                     };
                     return Err(bad(format!("'{url}' is listed already, by {by}")));
                 }
@@ -238,7 +254,6 @@ impl StaticDiscovery {
                 self.base = self.base.without_file(&file.settings)?;
             }
             self.file_backends = file.backends.len();
-            self.file_settings = file.settings;
             for BackendEntry { url, models, role } in file.backends {
                 let role = parse_role(role.as_deref(), &url)?;
                 let url = normalize_url(&url);
@@ -246,6 +261,27 @@ impl StaticDiscovery {
             }
         }
         Ok(specs)
+    }
+
+    /// The settings of a reloaded file that wait for the next start (only `[[backends]]`
+    /// applies live): those of `next` that differ from the running ones. And the file's keys that
+    /// a flag or `QOE_*` variable overrides, which never apply while it does. Both logged at
+    /// every reload, so a change still pending is not forgotten by the next one.
+    fn pending(&self, next: &RouterConfig, file: &toml::Table) -> Pending {
+        let differ = match serde_json::to_value(next) {
+            Ok(serde_json::Value::Object(next)) => next
+                .into_iter()
+                .filter(|(key, value)| self.running.get(key) != Some(value))
+                .map(|(key, _)| key)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let overridden = file
+            .keys()
+            .map(|key| key.replace('-', "_"))
+            .filter(|key| !self.base.file_sets(key))
+            .collect();
+        Pending { differ, overridden }
     }
 
     fn modified(&self) -> Option<SystemTime> {
@@ -419,6 +455,63 @@ mod tests {
         assert!(reload(&mut d, "backends = []\n").unwrap().is_empty());
         // Once empty, a file without backends is no loss.
         assert!(reload(&mut d, "").unwrap().is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Every reload names the settings that differ from those running, whatever the previous
+    /// reload said: a change reverted is no longer pending, one still pending is named again, and
+    /// a key a flag overrides is told apart.
+    #[test]
+    fn reload_names_the_settings_that_differ_from_those_running() {
+        let path =
+            std::env::temp_dir().join(format!("qoe-discovery-pending-{}.toml", std::process::id()));
+        let backend = "[[backends]]\nurl = \"http://127.0.0.1:1\"\n";
+        let write = |text: String| std::fs::write(&path, text).unwrap();
+        write(format!(
+            "routing_logic = \"least-loaded\"\nmax_retries = 1\n{backend}"
+        ));
+        let config = RouterConfig::from_args([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-retries",
+            "1",
+        ])
+        .unwrap();
+        let mut d = StaticDiscovery::new(&config);
+        d.initial().unwrap();
+        let mut reload = |text: String| {
+            write(text);
+            d.read(true).unwrap();
+            (
+                d.last_reload.differ.clone(),
+                d.last_reload.overridden.clone(),
+            )
+        };
+        let (differ, overridden) = reload(format!(
+            "routing_logic = \"roundrobin\"\nmax_retries = 1\n{backend}"
+        ));
+        assert_eq!(differ, ["routing_logic"]);
+        assert_eq!(overridden, ["max_retries"]);
+        let (differ, _) = reload(format!(
+            "routing_logic = \"roundrobin\"\ntarget_ttft = 500\n{backend}"
+        ));
+        assert_eq!(
+            differ,
+            ["routing_logic", "target_ttft"],
+            "still pending, and the new one"
+        );
+        let (differ, overridden) = reload(format!(
+            "routing_logic = \"least-loaded\"\nmax_retries = 5\n{backend}"
+        ));
+        assert!(
+            differ.is_empty(),
+            "reverted, and a flagged key's value does not apply: {differ:?}"
+        );
+        assert_eq!(overridden, ["max_retries"]);
+        // A key the file no longer sets is back at its default: pending too.
+        let (differ, _) = reload(backend.to_string());
+        assert_eq!(differ, ["routing_logic"]);
         let _ = std::fs::remove_file(&path);
     }
 
