@@ -342,6 +342,19 @@ async fn handle(
             .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
         return response;
     }
+    if state.via.seen_in(&parts.headers) {
+        let error = ApiError::new(
+            StatusCode::LOOP_DETECTED,
+            format!(
+                "this request came back to the router that sent it (its Via has {}): an \
+                 endpoint leads back to this router; check --static-backends and the discovered \
+                 endpoints",
+                state.via.token
+            ),
+        )
+        .with_code("loop_detected");
+        return reject(&state, error, &request_id);
+    }
     let Some(route) = route_of(parts.uri.path()) else {
         let error = ApiError::new(
             StatusCode::NOT_FOUND,
@@ -849,6 +862,7 @@ async fn send(
         headers.append(name.clone(), value.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    headers.append(header::VIA, state.via.entry(parts.version).clone());
     if let Some(key) = upstream_key {
         headers.insert(header::AUTHORIZATION, key.clone());
     }

@@ -81,6 +81,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         retry_budget: qoe_core::retry_budget::RetryBudget::new(config.retry_budget()),
         server_tls,
         closing_connections: Default::default(),
+        via: crate::state::Via::new(rand::random()),
         config,
     }))
 }

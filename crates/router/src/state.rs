@@ -29,6 +29,51 @@ pub struct AppState {
     /// Set when the shutdown timeout ran out and the router closes the connections left: their
     /// requests end by its hand, not their clients'.
     pub closing_connections: std::sync::atomic::AtomicBool,
+    /// The `Via` this router adds to what it forwards, and finds again in a request that came
+    /// back to it.
+    pub via: Via,
+}
+
+/// This router's `Via` entry (RFC 9110 §7.6.3): `1.1 qoe-router-<id>`, the id drawn at random per
+/// process. A request that already carries it has been through this very router: an endpoint
+/// leads back to it (the router listed as its own backend, or two routers listing each other),
+/// and forwarding it again would loop until some limit broke.
+#[derive(Debug, Clone)]
+pub struct Via {
+    /// This process's pseudonym, `qoe-router-` and 16 hex digits.
+    pub token: String,
+    http1: http::HeaderValue,
+    http2: http::HeaderValue,
+}
+
+impl Via {
+    pub fn new(id: u64) -> Self {
+        let token = format!("qoe-router-{id:016x}");
+        let value = |version: &str| {
+            http::HeaderValue::try_from(format!("{version} {token}")).expect("ASCII")
+        };
+        Via {
+            http1: value("1.1"),
+            http2: value("2"),
+            token,
+        }
+    }
+
+    /// The entry for a request received in `version`.
+    pub fn entry(&self, version: http::Version) -> &http::HeaderValue {
+        match version {
+            http::Version::HTTP_2 => &self.http2,
+            _ => &self.http1,
+        }
+    }
+
+    /// Whether `headers` hold this router's entry already.
+    pub fn seen_in(&self, headers: &http::HeaderMap) -> bool {
+        headers
+            .get_all(http::header::VIA)
+            .iter()
+            .any(|v| memchr::memmem::find(v.as_bytes(), self.token.as_bytes()).is_some())
+    }
 }
 
 /// Running estimate of output length per model, for requests that give neither the header nor

@@ -508,3 +508,94 @@ async fn a_crash_mid_stream_ends_in_an_error_event_never_a_hang() {
         assert_eq!(ans.header("x-qoe-endpoint"), good.url);
     }
 }
+
+/// A router listed as its own endpoint (or two routers listing each other) would forward a request
+/// to itself until some limit broke; its `Via` entry stops it on the first return, with 508.
+#[tokio::test]
+async fn a_request_that_comes_back_to_its_router_is_refused_as_a_loop() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = qoe_router::RouterConfig::from_args([
+        "qoe-router",
+        "--static-backends",
+        &url,
+        "--static-models",
+        "m",
+        "--max-retries",
+        "0",
+    ])
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(qoe_router::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let c = client();
+    until("the router listens", || async {
+        get(&c, &format!("{url}/health")).await.is_ok()
+    })
+    .await;
+    let answer = post(
+        &c,
+        &format!("{url}/v1/completions"),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    // The looped request's 508 passes through as the engine's answer.
+    assert_eq!(
+        answer.status,
+        508,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let error = &answer.json()["error"];
+    assert_eq!(error["code"], "loop_detected");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("came back to the router"),
+        "{error}"
+    );
+    // Two requests in all: the client's, proxied once, and its return, refused.
+    let text = metrics_text(&c, &url).await;
+    assert_eq!(
+        metric_sum(&text, "qoe_router_requests_total{"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "qoe_router_rejected_requests_total{code=\"508\"}"),
+        1.0,
+        "{text}"
+    );
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+}
+
+/// What the router forwards carries its `Via` entry after any the client sent.
+#[tokio::test]
+async fn forwarded_requests_carry_the_routers_via() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let answer = post(
+        &c,
+        &url,
+        &completion("m", "x", false),
+        &[("via", "1.1 gateway")],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let seen = engine.requests();
+    let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
+    let via: Vec<_> = proxied.headers.get_all("via").iter().collect();
+    assert_eq!(via.len(), 2, "{via:?}");
+    assert_eq!(via[0], "1.1 gateway");
+    let ours = via[1].to_str().unwrap();
+    assert!(
+        ours.starts_with("1.1 qoe-router-") && ours.len() == "1.1 qoe-router-".len() + 16,
+        "{ours}"
+    );
+}
