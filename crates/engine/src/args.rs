@@ -301,5 +301,11 @@ mod tests {
             bad.validate().is_err(),
             "max_num_batched_tokens < max_num_seqs"
         );
+        let bad = EngineArgs {
+            max_num_queued_reqs: 0,
+            ..EngineArgs::default()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("max_num_queued_reqs"), "{e}");
     }
 }

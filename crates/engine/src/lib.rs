@@ -38,6 +38,7 @@ mod server;
 pub use args::{EngineArgs, Role};
 pub use driver::{LoopStats, CATCH_UP_SLICE, DEFAULT_CATCH_UP_LIMIT};
 pub use faults::{FaultDraw, Faults, FaultsUpdate};
+pub use server::MAX_BODY_BYTES;
 
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;

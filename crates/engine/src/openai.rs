@@ -451,6 +451,12 @@ pub(crate) fn parse_request(
     .unwrap_or(false);
     let temperature = lax(&obj, "temperature", "temperature", float_of)?;
     let top_p = lax(&obj, "top_p", "top_p", float_of)?;
+    let presence_penalty = lax(&obj, "presence_penalty", "presence_penalty", float_of)?;
+    let frequency_penalty = lax(&obj, "frequency_penalty", "frequency_penalty", float_of)?;
+    let repetition_penalty = lax(&obj, "repetition_penalty", "repetition_penalty", float_of)?;
+    let top_k = lax(&obj, "top_k", "top_k", int_of)?;
+    let min_p = lax(&obj, "min_p", "min_p", float_of)?;
+    let min_tokens = lax(&obj, "min_tokens", "min_tokens", int_of)?;
     let stop = stop_strings(obj.get("stop"))?;
     let logprobs = if chat {
         let on = lax(&obj, "logprobs", "logprobs", bool_of)?.unwrap_or(false);
@@ -504,16 +510,26 @@ pub(crate) fn parse_request(
             None,
         ));
     }
-    let max_tokens = match max_completion.or(max_tokens) {
-        Some(m) if m < 1 => {
-            return Err(ApiError::check(
-                format!("max_tokens must be at least 1, got {m}."),
-                "max_tokens",
-                Some(&m.to_string()),
-            ))
+    for (name, penalty) in [
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+    ] {
+        if let Some(v) = penalty.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(ApiError::bad_request(
+                format!("{name} must be in [-2, 2], got {}.", py_float(v)),
+                None,
+            ));
         }
-        m => m.map(|m| m as u64),
-    };
+    }
+    if let Some(v) = repetition_penalty.filter(|v| *v <= 0.0) {
+        return Err(ApiError::bad_request(
+            format!(
+                "repetition_penalty must be greater than zero, got {}.",
+                py_float(v)
+            ),
+            None,
+        ));
+    }
     if let Some(t) = temperature.filter(|t| *t < 0.0) {
         return Err(ApiError::check(
             format!("temperature must be non-negative, got {}.", py_float(t)),
@@ -527,6 +543,43 @@ pub(crate) fn parse_request(
             "top_p",
             Some(&py_float(p)),
         ));
+    }
+    if let Some(k) = top_k.filter(|k| *k < -1) {
+        return Err(ApiError::bad_request(
+            format!("top_k must be 0 (disable), or at least 1, got {k}."),
+            None,
+        ));
+    }
+    if let Some(p) = min_p.filter(|p| !(0.0..=1.0).contains(p)) {
+        return Err(ApiError::bad_request(
+            format!("min_p must be in [0, 1], got {}.", py_float(p)),
+            None,
+        ));
+    }
+    let max_tokens = match max_completion.or(max_tokens) {
+        Some(m) if m < 1 => {
+            return Err(ApiError::check(
+                format!("max_tokens must be at least 1, got {m}."),
+                "max_tokens",
+                Some(&m.to_string()),
+            ))
+        }
+        m => m.map(|m| m as u64),
+    };
+    match (min_tokens, max_tokens) {
+        (Some(min), _) if min < 0 => {
+            return Err(ApiError::bad_request(
+                format!("min_tokens must be greater than or equal to 0, got {min}."),
+                None,
+            ))
+        }
+        (Some(min), Some(max)) if min as u64 > max => {
+            return Err(ApiError::bad_request(
+                format!("min_tokens must be less than or equal to max_tokens={max}, got {min}."),
+                None,
+            ))
+        }
+        _ => {}
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::bad_request(
@@ -699,9 +752,16 @@ fn completion_prompts(
         _ => None,
     };
     let one = |p: &Value, bytes: &[u8]| -> Result<Prompt, ApiError> {
+        if p.as_array().is_some_and(Vec::is_empty) {
+            // Token ids, none of them: not even the BOS token a text prompt gets.
+            return Err(ApiError::bad_request(
+                "The decoder prompt cannot be empty",
+                None,
+            ));
+        }
         let (tokens, prefix_hashes) = analyze_prompt(ApiKind::Completion, bytes, config)?;
         Ok(Prompt {
-            // An empty element of a batch still holds the BOS token.
+            // An empty text of a batch still holds the BOS token.
             tokens: tokens.max(1),
             prefix_hashes,
             echo: echo.then(|| prompt_text(p)),
@@ -1634,6 +1694,20 @@ mod tests {
                 Some("temperature"),
             ),
             (br#"{"prompt":"x","top_p":0}"#, false, Some("top_p")),
+            (br#"{"prompt":"x","presence_penalty":2.5}"#, false, None),
+            (br#"{"prompt":"x","frequency_penalty":-9}"#, false, None),
+            (br#"{"prompt":"x","repetition_penalty":0}"#, false, None),
+            (br#"{"prompt":"x","top_k":-5}"#, false, None),
+            (br#"{"prompt":"x","top_k":1.5}"#, true, Some("body.top_k")),
+            (br#"{"prompt":"x","min_p":2}"#, false, None),
+            (br#"{"prompt":"x","min_tokens":-1}"#, false, None),
+            (
+                br#"{"prompt":"x","min_tokens":5,"max_tokens":3}"#,
+                false,
+                None,
+            ),
+            (br#"{"prompt":[[]]}"#, false, None),
+            (br#"{"prompt":["x",[]]}"#, false, None),
             (br#"{"prompt":"x","stop":""}"#, false, None),
             (
                 br#"{"prompt":"x","stream_options":{"include_usage":true}}"#,
@@ -1665,6 +1739,26 @@ mod tests {
             };
             assert_eq!(e.body()["error"]["type"], want);
         }
+        // vLLM's sampling bounds, inclusive where it is: these pass.
+        for body in [
+            &br#"{"prompt":"x","top_k":-1,"min_p":1,"presence_penalty":2,"frequency_penalty":-2}"#
+                [..],
+            br#"{"prompt":"x","top_k":0,"repetition_penalty":1.1,"min_tokens":3,"max_tokens":3}"#,
+            br#"{"prompt":["",[1,2]],"min_tokens":0}"#,
+        ] {
+            let parsed = parse_request(Api::Completions, body, 512);
+            assert!(parsed.is_ok(), "{}", String::from_utf8_lossy(body));
+        }
+        let e = parse_request(
+            Api::Completions,
+            br#"{"prompt":"x","min_tokens":5,"max_tokens":3}"#,
+            512,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "min_tokens must be less than or equal to max_tokens=3, got 5."
+        );
         let e =
             parse_request(Api::Completions, br#"{"prompt":"x","max_tokens":-1}"#, 512).unwrap_err();
         assert_eq!(

@@ -56,6 +56,8 @@ pub(crate) struct App {
     faults: Mutex<Faults>,
     /// Arrival counter: request ids and the fault draw's index.
     next_request: AtomicU64,
+    /// Generation requests in flight (`/load`), from arrival to the end of their answer.
+    in_flight: Arc<AtomicU64>,
     /// Ids of the model's requests (one per choice).
     next_seq: AtomicU64,
     /// Most sequences the model holds at once, running and waiting.
@@ -108,6 +110,7 @@ impl App {
             )),
             faults: Mutex::new(faults),
             next_request: AtomicU64::new(0),
+            in_flight: Arc::default(),
             next_seq: AtomicU64::new(0),
             capacity,
             metrics_snapshot: Mutex::new(None),
@@ -124,6 +127,31 @@ impl App {
 
     fn model_name(&self) -> &str {
         &self.args.models[0]
+    }
+}
+
+/// The largest request body read, bytes: far beyond any prompt an engine's context holds (vLLM's
+/// server sets none; a body this large fails the context-length check anyway), and a bound on
+/// what one request may make the engine buffer.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// A request body of at most [`MAX_BODY_BYTES`]; a larger or broken one is refused in OpenAI's
+/// shape (axum's own refusal is plain text).
+struct RequestBody(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RequestBody {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Bytes::from_request(request, state).await {
+            Ok(body) => Ok(RequestBody(body)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                e.status(),
+                format!("the request body is over {MAX_BODY_BYTES} bytes"),
+            )
+            .into_response()),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text()).into_response()),
+        }
     }
 }
 
@@ -154,6 +182,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
             )
         })
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
 
@@ -185,11 +214,19 @@ fn json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Response {
     generate(app, Api::Completions, &headers, body).await
 }
 
-async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Response {
     generate(app, Api::Chat, &headers, body).await
 }
 
@@ -256,6 +293,7 @@ impl Plan {
 }
 
 async fn generate(app: Arc<App>, api: Api, headers: &HeaderMap, body: Bytes) -> Response {
+    let in_flight = InFlight::new(&app.in_flight);
     let n = app.next_request.fetch_add(1, Ordering::Relaxed);
     let draw = lock(&app.faults).draw(app.args.seed, n);
     if draw.hang {
@@ -278,7 +316,7 @@ async fn generate(app: Arc<App>, api: Api, headers: &HeaderMap, body: Bytes) -> 
         Err(e) => return e.into_response(),
     };
     match admit(&app, api, n, p, draw) {
-        Ok((plan, tickets)) if plan.stream => stream_response(app, plan, tickets),
+        Ok((plan, tickets)) if plan.stream => stream_response(app, plan, tickets, in_flight),
         Ok((plan, tickets)) => full(app, plan, tickets).await,
         Err(e) => e.into_response(),
     }
@@ -644,6 +682,8 @@ struct SseBody {
     /// A fault's timed pause in progress (rare: faults only).
     wait: Option<(Wait, AfterWait)>,
     done: bool,
+    /// Counted in `/load` until the stream is dropped.
+    _in_flight: InFlight,
 }
 
 impl SseBody {
@@ -825,7 +865,12 @@ impl HttpBody for SseBody {
     }
 }
 
-fn stream_response(app: Arc<App>, plan: Plan, tickets: Vec<Ticket>) -> Response {
+fn stream_response(
+    app: Arc<App>,
+    plan: Plan,
+    tickets: Vec<Ticket>,
+    in_flight: InFlight,
+) -> Response {
     let first = plan.seqs[0].output_tokens;
     let half = first / 2;
     let streams = tickets
@@ -855,6 +900,7 @@ fn stream_response(app: Arc<App>, plan: Plan, tickets: Vec<Ticket>) -> Response 
         done: false,
         streams,
         plan,
+        _in_flight: in_flight,
     };
     let mut resp = Body::new(body).into_response();
     let h = resp.headers_mut();
@@ -902,9 +948,26 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 /// vLLM's `/load`: requests in the engine (running + waiting).
+/// vLLM's `/load`: the generation requests in flight, as its API server counts them (one per
+/// HTTP request, whatever its `n`, until its answer has been sent).
 async fn load(State(app): State<Arc<App>>) -> Json<Value> {
-    let s = app.driver.stats();
-    Json(json!({"server_load": s.running + s.waiting}))
+    Json(json!({"server_load": app.in_flight.load(Ordering::Relaxed)}))
+}
+
+/// One generation request counted in `/load` while it lives.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A known model, or the first served one when the body names none.
@@ -925,7 +988,11 @@ fn served_model(app: &App, obj: &serde_json::Map<String, Value>) -> Result<(), A
 /// `/tokenize` with the shared prompt rule. The ids are placeholders (the rule has no vocabulary):
 /// a deterministic id per token position and prompt, so only `count` carries meaning;
 /// `/detokenize` reads every id back as a word.
-async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn tokenize(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Response {
     let answer = || -> Result<Value, ApiError> {
         json_content_type(&headers)?;
         let obj = read_object(&body)?;
@@ -985,7 +1052,7 @@ async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
 async fn detokenize_handler(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Response {
     let answer = || -> Result<Value, ApiError> {
         json_content_type(&headers)?;
@@ -1059,7 +1126,7 @@ async fn get_config(State(app): State<Arc<App>>) -> Json<Value> {
     Json(config_view(&app))
 }
 
-async fn set_config(State(app): State<Arc<App>>, body: Bytes) -> Response {
+async fn set_config(State(app): State<Arc<App>>, RequestBody(body): RequestBody) -> Response {
     let update: FaultsUpdate = match serde_json::from_slice(&body) {
         Ok(u) => u,
         Err(e) => {

@@ -249,6 +249,23 @@ async fn bad_requests_get_openai_errors() {
             400,
         );
         assert_eq!(v["error"]["param"], "input_tokens");
+        // A body of megabytes is read as vLLM reads it (no 2 MiB cap), and refused for its
+        // length; one past the engine's limit gets 413, in OpenAI's shape too.
+        let long = json!({"model": "m", "prompt": "y".repeat(3 << 20), "max_tokens": 20});
+        let long = assert_openai_error(&s.post_json("/v1/completions", &long).await, 400);
+        assert_eq!(long["error"]["param"], "input_tokens");
+        let huge = format!(
+            "{{\"model\":\"m\",\"prompt\":\"{}\"}}",
+            "y".repeat(qoe_engine::MAX_BODY_BYTES)
+        );
+        let v413 = assert_openai_error(&s.post("/v1/completions", &huge).await, 413);
+        assert!(
+            v413["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("over 67108864 bytes"),
+            "{v413}"
+        );
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(
             msg.contains("maximum context length is 100 tokens") && msg.contains("at least 101"),
@@ -343,6 +360,17 @@ async fn models_health_load_tokenize() {
             .json();
         assert_eq!(t["count"], 3);
         assert_eq!(s.get("/load").await.json()["server_load"], 0);
+        // `/load` counts HTTP requests, as vLLM's does: one stream of three choices is one.
+        let mut three = s
+            .open(
+                "/v1/completions",
+                &json!({"model": "m", "prompt": "x", "max_tokens": 3000, "ignore_eos": true,
+                        "stream": true, "n": 3}),
+            )
+            .await;
+        three.next_event().await.unwrap().unwrap();
+        assert_eq!(s.get("/load").await.json()["server_load"], 1);
+        drop(three);
         assert_eq!(s.get("/nope").await.status, 404);
     })
     .await

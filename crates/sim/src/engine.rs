@@ -158,6 +158,10 @@ impl EngineConfig {
         if self.max_num_batched_tokens == 0 || self.max_num_seqs == 0 {
             return bad("max_num_batched_tokens and max_num_seqs must be positive");
         }
+        if self.max_num_queued_reqs == 0 {
+            // Every request waits in the queue before its first iteration: none would be taken.
+            return bad("max_num_queued_reqs must be positive");
+        }
         if self.max_num_batched_tokens < self.max_num_seqs {
             // As vLLM: otherwise decodes beyond the budget would starve every iteration.
             return bad("max_num_batched_tokens must be at least max_num_seqs");
