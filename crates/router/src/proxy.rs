@@ -166,6 +166,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1 request carries one, the
+/// pairs joined with `; ` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, joined);
+    }
+}
+
 /// Appends `client` to the request's `X-Forwarded-For` (its lines joined into one, as RFC 9110
 /// §5.3 allows), as a reverse proxy does: the engine sees the router's address, and the last
 /// address in the list is the one the router itself saw, whatever the client claimed before it.
@@ -863,6 +881,9 @@ async fn send(
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     headers.append(header::VIA, state.via.entry(parts.version).clone());
+    if parts.version == http::Version::HTTP_2 {
+        join_cookies(headers);
+    }
     if let Some(key) = upstream_key {
         headers.insert(header::AUTHORIZATION, key.clone());
     }

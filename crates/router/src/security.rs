@@ -343,6 +343,17 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
 /// Why the request is refused before its key is looked at: headers past `--max-header-bytes`
 /// (431), or framing the router does not take ([`framing_error`]).
 fn limit_headers(state: &AppState, request: &Request) -> Option<ApiError> {
+    let fields = request.headers().len();
+    if fields > crate::server::MAX_HEADER_FIELDS {
+        // HTTP/1.1 never gets here (hyper refuses more first); HTTP/2 does.
+        return Some(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request has {fields} header fields, over the limit of {}",
+                crate::server::MAX_HEADER_FIELDS
+            ),
+        ));
+    }
     let size = header_bytes(request.headers());
     let limit = state.config.max_header_bytes;
     if size > limit {

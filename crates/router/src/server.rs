@@ -342,12 +342,13 @@ struct ConnectionTimeouts {
 
 /// Accepts connections and serves each with `front` until `shutdown` completes, then lets the
 /// open ones finish their requests for up to `timeouts.shutdown` and closes what remains (its
-/// requests' upstream connections are dropped with them: the engines abort them). Headers must
-/// arrive within `timeouts.header` (hyper closes the connection otherwise): a client that opens
-/// connections and never finishes a request would otherwise hold a socket each, forever. With
-/// `tls`, each connection's handshake runs in its own task, within [`TLS_HANDSHAKE_TIMEOUT`] (or
-/// the header timeout if shorter) and abandoned at shutdown; a connection that opens with plain
-/// HTTP gets a 400 saying so.
+/// requests' upstream connections are dropped with them: the engines abort them). A client has
+/// `timeouts.header` from its connection's start to send a request's headers, and as long between
+/// requests (hyper's header timeout in HTTP/1.1, [`Protocols::serve`]'s idle timer in HTTP/2): a
+/// client that opens connections and never finishes a request would otherwise hold a socket each,
+/// forever. With `tls`, each connection's handshake runs in its own task, within
+/// [`TLS_HANDSHAKE_TIMEOUT`] (or the header timeout if shorter) and abandoned at shutdown; a
+/// connection that opens with plain HTTP gets a 400 saying so.
 ///
 /// HTTP/1.1 and HTTP/2 alike (see [`Protocols`]): over TLS as ALPN agrees, in cleartext by the
 /// connection's first bytes (HTTP/2 with prior knowledge, as gRPC-style clients and service
@@ -359,15 +360,15 @@ async fn serve_connections(
     timeouts: ConnectionTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let protocols = Protocols::new(&timeouts, front.state.config.max_header_bytes);
+    let protocols = Protocols::new(timeouts, front.state.config.max_header_bytes);
     let mut shutdown = std::pin::pin!(shutdown);
-    // Handshakes and first reads in progress stop when this turns true (shutdown waits for
-    // their tasks).
+    // Every connection, and every handshake or first read in progress, winds down when this
+    // turns true.
     let (closing, closing_rx) = watch::channel(false);
     let handshake_timeout = TLS_HANDSHAKE_TIMEOUT.min(timeouts.header);
-    // Every connection's task, to close what outlasts the shutdown timeout. Finished ones are
-    // reaped at each accept, so it holds at most the connections open at the last accept.
+    // Every connection's task, to wait for at shutdown and close what outlasts its timeout.
+    // Finished ones are reaped at each accept, so it holds at most the connections open at the
+    // last accept.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -382,6 +383,7 @@ async fn serve_connections(
             },
             () = &mut shutdown => break,
         };
+        let accepted = tokio::time::Instant::now();
         while connections.try_join_next().is_some() {}
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY not set: {e}");
@@ -390,24 +392,22 @@ async fn serve_connections(
             peer: http::HeaderValue::try_from(peer.ip().to_canonical().to_string()).ok(),
             ..front.clone()
         };
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let mut front = front.clone();
-            tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
-        });
-        let (tls, protocols, watcher) = (tls.clone(), protocols.clone(), graceful.watcher());
+        let (tls, protocols) = (tls.clone(), protocols.clone());
         let mut closing = closing_rx.clone();
         connections.spawn(async move {
             let Some(tls) = tls else {
                 let first_bytes = tokio::time::timeout(timeouts.header, sniff(&tcp));
                 let protocol = tokio::select! {
                     sniffed = first_bytes => match sniffed {
-                        Ok(Ok(Some(protocol))) => protocol,
-                        Ok(Ok(None)) | Ok(Err(_)) => return,
+                        Ok(Ok((Some(protocol), _))) => protocol,
+                        Ok(Ok((None, _))) | Ok(Err(_)) => return,
                         Err(_) => return tracing::debug!("no request within the header timeout"),
                     },
                     _ = closing.wait_for(|c| *c) => return,
                 };
-                return protocols.serve(protocol, tcp, service, watcher).await;
+                return protocols
+                    .serve(protocol, tcp, front, accepted, closing)
+                    .await;
             };
             let handshake = tokio::time::timeout(handshake_timeout, secure(&tls, tcp));
             let stream = tokio::select! {
@@ -422,7 +422,9 @@ async fn serve_connections(
                 Some(b"h2") => Protocol::Http2,
                 _ => Protocol::Http1,
             };
-            protocols.serve(protocol, stream, service, watcher).await;
+            protocols
+                .serve(protocol, stream, front, accepted, closing)
+                .await;
         });
     }
     drop(listener);
@@ -431,11 +433,10 @@ async fn serve_connections(
         timeout_ms = timeouts.shutdown.as_millis() as u64,
         "not accepting connections; waiting for the requests in flight"
     );
-    if tokio::time::timeout(timeouts.shutdown, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        while connections.try_join_next().is_some() {}
+    let drained = tokio::time::timeout(timeouts.shutdown, async {
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
         tracing::warn!(
             connections = connections.len(),
             "requests still in flight after --shutdown-timeout-ms: closing their connections"
@@ -461,26 +462,30 @@ enum Protocol {
 /// here: a client that wants more opens another connection, as with HTTP/1.1).
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 200;
 
-/// How often an idle HTTP/2 connection is pinged; one that does not answer within
-/// [`HTTP2_KEEP_ALIVE_TIMEOUT`] is closed (a client gone without a FIN would otherwise hold its
-/// connection forever).
+/// How often an HTTP/2 connection is pinged while it is quiet; one that does not answer within
+/// [`HTTP2_KEEP_ALIVE_TIMEOUT`] is closed (a client gone without a FIN, its streams open).
 const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The most header fields a request may have: hyper's own limit for HTTP/1.1, applied to HTTP/2
+/// by the router's header check.
+pub const MAX_HEADER_FIELDS: usize = 100;
 
 /// The connection settings of either HTTP version.
 #[derive(Clone)]
 struct Protocols {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    /// How long a client has for a request's headers, from its connection's start or the end of
+    /// its previous request (HTTP/2: until its connection has a stream open).
+    header: Duration,
 }
 
 impl Protocols {
-    fn new(timeouts: &ConnectionTimeouts, max_header_bytes: usize) -> Self {
+    fn new(timeouts: ConnectionTimeouts, max_header_bytes: usize) -> Self {
         use hyper_util::rt::{TokioExecutor, TokioTimer};
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(timeouts.header);
+        http1.timer(TokioTimer::new());
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // HTTP/2 counts 32 bytes more per header than `--max-header-bytes` does: with room to
         // spare, the router's own check answers an oversized request, in OpenAI's shape.
@@ -491,41 +496,170 @@ impl Protocols {
             .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX))
             .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
-        Protocols { http1, http2 }
+        Protocols {
+            http1,
+            http2,
+            header: timeouts.header,
+        }
     }
 
-    /// Serves `io` in `protocol` until the client closes it or the shutdown ends it.
-    async fn serve<I, S>(
+    /// Serves `io`, accepted at `accepted`, with `front`, in `protocol` until the client closes
+    /// it, it stays idle past the header timeout, or `closing` turns true (then its requests in
+    /// flight finish first).
+    async fn serve<I>(
         &self,
         protocol: Protocol,
         io: I,
-        service: S,
-        watcher: hyper_util::server::graceful::Watcher,
+        front: Front,
+        accepted: tokio::time::Instant,
+        closing: watch::Receiver<bool>,
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let io = hyper_util::rt::TokioIo::new(io);
-        let served = match protocol {
+        match protocol {
             Protocol::Http1 => {
-                watcher
-                    .watch(self.http1.serve_connection(io, service))
-                    .await
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let mut front = front.clone();
+                    tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
+                });
+                // The first request's headers within the header timeout of the connection's
+                // start, the TLS handshake or the first bytes' wait included.
+                let left = self.header.saturating_sub(accepted.elapsed());
+                let mut http1 = self.http1.clone();
+                http1.header_read_timeout(left.max(Duration::from_millis(1)));
+                run(Box::pin(http1.serve_connection(io, service)), closing, None).await;
             }
             Protocol::Http2 => {
-                watcher
-                    .watch(self.http2.serve_connection(io, service))
-                    .await
+                let (open, streams) = watch::channel(0usize);
+                let open = Arc::new(open);
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let open_stream = OpenStream::new(&open);
+                    let mut front = front.clone();
+                    let answer = tower_service::Service::call(
+                        &mut front,
+                        request.map(axum::body::Body::new),
+                    );
+                    async move {
+                        let Ok(response) = answer.await;
+                        Ok::<_, Infallible>(response.map(|body| {
+                            axum::body::Body::new(CountedBody {
+                                body,
+                                _open: open_stream,
+                            })
+                        }))
+                    }
+                });
+                let idle = Some((streams, self.header));
+                run(
+                    Box::pin(self.http2.serve_connection(io, service)),
+                    closing,
+                    idle,
+                )
+                .await;
             }
-        };
-        if let Err(e) = served {
-            tracing::debug!("client connection ended: {e}");
         }
+    }
+}
+
+/// Drives `connection` to its end; shuts it down gracefully (requests in flight finish, new
+/// ones are refused) once `closing` turns true, or once it has had no stream open for the
+/// duration `idle` gives.
+async fn run(
+    mut connection: Pin<Box<Connection>>,
+    mut closing: watch::Receiver<bool>,
+    idle: Option<(watch::Receiver<usize>, Duration)>,
+) {
+    let idle = async move {
+        match idle {
+            Some((streams, timeout)) => idle_for(streams, timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut idle = std::pin::pin!(idle);
+    let mut winding_down = false;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!("client connection ended: {e}");
+                }
+                return;
+            }
+            _ = closing.wait_for(|c| *c), if !winding_down => {
+                connection.as_mut().graceful_shutdown();
+                winding_down = true;
+            }
+            () = &mut idle, if !winding_down => {
+                tracing::debug!("idle HTTP/2 connection closed after the header timeout");
+                connection.as_mut().graceful_shutdown();
+                winding_down = true;
+            }
+        }
+    }
+}
+
+/// A client connection of either HTTP version, boxed (one type to drive, whose `Send` is proven
+/// where it is made: rustc cannot prove it through a generic driver's `select!`).
+type Connection = dyn hyper_util::server::graceful::GracefulConnection<
+        Error = hyper::Error,
+        Output = Result<(), hyper::Error>,
+    > + Send;
+
+/// Completes once `streams` (the count of a connection's open streams) has stayed at 0 for
+/// `timeout`.
+async fn idle_for(mut streams: watch::Receiver<usize>, timeout: Duration) {
+    loop {
+        if streams.wait_for(|open| *open == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        let opened = tokio::time::timeout(timeout, streams.wait_for(|open| *open > 0));
+        if opened.await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One open stream of an HTTP/2 connection, counted from its request's arrival until its
+/// response has been sent or dropped.
+struct OpenStream(Arc<watch::Sender<usize>>);
+
+impl OpenStream {
+    fn new(open: &Arc<watch::Sender<usize>>) -> Self {
+        open.send_modify(|n| *n += 1);
+        OpenStream(open.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its stream counted as open while it is sent.
+struct CountedBody {
+    body: axum::body::Body,
+    _open: OpenStream,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -534,24 +668,78 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Which HTTP a cleartext connection speaks, from its first bytes, left unread for the server:
 /// HTTP/2 if they are the preface, HTTP/1.1 from the first byte that is not. `None` if the
-/// client closed first.
-async fn sniff(tcp: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
+/// client closed first. Also returns how many times it looked (a test's measure that a
+/// preface sent in pieces is waited for, not polled).
+fn sniff(tcp: &tokio::net::TcpStream) -> Sniffing<'_> {
+    // Boxed, so that its `Send` is proven here (rustc cannot, through the `select!` that
+    // awaits it, for a future that holds a borrowed socket across its waits).
+    Box::pin(sniff_inner(tcp))
+}
+
+/// The future of [`sniff`].
+type Sniffing<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<(Option<Protocol>, usize)>> + Send + 'a>>;
+
+async fn sniff_inner(tcp: &tokio::net::TcpStream) -> std::io::Result<(Option<Protocol>, usize)> {
+    use std::io::ErrorKind::WouldBlock;
     let mut first = [0u8; HTTP2_PREFACE.len()];
+    let mut looks = 1;
+    // The first bytes decide, as a rule: a request line, or the whole preface.
+    let mut n = tcp.peek(&mut first).await?;
+    // For a preface in pieces, a second handle on the socket looks without waiting on it.
+    let mut raw: Option<std::net::TcpStream> = None;
     loop {
-        let n = tcp.peek(&mut first).await?;
         if n == 0 {
-            return Ok(None);
+            return Ok((None, looks));
         }
         if first[..n] != HTTP2_PREFACE[..n] {
-            return Ok(Some(Protocol::Http1));
+            return Ok((Some(Protocol::Http1), looks));
         }
         if n == HTTP2_PREFACE.len() {
-            return Ok(Some(Protocol::Http2));
+            return Ok((Some(Protocol::Http2), looks));
         }
-        // The preface's start only: peek again once more may have arrived (rare: a client
-        // sends the preface in one write).
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let raw = match &mut raw {
+            Some(raw) => raw,
+            none => none.insert(second_handle(tcp)?),
+        };
+        // The start of the preface only: wait for more. Readiness is cleared before each look,
+        // so what arrives after the look wakes the wait, and what came before it is seen.
+        let mut closed = false;
+        loop {
+            clear_readiness(tcp);
+            looks += 1;
+            match raw.peek(&mut first) {
+                Ok(more) if more != n => {
+                    n = more;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if closed {
+                // The client sent all it will (a peek shows its bytes, never the end behind
+                // them): not a preface, not a request.
+                return Ok((None, looks));
+            }
+            closed = tcp
+                .ready(tokio::io::Interest::READABLE)
+                .await?
+                .is_read_closed();
+        }
     }
+}
+
+/// Another handle on `tcp`'s socket, to look at it without tokio's readiness.
+fn second_handle(tcp: &tokio::net::TcpStream) -> std::io::Result<std::net::TcpStream> {
+    Ok(socket2::SockRef::from(tcp).try_clone()?.into())
+}
+
+/// Makes `tcp.readable()` wait for bytes that arrive from now on.
+fn clear_readiness(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock))
+    });
 }
 
 /// The longest a client may take over its TLS handshake (the handshake is a few round trips).
@@ -758,6 +946,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_told_http2_by_its_preface_and_nothing_is_read() {
+        tokio::time::timeout(Duration::from_secs(30), sniffing_cases())
+            .await
+            .expect("no sniff spins or hangs");
+    }
+
+    async fn sniffing_cases() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         for (first, expected) in [
             (&b"POST /v1/completions HTTP/1.1\r\n"[..], Protocol::Http1),
@@ -767,26 +961,42 @@ mod tests {
         ] {
             let (mut client, mut server) = connected().await;
             client.write_all(first).await.unwrap();
-            assert_eq!(sniff(&server).await.unwrap(), Some(expected));
+            assert_eq!(sniff(&server).await.unwrap(), (Some(expected), 1));
             let mut read = vec![0; first.len()];
             server.read_exact(&mut read).await.unwrap();
             assert_eq!(read, first, "the bytes are left for the server");
         }
-        // A preface in two writes is waited for.
+        // A preface in pieces is waited for, not polled: a look per piece at most, however
+        // long the pieces take.
         let (mut client, server) = connected().await;
-        client.write_all(&HTTP2_PREFACE[..5]).await.unwrap();
+        client.write_all(&HTTP2_PREFACE[..1]).await.unwrap();
         let sniffing = tokio::spawn(async move { sniff(&server).await.unwrap() });
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        assert!(
-            !sniffing.is_finished(),
-            "five bytes of the preface decide nothing"
-        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!sniffing.is_finished(), "one byte decides nothing");
+        client.write_all(&HTTP2_PREFACE[1..5]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!sniffing.is_finished(), "five bytes decide nothing");
         client.write_all(&HTTP2_PREFACE[5..]).await.unwrap();
-        assert_eq!(sniffing.await.unwrap(), Some(Protocol::Http2));
-        // A client that closes first.
+        let (protocol, looks) = sniffing.await.unwrap();
+        assert_eq!(protocol, Some(Protocol::Http2));
+        assert!(looks <= 6, "{looks} looks for three pieces");
+        // Pieces that turn out not to be the preface.
+        let (mut client, server) = connected().await;
+        client.write_all(b"PR").await.unwrap();
+        let sniffing = tokio::spawn(async move { sniff(&server).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(b"OPFIND / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(sniffing.await.unwrap().0, Some(Protocol::Http1));
+        // A client that closes first, or after a piece of the preface.
         let (client, server) = connected().await;
         drop(client);
-        assert_eq!(sniff(&server).await.unwrap(), None);
+        assert_eq!(sniff(&server).await.unwrap().0, None);
+        let (mut client, server) = connected().await;
+        client.write_all(b"PRI").await.unwrap();
+        let sniffing = tokio::spawn(async move { sniff(&server).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(client);
+        assert_eq!(sniffing.await.unwrap().0, None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Clients speaking HTTP/2: with prior knowledge in cleartext (as service meshes and gRPC-style
 //! clients send it) and by ALPN over TLS. The engines behind are spoken to in HTTP/1.1 as ever.
+//! Also the connection timeouts both versions share.
 
 mod common;
 
@@ -22,12 +23,27 @@ async fn h2_connection<I>(io: I) -> hyper::client::conn::http2::SendRequest<Full
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    h2_connection_task(io).await.0
+}
+
+/// [`h2_connection`] and its connection's task, which ends when the connection does.
+async fn h2_connection_task<I>(
+    io: I,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (send, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    send
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (send, task)
 }
 
 fn completion_request(authority: &str, stream: bool) -> http::Request<Full<Bytes>> {
@@ -36,6 +52,47 @@ fn completion_request(authority: &str, stream: bool) -> http::Request<Full<Bytes
         .body(Full::new(Bytes::from(completion("m", "x", stream))))
         .unwrap()
 }
+
+/// A streamed completion through `r` on a new HTTP/2 connection, the engine's first event sent
+/// and received: the connection (its handle and its task), the engine's script, and the rest of
+/// the body.
+async fn h2_stream_begun(engine: &Mock, r: &TestRouter) -> StreamBegun {
+    let authority = r.url.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut send, task) = h2_connection_task(tcp).await;
+    let script = engine.script_next();
+    let pending = tokio::spawn(send.send_request(completion_request(&authority, true)));
+    let scripted = script.await.unwrap();
+    let first = first_chunk();
+    scripted.send(first.clone()).await;
+    let response = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the router answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    // The first event arrives before the engine has sent the second.
+    let received = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first event was forwarded")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(received, first);
+    ((send, task), scripted, body)
+}
+
+type StreamBegun = (
+    (
+        hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<()>,
+    ),
+    Scripted,
+    hyper::body::Incoming,
+);
 
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_routed_and_reaches_the_engine_as_http1() {
@@ -103,33 +160,8 @@ async fn http2_with_prior_knowledge_is_routed_and_reaches_the_engine_as_http1() 
 async fn an_http2_stream_passes_each_event_on_as_it_arrives_and_a_reset_cancels_upstream() {
     let engine = mock(&["m"]).await;
     let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
-    let tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let mut send = h2_connection(tcp).await;
-    let script = engine.script_next();
-    let authority = r.url.trim_start_matches("http://").to_string();
-    let pending = tokio::spawn(send.send_request(completion_request(&authority, true)));
-    let scripted = script.await.unwrap();
+    let (_connection, scripted, mut body) = h2_stream_begun(&engine, &r).await;
     let chunks = sse_chunks(2);
-    scripted.send(chunks[0].clone()).await;
-    let response = tokio::time::timeout(Duration::from_secs(10), pending)
-        .await
-        .expect("the router answered")
-        .unwrap()
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let mut body = response.into_body();
-    // The first event arrives before the engine has sent the second.
-    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
-        .await
-        .expect("the first event was forwarded")
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
-    assert_eq!(first, chunks[0].as_bytes());
     scripted.send(chunks[1].clone()).await;
     let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(second, chunks[1].as_bytes());
@@ -204,15 +236,114 @@ async fn shutdown_ends_http2_streams_that_outlast_its_timeout() {
         "200",
     ])
     .await;
-    let authority = r.url.trim_start_matches("http://").to_string();
-    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
-    let mut send = h2_connection(tcp).await;
-    let script = engine.script_next();
-    let pending = tokio::spawn(send.send_request(completion_request(&authority, true)));
-    let scripted = script.await.unwrap();
-    scripted.send(first_chunk()).await;
-    let mut body = pending.await.unwrap().unwrap().into_body();
-    body.frame().await.unwrap().unwrap();
-
+    let (_connection, scripted, mut body) = h2_stream_begun(&engine, &r).await;
     shut_down_while_streaming(&mut r, &scripted, &mut body).await;
+}
+
+/// An HTTP/2 connection without a stream open is closed after `--request-read-timeout-ms`, as an
+/// idle HTTP/1.1 keep-alive connection is; one streaming an answer is not.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        "m",
+        "--request-read-timeout-ms",
+        "300",
+    ])
+    .await;
+    let authority = r.url.trim_start_matches("http://").to_string();
+    // Never a request.
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (_send, idle) = h2_connection_task(tcp).await;
+    tokio::time::timeout(Duration::from_secs(10), idle)
+        .await
+        .expect("the router closed the idle connection")
+        .unwrap();
+
+    // A stream held open past the timeout keeps its connection; the end of it starts the clock.
+    let ((_send, mut task), scripted, body) = h2_stream_begun(&engine, &r).await;
+    let chunks = sse_chunks(2);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(
+        !task.is_finished(),
+        "a connection with a stream open is not idle"
+    );
+    scripted.send(chunks[1].clone()).await;
+    drop(scripted);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, chunks[1].as_bytes());
+    tokio::time::timeout(Duration::from_secs(10), &mut task)
+        .await
+        .expect("closed once idle")
+        .unwrap();
+}
+
+/// HTTP/2 requests are held to HTTP/1.1's limits: more than 100 header fields get the router's
+/// 431 (hyper refuses them itself in HTTP/1.1); split cookies reach the engine as one field.
+#[tokio::test]
+async fn http2_requests_meet_http1_limits_and_reach_the_engine_as_http1() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
+    let c = h2_client();
+    let url = format!("{}/v1/completions", r.url);
+    let body = completion("m", "x", false);
+    let names: Vec<String> = (0..120).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "b")).collect();
+    let refused = post(&c, &url, &body, &many).await;
+    assert_eq!(refused.status, 431);
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("header fields, over the limit of 100"),
+        "{message}"
+    );
+
+    let answer = post(&c, &url, &body, &[("cookie", "a=1"), ("cookie", "b=2")]).await;
+    assert_eq!(answer.status, 200);
+    let seen = engine.requests();
+    assert_eq!(
+        seen.iter().filter(|s| s.path == "/v1/completions").count(),
+        1,
+        "the refused request never reached the engine"
+    );
+    let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
+    let cookies: Vec<_> = proxied.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+}
+
+/// The header timeout runs from the connection's start: a client that waits before its first
+/// byte has that much less for the rest of its headers.
+#[tokio::test]
+async fn the_header_timeout_counts_from_the_connections_start() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        "m",
+        "--request-read-timeout-ms",
+        "1000",
+    ])
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    tcp.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // 1.5 s after the connection's start: past its timeout, though 0.6 s after its first byte.
+    let _ = tcp
+        .write_all(b"ET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(!answer.contains("200 OK"), "{answer}");
 }
