@@ -220,6 +220,12 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             checked
                 .validate()
                 .map_err(|e| anyhow::anyhow!("simulate, the router's settings: {e}"))?;
+            // The file's [[backends]] are not simulated (the fleet file is), but a file `serve`
+            // would refuse is refused here too.
+            crate::discovery::Discovery::initial(&mut crate::discovery::StaticDiscovery::new(
+                &checked,
+            ))
+            .map_err(|e| anyhow::anyhow!("simulate, the router's settings: {e:#}"))?;
             qoe_bench::simulate::run(args, &router.simulation_settings())
         }
     }

@@ -1406,6 +1406,17 @@ impl ConfigFile {
                 document_error("JSON", text, e.to_string(), Some((e.line(), e.column())))
             })?)?,
         };
+        // `routing-logic` and `routing_logic` are one key: given both ways, one would be
+        // silently dropped.
+        let mut seen = std::collections::HashSet::new();
+        for key in settings.keys() {
+            let canonical = key.replace('-', "_");
+            if !seen.insert(canonical.clone()) {
+                anyhow::bail!(
+                    "the key {canonical} is given twice (with '-' and with '_': they are one key)"
+                );
+            }
+        }
         let listed = settings.remove("backends");
         let backends_listed = listed.is_some();
         let backends = match listed {
@@ -1845,6 +1856,10 @@ mod tests {
                 "not finite",
             ),
             ("engine_stats_interval: .nan\n", "not finite"),
+            (
+                "routing-logic: random\nrouting_logic: roundrobin\n",
+                "the key routing_logic is given twice (with '-' and with '_'",
+            ),
         ] {
             std::fs::write(&yaml, text).unwrap();
             let err = format!("{:#}", ConfigFile::read(&yaml).unwrap_err());
@@ -1858,6 +1873,13 @@ mod tests {
         std::fs::write(&json, r#"{"port": 8000, "port": 8001}"#).unwrap();
         let err = format!("{:#}", ConfigFile::read(&json).unwrap_err());
         assert!(err.contains("the key port is given twice"), "{err}");
+        let toml = dir.file("router.toml");
+        std::fs::write(&toml, "queue_max = 1\nqueue-max = 2\n").unwrap();
+        let err = format!("{:#}", ConfigFile::read(&toml).unwrap_err());
+        assert!(
+            err.contains("the key queue_max is given twice") && err.contains("router.toml"),
+            "{err}"
+        );
     }
 
     #[test]

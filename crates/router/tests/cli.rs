@@ -66,6 +66,35 @@ fn simulate_ignores_the_routers_tokenizer_and_says_so() {
     );
 }
 
+/// `simulate --config FILE` refuses a file `serve` would refuse at start, [[backends]] included
+/// (the fleet file, not they, is simulated).
+#[test]
+fn simulate_refuses_a_config_file_serve_would_refuse() {
+    let (dir, config) = config_file("sim-bad", "[[backends]]\nurl = \"not a url\"\n");
+    let out = run_bounded(
+        &[
+            "simulate",
+            "--fleet",
+            &repo_file("bench/fleets/hetero-4.toml"),
+            "--workload",
+            &repo_file("bench/workloads/smoke.toml"),
+            "--policies",
+            "roundrobin",
+            "--quiet",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("backend 1: 'not a url' is not a valid URL"),
+        "{stderr}"
+    );
+}
+
 /// A directory of this test process's own (tagged `tag`) holding `router.toml` with `text`.
 fn config_file(tag: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("qoe-cli-{tag}-{}", std::process::id()));
