@@ -211,7 +211,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             eprintln!("bench: wrote {}/report.{{json,md}}", dir.display());
         }
     }
-    print_report(&set.to_markdown())
+    print_report(&set.to_markdown())?;
+    // A target that answered nothing is a failed run (a script or CI job must see it), though
+    // its report was written: which errors it gave is in there.
+    let dead: Vec<String> = set
+        .reports
+        .iter()
+        .filter(|r| r.overall.requests > 0 && r.overall.completed == 0)
+        .map(|r| {
+            let kinds: Vec<String> = r
+                .overall
+                .errors_by_kind
+                .iter()
+                .map(|(kind, n)| format!("{n} {kind}"))
+                .collect();
+            format!("{} ({})", r.label, kinds.join(", "))
+        })
+        .collect();
+    anyhow::ensure!(
+        dead.is_empty(),
+        "bench: every request failed at {}",
+        dead.join("; ")
+    );
+    Ok(())
 }
 
 /// Creates `--out DIR` if missing and checks that files can be written in it.

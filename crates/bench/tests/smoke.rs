@@ -290,13 +290,19 @@ async fn smoke_against_a_router_and_an_engine() {
     }
 }
 
-/// Bad targets and outputs fail before any load is sent, with a message naming them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_targets_fail_fast() {
+/// A simulated engine (`tiny`, serving [`MODEL`], with `extra` flags) on an ephemeral port, once
+/// healthy: its URL, the sender that stops it, and its task.
+async fn start_engine(
+    extra: &[&str],
+) -> (
+    String,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let args =
-        qoe_router::demo::engine_args(&["--port", "0", "--model", MODEL, "--profile", "tiny"])
-            .unwrap();
+    let mut flags = vec!["--port", "0", "--model", MODEL, "--profile", "tiny"];
+    flags.extend_from_slice(extra);
+    let args = qoe_router::demo::engine_args(&flags).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let engine = format!("http://{}", listener.local_addr().unwrap());
     let mut rx = stop_rx.clone();
@@ -304,6 +310,13 @@ async fn bad_targets_fail_fast() {
         let _ = rx.wait_for(|s| *s).await;
     }));
     wait_healthy(&format!("{engine}/health")).await;
+    (engine, stop_tx, task)
+}
+
+/// Bad targets and outputs fail before any load is sent, with a message naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_targets_fail_fast() {
+    let (engine, stop_tx, task) = start_engine(&[]).await;
     // A port nobody listens on.
     let closed = {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -373,6 +386,46 @@ async fn bad_targets_fail_fast() {
             .to_string();
         assert!(err.contains(want), "{flags:?}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+/// A run in which every request failed ends in an error (a script or CI job must see it), after
+/// its report was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_every_request_failed_is_an_error() {
+    let (engine, stop_tx, task) =
+        start_engine(&["--error-rate", "1", "--error-status", "503"]).await;
+    let out = temp_dir();
+    let workload = smoke_workload();
+    let args = BenchArgs::from_flags([
+        "--target",
+        &engine,
+        "--model",
+        MODEL,
+        "--workload",
+        workload.to_str().unwrap(),
+        "--duration",
+        "1",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), qoe_bench::run(args))
+        .await
+        .expect("the run ends")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("every request failed") && err.contains("http_503"),
+        "{err}"
+    );
+    let report: ReportSet =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report.reports[0].overall.completed, 0);
+    assert!(report.reports[0].overall.errors > 0);
     let _ = std::fs::remove_dir_all(&out);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -780,7 +780,7 @@ pub struct Report {
     pub seed: u64,
     /// First request sent to last request finished, seconds.
     pub duration_s: f64,
-    /// Requests per second as sent.
+    /// Requests per second as sent; 0 when they were all sent at once, or only one was.
     pub offered_rps: f64,
     pub max_send_lag_ms: Option<f64>,
     pub config: ReportConfig,
@@ -819,12 +819,17 @@ impl Report {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "Workload `{}`{target}{model}, seed {}: {} requests in {:.1} s (offered {:.2} req/s){}.\n",
+            "Workload `{}`{target}{model}, seed {}: {} requests in {:.1} s ({}){}.\n",
             self.workload,
             self.seed,
             self.overall.requests,
             self.duration_s,
-            self.offered_rps,
+            match self.offered_rps {
+                // A trace whose requests all have one timestamp, or a single request.
+                0.0 if self.overall.requests > 1 => "all offered at once".to_string(),
+                0.0 => "one request".to_string(),
+                rps => format!("offered {rps:.2} req/s"),
+            },
             self.max_send_lag_ms
                 .map(|l| format!(", sent at most {l:.1} ms late"))
                 .unwrap_or_default(),

@@ -992,9 +992,16 @@ fn priority_classes(classes: &[PriorityClass]) -> Result<Vec<Class>, WorkloadErr
     let total: f64 = classes.iter().map(|c| c.share).sum();
     let mut out = Vec::with_capacity(classes.len());
     let mut acc = 0.0;
-    for c in classes {
+    for (i, c) in classes.iter().enumerate() {
         let priority = Priority::new(c.level)
             .ok_or_else(|| invalid(format!("priority level must be 1, 2 or 3, got {}", c.level)))?;
+        if classes[..i].iter().any(|earlier| earlier.level == c.level) {
+            // Two classes of one level would be reported as one, under two SLAs.
+            return Err(invalid(format!(
+                "priority level {} is given twice: one [[priorities]] entry per level",
+                c.level
+            )));
+        }
         if !(c.share.is_finite() && c.share >= 0.0) {
             return Err(invalid(format!(
                 "priority share must be ≥ 0, got {}",
@@ -1819,6 +1826,11 @@ mod tests {
         let err =
             Workload::from_toml_str(&base("[[priorities]]\nlevel = 4\nshare = 1\n")).unwrap_err();
         assert!(err.to_string().contains("1, 2 or 3"), "{err}");
+        let err = Workload::from_toml_str(&base(
+            "[[priorities]]\nlevel = 2\nshare = 0.5\n[[priorities]]\nlevel = 2\nshare = 0.5\n",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("level 2 is given twice"), "{err}");
         let err =
             Workload::from_toml_str(&base("[[priorities]]\nlevel = 1\nshare = 1\nttft_ms = 5\n"))
                 .unwrap_err();
