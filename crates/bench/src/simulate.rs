@@ -227,6 +227,9 @@ pub struct SimulateOutput {
     pub sweeps: Vec<SweepResult>,
 }
 
+/// Past this many requests at a sweep's top rate, `simulate` warns that the sweep will be slow.
+const LARGE_SWEEP_REQUESTS: f64 = 5e6;
+
 /// Runs the simulations, prints the report, and writes the files under `--out`.
 pub fn run(args: SimulateArgs, router: &RouterSettings) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
@@ -545,6 +548,19 @@ pub fn simulate_all(
         seeds: args.sweep_seeds,
         ..SweepConfig::default()
     });
+    if let (Some((_, hi)), Some(duration)) = (args.sweep_rate, workload.spec().duration_s) {
+        // About 100 bytes of memory per request while a run lasts, and its share of the time.
+        let requests = hi * duration * args.sweep_seeds.max(1) as f64;
+        if requests > LARGE_SWEEP_REQUESTS {
+            eprintln!(
+                "simulate: --sweep-rate's top, {hi} req/s for {duration} s, is about {:.1} M requests a \
+                 run ({:.1} GB while it lasts, minutes of work): lower it to a rate the fleet \
+                 could come near",
+                requests / 1e6,
+                requests * 100.0 / 1e9
+            );
+        }
+    }
     let mut tasks: Vec<Task> = (0..kinds.len()).map(Task::Run).collect();
     if sweep.is_some() {
         tasks.extend((0..kinds.len()).map(Task::Sweep));
