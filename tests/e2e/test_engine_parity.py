@@ -204,6 +204,22 @@ ERRORS = [
      None, "application/json"),
     ("empty conversation", "POST", "/v1/chat/completions", {"model": MODEL, "messages": []}, None,
      "application/json"),
+    ("presence_penalty out of range", "POST", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, None, "application/json"),
+    ("frequency_penalty out of range", "POST", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "frequency_penalty": -9}, None, "application/json"),
+    ("repetition_penalty of 0", "POST", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, None, "application/json"),
+    ("top_k below -1", "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -5}, None,
+     "application/json"),
+    ("min_p above 1", "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "min_p": 2}, None,
+     "application/json"),
+    ("negative min_tokens", "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "min_tokens": -1},
+     None, "application/json"),
+    ("min_tokens above max_tokens", "POST", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "min_tokens": 5, "max_tokens": 3}, None, "application/json"),
+    ("empty token-id prompt", "POST", "/v1/completions", {"model": MODEL, "prompt": [[]]}, None,
+     "application/json"),
     ("tokenize, unknown model", "POST", "/tokenize", {"model": "nope", "prompt": "x"}, None, "application/json"),
     ("detokenize, not a list", "POST", "/detokenize", {"tokens": "x"}, None, "application/json"),
 ]
@@ -217,6 +233,17 @@ def test_errors_have_the_same_status_and_shape(urls, name, method, path, body, r
     real, sim = json.loads(rb)["error"], json.loads(sb)["error"]
     assert set(sim) == set(real) == {"message", "type", "param", "code"}
     assert (sim["type"], sim["param"], sim["code"]) == (real["type"], real["param"], real["code"])
+
+
+def test_a_body_of_megabytes_is_read_and_refused_for_its_length(urls):
+    """No body cap below vLLM's (none): a 3 MiB prompt is refused for the context it overflows.
+    vLLM counts its characters first, against the tokenizer's longest token (a bound the simulated
+    engine, which has no vocabulary, does not know), so the two name different params."""
+    body = {"model": MODEL, "prompt": "y" * (3 << 20), "max_tokens": 4}
+    (rs, _, rb), (ss, _, sb) = both(urls, "POST", "/v1/completions", body)
+    assert rs == ss == 400, (rb[:300], sb[:300])
+    assert json.loads(rb)["error"]["param"] == "input_text"
+    assert json.loads(sb)["error"]["param"] == "input_tokens"
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/v1/nope"), ("POST", "/v1/nope"),
@@ -236,6 +263,9 @@ def test_unknown_routes_and_wrong_methods(urls, method, path):
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "2"}),  # lax integer
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "priority": 1}),  # ignored
     ("/v1/chat/completions", {"model": "", "messages": MSGS, "max_tokens": 1, "stream": "false"}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "top_k": -1, "min_p": 1,
+                         "presence_penalty": 2, "frequency_penalty": -2, "repetition_penalty": 1.1,
+                         "min_tokens": 2}),  # vLLM's bounds, inclusive where it is
 ])
 def test_requests_vllm_accepts_are_accepted(urls, path, body):
     (rs, _, rb), (ss, _, sb) = both(urls, "POST", path, body)
