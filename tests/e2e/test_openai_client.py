@@ -100,3 +100,50 @@ def test_http2_with_prior_knowledge(fleet):
                 extra_headers={"x-request-priority": "7"})
         assert "x-request-priority" in refused.value.message
     assert versions == ["HTTP/2"] * 3
+
+
+def test_http2_streams_finish_through_a_graceful_shutdown():
+    """SIGTERM while an HTTP/2 client streams: the stream finishes whole (httpx's h2 takes the PING
+    hyper sends after a GOAWAY for a protocol error, so the router does not send them), and an
+    idle pooled HTTP/2 connection does not hold the shutdown for its timeout (20 s here)."""
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from conftest import BIN, free_port, stop, wait_ready
+
+    engine_port, port = free_port(), free_port()
+    procs = [subprocess.Popen(
+        [BIN, "engine", "--port", str(engine_port), "--model", "sim-llama", "--profile", "tiny", "--speed", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_ready(f"http://127.0.0.1:{engine_port}/health")
+        router = subprocess.Popen(
+            [BIN, "serve", "--port", str(port), "--static-backends", f"http://127.0.0.1:{engine_port}",
+             "--shutdown-timeout-ms", "20000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(router)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base + "/ready")
+        with httpx.Client(http1=False, http2=True) as idle, httpx.Client(http1=False, http2=True) as http:
+            assert idle.get(base + "/v1/models").http_version == "HTTP/2"
+            client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, http_client=http)
+            stream = client.completions.create(
+                model="sim-llama", prompt="Once upon a time", max_tokens=300, stream=True,
+                extra_body={"ignore_eos": True})
+            pieces = 0
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    if pieces == 0:
+                        router.send_signal(signal.SIGTERM)
+                        signalled = time.time()
+                    pieces += 1
+            assert pieces == 300
+            router.wait(timeout=15)
+            assert router.returncode == 0
+            # The stream's end, not the shutdown timeout, let it exit.
+            assert time.time() - signalled < 15
+    finally:
+        stop(procs)

@@ -947,7 +947,6 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// vLLM's `/load`: requests in the engine (running + waiting).
 /// vLLM's `/load`: the generation requests in flight, as its API server counts them (one per
 /// HTTP request, whatever its `n`, until its answer has been sent).
 async fn load(State(app): State<Arc<App>>) -> Json<Value> {

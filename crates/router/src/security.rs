@@ -343,7 +343,9 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
 /// Why the request is refused before its key is looked at: headers past `--max-header-bytes`
 /// (431), or framing the router does not take ([`framing_error`]).
 fn limit_headers(state: &AppState, request: &Request) -> Option<ApiError> {
-    let fields = request.headers().len();
+    // Cookie fields as forwarded: joined into one (HTTP/2 clients split them, one per pair).
+    let cookies = request.headers().get_all(header::COOKIE).iter().count();
+    let fields = request.headers().len() - cookies.saturating_sub(1);
     if fields > crate::server::MAX_HEADER_FIELDS {
         // HTTP/1.1 never gets here (hyper refuses more first); HTTP/2 does.
         return Some(ApiError::new(

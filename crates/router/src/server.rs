@@ -462,11 +462,6 @@ enum Protocol {
 /// here: a client that wants more opens another connection, as with HTTP/1.1).
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 200;
 
-/// How often an HTTP/2 connection is pinged while it is quiet; one that does not answer within
-/// [`HTTP2_KEEP_ALIVE_TIMEOUT`] is closed (a client gone without a FIN, its streams open).
-const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// The most header fields a request may have: hyper's own limit for HTTP/1.1, applied to HTTP/2
 /// by the router's header check.
 pub const MAX_HEADER_FIELDS: usize = 100;
@@ -493,9 +488,7 @@ impl Protocols {
         http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX))
-            .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
+            .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX));
         Protocols {
             http1,
             http2,
@@ -517,31 +510,48 @@ impl Protocols {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let io = hyper_util::rt::TokioIo::new(io);
+        // The first request's headers are due within the header timeout of the connection's
+        // start, the TLS handshake or the first bytes' wait included; hyper's own timer (the
+        // full timeout, every request and keep-alive gap alike) starts later.
+        let first_due = accepted + self.header;
         match protocol {
             Protocol::Http1 => {
+                let first_arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let arrived = first_arrived.clone();
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    arrived.store(true, Ordering::Relaxed);
                     let mut front = front.clone();
                     tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
                 });
-                // The first request's headers within the header timeout of the connection's
-                // start, the TLS handshake or the first bytes' wait included.
-                let left = self.header.saturating_sub(accepted.elapsed());
                 let mut http1 = self.http1.clone();
-                http1.header_read_timeout(left.max(Duration::from_millis(1)));
-                run(Box::pin(http1.serve_connection(io, service)), closing, None).await;
+                http1.header_read_timeout(self.header);
+                let connection = Box::pin(http1.serve_connection(io, service));
+                let watch = Watch::Http1 {
+                    first_due,
+                    first_arrived,
+                };
+                run(connection, closing, watch).await;
             }
             Protocol::Http2 => {
                 let (open, streams) = watch::channel(0usize);
                 let open = Arc::new(open);
+                let shutting_down = closing.clone();
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                     let open_stream = OpenStream::new(&open);
-                    let mut front = front.clone();
-                    let answer = tower_service::Service::call(
-                        &mut front,
-                        request.map(axum::body::Body::new),
-                    );
+                    // A stream opened while the connection drains at shutdown is refused at
+                    // once; the client retries it elsewhere (see `run`).
+                    let answer = (!*shutting_down.borrow()).then(|| {
+                        let mut front = front.clone();
+                        tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
+                    });
                     async move {
-                        let Ok(response) = answer.await;
+                        let response = match answer {
+                            Some(answer) => {
+                                let Ok(response) = answer.await;
+                                response
+                            }
+                            None => shutting_down_response(),
+                        };
                         Ok::<_, Infallible>(response.map(|body| {
                             axum::body::Body::new(CountedBody {
                                 body,
@@ -550,34 +560,92 @@ impl Protocols {
                         }))
                     }
                 });
-                let idle = Some((streams, self.header));
-                run(
-                    Box::pin(self.http2.serve_connection(io, service)),
-                    closing,
-                    idle,
-                )
-                .await;
+                let connection = Box::pin(self.http2.serve_connection(io, service));
+                let watch = Watch::Http2 {
+                    first_due,
+                    streams,
+                    idle: self.header,
+                };
+                run(connection, closing, watch).await;
             }
         }
     }
 }
 
-/// Drives `connection` to its end; shuts it down gracefully (requests in flight finish, new
-/// ones are refused) once `closing` turns true, or once it has had no stream open for the
-/// duration `idle` gives.
+/// The answer to a request that opens a stream on an HTTP/2 connection draining at shutdown.
+fn shutting_down_response() -> Response {
+    let mut response = crate::errors::ApiError::new(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "the router is shutting down: send the request again, on a new connection",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// What [`run`] watches besides the connection itself.
+enum Watch {
+    /// HTTP/1.1: the first request's deadline (hyper's header timer covers the rest).
+    Http1 {
+        first_due: tokio::time::Instant,
+        first_arrived: Arc<std::sync::atomic::AtomicBool>,
+    },
+    /// HTTP/2: the count of open streams, for the first request's deadline, the idle timeout
+    /// and the drain at shutdown.
+    Http2 {
+        first_due: tokio::time::Instant,
+        streams: watch::Receiver<usize>,
+        idle: Duration,
+    },
+}
+
+/// Drives `connection` to its end, and ends it early: when its first request has not come by
+/// its deadline; for HTTP/2, once it has had no stream open for the idle timeout; and at
+/// shutdown (`closing` true), once its requests in flight are done. HTTP/1.1 is shut down by
+/// hyper (the request in flight finishes, then the connection closes). An HTTP/2 connection is
+/// dropped once its open streams are done, new ones refused meanwhile: hyper's graceful HTTP/2
+/// shutdown sends a PING after its GOAWAY, which Python's `h2` (httpx, the OpenAI client) takes
+/// for a protocol error, failing the streams still in flight; and an idle client that reads
+/// nothing never answers it, holding the shutdown for its whole timeout.
 async fn run(
     mut connection: Pin<Box<Connection>>,
     mut closing: watch::Receiver<bool>,
-    idle: Option<(watch::Receiver<usize>, Duration)>,
+    watch: Watch,
 ) {
-    let idle = async move {
-        match idle {
-            Some((streams, timeout)) => idle_for(streams, timeout).await,
+    let (first_due, http2) = match &watch {
+        Watch::Http1 { first_due, .. } => (*first_due, None),
+        Watch::Http2 {
+            first_due,
+            streams,
+            idle,
+        } => (*first_due, Some((streams.clone(), *idle))),
+    };
+    let first_came = || match &watch {
+        Watch::Http1 { first_arrived, .. } => first_arrived.load(Ordering::Relaxed),
+        Watch::Http2 { .. } => true,
+    };
+    let idle = async {
+        match http2.clone() {
+            Some((streams, timeout)) => idle_for(streams, first_due, timeout).await,
             None => std::future::pending().await,
         }
     };
-    let mut idle = std::pin::pin!(idle);
-    let mut winding_down = false;
+    let drained = async {
+        match http2.clone() {
+            Some((mut streams, _)) => {
+                let _ = streams.wait_for(|open| *open == 0).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let (mut idle, mut drained) = (std::pin::pin!(idle), std::pin::pin!(drained));
+    let first_deadline = tokio::time::sleep_until(first_due);
+    let mut first_deadline = std::pin::pin!(first_deadline);
+    // HTTP/2's first deadline is the idle timer's first wait (a stream may open and end before
+    // it).
+    let (mut winding_down, mut first_checked) = (false, http2.is_some());
     loop {
         tokio::select! {
             ended = connection.as_mut() => {
@@ -586,14 +654,21 @@ async fn run(
                 }
                 return;
             }
-            _ = closing.wait_for(|c| *c), if !winding_down => {
-                connection.as_mut().graceful_shutdown();
-                winding_down = true;
+            () = &mut first_deadline, if !first_checked => {
+                if !first_came() {
+                    return tracing::debug!("no request within the header timeout");
+                }
+                first_checked = true;
             }
-            () = &mut idle, if !winding_down => {
-                tracing::debug!("idle HTTP/2 connection closed after the header timeout");
-                connection.as_mut().graceful_shutdown();
+            _ = closing.wait_for(|c| *c), if !winding_down => {
                 winding_down = true;
+                if http2.is_none() {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+            () = &mut drained, if winding_down => return,
+            () = &mut idle, if !winding_down => {
+                return tracing::debug!("idle HTTP/2 connection closed after the header timeout");
             }
         }
     }
@@ -606,9 +681,17 @@ type Connection = dyn hyper_util::server::graceful::GracefulConnection<
         Output = Result<(), hyper::Error>,
     > + Send;
 
-/// Completes once `streams` (the count of a connection's open streams) has stayed at 0 for
-/// `timeout`.
-async fn idle_for(mut streams: watch::Receiver<usize>, timeout: Duration) {
+/// Completes once `streams` (the count of an HTTP/2 connection's open streams) has stayed at 0
+/// until `first_due` (no request yet), or for `timeout` after its last stream ended.
+async fn idle_for(
+    mut streams: watch::Receiver<usize>,
+    first_due: tokio::time::Instant,
+    timeout: Duration,
+) {
+    let first = tokio::time::timeout_at(first_due, streams.wait_for(|open| *open > 0));
+    if first.await.is_err() {
+        return;
+    }
     loop {
         if streams.wait_for(|open| *open == 0).await.is_err() {
             return std::future::pending().await;

@@ -42,7 +42,8 @@ pub struct AppState {
 pub struct Via {
     /// This process's pseudonym, `qoe-router-` and 16 hex digits.
     pub token: String,
-    http1: http::HeaderValue,
+    http10: http::HeaderValue,
+    http11: http::HeaderValue,
     http2: http::HeaderValue,
 }
 
@@ -53,7 +54,8 @@ impl Via {
             http::HeaderValue::try_from(format!("{version} {token}")).expect("ASCII")
         };
         Via {
-            http1: value("1.1"),
+            http10: value("1.0"),
+            http11: value("1.1"),
             http2: value("2"),
             token,
         }
@@ -62,8 +64,9 @@ impl Via {
     /// The entry for a request received in `version`.
     pub fn entry(&self, version: http::Version) -> &http::HeaderValue {
         match version {
+            http::Version::HTTP_10 => &self.http10,
             http::Version::HTTP_2 => &self.http2,
-            _ => &self.http1,
+            _ => &self.http11,
         }
     }
 

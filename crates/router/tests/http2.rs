@@ -305,10 +305,14 @@ async fn http2_requests_meet_http1_limits_and_reach_the_engine_as_http1() {
 
     let answer = post(&c, &url, &body, &[("cookie", "a=1"), ("cookie", "b=2")]).await;
     assert_eq!(answer.status, 200);
+    // Cookie fields count as the one field they are forwarded as.
+    let pairs: Vec<String> = (0..120).map(|i| format!("c{i}=v")).collect();
+    let cookies: Vec<(&str, &str)> = pairs.iter().map(|p| ("cookie", p.as_str())).collect();
+    assert_eq!(post(&c, &url, &body, &cookies).await.status, 200);
     let seen = engine.requests();
     assert_eq!(
         seen.iter().filter(|s| s.path == "/v1/completions").count(),
-        1,
+        2,
         "the refused request never reached the engine"
     );
     let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
@@ -316,11 +320,9 @@ async fn http2_requests_meet_http1_limits_and_reach_the_engine_as_http1() {
     assert_eq!(cookies, ["a=1; b=2"]);
 }
 
-/// The header timeout runs from the connection's start: a client that waits before its first
-/// byte has that much less for the rest of its headers.
-#[tokio::test]
-async fn the_header_timeout_counts_from_the_connections_start() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A router (`--request-read-timeout-ms` `ms`) in front of a mock engine, and a raw connection
+/// to it.
+async fn connected_with_read_timeout(ms: &str) -> (Mock, TestRouter, tokio::net::TcpStream) {
     let engine = mock(&["m"]).await;
     let r = router(&[
         "--static-backends",
@@ -328,12 +330,21 @@ async fn the_header_timeout_counts_from_the_connections_start() {
         "--static-models",
         "m",
         "--request-read-timeout-ms",
-        "1000",
+        ms,
     ])
     .await;
-    let mut tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
+    let tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
         .await
         .unwrap();
+    (engine, r, tcp)
+}
+
+/// The header timeout runs from the connection's start: a client that waits before its first
+/// byte has that much less for the rest of its headers.
+#[tokio::test]
+async fn the_header_timeout_counts_from_the_connections_start() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_engine, _r, mut tcp) = connected_with_read_timeout("1000").await;
     tokio::time::sleep(Duration::from_millis(900)).await;
     tcp.write_all(b"G").await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -346,4 +357,54 @@ async fn the_header_timeout_counts_from_the_connections_start() {
     assert!(read.is_ok(), "the connection was closed");
     let answer = String::from_utf8_lossy(&answer);
     assert!(!answer.contains("200 OK"), "{answer}");
+}
+
+/// The first request's deadline does not shorten the keep-alive gaps after it: a client that
+/// took most of the header timeout for its first request still has all of it between requests.
+#[tokio::test]
+async fn a_late_first_request_keeps_the_whole_keep_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_engine, _r, mut tcp) = connected_with_read_timeout("1500").await;
+    let health = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut answer = vec![0u8; 4096];
+    for wait_ms in [1000, 1000] {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        tcp.write_all(health).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "after {wait_ms} ms: {text}"
+        );
+    }
+}
+
+/// Routers in a chain (each another's endpoint) are no loop: each adds its own `Via`.
+#[tokio::test]
+async fn chained_routers_each_add_their_via() {
+    let engine = mock(&["m"]).await;
+    let back = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
+    let front = router(&["--static-backends", &back.url, "--static-models", "m"]).await;
+    let c = client();
+    let answer = post(
+        &c,
+        &format!("{}/v1/completions", front.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let seen = engine.requests();
+    let proxied = seen.iter().find(|s| s.path == "/v1/completions").unwrap();
+    let via: Vec<_> = proxied.headers.get_all("via").iter().collect();
+    assert_eq!(via.len(), 2, "{via:?}");
+    assert_ne!(via[0], via[1]);
 }
