@@ -462,6 +462,10 @@ enum Protocol {
 /// here: a client that wants more opens another connection, as with HTTP/1.1).
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 200;
 
+/// How long an HTTP/2 connection draining at shutdown is still driven once its last stream has
+/// ended, for what it has yet to write of it.
+const HTTP2_FLUSH_GRACE: Duration = Duration::from_secs(1);
+
 /// The most header fields a request may have: hyper's own limit for HTTP/1.1, applied to HTTP/2
 /// by the router's header check.
 pub const MAX_HEADER_FIELDS: usize = 100;
@@ -660,13 +664,18 @@ async fn run(
                 }
                 first_checked = true;
             }
-            _ = closing.wait_for(|c| *c), if !winding_down => {
+            () = async { let _ = closing.wait_for(|c| *c).await; }, if !winding_down => {
                 winding_down = true;
                 if http2.is_none() {
                     connection.as_mut().graceful_shutdown();
                 }
             }
-            () = &mut drained, if winding_down => return,
+            () = &mut drained, if winding_down => {
+                // The last streams' final frames may still wait in the connection's buffers:
+                // it is driven a moment longer (the client rarely closes it itself).
+                let _ = tokio::time::timeout(HTTP2_FLUSH_GRACE, connection.as_mut()).await;
+                return;
+            }
             () = &mut idle, if !winding_down => {
                 return tracing::debug!("idle HTTP/2 connection closed after the header timeout");
             }
