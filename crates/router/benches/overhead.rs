@@ -525,6 +525,26 @@ fn client_http2() -> bool {
     std::env::var("OVERHEAD_CLIENT").is_ok_and(|c| c.eq_ignore_ascii_case("h2"))
 }
 
+/// [`measure_via`] the router, its clients speaking the protocol [`client_http2`] says.
+fn measure_router(
+    router: &str,
+    thread: &ProxyThread,
+    streaming: bool,
+    concurrency: usize,
+    warmup: Duration,
+    secs: f64,
+) -> (Cell, Usage) {
+    measure_via(
+        router,
+        client_http2(),
+        thread,
+        streaming,
+        concurrency,
+        warmup,
+        secs,
+    )
+}
+
 const MODES: [(bool, &str); 2] = [(false, "non-stream"), (true, "stream")];
 
 /// The modes to run (`OVERHEAD_MODE` = `stream` or `non-stream` for one; default both).
@@ -570,15 +590,7 @@ fn instant(upstream: &str, router: &str, thread: &ProxyThread, secs: f64) {
         let mut cpu_plain = f64::NAN;
         for (streaming, mode) in modes() {
             let d = measure(upstream, false, streaming, concurrency, warmup, secs);
-            let (r, used) = measure_via(
-                router,
-                client_http2(),
-                thread,
-                streaming,
-                concurrency,
-                warmup,
-                secs,
-            );
+            let (r, used) = measure_router(router, thread, streaming, concurrency, warmup, secs);
             let per_chunk = per_chunk_cpu(streaming, used.cpu_ns, &mut cpu_plain, INSTANT_CHUNKS);
             let used = usage_cells(&used);
             let mode = if streaming {
@@ -651,15 +663,8 @@ fn paced(
                     warmup,
                     secs,
                 );
-                let (r, used) = measure_via(
-                    router,
-                    client_http2(),
-                    thread,
-                    streaming,
-                    concurrency,
-                    warmup,
-                    secs,
-                );
+                let (r, used) =
+                    measure_router(router, thread, streaming, concurrency, warmup, secs);
                 for (i, c) in [&d, &b, &r].into_iter().enumerate() {
                     late[i].push([c.ttft_late.0, c.e2e_late.0, c.ttft_late.1, c.e2e_late.1]);
                     n[i] += c.n;

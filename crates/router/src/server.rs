@@ -484,7 +484,11 @@ impl Protocols {
     fn new(timeouts: ConnectionTimeouts, max_header_bytes: usize) -> Self {
         use hyper_util::rt::{TokioExecutor, TokioTimer};
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1.timer(TokioTimer::new());
+        // The full timeout for every request's headers and keep-alive gap; the first request's
+        // deadline from the connection's start is [`run`]'s.
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeouts.header);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // HTTP/2 counts 32 bytes more per header than `--max-header-bytes` does: with room to
         // spare, the router's own check answers an oversized request, in OpenAI's shape.
@@ -527,9 +531,7 @@ impl Protocols {
                     let mut front = front.clone();
                     tower_service::Service::call(&mut front, request.map(axum::body::Body::new))
                 });
-                let mut http1 = self.http1.clone();
-                http1.header_read_timeout(self.header);
-                let connection = Box::pin(http1.serve_connection(io, service));
+                let connection = Box::pin(self.http1.serve_connection(io, service));
                 let watch = Watch::Http1 {
                     first_due,
                     first_arrived,
@@ -762,17 +764,7 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// HTTP/2 if they are the preface, HTTP/1.1 from the first byte that is not. `None` if the
 /// client closed first. Also returns how many times it looked (a test's measure that a
 /// preface sent in pieces is waited for, not polled).
-fn sniff(tcp: &tokio::net::TcpStream) -> Sniffing<'_> {
-    // Boxed, so that its `Send` is proven here (rustc cannot, through the `select!` that
-    // awaits it, for a future that holds a borrowed socket across its waits).
-    Box::pin(sniff_inner(tcp))
-}
-
-/// The future of [`sniff`].
-type Sniffing<'a> =
-    Pin<Box<dyn Future<Output = std::io::Result<(Option<Protocol>, usize)>> + Send + 'a>>;
-
-async fn sniff_inner(tcp: &tokio::net::TcpStream) -> std::io::Result<(Option<Protocol>, usize)> {
+async fn sniff(tcp: &tokio::net::TcpStream) -> std::io::Result<(Option<Protocol>, usize)> {
     use std::io::ErrorKind::WouldBlock;
     let mut first = [0u8; HTTP2_PREFACE.len()];
     let mut looks = 1;

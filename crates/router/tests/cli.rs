@@ -38,23 +38,7 @@ fn a_reader_that_stops_early_is_not_an_error() {
 /// the report says the setting was not simulated.
 #[test]
 fn simulate_ignores_the_routers_tokenizer_and_says_so() {
-    let (dir, config) = config_file("sim-tok", "tokenizer = \"/nonexistent/tokenizer.json\"\n");
-    let out = run_bounded(
-        &[
-            "simulate",
-            "--fleet",
-            &repo_file("bench/fleets/hetero-4.toml"),
-            "--workload",
-            &repo_file("bench/workloads/smoke.toml"),
-            "--policies",
-            "roundrobin",
-            "--quiet",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    let out = simulate_with_config("sim-tok", "tokenizer = \"/nonexistent/tokenizer.json\"\n");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -70,7 +54,19 @@ fn simulate_ignores_the_routers_tokenizer_and_says_so() {
 /// (the fleet file, not they, is simulated).
 #[test]
 fn simulate_refuses_a_config_file_serve_would_refuse() {
-    let (dir, config) = config_file("sim-bad", "[[backends]]\nurl = \"not a url\"\n");
+    let out = simulate_with_config("sim-bad", "[[backends]]\nurl = \"not a url\"\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("backend 1: 'not a url' is not a valid URL"),
+        "{stderr}"
+    );
+}
+
+/// `simulate` of the smoke workload on `hetero-4` (roundrobin) with `--config` a file holding
+/// `text` (its directory tagged `tag`).
+fn simulate_with_config(tag: &str, text: &str) -> Output {
+    let (dir, config) = config_file(tag, text);
     let out = run_bounded(
         &[
             "simulate",
@@ -87,12 +83,7 @@ fn simulate_refuses_a_config_file_serve_would_refuse() {
         &[],
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("backend 1: 'not a url' is not a valid URL"),
-        "{stderr}"
-    );
+    out
 }
 
 /// A directory of this test process's own (tagged `tag`) holding `router.toml` with `text`.

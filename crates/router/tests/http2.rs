@@ -94,13 +94,18 @@ type StreamBegun = (
     hyper::body::Incoming,
 );
 
-#[tokio::test]
-async fn http2_with_prior_knowledge_is_routed_and_reaches_the_engine_as_http1() {
+/// A mock engine, a router in front, an HTTP/2 client, the router's completions URL and a
+/// non-streamed completion body.
+async fn h2_setup() -> (Mock, TestRouter, TestClient, String, String) {
     let engine = mock(&["m"]).await;
     let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
-    let c = h2_client();
     let url = format!("{}/v1/completions", r.url);
-    let body = completion("m", "x", false);
+    (engine, r, h2_client(), url, completion("m", "x", false))
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_routed_and_reaches_the_engine_as_http1() {
+    let (engine, r, c, url, body) = h2_setup().await;
     let response = c
         .request(
             http::Request::post(&url)
@@ -285,11 +290,7 @@ async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
 /// 431 (hyper refuses them itself in HTTP/1.1); split cookies reach the engine as one field.
 #[tokio::test]
 async fn http2_requests_meet_http1_limits_and_reach_the_engine_as_http1() {
-    let engine = mock(&["m"]).await;
-    let r = router(&["--static-backends", &engine.url, "--static-models", "m"]).await;
-    let c = h2_client();
-    let url = format!("{}/v1/completions", r.url);
-    let body = completion("m", "x", false);
+    let (engine, _r, c, url, body) = h2_setup().await;
     let names: Vec<String> = (0..120).map(|i| format!("x-h{i}")).collect();
     let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "b")).collect();
     let refused = post(&c, &url, &body, &many).await;
