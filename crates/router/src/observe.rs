@@ -36,7 +36,10 @@ pub struct RequestContext {
     pub status: StatusCode,
     pub started: Micros,
     pub sent: Micros,
+    /// The response is an event stream.
     pub streaming: bool,
+    /// The client asked for a stream (an error answer to one is not an event stream).
+    pub streamed: bool,
     pub sla_ttft_ms: Option<u32>,
     /// The chosen endpoint's load when it was picked, and what the policy predicted.
     pub load_at_dispatch: Load,
@@ -57,6 +60,9 @@ enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
     Complete,
+    /// The client left after the stream's `[DONE]`, before the body's own end arrived (an
+    /// OpenAI client closes at `[DONE]`): the answer was whole, the connection is not reusable.
+    Answered,
     ClientGone,
     UpstreamBroken,
     IdleTimeout,
@@ -93,6 +99,8 @@ pub struct ObservedBody<B: Body> {
     tokens: u32,
     usage_tokens: Option<u32>,
     upstream_error: bool,
+    /// The stream's `[DONE]` went by.
+    saw_done: bool,
     ended: Option<End>,
     /// SSE bytes received but not forwarded: the start of an event not yet complete. Only whole
     /// events reach the client, so an error event the router adds never lands inside one.
@@ -105,6 +113,7 @@ struct Tally {
     tokens: u32,
     usage: Option<u64>,
     error: bool,
+    done: bool,
 }
 
 impl Tally {
@@ -116,6 +125,7 @@ impl Tally {
             }
             SseEvent::Usage(u) => self.usage = u.completion_tokens.or(self.usage),
             SseEvent::Error => self.error = true,
+            SseEvent::Done => self.done = true,
             _ => {}
         }
     }
@@ -167,6 +177,7 @@ impl<B: Body> ObservedBody<B> {
             tokens: 0,
             usage_tokens: None,
             upstream_error: false,
+            saw_done: false,
             ended: None,
             held: Vec::new(),
         }
@@ -206,6 +217,7 @@ impl<B: Body> ObservedBody<B> {
         if tally.error {
             self.upstream_error = true;
         }
+        self.saw_done |= tally.done;
         if let Some(u) = tally.usage {
             self.usage_tokens = Some(u.min(u32::MAX as u64) as u32);
         }
@@ -305,6 +317,7 @@ impl<B: Body> ObservedBody<B> {
             priority: self.ctx.priority,
             prompt_tokens: self.ctx.prompt_tokens,
             sla_ttft_ms: self.ctx.sla_ttft_ms,
+            streamed: self.ctx.streamed,
             load_at_dispatch: self.ctx.load_at_dispatch,
             detail: self.ctx.detail,
             event,
@@ -401,7 +414,7 @@ impl<B: Body> ObservedBody<B> {
         handles.e2e(metrics).observe(e2e as f64 / 1e6);
         handles.output_tokens(metrics).inc_by(output_tokens as u64);
         let code = match end {
-            End::Complete | End::ClientGone => status.as_u16(),
+            End::Complete | End::Answered | End::ClientGone => status.as_u16(),
             End::IdleTimeout => 504,
             End::UpstreamBroken => 502,
         };
@@ -421,7 +434,7 @@ impl<B: Body> ObservedBody<B> {
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
         let outcome = match end {
-            End::Complete => "complete",
+            End::Complete | End::Answered => "complete",
             End::ClientGone if closed_here() => "closed_at_shutdown",
             End::ClientGone => "client_closed",
             End::UpstreamBroken => "upstream_broken",
@@ -604,6 +617,8 @@ impl<B: Body> Drop for ObservedBody<B> {
         if self.ended.is_none() {
             let end = if self.pending.is_none() && self.inner.is_end_stream() {
                 End::Complete
+            } else if self.saw_done && self.pending.is_none() {
+                End::Answered
             } else {
                 End::ClientGone
             };

@@ -549,6 +549,54 @@ async fn client_disconnect_cancels_the_upstream_request() {
 }
 
 #[tokio::test]
+async fn a_client_leaving_at_done_has_its_answer_counted_whole() {
+    // An OpenAI client closes the stream once it reads `[DONE]`; the engine's end of body may
+    // come a moment later. The answer was whole: it counts as a finished request (what the
+    // policy learns from), unlike a client that leaves before `[DONE]`.
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let finished = || async {
+        let engines = get(&client(), &format!("{}/engines", r.url))
+            .await
+            .unwrap()
+            .json();
+        engines["endpoints"][0]["observed"]["window_requests"]
+            .as_u64()
+            .unwrap()
+    };
+    for (leave_after_done, counted) in [(false, 0), (true, 1)] {
+        let script = engine.script_next();
+        let pending = start_stream(&c, &r.url, "x");
+        let scripted = script.await.unwrap();
+        let chunks = sse_chunks(2);
+        scripted.send(chunks[0].clone()).await;
+        let mut body = pending.await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        if leave_after_done {
+            for chunk in &chunks[1..] {
+                scripted.send(chunk.clone()).await;
+            }
+            let mut seen = String::new();
+            while !seen.contains("[DONE]") {
+                let frame = body.frame().await.unwrap().unwrap();
+                seen.push_str(std::str::from_utf8(frame.data_ref().unwrap()).unwrap());
+            }
+        }
+        // The engine's body is still open.
+        drop(body);
+        tokio::time::timeout(Duration::from_secs(10), scripted.chunks.closed())
+            .await
+            .expect("upstream request dropped");
+        assert_eq!(
+            finished().await,
+            counted,
+            "leave after [DONE]: {leave_after_done}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn config_file_reload_changes_endpoints_live() {
     let (a, b) = (mock(&["m"]).await, mock(&["m"]).await);
     let dir = std::env::temp_dir().join(format!("qoe-reload-{}", std::process::id()));
