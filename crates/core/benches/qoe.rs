@@ -55,6 +55,7 @@ fn train(policy: &dyn qoe_core::RoutingPolicy, views: &[EndpointView]) {
                 priority: Priority::DEFAULT,
                 prompt_tokens: prompt,
                 sla_ttft_ms: None,
+                streamed: true,
                 load_at_dispatch: load,
                 detail: None,
                 event: FeedbackEvent::FirstToken {
@@ -100,6 +101,7 @@ fn bench(c: &mut Criterion) {
             priority: Priority::HIGH,
             prompt_tokens: 500,
             sla_ttft_ms: Some(250),
+            streamed: true,
             load_at_dispatch: views[n / 2].load,
             detail: None,
             event: FeedbackEvent::FirstToken { ttft: 80_000 },

@@ -81,10 +81,14 @@ pub struct RequestStats {
     prefill_tokens_per_ms: Ewma,
     last_failure: Option<Micros>,
     total_requests: u64,
+    /// When the statistics began (the endpoint joined): rates are never averaged over time
+    /// before it.
+    created: Micros,
 }
 
 impl RequestStats {
-    pub fn new(config: StatsConfig) -> Self {
+    /// Statistics beginning at `created` (the caller's clock, as every `now` passed later).
+    pub fn new(config: StatsConfig, created: Micros) -> Self {
         let buckets = config.buckets.max(1);
         RequestStats {
             config,
@@ -97,6 +101,7 @@ impl RequestStats {
             prefill_tokens_per_ms: Ewma::default(),
             last_failure: None,
             total_requests: 0,
+            created,
         }
     }
 
@@ -156,6 +161,17 @@ impl RequestStats {
         }
     }
 
+    /// Seconds the windowed rates at `now` are averaged over: from the start of the oldest
+    /// bucket the ring holds (or from when the statistics began, if later) to `now`, and at
+    /// least one bucket, so that a new endpoint's first request is not a rate of thousands
+    /// per second.
+    pub fn span_s(&self, now: Micros) -> f64 {
+        let newest = now / self.bucket_width;
+        let oldest = newest.saturating_sub(self.ring.len() as u64 - 1);
+        let from = oldest.saturating_mul(self.bucket_width).max(self.created);
+        now.saturating_sub(from).max(self.bucket_width) as f64 / 1e6
+    }
+
     /// Requests recorded since creation.
     pub fn total_requests(&self) -> u64 {
         self.total_requests
@@ -174,8 +190,7 @@ impl RequestStats {
                 tokens += b.output_tokens;
             }
         }
-        // The window actually covered: never longer than the time since the clock started.
-        let span_s = (self.config.window.min(now.max(1)) as f64 / 1e6).max(1e-6);
+        let span_s = self.span_s(now);
         let share = |n: u64| {
             if requests == 0 {
                 0.0
@@ -218,11 +233,14 @@ mod tests {
 
     #[test]
     fn window_counts_and_expires() {
-        let mut s = RequestStats::new(StatsConfig {
-            window: 10 * MICROS_PER_SEC,
-            buckets: 10,
-            ewma_alpha: 0.5,
-        });
+        let mut s = RequestStats::new(
+            StatsConfig {
+                window: 10 * MICROS_PER_SEC,
+                buckets: 10,
+                ewma_alpha: 0.5,
+            },
+            0,
+        );
         let t0 = 100 * MICROS_PER_SEC;
         for i in 0..10 {
             s.record_outcome(&ok(11), t0 + i * MICROS_PER_SEC / 10);
@@ -233,11 +251,15 @@ mod tests {
         let snap = s.snapshot(t0 + MICROS_PER_SEC);
         assert_eq!(snap.window_requests, 11);
         assert!((snap.error_rate - 1.0 / 11.0).abs() < 1e-12);
+        // At 101 s the ring holds the buckets from 92 s on: 9 s covered.
         assert!(
-            (snap.qps - 1.1).abs() < 1e-9,
-            "11 requests over a 10 s window"
+            (snap.qps - 11.0 / 9.0).abs() < 1e-9,
+            "11 requests over the 9 s the window covers: {}",
+            snap.qps
         );
-        assert!((snap.output_tokens_per_s - 11.0).abs() < 1e-9);
+        assert!((snap.output_tokens_per_s - 110.0 / 9.0).abs() < 1e-9);
+        let half = s.snapshot(t0 + 3 * MICROS_PER_SEC / 2);
+        assert!((half.qps - 11.0 / 9.5).abs() < 1e-9, "{}", half.qps);
         assert_eq!(snap.last_failure, Some(t0 + MICROS_PER_SEC));
         // 10 s decode of 10 gaps → 10 tokens/s.
         assert!((snap.tokens_per_s.unwrap() - 10.0).abs() < 1e-9);
@@ -250,10 +272,13 @@ mod tests {
 
     #[test]
     fn ewma_tracks_ttft_and_itl() {
-        let mut s = RequestStats::new(StatsConfig {
-            ewma_alpha: 0.5,
-            ..StatsConfig::default()
-        });
+        let mut s = RequestStats::new(
+            StatsConfig {
+                ewma_alpha: 0.5,
+                ..StatsConfig::default()
+            },
+            0,
+        );
         s.record_ttft(1000, 100_000);
         s.record_ttft(1000, 200_000);
         let snap = s.snapshot(1);
@@ -268,7 +293,7 @@ mod tests {
 
     #[test]
     fn memory_is_constant_over_a_million_requests() {
-        let mut s = RequestStats::new(StatsConfig::default());
+        let mut s = RequestStats::new(StatsConfig::default(), 0);
         let before = s.ring.len();
         for i in 0..1_000_000u64 {
             s.record_ttft(10, 1000);
@@ -277,5 +302,30 @@ mod tests {
         assert_eq!(s.ring.len(), before);
         assert_eq!(s.total_requests(), 1_000_000);
         assert!(s.snapshot(1_000_000 * 997).window_requests > 0);
+    }
+
+    #[test]
+    fn a_new_endpoints_rates_count_from_when_it_joined() {
+        let config = StatsConfig {
+            window: 60 * MICROS_PER_SEC,
+            buckets: 30,
+            ewma_alpha: 0.2,
+        };
+        // Joined 10 s ago on a clock that has run 100 s: 20 requests are 2 per second.
+        let joined = 90 * MICROS_PER_SEC;
+        let mut s = RequestStats::new(config, joined);
+        for i in 0..20 {
+            s.record_outcome(&ok(3), joined + i * MICROS_PER_SEC / 2);
+        }
+        let now = 100 * MICROS_PER_SEC;
+        assert!(
+            (s.snapshot(now).qps - 2.0).abs() < 1e-9,
+            "{}",
+            s.snapshot(now).qps
+        );
+        // A first request right after joining: a rate over one bucket (2 s), not over 1 ms.
+        let mut fresh = RequestStats::new(config, joined);
+        fresh.record_outcome(&ok(3), joined + 1_000);
+        assert!((fresh.snapshot(joined + 1_000).qps - 0.5).abs() < 1e-9);
     }
 }

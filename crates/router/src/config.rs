@@ -1213,7 +1213,13 @@ fn check_qoe(q: &QoeConfig) -> anyhow::Result<()> {
     for (key, v) in non_negative {
         in_range(key, v, 0.0, f64::MAX, "a number ≥ 0")?;
     }
-    in_range("forgetting", q.forgetting, 0.5, 1.0, "in [0.5, 1]")?;
+    in_range(
+        "forgetting",
+        q.forgetting,
+        qoe_core::policy::qoe::FORGETTING_MIN,
+        1.0,
+        "in [0.85, 1] (below, a fit never holds the samples its outlier clipping waits for)",
+    )?;
     in_range("priority_fill", q.priority_fill, 0.05, 1.0, "in [0.05, 1]")?;
     in_range(
         "prefix_affinity",
@@ -1914,10 +1920,7 @@ mod tests {
 
         let err = |text: &str| load(text).unwrap_err().to_string();
         let e = err("[qoe]\nforgetting = 2\n");
-        assert!(
-            e.contains("[qoe] forgetting must be in [0.5, 1], got 2"),
-            "{e}"
-        );
+        assert!(e.contains("[qoe] forgetting must be in [0.85, 1]"), "{e}");
         let e = err("[qoe]\nprefix_afinity = 0.2\n");
         assert!(e.contains("[qoe] unknown key 'prefix_afinity'"), "{e}");
         let e = err("[qoe]\nprefix_affinity = \"high\"\n");

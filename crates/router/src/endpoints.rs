@@ -189,6 +189,7 @@ impl Endpoint {
         stats: StatsConfig,
         breaker_config: BreakerConfig,
         pool: PoolConfig,
+        created: Micros,
     ) -> Self {
         Endpoint {
             url: spec.url.clone(),
@@ -202,7 +203,7 @@ impl Endpoint {
             models_warned: Default::default(),
             detecting_models: Default::default(),
             load: LoadCounters::default(),
-            stats: Mutex::new(RequestStats::new(stats)),
+            stats: Mutex::new(RequestStats::new(stats, created)),
             engine: Mutex::new(None),
             health: Mutex::new(HealthState::new()),
             breaker: Mutex::new(Breaker::default()),
@@ -460,6 +461,8 @@ pub struct Registry {
     stats_config: StatsConfig,
     breaker_config: BreakerConfig,
     pool_config: PoolConfig,
+    /// The router's clock: an endpoint's statistics begin when it joins.
+    clock: Clock,
 }
 
 impl Registry {
@@ -467,8 +470,10 @@ impl Registry {
         stats_config: StatsConfig,
         breaker_config: BreakerConfig,
         pool_config: PoolConfig,
+        clock: Clock,
     ) -> Self {
         Registry {
+            clock,
             pool_config,
             table: RwLock::new(Arc::new(Table::default())),
             retired: Default::default(),
@@ -526,6 +531,7 @@ impl Registry {
                             self.stats_config,
                             self.breaker_config,
                             self.pool_config.clone(),
+                            self.clock.now(),
                         ))
                     })
             })
@@ -686,6 +692,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            1,
         ));
         let mut g = LoadGuard::new(e.clone(), Dispatch::default(), 100, 10);
         assert_eq!(e.load.snapshot().in_prefill, 1);
@@ -720,6 +727,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            Clock::new(),
         );
         r.apply(&[spec("http://a:1"), spec("http://b:1")]);
         let before = r.table();
@@ -745,6 +753,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            Clock::new(),
         );
         r.apply(&[spec("http://a:1")]);
         let first = r.table().endpoints[0].clone();
@@ -782,6 +791,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            Clock::new(),
         );
         r.apply(&[spec("http://a:1")]);
         let before = r.table().endpoints[0].clone();
@@ -815,6 +825,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            1,
         );
         e.record_health(Err("x".into()), 10, 2, 1);
         assert!(e.is_healthy(), "one failure is below the threshold");
@@ -835,6 +846,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            1,
         );
         let now = std::time::Instant::now();
         let later = now + MODEL_LISTING_GRACE;
@@ -852,6 +864,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            1,
         );
         assert!(!listed.may_list_models(now), "its models are configured");
     }

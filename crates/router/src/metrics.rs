@@ -694,6 +694,7 @@ mod tests {
             StatsConfig::default(),
             BreakerConfig::default(),
             PoolConfig::default(),
+            crate::endpoints::Clock::new(),
         );
         let spec = BackendSpec {
             url: "http://a:1".into(),

@@ -1149,6 +1149,7 @@ pub(crate) async fn dispatch(
                     started,
                     sent,
                     streaming: is_event_stream(response.headers()),
+                    streamed: profile.stream,
                     sla_ttft_ms: profile.sla_ttft_ms,
                     load_at_dispatch: views
                         .iter()

@@ -57,6 +57,7 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
             None => analyzer.tokenizer = Some(tokenizer),
         }
     }
+    let clock = Clock::new();
     Ok(Arc::new(AppState {
         analyzer,
         registry: Arc::new(Registry::new(
@@ -68,11 +69,12 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
                 idle_timeout: upstream::POOL_IDLE_TIMEOUT,
                 tls: Some(tls),
             },
+            clock,
         )),
         policy: build_policy(config.policy_kind(), &config.policy_config()),
         client,
         metrics,
-        clock: Clock::new(),
+        clock,
         learned_output: LearnedOutput::new(config.default_output_tokens),
         first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),
         response_timeout: Duration::from_millis(config.response_timeout_ms),

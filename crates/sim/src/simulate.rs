@@ -789,6 +789,7 @@ impl Live {
             priority: self.priority,
             prompt_tokens: self.prompt_tokens,
             sla_ttft_ms: self.sla_ttft_ms,
+            streamed: true,
             load_at_dispatch: self.load_at_dispatch,
             detail: self.detail,
             event,
@@ -885,7 +886,7 @@ impl<'a> Sim<'a> {
                 epoch: 0,
                 stepping: false,
                 events: Vec::new(),
-                stats: RequestStats::new(cfg.stats),
+                stats: RequestStats::new(cfg.stats, 0),
                 stats_dirty: true,
                 snap_epoch: u64::MAX,
                 snap_span: 0.0,
@@ -1356,17 +1357,16 @@ impl<'a> Sim<'a> {
     fn refresh_views(&mut self) {
         let now = self.now;
         let epoch = now / self.bucket_width;
-        let window = self.cfg.stats.window;
-        let span = (window.min(now.max(1)) as f64 / 1e6).max(1e-6);
         for (ep, view) in self.eps.iter_mut().zip(self.views.iter_mut()) {
+            let span = ep.stats.span_s(now);
             if ep.stats_dirty || ep.snap_epoch != epoch {
                 view.observed = ep.stats.snapshot(now);
                 ep.stats_dirty = false;
                 ep.snap_epoch = epoch;
                 ep.snap_span = span;
             } else if ep.snap_span != span {
-                // Same buckets, a longer span (the first window of the run): the same rates
-                // `RequestStats::snapshot` would compute.
+                // Same buckets, a longer span (time has passed within the newest bucket): the
+                // same rates `RequestStats::snapshot` would compute.
                 let o = &mut view.observed;
                 let tokens = (o.output_tokens_per_s * ep.snap_span).round();
                 o.qps = o.window_requests as f64 / span;

@@ -90,10 +90,11 @@ pub fn fresh_engine(view: &EndpointView, now: Micros, staleness: Micros) -> Opti
     }
 }
 
-/// KV usage as a fraction. vLLM reports 0..1; a value in (1, 100] is taken as a percentage.
+/// KV usage as a fraction. vLLM reports 0..1 (a hair above 1 is rounding: full); a value in
+/// (1.001, 100] is taken as a percentage.
 pub fn kv_fraction(m: &EngineMetrics) -> Option<f64> {
     let kv = nonneg(m.kv_usage)?;
-    Some(if kv > 1.0 && kv <= 100.0 {
+    Some(if kv > 1.001 && kv <= 100.0 {
         kv / 100.0
     } else {
         kv.min(1.0)
@@ -111,9 +112,10 @@ pub fn extra_waiting(view: &EndpointView, engine: Option<&EngineMetrics>) -> f64
 
 /// Predicted wait for a batch seat, ms. When the engine looks seat-bound
 /// ([`EngineMetrics::full_seats`]: every seat of its batch, vLLM's `max_num_seqs`, taken at the
-/// last two scrapes), the request waits behind `in_flight + extra_waiting + 1 − seats` others
-/// (the router's count is fresh, the scrape up to an interval old) for seats that free as requests
-/// finish, at the endpoint's observed completion rate. 0 when seats are free, when the metrics are
+/// last two scrapes), the request waits behind `max(in_flight + extra_waiting, running +
+/// waiting) + 1 − seats` others for seats that free as requests finish, at the endpoint's
+/// observed completion rate: the router's count is fresh, the scrape's up to an interval old
+/// but also holds the requests of other clients, running or waiting. 0 when seats are free, when the metrics are
 /// missing or stale, or before any request has finished there (no rate to go by).
 ///
 /// `first_in_line`: the engine schedules by priority and this request outranks the queue (a
@@ -134,7 +136,9 @@ pub fn seat_wait_ms(
     if !(rate.is_finite() && rate > 0.0) {
         return 0.0;
     }
-    let ahead = in_flight(view) + extra_waiting(view, Some(m)) + 1.0 - seats;
+    let ours = in_flight(view) + extra_waiting(view, Some(m));
+    let engine_reported = nonneg(m.running).unwrap_or(0.0) + nonneg(m.waiting).unwrap_or(0.0);
+    let ahead = ours.max(engine_reported.min(1e9)) + 1.0 - seats;
     if ahead <= 0.0 {
         return 0.0;
     }
@@ -238,10 +242,10 @@ impl AndesTarget {
     /// [`andes_qoe`] for a first token after `ttft_ms` and the rest every `itl_ms`.
     pub fn qoe(&self, ttft_ms: f64, itl_ms: f64) -> f64 {
         let (n, t0) = (self.n, self.t0);
-        let t = (ttft_ms.max(0.0) / 1e3).min(1e9);
-        if t.is_nan() || t0.is_nan() {
+        if ttft_ms.is_nan() || t0.is_nan() {
             return 0.0;
         }
+        let t = (ttft_ms.max(0.0) / 1e3).min(1e9);
         let delivery = if itl_ms.is_finite() && itl_ms > 0.0 {
             1e3 / itl_ms
         } else if itl_ms.is_nan() {
@@ -511,13 +515,24 @@ mod tests {
         );
         assert_eq!(e.full_seats, None);
 
-        // 266 in flight (the 40 waiting are the router's own) against 256 seats, finishing
-        // 50/s: 11 ahead → 220 ms.
+        // 266 in flight (216 decoding, 50 in prefill of which the engine shows 10 waiting)
+        // against 256 seats, finishing 50/s: 11 ahead → 220 ms.
         let mut v = EndpointView::idle(0, 1);
-        v.load.in_decode = 226;
-        v.load.in_prefill = 40;
+        v.load.in_decode = 216;
+        v.load.in_prefill = 50;
         v.observed.qps = 50.0;
-        assert!((seat_wait_ms(&v, Some(&d), false) - 220.0).abs() < 1e-9);
+        let mut mine = scrape(256.0, 10.0);
+        mine.follow(Some(&d));
+        mine.full_seats = Some(256.0);
+        assert!((seat_wait_ms(&v, Some(&mine), false) - 220.0).abs() < 1e-9);
+        // The engine holds more than the router sent (another router's requests, running or
+        // waiting): its 256 + 40 count, 41 ahead → 820 ms.
+        assert!((seat_wait_ms(&v, Some(&d), false) - 820.0).abs() < 1e-9);
+        v.load.in_decode = 100;
+        v.load.in_prefill = 0;
+        assert!((seat_wait_ms(&v, Some(&d), false) - 820.0).abs() < 1e-9);
+        v.load.in_decode = 216;
+        v.load.in_prefill = 50;
         assert_eq!(seat_wait_ms(&v, Some(&b), false), 0.0);
         // First in line on a priority-scheduled engine: the next seat, 1/50 s.
         assert!((seat_wait_ms(&v, Some(&d), true) - 20.0).abs() < 1e-9);

@@ -55,6 +55,12 @@ pub const SPEED_MAX: f64 = 2.0;
 pub const OVERFLOW_MAX_RELIABILITY_COST: f64 = 0.5;
 /// Endpoints listed in [`RoutingPolicy::state_json`] at most (most recently heard from first).
 pub const STATE_JSON_ENDPOINTS: usize = 64;
+/// Lowest forgetting factor accepted: a fit's effective sample count tends to `1/(1 − λ)`, which
+/// must pass the counts that residual clipping (5) and the fleet prior (3) wait for.
+pub const FORGETTING_MIN: f64 = 0.85;
+/// An endpoint's model not heard from for this many `model_half_life_ms` is forgotten (and
+/// leaves the fleet prior).
+pub const FORGET_AFTER_HALF_LIVES: f64 = 12.0;
 
 /// Settings of the QoE policy. Every field has a default and, in the router, a flag or a key of
 /// the config file's `[qoe]` table.
@@ -98,7 +104,8 @@ pub struct QoeConfig {
     pub prior_itl_base_ms: f64,
     /// ITL growth per request in the batch assumed before data, ms. Default 0.2.
     pub prior_itl_per_batch_ms: f64,
-    /// Per-sample forgetting factor of the online fits (0.5..1). Default 0.97 (~33 samples).
+    /// Per-sample forgetting factor of the online fits ([`FORGETTING_MIN`]..1). Default 0.97
+    /// (~33 samples).
     pub forgetting: f64,
     /// An endpoint's learned lines drift back to the fleet prior with this half-life after its last
     /// sample, ms. Default 300,000.
@@ -221,7 +228,9 @@ impl QoeConfig {
             prior_ttft_base_ms: nonneg(self.prior_ttft_base_ms, d.prior_ttft_base_ms),
             prior_itl_base_ms: nonneg(self.prior_itl_base_ms, d.prior_itl_base_ms),
             prior_itl_per_batch_ms: nonneg(self.prior_itl_per_batch_ms, d.prior_itl_per_batch_ms),
-            forgetting: if self.forgetting.is_finite() && (0.5..=1.0).contains(&self.forgetting) {
+            forgetting: if self.forgetting.is_finite()
+                && (FORGETTING_MIN..=1.0).contains(&self.forgetting)
+            {
                 self.forgetting
             } else {
                 d.forgetting
@@ -327,6 +336,8 @@ impl Qoe {
                 cfg.max_tracked_endpoints,
                 cfg.default_ttft_line(),
                 cfg.default_itl_line(),
+                // By then its own line weighs 1/13 against the prior (`trust`).
+                (cfg.model_half_life_ms * 1e3 * FORGET_AFTER_HALF_LIVES) as Micros,
             )),
             adapt: Mutex::new(Adapt::new(
                 cfg.weights,
@@ -728,7 +739,7 @@ impl RoutingPolicy for Qoe {
             if deadline && e.terms[2] < OVERFLOW_MAX_RELIABILITY_COST {
                 if e.ttft <= ctx.t0 {
                     on_time = true;
-                } else if e.queue_ms > ctx.t0 && overflow.is_none_or(|o| e.ttft > o.ttft) {
+                } else if e.queue_ms > ctx.t0 && overflow.is_none_or(|o| e.queue_ms > o.queue_ms) {
                     overflow = Some(e);
                 }
             }
@@ -812,22 +823,22 @@ impl RoutingPolicy for Qoe {
         match fb.event {
             FeedbackEvent::FirstToken { ttft } => {
                 let ttft_ms = ttft as f64 / 1e3;
-                let cached = fb.detail.map_or(0, |d| d.cached_tokens);
-                // The line learns prefill; the seat wait is predicted apart from it.
+                // The line learns prefill; the seat wait is predicted apart from it. It learns
+                // at the router's own count of the work ahead, not the engine-reported extra the
+                // prediction adds: that comes from a scrape up to an interval old, and as a
+                // regressor its noise flattens the slope (docs/QOE.md, "Learning").
                 let seat_wait = fb.detail.map_or(0.0, |d| d.seat_wait_ms);
                 let prefill_ms = (ttft_ms - seat_wait).max(0.0);
+                let cached = fb
+                    .detail
+                    .map_or(0, |d| d.cached_tokens)
+                    .min(fb.prompt_tokens);
+                let tokens =
+                    fb.load_at_dispatch.prefill_tokens as f64 + (fb.prompt_tokens - cached) as f64;
                 self.models
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .first_token(
-                        fb.endpoint_key,
-                        fb.load_at_dispatch.prefill_tokens,
-                        fb.prompt_tokens,
-                        cached,
-                        prefill_ms,
-                        lambda,
-                        now,
-                    );
+                    .update(fb.endpoint_key, Kind::Ttft, tokens, prefill_ms, lambda, now);
                 let target = match fb.sla_ttft_ms {
                     Some(ms) if ms > 0 => ms as f64,
                     _ => self.cfg.target_ttft_ms,
@@ -843,8 +854,9 @@ impl RoutingPolicy for Qoe {
                 mean_itl_ms,
                 failed,
             } => {
-                if failed && ttft.is_none() {
-                    // Never produced a token: the deadline was missed.
+                if failed && ttft.is_none() && fb.streamed {
+                    // Never produced a token: the deadline was missed. (Only streamed requests
+                    // count, as only they report a first token that meets it.)
                     self.adapt
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -325,11 +325,21 @@ pub struct ModelTable {
     fleet_itl: FleetSums,
     /// Updates since the fleet sums were recomputed from scratch (bounds floating-point drift).
     since_recompute: u32,
+    /// A model not heard from for this long is dropped when the sums are next recomputed: an
+    /// endpoint that left the fleet (a pod replaced, its URL never back) stops shaping the prior.
+    forget_after: Micros,
 }
 
 impl ModelTable {
-    pub fn new(capacity: usize, default_ttft: Line, default_itl: Line) -> Self {
+    /// A table of at most `capacity` models, forgetting those silent for `forget_after`.
+    pub fn new(
+        capacity: usize,
+        default_ttft: Line,
+        default_itl: Line,
+        forget_after: Micros,
+    ) -> Self {
         ModelTable {
+            forget_after: forget_after.max(1),
             map: KeyMap::default(),
             capacity: capacity.max(1),
             default_ttft: Kind::Ttft.sane(default_ttft, default_ttft),
@@ -406,26 +416,11 @@ impl ModelTable {
         }
         self.since_recompute += 1;
         if self.since_recompute >= 4096 {
+            let forget_after = self.forget_after;
+            self.map
+                .retain(|_, m| now.saturating_sub(m.last_seen) <= forget_after);
             self.recompute();
         }
-    }
-
-    /// A first token: `ttft_ms` after sending `prompt` tokens of which `cached` were expected
-    /// cached, with `queued_prompt_tokens` (router-counted) waiting for a first token ahead of
-    /// it. The TTFT sample is `(queued + prompt − cached, ttft)`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn first_token(
-        &mut self,
-        key: u64,
-        queued_prompt_tokens: u64,
-        prompt: u32,
-        cached: u32,
-        ttft_ms: f64,
-        lambda: f64,
-        now: Micros,
-    ) {
-        let x = queued_prompt_tokens as f64 + (prompt - cached.min(prompt)) as f64;
-        self.update(key, Kind::Ttft, x, ttft_ms, lambda, now);
     }
 
     /// Notes that `key` was heard from (feedback without a usable sample), for eviction order.
@@ -536,7 +531,7 @@ mod tests {
 
     #[test]
     fn table_is_bounded_and_fleet_prior_is_the_mean() {
-        let mut t = ModelTable::new(64, PRIOR_T, PRIOR_I);
+        let mut t = ModelTable::new(64, PRIOR_T, PRIOR_I, Micros::MAX);
         assert_eq!(t.prior_ttft(), PRIOR_T);
         for k in 0..1000u64 {
             for i in 0..5u64 {
@@ -550,5 +545,36 @@ mod tests {
         // The most recent endpoints survive.
         assert!(t.get(999).is_some());
         assert!(t.get(0).is_none());
+    }
+
+    #[test]
+    fn endpoints_long_silent_leave_the_fleet_prior() {
+        let hour = 3_600_000_000;
+        let mut t = ModelTable::new(64, PRIOR_T, PRIOR_I, hour);
+        // A slow endpoint, then gone; a fast one keeps reporting.
+        for i in 0..10u64 {
+            let x = 1000.0 * (i + 1) as f64;
+            t.update(1, Kind::Ttft, x, 10.0 + x, 0.97, i);
+        }
+        let mut now = 10;
+        let step = |t: &mut ModelTable, now: u64| {
+            let x = 1000.0 * (1 + now % 7) as f64;
+            t.update(2, Kind::Ttft, x, 10.0 + x / 10.0, 0.97, now);
+        };
+        for _ in 0..100 {
+            step(&mut t, now);
+            now += 1;
+        }
+        let mixed = t.prior_ttft();
+        assert!(mixed.b > 0.3, "both in the mean: {mixed:?}");
+        // Past the hour, the next recomputation drops the silent one.
+        now += hour;
+        for _ in 0..4096 {
+            step(&mut t, now);
+            now += 1;
+        }
+        assert!(t.get(1).is_none());
+        let p = t.prior_ttft();
+        assert!((p.b - 0.1).abs() < 0.01, "only the fast one: {p:?}");
     }
 }

@@ -34,6 +34,7 @@ fn first_token(key: u64, prompt: u32, load: Load, ttft_ms: f64) -> Feedback {
         priority: Priority::DEFAULT,
         prompt_tokens: prompt,
         sla_ttft_ms: None,
+        streamed: true,
         load_at_dispatch: load,
         detail: None,
         event: FeedbackEvent::FirstToken {
@@ -48,6 +49,7 @@ fn finished(key: u64, load: Load, itl_ms: f64) -> Feedback {
         priority: Priority::DEFAULT,
         prompt_tokens: 100,
         sla_ttft_ms: None,
+        streamed: true,
         load_at_dispatch: load,
         detail: None,
         event: FeedbackEvent::Finished {
@@ -396,6 +398,31 @@ fn a_deadline_missed_everywhere_overflows_onto_the_latest_queue() {
 }
 
 #[test]
+fn overflow_goes_to_the_longest_queue_not_the_latest_prediction() {
+    use crate::prompt::prefix_block_hashes;
+    let p = policy_with(|c| {
+        c.deadline_overflow = true;
+        c.prefix_affinity = 0.0;
+    });
+    // Queues of 750, 1,125 and 875 ms against a 500 ms deadline. The 1,125 ms one holds 4,096
+    // of the 8,000-token prompt cached, so its total prediction is the shortest (1.6 s against
+    // 1.8 and 1.9 s): the overflow rule goes by the queue alone, and picks it.
+    let fleet = queued_fleet([6_000, 9_000, 7_000]);
+    let mut req = request(8_000, 50, Phase::PrefillDominant);
+    req.sla_ttft_ms = Some(500);
+    req.prefix_hashes =
+        prefix_block_hashes("a long shared document ".repeat(2_000).as_bytes(), 256);
+    p.prefix
+        .lock()
+        .unwrap()
+        .record(&req.prefix_hashes, fleet[1].key);
+    let all = p.evaluate(&req, &fleet, 1);
+    assert!(all[2].predicted_ttft_ms > all[0].predicted_ttft_ms);
+    assert!(all[0].predicted_ttft_ms > all[1].predicted_ttft_ms);
+    assert_eq!(p.pick(&req, &fleet, 1).unwrap().index, 1);
+}
+
+#[test]
 fn ties_are_broken_at_random() {
     let p = policy();
     let v = idle(4);
@@ -511,6 +538,49 @@ fn weights_adapt_to_prefill_pressure_and_priority_misses() {
     let state = p.state_json().unwrap();
     assert!(state["sla_miss"]["1"]["rate"].as_f64().unwrap() > 0.9);
     assert!(state["weights"]["performance"].as_f64().unwrap() > 0.5);
+}
+
+#[test]
+fn only_streamed_requests_count_toward_deadline_misses() {
+    // A non-streamed request reports no first token, so its failures must not count as misses
+    // either: 1% of non-streamed requests failing would otherwise read as every deadline missed.
+    let p = policy();
+    let key = idle(1)[0].key;
+    for i in 0..200u64 {
+        let mut fb = finished(key, Load::default(), 20.0);
+        fb.priority = Priority::HIGH;
+        fb.streamed = false;
+        fb.event = FeedbackEvent::Finished {
+            ttft: None,
+            output_tokens: 0,
+            mean_itl_ms: None,
+            failed: true,
+        };
+        p.feedback(&fb, NOW + i);
+    }
+    let state = p.state_json().unwrap();
+    assert_eq!(
+        state["sla_miss"]["1"]["rate"].as_f64().unwrap(),
+        0.0,
+        "{state}"
+    );
+    // The same failures of streamed requests are misses.
+    for i in 0..200u64 {
+        let mut fb = finished(key, Load::default(), 20.0);
+        fb.priority = Priority::HIGH;
+        fb.event = FeedbackEvent::Finished {
+            ttft: None,
+            output_tokens: 0,
+            mean_itl_ms: None,
+            failed: true,
+        };
+        p.feedback(&fb, NOW + 200 + i);
+    }
+    let state = p.state_json().unwrap();
+    assert!(
+        state["sla_miss"]["1"]["rate"].as_f64().unwrap() > 0.9,
+        "{state}"
+    );
 }
 
 #[test]
@@ -691,6 +761,7 @@ fn any_feedback() -> impl Strategy<Value = Feedback> {
                 priority: Priority::new(1 + (key % 3) as u8).unwrap(),
                 prompt_tokens: prompt,
                 sla_ttft_ms: Some((t % 5000) as u32),
+                streamed: true,
                 load_at_dispatch: Load {
                     in_prefill: load.0,
                     in_decode: load.1,
