@@ -53,6 +53,14 @@ impl Breaker {
         self.state
     }
 
+    /// How long until an open breaker lets a probe through (0 when it is not open).
+    pub fn reopens_in(&self, now: Micros, config: &BreakerConfig) -> Micros {
+        match (self.state, self.opened_at) {
+            (BreakerState::Open, Some(t)) => config.open_for.saturating_sub(now.saturating_sub(t)),
+            _ => 0,
+        }
+    }
+
     /// Whether a request may go now; in HalfOpen only when no probe is out.
     pub fn admits(&mut self, now: Micros, config: &BreakerConfig) -> bool {
         match self.state_at(now, config) {

@@ -225,6 +225,20 @@ impl Endpoint {
         self.is_healthy() && lock(&self.breaker).admits(now, &self.breaker_config)
     }
 
+    /// When an endpoint that does not admit requests now may again, as far as the router can
+    /// tell: when its open breaker lets a probe through; `None` when it is unhealthy (the next
+    /// health check decides) or a probe is out.
+    pub fn admits_again_in(&self, now: Micros) -> Option<Micros> {
+        if !self.is_healthy() {
+            return None;
+        }
+        let mut b = lock(&self.breaker);
+        match b.state_at(now, &self.breaker_config) {
+            qoe_core::BreakerState::Open => Some(b.reopens_in(now, &self.breaker_config)),
+            _ => None,
+        }
+    }
+
     /// Lets a request go now if [`Endpoint::admits`] holds, checked and taken under one lock (so
     /// two requests cannot both be a half-open breaker's probe); `None` otherwise.
     pub fn try_dispatch(&self, now: Micros) -> Option<Dispatch> {

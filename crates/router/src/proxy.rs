@@ -776,15 +776,22 @@ fn candidates(
     Ok(serving)
 }
 
-/// The answer when endpoints serve the model but none may take a request now.
-fn none_admitted(model: &str) -> ApiError {
+/// The answer when endpoints serve the model but none may take a request now. `Retry-After`
+/// says when the first of them may: an open breaker's pause left, or a second when one is
+/// unhealthy (its next health check may clear it) or probing.
+fn none_admitted(model: &str, pool: &[Arc<Endpoint>], now: Micros) -> ApiError {
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
             "no healthy endpoint serves the model '{model}' (failing health checks or circuit open)"
         ),
     );
-    e.retry_after = Some(1);
+    let soonest = pool
+        .iter()
+        .map(|e| e.admits_again_in(now).unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    e.retry_after = Some(soonest.div_ceil(qoe_core::MICROS_PER_SEC).max(1));
     e
 }
 
@@ -996,7 +1003,11 @@ pub(crate) async fn dispatch(
                 .map(|(i, e)| e.view(i as u32, now, FLAP_WINDOW)),
         );
         if views.is_empty() {
-            return reject(&state, none_admitted(&profile.model), &request_id);
+            return reject(
+                &state,
+                none_admitted(&profile.model, &pool, now),
+                &request_id,
+            );
         }
         let open: &[EndpointView] = if admission.config.enabled() {
             open_views.clear();

@@ -293,6 +293,41 @@ async fn a_hung_engine_times_out_opens_its_breaker_and_traffic_fails_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_every_breaker_is_open_retry_after_says_when_one_probes() {
+    let failing = Engine::start(&[]).await;
+    let r = router(&[
+        "--static-backends",
+        &failing.url,
+        "--static-models",
+        MODEL,
+        "--breaker-failures",
+        "2",
+        "--breaker-open-secs",
+        "30",
+        "--max-retries",
+        "0",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    failing
+        .faults(
+            &c,
+            serde_json::json!({"error_rate": 1.0, "error_status": 503}),
+        )
+        .await;
+    for _ in 0..2 {
+        assert_eq!(post(&c, &url, &body(4, false), &[]).await.status, 503);
+    }
+    let ans = post(&c, &url, &body(4, false), &[]).await;
+    assert_eq!(ans.status, 503);
+    assert_eq!(ans.json()["error"]["code"], "no_healthy_endpoint");
+    // Not "1": a client honouring it would spend its retries against the open breaker.
+    let wait: u64 = ans.header("retry-after").parse().unwrap();
+    assert!((2..=30).contains(&wait), "retry-after {wait}");
+}
+
+#[tokio::test]
 async fn the_breaker_opens_at_its_threshold_and_closes_when_the_engine_recovers() {
     let flaky = Engine::start(&[]).await;
     let steady = Engine::start(&[]).await;
