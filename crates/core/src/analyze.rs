@@ -414,9 +414,14 @@ pub fn read_headers<'h>(
     })
 }
 
-/// An unsigned integer from a header value (ASCII digits, surrounding spaces allowed).
+/// An unsigned integer from a header value (ASCII digits, surrounding spaces allowed; no sign,
+/// which Rust's parser would take).
 fn header_int(raw: &[u8]) -> Option<u64> {
-    std::str::from_utf8(raw).ok()?.trim().parse().ok()
+    let text = std::str::from_utf8(raw).ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// The output bound of the route's API, read as vLLM reads it: a chat's `max_completion_tokens`
@@ -914,6 +919,18 @@ mod tests {
                 &[("x-request-priority", "abc")],
                 Some("x-request-priority"),
                 "'abc'",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-request-priority", "+1")],
+                Some("x-request-priority"),
+                "'+1'",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                &[("x-sla-target-ms", "+500")],
+                Some("x-sla-target-ms"),
+                "deadline",
             ),
             (
                 r#"{"model":"m"}"#,
