@@ -61,8 +61,16 @@ impl Target {
             ),
             None => anyhow::bail!("--target {url}: give the scheme, e.g. http://127.0.0.1:8000"),
         }
-        if uri.authority().is_none() {
+        let Some(authority) = uri.authority() else {
             anyhow::bail!("--target {url}: no host");
+        };
+        // `http::Uri` takes `host:abc` and `host:99999` and forgets the port.
+        let after_host = match authority.as_str().rfind(']') {
+            Some(i) => &authority.as_str()[i..],
+            None => authority.as_str(),
+        };
+        if after_host.contains(':') && uri.port_u16().is_none_or(|p| p == 0) {
+            anyhow::bail!("--target {url}: the port must be a number in 1..=65535");
         }
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
         Ok(Target { base, auth: None })
@@ -328,6 +336,19 @@ mod tests {
             .to_string()
             .contains("https://"));
         assert!(Target::parse("127.0.0.1:8000").is_err());
+        for bad in [
+            "http://127.0.0.1:abc",
+            "http://127.0.0.1:99999",
+            "http://h:0",
+        ] {
+            let e = Target::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("port must be a number"), "{bad}: {e}");
+        }
+        assert_eq!(
+            Target::parse("http://[::1]:8000").unwrap().authority(),
+            "[::1]:8000"
+        );
+        assert!(Target::parse("http://[::1]").is_ok());
     }
 
     #[test]
