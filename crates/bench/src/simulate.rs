@@ -66,7 +66,8 @@ pub struct SimulateArgs {
     /// Run for this many seconds of virtual time instead of the workload's duration or count.
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Arrival rate, requests/s (for trace arrivals: the replay speed-up) [default: the workload's].
+    /// Arrival rate, requests/s of new arrivals (a trace is replayed at the speed that gives its
+    /// rows this mean rate) [default: the workload's].
     #[arg(long)]
     pub rate: Option<f64>,
     /// Find each policy's goodput by bisection over the rate in LO:HI (requests/s).
@@ -227,7 +228,7 @@ pub struct SimulateOutput {
     pub sweeps: Vec<SweepResult>,
 }
 
-/// Past this many requests at a sweep's top rate, `simulate` warns that the sweep will be slow.
+/// Past this many requests a run (or at a sweep's top rate), `simulate` warns that it will be slow.
 const LARGE_SWEEP_REQUESTS: f64 = 5e6;
 
 /// Runs the simulations, prints the report, and writes the files under `--out`.
@@ -556,6 +557,21 @@ pub fn simulate_all(
                 "simulate: --sweep-rate's top, {hi} req/s for {duration} s, is about {:.1} M requests a \
                  run ({:.1} GB while it lasts, minutes of work): lower it to a rate the fleet \
                  could come near",
+                requests / 1e6,
+                requests * 100.0 / 1e9
+            );
+        }
+    }
+    if let (None, Some(rate), Some(duration)) = (
+        args.sweep_rate,
+        workload.arrival_rate(),
+        workload.spec().duration_s,
+    ) {
+        let requests = rate * duration;
+        if requests > LARGE_SWEEP_REQUESTS {
+            eprintln!(
+                "simulate: {rate} req/s for {duration} s is about {:.1} M requests a run ({:.1} GB \
+                 while it lasts, minutes of work per policy)",
                 requests / 1e6,
                 requests * 100.0 / 1e9
             );

@@ -2088,9 +2088,10 @@ fn request_body(api: Api, model: &str, prompt: &str, max_tokens: Option<u32>) ->
 // Rate sweeps
 
 /// A workload with its arrival rate set to `rate` requests/s (new arrivals; sessions add their
-/// later turns). For trace arrivals, which state no rate, `rate` is the replay speed-up.
+/// later turns). A trace is replayed at the speed that gives its rows that mean rate; one whose
+/// rows all arrive at once has none, and `rate` is then its replay speed-up.
 pub fn with_rate(workload: &Workload, rate: f64) -> Result<Workload, SimError> {
-    let base = workload.spec().arrivals.rate().unwrap_or(1.0);
+    let base = workload.arrival_rate().unwrap_or(1.0);
     let mut w = workload.clone();
     w.scale_rate(rate / base)
         .map_err(|e| SimError(format!("rate {}: {e}", crate::workload::Num(rate))))?;
@@ -2279,6 +2280,26 @@ fn one_seed() -> u32 {
 mod tests {
     use super::*;
     use qoe_core::prompt::prefix_block_hashes;
+
+    #[test]
+    fn a_trace_at_a_rate_is_replayed_at_that_many_requests_per_second() {
+        use crate::workload::{Trace, WorkloadSpec};
+        // 300 rows 0.1 s apart: 10 requests/s as recorded, at speed-up 2 in the file.
+        let csv: String = std::iter::once("timestamp_s,prompt_tokens,output_tokens\n".into())
+            .chain((0..300).map(|i| format!("{},100,10\n", i as f64 / 10.0)))
+            .collect();
+        let spec = WorkloadSpec::from_toml_str(
+            "[arrivals]\nkind = \"trace\"\nfile = \"t.csv\"\nspeedup = 2\n",
+        )
+        .unwrap();
+        let w = Workload::new(spec, Some(Trace::parse_csv(&csv).unwrap())).unwrap();
+        assert!((w.arrival_rate().unwrap() - 20.0).abs() < 1e-9);
+        let fast = with_rate(&w, 40.0).unwrap();
+        assert!((fast.arrival_rate().unwrap() - 40.0).abs() < 1e-9);
+        let last = fast.generate(1).map(|r| r.at).max().unwrap();
+        // 299 gaps at 1/40 s.
+        assert!(last.abs_diff(7_475_000) <= 1, "{last}");
+    }
 
     #[test]
     fn bodies_parse_as_the_router_reads_them() {

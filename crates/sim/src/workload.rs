@@ -886,6 +886,19 @@ impl Workload {
         &self.spec
     }
 
+    /// The mean rate of new arrivals, requests/s: the stated rate, or a trace's at its speed-up
+    /// (its rows' mean inter-arrival time). `None` for a trace whose rows all arrive at once.
+    pub fn arrival_rate(&self) -> Option<f64> {
+        match (&self.spec.arrivals, &self.trace) {
+            (ArrivalSpec::Trace { speedup, .. }, Some(t)) => {
+                let span_s = t.rows.last().map_or(0.0, |r| r.at as f64 / 1e6);
+                (t.rows.len() > 1 && span_s > 0.0)
+                    .then(|| (t.rows.len() - 1) as f64 / span_s * speedup)
+            }
+            (arrivals, _) => arrivals.rate(),
+        }
+    }
+
     /// The file's name (may be empty).
     pub fn name(&self) -> &str {
         &self.spec.name
