@@ -25,6 +25,12 @@
 //!
 //! and only the running lag `Σ (sᵢ − eᵢ)`, `N` and `s_N` need keeping ([`QoeAccumulator`]).
 //!
+//! A token read ahead of its schedule (`sᵢ < eᵢ`, a first token before `T0`) adds area, as the
+//! definition's `min(1, ·)` implies: a fast start offsets part of a later stall before the cap
+//! applies. Clipping the read curve at the expected one instead (each lag `max(0, sᵢ − eᵢ)`)
+//! would give a stall less forgiving scores (a 2 s stall after 5 early tokens of 100: 0.56
+//! against 0.72).
+//!
 //! **DistServe SLO attainment** (OSDI'24): a request attains its SLO when `TTFT ≤ X` and
 //! `TPOT ≤ Y`, with `TPOT = (t_last − t_first)/(n_out − 1)`; goodput is the highest rate at which
 //! at least 90% of requests attain it ([`GOODPUT_ATTAINMENT`]).
