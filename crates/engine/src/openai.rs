@@ -344,7 +344,9 @@ pub(crate) struct ParsedRequest {
     pub priority: i32,
     /// The body's `seed`, if any.
     pub seed: Option<u64>,
-    /// Hash of the whole body: the request's own random stream.
+    /// The request's own random stream: a hash of its prompts when the sampling is reproducible
+    /// (a `seed`, or `temperature` 0: vLLM then writes the same text whatever `max_tokens` or
+    /// `stop` say, cut where they say), else of the whole body.
     pub request_hash: u64,
     pub kv: KvStage,
     pub logprobs: Option<Logprobs>,
@@ -627,6 +629,14 @@ pub(crate) fn parse_request(
     } else {
         completion_prompts(&mut obj, body, canonical, stream, max_tokens, echo, &config)?
     };
+    let request_hash = if seed.is_some() || temperature == Some(0.0) {
+        prompts.iter().fold(0, |h, p| {
+            let last = p.prefix_hashes.last().copied().unwrap_or(0);
+            mix64(h ^ mix64(last ^ p.tokens as u64))
+        })
+    } else {
+        hash_bytes(0, body)
+    };
     Ok(ParsedRequest {
         model,
         stream: stream.unwrap_or(false),
@@ -638,7 +648,7 @@ pub(crate) fn parse_request(
         ignore_eos,
         priority,
         seed,
-        request_hash: hash_bytes(0, body),
+        request_hash,
         kv,
         logprobs,
         stop,

@@ -315,7 +315,12 @@ async fn generate(app: Arc<App>, api: Api, headers: &HeaderMap, body: Bytes) -> 
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    match admit(&app, api, n, p, draw) {
+    // vLLM names the answer after the client's request id when it sends one.
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    match admit(&app, api, n, p, draw, request_id) {
         Ok((plan, tickets)) if plan.stream => stream_response(app, plan, tickets, in_flight),
         Ok((plan, tickets)) => full(app, plan, tickets).await,
         Err(e) => e.into_response(),
@@ -363,6 +368,7 @@ fn admit(
     n: u64,
     p: ParsedRequest,
     faults: FaultDraw,
+    request_id: Option<&str>,
 ) -> Result<(Plan, Vec<Ticket>), ApiError> {
     let model = match p.model {
         None => app.model_name().to_string(),
@@ -521,10 +527,13 @@ fn admit(
     let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
     let plan = Plan {
         api,
-        id: format!(
-            "{prefix}-{:016x}{n:016x}",
-            mix64(app.args.seed ^ app.started)
-        ),
+        id: match request_id {
+            Some(rid) => format!("{prefix}-{rid}"),
+            None => format!(
+                "{prefix}-{:016x}{n:016x}",
+                mix64(app.args.seed ^ app.started)
+            ),
+        },
         created: unix_now(),
         model,
         prompts,

@@ -94,6 +94,65 @@ async fn streaming_chat_opens_with_the_role() {
 }
 
 #[tokio::test]
+async fn answers_are_named_after_the_clients_request_id() {
+    bounded(async {
+        let s = Server::start(tiny_args()).await;
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 2})
+        .to_string();
+        let mut stream = TcpStream::connect(s.addr).await.unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: \
+             application/json\r\nX-Request-Id: trace-42\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let json = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
+        let v: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["id"], "chatcmpl-trace-42", "as vLLM does");
+        // Without one, an id of its own.
+        let r = s
+            .post_json("/v1/completions", &json!({"model": "m", "prompt": "x"}))
+            .await;
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        assert!(id.starts_with("cmpl-") && id.len() > 20, "{id}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_seeded_answer_is_the_same_text_whatever_max_tokens_and_stop_say() {
+    bounded(async {
+        let s = Server::start(tiny_args()).await;
+        let text = |extra: Value| {
+            let mut body = json!({"model": "m", "prompt": "once upon a time", "seed": 42,
+                                  "temperature": 1.0, "ignore_eos": true});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let s = &s;
+            async move {
+                let r = s.post_json("/v1/completions", &body).await;
+                r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+            }
+        };
+        let short = text(json!({"max_tokens": 8})).await;
+        let long = text(json!({"max_tokens": 20})).await;
+        assert!(long.starts_with(&short), "{short:?} / {long:?}");
+        assert_ne!(short, long);
+        let stopped = text(json!({"max_tokens": 20, "stop": ["zzz-never"]})).await;
+        assert_eq!(stopped, long);
+        // Another seed, another text.
+        let other = text(json!({"max_tokens": 20, "seed": 7})).await;
+        assert_ne!(other, long);
+    })
+    .await
+}
+
+#[tokio::test]
 async fn non_streaming_answers_carry_usage() {
     bounded(async {
         let s = Server::start(tiny_args()).await;
