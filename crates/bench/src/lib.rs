@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 /// Options of `qoe-router bench`.
@@ -193,11 +193,34 @@ fn file_stem(path: &Path) -> String {
 
 /// Runs the benchmark, prints the report, and writes it under `--out`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (stop_tx, stop) = watch::channel(false);
+    let quiet = args.quiet;
+    // Ctrl-C stops sending and reports what finished; a second one quits at once.
+    let interrupts = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            if !quiet {
+                eprintln!("bench: interrupted: finishing the report (Ctrl-C again to quit now)");
+            }
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    let result = run_until(args, stop).await;
+    interrupts.abort();
+    result
+}
+
+/// [`run`], stopping early when `stop` turns true: no request is sent after it, those in
+/// flight get [`INTERRUPT_GRACE`] to finish, and the report covers what finished (an error is
+/// returned once it is written, so a script sees the run did not complete).
+pub async fn run_until(args: BenchArgs, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
         // Before the run, so that an unwritable --out loses no measurements.
         prepare_out_dir(dir)?;
     }
-    let set = bench(&args).await?;
+    let set = bench_until(&args, stop.clone()).await?;
     if let Some(dir) = &args.out {
         for (name, text) in [
             ("report.json", set.to_json()),
@@ -212,6 +235,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     print_report(&set.to_markdown())?;
+    let interrupted = *stop.borrow();
+    anyhow::ensure!(
+        !interrupted,
+        "bench: interrupted; the report covers the requests that finished before"
+    );
     // A target that answered nothing is a failed run (a script or CI job must see it), though
     // its report was written: which errors it gave is in there.
     let dead: Vec<String> = set
@@ -247,8 +275,17 @@ pub fn prepare_out_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Requests in flight when a run is interrupted have this long to finish before the report.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the benchmark against every target in turn and returns the reports (in --target order).
 pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
+    bench_until(args, watch::channel(false).1).await
+}
+
+/// [`bench`], stopping early when `stop` turns true (see [`run_until`]); the targets not yet
+/// run then have no report.
+async fn bench_until(args: &BenchArgs, stop: watch::Receiver<bool>) -> anyhow::Result<ReportSet> {
     let targets = args
         .targets
         .iter()
@@ -322,6 +359,10 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
         models.push(client::check_target(&client, &tls, target, model.as_deref()).await?);
     }
     for (i, ((target, label), model)) in targets.iter().zip(labels).zip(models).enumerate() {
+        let stopped = *stop.borrow();
+        if stopped {
+            break;
+        }
         if !args.quiet {
             eprintln!(
                 "bench: {label}: workload `{}` (seed {seed}) against {} with model `{model}`",
@@ -349,10 +390,18 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<ReportSet> {
             timeout: Duration::from_secs_f64(args.request_timeout),
             progress: !args.quiet,
             records,
+            stop: stop.clone(),
         };
         reports.push(run.go().await?);
     }
     Ok(ReportSet { reports })
+}
+
+/// Resolves once `stop` is true (never, if its sender is gone while false).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// One target's run.
@@ -368,6 +417,8 @@ struct Run<'a> {
     progress: bool,
     /// Where to write the request records (`--records`).
     records: Option<PathBuf>,
+    /// Turns true when the run is to stop early.
+    stop: watch::Receiver<bool>,
 }
 
 /// `DIR/requests-LABEL.jsonl`, the label's characters other than letters, digits, `.`, `-` and
@@ -432,7 +483,7 @@ impl RecordFile {
 }
 
 impl Run<'_> {
-    async fn go(self) -> anyhow::Result<Report> {
+    async fn go(mut self) -> anyhow::Result<Report> {
         let cfg = ReportConfig::default();
         let api = self.workload.spec().api;
         let url: Arc<str> = self.target.url(api.path()).into();
@@ -465,7 +516,11 @@ impl Run<'_> {
             spec.requests,
         );
         for planned in self.workload.generate(self.seed) {
-            tokio::time::sleep_until(start + Duration::from_micros(planned.at)).await;
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => break,
+                _ = tokio::time::sleep_until(start + Duration::from_micros(planned.at)) => {}
+            }
             counters.sent.fetch_add(1, Ordering::Relaxed);
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 let now = micros_since(start);
@@ -513,8 +568,18 @@ impl Run<'_> {
             });
         }
         // Every request in flight holds a slot until its record is in: taking them all waits for
-        // the last one (each bounded by the request timeout).
-        let _all = slots.acquire_many(self.max_in_flight).await?;
+        // the last one (each bounded by the request timeout), or, once the run is stopped, for
+        // those that finish within the grace.
+        let all = slots.acquire_many(self.max_in_flight);
+        tokio::pin!(all);
+        tokio::select! {
+            r = &mut all => drop(r?),
+            _ = stopped(&mut self.stop) => {
+                if let Ok(r) = tokio::time::timeout(INTERRUPT_GRACE, &mut all).await {
+                    drop(r?);
+                }
+            }
+        }
         bar.finish().await;
         if let Some(file) = records {
             // Every record is in (all slots are back).

@@ -430,3 +430,43 @@ async fn a_run_whose_every_request_failed_is_an_error() {
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }
+
+/// A run stopped early (Ctrl-C) still writes the report of what finished, and says it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_reports_what_finished() {
+    let (engine, stop_engine, task) = start_engine(&[]).await;
+    let out = temp_dir();
+    let workload = smoke_workload();
+    let args = BenchArgs::from_flags([
+        "--target",
+        &engine,
+        "--model",
+        MODEL,
+        "--workload",
+        workload.to_str().unwrap(),
+        "--duration",
+        "600",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let run = tokio::spawn(qoe_bench::run_until(args, stop));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run stops well before its 600 s")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("interrupted"), "{err}");
+    let report: ReportSet =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let overall = &report.reports[0].overall;
+    assert!(overall.completed > 0, "what finished is reported");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = stop_engine.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
