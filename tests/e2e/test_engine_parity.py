@@ -24,6 +24,7 @@ MODEL = "tiny-llama"
 MAX_LEN = 512
 TIMEOUT = 60
 MSGS = [{"role": "user", "content": "Hello"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,23 @@ ERRORS = [
      {"model": MODEL, "prompt": "x", "min_tokens": 5, "max_tokens": 3}, None, "application/json"),
     ("empty token-id prompt", "POST", "/v1/completions", {"model": MODEL, "prompt": [[]]}, None,
      "application/json"),
+    ("empty tools", "POST", "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "tools": []}, None,
+     "application/json"),
+    ("tool_choice without tools", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": MSGS, "tool_choice": "required"}, None, "application/json"),
+    ("tool_choice of no kind", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": MSGS, "tools": [TOOL], "tool_choice": "bogus"}, None, "application/json"),
+    ("a named tool not among tools", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": MSGS, "tools": [TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, None, "application/json"),
+    ("tools, auto without a tool parser", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": MSGS, "tools": [TOOL]}, None, "application/json"),
+    ("tools, required without a tool parser", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": MSGS, "tools": [TOOL], "tool_choice": "required"}, None,
+     "application/json"),
+    ("a named tool without a tool parser", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": MSGS, "tools": [TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, None, "application/json"),
     ("tokenize, unknown model", "POST", "/tokenize", {"model": "nope", "prompt": "x"}, None, "application/json"),
     ("detokenize, not a list", "POST", "/detokenize", {"tokens": "x"}, None, "application/json"),
 ]
@@ -266,6 +284,9 @@ def test_unknown_routes_and_wrong_methods(urls, method, path):
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "top_k": -1, "min_p": 1,
                          "presence_penalty": 2, "frequency_penalty": -2, "repetition_penalty": 1.1,
                          "min_tokens": 2}),  # vLLM's bounds, inclusive where it is
+    ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "max_tokens": 1, "tools": [TOOL],
+                              "tool_choice": "none"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "max_tokens": 1, "tool_choice": "none"}),
 ])
 def test_requests_vllm_accepts_are_accepted(urls, path, body):
     (rs, _, rb), (ss, _, sb) = both(urls, "POST", path, body)

@@ -608,6 +608,7 @@ pub(crate) fn parse_request(
         ..AnalyzerConfig::default()
     };
     let prompts = if chat {
+        check_tools(&obj)?;
         if obj["messages"].as_array().is_some_and(Vec::is_empty) {
             return Err(ApiError::bad_request(
                 "Cannot apply chat template to an empty conversation. Provide at least one message.",
@@ -654,6 +655,86 @@ pub(crate) fn parse_request(
         stop,
         include_stop,
     })
+}
+
+/// vLLM 0.32's checks of `tools` and `tool_choice`, as a server started without
+/// `--tool-call-parser` makes them: the simulated engine writes text only, so a request that
+/// needs a tool call (named, `required`, or `auto`, the default when tools are given) is refused
+/// as such a vLLM refuses it; `tool_choice: "none"` is served.
+fn check_tools(obj: &Map<String, Value>) -> Result<(), ApiError> {
+    let tools = obj.get("tools").filter(|t| !t.is_null());
+    if tools.and_then(Value::as_array).is_some_and(Vec::is_empty) {
+        return Err(ApiError::check(
+            "`tools` must not be an empty array. Either provide at least one tool or omit the \
+             field entirely.",
+            "tools",
+            None,
+        ));
+    }
+    let choice = match obj.get("tool_choice").filter(|c| !c.is_null()) {
+        Some(c) => c,
+        None if tools.is_some() => &Value::String("auto".into()),
+        None => return Ok(()),
+    };
+    if choice == "none" {
+        return Ok(());
+    }
+    let Some(tools) = tools else {
+        return Err(ApiError::check(
+            "When using `tool_choice`, `tools` must be set.",
+            "tool_choice",
+            None,
+        ));
+    };
+    let named = match choice {
+        Value::String(c) if c == "auto" => {
+            return Err(ApiError::bad_request(
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser \
+                 to be set",
+                None,
+            ));
+        }
+        Value::String(c) if c == "required" => {
+            return Err(ApiError::bad_request(
+                "tool_choice=\"required\" requires --tool-call-parser to be set",
+                None,
+            ));
+        }
+        Value::Object(o) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        other => {
+            let shown = match other {
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            return Err(ApiError::check(
+                format!(
+                    "Invalid value for `tool_choice`: {shown}! Only named tools, \"none\", \
+                     \"auto\" or \"required\" are supported."
+                ),
+                "tool_choice",
+                None,
+            ));
+        }
+    };
+    let listed = tools.as_array().is_some_and(|ts| {
+        ts.iter()
+            .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(named))
+    });
+    if !listed {
+        return Err(ApiError::check(
+            "The tool specified in `tool_choice` does not match any of the specified `tools`",
+            "tool_choice",
+            None,
+        ));
+    }
+    Err(ApiError::bad_request(
+        format!("tool_choice=function \"{named}\" requires --tool-call-parser to be set"),
+        None,
+    ))
 }
 
 /// `stop`: a string or at most four of them.
