@@ -871,7 +871,10 @@ impl Report {
         let _ = writeln!(
             out,
             "\nSLO: the request's SLA, else TTFT ≤ {} ms and TPOT ≤ {} ms. QoE: Andes, T0 = the SLA's TTFT \
-             else {} ms, r = {} tok/s; failed requests count as misses and QoE 0.",
+             else {} ms, r = {} tok/s; failed requests count as misses and QoE 0. Percentiles: \
+             nearest rank, read from histograms of 32 buckets per doubling (the bucket's midpoint, \
+             within 1.6%); TTFT over requests with a first token, ITL and TPOT over those with two \
+             or more (a stream cut short by a timeout included), end to end over completed ones.",
             sla.ttft_ms, sla.tpot_ms, self.config.target_ttft_ms, self.config.tokens_per_s
         );
         out
