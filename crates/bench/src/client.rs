@@ -65,11 +65,15 @@ impl Target {
             anyhow::bail!("--target {url}: no host");
         };
         // `http::Uri` takes `host:abc` and `host:99999` and forgets the port.
-        let after_host = match authority.as_str().rfind(']') {
-            Some(i) => &authority.as_str()[i..],
-            None => authority.as_str(),
+        let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+        let after_host = match host_port.rfind(']') {
+            Some(i) => &host_port[i..],
+            None => host_port,
         };
-        if after_host.contains(':') && uri.port_u16().is_none_or(|p| p == 0) {
+        let port_given = after_host
+            .split_once(':')
+            .is_some_and(|(_, p)| !p.is_empty());
+        if port_given && uri.port_u16().is_none_or(|p| p == 0) {
             anyhow::bail!("--target {url}: the port must be a number in 1..=65535");
         }
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
@@ -349,6 +353,11 @@ mod tests {
             "[::1]:8000"
         );
         assert!(Target::parse("http://[::1]").is_ok());
+        assert!(Target::parse("http://user:secret@h").is_ok());
+        assert!(
+            Target::parse("http://h:").is_ok(),
+            "an empty port is the default one"
+        );
     }
 
     #[test]

@@ -577,6 +577,14 @@ impl Run<'_> {
             _ = stopped(&mut self.stop) => {
                 if let Ok(r) = tokio::time::timeout(INTERRUPT_GRACE, &mut all).await {
                     drop(r?);
+                } else {
+                    let cut = counters.sent.load(Ordering::Relaxed)
+                        .saturating_sub(counters.finished.load(Ordering::Relaxed));
+                    eprintln!(
+                        "bench: {}: {cut} requests still in flight after {} s are not in the report",
+                        self.label,
+                        INTERRUPT_GRACE.as_secs()
+                    );
                 }
             }
         }

@@ -631,10 +631,9 @@ pub(crate) fn parse_request(
         completion_prompts(&mut obj, body, canonical, stream, max_tokens, echo, &config)?
     };
     let request_hash = if seed.is_some() || temperature == Some(0.0) {
-        prompts.iter().fold(0, |h, p| {
-            let last = p.prefix_hashes.last().copied().unwrap_or(0);
-            mix64(h ^ mix64(last ^ p.tokens as u64))
-        })
+        // The prompt as sent (the messages, or the prompt field), whole.
+        let prompt = obj.get(if chat { "messages" } else { "prompt" });
+        hash_bytes(1, &serde_json::to_vec(&prompt).expect("JSON serializes"))
     } else {
         hash_bytes(0, body)
     };

@@ -145,9 +145,12 @@ async fn a_seeded_answer_is_the_same_text_whatever_max_tokens_and_stop_say() {
         assert_ne!(short, long);
         let stopped = text(json!({"max_tokens": 20, "stop": ["zzz-never"]})).await;
         assert_eq!(stopped, long);
-        // Another seed, another text.
+        // Another seed, another text; another prompt, even a short one, another text.
         let other = text(json!({"max_tokens": 20, "seed": 7})).await;
         assert_ne!(other, long);
+        let hi = text(json!({"max_tokens": 20, "prompt": "hi"})).await;
+        let yo = text(json!({"max_tokens": 20, "prompt": "yo"})).await;
+        assert_ne!(hi, yo);
     })
     .await
 }

@@ -38,7 +38,8 @@ pub struct RequestContext {
     pub sent: Micros,
     /// The response is an event stream.
     pub streaming: bool,
-    /// The client asked for a stream (an error answer to one is not an event stream).
+    /// The request's first token is seen: the client asked for a stream (an error answer to
+    /// one is not an event stream), or it is a prefill stage (its answer is its first token).
     pub streamed: bool,
     pub sla_ttft_ms: Option<u32>,
     /// The chosen endpoint's load when it was picked, and what the policy predicted.

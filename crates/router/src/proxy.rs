@@ -1160,7 +1160,8 @@ pub(crate) async fn dispatch(
                     started,
                     sent,
                     streaming: is_event_stream(response.headers()),
-                    streamed: profile.stream,
+                    // A prefill stage's one-token answer is its first token.
+                    streamed: profile.stream || profile.stage == qoe_core::Stage::Prefill,
                     sla_ttft_ms: profile.sla_ttft_ms,
                     load_at_dispatch: views
                         .iter()

@@ -701,7 +701,7 @@ async fn idle_for(streams: &Streams, first_due: tokio::time::Instant, timeout: D
     loop {
         tokio::time::sleep_until(due).await;
         let now = tokio::time::Instant::now();
-        if streams.open.load(Ordering::Acquire) > 0 {
+        if streams.open.load(Ordering::SeqCst) > 0 {
             due = now + timeout;
             continue;
         }
@@ -720,7 +720,7 @@ async fn idle_for(streams: &Streams, first_due: tokio::time::Instant, timeout: D
 struct Streams {
     open: std::sync::atomic::AtomicUsize,
     opened: std::sync::atomic::AtomicBool,
-    /// When the last stream ended, µs after `epoch` + 1 (0: none yet).
+    /// When a stream last ended, µs after `epoch` + 1 (0: none yet).
     last_end: std::sync::atomic::AtomicU64,
     epoch: tokio::time::Instant,
     draining: std::sync::atomic::AtomicBool,
@@ -740,7 +740,7 @@ impl Streams {
     }
 
     fn last_end(&self) -> Option<tokio::time::Instant> {
-        match self.last_end.load(Ordering::Acquire) {
+        match self.last_end.load(Ordering::SeqCst) {
             0 => None,
             at => Some(self.epoch + Duration::from_micros(at - 1)),
         }
@@ -770,12 +770,14 @@ impl OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         let streams = &self.0;
-        if streams.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let at = streams.epoch.elapsed().as_micros() as u64 + 1;
-            streams.last_end.store(at, Ordering::Release);
-            if streams.draining.load(Ordering::SeqCst) {
-                streams.none_open.notify_one();
-            }
+        // The end is written before the count falls: the idle timer, which reads the count
+        // first, never sees no stream open with an older end.
+        let at = streams.epoch.elapsed().as_micros() as u64 + 1;
+        streams.last_end.fetch_max(at, Ordering::SeqCst);
+        if streams.open.fetch_sub(1, Ordering::SeqCst) == 1
+            && streams.draining.load(Ordering::SeqCst)
+        {
+            streams.none_open.notify_one();
         }
     }
 }

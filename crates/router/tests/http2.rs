@@ -269,7 +269,7 @@ async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
         .unwrap();
 
     // A stream held open past the timeout keeps its connection; the end of it starts the clock.
-    let ((_send, mut task), scripted, body) = h2_stream_begun(&engine, &r).await;
+    let ((mut send, mut task), scripted, body) = h2_stream_begun(&engine, &r).await;
     let chunks = sse_chunks(2);
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(
@@ -280,6 +280,14 @@ async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
     drop(scripted);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, chunks[1].as_bytes());
+    // Idle from the stream's end, not from the timer's last look at the count (while the
+    // stream was open): the next request is served on the same connection.
+    let next = send
+        .send_request(completion_request(&authority, false))
+        .await
+        .expect("the connection was still open");
+    assert_eq!(next.status(), 200);
+    next.into_body().collect().await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), &mut task)
         .await
         .expect("closed once idle")

@@ -156,7 +156,8 @@ pub struct Feedback {
     pub prompt_tokens: u32,
     /// The request's TTFT deadline, if it had one.
     pub sla_ttft_ms: Option<u32>,
-    /// The client asked for a stream: only then is a first token seen (and a deadline judged).
+    /// The request's first token is seen (a stream, or a prefill stage's one-token answer): only
+    /// then is its deadline judged, met or missed.
     pub streamed: bool,
     /// The endpoint's load just before this request was added.
     pub load_at_dispatch: crate::Load,
