@@ -79,6 +79,7 @@ fn bench(c: &mut Criterion) {
         ("chat/2-turns-2KB", ApiKind::Chat, chat(2, 2_000)),
         ("chat/16-turns-24KB", ApiKind::Chat, chat(16, 24_000)),
         ("completion/16KB", ApiKind::Completion, completion(16_000)),
+        ("completion/64KB", ApiKind::Completion, completion(64_000)),
     ];
     let mut group = c.benchmark_group("analyze");
     for (name, kind, body) in &cases {

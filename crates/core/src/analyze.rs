@@ -29,7 +29,11 @@ pub struct AnalyzerConfig {
     pub sla_header: String,
     /// Session key: looked up as a header, then as a top-level body field of the same name.
     pub session_key: String,
-    /// Prefix blocks hashed at most (bounds the work per request; 256 blocks = 4,096 tokens).
+    /// Prefix blocks hashed at most (bounds the work per request; 1,024 blocks of 64 bytes =
+    /// 64 KiB of prompt text, about 16,000 tokens). A cache hit is credited up to this much, so it
+    /// must cover the documents a RAG fleet shares: at 256 blocks (4,096 tokens) the qoe policy
+    /// saw a third of a 6,000-token document's hit and sent it away from its cache
+    /// (docs/EVALUATION.md).
     pub max_prefix_blocks: usize,
     /// Nominal prefill speed used by the phase rule, tokens per ms.
     pub nominal_prefill_tokens_per_ms: f64,
@@ -60,7 +64,7 @@ impl Default for AnalyzerConfig {
             expected_output_len_header: "x-expected-output-tokens".into(),
             sla_header: "x-sla-target-ms".into(),
             session_key: "x-session-id".into(),
-            max_prefix_blocks: 256,
+            max_prefix_blocks: 1024,
             nominal_prefill_tokens_per_ms: 8.0,
             nominal_itl_ms: 50.0,
             tokenizer: None,
@@ -829,7 +833,10 @@ mod tests {
         let p = run(COMPLETION, &body, &[]).unwrap();
         assert_eq!(p.prompt_tokens, 8_000);
         assert_eq!(p.phase, Phase::PrefillDominant);
-        assert_eq!(p.prefix_hashes.len(), 256, "capped at max_prefix_blocks");
+        assert_eq!(p.prefix_hashes.len(), 500, "every 64-byte block of 32 KB");
+        let longer = format!(r#"{{"model":"m","prompt":"{}","max_tokens":5}}"#, "a".repeat(100_000));
+        let p = run(COMPLETION, &longer, &[]).unwrap();
+        assert_eq!(p.prefix_hashes.len(), 1024, "capped at max_prefix_blocks");
         let body = format!(r#"{{"model":"m","prompt":"{long}","max_tokens":500}}"#);
         assert_eq!(
             run(COMPLETION, &body, &[]).unwrap().phase,
