@@ -86,6 +86,10 @@ fn bench(c: &mut Criterion) {
     let mut long = RequestProfile::new("m", 4000, 20);
     long.phase = Phase::PrefillDominant;
     long.prefix_hashes = prefix_block_hashes(text.repeat(8).as_bytes(), 256);
+    // The analyzer's cap: 1,024 blocks, a 16k-token prompt.
+    let mut longest = RequestProfile::new("m", 16_000, 20);
+    longest.phase = Phase::PrefillDominant;
+    longest.prefix_hashes = prefix_block_hashes(text.repeat(32).as_bytes(), 1024);
     for n in [16usize, 128, 1024] {
         let views = fleet(n);
         let policy = build_policy(PolicyKind::Qoe, &PolicyConfig::default());
@@ -96,6 +100,11 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("pick-4k-prompt", n), &views, |b, views| {
             b.iter(|| policy.pick(black_box(&long), black_box(views), NOW))
         });
+        group.bench_with_input(
+            BenchmarkId::new("pick-16k-prompt", n),
+            &views,
+            |b, views| b.iter(|| policy.pick(black_box(&longest), black_box(views), NOW)),
+        );
         let fb = Feedback {
             endpoint_key: views[n / 2].key,
             priority: Priority::HIGH,

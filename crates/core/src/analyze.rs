@@ -834,7 +834,10 @@ mod tests {
         assert_eq!(p.prompt_tokens, 8_000);
         assert_eq!(p.phase, Phase::PrefillDominant);
         assert_eq!(p.prefix_hashes.len(), 500, "every 64-byte block of 32 KB");
-        let longer = format!(r#"{{"model":"m","prompt":"{}","max_tokens":5}}"#, "a".repeat(100_000));
+        let longer = format!(
+            r#"{{"model":"m","prompt":"{}","max_tokens":5}}"#,
+            "a".repeat(100_000)
+        );
         let p = run(COMPLETION, &longer, &[]).unwrap();
         assert_eq!(p.prefix_hashes.len(), 1024, "capped at max_prefix_blocks");
         let body = format!(r#"{{"model":"m","prompt":"{long}","max_tokens":500}}"#);
