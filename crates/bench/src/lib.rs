@@ -170,6 +170,9 @@ pub fn load_workload_for(path: &Path, duration: Option<f64>) -> anyhow::Result<W
     if w.name().is_empty() {
         w.set_name(file_stem(path));
     }
+    if let Some(warning) = w.length_warning() {
+        eprintln!("workload {}: {warning}", path.display());
+    }
     Ok(w)
 }
 

@@ -886,6 +886,41 @@ impl Workload {
         &self.spec
     }
 
+    /// A warning when the typical request does not fit `max_context_tokens`: its prompt (with
+    /// the shared prefix, if any) and output medians add up to more, so most requests are cut to
+    /// fit (each keeps at least one token of question and answer) and the run measures shorter
+    /// requests than the file describes. `None` when they fit.
+    pub fn length_warning(&self) -> Option<String> {
+        let median = |d: Option<LengthDist>| -> f64 {
+            match d {
+                None => 1.0,
+                Some(LengthDist::Fixed(t)) => t as f64,
+                Some(LengthDist::Uniform { min, max }) => (min as f64 + max as f64) / 2.0,
+                Some(LengthDist::Lognormal { mu, min, max, .. }) => {
+                    mu.exp().clamp(min as f64, max.max(min) as f64)
+                }
+            }
+        };
+        let prefix = self
+            .spec
+            .prefix
+            .as_ref()
+            .map_or(0.0, |p| p.tokens as f64 * p.share);
+        let (prompt, output) = (median(self.prompt), median(self.output));
+        let max = self.spec.max_context_tokens as f64;
+        (prefix + prompt + output > max).then(|| {
+            format!(
+                "the typical request (prompt {prompt:.0}{}, output {output:.0} tokens) does not \
+                 fit max_context_tokens = {max}: most requests are cut to fit",
+                if prefix > 0.0 {
+                    format!(" after a {prefix:.0}-token prefix")
+                } else {
+                    String::new()
+                }
+            )
+        })
+    }
+
     /// The mean rate of new arrivals, requests/s: the stated rate, or a trace's at its speed-up
     /// (its rows' mean inter-arrival time). `None` for a trace whose rows all arrive at once.
     pub fn arrival_rate(&self) -> Option<f64> {
@@ -1775,6 +1810,28 @@ mod tests {
             assert_eq!(r.prompt_tokens, 101);
             assert_eq!(r.output_tokens, 199);
         }
+    }
+
+    #[test]
+    fn a_typical_request_that_does_not_fit_the_context_is_warned_of() {
+        let w =
+            |text: &str| Workload::new(WorkloadSpec::from_toml_str(text).unwrap(), None).unwrap();
+        assert_eq!(w(&base("")).length_warning(), None);
+        let long = base("").replace("tokens = 20", "tokens = 9000");
+        let warning = w(&long).length_warning().unwrap();
+        assert!(
+            warning.contains("prompt 9000") && warning.contains("8192"),
+            "{warning}"
+        );
+        // With a shared prefix that leaves too little room.
+        let prefixed = w(&format!(
+            "max_context_tokens = 100\n{}",
+            base("[prefix]\ngroups = 2\ntokens = 90\nshare = 1.0\n")
+        ));
+        assert!(prefixed
+            .length_warning()
+            .unwrap()
+            .contains("90-token prefix"));
     }
 
     #[test]
