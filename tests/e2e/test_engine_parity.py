@@ -327,3 +327,40 @@ def test_metrics_names_are_vllms(urls):
               "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
               "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count"]:
         assert n in sim, n
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": MODEL, "prompt": "once upon a time", "seed": 42, "temperature": 1.0,
+                         "ignore_eos": True}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "seed": 7, "temperature": 0.8,
+                              "ignore_eos": True}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 0, "ignore_eos": True}),
+])
+def test_reproducible_sampling_cuts_the_same_text_whatever_max_tokens_and_stop_say(urls, path, body):
+    def text(base, **extra):
+        status, _, raw = call(base, "POST", path, {**body, **extra})
+        assert status == 200, raw
+        choice = json.loads(raw)["choices"][0]
+        return choice["text"] if "text" in choice else choice["message"]["content"]
+    for base in (urls["real"], urls["sim"]):
+        short, long = text(base, max_tokens=8), text(base, max_tokens=20)
+        assert long.startswith(short) and long != short, (base, short, long)
+        assert text(base, max_tokens=20, stop=["zzz-never-seen"]) == long, base
+
+
+def test_the_answer_is_named_after_the_clients_request_id(urls):
+    for base in (urls["real"], urls["sim"]):
+        u = urllib.parse.urlsplit(base)
+        for path, body, prefix in [
+            ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "max_tokens": 2}, "chatcmpl-"),
+            ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, "cmpl-"),
+        ]:
+            c = http.client.HTTPConnection(u.hostname, u.port, timeout=TIMEOUT)
+            try:
+                c.request("POST", path, body=json.dumps(body),
+                          headers={"content-type": "application/json", "x-request-id": "trace-42"})
+                r = c.getresponse()
+                assert r.status == 200
+                assert json.loads(r.read())["id"] == prefix + "trace-42", base
+            finally:
+                c.close()
