@@ -282,7 +282,7 @@ pub struct RouterConfig {
 
     /// API keys the OpenAI routes require as `Authorization: Bearer KEY`, comma-separated (none:
     /// open). Prefer the environment variable or the config file to the flag: command lines are
-    /// visible to other local users. See `crate::security`.
+    /// visible to other local users (README, "Security").
     #[arg(
         long,
         env = "QOE_API_KEYS",
@@ -464,10 +464,13 @@ impl RouterConfig {
         for (key, value) in settings {
             let key = key.replace('-', "_");
             if !fields.contains_key(&key) {
-                anyhow::bail!(
-                    "{}: unknown key '{key}'; keys are the flag names of `qoe-router serve --help`",
-                    path.display()
-                );
+                let hint = if key == "worker_threads" {
+                    "worker_threads is set only as --worker-threads or QOE_WORKER_THREADS (the \
+                     runtime starts before the file is read)"
+                } else {
+                    "keys are the flag names of `qoe-router serve --help`"
+                };
+                anyhow::bail!("{}: unknown key '{key}'; {hint}", path.display());
             }
             if take(&key) {
                 let value = serde_json::to_value(value)?;
@@ -1919,6 +1922,8 @@ mod tests {
         assert_eq!(c.policy_config().qoe.prefix_affinity, d.prefix_affinity);
 
         let err = |text: &str| load(text).unwrap_err().to_string();
+        let e = err("worker_threads = 2\n");
+        assert!(e.contains("only as --worker-threads"), "{e}");
         let e = err("[qoe]\nforgetting = 2\n");
         assert!(e.contains("[qoe] forgetting must be in [0.85, 1]"), "{e}");
         let e = err("[qoe]\nprefix_afinity = 0.2\n");

@@ -219,9 +219,14 @@ impl StaticDiscovery {
                 if !differ.is_empty() {
                     tracing::warn!(
                         "{}: settings other than [[backends]] take effect at the next start: {} \
-                         differ from the running settings",
+                         {} from the running settings",
                         path.display(),
-                        differ.join(", ")
+                        differ.join(", "),
+                        if differ.len() == 1 {
+                            "differs"
+                        } else {
+                            "differ"
+                        }
                     );
                 }
                 if !overridden.is_empty() {
