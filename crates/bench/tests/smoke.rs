@@ -393,26 +393,36 @@ async fn bad_targets_fail_fast() {
 
 /// A run in which every request failed ends in an error (a script or CI job must see it), after
 /// its report was written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_whose_every_request_failed_is_an_error() {
-    let (engine, stop_tx, task) =
-        start_engine(&["--error-rate", "1", "--error-status", "503"]).await;
-    let out = temp_dir();
+/// A quiet run of the smoke workload against `engine` for `duration` seconds, reported in `out`.
+fn quiet_run(engine: &str, duration: &str, out: &Path) -> BenchArgs {
     let workload = smoke_workload();
-    let args = BenchArgs::from_flags([
+    BenchArgs::from_flags([
         "--target",
-        &engine,
+        engine,
         "--model",
         MODEL,
         "--workload",
         workload.to_str().unwrap(),
         "--duration",
-        "1",
+        duration,
         "--quiet",
         "--out",
         out.to_str().unwrap(),
     ])
-    .unwrap();
+    .unwrap()
+}
+
+/// The `report.json` a run wrote in `out`.
+fn written_report(out: &Path) -> ReportSet {
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_every_request_failed_is_an_error() {
+    let (engine, stop_tx, task) =
+        start_engine(&["--error-rate", "1", "--error-status", "503"]).await;
+    let out = temp_dir();
+    let args = quiet_run(&engine, "1", &out);
     let err = tokio::time::timeout(Duration::from_secs(30), qoe_bench::run(args))
         .await
         .expect("the run ends")
@@ -422,8 +432,7 @@ async fn a_run_whose_every_request_failed_is_an_error() {
         err.contains("every request failed") && err.contains("http_503"),
         "{err}"
     );
-    let report: ReportSet =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = written_report(&out);
     assert_eq!(report.reports[0].overall.completed, 0);
     assert!(report.reports[0].overall.errors > 0);
     let _ = std::fs::remove_dir_all(&out);
@@ -436,21 +445,7 @@ async fn a_run_whose_every_request_failed_is_an_error() {
 async fn an_interrupted_run_reports_what_finished() {
     let (engine, stop_engine, task) = start_engine(&[]).await;
     let out = temp_dir();
-    let workload = smoke_workload();
-    let args = BenchArgs::from_flags([
-        "--target",
-        &engine,
-        "--model",
-        MODEL,
-        "--workload",
-        workload.to_str().unwrap(),
-        "--duration",
-        "600",
-        "--quiet",
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
+    let args = quiet_run(&engine, "600", &out);
     let (stop_tx, stop) = watch::channel(false);
     let run = tokio::spawn(qoe_bench::run_until(args, stop));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -462,8 +457,7 @@ async fn an_interrupted_run_reports_what_finished() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("interrupted"), "{err}");
-    let report: ReportSet =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = written_report(&out);
     let overall = &report.reports[0].overall;
     assert!(overall.completed > 0, "what finished is reported");
     let _ = std::fs::remove_dir_all(&out);

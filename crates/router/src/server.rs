@@ -706,9 +706,8 @@ async fn idle_for(streams: &Streams, first_due: tokio::time::Instant, timeout: D
             continue;
         }
         match streams.last_end() {
-            // None opened, or one is still being counted as it opens.
-            None if !streams.opened.load(Ordering::Acquire) => return,
-            None => due = now + timeout,
+            // None open, and none ever ended: none ever opened.
+            None => return,
             Some(end) if end + timeout <= now => return,
             Some(end) => due = end + timeout,
         }
@@ -719,8 +718,8 @@ async fn idle_for(streams: &Streams, first_due: tokio::time::Instant, timeout: D
 /// when the last one ended; the drain at shutdown is told when the count reaches 0.
 struct Streams {
     open: std::sync::atomic::AtomicUsize,
-    opened: std::sync::atomic::AtomicBool,
-    /// When a stream last ended, µs after `epoch` + 1 (0: none yet).
+    /// When a stream last ended, µs after `epoch` + 1 (0: none yet; every end writes it, so
+    /// with none open it also tells whether any ever opened).
     last_end: std::sync::atomic::AtomicU64,
     epoch: tokio::time::Instant,
     draining: std::sync::atomic::AtomicBool,
@@ -731,7 +730,6 @@ impl Streams {
     fn new() -> Self {
         Streams {
             open: Default::default(),
-            opened: Default::default(),
             last_end: Default::default(),
             epoch: tokio::time::Instant::now(),
             draining: Default::default(),
@@ -761,7 +759,6 @@ struct OpenStream(Arc<Streams>);
 
 impl OpenStream {
     fn new(streams: &Arc<Streams>) -> Self {
-        streams.opened.store(true, Ordering::Release);
         streams.open.fetch_add(1, Ordering::SeqCst);
         OpenStream(streams.clone())
     }
