@@ -240,7 +240,8 @@ pub struct RouterConfig {
     /// is disconnected (headers) or answered 408 (body): each open connection holds a socket.
     /// Also how long an idle keep-alive connection (HTTP/2: one with no request open) is kept:
     /// keep it above the idle timeouts of the clients and load balancers in front (60 s for most
-    /// load balancers, 90 s for Go).
+    /// load balancers, 90 s for Go). And how long a write may wait on a client that reads
+    /// nothing of its answer before its connection is closed.
     #[arg(long, env = "QOE_REQUEST_READ_TIMEOUT_MS", default_value_t = 120_000)]
     pub request_read_timeout_ms: u64,
     /// Longest silence allowed inside a streamed response body, ms.

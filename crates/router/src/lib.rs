@@ -22,6 +22,7 @@
 pub mod admission;
 pub mod breaker;
 pub mod cli;
+pub mod client_io;
 pub mod config;
 pub mod demo;
 pub mod discovery;

@@ -1,6 +1,7 @@
 //! The router's HTTP face: its own endpoints (`/health`, `/ready`, `/metrics`, `/engines`, the merged
 //! `/v1/models`) and the proxy for everything else, plus start-up and graceful shutdown.
 
+use crate::client_io::WriteDeadline;
 use crate::config::{DiscoveryKind, RouterConfig};
 use crate::discovery::{Discovery, StaticDiscovery};
 use crate::endpoints::{Clock, Registry};
@@ -324,6 +325,7 @@ pub async fn serve_state(
     tracing::info!(%addr, scheme, policy = state.policy.name(), "qoe-router listening");
     let timeouts = ConnectionTimeouts {
         header: Duration::from_millis(config.request_read_timeout_ms),
+        write: Duration::from_millis(config.request_read_timeout_ms),
         shutdown: Duration::from_millis(config.shutdown_timeout_ms),
     };
     let tls = state.server_tls.clone();
@@ -334,11 +336,12 @@ pub async fn serve_state(
     Ok(())
 }
 
-/// How long a client may take over its request's headers, and how long the requests in flight
-/// at shutdown may take to finish.
+/// How long a client may take over its request's headers, and to take what the router writes
+/// ([`WriteDeadline`]), and how long the requests in flight at shutdown may take to finish.
 #[derive(Clone, Copy)]
 struct ConnectionTimeouts {
     header: Duration,
+    write: Duration,
     shutdown: Duration,
 }
 
@@ -480,6 +483,8 @@ struct Protocols {
     /// How long a client has for a request's headers, from its connection's start or the end of
     /// its previous request (HTTP/2: until its connection has a stream open).
     header: Duration,
+    /// How long a write may wait on a client that takes nothing.
+    write: Duration,
 }
 
 impl Protocols {
@@ -503,6 +508,7 @@ impl Protocols {
             http1,
             http2,
             header: timeouts.header,
+            write: timeouts.write,
         }
     }
 
@@ -519,7 +525,7 @@ impl Protocols {
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let io = hyper_util::rt::TokioIo::new(io);
+        let io = hyper_util::rt::TokioIo::new(WriteDeadline::new(io, self.write));
         // The first request's headers are due within the header timeout of the connection's
         // start, the TLS handshake or the first bytes' wait included; hyper's own timer (the
         // full timeout, every request and keep-alive gap alike) starts later.

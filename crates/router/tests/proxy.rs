@@ -548,6 +548,66 @@ async fn client_disconnect_cancels_the_upstream_request() {
     );
 }
 
+/// A client that stops reading a stream holds nothing for long: once the router's writes to it
+/// have waited `--request-read-timeout-ms`, its connection is closed, the upstream request
+/// dropped (the engine aborts it) and the load released.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go_after_the_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--request-read-timeout-ms",
+        "300",
+    ])
+    .await;
+    let script = engine.script_next();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(r.url.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let body = completion("m", "x", true);
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let scripted = script.await.unwrap();
+    // The engine streams on, far more than any socket buffer, while the client reads nothing;
+    // the sends fail once the router has dropped the upstream request.
+    let event = format!(
+        "data: {{\"choices\":[{{\"index\":0,\"text\":\"{}\"}}]}}\n\n",
+        "x".repeat(1000)
+    );
+    let pushing = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while scripted.chunks.send(event.clone().into()).await.is_ok() {
+            sent += 1;
+            assert!(sent < 1_000_000, "nothing pushed back");
+        }
+        sent
+    });
+    let sent = tokio::time::timeout(Duration::from_secs(20), pushing)
+        .await
+        .expect("the upstream request is dropped while the client still holds its connection")
+        .unwrap();
+    assert!(
+        sent > 100,
+        "the stream filled the buffers first: {sent} events"
+    );
+    let c = client();
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    let load = &engines["endpoints"][0]["load"];
+    assert_eq!(
+        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
+        (Some(0), Some(0))
+    );
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn a_client_leaving_at_done_has_its_answer_counted_whole() {
     // An OpenAI client closes the stream once it reads `[DONE]`; the engine's end of body may
