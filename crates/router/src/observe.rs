@@ -121,7 +121,7 @@ impl Tally {
     fn see(&mut self, event: SseEvent) {
         match event {
             SseEvent::Tokens { count, usage } => {
-                self.tokens += count;
+                self.tokens = self.tokens.saturating_add(count);
                 self.usage = usage.and_then(|u| u.completion_tokens).or(self.usage);
             }
             SseEvent::Usage(u) => self.usage = u.completion_tokens.or(self.usage),
@@ -290,7 +290,7 @@ impl<B: Body> ObservedBody<B> {
                 guard.tokens(tokens);
                 self.record_endpoint_ttft(now.saturating_sub(self.ctx.sent), now);
                 self.last_token_at = Some(now);
-                self.tokens += tokens;
+                self.tokens = self.tokens.saturating_add(tokens);
                 return;
             }
             Some(last) => {
@@ -309,7 +309,7 @@ impl<B: Body> ObservedBody<B> {
         }
         guard.tokens(tokens);
         self.last_token_at = Some(now);
-        self.tokens += tokens;
+        self.tokens = self.tokens.saturating_add(tokens);
     }
 
     fn feedback(&self, endpoint_key: u64, event: FeedbackEvent) -> Feedback {

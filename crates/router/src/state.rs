@@ -105,12 +105,36 @@ impl LearnedOutput {
             .map_or(self.default, |v| v.round().max(1.0) as u32)
     }
 
+    /// Learns from a finished answer's length, capped as a `max_tokens` is (an engine's count,
+    /// not a client's, but no sounder for that).
     pub fn record(&self, model: &str, output_tokens: u32) {
+        let output_tokens = output_tokens.min(qoe_core::analyze::MAX_EXPECTED_OUTPUT);
         let mut map = self.by_model.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = map.get_mut(model) {
             *v += Self::ALPHA * (output_tokens as f64 - *v);
         } else if map.len() < Self::MAX_MODELS {
             map.insert(model.to_string(), output_tokens as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absurd_engine_count_is_learned_capped() {
+        let learned = LearnedOutput::new(256);
+        learned.record("m", u32::MAX);
+        assert_eq!(
+            learned.estimate("m"),
+            qoe_core::analyze::MAX_EXPECTED_OUTPUT
+        );
+        learned.record("m", u32::MAX);
+        assert_eq!(
+            learned.estimate("m"),
+            qoe_core::analyze::MAX_EXPECTED_OUTPUT
+        );
+        assert_eq!(learned.estimate("other"), 256);
     }
 }

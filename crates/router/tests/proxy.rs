@@ -608,6 +608,45 @@ async fn a_client_that_stops_reading_is_let_go_after_the_read_timeout() {
     drop(stalled);
 }
 
+/// Token counts past any real answer (an engine's `usage` in the billions) are taken as they
+/// come, saturating, never overflowing: the stream is relayed whole and its load released.
+#[tokio::test]
+async fn absurd_usage_counts_from_an_engine_do_not_break_the_stream() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let c = client();
+    let script = engine.script_next();
+    let pending = start_stream(&c, &r.url, "x");
+    let scripted = script.await.unwrap();
+    let event = |n: u64| {
+        format!(
+            "data: {{\"object\":\"text_completion\",\"choices\":[{{\"index\":0,\"text\":\"a\"}}],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":{n}}}}}\n\n"
+        )
+    };
+    scripted.send(event(4_000_000_000)).await;
+    let response = pending.await.unwrap();
+    scripted.send(event(8_000_000_000)).await;
+    scripted.send("data: [DONE]\n\n").await;
+    drop(scripted);
+    let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the stream ends")
+        .expect("and ends whole")
+        .to_bytes();
+    let expected = format!(
+        "{}{}data: [DONE]\n\n",
+        event(4_000_000_000),
+        event(8_000_000_000)
+    );
+    assert_eq!(String::from_utf8_lossy(&body), expected);
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    let load = &engines["endpoints"][0]["load"];
+    assert_eq!(
+        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
 #[tokio::test]
 async fn a_client_leaving_at_done_has_its_answer_counted_whole() {
     // An OpenAI client closes the stream once it reads `[DONE]`; the engine's end of body may
