@@ -9,6 +9,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The router's only endpoint has no request in prefill or decode.
+async fn assert_no_load(router: &str) {
+    let engines = get(&client(), &format!("{router}/engines"))
+        .await
+        .unwrap()
+        .json();
+    let load = &engines["endpoints"][0]["load"];
+    assert_eq!(
+        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
 fn backends(mocks: &[&Mock]) -> String {
     mocks
         .iter()
@@ -539,13 +552,7 @@ async fn client_disconnect_cancels_the_upstream_request() {
         .await
         .expect("upstream request cancelled after the client left");
     // And the router released its load accounting.
-    let c = client();
-    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
-    let load = &engines["endpoints"][0]["load"];
-    assert_eq!(
-        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_no_load(&r.url).await;
 }
 
 /// A client that stops reading a stream holds nothing for long: once the router's writes to it
@@ -598,13 +605,7 @@ async fn a_client_that_stops_reading_is_let_go_after_the_read_timeout() {
         sent > 100,
         "the stream filled the buffers first: {sent} events"
     );
-    let c = client();
-    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
-    let load = &engines["endpoints"][0]["load"];
-    assert_eq!(
-        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_no_load(&r.url).await;
     drop(stalled);
 }
 
@@ -639,12 +640,7 @@ async fn absurd_usage_counts_from_an_engine_do_not_break_the_stream() {
         event(8_000_000_000)
     );
     assert_eq!(String::from_utf8_lossy(&body), expected);
-    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
-    let load = &engines["endpoints"][0]["load"];
-    assert_eq!(
-        (load["in_prefill"].as_u64(), load["in_decode"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_no_load(&r.url).await;
 }
 
 #[tokio::test]
