@@ -370,18 +370,22 @@ impl<B: Body> ObservedBody<B> {
                 (Some(a), Some(b)) => b.saturating_sub(a),
                 _ => 0,
             };
-            guard.record(
-                &RequestOutcome {
-                    prompt_tokens: self.ctx.prompt_tokens,
-                    output_tokens,
-                    ttft,
-                    decode_time,
-                    e2e,
-                    failed,
-                    timed_out: end == End::IdleTimeout,
-                },
-                now,
-            );
+            // A 429 says the endpoint is busy, not broken: no verdict for its breaker (nor a
+            // half-open probe's) and nothing for its statistics, retried or not.
+            if status != StatusCode::TOO_MANY_REQUESTS {
+                guard.record(
+                    &RequestOutcome {
+                        prompt_tokens: self.ctx.prompt_tokens,
+                        output_tokens,
+                        ttft,
+                        decode_time,
+                        e2e,
+                        failed,
+                        timed_out: end == End::IdleTimeout,
+                    },
+                    now,
+                );
+            }
             let mean_itl_ms = (self.tokens > 1 && decode_time > 0)
                 .then(|| decode_time as f64 / 1e3 / (self.tokens - 1) as f64);
             let feedback = self.feedback(
@@ -423,7 +427,9 @@ impl<B: Body> ObservedBody<B> {
         let failure_kind = match end {
             End::IdleTimeout => Some("timeout"),
             End::UpstreamBroken => Some("stream"),
-            _ if status.is_server_error() => Some("status"),
+            _ if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
+                Some("status")
+            }
             _ => None,
         };
         if let Some(kind) = failure_kind {

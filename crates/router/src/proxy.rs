@@ -5,8 +5,9 @@
 //! frame (within `--first-byte-timeout-ms` of sending) before it answers. So while no byte has
 //! been sent, a failure can still go elsewhere: a connect error, a 429/5xx status, or a
 //! connection closed before the first byte (an engine killed or restarting) sends the request to
-//! another endpoint, up to `--max-retries`, after a jittered backoff. A first-byte timeout is not
-//! retried (the client has already waited the whole budget): it is a 504. Once bytes flow,
+//! another endpoint, up to `--max-retries`, after a jittered backoff (once the request may have
+//! reached the engine, only if repeating it is harmless: [`repeatable`]). A first-byte timeout
+//! is not retried (the client has already waited the whole budget): it is a 504. Once bytes flow,
 //! statuses and bodies pass through untouched, and a break becomes an SSE error event (see
 //! [`crate::observe`]).
 //!
@@ -124,6 +125,23 @@ fn post_only(path: &str) -> bool {
             | "/rerank"
             | "/invocations"
     )
+}
+
+/// Whether sending a request twice is harmless, so that one which may have reached an engine
+/// (its connection broke before the answer, or the engine answered 429/5xx) can go to another:
+/// idempotent methods (RFC 9110 §9.2.2), and the POST routes that only compute an answer
+/// (generation, embeddings, tokenizing, scoring, transcription). A POST that may change the
+/// engine's state (`/v1/files`, `/v1/batches`, a LoRA adapter's loading, ...) is retried only
+/// when its connection failed, before anything was sent.
+fn repeatable(method: &http::Method, path: &str) -> bool {
+    use http::Method;
+    match *method {
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE => true,
+        Method::POST => {
+            post_only(path) || matches!(path, "/v1/audio/transcriptions" | "/v1/audio/translations")
+        }
+        _ => false,
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): not forwarded either way, nor any header a
@@ -1107,6 +1125,9 @@ pub(crate) async fn dispatch(
         // One timer for the headers and the first frame: both count against the same budget.
         let mut timer = pin!(tokio::time::sleep(first_byte_budget));
         let may_retry = attempt < state.config.max_retries && views.len() > 1;
+        // A request that may have reached the engine goes again only if doing it twice is
+        // harmless; any may, that never left.
+        let may_resend = may_retry && repeatable(&parts.method, parts.uri.path());
         let sending = send(
             &state,
             &endpoint,
@@ -1120,7 +1141,7 @@ pub(crate) async fn dispatch(
         let mut budget_refused = false;
         let result = match sending.await {
             Ok((response, _))
-                if may_retry
+                if may_resend
                     && is_retryable(response.status())
                     && retry_granted(&state, &mut budget_refused) =>
             {
@@ -1136,13 +1157,19 @@ pub(crate) async fn dispatch(
         match result {
             // A retryable status asked the budget already, above.
             Err(e)
-                if may_retry
+                if (may_resend || (may_retry && matches!(e, SendError::Connect(_))))
                     && e.retryable()
                     && (matches!(e, SendError::Status(_))
                         || retry_granted(&state, &mut budget_refused)) =>
             {
                 // Nothing reached the client yet: try another endpoint.
-                fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
+                if matches!(e, SendError::Status(StatusCode::TOO_MANY_REQUESTS)) {
+                    // Busy, not broken: no verdict for its breaker or its statistics.
+                    state.metrics.count_failure(&endpoint.url, e.kind());
+                    drop(guard);
+                } else {
+                    fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
+                }
                 state.metrics.retries.inc();
                 pool.remove(chosen);
                 backoff(&state, attempt).await;
@@ -1546,6 +1573,25 @@ mod tests {
         assert!(lines[0].contains("status=499") && lines[0].contains("client_closed"));
         assert!(lines[1].contains("status=500") && lines[1].contains("router_panic"));
         assert!(lines.iter().all(|l| l.contains("req-1")));
+    }
+
+    #[test]
+    fn only_requests_harmless_to_repeat_are_repeatable() {
+        use http::Method;
+        for (method, path, expected) in [
+            (Method::POST, "/v1/chat/completions", true),
+            (Method::POST, "/v1/embeddings", true),
+            (Method::POST, "/tokenize", true),
+            (Method::POST, "/v1/audio/transcriptions", true),
+            (Method::GET, "/v1/files/file-1", true),
+            (Method::DELETE, "/v1/files/file-1", true),
+            (Method::POST, "/v1/files", false),
+            (Method::POST, "/v1/batches", false),
+            (Method::POST, "/v1/load_lora_adapter", false),
+            (Method::PATCH, "/v1/chat/completions", false),
+        ] {
+            assert_eq!(repeatable(&method, path), expected, "{method} {path}");
+        }
     }
 
     #[test]

@@ -836,6 +836,102 @@ async fn upstream_5xx_is_retried_elsewhere_before_any_byte_is_sent() {
     assert!(bad_hits >= 1, "round-robin tried the failing endpoint");
 }
 
+/// A request that may have reached an engine goes to another only if doing it twice is harmless:
+/// a completion is retried after a 503, a batch's creation is not (the engine may have made it).
+#[tokio::test]
+async fn only_requests_safe_to_repeat_are_retried_once_sent() {
+    let (a, b) = (mock(&["m"]).await, mock(&["m"]).await);
+    for e in [&a, &b] {
+        *e.state.fixed.lock().unwrap() = Some((503, r#"{"error":{"message":"busy"}}"#.into()));
+    }
+    let r = router(&[
+        "--static-backends",
+        &backends(&[&a, &b]),
+        "--retry-backoff-ms",
+        "1",
+    ])
+    .await;
+    let c = client();
+    let hits = |path: &str| {
+        [&a, &b]
+            .iter()
+            .map(|e| e.requests().iter().filter(|s| s.path == path).count())
+            .sum::<usize>()
+    };
+    let batch = post(
+        &c,
+        &format!("{}/v1/batches", r.url),
+        r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions"}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(batch.status, 503, "the engine's answer passes through");
+    assert_eq!(hits("/v1/batches"), 1, "sent once");
+    let completion = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &completion("m", "x", false),
+        &[],
+    )
+    .await;
+    assert_eq!(completion.status, 503);
+    assert_eq!(hits("/v1/completions"), 2, "tried on both");
+}
+
+/// A 429 says an engine is busy, not broken: retried elsewhere, but its breaker stays closed
+/// however many it answers, and it is counted as a `status` failure either way.
+#[tokio::test]
+async fn an_engine_answering_429_keeps_its_breaker_closed() {
+    let (busy, good) = (mock(&["m"]).await, mock(&["m"]).await);
+    *busy.state.fixed.lock().unwrap() = Some((429, r#"{"error":{"message":"busy"}}"#.into()));
+    let r = router(&[
+        "--static-backends",
+        &backends(&[&busy, &good]),
+        "--routing-logic",
+        "roundrobin",
+        "--breaker-failures",
+        "2",
+        "--retry-backoff-ms",
+        "1",
+    ])
+    .await;
+    let c = client();
+    for _ in 0..8 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", "x", false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+    }
+    let busy_hits = busy
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/completions")
+        .count();
+    assert!(busy_hits >= 4, "round-robin kept trying it: {busy_hits}");
+    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+    let busy_view = engines["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["url"] == busy.url.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(busy_view["breaker"], "closed", "{busy_view}");
+    let text = metrics_text(&c, &r.url).await;
+    let counted = metric_sum(
+        &text,
+        &format!(
+            "qoe_router_upstream_failures_total{{endpoint=\"{}\",kind=\"status\"}}",
+            busy.url
+        ),
+    );
+    assert_eq!(counted, busy_hits as f64, "{text}");
+}
+
 /// When the whole fleet fails, retries stay within the budget (here one per ten requests, no
 /// floor): the rest are answered with the engine's own error at once instead of re-sent.
 #[tokio::test]
