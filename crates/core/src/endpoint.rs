@@ -125,6 +125,12 @@ pub struct EngineMetrics {
 pub const PEAK_RUNNING_DECAY: f64 = 0.999;
 
 impl EngineMetrics {
+    /// Whether the scrape said anything of the engine's load (requests running or waiting, KV
+    /// cache usage): without, it was not an engine's metrics.
+    pub fn reports_load(&self) -> bool {
+        self.running.is_some() || self.waiting.is_some() || self.kv_usage.is_some()
+    }
+
     /// The prefix-cache hit rate the engine reports, or the one its cumulative counters imply.
     pub fn hit_rate(&self) -> Option<f64> {
         self.prefix_hit_rate

@@ -157,6 +157,9 @@ pub struct Endpoint {
     model_cards: RwLock<Vec<serde_json::Value>>,
     /// A failed model detection was logged as a warning, once until the next success.
     pub models_warned: std::sync::atomic::AtomicBool,
+    /// A `/metrics` answer without engine metrics was logged as a warning, once until the next
+    /// one with them.
+    pub metrics_warned: std::sync::atomic::AtomicBool,
     /// A detection of its models started by a change of the endpoint set is running.
     pub detecting_models: std::sync::atomic::AtomicBool,
     pub load: LoadCounters,
@@ -201,6 +204,7 @@ impl Endpoint {
             detected_models: RwLock::new(Vec::new()),
             model_cards: RwLock::new(Vec::new()),
             models_warned: Default::default(),
+            metrics_warned: Default::default(),
             detecting_models: Default::default(),
             load: LoadCounters::default(),
             stats: Mutex::new(RequestStats::new(stats, created)),

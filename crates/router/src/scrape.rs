@@ -29,6 +29,19 @@ pub async fn scrape_once(
             Ok(body) => {
                 let text = String::from_utf8_lossy(&body);
                 let mut metrics = qoe_core::engine_metrics::parse_engine_metrics(&text, None);
+                let warned = &endpoint.metrics_warned;
+                if !metrics.reports_load() {
+                    // Not an engine's metrics (a proxy's page, another server's, a broken
+                    // exporter): no fresher than none, so the last reading ages as it would.
+                    if !warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            endpoint = %endpoint.url,
+                            "/metrics answered without vLLM or SGLang load metrics (running, waiting, KV cache usage)"
+                        );
+                    }
+                    return;
+                }
+                warned.store(false, Ordering::Relaxed);
                 metrics.follow(endpoint.engine_sample().map(|s| s.metrics).as_ref());
                 endpoint.set_engine_metrics(metrics, clock.now());
             }

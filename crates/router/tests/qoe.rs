@@ -92,3 +92,69 @@ async fn qoe_learns_the_fast_endpoint_from_router_observations() {
         18.0
     );
 }
+
+/// A `/metrics` page without an engine's load figures is no scrape (its age keeps growing), and
+/// an endpoint without KV readings is not taken as the emptiest: beside an idle engine that
+/// reports 10% KV use, it does not take every request.
+#[tokio::test]
+async fn an_endpoint_without_engine_metrics_does_not_win_by_them() {
+    let (silent, reporting) = (mock(&["m"]).await, mock(&["m"]).await);
+    *silent.state.metrics.lock().unwrap() = "<html>not metrics</html>".into();
+    *reporting.state.metrics.lock().unwrap() = "vllm:num_requests_running{model_name=\"m\"} 0\n\
+         vllm:num_requests_waiting{model_name=\"m\"} 0\n\
+         vllm:kv_cache_usage_perc{model_name=\"m\"} 0.1\n"
+        .into();
+    let r = router(&[
+        "--static-backends",
+        &format!("{},{}", silent.url, reporting.url),
+        "--routing-logic",
+        "qoe",
+        "--engine-stats-interval",
+        "0.05",
+    ])
+    .await;
+    let c = client();
+    let endpoint = |engines: &serde_json::Value, url: &str| {
+        engines["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == url)
+            .unwrap()
+            .clone()
+    };
+    let mut engines = serde_json::Value::Null;
+    for _ in 0..200 {
+        engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        if !endpoint(&engines, &reporting.url)["engine_metrics_age_s"].is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let scraped = silent
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/metrics")
+        .count();
+    assert!(scraped >= 1, "its /metrics was read");
+    assert!(
+        endpoint(&engines, &silent.url)["engine_metrics_age_s"].is_null(),
+        "a page without engine metrics is no scrape: {engines}"
+    );
+    let mut to_reporting = 0;
+    for i in 0..20 {
+        let ans = post(
+            &c,
+            &format!("{}/v1/completions", r.url),
+            &completion("m", &format!("question {i}"), false),
+            &[],
+        )
+        .await;
+        assert_eq!(ans.status, 200);
+        to_reporting += usize::from(ans.header("x-qoe-endpoint") == reporting.url);
+    }
+    assert!(
+        to_reporting >= 10,
+        "the idle engine that reports its KV use gets its share: {to_reporting} of 20"
+    );
+}

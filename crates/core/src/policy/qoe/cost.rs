@@ -151,16 +151,37 @@ pub fn in_flight(view: &EndpointView) -> f64 {
     view.load.in_prefill as f64 + view.load.in_decode as f64
 }
 
+/// The KV usage assumed for an endpoint without a fresh reading: the mean of the fresh ones (0
+/// when none has one). An endpoint whose `/metrics` cannot be read is neutral, as the fleet's
+/// typical one; taken as empty, it won every decision against endpoints that report their use.
+pub fn unknown_kv(views: &[EndpointView], now: Micros, staleness: Micros) -> f64 {
+    let (mut sum, mut n) = (0.0, 0u32);
+    for kv in views
+        .iter()
+        .filter_map(|v| fresh_engine(v, now, staleness).and_then(kv_fraction))
+    {
+        sum += kv;
+        n += 1;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
 /// The utilization `u` (1 = at the configured capacity). Always finite and ≥ 0.
 ///
 /// `prompt_tokens` is the request's *uncached* prompt. `speed` (1 = the fleet's typical endpoint)
 /// scales the request and token capacities: a slower engine saturates sooner. The engine-reported
-/// KV usage and queue are absolute and not scaled.
+/// KV usage and queue are absolute and not scaled; without a KV reading, `kv_default`
+/// ([`unknown_kv`]) stands for it.
 pub fn utilization(
     view: &EndpointView,
     prompt_tokens: u32,
     expected_output: u32,
     engine: Option<&EngineMetrics>,
+    kv_default: f64,
     speed: f64,
     cfg: &QoeConfig,
 ) -> f64 {
@@ -183,7 +204,12 @@ pub fn utilization(
         + prompt_tokens as f64
         + expected_output as f64;
     let u_tok = tokens / cap_tok;
-    let u_kv = engine.and_then(kv_fraction).unwrap_or(0.0);
+    let kv_default = if kv_default.is_finite() {
+        kv_default.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let u_kv = engine.and_then(kv_fraction).unwrap_or(kv_default);
     let extra = extra_waiting(view, engine);
     let u_wait = if extra > 0.0 {
         extra / cfg.saturation_inflight.max(1) as f64
@@ -444,7 +470,7 @@ mod tests {
         let mut v = EndpointView::idle(0, 1);
         v.load.in_decode = 31;
         // u_req = 32/64 = 0.5; u_tok = (1000+200)/131072 ≈ 0.009
-        let u = utilization(&v, 1000, 200, None, 1.0, &c);
+        let u = utilization(&v, 1000, 200, None, 0.0, 1.0, &c);
         assert!((u - 0.5).abs() < 1e-12);
         assert!((resource(u) - 0.0625 / 1.0625).abs() < 1e-12);
         assert_eq!(resource(1.0), 0.5);
@@ -455,22 +481,22 @@ mod tests {
             waiting: Some(20.0),
             ..EngineMetrics::default()
         };
-        let u = utilization(&v, 1000, 200, Some(&m), 1.0, &c);
+        let u = utilization(&v, 1000, 200, Some(&m), 0.0, 1.0, &c);
         assert!((u - (0.9 + 0.25)).abs() < 1e-12, "{u}");
         // Tokens: 65,536 queued prompt tokens → u_tok ≈ 0.5 + small.
         let mut w = EndpointView::idle(1, 2);
         w.load.prefill_tokens = 65_536 - 1200;
-        let u = utilization(&w, 1000, 200, None, 1.0, &c);
+        let u = utilization(&w, 1000, 200, None, 0.0, 1.0, &c);
         assert!((u - 0.5).abs() < 1e-12, "{u}");
         // A twice-as-fast endpoint has twice the capacity.
-        assert!((utilization(&w, 1000, 200, None, 2.0, &c) - 0.25).abs() < 1e-12);
+        assert!((utilization(&w, 1000, 200, None, 0.0, 2.0, &c) - 0.25).abs() < 1e-12);
         // NaN metrics are ignored.
         let bad = EngineMetrics {
             kv_usage: Some(f64::NAN),
             waiting: Some(f64::INFINITY),
             ..EngineMetrics::default()
         };
-        assert!(utilization(&w, 1000, 200, Some(&bad), 1.0, &c).is_finite());
+        assert!(utilization(&w, 1000, 200, Some(&bad), 0.0, 1.0, &c).is_finite());
     }
 
     #[test]
@@ -541,7 +567,7 @@ mod tests {
         assert_eq!(seat_wait_ms(&v, Some(&d), false), 0.0);
         // The learned peak raises the request capacity above the configured 64.
         v.engine = Some(d);
-        let u = utilization(&v, 0, 0, None, 1.0, &cfg());
+        let u = utilization(&v, 0, 0, None, 0.0, 1.0, &cfg());
         assert!((u - 267.0 / 256.0).abs() < 1e-12, "{u}");
     }
 

@@ -313,6 +313,8 @@ struct Ctx<'a> {
     staleness: Micros,
     /// The performance term's side of the request: its phase mix, targets and expected output.
     perf: cost::PerfTarget,
+    /// KV usage taken for an endpoint without a fresh reading ([`cost::unknown_kv`]).
+    unknown_kv: f64,
 }
 
 fn finite_ms(x: f64) -> f64 {
@@ -380,7 +382,7 @@ impl Qoe {
             (a.weights, a.typical_prompt, a.decode_share)
         };
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        let ctx = self.ctx(req, &models, weights, typical, decode_share, now);
+        let ctx = self.ctx(req, endpoints, &models, weights, typical, decode_share, now);
         endpoints
             .iter()
             .enumerate()
@@ -391,15 +393,18 @@ impl Qoe {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn ctx<'a>(
         &self,
         req: &'a RequestProfile,
+        endpoints: &[EndpointView],
         models: &ModelTable,
         weights: [f64; 4],
         typical_prompt: f64,
         decode_share: f64,
         now: Micros,
     ) -> Ctx<'a> {
+        let staleness = (self.cfg.metrics_staleness_ms * 1e3) as Micros;
         let t0 = match req.sla_ttft_ms {
             Some(ms) if ms > 0 => ms as f64,
             _ => self.cfg.target_ttft_ms,
@@ -434,8 +439,9 @@ impl Qoe {
             prior_itl: models.prior_itl(),
             t0,
             now,
-            staleness: (self.cfg.metrics_staleness_ms * 1e3) as Micros,
+            staleness,
             perf: cost::PerfTarget::new(phase, t0, n, decode_share, &self.cfg),
+            unknown_kv: cost::unknown_kv(endpoints, now, staleness),
         }
     }
 
@@ -519,6 +525,7 @@ impl Qoe {
             prompt - cached,
             req.expected_output_tokens,
             engine,
+            ctx.unknown_kv,
             speed,
             cfg,
         );
@@ -716,7 +723,7 @@ impl RoutingPolicy for Qoe {
                 .match_lengths(&req.prefix_hashes, &mut matches);
         }
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        let ctx = self.ctx(req, &models, weights, typical, decode_share, now);
+        let ctx = self.ctx(req, endpoints, &models, weights, typical, decode_share, now);
 
         let mut best: Option<Eval> = None;
         let mut runner: Option<Eval> = None;

@@ -499,6 +499,38 @@ fn fresh_engine_metrics_count_stale_ones_do_not() {
     assert!(all[0].terms[2] > 0.0);
 }
 
+/// An endpoint whose `/metrics` cannot be read is taken at the fleet's mean KV usage, not at 0:
+/// otherwise it looks emptier than every endpoint that reports its use and wins them all.
+#[test]
+fn an_endpoint_without_kv_readings_is_neutral_not_the_emptiest() {
+    let p = policy();
+    let mut v = idle(3);
+    for (view, kv) in v[1..].iter_mut().zip([0.2, 0.6]) {
+        view.engine = Some(EngineMetrics {
+            kv_usage: Some(kv),
+            running: Some(0.0),
+            waiting: Some(0.0),
+            ..EngineMetrics::default()
+        });
+        view.engine_at = Some(NOW - MICROS_PER_SEC);
+    }
+    let r = request(1000, 100, Phase::PrefillDominant);
+    let all = p.evaluate(&r, &v, NOW);
+    // Utilization 0.4 (the mean of 0.2 and 0.6): hill4(0.4).
+    let hill = |u: f64| u.powi(4) / (1.0 + u.powi(4));
+    assert!((all[0].terms[0] - hill(0.4)).abs() < 1e-9, "{:?}", all[0]);
+    assert!((all[1].terms[0] - hill(0.2)).abs() < 1e-9);
+    assert!(all[1].terms[0] < all[0].terms[0] && all[0].terms[0] < all[2].terms[0]);
+    // The one reporting less than the fleet's mean takes the request.
+    assert_eq!(p.pick(&r, &v, NOW).unwrap().index, 1);
+    // No endpoint with a reading: every one is taken as empty, alike.
+    for view in &mut v {
+        view.engine_at = Some(NOW - 60 * MICROS_PER_SEC);
+    }
+    let all = p.evaluate(&r, &v, NOW);
+    assert!(all.iter().all(|d| d.terms[0] == all[0].terms[0]));
+}
+
 #[test]
 fn decode_stage_counts_the_prompt_as_cached() {
     let p = policy();
