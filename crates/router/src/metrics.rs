@@ -58,6 +58,11 @@ pub struct ShedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: u16,
 }
@@ -101,6 +106,8 @@ pub struct RouterMetrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub rejected: Family<CodeLabel, Counter>,
+    /// Requests that ended before any answer, by outcome (`client_closed`, `closed_at_shutdown`).
+    pub unanswered: Family<OutcomeLabel, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub retries: Counter,
     /// Retries the retry budget refused (the failure was answered instead).
@@ -342,6 +349,12 @@ impl RouterMetrics {
             "Requests the router answered itself with an error, by status",
             rejected.clone(),
         );
+        let unanswered = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "unanswered_requests",
+            "Requests that ended before any answer (their client left, or the router shut down, while they waited in the admission queue or for their endpoint's first byte), by outcome",
+            unanswered.clone(),
+        );
         let failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "upstream_failures",
@@ -456,6 +469,7 @@ impl RouterMetrics {
             registry,
             requests,
             rejected,
+            unanswered,
             failures,
             retries,
             retries_refused,

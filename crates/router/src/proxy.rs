@@ -333,11 +333,21 @@ impl Drop for Unanswered<'_> {
             );
             return;
         }
+        let outcome = if at_shutdown {
+            "closed_at_shutdown"
+        } else {
+            "client_closed"
+        };
+        self.state
+            .metrics
+            .unanswered
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome })
+            .inc();
         tracing::info!(
             request_id = %request_id,
             // nginx's code for a request its client closed before the answer.
             status = 499,
-            outcome = if at_shutdown { "closed_at_shutdown" } else { "client_closed" },
+            outcome,
             duration_ms,
             "request ended before an answer"
         );

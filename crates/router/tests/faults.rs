@@ -461,6 +461,17 @@ async fn a_client_that_leaves_frees_its_engine_slot() {
     })
     .await;
     assert_eq!(load(&engines_json(&c, &r.url).await), (0, 1));
+    assert_eq!(
+        counter(
+            &c,
+            &r.url,
+            "qoe_router_unanswered_requests_total",
+            &["client_closed"]
+        )
+        .await,
+        1.0,
+        "counted, not only logged"
+    );
     // The streaming client leaves mid-stream: the engine's slot frees.
     drop(streaming);
     until("the engine runs nothing", || async {
