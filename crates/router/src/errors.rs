@@ -50,6 +50,7 @@ impl ApiError {
             | StatusCode::METHOD_NOT_ALLOWED
             | StatusCode::REQUEST_TIMEOUT
             | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
             | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             // What the router cannot take is the request's, not a failure of the router's.
             | StatusCode::NOT_IMPLEMENTED => "invalid_request_error",

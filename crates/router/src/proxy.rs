@@ -127,6 +127,20 @@ fn post_only(path: &str) -> bool {
     )
 }
 
+/// The request's `Content-Encoding`, unless it is absent or only `identity`.
+fn encoded_body(headers: &HeaderMap) -> Option<String> {
+    let mut values = headers.get_all(header::CONTENT_ENCODING).iter().peekable();
+    values.peek()?;
+    let all: Vec<String> = values
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let identity = all
+        .iter()
+        .flat_map(|v| v.split(','))
+        .all(|coding| coding.trim().eq_ignore_ascii_case("identity") || coding.trim().is_empty());
+    (!identity).then(|| all.join(", "))
+}
+
 /// Whether sending a request twice is harmless, so that one which may have reached an engine
 /// (its connection broke before the answer, or the engine answered 429/5xx) can go to another:
 /// idempotent methods (RFC 9110 §9.2.2), and the POST routes that only compute an answer
@@ -423,6 +437,20 @@ async fn handle(
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return response;
+    }
+    if let Some(encoding) = encoded_body(&parts.headers) {
+        // The router reads the body (model, prompt, priority) as it is, and so do the engines
+        // (vLLM decodes no request body): a compressed one would be misread by both.
+        let error = ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Content-Encoding '{encoding}' is not supported: send the request body \
+                 uncompressed (identity)"
+            ),
+        )
+        .with_code("unsupported_content_encoding")
+        .with_param(Some("content-encoding".into()));
+        return reject(&state, error, &request_id);
     }
     // The headers first: a request they refuse need not upload its body (nor be sent
     // `100 Continue`).

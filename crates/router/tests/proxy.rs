@@ -415,6 +415,19 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
             400,
             Some("x-expected-output-tokens"),
         ),
+        // A compressed body would be misread by the router and the engine alike.
+        (
+            r#"{"model":"m","messages":[]}"#,
+            &[("content-encoding", "br")],
+            415,
+            Some("content-encoding"),
+        ),
+        (
+            r#"{"model":"m","messages":[]}"#,
+            &[("content-encoding", "identity, gzip")],
+            415,
+            Some("content-encoding"),
+        ),
     ];
     for (body, headers, status, param) in cases {
         let ans = post(&c, &url, body, headers).await;
