@@ -824,8 +824,6 @@ async fn sniff(tcp: &tokio::net::TcpStream) -> std::io::Result<(Option<Protocol>
     let mut looks = 1;
     // The first bytes decide, as a rule: a request line, or the whole preface.
     let mut n = tcp.peek(&mut first).await?;
-    // For a preface in pieces, a second handle on the socket looks without waiting on it.
-    let mut raw: Option<std::net::TcpStream> = None;
     loop {
         if n == 0 {
             return Ok((None, looks));
@@ -836,17 +834,16 @@ async fn sniff(tcp: &tokio::net::TcpStream) -> std::io::Result<(Option<Protocol>
         if n == HTTP2_PREFACE.len() {
             return Ok((Some(Protocol::Http2), looks));
         }
-        let raw = match &mut raw {
-            Some(raw) => raw,
-            none => none.insert(second_handle(tcp)?),
-        };
         // The start of the preface only: wait for more. Readiness is cleared before each look,
         // so what arrives after the look wakes the wait, and what came before it is seen.
         let mut closed = false;
         loop {
             clear_readiness(tcp);
             looks += 1;
-            match raw.peek(&mut first) {
+            // A second handle on the socket looks without waiting on it; it is closed before
+            // the wait, so that a waiting connection holds one descriptor, not two.
+            let peeked = second_handle(tcp)?.peek(&mut first);
+            match peeked {
                 Ok(more) if more != n => {
                     n = more;
                     break;
