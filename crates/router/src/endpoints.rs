@@ -358,14 +358,20 @@ impl Endpoint {
     /// ones built from the configured names.
     pub fn model_cards(&self) -> Vec<serde_json::Value> {
         let cards = self.model_cards.read().unwrap_or_else(|e| e.into_inner());
+        // By id, the first of each: an engine listing thousands of LoRA adapters is one pass.
+        let mut by_id = std::collections::HashMap::with_capacity(cards.len());
+        for card in cards.iter() {
+            if let Some(id) = card.get("id").and_then(|v| v.as_str()) {
+                by_id.entry(id).or_insert(card);
+            }
+        }
         let models = self.models();
         models
             .iter()
             .map(|id| {
-                cards
-                    .iter()
-                    .find(|c| c.get("id").and_then(|v| v.as_str()) == Some(id))
-                    .cloned()
+                by_id
+                    .get(id.as_str())
+                    .map(|&card| card.clone())
                     .unwrap_or_else(|| {
                         serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "vllm", "root": id, "parent": null})
                     })
