@@ -280,6 +280,19 @@ pub async fn serve_state(
             });
         }
     }));
+    // The endpoint labels of metrics are dropped as endpoints leave even when nothing reads
+    // /metrics (which refreshes them too): with Kubernetes' pod churn they would otherwise grow
+    // with every endpoint ever seen.
+    let s = state.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(METRICS_PRUNE_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let (table, retired) = (s.registry.table(), s.registry.retired_urls());
+            s.metrics.refresh(&table, &retired, s.clock.now());
+        }
+    }));
     let s = state.clone();
     tasks.push(scrape::spawn_loop(
         state.registry.clone(),
@@ -811,6 +824,9 @@ impl http_body::Body for CountedBody {
     }
 }
 
+/// How often the metrics of endpoints that left are dropped, besides at each read of /metrics.
+const METRICS_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// HTTP/2's connection preface (RFC 9113 §3.4): what a client with prior knowledge sends first.
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -1054,9 +1070,12 @@ async fn engines(State(state): State<Arc<AppState>>) -> Response {
 async fn models(State(state): State<Arc<AppState>>) -> Response {
     let table = state.registry.table();
     let mut data: Vec<serde_json::Value> = Vec::new();
+    // Every card is an `id`'s (see `model_cards`); the first endpoint listing an id gives its.
+    let mut seen = std::collections::HashSet::new();
     for e in table.endpoints.iter().filter(|e| e.is_healthy()) {
         for card in e.model_cards() {
-            if !data.iter().any(|c| c.get("id") == card.get("id")) {
+            let id = card.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+            if seen.insert(id) {
                 data.push(card);
             }
         }
