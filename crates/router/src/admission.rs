@@ -110,7 +110,6 @@ struct Waiter {
 #[derive(Debug, Default)]
 struct Queue {
     waiters: BTreeMap<QueueKey, Waiter>,
-    next_seq: u64,
 }
 
 /// The router's admission queue.
@@ -122,6 +121,8 @@ pub struct Admission {
     /// queue locked, so that joining the queue and this count are one step for a waker; read
     /// without the lock before looking at the endpoints.
     lost_wakes: AtomicU64,
+    /// The last [`QueueKey::seq`] handed out (arrival order, without the queue's lock).
+    last_seq: AtomicU64,
 }
 
 impl Admission {
@@ -130,6 +131,7 @@ impl Admission {
             config,
             queue: Mutex::new(Queue::default()),
             lost_wakes: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
         }
     }
 
@@ -139,12 +141,10 @@ impl Admission {
 
     /// A fresh key for a request arriving now.
     pub fn key(&self, priority: Priority, deadline: Option<Micros>) -> QueueKey {
-        let mut q = self.lock();
-        q.next_seq += 1;
         QueueKey {
             priority,
             deadline: deadline.unwrap_or(Micros::MAX),
-            seq: q.next_seq,
+            seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1,
         }
     }
 

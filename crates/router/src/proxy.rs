@@ -1148,8 +1148,13 @@ pub(crate) async fn dispatch(
             ticket,
             prefill_tokens,
             profile.expected_output_tokens,
-        )
-        .notifying(state.admission.clone());
+        );
+        // Without admission limits no request ever waits: no one to tell of freed capacity.
+        let guard = if admission.config.enabled() {
+            guard.notifying(state.admission.clone())
+        } else {
+            guard
+        };
         let guard = if cap > 0 { guard.holding_seat() } else { guard };
         // Out of the queue with its seat counted (the next waiter is told, `Admission::leave`).
         drop(queued.take());
