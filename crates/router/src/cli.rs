@@ -179,6 +179,13 @@ async fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             let shutdown = shutdown_signal();
             init_logging(config.log_format, &config.log_level);
             config.validate()?;
+            if let Some((before, after)) = crate::limits::raise_open_files() {
+                tracing::info!(
+                    before,
+                    after = after.map_or("unlimited".to_string(), |n| n.to_string()),
+                    "open-files limit raised to its hard limit"
+                );
+            }
             let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
                 .await
                 .map_err(|e| {

@@ -200,6 +200,11 @@ pub struct RouterConfig {
     /// Largest request body accepted, bytes.
     #[arg(long, env = "QOE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Client connections open at once; past it a new one is closed at once. 0: half the
+    /// open-files limit (each request in flight holds an upstream connection too), so that a
+    /// flood of connections leaves the router the descriptors to serve the ones it has.
+    #[arg(long, env = "QOE_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
     /// Other endpoints tried when one fails before any byte reached the client (connect error,
     /// 429/5xx, connection closed before the first byte).
     #[arg(long, env = "QOE_MAX_RETRIES", default_value_t = 2)]
@@ -1126,8 +1131,9 @@ const SIMULATED: [&str; 34] = [
 /// the rest (HTTP, security, breaker, connect, idle and shutdown timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 37] = [
+const NOT_SIMULATED: [&str; 38] = [
     "host",
+    "max_connections",
     "port",
     "service_discovery",
     "k8s_namespace",

@@ -29,6 +29,7 @@ pub mod discovery;
 pub mod endpoints;
 pub mod errors;
 pub mod kubernetes;
+pub mod limits;
 pub mod members;
 pub mod metrics;
 pub mod observe;

@@ -110,6 +110,8 @@ pub struct RouterMetrics {
     pub unanswered: Family<OutcomeLabel, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub retries: Counter,
+    /// Client connections closed at once at the connection limit.
+    pub connections_refused: Counter,
     /// Retries the retry budget refused (the failure was answered instead).
     pub retries_refused: Counter,
     /// Chats counted as flattened text because the chat template could not render them.
@@ -367,6 +369,12 @@ impl RouterMetrics {
             "Requests re-sent to another endpoint (connect failure, 429/5xx, or a connection closed before the first byte)",
             retries.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         let retries_refused = Counter::default();
         registry.register(
             "retries_refused",
@@ -472,6 +480,7 @@ impl RouterMetrics {
             unanswered,
             failures,
             retries,
+            connections_refused,
             retries_refused,
             chat_template_fallbacks,
             ttft,

@@ -336,7 +336,10 @@ pub async fn serve_state(
         "http"
     };
     tracing::info!(%addr, scheme, policy = state.policy.name(), "qoe-router listening");
+    let max_connections =
+        crate::limits::max_connections(config.max_connections, crate::limits::open_files());
     let timeouts = ConnectionTimeouts {
+        max_connections,
         header: Duration::from_millis(config.request_read_timeout_ms),
         write: Duration::from_millis(config.request_read_timeout_ms),
         shutdown: Duration::from_millis(config.shutdown_timeout_ms),
@@ -353,6 +356,8 @@ pub async fn serve_state(
 /// ([`WriteDeadline`]), and how long the requests in flight at shutdown may take to finish.
 #[derive(Clone, Copy)]
 struct ConnectionTimeouts {
+    /// Client connections open at once (`--max-connections`, resolved).
+    max_connections: usize,
     header: Duration,
     write: Duration,
     shutdown: Duration,
@@ -388,6 +393,8 @@ async fn serve_connections(
     // Finished ones are reaped at each accept, so it holds at most the connections open at the
     // last accept.
     let mut connections = tokio::task::JoinSet::new();
+    // At the connection limit since the last accept that was not (logged once per episode).
+    let mut refusing = false;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -403,6 +410,24 @@ async fn serve_connections(
         };
         let accepted = tokio::time::Instant::now();
         while connections.try_join_next().is_some() {}
+        if connections.len() >= timeouts.max_connections {
+            // Closed at once: its descriptor is worth more to the connections the router has
+            // (and their upstream ones) than an answer is to it.
+            drop(tcp);
+            front.state.metrics.connections_refused.inc();
+            if !refusing {
+                refusing = true;
+                tracing::warn!(
+                    open = connections.len(),
+                    "connection limit reached (--max-connections): closing new connections"
+                );
+            }
+            continue;
+        }
+        if refusing {
+            refusing = false;
+            tracing::info!(open = connections.len(), "below the connection limit again");
+        }
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY not set: {e}");
         }

@@ -689,3 +689,51 @@ async fn the_router_connects_only_to_configured_endpoints() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Past `--max-connections` a new connection is closed at once and counted; once the open ones
+/// end, connections are served again.
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url, "--max-connections", "3"]).await;
+    let addr = r.url.trim_start_matches("http://").to_string();
+    // Keep-alive connections, each served once and held open, until one is refused (the test
+    // harness's own client may still hold one).
+    let mut held = Vec::new();
+    let refused = loop {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = conn
+            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        let mut answer = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut answer))
+            .await
+            .expect("answered or closed, not left waiting");
+        match read {
+            Ok(_) => {
+                assert_eq!(&answer, b"HTTP/1.1 200");
+                held.push(conn);
+                assert!(held.len() <= 3, "the limit holds");
+            }
+            Err(_) => break held.len(),
+        }
+    };
+    assert!(refused >= 2, "served up to the limit first: {refused}");
+    drop(held);
+    // Once the router has seen them go, connections are served again.
+    let c = client();
+    let mut text = String::new();
+    for _ in 0..200 {
+        if let Ok(ans) = get(&c, &format!("{}/metrics", r.url)).await {
+            text = String::from_utf8_lossy(&ans.body).into_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        metric_sum(&text, "qoe_router_connections_refused_total") >= 1.0,
+        "{text}"
+    );
+}
