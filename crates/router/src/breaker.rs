@@ -2,7 +2,7 @@
 //! request after a pause, and trust it again after a few successes.
 //!
 //! Closed → Open after `failure_threshold` consecutive failures (connect errors, 5xx, timeouts,
-//! broken streams; a 429 is neither failure nor success: the endpoint answers, busy). Open → HalfOpen once `open_for` has passed; HalfOpen lets exactly one probe
+//! 429s, broken streams: an engine answering 429 asks to be left alone, and is, until its probe). Open → HalfOpen once `open_for` has passed; HalfOpen lets exactly one probe
 //! through at a time; `success_threshold` consecutive successes close it, one failure opens it
 //! again. The state feeds routing (an Open endpoint is no candidate) and the QoE reliability term.
 

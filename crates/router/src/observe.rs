@@ -349,8 +349,11 @@ impl<B: Body> ObservedBody<B> {
         }
         let output_tokens = self.usage_tokens.unwrap_or(self.tokens);
         let status = self.ctx.status;
+        // A 429 is the engine asking to be left alone: a failure for its breaker and its
+        // statistics, whether it was retried elsewhere first (`proxy`) or passed through here.
         let failed = matches!(end, End::UpstreamBroken | End::IdleTimeout)
             || status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
             || self.upstream_error;
         let e2e = now.saturating_sub(self.ctx.started);
         // A client that leaves says nothing about the endpoint: no outcome recorded for it.
@@ -370,22 +373,18 @@ impl<B: Body> ObservedBody<B> {
                 (Some(a), Some(b)) => b.saturating_sub(a),
                 _ => 0,
             };
-            // A 429 says the endpoint is busy, not broken: no verdict for its breaker (nor a
-            // half-open probe's) and nothing for its statistics, retried or not.
-            if status != StatusCode::TOO_MANY_REQUESTS {
-                guard.record(
-                    &RequestOutcome {
-                        prompt_tokens: self.ctx.prompt_tokens,
-                        output_tokens,
-                        ttft,
-                        decode_time,
-                        e2e,
-                        failed,
-                        timed_out: end == End::IdleTimeout,
-                    },
-                    now,
-                );
-            }
+            guard.record(
+                &RequestOutcome {
+                    prompt_tokens: self.ctx.prompt_tokens,
+                    output_tokens,
+                    ttft,
+                    decode_time,
+                    e2e,
+                    failed,
+                    timed_out: end == End::IdleTimeout,
+                },
+                now,
+            );
             let mean_itl_ms = (self.tokens > 1 && decode_time > 0)
                 .then(|| decode_time as f64 / 1e3 / (self.tokens - 1) as f64);
             let feedback = self.feedback(
