@@ -144,7 +144,8 @@ fn encoded_body(headers: &HeaderMap) -> Option<String> {
 /// Whether sending a request twice is harmless, so that one which may have reached an engine
 /// (its connection broke before the answer, or the engine answered 429/5xx) can go to another:
 /// idempotent methods (RFC 9110 §9.2.2), and the POST routes that only compute an answer
-/// (generation, embeddings, tokenizing, scoring, transcription). A POST that may change the
+/// (generation, embeddings, tokenizing, scoring, transcription; a response the engine also
+/// stores, `store` on `/v1/responses`, is stored twice at worst). A POST that may change the
 /// engine's state (`/v1/files`, `/v1/batches`, a LoRA adapter's loading, ...) is retried only
 /// when its connection failed, before anything was sent.
 fn repeatable(method: &http::Method, path: &str) -> bool {
@@ -152,7 +153,11 @@ fn repeatable(method: &http::Method, path: &str) -> bool {
     match *method {
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE => true,
         Method::POST => {
-            post_only(path) || matches!(path, "/v1/audio/transcriptions" | "/v1/audio/translations")
+            post_only(path)
+                || matches!(
+                    path,
+                    "/v1/audio/transcriptions" | "/v1/audio/translations" | "/v2/rerank"
+                )
         }
         _ => false,
     }
@@ -450,7 +455,13 @@ async fn handle(
         )
         .with_code("unsupported_content_encoding")
         .with_param(Some("content-encoding".into()));
-        return reject(&state, error, &request_id);
+        let mut response = reject(&state, error, &request_id);
+        // RFC 9110 §15.5.16: a 415 for the coding says which codings are accepted.
+        response.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        return response;
     }
     // The headers first: a request they refuse need not upload its body (nor be sent
     // `100 Continue`).
@@ -959,6 +970,11 @@ async fn send(
     match before(timer, endpoint.pool.send(request)).await {
         None => Err(SendError::Timeout),
         Some(Err(PoolError::Connect(e))) => Err(SendError::Connect(e)),
+        // Handed back unsent: as good as no connection.
+        Some(Err(PoolError::Unsent(e))) => Err(SendError::Connect(format!(
+            "the connection failed before the request went out: {}",
+            crate::upstream::error_chain(&e)
+        ))),
         Some(Err(PoolError::Send(e))) => Err(SendError::Broken(format!(
             "{}{}",
             crate::upstream::error_chain(&e),
@@ -1206,13 +1222,7 @@ pub(crate) async fn dispatch(
                         || retry_granted(&state, &mut budget_refused)) =>
             {
                 // Nothing reached the client yet: try another endpoint.
-                if matches!(e, SendError::Status(StatusCode::TOO_MANY_REQUESTS)) {
-                    // Busy, not broken: no verdict for its breaker or its statistics.
-                    state.metrics.count_failure(&endpoint.url, e.kind());
-                    drop(guard);
-                } else {
-                    fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
-                }
+                fail(&state, guard, &endpoint, e.kind(), started, &e.describe());
                 state.metrics.retries.inc();
                 pool.remove(chosen);
                 backoff(&state, attempt).await;
@@ -1626,6 +1636,7 @@ mod tests {
             (Method::POST, "/v1/embeddings", true),
             (Method::POST, "/tokenize", true),
             (Method::POST, "/v1/audio/transcriptions", true),
+            (Method::POST, "/v2/rerank", true),
             (Method::GET, "/v1/files/file-1", true),
             (Method::DELETE, "/v1/files/file-1", true),
             (Method::POST, "/v1/files", false),

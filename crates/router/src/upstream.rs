@@ -194,6 +194,8 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed with the request (possibly) sent.
     Send(hyper::Error),
+    /// A new connection failed before the request went out (hyper handed it back).
+    Unsent(hyper::Error),
 }
 
 struct Idle {
@@ -309,7 +311,8 @@ impl Pool {
                 Ok(response) => return Ok((response, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(PoolError::Send(e.into_error())),
+                    Some(_) => return Err(PoolError::Unsent(e.into_error())),
+                    None => return Err(PoolError::Send(e.into_error())),
                 },
             }
         }

@@ -436,6 +436,9 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
         assert_eq!(err["type"], "invalid_request_error");
         assert_eq!(err["param"].as_str(), *param, "{body}");
         assert!(!err["message"].as_str().unwrap().is_empty());
+        if *status == 415 {
+            assert_eq!(ans.header("accept-encoding"), "identity");
+        }
     }
     let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "a".repeat(2000));
     let ans = post(&c, &format!("{}/v1/completions", r.url), &big, &[]).await;
@@ -891,58 +894,157 @@ async fn only_requests_safe_to_repeat_are_retried_once_sent() {
     assert_eq!(hits("/v1/completions"), 2, "tried on both");
 }
 
-/// A 429 says an engine is busy, not broken: retried elsewhere, but its breaker stays closed
-/// however many it answers, and it is counted as a `status` failure either way.
+/// An engine that reads each request and closes its connection without an answer: the request
+/// may have reached it. Returns its URL and how many connections it took.
+async fn closing_engine() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counted = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+        }
+    });
+    (url, taken)
+}
+
+/// Once the request may have reached the engine (its connection closed after it went out),
+/// only a request harmless to repeat goes to another; before anything went out (no
+/// connection), any request does.
 #[tokio::test]
-async fn an_engine_answering_429_keeps_its_breaker_closed() {
-    let (busy, good) = (mock(&["m"]).await, mock(&["m"]).await);
-    *busy.state.fixed.lock().unwrap() = Some((429, r#"{"error":{"message":"busy"}}"#.into()));
-    let r = router(&[
-        "--static-backends",
-        &backends(&[&busy, &good]),
-        "--routing-logic",
-        "roundrobin",
-        "--breaker-failures",
-        "2",
-        "--retry-backoff-ms",
-        "1",
-    ])
-    .await;
+async fn a_request_not_safe_to_repeat_is_retried_only_if_it_never_went_out() {
+    let good = mock(&["m"]).await;
+    let (closing, taken) = closing_engine().await;
+    // Round-robin over `first` and the good engine.
+    let before_good = |first: String| {
+        let backends = format!("{first},{}", good.url);
+        async move {
+            router(&[
+                "--static-backends",
+                &backends,
+                "--static-models",
+                "m",
+                "--routing-logic",
+                "roundrobin",
+                "--retry-backoff-ms",
+                "1",
+            ])
+            .await
+        }
+    };
+    let r = before_good(closing).await;
     let c = client();
-    for _ in 0..8 {
-        let ans = post(
-            &c,
-            &format!("{}/v1/completions", r.url),
-            &completion("m", "x", false),
-            &[],
-        )
-        .await;
+    let batch = r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions"}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let ans = post(&c, &format!("{}/v1/batches", r.url), batch, &[]).await;
+        statuses.push(ans.status);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [200, 502],
+        "the one sent to the closing engine is not re-sent"
+    );
+    let batches_at_good = || {
+        good.requests()
+            .iter()
+            .filter(|s| s.path == "/v1/batches")
+            .count()
+    };
+    assert_eq!(batches_at_good(), 1);
+    // A completion is harmless to repeat: both reach an answer.
+    for _ in 0..2 {
+        let ans = post_completion(&c, &r.url).await;
         assert_eq!(ans.status, 200);
     }
-    let busy_hits = busy
-        .requests()
-        .iter()
-        .filter(|s| s.path == "/v1/completions")
-        .count();
-    assert!(busy_hits >= 4, "round-robin kept trying it: {busy_hits}");
-    let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
-    let busy_view = engines["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["url"] == busy.url.as_str())
-        .unwrap()
-        .clone();
-    assert_eq!(busy_view["breaker"], "closed", "{busy_view}");
-    let text = metrics_text(&c, &r.url).await;
-    let counted = metric_sum(
-        &text,
-        &format!(
-            "qoe_router_upstream_failures_total{{endpoint=\"{}\",kind=\"status\"}}",
-            busy.url
-        ),
-    );
-    assert_eq!(counted, busy_hits as f64, "{text}");
+    assert!(taken.load(Ordering::SeqCst) >= 2);
+    // With nothing listening there, a batch goes to the other endpoint.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let r = before_good(dead).await;
+    for _ in 0..2 {
+        let ans = post(&c, &format!("{}/v1/batches", r.url), batch, &[]).await;
+        assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+    }
+    assert_eq!(batches_at_good(), 3);
+}
+
+/// A 429 is the engine asking to be left alone: counted toward its breaker whether it was passed
+/// through (here, the only endpoint) or retried elsewhere, as a `status` failure either way.
+#[tokio::test]
+async fn an_engine_answering_429_has_its_breaker_opened_passed_through_or_retried() {
+    for alone in [true, false] {
+        let (busy, good) = (mock(&["m"]).await, mock(&["m"]).await);
+        *busy.state.fixed.lock().unwrap() = Some((429, r#"{"error":{"message":"busy"}}"#.into()));
+        let backends = if alone {
+            busy.url.clone()
+        } else {
+            backends(&[&busy, &good])
+        };
+        let r = router(&[
+            "--static-backends",
+            &backends,
+            "--routing-logic",
+            "roundrobin",
+            "--breaker-failures",
+            "2",
+            "--retry-backoff-ms",
+            "1",
+        ])
+        .await;
+        let c = client();
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            let ans = post(
+                &c,
+                &format!("{}/v1/completions", r.url),
+                &completion("m", "x", false),
+                &[],
+            )
+            .await;
+            statuses.push(ans.status);
+        }
+        let busy_hits = busy
+            .requests()
+            .iter()
+            .filter(|s| s.path == "/v1/completions")
+            .count();
+        assert_eq!(
+            busy_hits, 2,
+            "left alone after two (alone: {alone}): {statuses:?}"
+        );
+        if alone {
+            // Its two 429s pass through; then its open breaker answers for it.
+            assert_eq!(statuses, [429, 429, 503, 503, 503, 503]);
+        } else {
+            assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        }
+        let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
+        let busy_view = engines["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == busy.url.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(busy_view["breaker"], "open", "{busy_view}");
+        let text = metrics_text(&c, &r.url).await;
+        let counted = metric_sum(
+            &text,
+            &format!(
+                "qoe_router_upstream_failures_total{{endpoint=\"{}\",kind=\"status\"}}",
+                busy.url
+            ),
+        );
+        assert_eq!(counted, 2.0, "{text}");
+    }
 }
 
 /// When the whole fleet fails, retries stay within the budget (here one per ten requests, no
