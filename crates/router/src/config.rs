@@ -200,6 +200,11 @@ pub struct RouterConfig {
     /// Largest request body accepted, bytes.
     #[arg(long, env = "QOE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Bytes of request bodies the router holds at once (read, waiting to be routed or for
+    /// their endpoint's first byte), across all requests; past it a request is answered 503.
+    /// Bounds what slow or large uploads on many connections can take. 0: no limit.
+    #[arg(long, env = "QOE_MAX_BUFFERED_BODY_BYTES", default_value_t = 1 << 30)]
+    pub max_buffered_body_bytes: usize,
     /// Client connections open at once; past it a new one is closed at once. 0: half the
     /// open-files limit (each request in flight holds an upstream connection too), so that a
     /// flood of connections leaves the router the descriptors to serve the ones it has.
@@ -1131,9 +1136,10 @@ const SIMULATED: [&str; 34] = [
 /// the rest (HTTP, security, breaker, connect, idle and shutdown timeouts, logging) have no counterpart
 /// in virtual time, simulated clients always stream (no response timeout), and simulated
 /// engines count tokens by the estimate rule (no tokenizer).
-const NOT_SIMULATED: [&str; 38] = [
+const NOT_SIMULATED: [&str; 39] = [
     "host",
     "max_connections",
+    "max_buffered_body_bytes",
     "port",
     "service_discovery",
     "k8s_namespace",

@@ -127,6 +127,69 @@ fn post_only(path: &str) -> bool {
     )
 }
 
+/// Why a request body could not be read.
+enum BodyError {
+    /// Past `--max-body-bytes`.
+    TooLarge,
+    /// Past what is left of `--max-buffered-body-bytes`.
+    OverBudget,
+    Read(axum::Error),
+}
+
+/// Reads `body` whole, up to `limit` bytes, taking its size from the router's body budget as
+/// it arrives (`held` keeps what it took; a body over what is left is refused at once rather
+/// than waited for: the budget is for bursts of uploads that would exhaust memory).
+async fn read_body(
+    state: &AppState,
+    body: axum::body::Body,
+    limit: usize,
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let mut body = pin!(body);
+    // Most bodies come in one frame: kept as it came, nothing allocated or copied.
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        if let Some(budget) = &state.body_budget {
+            let have = held.as_ref().map_or(0, |p| p.num_permits()) as u32;
+            let need = crate::state::budget_kib(total).saturating_sub(have);
+            if need > 0 {
+                let more = budget
+                    .clone()
+                    .try_acquire_many_owned(need)
+                    .map_err(|_| BodyError::OverBudget)?;
+                match held {
+                    Some(permits) => permits.merge(more),
+                    None => *held = Some(more),
+                }
+            }
+        }
+        if first.is_none() {
+            first = Some(data);
+        } else {
+            rest.push(data);
+        }
+    }
+    let first = first.unwrap_or_default();
+    if rest.is_empty() {
+        return Ok(first);
+    }
+    let mut all = Vec::with_capacity(total);
+    for chunk in std::iter::once(&first).chain(&rest) {
+        all.extend_from_slice(chunk);
+    }
+    Ok(Bytes::from(all))
+}
+
 /// The request's `Content-Encoding`, unless it is absent or only `identity`.
 fn encoded_body(headers: &HeaderMap) -> Option<String> {
     let mut values = headers.get_all(header::CONTENT_ENCODING).iter().peekable();
@@ -493,8 +556,28 @@ async fn handle(
         }
     }
     let read_timeout = std::time::Duration::from_millis(state.config.request_read_timeout_ms);
-    let body = match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, limit)).await {
+    // Held until the request is done with its body (this function's end).
+    let mut _body_held = None;
+    let read = read_body(&state, body, limit, &mut _body_held);
+    let body = match tokio::time::timeout(read_timeout, read).await {
         Ok(Ok(b)) => b,
+        Ok(Err(BodyError::OverBudget)) => {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the router holds {} bytes of request bodies at most (--max-buffered-body-bytes), and has them: send again shortly",
+                    state.config.max_buffered_body_bytes
+                ),
+            )
+            .with_code("overloaded");
+            error.retry_after = Some(1);
+            return reject(&state, error, &request_id);
+        }
+        Ok(Err(BodyError::TooLarge)) => return reject(&state, too_large(), &request_id),
+        Ok(Err(BodyError::Read(e))) => {
+            let error = ApiError::bad_request(format!("could not read the request body: {e}"));
+            return reject(&state, error, &request_id);
+        }
         Err(_) => {
             let error = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -503,16 +586,6 @@ async fn handle(
                     read_timeout.as_millis()
                 ),
             );
-            return reject(&state, error, &request_id);
-        }
-        Ok(Err(e)) => {
-            let is_limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            let error = if is_limit {
-                too_large()
-            } else {
-                ApiError::bad_request(format!("could not read the request body: {e}"))
-            };
             return reject(&state, error, &request_id);
         }
     };

@@ -32,6 +32,13 @@ pub struct AppState {
     /// The `Via` this router adds to what it forwards, and finds again in a request that came
     /// back to it.
     pub via: Via,
+    /// What is left of `--max-buffered-body-bytes`, in KiB; `None` without a limit.
+    pub body_budget: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// `bytes` in the KiB units of [`AppState::body_budget`], rounded up.
+pub fn budget_kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 /// This router's `Via` entry (RFC 9110 §7.6.3): `1.1 qoe-router-<id>`, the id drawn at random per

@@ -276,6 +276,33 @@ async fn oversized_bodies_without_content_length_are_refused() {
     assert_eq!(completions_seen(&engine), 0);
 }
 
+/// A body that arrives in many chunks reaches the engine whole, byte for byte.
+#[tokio::test]
+async fn a_body_in_many_chunks_is_forwarded_whole() {
+    let engine = mock(&["m"]).await;
+    let r = router(&["--static-backends", &engine.url]).await;
+    let host = r.url.trim_start_matches("http://");
+    let payload = format!(r#"{{"model":"m","prompt":"{}"}}"#, "chunk ".repeat(50));
+    let mut req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for piece in payload.as_bytes().chunks(7) {
+        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let ans = raw(&r.url, &req).await;
+    assert_eq!(ans.status, 200, "{}", ans.head);
+    let seen = engine.requests();
+    let forwarded = seen
+        .iter()
+        .find(|s| s.path == "/v1/completions")
+        .expect("forwarded");
+    assert_eq!(forwarded.body, payload.as_bytes());
+}
+
 /// The router's own routes, unknown paths and key refusals answer in OpenAI's shape too, with the
 /// request's id.
 #[tokio::test]

@@ -1709,3 +1709,60 @@ async fn the_clients_address_is_appended_to_x_forwarded_for() {
         assert_eq!(values, [seen], "{headers:?}");
     }
 }
+
+/// Request bodies held at once are bounded (`--max-buffered-body-bytes`): while one upload
+/// holds most of the budget, another that would pass it is answered 503 at once; once the
+/// first is gone, it goes through.
+#[tokio::test]
+async fn request_bodies_held_at_once_stay_within_the_budget() {
+    use tokio::io::AsyncWriteExt;
+    let engine = mock(&["m"]).await;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--max-buffered-body-bytes",
+        "4096",
+    ])
+    .await;
+    // An upload that sends 3,000 bytes and stops, its body unfinished.
+    let mut slow = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let start = format!(r#"{{"model":"m","prompt":"{}"#, "a".repeat(3000));
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{start}\r\n",
+        start.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let c = client();
+    let other = format!(r#"{{"model":"m","prompt":"{}"}}"#, "b".repeat(3000));
+    let url = format!("{}/v1/completions", r.url);
+    let mut refused = None;
+    for _ in 0..200 {
+        let ans = post(&c, &url, &other, &[]).await;
+        if ans.status == 503 {
+            refused = Some(ans);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("refused while the first holds the budget");
+    assert_eq!(refused.header("retry-after"), "1");
+    assert!(refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-buffered-body-bytes"));
+    drop(slow);
+    let mut status = 0;
+    for _ in 0..200 {
+        status = post(&c, &url, &other, &[]).await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "the budget came back with the first upload's end"
+    );
+}
