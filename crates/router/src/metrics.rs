@@ -133,6 +133,8 @@ pub struct RouterMetrics {
     /// Endpoints that may have labels in the endpoint families: those of the table at the last
     /// refresh, and any a request labelled since (one in flight on an endpoint that left).
     known: Mutex<HashSet<String>>,
+    /// Held by [`Self::refresh`].
+    refreshing: Mutex<()>,
     /// The `requests` label sets created (a family cannot list its own), to remove those of
     /// endpoints that left.
     request_labels: Mutex<HashSet<RequestLabels>>,
@@ -498,6 +500,7 @@ impl RouterMetrics {
             queued,
             gauges,
             known: Mutex::new(HashSet::new()),
+            refreshing: Mutex::new(()),
             request_labels: Mutex::new(HashSet::new()),
             by_priority: [const { PriorityMetrics::new() }; 4],
         }
@@ -592,8 +595,16 @@ impl RouterMetrics {
             .inc();
     }
 
-    /// Refreshes the per-endpoint gauges from `table` and drops the labels of endpoints that left.
-    pub fn refresh(&self, table: &Table, retired: &[String], now: Micros) {
+    /// Refreshes the per-endpoint gauges from `registry`'s table and drops the labels of
+    /// endpoints that left. One refresh at a time, each with the table as it is once it runs: an
+    /// older table applied after a newer one would bring a departed endpoint's gauges back.
+    pub fn refresh(&self, registry: &crate::endpoints::Registry, now: Micros) {
+        let _one_at_a_time = lock(&self.refreshing);
+        let (table, retired) = (registry.table(), registry.retired_urls());
+        self.refresh_with(&table, &retired, now);
+    }
+
+    fn refresh_with(&self, table: &Table, retired: &[String], now: Micros) {
         let mut known = lock(&self.known);
         // A removed endpoint that requests still hold keeps its series: it may be taken up
         // again with the handles it holds (`Registry::apply`).
@@ -725,7 +736,7 @@ mod tests {
             role: qoe_core::Role::Both,
         };
         let refresh = || {
-            metrics.refresh(&registry.table(), &registry.retired_urls(), 0);
+            metrics.refresh(&registry, 0);
             metrics.encode()
         };
         let healthy = "qoe_router_healthy{endpoint=\"http://a:1\"}";

@@ -295,8 +295,7 @@ pub async fn serve_state(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let (table, retired) = (s.registry.table(), s.registry.retired_urls());
-            s.metrics.refresh(&table, &retired, s.clock.now());
+            s.metrics.refresh(&s.registry, s.clock.now());
         }
     }));
     let s = state.clone();
@@ -1036,11 +1035,7 @@ fn metrics_content_type<'a>(accept: impl Iterator<Item = &'a HeaderValue>) -> &'
 }
 
 async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
-    state.metrics.refresh(
-        &state.registry.table(),
-        &state.registry.retired_urls(),
-        state.clock.now(),
-    );
+    state.metrics.refresh(&state.registry, state.clock.now());
     state
         .metrics
         .refresh_weights(state.policy.state_json().as_ref());
