@@ -2,7 +2,8 @@
 //!
 //! Engines run in this process on ephemeral 127.0.0.1 ports (two fast H100-class, two slower
 //! A100-class at half speed, by default); the router listens on `--host:--port`. Ctrl-C stops
-//! everything cleanly.
+//! everything cleanly: the router first, as `serve` stops (the streams in flight finish), then
+//! the engines. The environment's TLS, key and discovery settings (`QOE_*`) do not apply.
 
 use crate::config::RouterConfig;
 use clap::{Args, Parser};
@@ -54,6 +55,7 @@ pub async fn run_demo(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(&str, &[String]),
 ) -> anyhow::Result<()> {
+    // The engines stop after the router has drained its streams (they are what it drains).
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -100,21 +102,28 @@ pub async fn run_demo(
         "--log-level",
         &demo.log_level,
     ])?;
-    // The demo's router speaks plain HTTP, as its banner says, whatever QOE_TLS_* the
-    // environment holds.
+    // The demo's router speaks plain HTTP to its own engines and takes the banner's curl, as
+    // the banner says, whatever QOE_TLS_*, key or discovery settings the environment holds.
     config.tls_cert_file = None;
     config.tls_key_file = None;
     config.tls_client_ca_file = None;
+    config.api_keys.clear();
+    config.api_key_priorities.clear();
+    config.admin_api_key = None;
+    config.upstream_api_key = None;
+    config.service_discovery = crate::config::DiscoveryKind::Static;
     config.validate()?;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
     let router_url = format!("http://{}", listener.local_addr()?);
-    let router = tokio::spawn(crate::serve(config, listener, stopped()));
+    let router = tokio::spawn(crate::serve(config, listener, shutdown));
     ready(&router_url, &urls);
-    shutdown.await;
+    // The router's own shutdown: it stops listening and lets the streams in flight finish
+    // (`--shutdown-timeout-ms`), then the engines stop.
+    let served = router.await;
     let _ = stop_tx.send(true);
-    router.await??;
+    served??;
     for e in engines {
         e.await??;
     }
@@ -124,7 +133,7 @@ pub async fn run_demo(
 /// What the demo prints once it is up.
 pub fn banner(router: &str, engines: &[String], model: &str) -> String {
     format!(
-        "qoe-router demo: {n} simulated engines behind {router}\n  engines: {list}\n  state:   curl -s {router}/engines\n  metrics: curl -s {router}/metrics\n\nTry it:\n  curl -N {router}/v1/chat/completions -H 'content-type: application/json' -H 'x-request-priority: 1' \\\n    -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32,\"stream\":true}}'\n\nCtrl-C stops the fleet.",
+        "qoe-router demo: {n} simulated engines behind {router}\n  engines: {list}\n  state:   curl -s {router}/engines\n  metrics: curl -s {router}/metrics\n\nTry it:\n  curl -N {router}/v1/chat/completions -H 'content-type: application/json' -H 'x-request-priority: 1' \\\n    -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32,\"stream\":true}}'\n\nCtrl-C stops the fleet (streams in flight finish first; a second Ctrl-C at once).",
         n = engines.len(),
         list = engines.join(" "),
     )
