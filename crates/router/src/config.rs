@@ -576,13 +576,19 @@ impl RouterConfig {
             // Read at start (`build_state`); here only what a check can say without loading it.
             crate::tokenizer::check(&spec.path)?;
         }
-        // A config file (TOML) holds signed 64-bit integers: a larger seed could not be saved.
-        anyhow::ensure!(
-            self.seed <= i64::MAX as u64,
-            "--seed must be at most {} (a config-file integer), got {}",
-            i64::MAX,
-            self.seed
-        );
+        // A config file (TOML) holds signed 64-bit integers: a larger value could not be saved
+        // (`--print-config`), nor given in a file; no setting means anything near it.
+        if let Ok(serde_json::Value::Object(settings)) = serde_json::to_value(self) {
+            for (key, value) in &settings {
+                if let Some(n) = value.as_u64().filter(|n| *n > i64::MAX as u64) {
+                    anyhow::bail!(
+                        "--{} must be at most {} (a config-file integer), got {n}",
+                        key.replace('_', "-"),
+                        i64::MAX
+                    );
+                }
+            }
+        }
         anyhow::ensure!(
             self.qoe_weights.len() == 4
                 && self.qoe_weights.iter().all(|w| w.is_finite() && *w >= 0.0)
@@ -1566,6 +1572,24 @@ mod tests {
         }
         let two = RouterConfig::from_args(["x", "--qoe-weights", "0.5,0.5"]).unwrap();
         assert!(two.validate().is_err());
+    }
+
+    /// A number no config file can hold is refused by name, the way `--print-config` would
+    /// otherwise fail without one.
+    #[test]
+    fn integers_past_what_a_config_file_holds_are_refused_by_name() {
+        for flag in [
+            "--max-body-bytes",
+            "--seed",
+            "--connect-timeout-ms",
+            "--queue-max",
+        ] {
+            let config = RouterConfig::from_args(["x", flag, "9223372036854775808"]).unwrap();
+            let e = config.validate_settings().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{flag} must be at most")), "{e}");
+            let fits = RouterConfig::from_args(["x", flag, "9223372036854775807"]).unwrap();
+            assert!(fits.effective_toml().is_ok(), "{flag}");
+        }
     }
 
     #[test]
