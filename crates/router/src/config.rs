@@ -2111,7 +2111,7 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(flag) && e.contains(value), "{flag} {value}: {e}");
         }
-        let forever = u64::MAX.to_string();
+        let forever = i64::MAX.to_string();
         for (flag, value) in [
             ("--engine-stats-interval", "0.001"),
             ("--health-check-interval", "86400"),

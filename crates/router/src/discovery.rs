@@ -78,9 +78,29 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The form endpoints are compared and shown in: no trailing slash.
+/// The form endpoints are compared and shown in: scheme and host in lower case (neither is case
+/// sensitive), the port as a number and left out when it is the scheme's default, no trailing
+/// slash. `HTTP://Engine:080/` and `http://engine` are one endpoint. A URL [`validate_url`]
+/// refuses is only trimmed.
 pub fn normalize_url(url: &str) -> String {
-    url.trim_end_matches('/').to_string()
+    let trimmed = url.trim_end_matches('/');
+    let Ok(uri) = trimmed.parse::<http::Uri>() else {
+        return trimmed.to_string();
+    };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return trimmed.to_string();
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        _ => 80,
+    };
+    let port = match uri.port_u16() {
+        Some(p) if p != default_port => format!(":{p}"),
+        _ => String::new(),
+    };
+    let path = uri.path().trim_end_matches('/');
+    format!("{scheme}://{}{port}{path}", host.to_ascii_lowercase())
 }
 
 fn parse_role(role: Option<&str>, url: &str) -> anyhow::Result<Role> {
@@ -380,14 +400,30 @@ mod tests {
             let e = validate_url(url).unwrap_err();
             assert!(e.contains(why) && !e.contains("secret"), "{url}: {e}");
         }
-        let twice = RouterConfig::from_args([
-            "x",
-            "--static-backends",
-            "http://127.0.0.1:1,http://127.0.0.1:1/",
-        ])
-        .unwrap();
-        let e = twice.validate().unwrap_err().to_string();
-        assert!(e.contains("'http://127.0.0.1:1' twice"), "{e}");
+        for same in [
+            "http://127.0.0.1:1/",
+            "HTTP://127.0.0.1:1",
+            "http://127.0.0.1:01",
+            "Http://127.0.0.1:0001//",
+        ] {
+            let twice = RouterConfig::from_args([
+                "x",
+                "--static-backends",
+                &format!("http://127.0.0.1:1,{same}"),
+            ])
+            .unwrap();
+            let e = twice.validate().unwrap_err().to_string();
+            assert!(e.contains("'http://127.0.0.1:1' twice"), "{same}: {e}");
+        }
+        for (url, normal) in [
+            ("http://Engine-1:80/", "http://engine-1"),
+            ("HTTPS://engine-1:443/prefix/", "https://engine-1/prefix"),
+            ("https://engine-1:80", "https://engine-1:80"),
+            ("http://[::1]:8100/", "http://[::1]:8100"),
+            ("http://h:8000/Prefix", "http://h:8000/Prefix"),
+        ] {
+            assert_eq!(normalize_url(url), normal, "{url}");
+        }
         let config = RouterConfig::from_args([
             "x",
             "--static-backends",
