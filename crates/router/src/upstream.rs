@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 pub struct UpstreamClient {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     authorization: Option<HeaderValue>,
+    /// For what a failed https request's error should add ([`ClientTls::failure_hint`]).
+    tls: ClientTls,
 }
 
 impl UpstreamClient {
@@ -51,6 +53,7 @@ impl UpstreamClient {
         UpstreamClient {
             http: self.http.clone(),
             authorization,
+            tls: self.tls.clone(),
         }
     }
 }
@@ -75,6 +78,7 @@ pub fn client(
     UpstreamClient {
         http,
         authorization,
+        tls: tls.clone(),
     }
 }
 
@@ -527,11 +531,14 @@ pub async fn get(
         .body(Full::new(Bytes::new()))
         .map_err(|e| failed(e.to_string()))?;
     let fetch = async {
-        let response = client
-            .http
-            .request(request)
-            .await
-            .map_err(|e| failed(error_chain(&e)))?;
+        let response = client.http.request(request).await.map_err(|e| {
+            let chain = error_chain(&e);
+            let hint = match url.starts_with("https:") {
+                true => client.tls.failure_hint(&chain),
+                false => "",
+            };
+            failed(format!("{chain}{hint}"))
+        })?;
         let status = response.status();
         let body = http_body_util::Limited::new(response.into_body(), limit)
             .collect()

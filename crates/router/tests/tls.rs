@@ -347,4 +347,24 @@ async fn endpoints_that_require_client_certificates_get_the_routers() {
         1,
         "only the router with a certificate reached the engine"
     );
+    // Its health checks say why they fail too, where an operator looks (`/engines`).
+    let mut last_error = String::new();
+    for _ in 0..200 {
+        let engines = get(&c, &format!("{}/engines", without.url))
+            .await
+            .unwrap()
+            .json();
+        last_error = engines["endpoints"][0]["health"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if !last_error.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        last_error.contains("a server asked for a client certificate and none is configured"),
+        "{last_error}"
+    );
 }

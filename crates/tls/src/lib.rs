@@ -237,6 +237,18 @@ impl ClientTls {
             .wrap_connector(http)
     }
 
+    /// What to add to a failed request's error (`chain`, its text) to say why TLS failed where
+    /// rustls' own words do not: a server that asked for a client certificate when none is
+    /// configured, or a server certificate that is a CA's.
+    pub fn failure_hint(&self, chain: &str) -> &'static str {
+        if chain.contains("CaUsedAsEndEntity") {
+            return " (the engine's certificate is a CA certificate, which a server may not use: \
+                     make a self-signed one with basicConstraints CA:FALSE, or sign it with the \
+                     CA given to --upstream-ca-file)";
+        }
+        self.identity_hint()
+    }
+
     /// Runs the TLS handshake over `tcp` toward `host` (a DNS name or an IP address, which the
     /// certificate must name).
     pub async fn connect(
@@ -246,10 +258,11 @@ impl ClientTls {
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| format!("'{host}' is not a name a certificate can be checked for: {e}"))?;
-        self.connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))
+        self.connector.connect(name, tcp).await.map_err(|e| {
+            let text = format!("TLS handshake: {e}");
+            let hint = self.failure_hint(&text);
+            format!("{text}{hint}")
+        })
     }
 }
 
