@@ -280,19 +280,29 @@ struct PodList {
 
 #[derive(Deserialize)]
 struct Pod {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     metadata: Metadata,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     status: Status,
+}
+
+/// A field sent as `null` read as absent: API servers omit empty fields, but proxies and
+/// hand-written fixtures send `null`, and one pod's `null` must not fail the whole listing.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Metadata {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     name: String,
     deletion_timestamp: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     labels: BTreeMap<String, String>,
 }
 
@@ -302,7 +312,7 @@ struct Status {
     phase: Option<String>,
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     conditions: Vec<Condition>,
 }
 
@@ -325,7 +335,8 @@ pub struct Listed {
 /// not being deleted and has an IP, at `http://IP:port`, sorted by URL. A pod whose role label
 /// is not a role is left out (and named in [`Listed::bad_roles`]).
 pub fn endpoints_of(list: &[u8], port: u16) -> Result<Listed, String> {
-    let list: PodList = serde_json::from_slice(list).map_err(|e| e.to_string())?;
+    let list: PodList = serde_json::from_slice(list)
+        .map_err(|e| format!("not a PodList ({e}): {}", crate::upstream::excerpt(list)))?;
     if let Some(kind) = list.kind.as_deref().filter(|k| *k != "PodList") {
         let said = list.message.map(|m| format!(": {m}")).unwrap_or_default();
         return Err(format!("a {kind}, not a PodList{said}"));
@@ -438,6 +449,10 @@ mod tests {
             Listed::default()
         );
         // What is not a listing does not empty the set.
+        assert_eq!(
+            endpoints_of(b"<html>\n<p>Bad gateway</p>", 1).unwrap_err(),
+            "not a PodList (expected value at line 1 column 1): <html> <p>Bad gateway</p>"
+        );
         for not_a_list in [
             &b"<html>"[..],
             b"{}",
@@ -450,6 +465,22 @@ mod tests {
                 String::from_utf8_lossy(not_a_list)
             );
         }
+        // A pod's empty fields sent as null: that pod is read as without them, the rest stand.
+        let nulls = format!(
+            r#"{{"kind":"PodList","items":[{},{{"metadata":{{"name":"n","labels":null}},"status":{{"phase":"Running","podIP":"10.0.0.9","conditions":null}}}},{{"metadata":null,"status":null}}]}}"#,
+            pod("b", "10.0.0.2", true, r#","labels":null"#),
+        );
+        let urls: Vec<String> = endpoints_of(nulls.as_bytes(), 8000)
+            .unwrap()
+            .endpoints
+            .into_iter()
+            .map(|s| s.url)
+            .collect();
+        assert_eq!(
+            urls,
+            ["http://10.0.0.2:8000"],
+            "the unready pod is left out"
+        );
         let status = br#"{"kind":"Status","status":"Failure","message":"too old resource version","code":410}"#;
         assert_eq!(
             endpoints_of(status, 1).unwrap_err(),

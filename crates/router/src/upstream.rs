@@ -561,7 +561,7 @@ pub async fn get(
 
 /// The start of an error answer's body on one line, control characters dropped (an API
 /// server's `Status` says who may not do what).
-fn excerpt(body: &[u8]) -> String {
+pub fn excerpt(body: &[u8]) -> String {
     const MAX: usize = 200;
     let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
     let line = text
