@@ -284,6 +284,7 @@ pub struct RouterConfig {
     pub queue_timeout: f64,
     /// SLA enforcement: `off`, or `shed` (a priority-3 request whose `x-sla-target-ms` no endpoint
     /// is predicted to meet is refused at once with 429; priority 1 and 2 go to the best endpoint).
+    /// Needs `--routing-logic qoe`, the policy that predicts time to first token.
     #[arg(long, env = "QOE_SLA_ENFORCEMENT", value_enum, default_value_t = SlaEnforcement::Off)]
     pub sla_enforcement: SlaEnforcement,
     /// Add vLLM's `priority` field (the request's priority, 1..3) to bodies that lack one, so

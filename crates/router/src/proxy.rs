@@ -1194,7 +1194,14 @@ pub(crate) async fn dispatch(
         } else {
             &views
         };
-        if let Err(e) = enforce_sla(&state, &profile, open, now, started) {
+        // The decode stage of the router's own split comes after its prefill ran: shedding it
+        // then would waste that work, and a client obeying Retry-After would pay for it again.
+        let prefilled = split && profile.stage == qoe_core::Stage::Decode;
+        let checked = match prefilled {
+            true => Ok(()),
+            false => enforce_sla(&state, &profile, open, now, started),
+        };
+        if let Err(e) = checked {
             return reject(&state, e, &request_id);
         }
         let Some(decision) = state.policy.pick(&profile, open, now) else {

@@ -227,6 +227,15 @@ pub async fn serve_state(
     let k8s_set = config.k8s_namespace.is_some()
         || !config.k8s_label_selector.is_empty()
         || config.k8s_api_server.is_some();
+    if config.sla_enforcement == crate::config::SlaEnforcement::Shed
+        && config.policy_kind() != qoe_core::PolicyKind::Qoe
+    {
+        tracing::warn!(
+            policy = state.policy.name(),
+            "--sla-enforcement shed does nothing without --routing-logic qoe: only qoe predicts \
+             the time to first token a deadline is checked against"
+        );
+    }
     if k8s_set && config.service_discovery == DiscoveryKind::Static {
         tracing::warn!("--k8s-* settings are ignored without --service-discovery k8s");
     }

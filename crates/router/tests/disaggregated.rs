@@ -343,3 +343,33 @@ async fn answers_of(tasks: Vec<tokio::task::JoinHandle<Answer>>) -> Vec<Answer> 
     }
     out
 }
+
+/// With `--sla-enforcement shed`, a priority-3 request is shed before any engine works on it,
+/// never at its decode stage once its prefill has run (the work would be lost, and paid again by
+/// a client obeying Retry-After): a slow prefill past the deadline is decoded all the same.
+#[tokio::test]
+async fn a_split_request_is_not_shed_once_its_prefill_has_run() {
+    let prefill = Engine::start(&["--role", "prefill", "--slowdown", "1000"]).await;
+    let decode = Engine::start(&["--role", "decode"]).await;
+    let (r, dir) = fleet_with(
+        "sla-split",
+        &[(&prefill.url, "prefill"), (&decode.url, "decode")],
+        &["--routing-logic", "qoe", "--sla-enforcement", "shed"],
+    )
+    .await;
+    let c = client();
+    let body = serde_json::json!({
+        "model": MODEL, "prompt": "context ".repeat(500), "max_tokens": 4, "ignore_eos": true,
+    });
+    let ans = post(
+        &c,
+        &format!("{}/v1/completions", r.url),
+        &body.to_string(),
+        &[("x-request-priority", "3"), ("x-sla-target-ms", "300")],
+    )
+    .await;
+    assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+    assert_eq!(ans.header("x-qoe-prefill-endpoint"), prefill.url);
+    assert_eq!(ans.header("x-qoe-endpoint"), decode.url);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
