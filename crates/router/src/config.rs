@@ -202,7 +202,8 @@ pub struct RouterConfig {
     pub max_body_bytes: usize,
     /// Bytes of request bodies the router holds at once (read, waiting to be routed or for
     /// their endpoint's first byte), across all requests; past it a request is answered 503.
-    /// Bounds what slow or large uploads on many connections can take. 0: no limit.
+    /// Bounds what slow or large uploads on many connections can take. 0: no limit; otherwise
+    /// at least --max-body-bytes.
     #[arg(long, env = "QOE_MAX_BUFFERED_BODY_BYTES", default_value_t = 1 << 30)]
     pub max_buffered_body_bytes: usize,
     /// Client connections open at once; past it a new one is closed at once. 0: half the
@@ -596,6 +597,14 @@ impl RouterConfig {
                 && self.qoe_weights.iter().sum::<f64>() > 0.0,
             "--qoe-weights takes four non-negative numbers α,β,γ,δ with a positive sum, got {:?}",
             self.qoe_weights
+        );
+        anyhow::ensure!(
+            self.max_buffered_body_bytes == 0
+                || self.max_buffered_body_bytes >= self.max_body_bytes,
+            "--max-buffered-body-bytes ({}) must be 0 or at least --max-body-bytes ({}): a body \
+             the limit allows must fit the budget",
+            self.max_buffered_body_bytes,
+            self.max_body_bytes
         );
         for (flag, v) in positive {
             anyhow::ensure!(
@@ -2106,6 +2115,7 @@ mod tests {
             ("--queue-max", "0"),
             ("--first-byte-timeout-ms", "0"),
             ("--idle-timeout-ms", "0"),
+            ("--max-buffered-body-bytes", "1000"),
         ];
         for (flag, value) in refused {
             let c = RouterConfig::from_args(["x", flag, value]).unwrap();

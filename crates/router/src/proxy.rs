@@ -143,7 +143,7 @@ async fn read_body(
     state: &AppState,
     body: axum::body::Body,
     limit: usize,
-    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    held: &mut Option<crate::state::HeldBody>,
 ) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
     let mut body = pin!(body);
@@ -160,17 +160,8 @@ async fn read_body(
             return Err(BodyError::TooLarge);
         }
         if let Some(budget) = &state.body_budget {
-            let have = held.as_ref().map_or(0, |p| p.num_permits()) as u32;
-            let need = crate::state::budget_kib(total).saturating_sub(have);
-            if need > 0 {
-                let more = budget
-                    .clone()
-                    .try_acquire_many_owned(need)
-                    .map_err(|_| BodyError::OverBudget)?;
-                match held {
-                    Some(permits) => permits.merge(more),
-                    None => *held = Some(more),
-                }
+            if !budget.take(data.len(), held) {
+                return Err(BodyError::OverBudget);
             }
         }
         if first.is_none() {

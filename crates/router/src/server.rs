@@ -86,9 +86,8 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         closing_connections: Default::default(),
         via: crate::state::Via::new(rand::random()),
         body_budget: (config.max_buffered_body_bytes > 0).then(|| {
-            let kib = crate::state::budget_kib(config.max_buffered_body_bytes) as usize;
-            Arc::new(tokio::sync::Semaphore::new(
-                kib.min(tokio::sync::Semaphore::MAX_PERMITS),
+            Arc::new(crate::state::BodyBudget::new(
+                config.max_buffered_body_bytes,
             ))
         }),
         config,

@@ -32,13 +32,64 @@ pub struct AppState {
     /// The `Via` this router adds to what it forwards, and finds again in a request that came
     /// back to it.
     pub via: Via,
-    /// What is left of `--max-buffered-body-bytes`, in KiB; `None` without a limit.
-    pub body_budget: Option<Arc<tokio::sync::Semaphore>>,
+    /// `--max-buffered-body-bytes`; `None` without a limit.
+    pub body_budget: Option<Arc<BodyBudget>>,
 }
 
-/// `bytes` in the KiB units of [`AppState::body_budget`], rounded up.
-pub fn budget_kib(bytes: usize) -> u32 {
-    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+/// The bytes of request bodies the router may hold at once, and those it holds. Nothing waits
+/// for room (a body past it is refused), so a counter is all it takes: no lock on either side.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: usize,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Self {
+        BodyBudget {
+            limit,
+            held: Default::default(),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes `bytes` more for `holding` (created on its first take), if they fit.
+    pub fn take(self: &Arc<Self>, bytes: usize, holding: &mut Option<HeldBody>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let fits = self
+            .held
+            .fetch_update(Relaxed, Relaxed, |held| {
+                held.checked_add(bytes).filter(|&after| after <= self.limit)
+            })
+            .is_ok();
+        if fits {
+            holding
+                .get_or_insert_with(|| HeldBody {
+                    budget: self.clone(),
+                    bytes: 0,
+                })
+                .bytes += bytes;
+        }
+        fits
+    }
+}
+
+/// Bytes of one request's body counted in the [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct HeldBody {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl Drop for HeldBody {
+    fn drop(&mut self) {
+        self.budget
+            .held
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// This router's `Via` entry (RFC 9110 §7.6.3): `1.1 qoe-router-<id>`, the id drawn at random per
@@ -128,6 +179,21 @@ impl LearnedOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_budget_counts_bytes_and_gives_them_back() {
+        let budget = Arc::new(BodyBudget::new(4000));
+        let (mut a, mut b) = (None, None);
+        assert!(budget.take(3000, &mut a));
+        assert!(budget.take(1000, &mut a), "exactly the limit fits");
+        assert!(!budget.take(1, &mut b), "one byte more does not");
+        assert!(b.is_none());
+        drop(a);
+        assert!(budget.take(4000, &mut b));
+        assert!(!budget.take(usize::MAX, &mut b), "no overflow");
+        drop(b);
+        assert!(budget.take(4000, &mut None));
+    }
 
     #[test]
     fn an_absurd_engine_count_is_learned_capped() {

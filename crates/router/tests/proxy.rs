@@ -1722,6 +1722,8 @@ async fn request_bodies_held_at_once_stay_within_the_budget() {
         &engine.url,
         "--max-buffered-body-bytes",
         "4096",
+        "--max-body-bytes",
+        "4096",
     ])
     .await;
     // An upload that sends 3,000 bytes and stops, its body unfinished.
@@ -1765,4 +1767,46 @@ async fn request_bodies_held_at_once_stay_within_the_budget() {
         status, 200,
         "the budget came back with the first upload's end"
     );
+}
+
+/// A body read whole stays counted until its endpoint's first byte (the router keeps it for a
+/// retry): while one request waits for a slow engine, another that would pass the budget is
+/// refused.
+#[tokio::test]
+async fn a_body_stays_counted_until_its_endpoints_first_byte() {
+    let engine = mock(&["m"]).await;
+    *engine.state.first_chunk_delay_ms.lock().unwrap() = 1500;
+    let r = router(&[
+        "--static-backends",
+        &engine.url,
+        "--max-buffered-body-bytes",
+        "4096",
+        "--max-body-bytes",
+        "4096",
+    ])
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", r.url);
+    let body = |letter: &str| format!(r#"{{"model":"m","prompt":"{}"}}"#, letter.repeat(3000));
+    let waiting = {
+        let (c, url, body) = (c.clone(), url.clone(), body("a"));
+        tokio::spawn(async move { post(&c, &url, &body, &[]).await })
+    };
+    let mut refused = false;
+    for _ in 0..100 {
+        if engine
+            .requests()
+            .iter()
+            .any(|s| s.path == "/v1/completions")
+        {
+            refused = post(&c, &url, &body("b"), &[]).await.status == 503;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        refused,
+        "the first body was still counted while its engine worked"
+    );
+    assert_eq!(waiting.await.unwrap().status, 200);
 }
