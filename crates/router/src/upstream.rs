@@ -446,7 +446,7 @@ impl Pool {
             ))),
             Ok(Err(e)) => Err(PoolError::Connect(format!(
                 "{at}: {e}{}",
-                tls.identity_hint()
+                tls.failure_hint(&e)
             ))),
             Ok(Ok(stream)) => handshake(stream, &at).await,
         }

@@ -238,15 +238,23 @@ impl ClientTls {
     }
 
     /// What to add to a failed request's error (`chain`, its text) to say why TLS failed where
-    /// rustls' own words do not: a server that asked for a client certificate when none is
-    /// configured, or a server certificate that is a CA's.
+    /// rustls' own words do not: a server certificate that is a CA's, or, for a failure of the
+    /// TLS session, a server that asked for a client certificate when none is configured.
     pub fn failure_hint(&self, chain: &str) -> &'static str {
         if chain.contains("CaUsedAsEndEntity") {
             return " (the engine's certificate is a CA certificate, which a server may not use: \
                      make a self-signed one with basicConstraints CA:FALSE, or sign it with the \
                      CA given to --upstream-ca-file)";
         }
-        self.identity_hint()
+        // Refused connections, unknown hosts and the like are not the certificate's doing.
+        let chain = chain.to_ascii_lowercase();
+        if ["tls", "certificate", "alert", "handshake"]
+            .iter()
+            .any(|word| chain.contains(word))
+        {
+            return self.identity_hint();
+        }
+        ""
     }
 
     /// Runs the TLS handshake over `tcp` toward `host` (a DNS name or an IP address, which the
@@ -258,17 +266,32 @@ impl ClientTls {
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| format!("'{host}' is not a name a certificate can be checked for: {e}"))?;
-        self.connector.connect(name, tcp).await.map_err(|e| {
-            let text = format!("TLS handshake: {e}");
-            let hint = self.failure_hint(&text);
-            format!("{text}{hint}")
-        })
+        self.connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_hints_explain_only_what_they_are_about() {
+        let tls = ClientTls::new(None, None).unwrap();
+        let ca = "TLS handshake: invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))";
+        assert!(tls.failure_hint(ca).contains("basicConstraints CA:FALSE"));
+        assert_eq!(
+            tls.failure_hint("tcp connect error: Connection refused"),
+            ""
+        );
+        // No server asked for a client certificate yet: nothing to say of one.
+        assert_eq!(
+            tls.failure_hint("TLS handshake: peer closed connection"),
+            ""
+        );
+    }
 
     #[test]
     fn ca_files_must_hold_ca_certificates() {
