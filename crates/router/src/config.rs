@@ -406,6 +406,19 @@ impl RouterConfig {
         config.with_file(&matches)
     }
 
+    /// Like [`RouterConfig::from_args`], without a config file (`--config` or `QOE_CONFIG` is
+    /// dropped unread): the flags, the environment and the defaults only.
+    pub fn from_args_without_file<I, T>(args: I) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Standalone::command().try_get_matches_from(args)?;
+        let mut config = Standalone::from_arg_matches(&matches)?.config;
+        config.config = None;
+        Ok(config)
+    }
+
     /// Overlays the config file's keys onto the options the user left at their defaults.
     pub fn with_file(self, matches: &ArgMatches) -> anyhow::Result<Self> {
         let Some(path) = self.config.clone() else {

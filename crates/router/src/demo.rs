@@ -3,7 +3,8 @@
 //! Engines run in this process on ephemeral 127.0.0.1 ports (two fast H100-class, two slower
 //! A100-class at half speed, by default); the router listens on `--host:--port`. Ctrl-C stops
 //! everything cleanly: the router first, as `serve` stops (the streams in flight finish), then
-//! the engines. The environment's TLS, key and discovery settings (`QOE_*`) do not apply.
+//! the engines. The environment's config file, TLS, key and discovery settings (`QOE_*`) do not
+//! apply.
 
 use crate::config::RouterConfig;
 use clap::{Args, Parser};
@@ -87,7 +88,8 @@ pub async fn run_demo(
         urls.push(format!("http://{}", listener.local_addr()?));
         engines.push(tokio::spawn(qoe_engine::serve(args, listener, stopped())));
     }
-    let mut config = RouterConfig::from_args([
+    // Its own fleet: no config file's backends (`QOE_CONFIG`) join it.
+    let mut config = RouterConfig::from_args_without_file([
         "qoe-router",
         "--host",
         &demo.host,
@@ -103,7 +105,8 @@ pub async fn run_demo(
         &demo.log_level,
     ])?;
     // The demo's router speaks plain HTTP to its own engines and takes the banner's curl, as
-    // the banner says, whatever QOE_TLS_*, key or discovery settings the environment holds.
+    // the banner says, whatever QOE_TLS_*, key or discovery settings the environment holds
+    // (tuning such as QOE_LOG_FORMAT or QOE_MAX_RETRIES still applies).
     config.tls_cert_file = None;
     config.tls_key_file = None;
     config.tls_client_ca_file = None;
@@ -112,6 +115,9 @@ pub async fn run_demo(
     config.admin_api_key = None;
     config.upstream_api_key = None;
     config.service_discovery = crate::config::DiscoveryKind::Static;
+    config.upstream_ca_file = None;
+    config.upstream_client_cert = None;
+    config.upstream_client_key = None;
     config.validate()?;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await

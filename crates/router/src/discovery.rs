@@ -80,8 +80,9 @@ pub fn validate_url(url: &str) -> Result<(), String> {
 
 /// The form endpoints are compared and shown in: scheme and host in lower case (neither is case
 /// sensitive), the port as a number and left out when it is the scheme's default, no trailing
-/// slash. `HTTP://Engine:080/` and `http://engine` are one endpoint. A URL [`validate_url`]
-/// refuses is only trimmed.
+/// slash. `HTTP://Engine:080/` and `http://engine` are one endpoint. The path keeps its case,
+/// and an IPv6 zone id (`[fe80::1%25eth0]`) its own (interface names are case-sensitive). For
+/// URLs [`validate_url`] accepts.
 pub fn normalize_url(url: &str) -> String {
     let trimmed = url.trim_end_matches('/');
     let Ok(uri) = trimmed.parse::<http::Uri>() else {
@@ -100,7 +101,11 @@ pub fn normalize_url(url: &str) -> String {
         _ => String::new(),
     };
     let path = uri.path().trim_end_matches('/');
-    format!("{scheme}://{}{port}{path}", host.to_ascii_lowercase())
+    let host = match host.split_once('%') {
+        Some((address, zone)) => format!("{}%{zone}", address.to_ascii_lowercase()),
+        None => host.to_ascii_lowercase(),
+    };
+    format!("{scheme}://{host}{port}{path}")
 }
 
 fn parse_role(role: Option<&str>, url: &str) -> anyhow::Result<Role> {
@@ -421,6 +426,10 @@ mod tests {
             ("https://engine-1:80", "https://engine-1:80"),
             ("http://[::1]:8100/", "http://[::1]:8100"),
             ("http://h:8000/Prefix", "http://h:8000/Prefix"),
+            (
+                "http://[FE80::1%25Eth0]:8100",
+                "http://[fe80::1%25Eth0]:8100",
+            ),
         ] {
             assert_eq!(normalize_url(url), normal, "{url}");
         }

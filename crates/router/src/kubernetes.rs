@@ -373,7 +373,8 @@ pub fn endpoints_of(list: &[u8], port: u16) -> Result<Listed, String> {
                 std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
             };
             Some(BackendSpec {
-                url,
+                // Shown as static ones are (`--k8s-port 80` leaves no `:80`).
+                url: crate::discovery::normalize_url(&url),
                 models: Vec::new(),
                 role,
             })
