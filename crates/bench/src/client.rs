@@ -257,12 +257,9 @@ pub async fn check_target(
     let req = req.body(Full::new(Bytes::new()))?;
     let fetch = async {
         let resp = client.request(req).await.map_err(|e| {
-            anyhow::anyhow!(
-                "--target {}: cannot connect ({}){}",
-                target.base,
-                with_causes(&e),
-                tls.identity_hint()
-            )
+            let causes = with_causes(&e);
+            let hint = tls.failure_hint(&causes);
+            anyhow::anyhow!("--target {}: cannot connect ({causes}){hint}", target.base)
         })?;
         let status = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_MODELS_BODY)

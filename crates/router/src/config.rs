@@ -202,8 +202,8 @@ pub struct RouterConfig {
     pub max_body_bytes: usize,
     /// Bytes of request bodies the router holds at once (read, waiting to be routed or for
     /// their endpoint's first byte), across all requests; past it a request is answered 503.
-    /// Bounds what slow or large uploads on many connections can take. 0: no limit; otherwise
-    /// at least --max-body-bytes.
+    /// Bounds what slow or large uploads on many connections can take. 0: no limit; below
+    /// --max-body-bytes it is raised to it (a body the limit allows fits).
     #[arg(long, env = "QOE_MAX_BUFFERED_BODY_BYTES", default_value_t = 1 << 30)]
     pub max_buffered_body_bytes: usize,
     /// Client connections open at once; past it a new one is closed at once. 0: half the
@@ -404,6 +404,14 @@ impl RouterConfig {
         let matches = Standalone::command().try_get_matches_from(args)?;
         let config = Standalone::from_arg_matches(&matches)?.config;
         config.with_file(&matches)
+    }
+
+    /// `--max-buffered-body-bytes` in effect: never below `--max-body-bytes` (0: no limit).
+    pub fn body_budget(&self) -> usize {
+        match self.max_buffered_body_bytes {
+            0 => 0,
+            n => n.max(self.max_body_bytes),
+        }
     }
 
     /// Like [`RouterConfig::from_args`], without a config file (`--config` or `QOE_CONFIG` is
@@ -610,14 +618,6 @@ impl RouterConfig {
                 && self.qoe_weights.iter().sum::<f64>() > 0.0,
             "--qoe-weights takes four non-negative numbers α,β,γ,δ with a positive sum, got {:?}",
             self.qoe_weights
-        );
-        anyhow::ensure!(
-            self.max_buffered_body_bytes == 0
-                || self.max_buffered_body_bytes >= self.max_body_bytes,
-            "--max-buffered-body-bytes ({}) must be 0 or at least --max-body-bytes ({}): a body \
-             the limit allows must fit the budget",
-            self.max_buffered_body_bytes,
-            self.max_body_bytes
         );
         for (flag, v) in positive {
             anyhow::ensure!(
@@ -1600,6 +1600,18 @@ mod tests {
     /// A number no config file can hold is refused by name, the way `--print-config` would
     /// otherwise fail without one.
     #[test]
+    fn the_body_budget_is_never_below_the_body_limit() {
+        let budget = |flags: &[&str]| {
+            let args = std::iter::once("x").chain(flags.iter().copied());
+            RouterConfig::from_args(args).unwrap().body_budget()
+        };
+        assert_eq!(budget(&[]), 1 << 30);
+        assert_eq!(budget(&["--max-body-bytes", "2147483648"]), 1 << 31);
+        assert_eq!(budget(&["--max-buffered-body-bytes", "1000"]), 16 << 20);
+        assert_eq!(budget(&["--max-buffered-body-bytes", "0"]), 0);
+    }
+
+    #[test]
     fn integers_past_what_a_config_file_holds_are_refused_by_name() {
         for flag in [
             "--max-body-bytes",
@@ -2128,7 +2140,6 @@ mod tests {
             ("--queue-max", "0"),
             ("--first-byte-timeout-ms", "0"),
             ("--idle-timeout-ms", "0"),
-            ("--max-buffered-body-bytes", "1000"),
         ];
         for (flag, value) in refused {
             let c = RouterConfig::from_args(["x", flag, value]).unwrap();

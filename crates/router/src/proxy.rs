@@ -557,7 +557,7 @@ async fn handle(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "the router holds {} bytes of request bodies at most (--max-buffered-body-bytes), and has them: send again shortly",
-                    state.config.max_buffered_body_bytes
+                    state.config.body_budget()
                 ),
             )
             .with_code("overloaded");

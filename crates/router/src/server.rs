@@ -85,11 +85,8 @@ pub fn build_state(config: RouterConfig) -> anyhow::Result<Arc<AppState>> {
         server_tls,
         closing_connections: Default::default(),
         via: crate::state::Via::new(rand::random()),
-        body_budget: (config.max_buffered_body_bytes > 0).then(|| {
-            Arc::new(crate::state::BodyBudget::new(
-                config.max_buffered_body_bytes,
-            ))
-        }),
+        body_budget: (config.body_budget() > 0)
+            .then(|| Arc::new(crate::state::BodyBudget::new(config.body_budget()))),
         config,
     }))
 }
@@ -226,6 +223,14 @@ pub async fn serve_state(
     let k8s_set = config.k8s_namespace.is_some()
         || !config.k8s_label_selector.is_empty()
         || config.k8s_api_server.is_some();
+    if config.body_budget() > config.max_buffered_body_bytes && config.max_buffered_body_bytes > 0 {
+        tracing::warn!(
+            max_body_bytes = config.max_body_bytes,
+            "--max-buffered-body-bytes ({}) is below --max-body-bytes: raised to it, so that a \
+             body the limit allows fits",
+            config.max_buffered_body_bytes
+        );
+    }
     if config.sla_enforcement == crate::config::SlaEnforcement::Shed
         && config.policy_kind() != qoe_core::PolicyKind::Qoe
     {

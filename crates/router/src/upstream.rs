@@ -533,9 +533,13 @@ pub async fn get(
     let fetch = async {
         let response = client.http.request(request).await.map_err(|e| {
             let chain = error_chain(&e);
-            let hint = match url.starts_with("https:") {
-                true => client.tls.failure_hint(&chain),
-                false => "",
+            // A failure once connected (TLS 1.3: a server that wanted a client certificate may
+            // refuse only after the handshake, by closing) is as the pool's `broken_hint` sees
+            // it; a failure to connect says what it was.
+            let hint = match (url.starts_with("https:"), chain.contains("(Connect)")) {
+                (false, _) => "",
+                (true, true) => client.tls.failure_hint(&chain),
+                (true, false) => client.tls.identity_hint(),
             };
             failed(format!("{chain}{hint}"))
         })?;

@@ -246,8 +246,12 @@ impl ClientTls {
                      make a self-signed one with basicConstraints CA:FALSE, or sign it with the \
                      CA given to --upstream-ca-file)";
         }
-        // Refused connections, unknown hosts and the like are not the certificate's doing.
+        // Refused connections, unknown hosts and the server's own certificate are not the
+        // client certificate's doing.
         let chain = chain.to_ascii_lowercase();
+        if chain.contains("invalid peer certificate") {
+            return "";
+        }
         if ["tls", "certificate", "alert", "handshake"]
             .iter()
             .any(|word| chain.contains(word))
@@ -284,6 +288,10 @@ mod tests {
         assert!(tls.failure_hint(ca).contains("basicConstraints CA:FALSE"));
         assert_eq!(
             tls.failure_hint("tcp connect error: Connection refused"),
+            ""
+        );
+        assert_eq!(
+            tls.failure_hint("TLS handshake: invalid peer certificate: UnknownIssuer"),
             ""
         );
         // No server asked for a client certificate yet: nothing to say of one.
