@@ -8,7 +8,7 @@
 //! `TimedOut`, hyper drops the connection, and its requests end as client-closed ones do (the
 //! engines abort them). A client that reads slowly but reads is not cut: each byte it takes
 //! restarts the wait. An HTTP/2 stream held at its flow-control window never makes a write
-//! wait, and is not covered (docs/RELIABILITY.md).
+//! wait: there the connection's PINGs do the same (`server::Protocols`, docs/RELIABILITY.md).
 
 use std::future::Future;
 use std::io;

@@ -556,10 +556,16 @@ impl Protocols {
         // HTTP/2 counts 32 bytes more per header than `--max-header-bytes` does: with room to
         // spare, the router's own check answers an oversized request, in OpenAI's shape.
         let header_list = max_header_bytes.saturating_mul(2).saturating_add(16 * 1024);
+        // A client that stops reading its connection answers no PING: past the write
+        // deadline's time it is let go, as over HTTP/1.1 ([`WriteDeadline`] alone cannot see
+        // it here: a stream's flow-control window stops the writes before the socket does).
+        let ping = timeouts.write / 2;
         http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(ping))
+            .keep_alive_timeout(ping);
         Protocols {
             http1,
             http2,
