@@ -258,7 +258,12 @@ pub async fn check_target(
     let fetch = async {
         let resp = client.request(req).await.map_err(|e| {
             let causes = with_causes(&e);
-            let hint = tls.failure_hint(&causes);
+            // Refused once connected (TLS 1.3: after the handshake) may be for want of a client
+            // certificate; a failure to connect says what it was (as the router's health checks).
+            let hint = match causes.contains("(Connect)") {
+                true => tls.failure_hint(&causes),
+                false => tls.identity_hint(),
+            };
             anyhow::anyhow!("--target {}: cannot connect ({causes}){hint}", target.base)
         })?;
         let status = resp.status();
