@@ -673,7 +673,7 @@ impl Engine {
             return self.idle_wait(now);
         }
         let dur = self.duration(&shape);
-        let end = now + dur;
+        let end = now.saturating_add(dur);
         self.stats.iterations += 1;
         self.stats.busy_micros += dur;
 
@@ -765,7 +765,7 @@ impl Engine {
                 }
                 seq.computed = seq.prompt - 1;
                 let ms = self.cfg.profile.kv_transfer_ms(seq.prompt) / self.speed;
-                seq.ready_at = now + (ms * 1000.0).round().max(1.0) as Micros;
+                seq.ready_at = now.saturating_add(micros_of_ms(ms));
                 seq.transferring = true;
                 self.transferring += 1;
             } else {
@@ -989,7 +989,7 @@ impl Engine {
         if self.cfg.jitter > 0.0 {
             ms *= (self.cfg.jitter * self.rng.next_normal()).exp();
         }
-        (ms * 1000.0).round().max(1.0) as Micros
+        micros_of_ms(ms)
     }
 
     /// Nothing could be computed: wait for the earliest KV transfer or arrival, or one CPU tick.
@@ -1007,9 +1007,7 @@ impl Engine {
         };
         match next {
             Some(t) if t > now => t - now,
-            _ => {
-                ((self.cfg.profile.cpu_overhead_ms * 1000.0 / self.speed).round() as Micros).max(1)
-            }
+            _ => micros_of_ms(self.cfg.profile.cpu_overhead_ms / self.speed),
         }
     }
 
@@ -1020,9 +1018,43 @@ impl Engine {
     }
 }
 
+/// The longest step the engine takes: 11.6 days, longer than any run. A speed close enough to 0
+/// asks for more; taken literally, the microseconds would pass `u64::MAX` (the cast caps them
+/// there, and `now + duration` wrapped, so the slowest engine answered at once).
+const LONGEST_STEP: Micros = 1_000_000_000_000;
+
+/// `ms` as whole microseconds, at least 1 and at most [`LONGEST_STEP`].
+fn micros_of_ms(ms: f64) -> Micros {
+    let us = (ms * 1000.0).round();
+    if us.is_nan() {
+        return LONGEST_STEP;
+    }
+    us.clamp(1.0, LONGEST_STEP as f64) as Micros
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine slowed past what microseconds can count is as slow as they can say, never
+    /// instant: its first token comes after the longest step, not before the request was sent.
+    #[test]
+    fn an_engine_slower_than_time_can_count_is_slow_not_instant() {
+        for speed in [1e-20, f64::MIN_POSITIVE] {
+            let mut cfg = EngineConfig::for_profile(Profile::h100_llama3_8b());
+            cfg.speed = speed;
+            let mut e = Engine::new(cfg).unwrap();
+            e.submit(SimRequest::new(1, 100, 2), 7).unwrap();
+            let mut ev = Vec::new();
+            let took = e.step(7, &mut ev);
+            assert_eq!(took, LONGEST_STEP, "speed {speed}");
+            for event in &ev {
+                if let EngineEvent::Token { at, .. } = event {
+                    assert_eq!(*at, 7 + LONGEST_STEP);
+                }
+            }
+        }
+    }
 
     #[test]
     fn tables_are_sized_by_live_requests_not_by_history() {

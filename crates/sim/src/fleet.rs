@@ -165,7 +165,7 @@ impl Fleet {
             }
             if c.engine as u64 >= total {
                 return Err(bad(format!(
-                    "change names engine {}, but the fleet has engines 0..{}",
+                    "change names engine {}, but the fleet's engines are numbered 0 to {} ({total})",
                     c.engine,
                     total - 1
                 )));
