@@ -52,10 +52,6 @@ impl BodyBudget {
         }
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Takes `bytes` more for `holding` (created on its first take), if they fit.
     pub fn take(self: &Arc<Self>, bytes: usize, holding: &mut Option<HeldBody>) -> bool {
         use std::sync::atomic::Ordering::Relaxed;

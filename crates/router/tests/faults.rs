@@ -92,15 +92,6 @@ async fn engines_json(c: &TestClient, router: &str) -> serde_json::Value {
     get(c, &format!("{router}/engines")).await.unwrap().json()
 }
 
-fn endpoint<'a>(engines: &'a serde_json::Value, url: &str) -> &'a serde_json::Value {
-    engines["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["url"] == url)
-        .unwrap_or_else(|| panic!("{url} not in {engines}"))
-}
-
 /// The value of a counter line of the router's `/metrics` whose labels include all of `labels`.
 async fn counter(c: &TestClient, router: &str, name: &str, labels: &[&str]) -> f64 {
     let text = get(c, &format!("{router}/metrics")).await.unwrap().body;

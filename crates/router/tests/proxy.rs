@@ -1027,13 +1027,7 @@ async fn an_engine_answering_429_has_its_breaker_opened_passed_through_or_retrie
             assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
         }
         let engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();
-        let busy_view = engines["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["url"] == busy.url.as_str())
-            .unwrap()
-            .clone();
+        let busy_view = endpoint(&engines, &busy.url);
         assert_eq!(busy_view["breaker"], "open", "{busy_view}");
         let text = metrics_text(&c, &r.url).await;
         let counted = metric_sum(
@@ -1137,12 +1131,7 @@ async fn breaker_opens_after_failures_and_closes_when_the_engine_recovers() {
     let c = client();
     let url = format!("{}/v1/completions", r.url);
     let breaker_of = |engines: &serde_json::Value, url: &str| {
-        engines["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["url"] == url)
-            .unwrap()["breaker"]
+        endpoint(engines, url)["breaker"]
             .as_str()
             .unwrap()
             .to_string()
@@ -1710,14 +1699,9 @@ async fn the_clients_address_is_appended_to_x_forwarded_for() {
     }
 }
 
-/// Request bodies held at once are bounded (`--max-buffered-body-bytes`): while one upload
-/// holds most of the budget, another that would pass it is answered 503 at once; once the
-/// first is gone, it goes through.
-#[tokio::test]
-async fn request_bodies_held_at_once_stay_within_the_budget() {
-    use tokio::io::AsyncWriteExt;
-    let engine = mock(&["m"]).await;
-    let r = router(&[
+/// A router in front of `engine` holding 4 KiB of request bodies at most.
+async fn with_body_budget_of_4k(engine: &Mock) -> TestRouter {
+    router(&[
         "--static-backends",
         &engine.url,
         "--max-buffered-body-bytes",
@@ -1725,7 +1709,17 @@ async fn request_bodies_held_at_once_stay_within_the_budget() {
         "--max-body-bytes",
         "4096",
     ])
-    .await;
+    .await
+}
+
+/// Request bodies held at once are bounded (`--max-buffered-body-bytes`): while one upload
+/// holds most of the budget, another that would pass it is answered 503 at once; once the
+/// first is gone, it goes through.
+#[tokio::test]
+async fn request_bodies_held_at_once_stay_within_the_budget() {
+    use tokio::io::AsyncWriteExt;
+    let engine = mock(&["m"]).await;
+    let r = with_body_budget_of_4k(&engine).await;
     // An upload that sends 3,000 bytes and stops, its body unfinished.
     let mut slow = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://"))
         .await
@@ -1776,15 +1770,7 @@ async fn request_bodies_held_at_once_stay_within_the_budget() {
 async fn a_body_stays_counted_until_its_endpoints_first_byte() {
     let engine = mock(&["m"]).await;
     *engine.state.first_chunk_delay_ms.lock().unwrap() = 1500;
-    let r = router(&[
-        "--static-backends",
-        &engine.url,
-        "--max-buffered-body-bytes",
-        "4096",
-        "--max-body-bytes",
-        "4096",
-    ])
-    .await;
+    let r = with_body_budget_of_4k(&engine).await;
     let c = client();
     let url = format!("{}/v1/completions", r.url);
     let body = |letter: &str| format!(r#"{{"model":"m","prompt":"{}"}}"#, letter.repeat(3000));

@@ -114,15 +114,6 @@ async fn an_endpoint_without_engine_metrics_does_not_win_by_them() {
     ])
     .await;
     let c = client();
-    let endpoint = |engines: &serde_json::Value, url: &str| {
-        engines["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["url"] == url)
-            .unwrap()
-            .clone()
-    };
     let mut engines = serde_json::Value::Null;
     for _ in 0..200 {
         engines = get(&c, &format!("{}/engines", r.url)).await.unwrap().json();

@@ -465,6 +465,16 @@ pub async fn metrics_text(c: &TestClient, router: &str) -> String {
     String::from_utf8(answer.body.to_vec()).unwrap()
 }
 
+/// The endpoint with `url` in a router's `/engines` JSON.
+pub fn endpoint<'a>(engines: &'a serde_json::Value, url: &str) -> &'a serde_json::Value {
+    engines["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["url"] == url)
+        .unwrap_or_else(|| panic!("{url} not in {engines}"))
+}
+
 /// The sum of the samples on lines of `text` that start with `prefix`.
 pub fn metric_sum(text: &str, prefix: &str) -> f64 {
     text.lines()
